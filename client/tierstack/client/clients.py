@@ -1,0 +1,217 @@
+"""Async clients, one per service. Each is an async context manager that owns its channel unless
+given one, applies a default deadline to unary calls, and raises :class:`TierstackError`s."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from tierstack.client.errors import translate_errors
+from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
+from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc
+from tierstack.v1 import executor_service_pb2 as executor_pb2
+from tierstack.v1 import executor_service_pb2_grpc as executor_grpc
+from tierstack.v1 import monitor_service_pb2 as monitor_pb2
+from tierstack.v1 import monitor_service_pb2_grpc as monitor_grpc
+from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb2
+from tierstack.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class _Client:
+    """Owns (or borrows) a channel and carries the call defaults shared by every client.
+
+    Args:
+        target: The server address, such as ``127.0.0.1:50053``; ignored when ``channel`` is given.
+        channel: A channel to share; the client then leaves closing it to its owner.
+        timeout: The default deadline of unary calls, in seconds; streams have none unless given.
+        metadata: Metadata sent with every call.
+    """
+
+    def __init__(
+        self,
+        target: str = "",
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = 30.0,
+        metadata: Metadata = (),
+    ) -> None:
+        if channel is None and not target:
+            raise ValueError("give a target or a channel")
+        self._owns_channel = channel is None
+        self.channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    async def close(self) -> None:
+        """Closes the channel if this client opened it."""
+        if self._owns_channel:
+            await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _options(self, timeout: float | None, default: float | None) -> dict[str, Any]:
+        return {"timeout": timeout if timeout is not None else default, "metadata": self.metadata}
+
+    async def _stream(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
+        """Yields the ``event`` of each streamed response; leaving early cancels the call."""
+        try:
+            with translate_errors():
+                async for response in call:
+                    yield response.event
+        finally:
+            call.cancel()
+
+
+class ExecutorClient(_Client):
+    """Calls ExecutorService (Tier 3)."""
+
+    def __init__(self, target: str = "", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._stub = executor_grpc.ExecutorServiceStub(self.channel)
+
+    def execute(
+        self, request: executor_pb2.ExecuteRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[executor_pb2.ExecutionEvent]:
+        """Runs one step and yields its events."""
+        return self._stream(self._stub.Execute(request, **self._options(timeout, None)))
+
+    async def execute_tool(
+        self, request: executor_pb2.ExecuteToolRequest, *, timeout: float | None = None
+    ) -> executor_pb2.ExecuteToolResponse:
+        """Runs one tool call."""
+        with translate_errors():
+            return await self._stub.ExecuteTool(request, **self._options(timeout, self.timeout))
+
+    async def list_tools(
+        self, request: executor_pb2.ListToolsRequest | None = None, *, timeout: float | None = None
+    ) -> executor_pb2.ListToolsResponse:
+        """Returns a page of registered tools."""
+        with translate_errors():
+            return await self._stub.ListTools(
+                request or executor_pb2.ListToolsRequest(), **self._options(timeout, self.timeout)
+            )
+
+
+class OrchestratorClient(_Client):
+    """Calls OrchestratorService (Tier 2)."""
+
+    def __init__(self, target: str = "", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._stub = orchestrator_grpc.OrchestratorServiceStub(self.channel)
+
+    def orchestrate(
+        self, request: orchestrator_pb2.OrchestrateRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[orchestrator_pb2.RunEvent]:
+        """Runs a workflow and yields its events until the run ends."""
+        return self._stream(self._stub.Orchestrate(request, **self._options(timeout, None)))
+
+    async def start_run(
+        self, request: orchestrator_pb2.StartRunRequest, *, timeout: float | None = None
+    ) -> orchestrator_pb2.StartRunResponse:
+        """Starts a run and returns at once."""
+        with translate_errors():
+            return await self._stub.StartRun(request, **self._options(timeout, self.timeout))
+
+    def watch_run(
+        self, run_id: str, *, after_sequence: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[orchestrator_pb2.RunEvent]:
+        """Yields a run's events after ``after_sequence``: history first, then live until the run ends."""
+        request = orchestrator_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence)
+        return self._stream(self._stub.WatchRun(request, **self._options(timeout, None)))
+
+    async def get_run(self, run_id: str, *, timeout: float | None = None) -> orchestrator_pb2.Run:
+        """Returns one run."""
+        with translate_errors():
+            response = await self._stub.GetRun(
+                orchestrator_pb2.GetRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+            )
+        return response.run
+
+    async def list_runs(
+        self, request: orchestrator_pb2.ListRunsRequest | None = None, *, timeout: float | None = None
+    ) -> orchestrator_pb2.ListRunsResponse:
+        """Returns a page of runs, newest first."""
+        with translate_errors():
+            return await self._stub.ListRuns(
+                request or orchestrator_pb2.ListRunsRequest(), **self._options(timeout, self.timeout)
+            )
+
+    async def cancel_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
+        """Cancels a run and returns it."""
+        with translate_errors():
+            response = await self._stub.CancelRun(
+                orchestrator_pb2.CancelRunRequest(run_id=run_id, reason=reason), **self._options(timeout, self.timeout)
+            )
+        return response.run
+
+    async def plan_workflow(
+        self, workflow: orchestrator_pb2.Workflow, *, timeout: float | None = None
+    ) -> orchestrator_pb2.PlanWorkflowResponse:
+        """Plans a workflow into parallel batches."""
+        with translate_errors():
+            return await self._stub.PlanWorkflow(
+                orchestrator_pb2.PlanWorkflowRequest(workflow=workflow), **self._options(timeout, self.timeout)
+            )
+
+    async def validate_workflow(
+        self, workflow: orchestrator_pb2.Workflow, *, timeout: float | None = None
+    ) -> orchestrator_pb2.ValidateWorkflowResponse:
+        """Checks a workflow and returns every problem found."""
+        with translate_errors():
+            return await self._stub.ValidateWorkflow(
+                orchestrator_pb2.ValidateWorkflowRequest(workflow=workflow), **self._options(timeout, self.timeout)
+            )
+
+
+class CoordinatorClient(_Client):
+    """Calls CoordinatorService (Tier 1)."""
+
+    def __init__(self, target: str = "", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._stub = coordinator_grpc.CoordinatorServiceStub(self.channel)
+
+    def coordinate(
+        self, request: coordinator_pb2.CoordinateRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[coordinator_pb2.GoalEvent]:
+        """Pursues a goal and yields its events, including those of the tiers below."""
+        return self._stream(self._stub.Coordinate(request, **self._options(timeout, None)))
+
+    async def decompose_goal(
+        self, request: coordinator_pb2.DecomposeGoalRequest, *, timeout: float | None = None
+    ) -> coordinator_pb2.DecomposeGoalResponse:
+        """Splits a goal into subtasks."""
+        with translate_errors():
+            return await self._stub.DecomposeGoal(request, **self._options(timeout, self.timeout))
+
+    async def form_team(
+        self, request: coordinator_pb2.FormTeamRequest, *, timeout: float | None = None
+    ) -> coordinator_pb2.FormTeamResponse:
+        """Assigns subtasks to agents."""
+        with translate_errors():
+            return await self._stub.FormTeam(request, **self._options(timeout, self.timeout))
+
+
+class MonitorClient(_Client):
+    """Calls MonitorService, which every tierstack server serves."""
+
+    def __init__(self, target: str = "", **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._stub = monitor_grpc.MonitorServiceStub(self.channel)
+
+    async def get_metrics(self, method_filter: str = "", *, timeout: float | None = None) -> monitor_pb2.GetMetricsResponse:
+        """Returns the server's per-method latency percentiles and status counts."""
+        with translate_errors():
+            return await self._stub.GetMetrics(
+                monitor_pb2.GetMetricsRequest(method_filter=method_filter), **self._options(timeout, self.timeout)
+            )

@@ -1,0 +1,105 @@
+"""Runs one tier as a grpc.aio server with health, reflection, metrics and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tierstack.server.interceptor import ServerInterceptor
+from tierstack.server.metrics import MethodMetrics
+from tierstack.server.monitor import MonitorServicer
+from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
+
+_log = logging.getLogger(__name__)
+
+
+class TierService(Protocol):
+    """What one tier contributes to its server: servicers to register and resources it owns."""
+
+    #: The tier this service implements.
+    tier: common_pb2.Tier.ValueType
+    #: The full names of the gRPC services it registers (for health and reflection).
+    service_names: tuple[str, ...]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the tier's servicers to ``server``."""
+
+    async def start(self) -> None:
+        """Starts the tier's background work; called before the server accepts calls."""
+
+    async def close(self) -> None:
+        """Cancels and awaits the tier's background work and closes what it owns."""
+
+
+class TierServer:
+    """A grpc.aio server for one tier.
+
+    Args:
+        service: The tier's servicers and resources.
+        host: The address to bind.
+        port: The port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        grace_seconds: How long in-flight calls may finish once :meth:`stop` is called.
+    """
+
+    def __init__(self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0):
+        self.service = service
+        self.metrics = MethodMetrics()
+        self._host = host
+        self._requested_port = port
+        self._grace = grace_seconds
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(interceptors=[ServerInterceptor(self.metrics)])
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        """Returns the address clients dial, once started."""
+        return f"{self._host}:{self.port}"
+
+    async def start(self) -> int:
+        """Starts serving and returns the bound port."""
+        await self.service.start()
+        service = self.service
+        service.register(self._server)
+        monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+        monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
+            MonitorServicer(service.tier, self.metrics), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = (*service.service_names, monitor_name)
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
+        await self._server.start()
+        for name in ("", *names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
+        return self.port
+
+    async def stop(self) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then closes."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self._grace)
+        await self.service.close()
+        _log.info("tierstack %s stopped", common_pb2.Tier.Name(self.service.tier))
+
+
+async def serve_until_signalled(server: TierServer) -> None:
+    """Runs ``server`` until SIGINT or SIGTERM, then stops it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

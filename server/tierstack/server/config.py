@@ -1,0 +1,52 @@
+"""Server settings: embedded defaults, overridable by environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORTS = {"coordinate": 50051, "orchestrate": 50052, "execute": 50053}
+TIERS = tuple(DEFAULT_PORTS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a tierstack server needs to start.
+
+    Attributes:
+        host: The address to bind.
+        port: The port to bind; 0 picks a free one.
+        execute_target: Where Orchestrate reaches Execute.
+        orchestrate_target: Where Coordinate reaches Orchestrate.
+        data_dir: Where Orchestrate keeps its SQLite run store.
+        http_allowed_hosts: Host patterns (fnmatch) the ``http.request`` tool may reach.
+        grace_seconds: How long in-flight calls may finish when the server stops.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    execute_target: str = f"127.0.0.1:{DEFAULT_PORTS['execute']}"
+    orchestrate_target: str = f"127.0.0.1:{DEFAULT_PORTS['orchestrate']}"
+    data_dir: Path = Path(".tierstack")
+    http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
+    grace_seconds: float = 5.0
+
+    @classmethod
+    def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
+        """Reads ``TIERSTACK_*`` variables; a tier's port comes from ``TIERSTACK_<TIER>_PORT``."""
+        env = os.environ if env is None else env
+        defaults = cls()
+        hosts = env.get("TIERSTACK_HTTP_ALLOWED_HOSTS")
+        return cls(
+            host=env.get("TIERSTACK_HOST", defaults.host),
+            port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
+            execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),
+            orchestrate_target=env.get("TIERSTACK_ORCHESTRATE_TARGET", defaults.orchestrate_target),
+            data_dir=Path(env.get("TIERSTACK_DATA_DIR", str(defaults.data_dir))),
+            http_allowed_hosts=(
+                tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
+            ),
+            grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
+        )

@@ -1,0 +1,47 @@
+"""The correlation id that ties every event and log line of one request together across tiers."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+
+from tierstack.v1 import common_pb2
+
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("tierstack_correlation_id", default="-")
+
+
+def bind(context: common_pb2.RequestContext) -> str:
+    """Makes the request's correlation id current for this task and the tasks it starts.
+
+    Fills ``context.correlation_id`` with a new id when the caller sent none, and returns it.
+    """
+    if not context.correlation_id:
+        context.correlation_id = uuid.uuid4().hex
+    _current.set(context.correlation_id)
+    return context.correlation_id
+
+
+def current() -> str:
+    """Returns the correlation id of the running task, or ``-`` outside any request."""
+    return _current.get()
+
+
+class CorrelationFilter(logging.Filter):
+    """Adds ``correlation_id`` to every log record so the log format can show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.correlation_id = _current.get()
+        return True
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Sends log lines to stderr, each carrying the current correlation id."""
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

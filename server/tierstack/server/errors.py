@@ -1,0 +1,74 @@
+"""Domain errors raised by the engines; one place (``status``) maps them to gRPC statuses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Names one field of a request that is wrong and says why."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of the errors the engines raise for the caller to see.
+
+    Args:
+        message: What went wrong, for a person.
+        reason: A stable UPPER_SNAKE_CASE identifier for programs.
+        metadata: Extra facts (the run, the tool …) carried in the error's details.
+    """
+
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgumentError(DomainError):
+    """The request is malformed; ``violations`` names every offending field."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[Violation], *, reason: str | None = None):
+        if not violations:
+            raise ValueError("InvalidArgumentError needs at least one violation")
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(summary, reason=reason)
+        self.violations = tuple(violations)
+
+
+class NotFoundError(DomainError):
+    """A named resource does not exist."""
+
+    default_reason = "NOT_FOUND"
+
+    def __init__(self, resource_type: str, name: str):
+        super().__init__(f"{resource_type} {name!r} not found", metadata={"resource_type": resource_type})
+        self.resource_type = resource_type
+        self.name = name
+
+
+class FailedPreconditionError(DomainError):
+    """The resource is not in a state that allows the request."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhaustedError(DomainError):
+    """A budget or quota would be exceeded."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(DomainError):
+    """A dependency (the next tier, a store) cannot be reached; the call may be retried."""
+
+    default_reason = "UNAVAILABLE"

@@ -1,0 +1,7 @@
+"""Tier 3, execution intelligence: tools, their registry and the executor."""
+
+from tierstack.server.execute.engine import Executor
+from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry, ToolSource
+from tierstack.server.execute.service import ExecuteService
+
+__all__ = ["ExecuteService", "Executor", "Tool", "ToolError", "ToolRegistry", "ToolSource"]

@@ -1,0 +1,179 @@
+"""The tools that ship with tierstack: text templates, JSON queries, HTTP requests and echo."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import jinja2
+import jmespath
+from jinja2.sandbox import SandboxedEnvironment
+from jmespath.exceptions import JMESPathError
+
+from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
+from tierstack.server.values import JSON
+
+_JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
+
+
+@lru_cache(maxsize=256)
+def _template(source: str) -> jinja2.Template:
+    return _JINJA.from_string(source)
+
+
+@lru_cache(maxsize=256)
+def _expression(source: str) -> Any:
+    return jmespath.compile(source)
+
+
+async def _echo(arguments: dict[str, Any]) -> JSON:
+    value: JSON = arguments.get("value")
+    return value
+
+
+async def _render(arguments: dict[str, Any]) -> JSON:
+    try:
+        return _template(arguments["template"]).render(**arguments.get("variables", {}))
+    except jinja2.TemplateError as exc:
+        raise ToolError("TEMPLATE_ERROR", str(exc)) from exc
+
+
+async def _query(arguments: dict[str, Any]) -> JSON:
+    try:
+        result: JSON = _expression(arguments["expression"]).search(arguments.get("data"))
+    except JMESPathError as exc:
+        raise ToolError("INVALID_EXPRESSION", str(exc)) from exc
+    return result
+
+
+class HttpRequester:
+    """The ``http.request`` tool: one shared connection pool, a host allow-list, a size limit.
+
+    Args:
+        allowed_hosts: fnmatch patterns of the hosts calls may reach (``*`` allows every host).
+        max_bytes: The default cap on a response body.
+    """
+
+    def __init__(self, allowed_hosts: Sequence[str], *, max_bytes: int = 1 << 20) -> None:
+        self._allowed = tuple(allowed_hosts)
+        self._max_bytes = max_bytes
+        # Redirects are not followed: a redirect could lead off the allow-list.
+        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        """Closes the connection pool."""
+        await self._client.aclose()
+
+    def _check_host(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ToolError("INVALID_URL", f"{url!r} is not an http(s) URL")
+        if not any(fnmatch.fnmatch(parts.hostname, pattern) for pattern in self._allowed):
+            raise ToolError(
+                "HOST_NOT_ALLOWED",
+                f"host {parts.hostname!r} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
+            )
+
+    async def __call__(self, arguments: dict[str, Any]) -> JSON:
+        url = arguments["url"]
+        self._check_host(url)
+        max_bytes = arguments.get("max_bytes", self._max_bytes)
+        request = self._client.build_request(
+            arguments.get("method", "GET"),
+            url,
+            headers=arguments.get("headers"),
+            content=arguments.get("body"),
+            json=arguments.get("json"),
+            timeout=arguments.get("timeout_seconds", 10.0),
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+            try:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise ToolError("RESPONSE_TOO_LARGE", f"the response exceeds {max_bytes} bytes")
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            raise ToolError("HTTP_TIMEOUT", f"{request.method} {url} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise ToolError("HTTP_ERROR", f"{request.method} {url} failed: {exc}") from exc
+        text = body.decode(response.encoding or "utf-8", errors="replace")
+        result: dict[str, JSON] = {
+            "status": response.status_code,
+            "headers": dict(response.headers),
+            "body": text,
+        }
+        if response.headers.get("content-type", "").startswith("application/json"):
+            try:
+                result["json"] = json.loads(text)
+            except ValueError:
+                pass  # the body is still there as text
+        return result
+
+
+def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
+    """Adds the built-in tools to ``registry``."""
+    registry.register(
+        Tool(
+            name="core.echo",
+            description="Returns its `value` argument unchanged.",
+            parameters={"type": "object", "properties": {"value": {}}, "additionalProperties": False},
+            handler=_echo,
+        )
+    )
+    registry.register(
+        Tool(
+            name="text.template",
+            description="Renders a sandboxed Jinja2 `template` with `variables`.",
+            parameters={
+                "type": "object",
+                "properties": {"template": {"type": "string"}, "variables": {"type": "object"}},
+                "required": ["template"],
+                "additionalProperties": False,
+            },
+            handler=_render,
+        )
+    )
+    registry.register(
+        Tool(
+            name="json.query",
+            description="Queries or reshapes JSON `data` with a JMESPath `expression`.",
+            parameters={
+                "type": "object",
+                "properties": {"data": {}, "expression": {"type": "string", "minLength": 1}},
+                "required": ["expression"],
+                "additionalProperties": False,
+            },
+            handler=_query,
+        )
+    )
+    registry.register(
+        Tool(
+            name="http.request",
+            description="Sends an HTTP request to an allowed host and returns status, headers and body.",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "url": {"type": "string", "minLength": 1},
+                    "method": {"enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "body": {"type": "string"},
+                    "json": {},
+                    "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
+                    "max_bytes": {"type": "integer", "minimum": 1, "maximum": 64 << 20},
+                },
+                "required": ["url"],
+                "additionalProperties": False,
+            },
+            handler=http,
+            timeout_seconds=310.0,
+        )
+    )

@@ -1,0 +1,123 @@
+"""The executor: runs tool calls and steps, producing the events of the wire contract."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
+from tierstack.server.values import from_struct, now_timestamp, to_duration, to_value
+from tierstack.v1 import common_pb2, executor_service_pb2
+
+_log = logging.getLogger(__name__)
+
+
+def _error(reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
+    return common_pb2.ErrorDetail(reason=reason, message=message, tier=common_pb2.TIER_EXECUTE, metadata=metadata)
+
+
+class _EventSequence:
+    """Numbers and stamps the events of one execution."""
+
+    def __init__(self, execution_id: str, correlation_id: str) -> None:
+        self._execution_id = execution_id
+        self._correlation_id = correlation_id
+        self._sequence = 0
+
+    def __call__(self, **payload: Any) -> executor_service_pb2.ExecutionEvent:
+        self._sequence += 1
+        return executor_service_pb2.ExecutionEvent(
+            sequence=self._sequence,
+            time=now_timestamp(),
+            execution_id=self._execution_id,
+            correlation_id=self._correlation_id,
+            **payload,
+        )
+
+
+class Executor:
+    """Runs tools from a registry. Arguments are checked against each tool's schema before any
+    call runs, so a malformed step fails as a whole without side effects."""
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self.registry = registry
+
+    async def call(
+        self, tool: Tool, arguments: Mapping[str, Any], *, timeout: float | None = None
+    ) -> common_pb2.ToolResult:
+        """Runs one checked tool call; a failure of the tool is returned in the result's error."""
+        start = time.perf_counter()
+        result = common_pb2.ToolResult(tool=tool.name)
+        try:
+            async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
+                output = await tool.handler(dict(arguments))
+            result.output.CopyFrom(to_value(output))
+        except ToolError as exc:
+            result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
+        except TimeoutError:
+            result.error.CopyFrom(_error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name))
+        except Exception as exc:
+            _log.exception("tool %s raised", tool.name)
+            result.error.CopyFrom(_error("TOOL_FAILED", f"{tool.name} raised {type(exc).__name__}: {exc}", tool=tool.name))
+        result.duration.CopyFrom(to_duration(time.perf_counter() - start))
+        return result
+
+    async def execute_tool(self, request: executor_service_pb2.ExecuteToolRequest) -> common_pb2.ToolResult:
+        """Checks and runs one tool call.
+
+        Raises:
+            InvalidArgumentError: The tool is unknown or its arguments break its schema.
+        """
+        arguments = from_struct(request.call.arguments)
+        tool = self.registry.resolve(request.call.tool, arguments, field_prefix="call")
+        timeout_ns = request.timeout.ToNanoseconds()
+        return await self.call(tool, arguments, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteRequest
+    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+        """Runs a step's tool calls in order (the deterministic strategy) and yields its events.
+        The step's output is the last call's output; the first failing call fails the step.
+
+        Raises:
+            InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
+        """
+        calls = []
+        for index, call in enumerate(request.tool_calls):
+            arguments = from_struct(call.arguments)
+            calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
+        event = _EventSequence(request.execution_id, request.context.correlation_id)
+        start = time.perf_counter()
+        usage = common_pb2.ResourceUsage()
+        yield event(
+            started=executor_service_pb2.ExecutionStarted(
+                step_id=request.step_id,
+                strategy=request.strategy or common_pb2.STRATEGY_DETERMINISTIC,
+                tool_call_count=len(calls),
+            )
+        )
+        limits = request.limits
+        deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
+        output = to_value(None)
+        for index, (tool, arguments) in enumerate(calls):
+            if limits.max_tool_calls and usage.tool_calls >= limits.max_tool_calls:
+                usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
+                message = f"the step may make {limits.max_tool_calls} tool calls"
+                yield event(failed=executor_service_pb2.ExecutionFailed(error=_error("TOOL_CALL_LIMIT", message), usage=usage))
+                return
+            yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
+            remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            result = await self.call(tool, arguments, timeout=remaining)
+            usage.tool_calls += 1
+            yield event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=result))
+            if result.HasField("error"):
+                usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
+                yield event(failed=executor_service_pb2.ExecutionFailed(error=result.error, usage=usage))
+                return
+            output = result.output
+        usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
+        yield event(output=executor_service_pb2.ExecutionOutput(value=output))
+        yield event(completed=executor_service_pb2.ExecutionCompleted(usage=usage))

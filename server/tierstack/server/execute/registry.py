@@ -1,0 +1,106 @@
+"""The tool registry: named tools with JSON Schema parameters, checked before every call."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.values import JSON
+
+ToolHandler = Callable[[dict[str, Any]], Awaitable[JSON]]
+
+
+class ToolSource(Enum):
+    """Where a tool comes from."""
+
+    BUILTIN = "builtin"
+    PYTHON = "python"
+    MCP = "mcp"
+
+
+class ToolError(Exception):
+    """A tool ran and failed in a way it understands, such as an HTTP timeout.
+
+    Args:
+        reason: A stable UPPER_SNAKE_CASE identifier, such as ``HTTP_TIMEOUT``.
+        message: What went wrong, for a person.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tool:
+    """A callable tool.
+
+    Attributes:
+        name: The name calls refer to, such as ``json.query``.
+        description: What the tool does, for people and models.
+        parameters: The JSON Schema of the arguments object.
+        handler: Runs the tool with arguments that already passed the schema.
+        source: Where the tool comes from.
+        timeout_seconds: The default deadline of one call.
+    """
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+    handler: ToolHandler
+    source: ToolSource = ToolSource.BUILTIN
+    timeout_seconds: float = 30.0
+    _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        Draft202012Validator.check_schema(self.parameters)
+        object.__setattr__(self, "_validator", Draft202012Validator(self.parameters))
+
+    def violations(self, arguments: Mapping[str, Any], *, prefix: str) -> list[Violation]:
+        """Returns what is wrong with ``arguments``, each naming its field under ``prefix``."""
+        found = []
+        for error in sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.absolute_path)):
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            found.append(Violation(f"{prefix}{path}", error.message))
+        return found
+
+
+class ToolRegistry:
+    """Holds the tools an executor can run, by name."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, Tool] = {}
+
+    def register(self, tool: Tool) -> None:
+        """Adds a tool; a second tool of the same name is refused."""
+        if tool.name in self._tools:
+            raise ValueError(f"a tool named {tool.name!r} is already registered")
+        self._tools[tool.name] = tool
+
+    def tools(self) -> list[Tool]:
+        """Returns every tool, ordered by name."""
+        return [self._tools[name] for name in sorted(self._tools)]
+
+    def resolve(self, name: str, arguments: Mapping[str, Any], *, field_prefix: str) -> Tool:
+        """Returns the tool ``name`` after checking ``arguments`` against its schema.
+
+        Raises:
+            InvalidArgumentError: The tool is unknown or the arguments break its schema; each
+                violation names the field under ``field_prefix`` (for example ``call``).
+        """
+        tool = self._tools.get(name)
+        if tool is None:
+            raise InvalidArgumentError(
+                [Violation(f"{field_prefix}.tool", f"unknown tool {name!r}; ListTools names the registered tools")],
+                reason="UNKNOWN_TOOL",
+            )
+        violations = tool.violations(arguments, prefix=f"{field_prefix}.arguments")
+        if violations:
+            raise InvalidArgumentError(violations, reason="INVALID_TOOL_ARGUMENTS")
+        return tool

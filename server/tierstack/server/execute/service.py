@@ -1,0 +1,85 @@
+"""ExecutorService: the thin gRPC face of the executor (Tier 3)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from tierstack.server import correlation
+from tierstack.server.config import Settings
+from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
+from tierstack.server.execute.engine import Executor
+from tierstack.server.execute.registry import ToolRegistry, ToolSource
+from tierstack.server.pagination import decode_token, encode_token, page_size
+from tierstack.server.values import to_struct
+from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
+
+_SOURCES = {
+    ToolSource.BUILTIN: executor_service_pb2.TOOL_SOURCE_BUILTIN,
+    ToolSource.PYTHON: executor_service_pb2.TOOL_SOURCE_PYTHON,
+    ToolSource.MCP: executor_service_pb2.TOOL_SOURCE_MCP,
+}
+
+
+class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
+    """Translates ExecutorService calls into executor calls."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    async def Execute(
+        self, request: executor_service_pb2.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[executor_service_pb2.ExecuteResponse]:
+        correlation.bind(request.context)
+        async for event in self._executor.execute(request):
+            yield executor_service_pb2.ExecuteResponse(event=event)
+
+    async def ExecuteTool(
+        self, request: executor_service_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.ExecuteToolResponse:
+        correlation.bind(request.context)
+        return executor_service_pb2.ExecuteToolResponse(result=await self._executor.execute_tool(request))
+
+    async def ListTools(
+        self, request: executor_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.ListToolsResponse:
+        size = page_size(request.page_size, default=100, maximum=1000)
+        after = decode_token(request.page_token)
+        tools = [tool for tool in self._executor.registry.tools() if tool.name > after]
+        page = tools[:size]
+        return executor_service_pb2.ListToolsResponse(
+            tools=[
+                executor_service_pb2.ToolDescriptor(
+                    name=tool.name,
+                    description=tool.description,
+                    parameters_schema=to_struct(tool.parameters),
+                    source=_SOURCES[tool.source],
+                )
+                for tool in page
+            ],
+            next_page_token=encode_token(page[-1].name) if len(tools) > size else "",
+        )
+
+
+class ExecuteService:
+    """Tier 3 as a server component: the registry of built-in tools and the executor over it."""
+
+    tier = common_pb2.TIER_EXECUTE
+    service_names = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
+
+    def __init__(self, settings: Settings) -> None:
+        self._http = HttpRequester(settings.http_allowed_hosts)
+        self.registry = ToolRegistry()
+        register_builtin_tools(self.registry, self._http)
+        self.executor = Executor(self.registry)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(self.executor), server)
+
+    async def start(self) -> None:
+        """Nothing runs in the background of Tier 3."""
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,106 @@
+"""The server interceptor every tier uses: times each call per method and status code, and turns
+domain errors into gRPC statuses with error details."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from tierstack.server.errors import DomainError
+from tierstack.server.metrics import MethodMetrics
+from tierstack.server.status import to_grpc_status
+
+_log = logging.getLogger(__name__)
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN" if error is not None else "OK"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Records a latency histogram per method and status code (a stream is timed to its end) and
+    aborts with the mapped status when a handler raises a :class:`DomainError`."""
+
+    def __init__(self, metrics: MethodMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
+
+    def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except DomainError as exc:
+                error = exc
+                await context.abort_with_status(to_grpc_status(exc))
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._finish(method, context, error, start)
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except DomainError as exc:
+                error = exc
+                await context.abort_with_status(to_grpc_status(exc))
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._finish(method, context, error, start)
+
+        return stream
+
+    def _finish(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None, start: float
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        if isinstance(error, DomainError):
+            _log.info("%s failed: %s (%s)", method, error.message, error.reason)
+        elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
+            _log.exception("%s raised an unexpected error", method, exc_info=error)
+        self._metrics.record(method, _code_name(context, error), elapsed)

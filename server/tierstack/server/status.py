@@ -1,0 +1,62 @@
+"""The one place where domain errors become gRPC statuses with google.rpc error details."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tierstack.server.errors import (
+    DomainError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+#: The ``ErrorInfo.domain`` of every error tierstack raises.
+ERROR_DOMAIN = "tierstack.dev"
+
+_CODES: tuple[tuple[type[DomainError], int], ...] = (
+    (InvalidArgumentError, code_pb2.INVALID_ARGUMENT),
+    (NotFoundError, code_pb2.NOT_FOUND),
+    (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
+    (ResourceExhaustedError, code_pb2.RESOURCE_EXHAUSTED),
+    (UnavailableError, code_pb2.UNAVAILABLE),
+)
+
+
+def code_of(error: DomainError) -> int:
+    """Returns the google.rpc code number for a domain error."""
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return code
+    return code_pb2.INTERNAL
+
+
+def to_grpc_status(error: DomainError) -> grpc.Status:
+    """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
+    fit, BadRequest field violations or ResourceInfo."""
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    if isinstance(error, InvalidArgumentError):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    if isinstance(error, NotFoundError):
+        details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code_of(error), message=error.message, details=packed)
+    )
+    return status

@@ -8,7 +8,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
-
 from tierstack.client.errors import translate_errors
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
 from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc
@@ -147,11 +146,14 @@ class OrchestratorClient(_Client):
                 request or orchestrator_pb2.ListRunsRequest(), **self._options(timeout, self.timeout)
             )
 
-    async def cancel_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
+    async def cancel_run(
+        self, run_id: str, *, reason: str = "", timeout: float | None = None
+    ) -> orchestrator_pb2.Run:
         """Cancels a run and returns it."""
         with translate_errors():
             response = await self._stub.CancelRun(
-                orchestrator_pb2.CancelRunRequest(run_id=run_id, reason=reason), **self._options(timeout, self.timeout)
+                orchestrator_pb2.CancelRunRequest(run_id=run_id, reason=reason),
+                **self._options(timeout, self.timeout),
             )
         return response.run
 
@@ -161,7 +163,8 @@ class OrchestratorClient(_Client):
         """Plans a workflow into parallel batches."""
         with translate_errors():
             return await self._stub.PlanWorkflow(
-                orchestrator_pb2.PlanWorkflowRequest(workflow=workflow), **self._options(timeout, self.timeout)
+                orchestrator_pb2.PlanWorkflowRequest(workflow=workflow),
+                **self._options(timeout, self.timeout),
             )
 
     async def validate_workflow(
@@ -170,7 +173,8 @@ class OrchestratorClient(_Client):
         """Checks a workflow and returns every problem found."""
         with translate_errors():
             return await self._stub.ValidateWorkflow(
-                orchestrator_pb2.ValidateWorkflowRequest(workflow=workflow), **self._options(timeout, self.timeout)
+                orchestrator_pb2.ValidateWorkflowRequest(workflow=workflow),
+                **self._options(timeout, self.timeout),
             )
 
 
@@ -209,9 +213,12 @@ class MonitorClient(_Client):
         super().__init__(target, **kwargs)
         self._stub = monitor_grpc.MonitorServiceStub(self.channel)
 
-    async def get_metrics(self, method_filter: str = "", *, timeout: float | None = None) -> monitor_pb2.GetMetricsResponse:
+    async def get_metrics(
+        self, method_filter: str = "", *, timeout: float | None = None
+    ) -> monitor_pb2.GetMetricsResponse:
         """Returns the server's per-method latency percentiles and status counts."""
         with translate_errors():
             return await self._stub.GetMetrics(
-                monitor_pb2.GetMetricsRequest(method_filter=method_filter), **self._options(timeout, self.timeout)
+                monitor_pb2.GetMetricsRequest(method_filter=method_filter),
+                **self._options(timeout, self.timeout),
             )

@@ -10,7 +10,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
+from tierstack.server.config import TIERS, Settings
 from tierstack.server.interceptor import ServerInterceptor
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.monitor import MonitorServicer
@@ -47,14 +47,16 @@ class TierServer:
         grace_seconds: How long in-flight calls may finish once :meth:`stop` is called.
     """
 
-    def __init__(self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0):
+    def __init__(
+        self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0
+    ):
         self.service = service
         self.metrics = MethodMetrics()
         self._host = host
         self._requested_port = port
         self._grace = grace_seconds
-        self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(interceptors=[ServerInterceptor(self.metrics)])
+        self._health: health.aio.HealthServicer | None = None
+        self._server: grpc.aio.Server | None = None
         self.port = 0
 
     @property
@@ -63,7 +65,9 @@ class TierServer:
         return f"{self._host}:{self.port}"
 
     async def start(self) -> int:
-        """Starts serving and returns the bound port."""
+        """Starts serving and returns the bound port; call it inside the loop that will serve."""
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(interceptors=[ServerInterceptor(self.metrics)])
         await self.service.start()
         service = self.service
         service.register(self._server)
@@ -85,21 +89,47 @@ class TierServer:
         return self.port
 
     async def stop(self) -> None:
-        """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then closes."""
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(self._grace)
+        """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then closes
+        the tier's resources; safe to call after a failed or partial :meth:`start`."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self._grace)
         await self.service.close()
         _log.info("tierstack %s stopped", common_pb2.Tier.Name(self.service.tier))
 
 
-async def serve_until_signalled(server: TierServer) -> None:
-    """Runs ``server`` until SIGINT or SIGTERM, then stops it gracefully."""
+async def serve_until_signalled(tier: str, settings: Settings) -> None:
+    """Serves ``tier`` until SIGINT or SIGTERM, then stops it gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await server.start()
+    server = TierServer(
+        service_for(tier, settings),
+        host=settings.host,
+        port=settings.port,
+        grace_seconds=settings.grace_seconds,
+    )
     try:
+        await server.start()
         await stop.wait()
     finally:
         await server.stop()
+
+
+def service_for(tier: str, settings: Settings) -> TierService:
+    """Returns the service of ``tier`` (``execute``, ``orchestrate`` or ``coordinate``)."""
+    if tier == "execute":
+        from tierstack.server.execute import ExecuteService
+
+        return ExecuteService(settings)
+    if tier == "orchestrate":
+        from tierstack.server.orchestrate import OrchestrateService
+
+        return OrchestrateService(settings)
+    if tier == "coordinate":
+        from tierstack.server.coordinate import CoordinateService
+
+        return CoordinateService(settings)
+    raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")

@@ -7,10 +7,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
-
 from tierstack.server.errors import DomainError
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
@@ -30,7 +29,7 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException
     return "UNKNOWN" if error is not None else "OK"
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Records a latency histogram per method and status code (a stream is timed to its end) and
     aborts with the mapped status when a handler raises a :class:`DomainError`."""
 
@@ -39,22 +38,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method: str = handler_call_details.method
+        # grpc.aio servicers are coroutines and async generators; the stubs type the sync flavour.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
+                self._wrap_unary(method, cast(UnaryBehavior, handler.unary_unary)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
+                self._wrap_stream(method, cast(StreamBehavior, handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -96,11 +96,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return stream
 
     def _finish(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None, start: float
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        error: BaseException | None,
+        start: float,
     ) -> None:
         elapsed = time.perf_counter() - start
         if isinstance(error, DomainError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
-        elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
+        elif error is not None and not isinstance(
+            error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError
+        ):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.record(method, _code_name(context, error), elapsed)

@@ -6,7 +6,6 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from tierstack.server.errors import (
     DomainError,
     FailedPreconditionError,
@@ -32,8 +31,8 @@ def code_of(error: DomainError) -> int:
     """Returns the google.rpc code number for a domain error."""
     for error_type, code in _CODES:
         if isinstance(error, error_type):
-            return code
-    return code_pb2.INTERNAL
+            return int(code)
+    return int(code_pb2.INTERNAL)
 
 
 def to_grpc_status(error: DomainError) -> grpc.Status:
@@ -50,7 +49,9 @@ def to_grpc_status(error: DomainError) -> grpc.Status:
             )
         )
     if isinstance(error, NotFoundError):
-        details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
+        details.append(
+            error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name)
+        )
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 from collections.abc import Sequence
@@ -14,9 +15,8 @@ import jinja2
 import jmespath
 from jinja2.sandbox import SandboxedEnvironment
 from jmespath.exceptions import JMESPathError
-
+from tierstack.client.values import JSON
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
-from tierstack.server.values import JSON
 
 _JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
 
@@ -112,10 +112,8 @@ class HttpRequester:
             "body": text,
         }
         if response.headers.get("content-type", "").startswith("application/json"):
-            try:
+            with contextlib.suppress(ValueError):  # a malformed body is still there as text
                 result["json"] = json.loads(text)
-            except ValueError:
-                pass  # the body is still there as text
         return result
 
 

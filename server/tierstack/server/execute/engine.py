@@ -8,15 +8,17 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from tierstack.client.values import from_struct, now_timestamp, to_duration, to_value
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
-from tierstack.server.values import from_struct, now_timestamp, to_duration, to_value
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
 
 
 def _error(reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(reason=reason, message=message, tier=common_pb2.TIER_EXECUTE, metadata=metadata)
+    return common_pb2.ErrorDetail(
+        reason=reason, message=message, tier=common_pb2.TIER_EXECUTE, metadata=metadata
+    )
 
 
 class _EventSequence:
@@ -58,10 +60,14 @@ class Executor:
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
-            result.error.CopyFrom(_error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name))
+            result.error.CopyFrom(
+                _error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name)
+            )
         except Exception as exc:
             _log.exception("tool %s raised", tool.name)
-            result.error.CopyFrom(_error("TOOL_FAILED", f"{tool.name} raised {type(exc).__name__}: {exc}", tool=tool.name))
+            result.error.CopyFrom(
+                _error("TOOL_FAILED", f"{tool.name} raised {type(exc).__name__}: {exc}", tool=tool.name)
+            )
         result.duration.CopyFrom(to_duration(time.perf_counter() - start))
         return result
 
@@ -88,7 +94,9 @@ class Executor:
         calls = []
         for index, call in enumerate(request.tool_calls):
             arguments = from_struct(call.arguments)
-            calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
+            calls.append(
+                (self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments)
+            )
         event = _EventSequence(request.execution_id, request.context.correlation_id)
         start = time.perf_counter()
         usage = common_pb2.ResourceUsage()
@@ -100,13 +108,19 @@ class Executor:
             )
         )
         limits = request.limits
-        deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
+        deadline = (
+            start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
+        )
         output = to_value(None)
         for index, (tool, arguments) in enumerate(calls):
             if limits.max_tool_calls and usage.tool_calls >= limits.max_tool_calls:
                 usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
                 message = f"the step may make {limits.max_tool_calls} tool calls"
-                yield event(failed=executor_service_pb2.ExecutionFailed(error=_error("TOOL_CALL_LIMIT", message), usage=usage))
+                yield event(
+                    failed=executor_service_pb2.ExecutionFailed(
+                        error=_error("TOOL_CALL_LIMIT", message), usage=usage
+                    )
+                )
                 return
             yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
             remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)

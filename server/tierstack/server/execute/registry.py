@@ -8,9 +8,8 @@ from enum import Enum
 from typing import Any
 
 from jsonschema import Draft202012Validator
-
+from tierstack.client.values import JSON
 from tierstack.server.errors import InvalidArgumentError, Violation
-from tierstack.server.values import JSON
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[JSON]]
 
@@ -97,7 +96,11 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             raise InvalidArgumentError(
-                [Violation(f"{field_prefix}.tool", f"unknown tool {name!r}; ListTools names the registered tools")],
+                [
+                    Violation(
+                        f"{field_prefix}.tool", f"unknown tool {name!r}; ListTools names the registered tools"
+                    )
+                ],
                 reason="UNKNOWN_TOOL",
             )
         violations = tool.violations(arguments, prefix=f"{field_prefix}.arguments")

@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-
+from tierstack.client.values import to_struct
 from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.pagination import decode_token, encode_token, page_size
-from tierstack.server.values import to_struct
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 
 _SOURCES = {
@@ -67,7 +66,9 @@ class ExecuteService:
     """Tier 3 as a server component: the registry of built-in tools and the executor over it."""
 
     tier = common_pb2.TIER_EXECUTE
-    service_names = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
+    service_names: tuple[str, ...] = (
+        executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
+    )
 
     def __init__(self, settings: Settings) -> None:
         self._http = HttpRequester(settings.http_allowed_hosts)
@@ -76,7 +77,9 @@ class ExecuteService:
         self.executor = Executor(self.registry)
 
     def register(self, server: grpc.aio.Server) -> None:
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(self.executor), server)
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
+            ExecutorServicer(self.executor), server
+        )
 
     async def start(self) -> None:
         """Nothing runs in the background of Tier 3."""

@@ -7,7 +7,7 @@ from typing import TypeAlias
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-JSON: TypeAlias = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
+JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 
 
 def to_value(obj: object) -> struct_pb2.Value:

@@ -1,0 +1,3 @@
+from tierstack.cli.main import main
+
+raise SystemExit(main())

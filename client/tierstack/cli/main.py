@@ -1,0 +1,263 @@
+"""``tierstack``: serve one tier, bring up all three, run a workflow file, or pursue a goal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+from tierstack.cli.progress import RunProgress
+from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
+from tierstack.client.values import from_value
+from tierstack.v1 import common_pb2
+from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
+from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
+
+_TIERS = ("execute", "orchestrate", "coordinate")
+_DEFAULT_AGENTS = ("researcher=http,general", "analyst=analysis,general", "writer=writing,general")
+
+
+def _default_target(tier: str) -> str:
+    from tierstack.server.config import DEFAULT_PORTS
+
+    return os.environ.get(f"TIERSTACK_{tier.upper()}_TARGET", f"127.0.0.1:{DEFAULT_PORTS[tier]}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+    from tierstack.server import Settings, serve_until_signalled
+    from tierstack.server.correlation import configure_logging
+
+    configure_logging()
+    settings = Settings.from_env(args.tier)
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "execute_target": args.execute_target,
+        "orchestrate_target": args.orchestrate_target,
+        "data_dir": args.data_dir,
+    }
+    settings = replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+    uvloop.run(serve_until_signalled(args.tier, settings))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Starts the three tiers as child processes and stops them all on Ctrl-C or SIGTERM."""
+    from tierstack.server.config import Settings
+
+    console = Console(stderr=True)
+    ports = {tier: Settings.from_env(tier).port for tier in _TIERS}
+    env = {
+        "TIERSTACK_EXECUTE_TARGET": f"127.0.0.1:{ports['execute']}",
+        "TIERSTACK_ORCHESTRATE_TARGET": f"127.0.0.1:{ports['orchestrate']}",
+        **os.environ,
+    }
+    command = [sys.executable, "-m", "tierstack.cli", "serve"]
+    extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    children: list[subprocess.Popen[bytes]] = []
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    status = 0
+    try:
+        for tier in _TIERS:
+            children.append(subprocess.Popen([*command, tier, *extra]))
+        console.print(
+            "tierstack is up: coordinate :50051, orchestrate :50052, execute :50053 (Ctrl-C stops it)"
+        )
+        while status == 0:
+            for tier, child in zip(_TIERS, children, strict=False):
+                if child.poll() is not None:
+                    console.print(f"[red]{tier} exited with status {child.returncode}; stopping the stack")
+                    status = 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        console.print("stopping tierstack …")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return status
+
+
+def _report_error(console: Console, error: TierstackError) -> int:
+    console.print(f"[red]{error.code.name}[/] {error.reason}: {error.message}")
+    for violation in error.field_violations:
+        console.print(f"  {violation.field}: {violation.description}")
+    return 2 if error.field_violations else 1
+
+
+def _load_workflow(path: Path) -> tuple[orchestrator_pb.Workflow, dict[str, Any]]:
+    document = yaml.safe_load(path.read_text())
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} does not hold a workflow mapping")
+    inputs = document.pop("inputs", None) or {}
+    workflow = json_format.ParseDict(document, orchestrator_pb.Workflow())
+    return workflow, dict(inputs)
+
+
+def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, raw = pair.partition("=")
+        if not separator:
+            raise ValueError(f"--input {pair!r}: expected KEY=VALUE")
+        try:
+            inputs[key] = json.loads(raw)
+        except ValueError:
+            inputs[key] = raw
+    return inputs
+
+
+async def _run(args: argparse.Namespace, console: Console) -> int:
+    workflow, inputs = _load_workflow(args.workflow)
+    inputs.update(_parse_inputs(args.input))
+    request = orchestrator_pb.OrchestrateRequest(workflow=workflow)
+    request.inputs.update(inputs)
+    final: orchestrator_pb.RunEvent | None = None
+    async with OrchestratorClient(args.target) as client:
+        with RunProgress(console) as view:
+            async for event in client.orchestrate(request):
+                view.update(event)
+                final = event
+    if final is not None and final.WhichOneof("payload") == "run_completed":
+        outputs = {key: from_value(value) for key, value in final.run_completed.outputs.items()}
+        console.print_json(data=outputs)
+        console.print(f"[green]run {final.run_id} completed")
+        return 0
+    return 1
+
+
+def _agent(text: str) -> coordinator_pb.Agent:
+    name, _, capabilities = text.partition("=")
+    return coordinator_pb.Agent(
+        id=name, name=name, capabilities=[c for c in capabilities.split(",") if c], max_concurrent_tasks=4
+    )
+
+
+async def _goal(args: argparse.Namespace, console: Console) -> int:
+    request = coordinator_pb.CoordinateRequest(
+        context=common_pb2.RequestContext(correlation_id=args.correlation_id or ""),
+        goal=args.goal,
+        agents=[_agent(text) for text in (args.agent or _DEFAULT_AGENTS)],
+    )
+    labels: dict[str, str] = {}
+    outcome = 1
+    async with CoordinatorClient(args.target) as client:
+        with RunProgress(console) as view:
+            async for event in client.coordinate(request):
+                kind = event.WhichOneof("payload")
+                if kind == "goal_decomposed":
+                    table = Table(
+                        "subtask", "description", "needs", "depends on", "tool", title="decomposition"
+                    )
+                    for subtask in event.goal_decomposed.subtasks:
+                        labels[subtask.id] = f"{subtask.id}: {subtask.description}"
+                        table.add_row(
+                            subtask.id,
+                            subtask.description,
+                            ", ".join(subtask.required_capabilities),
+                            ", ".join(subtask.dependencies),
+                            subtask.tool,
+                        )
+                    view.console.print(table)
+                elif kind == "team_formed":
+                    for assignment in event.team_formed.assignments:
+                        view.log(
+                            f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})"
+                        )
+                elif kind == "subtask_progress":
+                    progress = event.subtask_progress
+                    view.update(progress.run_event, labels.get(progress.subtask_id, ""))
+                elif kind == "goal_completed":
+                    outputs = {k: from_value(v) for k, v in event.goal_completed.outputs.items()}
+                    view.console.print_json(data=outputs)
+                    phases = ", ".join(
+                        f"{name} {duration.ToNanoseconds() / 1e6:.1f} ms"
+                        for name, duration in sorted(event.goal_completed.phase_durations.items())
+                    )
+                    view.log(f"[green]goal completed[/] ({phases}); correlation id {event.correlation_id}")
+                    outcome = 0
+                elif kind == "goal_failed":
+                    error = event.goal_failed.error
+                    view.log(f"[red]goal failed:[/] {error.reason}: {error.message}")
+    return outcome
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierstack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve one tier")
+    serve.add_argument("tier", choices=_TIERS)
+    serve.add_argument("--host", help="address to bind (TIERSTACK_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind, 0 for any (TIERSTACK_<TIER>_PORT)")
+    serve.add_argument(
+        "--execute-target", help="where Orchestrate reaches Execute (TIERSTACK_EXECUTE_TARGET)"
+    )
+    serve.add_argument(
+        "--orchestrate-target", help="where Coordinate reaches Orchestrate (TIERSTACK_ORCHESTRATE_TARGET)"
+    )
+    serve.add_argument(
+        "--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)"
+    )
+
+    up = commands.add_parser("up", help="run all three tiers as separate processes until Ctrl-C")
+    up.add_argument("--data-dir", type=Path, help="where run state is kept (default .tierstack)")
+
+    run = commands.add_parser("run", help="run a workflow file (YAML or JSON) and show its progress")
+    run.add_argument("workflow", type=Path)
+    run.add_argument(
+        "--input", "-i", action="append", default=[], metavar="KEY=VALUE", help="a workflow input"
+    )
+    run.add_argument("--target", default=_default_target("orchestrate"), help="the Orchestrate server")
+
+    goal = commands.add_parser("goal", help="pursue a goal through all three tiers and show its progress")
+    goal.add_argument("goal")
+    goal.add_argument(
+        "--agent",
+        action="append",
+        metavar="NAME=CAP,CAP",
+        help="an available agent (repeatable; three by default)",
+    )
+    goal.add_argument("--correlation-id", help="the id tying the goal's events and logs together")
+    goal.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 success, 1 failure, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "up":
+        return _up(args)
+    console = Console()
+    try:
+        return asyncio.run(_run(args, console) if args.command == "run" else _goal(args, console))
+    except TierstackError as exc:
+        return _report_error(console, exc)
+    except (OSError, ValueError, json_format.ParseError, yaml.YAMLError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2

@@ -1,0 +1,14 @@
+"""tierstack's three async gRPC servers and the engines behind them."""
+
+from tierstack.server.app import TierServer, TierService, serve_until_signalled, service_for
+from tierstack.server.config import DEFAULT_PORTS, TIERS, Settings
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "TIERS",
+    "Settings",
+    "TierServer",
+    "TierService",
+    "serve_until_signalled",
+    "service_for",
+]

@@ -1,0 +1,148 @@
+"""OrchestratorService: the thin gRPC face of the run manager (Tier 2)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from tierstack.client import ExecutorClient
+from tierstack.client.values import to_duration
+from tierstack.server import correlation
+from tierstack.server.config import Settings
+from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.orchestrate.engine import RunManager
+from tierstack.server.orchestrate.store import SqliteRunStore
+from tierstack.server.orchestrate.workflow import check_workflow
+from tierstack.server.pagination import decode_token, encode_token, page_size
+from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
+from tierstack.v1 import orchestrator_service_pb2 as pb
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _cursor(token: str) -> tuple[int, str] | None:
+    cursor = decode_token(token)
+    if not cursor:
+        return None
+    created, _, run_id = cursor.partition(":")
+    if not created.isdigit() or not run_id:
+        raise InvalidArgumentError([Violation("page_token", "is not a token this server issued")])
+    return int(created), run_id
+
+
+class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
+    """Translates OrchestratorService calls into run manager calls."""
+
+    def __init__(self, manager: RunManager) -> None:
+        self._manager = manager
+
+    async def Orchestrate(
+        self, request: pb.OrchestrateRequest, context: Context
+    ) -> AsyncIterator[pb.OrchestrateResponse]:
+        correlation.bind(request.context)
+        run, _ = await self._manager.start_run(
+            workflow=request.workflow, inputs=request.inputs, limits=request.limits, context=request.context
+        )
+        ended = False
+        try:
+            async for event in self._manager.watch(run.run_id):
+                yield pb.OrchestrateResponse(event=event)
+            ended = True
+        finally:
+            if not ended:  # the caller went away: a run it can no longer see must not go on
+                self._manager.request_cancel(run.run_id, "the caller of Orchestrate went away")
+
+    async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
+        correlation.bind(request.context)
+        run, created = await self._manager.start_run(
+            workflow=request.workflow,
+            inputs=request.inputs,
+            limits=request.limits,
+            context=request.context,
+            request_id=request.request_id,
+        )
+        return pb.StartRunResponse(run=run, created=created)
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
+            yield pb.WatchRunResponse(event=event)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        return pb.GetRunResponse(run=await self._manager.get_run(request.run_id))
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        size = page_size(request.page_size, default=50, maximum=1000)
+        runs = await self._manager.list_runs(
+            limit=size + 1, after=_cursor(request.page_token), state=request.state
+        )
+        page = runs[:size]
+        last = page[-1] if page else None
+        token = (
+            encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}")
+            if last and len(runs) > size
+            else ""
+        )
+        return pb.ListRunsResponse(runs=page, next_page_token=token)
+
+    async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
+        return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
+
+    async def PlanWorkflow(
+        self, request: pb.PlanWorkflowRequest, context: Context
+    ) -> pb.PlanWorkflowResponse:
+        spec = check_workflow(request.workflow)
+        plan, cached = self._manager.planner.plan(spec)
+        return pb.PlanWorkflowResponse(
+            cached=cached,
+            plan=pb.Plan(
+                batches=[pb.PlanBatch(step_ids=batch) for batch in plan.batches],
+                estimated_duration=to_duration(plan.estimated_seconds),
+                max_parallelism=plan.max_parallelism,
+                critical_path=plan.critical_path,
+                workflow_hash=spec.content_hash,
+            ),
+        )
+
+    async def ValidateWorkflow(
+        self, request: pb.ValidateWorkflowRequest, context: Context
+    ) -> pb.ValidateWorkflowResponse:
+        try:
+            check_workflow(request.workflow)
+        except InvalidArgumentError as exc:
+            return pb.ValidateWorkflowResponse(
+                valid=False,
+                violations=[
+                    common_pb2.FieldViolation(field=v.field, description=v.description)
+                    for v in exc.violations
+                ],
+            )
+        return pb.ValidateWorkflowResponse(valid=True)
+
+
+class OrchestrateService:
+    """Tier 2 as a server component: a SQLite run store, an Execute client and the run manager."""
+
+    tier = common_pb2.TIER_ORCHESTRATE
+    service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,)
+
+    def __init__(self, settings: Settings) -> None:
+        self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
+        self._executor = ExecutorClient(settings.execute_target)
+        self.manager = RunManager(self._store, self._executor)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            OrchestratorServicer(self.manager), server
+        )
+
+    async def start(self) -> None:
+        await self._store.open()
+        await self.manager.open()
+
+    async def close(self) -> None:
+        await self.manager.close()
+        await self._executor.close()
+        await self._store.close()

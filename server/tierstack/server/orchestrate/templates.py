@@ -1,0 +1,111 @@
+"""Parameter templates: ``{{inputs.city}}`` and ``{{steps.fetch.output.items[0].name}}``.
+
+A string that is exactly one template takes the referenced value as it is (a number stays a number);
+a template inside a longer string is interpolated as text. Only expressions rooted at ``inputs`` or
+``steps`` are workflow templates: any other ``{{ … }}`` (a Jinja2 template for ``text.template``, say)
+reaches the tool untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from tierstack.client.values import JSON
+
+_TEMPLATE = re.compile(r"\{\{\s*((?:inputs|steps)\b[^{}]*?)\s*\}\}")
+_SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*|\d+)|\[(\d+)\]")
+
+Path = tuple[str | int, ...]
+
+
+class TemplateError(Exception):
+    """A template is malformed or references something that does not exist.
+
+    Attributes:
+        field: Where the template sits in the parameters, such as ``parameters.url``.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def parse_path(expression: str, *, field: str) -> Path:
+    """Returns the segments of ``inputs.a.b[0]`` or ``steps.fetch.output.body``.
+
+    Raises:
+        TemplateError: The expression is not a path rooted at ``inputs`` or ``steps.<id>.output``.
+    """
+    text = expression.strip()
+    segments: list[str | int] = []
+    position = 0
+    while position < len(text):
+        if segments and text[position] == ".":
+            position += 1
+        match = _SEGMENT.match(text, position)
+        if match is None:
+            raise TemplateError(
+                field, f"cannot read {{{{{expression}}}}}: expected a name or [index] at {position}"
+            )
+        name, index = match.groups()
+        segments.append(int(index) if index is not None else int(name) if name.isdigit() else name)
+        position = match.end()
+    if not segments or segments[0] not in ("inputs", "steps"):
+        raise TemplateError(field, f"{{{{{expression}}}}} must start with `inputs` or `steps`")
+    if segments[0] == "steps" and (len(segments) < 3 or segments[2] != "output"):
+        raise TemplateError(field, f"{{{{{expression}}}}} must read `steps.<step id>.output`")
+    return tuple(segments)
+
+
+def templates(value: JSON, field: str) -> Iterator[tuple[str, Path]]:
+    """Yields (field, path) for every template in a parameter value, checking each one's syntax."""
+    if isinstance(value, str):
+        for match in _TEMPLATE.finditer(value):
+            yield field, parse_path(match.group(1), field=field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from templates(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from templates(item, f"{field}[{index}]")
+
+
+def _lookup(scope: Mapping[str, Any], path: Path, field: str) -> JSON:
+    current: Any = scope
+    for depth, segment in enumerate(path):
+        try:
+            current = current[segment]
+        except (KeyError, IndexError, TypeError):
+            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path[: depth + 1]).lstrip(
+                "."
+            )
+            raise TemplateError(field, f"{where} does not exist") from None
+    result: JSON = current
+    return result
+
+
+def render(value: JSON, scope: Mapping[str, Any], field: str = "parameters") -> JSON:
+    """Returns ``value`` with every template replaced from ``scope`` (``inputs`` and ``steps``).
+
+    Raises:
+        TemplateError: A template is malformed or its path does not exist in ``scope``.
+    """
+    if isinstance(value, str):
+        whole = _TEMPLATE.fullmatch(value)
+        if whole is not None:
+            return _lookup(scope, parse_path(whole.group(1), field=field), field)
+
+        def interpolate(match: re.Match[str]) -> str:
+            found = _lookup(scope, parse_path(match.group(1), field=field), field)
+            return found if isinstance(found, str) else json.dumps(found)
+
+        return _TEMPLATE.sub(interpolate, value)
+    if isinstance(value, dict):
+        return {key: render(item, scope, f"{field}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [render(item, scope, f"{field}[{index}]") for index, item in enumerate(value)]
+    return value

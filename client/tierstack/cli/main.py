@@ -19,6 +19,7 @@ import yaml
 from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
+
 from tierstack.cli.progress import RunProgress
 from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
 from tierstack.client.values import from_value
@@ -38,10 +39,11 @@ def _default_target(tier: str) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
+
     from tierstack.server import Settings, serve_until_signalled
     from tierstack.server.correlation import configure_logging
 
-    configure_logging()
+    configure_logging(os.environ.get("TIERSTACK_LOG_LEVEL", "INFO").upper())
     settings = Settings.from_env(args.tier)
     overrides = {
         "host": args.host,
@@ -77,10 +79,9 @@ def _up(args: argparse.Namespace) -> int:
     status = 0
     try:
         for tier in _TIERS:
-            children.append(subprocess.Popen([*command, tier, *extra]))
-        console.print(
-            "tierstack is up: coordinate :50051, orchestrate :50052, execute :50053 (Ctrl-C stops it)"
-        )
+            children.append(subprocess.Popen([*command, tier, *extra], env=env))
+        listening = ", ".join(f"{tier} :{port}" for tier, port in ports.items())
+        console.print(f"tierstack is starting: {listening} (Ctrl-C stops it)")
         while status == 0:
             for tier, child in zip(_TIERS, children, strict=False):
                 if child.poll() is not None:

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+
 from tierstack.client.errors import translate_errors
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
 from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc

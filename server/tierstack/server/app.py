@@ -10,6 +10,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.interceptor import ServerInterceptor
 from tierstack.server.metrics import MethodMetrics

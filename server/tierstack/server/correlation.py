@@ -35,7 +35,7 @@ class CorrelationFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: str = "INFO") -> None:
     """Sends log lines to stderr, each carrying the current correlation id."""
     handler = logging.StreamHandler()
     handler.addFilter(CorrelationFilter())

@@ -4,12 +4,14 @@ domain errors into gRPC statuses with error details."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
+
 from tierstack.server.errors import DomainError
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
@@ -53,8 +55,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            wrapped = (
+                self._wrap_stream(method, cast(StreamBehavior, behavior))
+                if inspect.isasyncgenfunction(behavior)
+                # A stream written with context.write() (the health service's Watch) is a coroutine.
+                else self._wrap_unary(method, cast(UnaryBehavior, behavior))
+            )
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, cast(StreamBehavior, handler.unary_stream)),
+                wrapped,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

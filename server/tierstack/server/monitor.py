@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from tierstack.client.values import now_timestamp, to_duration
 from tierstack.server.metrics import MethodMetrics
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc

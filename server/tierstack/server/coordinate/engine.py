@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +16,7 @@ from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
+_log = logging.getLogger(__name__)
 _STEP_PAYLOADS = ("step_started", "step_execution", "step_completed", "step_failed")
 
 
@@ -124,6 +126,7 @@ class Coordinator:
         start = time.perf_counter()
         decomposition = self.decompose(request.goal, request.agents)
         phases["decomposition"] = time.perf_counter() - start
+        _log.info("goal %s decomposed into %d subtasks", goal_id, len(decomposition.subtasks))
         yield event(
             goal_decomposed=pb.GoalDecomposed(
                 subtasks=decomposition.subtasks, source=decomposition.source, producer=decomposition.producer
@@ -210,8 +213,8 @@ class Coordinator:
                     )
                 )
             )
-        yield outcome or event(
-            goal_failed=pb.GoalFailed(
-                error=_error("RUN_INCOMPLETE", "the orchestrator's stream ended before the run")
-            )
+        outcome = outcome or event(
+            goal_failed=pb.GoalFailed(error=_error("RUN_INCOMPLETE", "the orchestrator's stream ended early"))
         )
+        _log.info("goal %s %s", goal_id, "completed" if outcome.HasField("goal_completed") else "failed")
+        yield outcome

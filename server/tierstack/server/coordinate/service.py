@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from tierstack.client import OrchestratorClient
 from tierstack.server import correlation
 from tierstack.server.config import Settings

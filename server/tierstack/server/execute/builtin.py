@@ -15,6 +15,7 @@ import jinja2
 import jmespath
 from jinja2.sandbox import SandboxedEnvironment
 from jmespath.exceptions import JMESPathError
+
 from tierstack.client.values import JSON
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
 

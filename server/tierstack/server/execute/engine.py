@@ -133,5 +133,6 @@ class Executor:
                 return
             output = result.output
         usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
+        _log.debug("step %s completed after %d tool calls", request.step_id, usage.tool_calls)
         yield event(output=executor_service_pb2.ExecutionOutput(value=output))
         yield event(completed=executor_service_pb2.ExecutionCompleted(usage=usage))

@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from jsonschema import Draft202012Validator
+
 from tierstack.client.values import JSON
 from tierstack.server.errors import InvalidArgumentError, Violation
 

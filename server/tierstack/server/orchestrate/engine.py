@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
+
 from tierstack.client.errors import TierstackError
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_value
 from tierstack.server.errors import FailedPreconditionError, NotFoundError
@@ -149,6 +150,7 @@ class RunManager:
         live = _LiveRun(run, spec, limits)
         self._live[run.run_id] = live
         live.task = asyncio.create_task(self._drive(live), name=f"run-{run.run_id}")
+        _log.info("run %s of %s started (%d steps)", run.run_id, spec.name, len(spec.steps))
         return run, True
 
     async def get_run(self, run_id: str) -> pb.Run:
@@ -269,9 +271,6 @@ class RunManager:
                 raise  # the server is stopping: the run stays unfinished in the store
             run.state = pb.RUN_STATE_CANCELLED
             run.end_time.CopyFrom(now_timestamp())
-            for step in run.steps:
-                if step.state == pb.STEP_STATE_RUNNING:
-                    step.state = pb.STEP_STATE_CANCELLED
             await self._emit(live, save_run=True, run_cancelled=pb.RunCancelled(reason=live.cancel_reason))
         except Exception:
             _log.exception("run %s crashed", run.run_id)
@@ -282,6 +281,7 @@ class RunManager:
             live.finished = True
             live.notify()
             self._live.pop(run.run_id, None)
+            _log.info("run %s ended %s", run.run_id, pb.RunState.Name(run.state))
 
     async def _schedule(self, live: _LiveRun) -> common_pb2.ErrorDetail | None:
         """Starts each step as soon as its dependencies completed; returns the first failure."""
@@ -313,6 +313,13 @@ class RunManager:
 
     async def _run_step(self, live: _LiveRun, step: StepSpec) -> common_pb2.ErrorDetail | None:
         """Runs one step through the step runner; returns its error, or None when it completed."""
+        try:
+            return await self._attempt_step(live, step)
+        except asyncio.CancelledError:
+            live.steps[step.id].state = pb.STEP_STATE_CANCELLED
+            raise
+
+    async def _attempt_step(self, live: _LiveRun, step: StepSpec) -> common_pb2.ErrorDetail | None:
         state = live.steps[step.id]
         state.state = pb.STEP_STATE_RUNNING
         state.attempt += 1

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from tierstack.client import ExecutorClient
 from tierstack.client.values import to_duration
 from tierstack.server import correlation

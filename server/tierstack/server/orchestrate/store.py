@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
+
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run

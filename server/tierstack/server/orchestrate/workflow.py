@@ -156,7 +156,8 @@ def check_workflow(workflow: orchestrator_service_pb2.Workflow, *, field: str = 
         edges[step.id] = tuple(dict.fromkeys(known))
     cycle = _find_cycle(edges)
     if cycle:
-        violations.append(Violation(steps_field, "dependency cycle: " + " -> ".join(cycle)))
+        # Shown in running order: each step must finish before the next one starts.
+        violations.append(Violation(steps_field, "dependency cycle: " + " -> ".join(reversed(cycle))))
     else:
         ancestors = _ancestors(edges)
         for step_id, index in first_index.items():

@@ -1,0 +1,183 @@
+"""The command line against the three tiers running as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import wait_for
+from tierstack.client import CoordinatorClient
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+TIERSTACK = [sys.executable, "-m", "tierstack.cli"]
+READY = re.compile(r"serving on (\S+)")
+
+
+@dataclass
+class Process:
+    """A tier in its own process; its stderr is collected line by line."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    target: str = ""
+    reader: asyncio.Task[None] | None = None
+
+    async def read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode())
+
+
+async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
+    process = await asyncio.create_subprocess_exec(
+        *TIERSTACK, "serve", tier, "--port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    tracked = Process(process)
+    tracked.reader = asyncio.create_task(tracked.read())
+    await wait_for(
+        lambda: any(READY.search(line) for line in tracked.lines) or process.returncode is not None,
+        attempts=3000,
+    )
+    match = next(READY.search(line) for line in tracked.lines if READY.search(line))
+    assert match is not None, "".join(tracked.lines)
+    tracked.target = match.group(1)
+    return tracked
+
+
+async def stop(process: Process) -> int:
+    if process.process.returncode is None:
+        process.process.send_signal(signal.SIGTERM)
+    code = await process.process.wait()
+    if process.reader is not None:
+        await process.reader
+    return code
+
+
+@pytest.fixture
+async def tiers(tmp_path: Path) -> AsyncIterator[dict[str, Process]]:
+    env = {**os.environ, "TIERSTACK_LOG_LEVEL": "DEBUG"}
+    started: dict[str, Process] = {}
+    try:
+        started["execute"] = await spawn_tier("execute", env=env)
+        started["orchestrate"] = await spawn_tier(
+            "orchestrate", "--execute-target", started["execute"].target, "--data-dir", str(tmp_path), env=env
+        )
+        started["coordinate"] = await spawn_tier(
+            "coordinate", "--orchestrate-target", started["orchestrate"].target, env=env
+        )
+        yield started
+    finally:
+        for process in reversed(started.values()):
+            await stop(process)
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *TIERSTACK,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    output, _ = await process.communicate()
+    return process.returncode or 0, output.decode()
+
+
+async def test_a_goal_runs_through_three_processes(tiers: dict[str, Process]) -> None:
+    code, output = await run_cli(
+        "goal",
+        "analyze the logs and count the errors, then write a summary",
+        "--target",
+        tiers["coordinate"].target,
+        "--correlation-id",
+        "cli-goal-7",
+    )
+    assert code == 0, output
+    assert "goal completed" in output
+    assert "write a summary" in output
+    # The correlation id reaches every tier's log lines, and the servers stop cleanly.
+    for name, process in tiers.items():
+        assert await stop(process) == 0
+        tagged = [line for line in process.lines if "[cli-goal-7]" in line]
+        assert tagged, f"{name} logged nothing for the goal"
+        assert any("stopped" in line for line in process.lines)
+
+
+async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp_path: Path) -> None:
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(
+        textwrap.dedent(
+            """\
+            name: greet
+            inputs: {who: Ada}
+            steps:
+              - id: hello
+                tool: text.template
+                parameters: {template: "Hi {{ n }}", variables: {n: "{{inputs.who}}"}}
+              - id: shout
+                tool: json.query
+                depends_on: [hello]
+                parameters: {data: "{{steps.hello.output}}", expression: "@"}
+            """
+        )
+    )
+    code, output = await run_cli(
+        "run", str(workflow), "--input", "who=Grace", "--target", tiers["orchestrate"].target
+    )
+    assert code == 0, output
+    assert '"shout": "Hi Grace"' in output
+
+
+async def test_run_reports_a_malformed_workflow_by_field(tiers: dict[str, Process], tmp_path: Path) -> None:
+    workflow = tmp_path / "bad.yaml"
+    workflow.write_text(
+        "name: bad\nsteps:\n"
+        "  - {id: a, tool: core.echo, depends_on: [b]}\n"
+        "  - {id: b, tool: core.echo, depends_on: [a]}\n"
+    )
+    code, output = await run_cli("run", str(workflow), "--target", tiers["orchestrate"].target)
+    assert code == 2
+    assert "INVALID_ARGUMENT" in output
+    assert "workflow.steps: dependency cycle: a -> b -> a" in output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
+    ports = {tier: free_port() for tier in ("execute", "orchestrate", "coordinate")}
+    env = {**os.environ, **{f"TIERSTACK_{tier.upper()}_PORT": str(port) for tier, port in ports.items()}}
+    up = await asyncio.create_subprocess_exec(
+        *TIERSTACK, "up", "--data-dir", str(tmp_path), env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        target = f"127.0.0.1:{ports['coordinate']}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest()
+            await health.Check(check, wait_for_ready=True, timeout=60)
+        async with CoordinatorClient(target) as client:
+            request = pb.CoordinateRequest(
+                goal="write a haiku", agents=[pb.Agent(id="w", capabilities=["writing"])]
+            )
+            events = [event async for event in client.coordinate(request)]
+        assert events[-1].HasField("goal_completed")
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = await up.wait()
+    assert code == 0

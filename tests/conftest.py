@@ -1,0 +1,43 @@
+"""Fixtures that start real tierstack servers on 127.0.0.1, port 0, and real HTTP servers for tools."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import HttpServer, Stack, start_tier
+from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tierstack.server import Settings
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def stack(data_dir: Path) -> AsyncIterator[Stack]:
+    execute = await start_tier("execute", Settings())
+    orchestrate = await start_tier("orchestrate", Settings(execute_target=execute.target, data_dir=data_dir))
+    coordinate = await start_tier("coordinate", Settings(orchestrate_target=orchestrate.target))
+    clients = (
+        ExecutorClient(execute.target),
+        OrchestratorClient(orchestrate.target),
+        CoordinatorClient(coordinate.target),
+    )
+    try:
+        yield Stack(execute, orchestrate, coordinate, *clients)
+    finally:
+        for client in clients:
+            await client.close()
+        for server in (coordinate, orchestrate, execute):
+            await server.stop()
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpServer]:
+    server = HttpServer()
+    yield server
+    server.close()

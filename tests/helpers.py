@@ -1,0 +1,81 @@
+"""Helpers for tests: real servers on 127.0.0.1 and bounded polling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tierstack.server import Settings, TierServer, service_for
+
+
+@dataclass
+class Stack:
+    """Three in-process servers wired together, and a client for each."""
+
+    execute: TierServer
+    orchestrate: TierServer
+    coordinate: TierServer
+    executor: ExecutorClient
+    orchestrator: OrchestratorClient
+    coordinator: CoordinatorClient
+
+
+async def start_tier(tier: str, settings: Settings) -> TierServer:
+    server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0)
+    await server.start()
+    return server
+
+
+Handler = Callable[[BaseHTTPRequestHandler], None]
+
+
+class HttpServer:
+    """A real HTTP server on 127.0.0.1 in a thread; each path maps to a handler."""
+
+    def __init__(self) -> None:
+        routes: dict[str, Handler] = {}
+        self.routes = routes
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class _Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                routes[self.path](self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def reply(body: bytes, content_type: str = "application/json") -> Handler:
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    return handle
+
+
+async def wait_for(predicate: Callable[[], bool], *, attempts: int = 500) -> None:
+    """Polls ``predicate`` on the event loop until it holds (bounded by count, not by a clock)."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")

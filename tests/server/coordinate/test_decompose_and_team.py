@@ -1,0 +1,154 @@
+"""The local provider's decomposition and optimal team formation, as plain Python."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tierstack.server.coordinate import AgentSpec, LocalProvider, Need, form_team
+from tierstack.server.errors import InvalidArgumentError
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+
+def test_stages_become_dependencies_and_parts_run_in_parallel() -> None:
+    subtasks = LocalProvider().decompose(
+        "fetch http://127.0.0.1:8000/a.json and summarize the news, then compare both; finally write a report"
+    )
+    assert [(s.id, s.description, s.dependencies) for s in subtasks] == [
+        ("s1", "fetch http://127.0.0.1:8000/a.json", ()),
+        ("s2", "summarize the news", ()),
+        ("s3", "compare both", ("s1", "s2")),
+        ("s4", "write a report", ("s3",)),
+    ]
+    fetch, summary, compare, _ = subtasks
+    assert (fetch.tool, fetch.parameters, fetch.required_capabilities) == (
+        "http.request",
+        {"url": "http://127.0.0.1:8000/a.json", "method": "GET"},
+        ("http",),
+    )
+    assert summary.required_capabilities == ("writing",)
+    assert compare.required_capabilities == ("analysis",)
+    assert compare.parameters["variables"] == {
+        "task": "compare both",
+        "inputs": {"s1": "{{steps.s1.output}}", "s2": "{{steps.s2.output}}"},
+    }
+    assert [s.priority for s in subtasks] == [pb.PRIORITY_HIGH] * 3 + [pb.PRIORITY_MEDIUM]
+    assert all(1 <= s.complexity <= 10 for s in subtasks)
+
+
+def test_numbered_lists_are_stages() -> None:
+    subtasks = LocalProvider().decompose("1. collect the data\n2. check stock\n3. draft the email")
+    assert [(s.description, s.dependencies) for s in subtasks] == [
+        ("collect the data", ()),
+        ("check stock", ("s1",)),
+        ("draft the email", ("s2",)),
+    ]
+
+
+def test_an_empty_goal_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        LocalProvider().decompose(" ;  then ")
+    assert caught.value.violations[0].field == "goal"
+
+
+def test_a_subtask_nobody_can_do_is_reported() -> None:
+    team = form_team(
+        [AgentSpec(id="w", capabilities=frozenset({"writing"}), max_concurrent_tasks=3)],
+        [
+            Need(id="s1", required_capabilities=frozenset({"writing"})),
+            Need(id="s2", required_capabilities=frozenset({"http"})),
+        ],
+    )
+    assert [(s, a) for s, a, _ in team.assignments] == [("s1", "w")]
+    assert team.unassigned == ("s2",)
+
+
+def test_work_goes_to_the_least_loaded_capable_agent() -> None:
+    team = form_team(
+        [
+            AgentSpec(id="busy", capabilities=frozenset({"x"}), current_load=3, max_concurrent_tasks=4),
+            AgentSpec(id="idle", capabilities=frozenset({"x"}), max_concurrent_tasks=4),
+        ],
+        [Need(id="s1", required_capabilities=frozenset({"x"}))],
+    )
+    assert team.assignments[0][1] == "idle"
+
+
+capabilities = st.frozensets(st.sampled_from("abc"), max_size=2)
+agents = st.lists(
+    st.builds(
+        AgentSpec,
+        id=st.just(""),
+        capabilities=capabilities,
+        current_load=st.integers(0, 2),
+        max_concurrent_tasks=st.integers(0, 3),
+    ),
+    min_size=1,
+    max_size=3,
+)
+needs = st.lists(st.builds(Need, id=st.just(""), required_capabilities=capabilities), min_size=1, max_size=4)
+
+
+def _score(agent: AgentSpec, taken: int) -> float:
+    capacity = max(agent.max_concurrent_tasks, 1)
+    return 1.0 - 0.5 * (agent.current_load + taken + 1) / capacity
+
+
+def _brute_force(agent_list: list[AgentSpec], need_list: list[Need]) -> tuple[int, float]:
+    """Returns the most subtasks any feasible assignment covers, and the best total score with that many."""
+    best = (0, 0.0)
+    options = [None, *range(len(agent_list))]
+    for choice in itertools.product(options, repeat=len(need_list)):
+        taken = [0] * len(agent_list)
+        total = 0.0
+        feasible = True
+        for need, agent_index in zip(need_list, choice, strict=True):
+            if agent_index is None:
+                continue
+            agent = agent_list[agent_index]
+            if not need.required_capabilities <= agent.capabilities:
+                feasible = False
+                break
+            if agent.current_load + taken[agent_index] >= max(agent.max_concurrent_tasks, 1):
+                feasible = False
+                break
+            total += _score(agent, taken[agent_index])
+            taken[agent_index] += 1
+        if feasible:
+            count = sum(c is not None for c in choice)
+            best = max(best, (count, total))
+    return best
+
+
+@given(agents, needs)
+def test_team_formation_is_feasible_and_optimal(agent_list: list[AgentSpec], need_list: list[Need]) -> None:
+    agent_list = [
+        AgentSpec(
+            id=f"a{i}",
+            capabilities=a.capabilities,
+            current_load=a.current_load,
+            max_concurrent_tasks=a.max_concurrent_tasks,
+        )
+        for i, a in enumerate(agent_list)
+    ]
+    need_list = [
+        Need(id=f"s{i}", required_capabilities=n.required_capabilities) for i, n in enumerate(need_list)
+    ]
+    team = form_team(agent_list, need_list)
+    by_id = {a.id: a for a in agent_list}
+    needs_by_id = {n.id: n for n in need_list}
+    load = {a.id: 0 for a in agent_list}
+    for subtask_id, agent_id, _ in team.assignments:
+        assert needs_by_id[subtask_id].required_capabilities <= by_id[agent_id].capabilities
+        load[agent_id] += 1
+    for agent_id, count in load.items():
+        agent = by_id[agent_id]
+        assert agent.current_load + count <= max(agent.max_concurrent_tasks, 1) or count == 0
+    assert sorted([s for s, _, _ in team.assignments] + list(team.unassigned)) == sorted(needs_by_id)
+    count, total = _brute_force(agent_list, need_list)
+    # The Hungarian solution covers as many subtasks as any assignment can, at the best total score.
+    assert len(team.assignments) == count
+    assert sum(score for _, _, score in team.assignments) == pytest.approx(total)

@@ -1,0 +1,177 @@
+"""ExecutorService through the SDK: built-in tools, step events, errors and the tool listing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler
+
+import pytest
+
+from tests.helpers import HttpServer, Stack, reply
+from tierstack.client import InvalidArgumentError
+from tierstack.client.values import from_value, to_struct
+from tierstack.v1 import common_pb2, executor_service_pb2
+
+
+def tool_request(tool: str, **arguments: object) -> executor_service_pb2.ExecuteToolRequest:
+    return executor_service_pb2.ExecuteToolRequest(
+        call=common_pb2.ToolCall(tool=tool, arguments=to_struct(arguments))
+    )
+
+
+async def test_json_query_reshapes_data(stack: Stack) -> None:
+    data = {"people": [{"name": "Ada", "age": 36}, {"name": "Alan", "age": 41}]}
+    response = await stack.executor.execute_tool(
+        tool_request(
+            "json.query", data=data, expression="{names: people[].name, oldest: max_by(people, &age).name}"
+        )
+    )
+    assert from_value(response.result.output) == {"names": ["Ada", "Alan"], "oldest": "Alan"}
+
+
+async def test_text_template_renders_in_a_sandbox(stack: Stack) -> None:
+    ok = await stack.executor.execute_tool(
+        tool_request(
+            "text.template", template="{{ n }} items for {{ who|upper }}", variables={"n": 3, "who": "ada"}
+        )
+    )
+    assert from_value(ok.result.output) == "3 items for ADA"
+    unsafe = await stack.executor.execute_tool(
+        tool_request("text.template", template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    )
+    assert unsafe.result.error.reason == "TEMPLATE_ERROR"
+
+
+async def test_bad_arguments_name_the_field(stack: Stack) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.executor.execute_tool(tool_request("json.query", data=[1], expression=7))
+    error = caught.value
+    assert error.reason == "INVALID_TOOL_ARGUMENTS"
+    assert error.domain == "tierstack.dev"
+    assert [v.field for v in error.field_violations] == ["call.arguments.expression"]
+
+
+async def test_unknown_tool_is_invalid_argument(stack: Stack) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.executor.execute_tool(tool_request("no.such.tool"))
+    assert caught.value.reason == "UNKNOWN_TOOL"
+    assert caught.value.field_violations[0].field == "call.tool"
+    # The server keeps serving after rejecting a request.
+    response = await stack.executor.execute_tool(tool_request("core.echo", value=1))
+    assert from_value(response.result.output) == 1
+
+
+async def test_http_request_reads_an_allowed_host(stack: Stack, http_server: HttpServer) -> None:
+    http_server.routes["/data"] = reply(json.dumps({"temperature": 21}).encode())
+    response = await stack.executor.execute_tool(tool_request("http.request", url=f"{http_server.url}/data"))
+    output = from_value(response.result.output)
+    assert isinstance(output, dict)
+    assert output["status"] == 200
+    assert output["json"] == {"temperature": 21}
+
+
+async def test_http_request_refuses_hosts_off_the_allow_list(stack: Stack) -> None:
+    response = await stack.executor.execute_tool(tool_request("http.request", url="http://example.com/"))
+    assert response.result.error.reason == "HOST_NOT_ALLOWED"
+
+
+async def test_http_request_caps_the_response_size(stack: Stack, http_server: HttpServer) -> None:
+    http_server.routes["/big"] = reply(b"x" * 5000, "text/plain")
+    response = await stack.executor.execute_tool(
+        tool_request("http.request", url=f"{http_server.url}/big", max_bytes=1000)
+    )
+    assert response.result.error.reason == "RESPONSE_TOO_LARGE"
+
+
+async def test_http_request_times_out(stack: Stack, http_server: HttpServer) -> None:
+    release = threading.Event()
+
+    def hang(request: BaseHTTPRequestHandler) -> None:
+        release.wait(10)
+
+    http_server.routes["/hang"] = hang
+    try:
+        response = await stack.executor.execute_tool(
+            tool_request("http.request", url=f"{http_server.url}/hang", timeout_seconds=0.2)
+        )
+    finally:
+        release.set()
+    assert response.result.error.reason == "HTTP_TIMEOUT"
+
+
+async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
+    request = executor_service_pb2.ExecuteRequest(
+        execution_id="run-1/a/1",
+        step_id="a",
+        tool_calls=[
+            common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": [1, 2]})),
+            common_pb2.ToolCall(
+                tool="json.query", arguments=to_struct({"data": [1, 2], "expression": "sum(@)"})
+            ),
+        ],
+    )
+    events = [event async for event in stack.executor.execute(request)]
+    assert [e.WhichOneof("payload") for e in events] == [
+        "started",
+        "tool_call_started",
+        "tool_call_finished",
+        "tool_call_started",
+        "tool_call_finished",
+        "output",
+        "completed",
+    ]
+    assert [e.sequence for e in events] == list(range(1, 8))
+    assert {e.execution_id for e in events} == {"run-1/a/1"}
+    assert len({e.correlation_id for e in events}) == 1 and events[0].correlation_id
+    assert from_value(events[-2].output.value) == 3
+    assert events[-1].completed.usage.tool_calls == 2
+
+
+async def test_execute_stops_at_the_first_failing_call(stack: Stack) -> None:
+    request = executor_service_pb2.ExecuteRequest(
+        step_id="a",
+        tool_calls=[
+            common_pb2.ToolCall(tool="json.query", arguments=to_struct({"data": 1, "expression": "a[?"})),
+            common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": 1})),
+        ],
+    )
+    events = [event async for event in stack.executor.execute(request)]
+    assert events[-1].WhichOneof("payload") == "failed"
+    assert events[-1].failed.error.reason == "INVALID_EXPRESSION"
+    assert events[-1].failed.usage.tool_calls == 1
+
+
+async def test_execute_rejects_a_bad_call_before_running_any(stack: Stack) -> None:
+    request = executor_service_pb2.ExecuteRequest(
+        step_id="a",
+        tool_calls=[
+            common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": 1})),
+            common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"unexpected": 1})),
+        ],
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        _ = [event async for event in stack.executor.execute(request)]
+    assert caught.value.field_violations[0].field == "tool_calls[1].arguments"
+
+
+async def test_list_tools_pages_through_every_tool(stack: Stack) -> None:
+    names: list[str] = []
+    token = ""
+    while True:
+        page = await stack.executor.list_tools(
+            executor_service_pb2.ListToolsRequest(page_size=2, page_token=token)
+        )
+        names.extend(tool.name for tool in page.tools)
+        assert all(tool.source == executor_service_pb2.TOOL_SOURCE_BUILTIN for tool in page.tools)
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == sorted(names)
+    assert {"core.echo", "http.request", "json.query", "text.template"} <= set(names)
+
+
+async def test_list_tools_rejects_a_negative_page_size(stack: Stack) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.executor.list_tools(executor_service_pb2.ListToolsRequest(page_size=-1))
+    assert caught.value.field_violations[0].field == "page_size"

@@ -1,0 +1,274 @@
+"""OrchestratorService through the SDK, against a real Execute server and real HTTP endpoints."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
+from tests.server.orchestrate.workflows import step, workflow
+from tierstack.client import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MonitorClient,
+    NotFoundError,
+    OrchestratorClient,
+)
+from tierstack.client.values import from_value, to_struct
+from tierstack.server import Settings
+from tierstack.v1 import orchestrator_service_pb2 as pb
+
+
+def hold_until_released(http_server: HttpServer, path: str) -> threading.Event:
+    """Makes ``path`` answer only once the returned event is set."""
+    release = threading.Event()
+
+    def hold(request: BaseHTTPRequestHandler) -> None:
+        release.wait(30)
+        reply(b"{}")(request)
+
+    http_server.routes[path] = hold
+    return release
+
+
+async def test_orchestrate_streams_a_run_to_completion(stack: Stack) -> None:
+    wf = workflow(
+        step("greet", "text.template", template="Hello {{ who }}", variables={"who": "{{inputs.city}}"}),
+        step("count", "json.query", data=[1, 2, 3], expression="length(@)"),
+        step(
+            "combine",
+            "json.query",
+            depends_on=("greet", "count"),
+            data={"g": "{{steps.greet.output}}", "n": "{{steps.count.output}}"},
+            expression="join(' x', [g, to_string(n)])",
+        ),
+    )
+    request = pb.OrchestrateRequest(workflow=wf, inputs=to_struct({"city": "Lisbon"}))
+    events = [event async for event in stack.orchestrator.orchestrate(request)]
+    kinds = [event.WhichOneof("payload") for event in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_completed"
+    assert [event.sequence for event in events] == list(range(1, len(events) + 1))
+    assert len({event.run_id for event in events}) == 1
+    assert len({event.correlation_id for event in events}) == 1
+    # Tier 3's own events travel inside Tier 2's stream, carrying the same correlation id.
+    forwarded = [event.step_execution.event for event in events if event.HasField("step_execution")]
+    assert {event.correlation_id for event in forwarded} == {events[0].correlation_id}
+    completed_at = {e.step_completed.step_id: i for i, e in enumerate(events) if e.HasField("step_completed")}
+    started_at = {e.step_started.step_id: i for i, e in enumerate(events) if e.HasField("step_started")}
+    assert started_at["combine"] > max(completed_at["greet"], completed_at["count"])
+    outputs = {key: from_value(value) for key, value in events[-1].run_completed.outputs.items()}
+    assert outputs == {"greet": "Hello Lisbon", "count": 3, "combine": "Hello Lisbon x3"}
+
+    run = await stack.orchestrator.get_run(events[0].run_id)
+    assert run.state == pb.RUN_STATE_COMPLETED
+    assert {s.step_id: s.state for s in run.steps} == dict.fromkeys(outputs, pb.STEP_STATE_COMPLETED)
+
+
+async def test_independent_steps_run_at_the_same_time(stack: Stack, http_server: HttpServer) -> None:
+    # Each request waits at a barrier for the other: run one after the other, both would fail.
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(request: BaseHTTPRequestHandler) -> None:
+        barrier.wait()
+        reply(b'{"met": true}')(request)
+
+    http_server.routes["/meet"] = meet
+    wf = workflow(
+        step("left", "http.request", url=f"{http_server.url}/meet"),
+        step("right", "http.request", url=f"{http_server.url}/meet"),
+    )
+    events = [event async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    for name in ("left", "right"):
+        output = from_value(events[-1].run_completed.outputs[name])
+        assert isinstance(output, dict) and output["json"] == {"met": True}
+
+
+async def test_a_malformed_workflow_is_rejected_with_field_details(stack: Stack) -> None:
+    wf = workflow(step("a", depends_on=("b",)), step("b", depends_on=("a",)), step("c", depends_on=("nope",)))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf))
+    assert caught.value.reason == "INVALID_WORKFLOW"
+    assert {(v.field, v.description) for v in caught.value.field_violations} == {
+        ("workflow.steps[2].depends_on[0]", "unknown step 'nope'"),
+        ("workflow.steps", "dependency cycle: a -> b -> a"),
+    }
+    with pytest.raises(InvalidArgumentError):
+        _ = [event async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    listing = await stack.orchestrator.list_runs()
+    assert list(listing.runs) == []
+
+
+async def test_validate_and_plan_a_workflow(stack: Stack) -> None:
+    bad = await stack.orchestrator.validate_workflow(workflow(step("a", depends_on=("a",))))
+    assert not bad.valid
+    assert [(v.field, v.description) for v in bad.violations] == [
+        ("workflow.steps[0].depends_on[0]", "step 'a' depends on itself")
+    ]
+    wf = workflow(
+        step("a"),
+        step("b", depends_on=("a",)),
+        step("c", depends_on=("a",)),
+        step("d", depends_on=("b", "c")),
+    )
+    assert (await stack.orchestrator.validate_workflow(wf)).valid
+    first = await stack.orchestrator.plan_workflow(wf)
+    second = await stack.orchestrator.plan_workflow(wf)
+    assert (first.cached, second.cached) == (False, True)
+    assert [list(batch.step_ids) for batch in first.plan.batches] == [["a"], ["b", "c"], ["d"]]
+    assert first.plan.max_parallelism == 2
+    assert first.plan.critical_path[0] == "a" and first.plan.critical_path[-1] == "d"
+    assert first.plan.workflow_hash == second.plan.workflow_hash
+
+
+async def test_start_run_is_idempotent_by_request_id(stack: Stack) -> None:
+    request = pb.StartRunRequest(request_id="order-42", workflow=workflow(step("a", value=1)))
+    first = await stack.orchestrator.start_run(request)
+    again = await stack.orchestrator.start_run(request)
+    assert first.created and not again.created
+    assert first.run.run_id == again.run.run_id
+    assert len((await stack.orchestrator.list_runs()).runs) == 1
+
+
+async def test_watch_run_replays_from_any_sequence(stack: Stack) -> None:
+    started = await stack.orchestrator.start_run(
+        pb.StartRunRequest(workflow=workflow(step("a", value=1), step("b", value=2)))
+    )
+    run_id = started.run.run_id
+    everything = [event async for event in stack.orchestrator.watch_run(run_id)]
+    assert everything[-1].HasField("run_completed")
+    tail = [event async for event in stack.orchestrator.watch_run(run_id, after_sequence=3)]
+    assert [event.sequence for event in tail] == [event.sequence for event in everything[3:]]
+    assert tail == everything[3:]
+
+
+async def test_watch_of_an_unknown_run_is_not_found(stack: Stack) -> None:
+    with pytest.raises(NotFoundError):
+        _ = [event async for event in stack.orchestrator.watch_run("missing")]
+    with pytest.raises(NotFoundError):
+        await stack.orchestrator.get_run("missing")
+
+
+async def test_list_runs_pages_newest_first(stack: Stack) -> None:
+    run_ids = []
+    for value in range(5):
+        started = await stack.orchestrator.start_run(
+            pb.StartRunRequest(workflow=workflow(step("a", value=value)))
+        )
+        run_ids.append(started.run.run_id)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stack.orchestrator.list_runs(pb.ListRunsRequest(page_size=2, page_token=token))
+        seen.extend(run.run_id for run in page.runs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(run_ids))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.orchestrator.list_runs(pb.ListRunsRequest(page_token="not-a-token"))
+    assert caught.value.field_violations[0].field == "page_token"
+
+
+async def test_cancel_run_stops_the_tool_in_flight(stack: Stack, http_server: HttpServer) -> None:
+    release = hold_until_released(http_server, "/slow")
+    try:
+        wf = workflow(
+            step("slow", "http.request", url=f"{http_server.url}/slow"), step("after", depends_on=("slow",))
+        )
+        started = await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf))
+        await wait_for(lambda: "/slow" in http_server.hits)
+        run = await stack.orchestrator.cancel_run(started.run.run_id, reason="changed my mind")
+    finally:
+        release.set()
+    assert run.state == pb.RUN_STATE_CANCELLED
+    assert {s.step_id: s.state for s in run.steps} == {
+        "slow": pb.STEP_STATE_CANCELLED,
+        "after": pb.STEP_STATE_PENDING,
+    }
+    history = [event async for event in stack.orchestrator.watch_run(run.run_id)]
+    assert history[-1].run_cancelled.reason == "changed my mind"
+    async with MonitorClient(stack.execute.target) as monitor:
+        metrics = await monitor.get_metrics("ExecutorService/Execute")
+    await_codes = metrics.methods[0].counts_by_code
+    assert await_codes["CANCELLED"] == 1
+    with pytest.raises(FailedPreconditionError):
+        await stack.orchestrator.cancel_run(run.run_id)
+
+
+async def test_a_failed_step_fails_the_run_and_cancels_the_rest(
+    stack: Stack, http_server: HttpServer
+) -> None:
+    release = hold_until_released(http_server, "/slow")
+    try:
+        wf = workflow(
+            step("slow", "http.request", url=f"{http_server.url}/slow"),
+            step("broken", "json.query", data=[], expression="[?"),
+            step("never", depends_on=("broken",)),
+        )
+        events = [event async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    finally:
+        release.set()
+    assert events[-1].run_failed.error.reason == "INVALID_EXPRESSION"
+    assert events[-1].run_failed.error.metadata["step_id"] == "broken"
+    run = await stack.orchestrator.get_run(events[-1].run_id)
+    assert run.state == pb.RUN_STATE_FAILED
+    assert {s.step_id: s.state for s in run.steps} == {
+        "slow": pb.STEP_STATE_CANCELLED,
+        "broken": pb.STEP_STATE_FAILED,
+        "never": pb.STEP_STATE_PENDING,
+    }
+
+
+async def test_a_missing_input_fails_the_step_with_the_template_path(stack: Stack) -> None:
+    wf = workflow(step("a", value="{{inputs.city}}"))
+    events = [event async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    error = events[-1].run_failed.error
+    assert error.reason == "TEMPLATE_ERROR"
+    assert error.metadata["field"] == "parameters.value"
+
+
+async def test_an_unreachable_executor_fails_the_step_clearly(data_dir: Path) -> None:
+    orchestrate = await start_tier("orchestrate", Settings(execute_target="127.0.0.1:1", data_dir=data_dir))
+    try:
+        async with OrchestratorClient(orchestrate.target) as client:
+            events = [
+                e async for e in client.orchestrate(pb.OrchestrateRequest(workflow=workflow(step("a"))))
+            ]
+    finally:
+        await orchestrate.stop()
+    assert events[-1].run_failed.error.reason == "UNAVAILABLE"
+
+
+async def test_runs_left_running_by_a_stopped_server_are_marked_failed(
+    data_dir: Path, http_server: HttpServer
+) -> None:
+    release = hold_until_released(http_server, "/slow")
+    execute = await start_tier("execute", Settings())
+    try:
+        settings = Settings(execute_target=execute.target, data_dir=data_dir)
+        first = await start_tier("orchestrate", settings)
+        async with OrchestratorClient(first.target) as client:
+            started = await client.start_run(
+                pb.StartRunRequest(
+                    workflow=workflow(step("slow", "http.request", url=f"{http_server.url}/slow"))
+                )
+            )
+            await wait_for(lambda: "/slow" in http_server.hits)
+        await first.stop()
+        second = await start_tier("orchestrate", settings)
+        try:
+            async with OrchestratorClient(second.target) as client:
+                run = await client.get_run(started.run.run_id)
+                history = [event async for event in client.watch_run(run.run_id)]
+        finally:
+            await second.stop()
+    finally:
+        release.set()
+        await execute.stop()
+    assert run.state == pb.RUN_STATE_FAILED
+    assert run.error.reason == "ORCHESTRATOR_RESTARTED"
+    assert history[0].HasField("run_started") and history[-1].HasField("run_failed")
+    assert [event.sequence for event in history] == list(range(1, len(history) + 1))

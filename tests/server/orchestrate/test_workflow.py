@@ -1,0 +1,134 @@
+"""Workflow checks, templates and the planner, as plain Python."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.server.orchestrate.workflows import step, workflow
+from tierstack.server.errors import InvalidArgumentError
+from tierstack.server.orchestrate.planner import Planner
+from tierstack.server.orchestrate.templates import TemplateError, render
+from tierstack.server.orchestrate.workflow import check_workflow
+
+
+def violations(wf: object) -> dict[str, str]:
+    with pytest.raises(InvalidArgumentError) as caught:
+        check_workflow(wf)  # type: ignore[arg-type]
+    return {v.field: v.description for v in caught.value.violations}
+
+
+def test_a_cycle_is_named_step_by_step() -> None:
+    found = violations(
+        workflow(step("a", depends_on=("c",)), step("b", depends_on=("a",)), step("c", depends_on=("b",)))
+    )
+    assert list(found) == ["workflow.steps"]
+    assert found["workflow.steps"] == "dependency cycle: a -> b -> c -> a"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = violations(
+        workflow(
+            step("a", depends_on=("ghost",)),
+            step("a"),
+            step("b", tool=""),
+            step("c", depends_on=("c",)),
+            step("d", value="{{steps.b.output}}"),
+        )
+    )
+    assert found == {
+        "workflow.steps[0].depends_on[0]": "unknown step 'ghost'",
+        "workflow.steps[1].id": "duplicates the id of steps[0]",
+        "workflow.steps[2].tool": "names no tool",
+        "workflow.steps[3].depends_on[0]": "step 'c' depends on itself",
+        "workflow.steps[4].parameters.value": "reads the output of 'b', not among the step's dependencies",
+    }
+
+
+def test_templates_may_read_transitive_ancestors() -> None:
+    spec = check_workflow(
+        workflow(
+            step("a"), step("b", depends_on=("a",)), step("c", depends_on=("b",), value="{{steps.a.output}}")
+        )
+    )
+    assert spec.dependents == {"a": ("b",), "b": ("c",), "c": ()}
+
+
+def test_render_keeps_types_and_interpolates_text() -> None:
+    scope = {"inputs": {"city": "Lisbon", "days": 3}, "steps": {"fetch": {"output": {"items": [{"t": 21}]}}}}
+    rendered = render(
+        {
+            "days": "{{inputs.days}}",
+            "first": "{{ steps.fetch.output.items[0].t }}",
+            "also": "{{steps.fetch.output.items.0.t}}",
+            "text": "{{inputs.city}} in {{inputs.days}} days",
+            "jinja": "{{ name }} passes through",
+        },
+        scope,
+    )
+    assert rendered == {
+        "days": 3,
+        "first": 21,
+        "also": 21,
+        "text": "Lisbon in 3 days",
+        "jinja": "{{ name }} passes through",
+    }
+
+
+def test_render_names_the_missing_path() -> None:
+    with pytest.raises(TemplateError) as caught:
+        render({"x": ["{{inputs.missing.deep}}"]}, {"inputs": {}, "steps": {}})
+    assert caught.value.field == "parameters.x[0]"
+    assert "inputs.missing does not exist" in caught.value.message
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> list[tuple[str, tuple[str, ...]]]:
+    """Random DAGs: step i may depend only on steps before it, then the list is shuffled."""
+    size = draw(st.integers(min_value=1, max_value=25))
+    steps = []
+    for index in range(size):
+        parents = draw(st.sets(st.integers(min_value=0, max_value=index - 1), max_size=4)) if index else set()
+        steps.append((f"s{index}", tuple(f"s{p}" for p in sorted(parents))))
+    return draw(st.permutations(steps))
+
+
+@given(dags())
+def test_plan_batches_respect_every_dependency(graph: list[tuple[str, tuple[str, ...]]]) -> None:
+    spec = check_workflow(workflow(*(step(sid, depends_on=deps) for sid, deps in graph)))
+    plan, cached = Planner(lambda _: 1.0).plan(spec)
+    assert not cached
+    batch_of = {sid: index for index, batch in enumerate(plan.batches) for sid in batch}
+    assert sorted(batch_of) == sorted(sid for sid, _ in graph)
+    for sid, deps in graph:
+        assert all(batch_of[dep] < batch_of[sid] for dep in deps)
+    assert plan.max_parallelism == max(len(batch) for batch in plan.batches)
+    # With unit estimates the critical path is a dependency chain as long as the number of batches.
+    assert len(plan.critical_path) == len(plan.batches) == plan.estimated_seconds
+    for before, after in zip(plan.critical_path, plan.critical_path[1:], strict=False):
+        assert before in spec.by_id[after].depends_on
+
+
+@given(dags(), st.data())
+def test_a_back_edge_is_always_rejected(
+    graph: list[tuple[str, tuple[str, ...]]], data: st.DataObject
+) -> None:
+    edges = [(sid, dep) for sid, deps in graph for dep in deps]
+    if not edges:
+        return
+    child, parent = data.draw(st.sampled_from(edges))
+    steps = [step(sid, depends_on=deps + ((child,) if sid == parent else ())) for sid, deps in graph]
+    with pytest.raises(InvalidArgumentError) as caught:
+        check_workflow(workflow(*steps))
+    assert any("dependency cycle" in v.description for v in caught.value.violations)
+
+
+def test_identical_workflows_are_planned_once() -> None:
+    planner = Planner(lambda _: 0.5)
+    wf = workflow(step("a"), step("b", depends_on=("a",)), step("c", depends_on=("a",)))
+    first, cached_first = planner.plan(check_workflow(wf))
+    second, cached_second = planner.plan(check_workflow(wf))
+    assert (cached_first, cached_second) == (False, True)
+    assert first == second
+    assert first.batches == (("a",), ("b", "c"))

@@ -1,0 +1,77 @@
+"""Each package's ``__all__`` lists exactly its public names, and every one of them resolves."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PACKAGES = {
+    "tierstack.client": {
+        "AlreadyExistsError",
+        "CancelledError",
+        "CoordinatorClient",
+        "DeadlineExceededError",
+        "ExecutorClient",
+        "FailedPreconditionError",
+        "FieldViolation",
+        "InternalError",
+        "InvalidArgumentError",
+        "MonitorClient",
+        "NotFoundError",
+        "OrchestratorClient",
+        "ResourceExhaustedError",
+        "TierstackError",
+        "UnavailableError",
+    },
+    "tierstack.server": {
+        "DEFAULT_PORTS",
+        "TIERS",
+        "Settings",
+        "TierServer",
+        "TierService",
+        "serve_until_signalled",
+        "service_for",
+    },
+    "tierstack.server.execute": {
+        "ExecuteService",
+        "Executor",
+        "Tool",
+        "ToolError",
+        "ToolRegistry",
+        "ToolSource",
+    },
+    "tierstack.server.orchestrate": {
+        "OrchestrateService",
+        "Plan",
+        "Planner",
+        "RunManager",
+        "RunStore",
+        "SqliteRunStore",
+        "StepRunner",
+        "StepSpec",
+        "StoredRun",
+        "WorkflowSpec",
+        "check_workflow",
+    },
+    "tierstack.server.coordinate": {
+        "AgentSpec",
+        "CoordinateService",
+        "Coordinator",
+        "LocalProvider",
+        "Need",
+        "SubtaskSpec",
+        "Team",
+        "WorkflowRunner",
+        "form_team",
+    },
+    "tierstack.cli": {"main"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGES))
+def test_all_is_the_public_surface(name: str) -> None:
+    module = importlib.import_module(name)
+    assert set(module.__all__) == PACKAGES[name]
+    for public in module.__all__:
+        assert getattr(module, public) is not None

@@ -1,0 +1,122 @@
+"""No-op tool calls through ExecutorService against a bare grpc.aio echo server.
+
+Both servers run in their own processes under uvloop; one client process drives both with the same
+request bytes, at concurrency 1 and 16, and prints requests/s, p50 and p99 with the ratios.
+
+Usage: ``python tools/bench/bench_execute.py [--requests N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvloop
+
+from tierstack.client import ExecutorClient
+from tierstack.client.values import to_struct
+from tierstack.v1 import common_pb2, executor_service_pb2
+
+HERE = Path(__file__).resolve().parent
+READY = re.compile(rb"serving on (\S+)")
+
+
+@dataclass(frozen=True)
+class Result:
+    """The figures of one series of calls."""
+
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+@asynccontextmanager
+async def serving(*command: str) -> AsyncIterator[str]:
+    """Runs a server process for the block and yields the address it reports."""
+    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    target = ""
+    async for line in process.stderr:
+        match = READY.search(line)
+        if match:
+            target = match.group(1).decode()
+            break
+    drain = asyncio.create_task(process.stderr.read())  # keeps the pipe from filling up
+    try:
+        if not target:
+            raise RuntimeError(f"{command} exited before serving")
+        yield target
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        await drain
+
+
+async def measure(call: Callable[[], Awaitable[object]], *, requests: int, concurrency: int) -> Result:
+    """Issues ``requests`` calls from ``concurrency`` workers after a warm-up, timing each one."""
+    for _ in range(200):
+        await call()
+    latencies: list[float] = []
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100)
+    return Result(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3)
+
+
+async def main(requests: int) -> None:
+    request = executor_service_pb2.ExecuteToolRequest(
+        call=common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": "x" * 64}))
+    )
+    payload = request.SerializeToString()
+    async with (
+        serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as execute_target,
+        serving(sys.executable, str(HERE / "echo_server.py")) as echo_target,
+        ExecutorClient(execute_target) as client,
+        grpc.aio.insecure_channel(echo_target) as channel,
+    ):
+        echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/bench.Echo/Echo")
+        series: dict[str, Callable[[], Awaitable[object]]] = {
+            "echo": lambda: echo_call(payload),
+            "tierstack": lambda: client.execute_tool(request),
+        }
+        print(f"no-op tool call vs bare grpc.aio echo: {len(payload)}-byte request, {requests} calls a row\n")
+        print("| concurrency | server | req/s | p50 ms | p99 ms | req/s vs echo | p50 vs echo |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        for concurrency in (1, 16):
+            results = {}
+            for name, call in series.items():
+                results[name] = await measure(call, requests=requests, concurrency=concurrency)
+            base = results["echo"]
+            for name, result in results.items():
+                print(
+                    f"| {concurrency} | {name} | {result.requests_per_second:,.0f} | {result.p50_ms:.3f} | "
+                    f"{result.p99_ms:.3f} | {result.requests_per_second / base.requests_per_second:.2f} | "
+                    f"{result.p50_ms / base.p50_ms:.2f} |"
+                )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=5000)
+    uvloop.run(main(parser.parse_args().requests))

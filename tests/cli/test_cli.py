@@ -181,3 +181,28 @@ async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         code = await up.wait()
     assert code == 0
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
+
+
+async def test_the_readme_examples_run(tiers: dict[str, Process]) -> None:
+    code, output = await run_cli(
+        "run",
+        str(EXAMPLES / "weather-report.yaml"),
+        "--input",
+        "city=Porto",
+        "--target",
+        tiers["orchestrate"].target,
+    )
+    assert code == 0, output
+    assert "Weather report for Porto: 18 to 24 °C, averaging 20.8 °C." in output
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "sdk_quickstart.py"),
+        tiers["coordinate"].target,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    printed, _ = await process.communicate()
+    assert process.returncode == 0
+    assert printed.decode().splitlines()[-1].endswith("goal_completed")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tierstack.client.errors import TierstackError
+from tierstack.v1 import common_pb2
+
 
 @dataclass(frozen=True, slots=True)
 class Violation:
@@ -72,3 +75,15 @@ class UnavailableError(DomainError):
     """A dependency (the next tier, a store) cannot be reached; the call may be retried."""
 
     default_reason = "UNAVAILABLE"
+
+
+def error_detail(
+    tier: common_pb2.Tier.ValueType, reason: str, message: str, **metadata: str
+) -> common_pb2.ErrorDetail:
+    """Returns the wire description of a failure that happened in ``tier``."""
+    return common_pb2.ErrorDetail(reason=reason, message=message, tier=tier, metadata=metadata)
+
+
+def error_detail_of_call(error: TierstackError, tier: common_pb2.Tier.ValueType) -> common_pb2.ErrorDetail:
+    """Returns the wire description of a failed call to the tier below (``tier``)."""
+    return error_detail(tier, error.reason, error.message, **error.metadata)

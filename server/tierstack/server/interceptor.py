@@ -8,6 +8,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import grpc
@@ -69,38 +70,34 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
 
+    @asynccontextmanager
+    async def _observe(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Times the block as one call of ``method`` and aborts with the mapped status on a DomainError."""
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except DomainError as exc:
+            error = exc
+            await context.abort_with_status(to_grpc_status(exc))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(method, context, error, start)
+
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            async with self._observe(method, context):
                 return await behavior(request, context)
-            except DomainError as exc:
-                error = exc
-                await context.abort_with_status(to_grpc_status(exc))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(method, context, error, start)
 
         return unary
 
     def _wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            async with self._observe(method, context):
                 async for response in behavior(request, context):
                     yield response
-            except DomainError as exc:
-                error = exc
-                await context.abort_with_status(to_grpc_status(exc))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(method, context, error, start)
 
         return stream
 

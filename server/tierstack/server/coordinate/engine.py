@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -12,6 +13,7 @@ from tierstack.client.errors import TierstackError
 from tierstack.client.values import now_timestamp, to_duration, to_struct
 from tierstack.server.coordinate.decompose import LocalProvider, SubtaskSpec, check_goal
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
+from tierstack.server.errors import error_detail, error_detail_of_call
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -28,10 +30,7 @@ class WorkflowRunner(Protocol):
     ) -> AsyncIterator[orchestrator_pb.RunEvent]: ...
 
 
-def _error(reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(
-        reason=reason, message=message, tier=common_pb2.TIER_COORDINATE, metadata=metadata
-    )
+_error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
 
 
 def subtask_message(spec: SubtaskSpec) -> pb.Subtask:
@@ -203,16 +202,8 @@ class Coordinator:
                     reason = run_event.run_cancelled.reason
                     outcome = event(goal_failed=pb.GoalFailed(error=_error("RUN_CANCELLED", reason)))
         except TierstackError as exc:
-            outcome = event(
-                goal_failed=pb.GoalFailed(
-                    error=common_pb2.ErrorDetail(
-                        reason=exc.reason,
-                        message=exc.message,
-                        tier=common_pb2.TIER_ORCHESTRATE,
-                        metadata=exc.metadata,
-                    )
-                )
-            )
+            failure = error_detail_of_call(exc, common_pb2.TIER_ORCHESTRATE)
+            outcome = event(goal_failed=pb.GoalFailed(error=failure))
         outcome = outcome or event(
             goal_failed=pb.GoalFailed(error=_error("RUN_INCOMPLETE", "the orchestrator's stream ended early"))
         )

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from tierstack.client.values import from_struct, now_timestamp, to_duration, to_value
+from tierstack.server.errors import error_detail
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
 
 
-def _error(reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(
-        reason=reason, message=message, tier=common_pb2.TIER_EXECUTE, metadata=metadata
-    )
+_error = functools.partial(error_detail, common_pb2.TIER_EXECUTE)
 
 
 class _EventSequence:

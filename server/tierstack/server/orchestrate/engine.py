@@ -4,6 +4,7 @@ records every event, and lets callers watch runs from any sequence number."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import deque
@@ -14,7 +15,7 @@ from google.protobuf import struct_pb2
 
 from tierstack.client.errors import TierstackError
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_value
-from tierstack.server.errors import FailedPreconditionError, NotFoundError
+from tierstack.server.errors import FailedPreconditionError, NotFoundError, error_detail, error_detail_of_call
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.store import RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
@@ -39,10 +40,7 @@ class StepRunner(Protocol):
     ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]: ...
 
 
-def _error(reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(
-        reason=reason, message=message, tier=common_pb2.TIER_ORCHESTRATE, metadata=metadata
-    )
+_error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
 
 
 class _LiveRun:
@@ -356,12 +354,7 @@ class RunManager:
                     elif kind == "failed":
                         error = event.failed.error
             except TierstackError as exc:
-                error = common_pb2.ErrorDetail(
-                    reason=exc.reason,
-                    message=exc.message,
-                    tier=common_pb2.TIER_EXECUTE,
-                    metadata=exc.metadata,
-                )
+                error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
             if error is None and usage is None:
                 error = _error(
                     "EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed"

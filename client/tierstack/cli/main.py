@@ -170,9 +170,7 @@ async def _goal(args: argparse.Namespace, console: Console) -> int:
             async for event in client.coordinate(request):
                 kind = event.WhichOneof("payload")
                 if kind == "goal_decomposed":
-                    table = Table(
-                        "subtask", "description", "needs", "depends on", "tool", title="decomposition"
-                    )
+                    table = Table("subtask", "description", "needs", "depends on", "tool", title="decomposition")
                     for subtask in event.goal_decomposed.subtasks:
                         labels[subtask.id] = f"{subtask.id}: {subtask.description}"
                         table.add_row(
@@ -185,9 +183,7 @@ async def _goal(args: argparse.Namespace, console: Console) -> int:
                     view.console.print(table)
                 elif kind == "team_formed":
                     for assignment in event.team_formed.assignments:
-                        view.log(
-                            f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})"
-                        )
+                        view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
                 elif kind == "subtask_progress":
                     progress = event.subtask_progress
                     view.update(progress.run_event, labels.get(progress.subtask_id, ""))
@@ -214,24 +210,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("tier", choices=_TIERS)
     serve.add_argument("--host", help="address to bind (TIERSTACK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (TIERSTACK_<TIER>_PORT)")
-    serve.add_argument(
-        "--execute-target", help="where Orchestrate reaches Execute (TIERSTACK_EXECUTE_TARGET)"
-    )
+    serve.add_argument("--execute-target", help="where Orchestrate reaches Execute (TIERSTACK_EXECUTE_TARGET)")
     serve.add_argument(
         "--orchestrate-target", help="where Coordinate reaches Orchestrate (TIERSTACK_ORCHESTRATE_TARGET)"
     )
-    serve.add_argument(
-        "--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)"
-    )
+    serve.add_argument("--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)")
 
     up = commands.add_parser("up", help="run all three tiers as separate processes until Ctrl-C")
     up.add_argument("--data-dir", type=Path, help="where run state is kept (default .tierstack)")
 
     run = commands.add_parser("run", help="run a workflow file (YAML or JSON) and show its progress")
     run.add_argument("workflow", type=Path)
-    run.add_argument(
-        "--input", "-i", action="append", default=[], metavar="KEY=VALUE", help="a workflow input"
-    )
+    run.add_argument("--input", "-i", action="append", default=[], metavar="KEY=VALUE", help="a workflow input")
     run.add_argument("--target", default=_default_target("orchestrate"), help="the Orchestrate server")
 
     goal = commands.add_parser("goal", help="pursue a goal through all three tiers and show its progress")

@@ -147,9 +147,7 @@ class OrchestratorClient(_Client):
                 request or orchestrator_pb2.ListRunsRequest(), **self._options(timeout, self.timeout)
             )
 
-    async def cancel_run(
-        self, run_id: str, *, reason: str = "", timeout: float | None = None
-    ) -> orchestrator_pb2.Run:
+    async def cancel_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
         """Cancels a run and returns it."""
         with translate_errors():
             response = await self._stub.CancelRun(

@@ -122,6 +122,7 @@ class ResourceLimits(_message.Message):
     MAX_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_PARALLELISM_FIELD_NUMBER: _builtins.int
+    MAX_DEPTH_FIELD_NUMBER: _builtins.int
     max_credits: _builtins.float
     """Caps the credits the work may spend."""
     max_tool_calls: _builtins.int
@@ -130,6 +131,8 @@ class ResourceLimits(_message.Message):
     """Caps the model tokens the work may use."""
     max_parallelism: _builtins.int
     """Caps the number of steps that may run at once."""
+    max_depth: _builtins.int
+    """Caps how deeply workflows may nest inside each other."""
     @_builtins.property
     def max_duration(self) -> _duration_pb2.Duration:
         """Caps the wall-clock time the work may take."""
@@ -142,10 +145,11 @@ class ResourceLimits(_message.Message):
         max_tool_calls: _builtins.int = ...,
         max_tokens: _builtins.int = ...,
         max_parallelism: _builtins.int = ...,
+        max_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_credits", b"max_credits", "max_duration", b"max_duration", "max_parallelism", b"max_parallelism", "max_tokens", b"max_tokens", "max_tool_calls", b"max_tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_credits", b"max_credits", "max_depth", b"max_depth", "max_duration", b"max_duration", "max_parallelism", b"max_parallelism", "max_tokens", b"max_tokens", "max_tool_calls", b"max_tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

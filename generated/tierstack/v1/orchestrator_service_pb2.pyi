@@ -104,33 +104,215 @@ STEP_STATE_CANCELLED: StepState.ValueType  # 6
 """Marks a step that was cancelled while it ran."""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
+class _InputType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_TYPE_UNSPECIFIED: _InputType.ValueType  # 0
+    """Accepts any JSON value."""
+    INPUT_TYPE_STRING: _InputType.ValueType  # 1
+    """Accepts a string."""
+    INPUT_TYPE_NUMBER: _InputType.ValueType  # 2
+    """Accepts any number."""
+    INPUT_TYPE_INTEGER: _InputType.ValueType  # 3
+    """Accepts a whole number."""
+    INPUT_TYPE_BOOLEAN: _InputType.ValueType  # 4
+    """Accepts true or false."""
+    INPUT_TYPE_OBJECT: _InputType.ValueType  # 5
+    """Accepts a JSON object."""
+    INPUT_TYPE_ARRAY: _InputType.ValueType  # 6
+    """Accepts a JSON array."""
+
+class InputType(_InputType, metaclass=_InputTypeEnumTypeWrapper):
+    """Names the type a workflow input must have."""
+
+INPUT_TYPE_UNSPECIFIED: InputType.ValueType  # 0
+"""Accepts any JSON value."""
+INPUT_TYPE_STRING: InputType.ValueType  # 1
+"""Accepts a string."""
+INPUT_TYPE_NUMBER: InputType.ValueType  # 2
+"""Accepts any number."""
+INPUT_TYPE_INTEGER: InputType.ValueType  # 3
+"""Accepts a whole number."""
+INPUT_TYPE_BOOLEAN: InputType.ValueType  # 4
+"""Accepts true or false."""
+INPUT_TYPE_OBJECT: InputType.ValueType  # 5
+"""Accepts a JSON object."""
+INPUT_TYPE_ARRAY: InputType.ValueType  # 6
+"""Accepts a JSON array."""
+Global___InputType: _TypeAlias = InputType  # noqa: Y015
+
 @_typing.final
 class Workflow(_message.Message):
-    """Describes a workflow: steps and the dependencies between them."""
+    """Describes a workflow: inputs, steps and the dependencies between them, and its outputs."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Names the workflow."""
+    description: _builtins.str
+    """Says what the workflow does."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
         """Lists the steps; their order carries no meaning, dependencies do."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowInput]:
+        """Declares the inputs the workflow takes; when empty, any inputs are accepted."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Maps each output name to a template over inputs, step outputs and variables; when empty, the
+        outputs are every completed step's output by step id.
+        """
+
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Maps each run variable name to a template, resolved on first use and cached for the run."""
 
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         steps: _abc.Iterable[Global___WorkflowStep] | None = ...,
+        inputs: _abc.Iterable[Global___WorkflowInput] | None = ...,
+        outputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "steps", b"steps", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Workflow: _TypeAlias = Workflow  # noqa: Y015
+
+@_typing.final
+class WorkflowInput(_message.Message):
+    """Declares one input of a workflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Names the input, as templates read it (`{{inputs.NAME}}`)."""
+    type: Global___InputType.ValueType
+    """Gives the type the value must have."""
+    required: _builtins.bool
+    """Says whether a run must supply the input (ignored when it has a default)."""
+    description: _builtins.str
+    """Says what the input means."""
+    @_builtins.property
+    def default_value(self) -> _struct_pb2.Value:
+        """Gives the value used when the run supplies none."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___InputType.ValueType = ...,
+        default_value: _struct_pb2.Value | None = ...,
+        required: _builtins.bool = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_value", b"default_value", "description", b"description", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowInput: _TypeAlias = WorkflowInput  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """Says how a failed step is tried again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """Caps the attempts, the first one included; zero or one means no retry."""
+    backoff_multiplier: _builtins.float
+    """Multiplies the wait after each attempt; zero means 2."""
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """Gives the wait before the second attempt; zero means one second."""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """Caps the wait between attempts; zero means 60 seconds."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        backoff_multiplier: _builtins.float = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class WorkflowStep(_message.Message):
@@ -145,6 +327,10 @@ class WorkflowStep(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    WHEN_FIELD_NUMBER: _builtins.int
+    OPTIONAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifies the step within its workflow."""
     name: _builtins.str
@@ -153,6 +339,12 @@ class WorkflowStep(_message.Message):
     """Names the tool the step calls."""
     strategy: _common_pb2.Strategy.ValueType
     """Chooses the strategy the step runs with."""
+    when: _builtins.str
+    """Gives a JMESPath condition over `inputs`, `steps` and `vars`; a false result skips the step and
+    the steps that depend on it.
+    """
+    optional: _builtins.bool
+    """Lets the run go on when the step fails; the steps that depend on it are skipped."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Holds the tool's arguments; strings may hold templates such as `{{inputs.city}}` or `{{steps.fetch.output.body}}`."""
@@ -165,6 +357,16 @@ class WorkflowStep(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """Bounds the step's duration; zero means no limit of its own."""
 
+    @_builtins.property
+    def workflow(self) -> Global___Workflow:
+        """Runs a nested workflow instead of a tool; the step's parameters are its inputs and its outputs
+        are the step's output.
+        """
+
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy:
+        """Says how the step is tried again when it fails."""
+
     def __init__(
         self,
         *,
@@ -175,10 +377,14 @@ class WorkflowStep(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         strategy: _common_pb2.Strategy.ValueType = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        workflow: Global___Workflow | None = ...,
+        retry: Global___RetryPolicy | None = ...,
+        when: _builtins.str = ...,
+        optional: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "retry", b"retry", "timeout", b"timeout", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "id", b"id", "name", b"name", "parameters", b"parameters", "strategy", b"strategy", "timeout", b"timeout", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "id", b"id", "name", b"name", "optional", b"optional", "parameters", b"parameters", "retry", b"retry", "strategy", b"strategy", "timeout", b"timeout", "tool", b"tool", "when", b"when", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +395,27 @@ class Run(_message.Message):
     """Describes a run of a workflow."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
@@ -201,6 +428,7 @@ class Run(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run."""
     workflow_name: _builtins.str
@@ -231,7 +459,11 @@ class Run(_message.Message):
 
     @_builtins.property
     def inputs(self) -> _struct_pb2.Struct:
-        """Holds the inputs the run was started with."""
+        """Holds the inputs the run was started with, defaults applied."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """Holds the run's outputs once it completed."""
 
     def __init__(
         self,
@@ -247,10 +479,11 @@ class Run(_message.Message):
         request_id: _builtins.str = ...,
         last_sequence: _builtins.int = ...,
         inputs: _struct_pb2.Struct | None = ...,
+        outputs: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,12 +500,15 @@ class StepRun(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    SKIP_REASON_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Identifies the step within its workflow."""
     state: Global___StepState.ValueType
     """Gives the step's state."""
     attempt: _builtins.int
     """Counts the attempts made, from 1."""
+    skip_reason: _builtins.str
+    """Says why the step was skipped, when it was."""
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
         """Holds the step's output once it completed."""
@@ -289,10 +525,11 @@ class StepRun(_message.Message):
         output: _struct_pb2.Value | None = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         attempt: _builtins.int = ...,
+        skip_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "output", b"output", "state", b"state", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "output", b"output", "skip_reason", b"skip_reason", "state", b"state", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,6 +621,11 @@ class RunEvent(_message.Message):
     RUN_COMPLETED_FIELD_NUMBER: _builtins.int
     RUN_FAILED_FIELD_NUMBER: _builtins.int
     RUN_CANCELLED_FIELD_NUMBER: _builtins.int
+    STEP_SKIPPED_FIELD_NUMBER: _builtins.int
+    STEP_RETRIED_FIELD_NUMBER: _builtins.int
+    VARIABLE_SET_FIELD_NUMBER: _builtins.int
+    RUN_PAUSED_FIELD_NUMBER: _builtins.int
+    RUN_RESUMED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one run, starting at 1."""
     run_id: _builtins.str
@@ -426,6 +668,26 @@ class RunEvent(_message.Message):
     def run_cancelled(self) -> Global___RunCancelled:
         """Reports that the run was cancelled."""
 
+    @_builtins.property
+    def step_skipped(self) -> Global___StepSkipped:
+        """Reports that a step was skipped."""
+
+    @_builtins.property
+    def step_retried(self) -> Global___StepRetried:
+        """Reports that a failed step will be tried again."""
+
+    @_builtins.property
+    def variable_set(self) -> Global___VariableSet:
+        """Reports that a run variable was resolved."""
+
+    @_builtins.property
+    def run_paused(self) -> Global___RunPaused:
+        """Reports that the run was paused."""
+
+    @_builtins.property
+    def run_resumed(self) -> Global___RunResumed:
+        """Reports that the run resumed."""
+
     def __init__(
         self,
         *,
@@ -441,16 +703,161 @@ class RunEvent(_message.Message):
         run_completed: Global___RunCompleted | None = ...,
         run_failed: Global___RunFailed | None = ...,
         run_cancelled: Global___RunCancelled | None = ...,
+        step_skipped: Global___StepSkipped | None = ...,
+        step_retried: Global___StepRetried | None = ...,
+        variable_set: Global___VariableSet | None = ...,
+        run_paused: Global___RunPaused | None = ...,
+        run_resumed: Global___RunResumed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_started", b"run_started", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_started", b"step_started", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_started", b"step_started", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "step_started", "step_execution", "step_completed", "step_failed", "run_completed", "run_failed", "run_cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "step_started", "step_execution", "step_completed", "step_failed", "run_completed", "run_failed", "run_cancelled", "step_skipped", "step_retried", "variable_set", "run_paused", "run_resumed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___RunEvent: _TypeAlias = RunEvent  # noqa: Y015
+
+@_typing.final
+class StepSkipped(_message.Message):
+    """Reports that a step was skipped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """Names the step."""
+    reason: _builtins.str
+    """Says why."""
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepSkipped: _TypeAlias = StepSkipped  # noqa: Y015
+
+@_typing.final
+class StepRetried(_message.Message):
+    """Reports that a failed step will be tried again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    BACKOFF_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """Names the step."""
+    attempt: _builtins.int
+    """Gives the attempt that failed."""
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """Describes the failure."""
+
+    @_builtins.property
+    def backoff(self) -> _duration_pb2.Duration:
+        """Gives the wait before the next attempt."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+        backoff: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepRetried: _TypeAlias = StepRetried  # noqa: Y015
+
+@_typing.final
+class VariableSet(_message.Message):
+    """Reports that a run variable was resolved."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Names the variable."""
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """Holds its value."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariableSet: _TypeAlias = VariableSet  # noqa: Y015
+
+@_typing.final
+class RunPaused(_message.Message):
+    """Reports that a run was paused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Says why."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPaused: _TypeAlias = RunPaused  # noqa: Y015
+
+@_typing.final
+class RunResumed(_message.Message):
+    """Reports that a run resumed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    COMPLETED_STEPS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Says why, such as a ResumeRun call or a restart of the orchestrator."""
+    completed_steps: _builtins.int
+    """Counts the steps that had completed before."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        completed_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_steps", b"completed_steps", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunResumed: _TypeAlias = RunResumed  # noqa: Y015
 
 @_typing.final
 class RunStarted(_message.Message):
@@ -629,7 +1036,7 @@ class RunCompleted(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Maps each step id to its output."""
+        """Holds the run's outputs (the workflow's declared outputs, or every step's output by id)."""
 
     @_builtins.property
     def usage(self) -> _common_pb2.ResourceUsage:
@@ -1038,6 +1445,154 @@ class CancelRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelRunResponse: _TypeAlias = CancelRunResponse  # noqa: Y015
+
+@_typing.final
+class PauseRunRequest(_message.Message):
+    """Asks to pause a run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Identifies the run."""
+    reason: _builtins.str
+    """Says why the run is paused."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRunRequest: _TypeAlias = PauseRunRequest  # noqa: Y015
+
+@_typing.final
+class PauseRunResponse(_message.Message):
+    """Returns the paused run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """Describes the run after the pause."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRunResponse: _TypeAlias = PauseRunResponse  # noqa: Y015
+
+@_typing.final
+class ResumeRunRequest(_message.Message):
+    """Asks to resume a paused run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Identifies the run."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRunRequest: _TypeAlias = ResumeRunRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRunResponse(_message.Message):
+    """Returns the resumed run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """Describes the run as it resumes."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRunResponse: _TypeAlias = ResumeRunResponse  # noqa: Y015
+
+@_typing.final
+class ResolveVariablesRequest(_message.Message):
+    """Asks to resolve template expressions in a run's context."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    EXPRESSIONS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Identifies the run."""
+    @_builtins.property
+    def expressions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lists the expressions, such as `inputs.city`, `steps.fetch.output.body` or `vars.greeting`."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        expressions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expressions", b"expressions", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveVariablesRequest: _TypeAlias = ResolveVariablesRequest  # noqa: Y015
+
+@_typing.final
+class ResolveVariablesResponse(_message.Message):
+    """Returns the resolved values, in the order asked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """Holds one value per expression."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_struct_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveVariablesResponse: _TypeAlias = ResolveVariablesResponse  # noqa: Y015
 
 @_typing.final
 class PlanWorkflowRequest(_message.Message):

@@ -65,6 +65,21 @@ class OrchestratorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.PauseRun = channel.unary_unary(
+                '/tierstack.v1.OrchestratorService/PauseRun',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunResponse.FromString,
+                _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/tierstack.v1.OrchestratorService/ResumeRun',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunResponse.FromString,
+                _registered_method=True)
+        self.ResolveVariables = channel.unary_unary(
+                '/tierstack.v1.OrchestratorService/ResolveVariables',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesResponse.FromString,
+                _registered_method=True)
         self.PlanWorkflow = channel.unary_unary(
                 '/tierstack.v1.OrchestratorService/PlanWorkflow',
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PlanWorkflowRequest.SerializeToString,
@@ -123,6 +138,27 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseRun(self, request, context):
+        """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRun(self, request, context):
+        """Resumes a paused run where it stopped; completed steps are not run again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveVariables(self, request, context):
+        """Resolves a batch of template expressions against a run's inputs, step outputs and variables.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PlanWorkflow(self, request, context):
         """Plans a workflow into parallel batches without running it.
         """
@@ -169,6 +205,21 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'PauseRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRun,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunResponse.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunResponse.SerializeToString,
+            ),
+            'ResolveVariables': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveVariables,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesResponse.SerializeToString,
             ),
             'PlanWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.PlanWorkflow,
@@ -344,6 +395,87 @@ class OrchestratorService:
             '/tierstack.v1.OrchestratorService/CancelRun',
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.OrchestratorService/PauseRun',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.OrchestratorService/ResumeRun',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.ResumeRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveVariables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.OrchestratorService/ResolveVariables',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.ResolveVariablesResponse.FromString,
             options,
             channel_credentials,
             insecure,

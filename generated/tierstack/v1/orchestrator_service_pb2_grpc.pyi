@@ -45,6 +45,12 @@ class OrchestratorServiceStub:
     """Lists runs, newest first."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]
     """Cancels a run that has not ended."""
+    PauseRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]
+    """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume."""
+    ResumeRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResumeRunRequest, _orchestrator_service_pb2.ResumeRunResponse]
+    """Resumes a paused run where it stopped; completed steps are not run again."""
+    ResolveVariables: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResolveVariablesRequest, _orchestrator_service_pb2.ResolveVariablesResponse]
+    """Resolves a batch of template expressions against a run's inputs, step outputs and variables."""
     PlanWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlanWorkflowRequest, _orchestrator_service_pb2.PlanWorkflowResponse]
     """Plans a workflow into parallel batches without running it."""
     ValidateWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ValidateWorkflowRequest, _orchestrator_service_pb2.ValidateWorkflowResponse]
@@ -67,6 +73,12 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Lists runs, newest first."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run that has not ended."""
+    PauseRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]  # type: ignore[assignment]
+    """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume."""
+    ResumeRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResumeRunRequest, _orchestrator_service_pb2.ResumeRunResponse]  # type: ignore[assignment]
+    """Resumes a paused run where it stopped; completed steps are not run again."""
+    ResolveVariables: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResolveVariablesRequest, _orchestrator_service_pb2.ResolveVariablesResponse]  # type: ignore[assignment]
+    """Resolves a batch of template expressions against a run's inputs, step outputs and variables."""
     PlanWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PlanWorkflowRequest, _orchestrator_service_pb2.PlanWorkflowResponse]  # type: ignore[assignment]
     """Plans a workflow into parallel batches without running it."""
     ValidateWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ValidateWorkflowRequest, _orchestrator_service_pb2.ValidateWorkflowResponse]  # type: ignore[assignment]
@@ -122,6 +134,30 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.CancelRunResponse, _abc.Awaitable[_orchestrator_service_pb2.CancelRunResponse]]:
         """Cancels a run that has not ended."""
+
+    @_abc_1.abstractmethod
+    def PauseRun(
+        self,
+        request: _orchestrator_service_pb2.PauseRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.PauseRunResponse, _abc.Awaitable[_orchestrator_service_pb2.PauseRunResponse]]:
+        """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume."""
+
+    @_abc_1.abstractmethod
+    def ResumeRun(
+        self,
+        request: _orchestrator_service_pb2.ResumeRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.ResumeRunResponse, _abc.Awaitable[_orchestrator_service_pb2.ResumeRunResponse]]:
+        """Resumes a paused run where it stopped; completed steps are not run again."""
+
+    @_abc_1.abstractmethod
+    def ResolveVariables(
+        self,
+        request: _orchestrator_service_pb2.ResolveVariablesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.ResolveVariablesResponse, _abc.Awaitable[_orchestrator_service_pb2.ResolveVariablesResponse]]:
+        """Resolves a batch of template expressions against a run's inputs, step outputs and variables."""
 
     @_abc_1.abstractmethod
     def PlanWorkflow(

@@ -48,9 +48,7 @@ class TierServer:
         grace_seconds: How long in-flight calls may finish once :meth:`stop` is called.
     """
 
-    def __init__(
-        self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0
-    ):
+    def __init__(self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0):
         self.service = service
         self.metrics = MethodMetrics()
         self._host = host

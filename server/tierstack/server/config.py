@@ -46,9 +46,7 @@ class Settings:
             orchestrate_target=env.get("TIERSTACK_ORCHESTRATE_TARGET", defaults.orchestrate_target),
             data_dir=Path(env.get("TIERSTACK_DATA_DIR", str(defaults.data_dir))),
             http_allowed_hosts=(
-                tuple(h.strip() for h in hosts.split(",") if h.strip())
-                if hosts
-                else defaults.http_allowed_hosts
+                tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
             ),
             grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
         )

@@ -39,9 +39,7 @@ def configure_logging(level: str = "INFO") -> None:
     """Sends log lines to stderr, each carrying the current correlation id."""
     handler = logging.StreamHandler()
     handler.addFilter(CorrelationFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s")
-    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

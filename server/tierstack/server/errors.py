@@ -77,9 +77,7 @@ class UnavailableError(DomainError):
     default_reason = "UNAVAILABLE"
 
 
-def error_detail(
-    tier: common_pb2.Tier.ValueType, reason: str, message: str, **metadata: str
-) -> common_pb2.ErrorDetail:
+def error_detail(tier: common_pb2.Tier.ValueType, reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
     """Returns the wire description of a failure that happened in ``tier``."""
     return common_pb2.ErrorDetail(reason=reason, message=message, tier=tier, metadata=metadata)
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import grpc
 
+from tierstack.client.errors import TierstackError
 from tierstack.server.errors import DomainError
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
@@ -72,12 +73,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     @asynccontextmanager
     async def _observe(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        """Times the block as one call of ``method`` and aborts with the mapped status on a DomainError."""
+        """Times the block as one call of ``method``; a domain error, or a failed call to the tier below,
+        becomes the mapped status."""
         start = time.perf_counter()
         error: BaseException | None = None
         try:
             yield
-        except DomainError as exc:
+        except (DomainError, TierstackError) as exc:
             error = exc
             await context.abort_with_status(to_grpc_status(exc))
         except BaseException as exc:
@@ -109,10 +111,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         start: float,
     ) -> None:
         elapsed = time.perf_counter() - start
-        if isinstance(error, DomainError):
+        if isinstance(error, DomainError | TierstackError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
-        elif error is not None and not isinstance(
-            error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError
-        ):
+        elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.record(method, _code_name(context, error), elapsed)

@@ -15,9 +15,7 @@ def page_size(requested: int, *, default: int, maximum: int) -> int:
         InvalidArgumentError: ``requested`` is negative or above ``maximum``.
     """
     if requested < 0 or requested > maximum:
-        raise InvalidArgumentError(
-            [Violation("page_size", f"must be between 0 and {maximum}, got {requested}")]
-        )
+        raise InvalidArgumentError([Violation("page_size", f"must be between 0 and {maximum}, got {requested}")])
     return requested or default
 
 

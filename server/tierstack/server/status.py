@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tierstack.client.errors import TierstackError
 from tierstack.server.errors import (
     DomainError,
     FailedPreconditionError,
@@ -36,10 +39,24 @@ def code_of(error: DomainError) -> int:
     return int(code_pb2.INTERNAL)
 
 
-def to_grpc_status(error: DomainError) -> grpc.Status:
+def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
     """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
-    fit, BadRequest field violations or ResourceInfo."""
+    fit, BadRequest field violations or ResourceInfo. A failed call to the tier below keeps its code,
+    reason and metadata."""
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
+    if isinstance(error, TierstackError):
+        code = int(error.code.value[0])
+        message = f"the tier below failed: {error.message}"
+        if error.field_violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.field_violations
+                    ]
+                )
+            )
+        return _status(code, message, details)
     if isinstance(error, InvalidArgumentError):
         details.append(
             error_details_pb2.BadRequest(
@@ -50,15 +67,15 @@ def to_grpc_status(error: DomainError) -> grpc.Status:
             )
         )
     if isinstance(error, NotFoundError):
-        details.append(
-            error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name)
-        )
+        details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
+    return _status(code_of(error), error.message, details)
+
+
+def _status(code: int, message: str, details: list[Any]) -> grpc.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code_of(error), message=error.message, details=packed)
-    )
+    status: grpc.Status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
     return status

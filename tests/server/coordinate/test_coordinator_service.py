@@ -19,9 +19,7 @@ AGENTS = [
 ]
 
 
-async def test_a_goal_streams_events_from_all_three_tiers_in_order(
-    stack: Stack, http_server: HttpServer
-) -> None:
+async def test_a_goal_streams_events_from_all_three_tiers_in_order(stack: Stack, http_server: HttpServer) -> None:
     http_server.routes["/sales.json"] = reply(json.dumps({"total": 1234}).encode())
     request = pb.CoordinateRequest(
         context=common_pb2.RequestContext(correlation_id="goal-trace-1"),
@@ -44,14 +42,10 @@ async def test_a_goal_streams_events_from_all_three_tiers_in_order(
     assert assignments == {"s1": "researcher", "s2": "analyst", "s3": "writer"}
     started = [e.subtask_started for e in events if e.HasField("subtask_started")]
     assert {(s.subtask_id, s.agent_id) for s in started} == set(assignments.items())
-    finished = {
-        e.subtask_finished.subtask_id: e.subtask_finished for e in events if e.HasField("subtask_finished")
-    }
+    finished = {e.subtask_finished.subtask_id: e.subtask_finished for e in events if e.HasField("subtask_finished")}
     assert all(f.success for f in finished.values())
     order = {e.subtask_finished.subtask_id: i for i, e in enumerate(events) if e.HasField("subtask_finished")}
-    start_of = {
-        e.subtask_started.subtask_id: i for i, e in enumerate(events) if e.HasField("subtask_started")
-    }
+    start_of = {e.subtask_started.subtask_id: i for i, e in enumerate(events) if e.HasField("subtask_started")}
     assert start_of["s3"] > max(order["s1"], order["s2"])
     completed = events[-1].goal_completed
     fetched = from_value(completed.outputs["s1"])
@@ -63,9 +57,7 @@ async def test_a_goal_streams_events_from_all_three_tiers_in_order(
 
 
 async def test_a_goal_without_capable_agents_fails_before_running(stack: Stack) -> None:
-    request = pb.CoordinateRequest(
-        goal="write a poem", agents=[pb.Agent(id="fetcher", capabilities=["http"])]
-    )
+    request = pb.CoordinateRequest(goal="write a poem", agents=[pb.Agent(id="fetcher", capabilities=["http"])])
     events = [event async for event in stack.coordinator.coordinate(request)]
     assert [e.WhichOneof("payload") for e in events] == ["goal_decomposed", "team_formed", "goal_failed"]
     assert events[-1].goal_failed.error.reason == "NO_CAPABLE_AGENT"
@@ -77,9 +69,7 @@ async def test_a_failing_subtask_fails_the_goal(stack: Stack) -> None:
     request = pb.CoordinateRequest(goal="fetch http://example.invalid/x then write it up", agents=AGENTS)
     events = [event async for event in stack.coordinator.coordinate(request)]
     finished = [e.subtask_finished for e in events if e.HasField("subtask_finished")]
-    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [
-        ("s1", False, "HOST_NOT_ALLOWED")
-    ]
+    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [("s1", False, "HOST_NOT_ALLOWED")]
     assert events[-1].goal_failed.error.reason == "HOST_NOT_ALLOWED"
 
 

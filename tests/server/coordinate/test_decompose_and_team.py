@@ -134,9 +134,7 @@ def test_team_formation_is_feasible_and_optimal(agent_list: list[AgentSpec], nee
         )
         for i, a in enumerate(agent_list)
     ]
-    need_list = [
-        Need(id=f"s{i}", required_capabilities=n.required_capabilities) for i, n in enumerate(need_list)
-    ]
+    need_list = [Need(id=f"s{i}", required_capabilities=n.required_capabilities) for i, n in enumerate(need_list)]
     team = form_team(agent_list, need_list)
     by_id = {a.id: a for a in agent_list}
     needs_by_id = {n.id: n for n in need_list}

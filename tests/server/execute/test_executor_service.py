@@ -15,26 +15,20 @@ from tierstack.v1 import common_pb2, executor_service_pb2
 
 
 def tool_request(tool: str, **arguments: object) -> executor_service_pb2.ExecuteToolRequest:
-    return executor_service_pb2.ExecuteToolRequest(
-        call=common_pb2.ToolCall(tool=tool, arguments=to_struct(arguments))
-    )
+    return executor_service_pb2.ExecuteToolRequest(call=common_pb2.ToolCall(tool=tool, arguments=to_struct(arguments)))
 
 
 async def test_json_query_reshapes_data(stack: Stack) -> None:
     data = {"people": [{"name": "Ada", "age": 36}, {"name": "Alan", "age": 41}]}
     response = await stack.executor.execute_tool(
-        tool_request(
-            "json.query", data=data, expression="{names: people[].name, oldest: max_by(people, &age).name}"
-        )
+        tool_request("json.query", data=data, expression="{names: people[].name, oldest: max_by(people, &age).name}")
     )
     assert from_value(response.result.output) == {"names": ["Ada", "Alan"], "oldest": "Alan"}
 
 
 async def test_text_template_renders_in_a_sandbox(stack: Stack) -> None:
     ok = await stack.executor.execute_tool(
-        tool_request(
-            "text.template", template="{{ n }} items for {{ who|upper }}", variables={"n": 3, "who": "ada"}
-        )
+        tool_request("text.template", template="{{ n }} items for {{ who|upper }}", variables={"n": 3, "who": "ada"})
     )
     assert from_value(ok.result.output) == "3 items for ADA"
     unsafe = await stack.executor.execute_tool(
@@ -106,9 +100,7 @@ async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
         step_id="a",
         tool_calls=[
             common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": [1, 2]})),
-            common_pb2.ToolCall(
-                tool="json.query", arguments=to_struct({"data": [1, 2], "expression": "sum(@)"})
-            ),
+            common_pb2.ToolCall(tool="json.query", arguments=to_struct({"data": [1, 2], "expression": "sum(@)"})),
         ],
     )
     events = [event async for event in stack.executor.execute(request)]
@@ -159,9 +151,7 @@ async def test_list_tools_pages_through_every_tool(stack: Stack) -> None:
     names: list[str] = []
     token = ""
     while True:
-        page = await stack.executor.list_tools(
-            executor_service_pb2.ListToolsRequest(page_size=2, page_token=token)
-        )
+        page = await stack.executor.list_tools(executor_service_pb2.ListToolsRequest(page_size=2, page_token=token))
         names.extend(tool.name for tool in page.tools)
         assert all(tool.source == executor_service_pb2.TOOL_SOURCE_BUILTIN for tool in page.tools)
         token = page.next_page_token

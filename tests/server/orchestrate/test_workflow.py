@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.server.errors import InvalidArgumentError
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.templates import TemplateError, render
+from tierstack.server.orchestrate.templates import TemplateError, lookup, render
 from tierstack.server.orchestrate.workflow import check_workflow
 
 
@@ -40,7 +42,7 @@ def test_every_problem_is_reported_at_once() -> None:
     assert found == {
         "workflow.steps[0].depends_on[0]": "unknown step 'ghost'",
         "workflow.steps[1].id": "duplicates the id of steps[0]",
-        "workflow.steps[2].tool": "names no tool",
+        "workflow.steps[2].tool": "a step names a tool or holds a nested workflow, exactly one of them",
         "workflow.steps[3].depends_on[0]": "step 'c' depends on itself",
         "workflow.steps[4].parameters.value": "reads the output of 'b', not among the step's dependencies",
     }
@@ -48,9 +50,7 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_templates_may_read_transitive_ancestors() -> None:
     spec = check_workflow(
-        workflow(
-            step("a"), step("b", depends_on=("a",)), step("c", depends_on=("b",), value="{{steps.a.output}}")
-        )
+        workflow(step("a"), step("b", depends_on=("a",)), step("c", depends_on=("b",), value="{{steps.a.output}}"))
     )
     assert spec.dependents == {"a": ("b",), "b": ("c",), "c": ()}
 
@@ -65,7 +65,7 @@ def test_render_keeps_types_and_interpolates_text() -> None:
             "text": "{{inputs.city}} in {{inputs.days}} days",
             "jinja": "{{ name }} passes through",
         },
-        scope,
+        functools.partial(lookup, scope),
     )
     assert rendered == {
         "days": 3,
@@ -78,7 +78,7 @@ def test_render_keeps_types_and_interpolates_text() -> None:
 
 def test_render_names_the_missing_path() -> None:
     with pytest.raises(TemplateError) as caught:
-        render({"x": ["{{inputs.missing.deep}}"]}, {"inputs": {}, "steps": {}})
+        render({"x": ["{{inputs.missing.deep}}"]}, functools.partial(lookup, {"inputs": {}}))
     assert caught.value.field == "parameters.x[0]"
     assert "inputs.missing does not exist" in caught.value.message
 
@@ -111,9 +111,7 @@ def test_plan_batches_respect_every_dependency(graph: list[tuple[str, tuple[str,
 
 
 @given(dags(), st.data())
-def test_a_back_edge_is_always_rejected(
-    graph: list[tuple[str, tuple[str, ...]]], data: st.DataObject
-) -> None:
+def test_a_back_edge_is_always_rejected(graph: list[tuple[str, tuple[str, ...]]], data: st.DataObject) -> None:
     edges = [(sid, dep) for sid, deps in graph for dep in deps]
     if not edges:
         return

@@ -39,8 +39,7 @@ _CAPABILITY_WORDS = (
 )
 _URGENT = re.compile(r"\b(urgent|asap|first|critical|immediately)\b", re.IGNORECASE)
 _REPORT_TEMPLATE = (
-    "{{ task }}{% for name, output in inputs.items() %}\n[{{ name }}] {{ output | string | truncate(400) }}"
-    "{% endfor %}"
+    "{{ task }}{% for name, output in inputs.items() %}\n[{{ name }}] {{ output | string | truncate(400) }}{% endfor %}"
 )
 
 
@@ -121,9 +120,7 @@ class LocalProvider:
         for index, stage in enumerate(stages):
             ids = tuple(f"s{len(subtasks) + n + 1}" for n in range(len(stage)))
             has_dependents = index + 1 < len(stages)
-            subtasks.extend(
-                _subtask(i, text, previous, has_dependents) for i, text in zip(ids, stage, strict=True)
-            )
+            subtasks.extend(_subtask(i, text, previous, has_dependents) for i, text in zip(ids, stage, strict=True))
             previous = ids
         return subtasks
 

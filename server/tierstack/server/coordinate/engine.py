@@ -25,9 +25,7 @@ _STEP_PAYLOADS = ("step_started", "step_execution", "step_completed", "step_fail
 class WorkflowRunner(Protocol):
     """Runs a workflow in Tier 2 and yields its events (the Orchestrate client satisfies it)."""
 
-    def orchestrate(
-        self, request: orchestrator_pb.OrchestrateRequest
-    ) -> AsyncIterator[orchestrator_pb.RunEvent]: ...
+    def orchestrate(self, request: orchestrator_pb.OrchestrateRequest) -> AsyncIterator[orchestrator_pb.RunEvent]: ...
 
 
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
@@ -59,19 +57,14 @@ def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team
             )
             for agent in agents
         ],
-        [
-            Need(id=subtask.id, required_capabilities=frozenset(subtask.required_capabilities))
-            for subtask in subtasks
-        ],
+        [Need(id=subtask.id, required_capabilities=frozenset(subtask.required_capabilities)) for subtask in subtasks],
     )
 
 
 def team_message(team: Team) -> pb.TeamFormed:
     """Returns a team in its wire form."""
     return pb.TeamFormed(
-        assignments=[
-            pb.Assignment(subtask_id=s, agent_id=a, score=score) for s, a, score in team.assignments
-        ],
+        assignments=[pb.Assignment(subtask_id=s, agent_id=a, score=score) for s, a, score in team.assignments],
         unassigned_subtask_ids=team.unassigned,
     )
 
@@ -163,9 +156,7 @@ class Coordinator:
         outcome: pb.GoalEvent | None = None
         try:
             async for run_event in self._runner.orchestrate(
-                orchestrator_pb.OrchestrateRequest(
-                    context=request.context, workflow=workflow, limits=request.limits
-                )
+                orchestrator_pb.OrchestrateRequest(context=request.context, workflow=workflow, limits=request.limits)
             ):
                 kind = run_event.WhichOneof("payload")
                 step_id = getattr(run_event, kind).step_id if kind in _STEP_PAYLOADS else ""
@@ -177,14 +168,10 @@ class Coordinator:
                     )
                 yield event(subtask_progress=pb.SubtaskProgress(subtask_id=step_id, run_event=run_event))
                 if kind == "step_completed":
-                    done = pb.SubtaskFinished(
-                        subtask_id=step_id, success=True, output=run_event.step_completed.output
-                    )
+                    done = pb.SubtaskFinished(subtask_id=step_id, success=True, output=run_event.step_completed.output)
                     yield event(subtask_finished=done)
                 elif kind == "step_failed":
-                    failed = pb.SubtaskFinished(
-                        subtask_id=step_id, success=False, error=run_event.step_failed.error
-                    )
+                    failed = pb.SubtaskFinished(subtask_id=step_id, success=False, error=run_event.step_failed.error)
                     yield event(subtask_finished=failed)
                 elif kind == "run_completed":
                     phases["execution"] = time.perf_counter() - start

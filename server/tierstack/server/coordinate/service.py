@@ -24,24 +24,18 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
 
-    async def Coordinate(
-        self, request: pb.CoordinateRequest, context: Context
-    ) -> AsyncIterator[pb.CoordinateResponse]:
+    async def Coordinate(self, request: pb.CoordinateRequest, context: Context) -> AsyncIterator[pb.CoordinateResponse]:
         correlation.bind(request.context)
         async for event in self._coordinator.coordinate(request):
             yield pb.CoordinateResponse(event=event)
 
-    async def DecomposeGoal(
-        self, request: pb.DecomposeGoalRequest, context: Context
-    ) -> pb.DecomposeGoalResponse:
+    async def DecomposeGoal(self, request: pb.DecomposeGoalRequest, context: Context) -> pb.DecomposeGoalResponse:
         correlation.bind(request.context)
         return self._coordinator.decompose(request.goal, request.agents)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
         formed = team_message(team_for(request.agents, request.subtasks))
-        return pb.FormTeamResponse(
-            assignments=formed.assignments, unassigned_subtask_ids=formed.unassigned_subtask_ids
-        )
+        return pb.FormTeamResponse(assignments=formed.assignments, unassigned_subtask_ids=formed.unassigned_subtask_ids)
 
 
 class CoordinateService:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -43,8 +44,10 @@ class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
     call runs, so a malformed step fails as a whole without side effects."""
 
-    def __init__(self, registry: ToolRegistry) -> None:
+    def __init__(self, registry: ToolRegistry, *, remembered: int = 10_000) -> None:
         self.registry = registry
+        self._remembered = remembered
+        self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
 
     async def call(
         self, tool: Tool, arguments: Mapping[str, Any], *, timeout: float | None = None
@@ -59,9 +62,7 @@ class Executor:
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
-            result.error.CopyFrom(
-                _error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name)
-            )
+            result.error.CopyFrom(_error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name))
         except Exception as exc:
             _log.exception("tool %s raised", tool.name)
             result.error.CopyFrom(
@@ -87,15 +88,34 @@ class Executor:
         """Runs a step's tool calls in order (the deterministic strategy) and yields its events.
         The step's output is the last call's output; the first failing call fails the step.
 
+        The execution id is an idempotency key: a step that already ran to its end under the same id
+        (among the last ``remembered``) is not run again; its events are replayed.
+
         Raises:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
         """
+        key = request.execution_id
+        if key and key in self._finished:
+            self._finished.move_to_end(key)
+            for event in self._finished[key]:
+                yield event
+            return
+        events: list[executor_service_pb2.ExecutionEvent] = []
+        async for event in self._run(request):
+            events.append(event)
+            yield event
+        if key and events[-1].WhichOneof("payload") in ("completed", "failed"):
+            self._finished[key] = events
+            if len(self._finished) > self._remembered:
+                self._finished.popitem(last=False)
+
+    async def _run(
+        self, request: executor_service_pb2.ExecuteRequest
+    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
         calls = []
         for index, call in enumerate(request.tool_calls):
             arguments = from_struct(call.arguments)
-            calls.append(
-                (self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments)
-            )
+            calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
         event = _EventSequence(request.execution_id, request.context.correlation_id)
         start = time.perf_counter()
         usage = common_pb2.ResourceUsage()
@@ -107,18 +127,14 @@ class Executor:
             )
         )
         limits = request.limits
-        deadline = (
-            start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
-        )
+        deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
         output = to_value(None)
         for index, (tool, arguments) in enumerate(calls):
             if limits.max_tool_calls and usage.tool_calls >= limits.max_tool_calls:
                 usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
                 message = f"the step may make {limits.max_tool_calls} tool calls"
                 yield event(
-                    failed=executor_service_pb2.ExecutionFailed(
-                        error=_error("TOOL_CALL_LIMIT", message), usage=usage
-                    )
+                    failed=executor_service_pb2.ExecutionFailed(error=_error("TOOL_CALL_LIMIT", message), usage=usage)
                 )
                 return
             yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))

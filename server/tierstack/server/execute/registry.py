@@ -97,11 +97,7 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             raise InvalidArgumentError(
-                [
-                    Violation(
-                        f"{field_prefix}.tool", f"unknown tool {name!r}; ListTools names the registered tools"
-                    )
-                ],
+                [Violation(f"{field_prefix}.tool", f"unknown tool {name!r}; ListTools names the registered tools")],
                 reason="UNKNOWN_TOOL",
             )
         violations = tool.violations(arguments, prefix=f"{field_prefix}.arguments")

@@ -67,9 +67,7 @@ class ExecuteService:
     """Tier 3 as a server component: the registry of built-in tools and the executor over it."""
 
     tier = common_pb2.TIER_EXECUTE
-    service_names: tuple[str, ...] = (
-        executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
-    )
+    service_names: tuple[str, ...] = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
 
     def __init__(self, settings: Settings) -> None:
         self._http = HttpRequester(settings.http_allowed_hosts)
@@ -78,9 +76,7 @@ class ExecuteService:
         self.executor = Executor(self.registry)
 
     def register(self, server: grpc.aio.Server) -> None:
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
-            ExecutorServicer(self.executor), server
-        )
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(self.executor), server)
 
     async def start(self) -> None:
         """Nothing runs in the background of Tier 3."""

@@ -1,5 +1,6 @@
-"""The run manager: starts runs, schedules their steps as soon as their dependencies finish,
-records every event, and lets callers watch runs from any sequence number."""
+"""The run manager: starts runs, schedules each step as soon as its dependencies finish, records
+every event through the write-behind log, resumes runs after a restart, and lets callers watch,
+pause, resume and cancel runs."""
 
 from __future__ import annotations
 
@@ -8,18 +9,42 @@ import functools
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
+from jmespath.exceptions import JMESPathError
 
 from tierstack.client.errors import TierstackError
-from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_value
-from tierstack.server.errors import FailedPreconditionError, NotFoundError, error_detail, error_detail_of_call
+from tierstack.client.values import (
+    JSON,
+    from_struct,
+    from_value,
+    now_timestamp,
+    to_duration,
+    to_struct,
+    to_value,
+)
+from tierstack.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    Violation,
+    error_detail,
+    error_detail_of_call,
+)
+from tierstack.server.orchestrate.context import RunContext
+from tierstack.server.orchestrate.persistence import EventLog
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.store import RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
-from tierstack.server.orchestrate.workflow import StepSpec, WorkflowSpec, check_workflow
+from tierstack.server.orchestrate.workflow import (
+    DEFAULT_MAX_DEPTH,
+    MAX_INPUT_BYTES,
+    StepSpec,
+    WorkflowSpec,
+    check_workflow,
+)
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -29,7 +54,18 @@ _log = logging.getLogger(__name__)
 DEFAULT_PARALLELISM = 16
 #: The duration the planner assumes for a tool it has not seen run yet.
 DEFAULT_STEP_ESTIMATE_SECONDS = 0.1
-_ENDED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED)
+# Failures that another attempt would only repeat.
+_NOT_RETRYABLE = frozenset(
+    {
+        "TEMPLATE_ERROR",
+        "INVALID_INPUTS",
+        "INVALID_ARGUMENT",
+        "INVALID_TOOL_ARGUMENTS",
+        "UNKNOWN_TOOL",
+        "CONDITION_ERROR",
+    }
+)
+_error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
 
 
 class StepRunner(Protocol):
@@ -40,29 +76,36 @@ class StepRunner(Protocol):
     ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]: ...
 
 
-_error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
+ToolCatalog = Callable[[], Awaitable[Collection[str]]]
 
 
 class _LiveRun:
-    """A run executing in this process: its state, its event history and who waits for news."""
+    """A run executing in this process: its state, its stored history and who waits for news."""
 
-    def __init__(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits) -> None:
+    def __init__(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits, parallelism: int) -> None:
         self.run = run
         self.spec = spec
         self.limits = limits
-        self.events: list[pb.RunEvent] = []
+        self.history: list[pb.RunEvent] = []
         self.finished = False
-        self.cancel_reason: str | None = None
+        self.stop: str | None = None  # "cancel" or "pause", once asked
+        self.stop_reason = ""
         self.task: asyncio.Task[None] | None = None
-        self.lock = asyncio.Lock()
         self.changed = asyncio.Event()
         self.steps = {step.step_id: step for step in run.steps}
-        self.scope: dict[str, Any] = {"inputs": from_struct(run.inputs), "steps": {}}
+        self.rerun: set[str] = set()  # in flight when the last process stopped: same attempt again
+        self.slots = asyncio.Semaphore(limits.max_parallelism or parallelism)
         self.usage = common_pb2.ResourceUsage()
+        self.context: RunContext
 
-    def notify(self) -> None:
+    def written(self, events: list[pb.RunEvent]) -> None:
+        self.history.extend(events)
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    def output_of(self, path: str) -> struct_pb2.Value | None:
+        state = self.steps.get(path)
+        return state.output if state is not None and state.state == pb.STEP_STATE_COMPLETED else None
 
 
 class RunManager:
@@ -71,51 +114,68 @@ class RunManager:
     Args:
         store: Where runs and events are kept; opened and closed by the caller.
         runner: Executes steps (Tier 3).
+        tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
+        flush_interval: The longest an event waits before it is written, in seconds.
     """
 
     def __init__(
-        self, store: RunStore, runner: StepRunner, *, parallelism: int = DEFAULT_PARALLELISM
+        self,
+        store: RunStore,
+        runner: StepRunner,
+        *,
+        tools: ToolCatalog | None = None,
+        parallelism: int = DEFAULT_PARALLELISM,
+        flush_interval: float = 0.01,
     ) -> None:
         self._store = store
         self._runner = runner
+        self._tools = tools
         self._parallelism = parallelism
         self._live: dict[str, _LiveRun] = {}
         self._tool_seconds: dict[str, float] = {}
+        self._closing = False
+        self.log = EventLog(store, interval=flush_interval)
         self.planner = Planner(self._estimate)
 
     def _estimate(self, step: StepSpec) -> float:
+        if step.workflow is not None:
+            return self.planner.plan(step.workflow)[0].estimated_seconds
         return self._tool_seconds.get(step.tool, DEFAULT_STEP_ESTIMATE_SECONDS)
 
+    @property
+    def live_runs(self) -> int:
+        """Counts the runs executing in this process."""
+        return len(self._live)
+
     async def open(self) -> None:
-        """Marks the runs a previous process left unfinished as failed (they are not resumed)."""
+        """Starts the event log and resumes every run a previous process left pending or running."""
+        self.log.start()
         for stored in await self._store.unfinished_runs():
-            run = stored.run
-            history = await self._store.events(run.run_id, after_sequence=run.last_sequence)
-            run.last_sequence = history[-1].sequence if history else run.last_sequence
-            run.state = pb.RUN_STATE_FAILED
-            run.error.CopyFrom(
-                _error("ORCHESTRATOR_RESTARTED", "the orchestrator stopped while the run was running")
+            self._resume(
+                stored, await self._store.events(stored.run.run_id, after_sequence=0), "orchestrator restarted"
             )
-            run.end_time.CopyFrom(now_timestamp())
-            run.last_sequence += 1
-            event = pb.RunEvent(
-                sequence=run.last_sequence,
-                time=run.end_time,
-                run_id=run.run_id,
-                correlation_id=run.correlation_id,
-                run_failed=pb.RunFailed(error=run.error),
-            )
-            await self._store.append_events(run.run_id, [event])
-            await self._store.save_run(run)
-            _log.warning("run %s was left unfinished by a previous process; marked failed", run.run_id)
 
     async def close(self) -> None:
-        """Cancels every run task and waits for them; their runs stay unfinished in the store."""
+        """Stops every run task (their runs stay unfinished, to resume on the next start) and writes
+        what the log holds."""
+        self._closing = True
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.log.close()
+
+    async def check(self, workflow: pb.Workflow, limits: common_pb2.ResourceLimits | None = None) -> WorkflowSpec:
+        """Checks a workflow, including its tools against Tier 3's.
+
+        Raises:
+            InvalidArgumentError: Every problem found, each naming its field.
+            TierstackError: Tier 3 could not be asked for its tools.
+        """
+        tools = await self._tools() if self._tools is not None else None
+        max_depth = limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
+        return check_workflow(workflow, tools=tools, max_depth=max_depth)
 
     async def start_run(
         self,
@@ -129,9 +189,12 @@ class RunManager:
         """Checks and starts a run; returns it and whether this call created it.
 
         Raises:
-            InvalidArgumentError: The workflow is malformed; every problem is named.
+            InvalidArgumentError: The workflow or the inputs are malformed; every problem is named.
         """
-        spec = check_workflow(workflow)
+        spec = await self.check(workflow, limits)
+        if inputs.ByteSize() > MAX_INPUT_BYTES:
+            raise InvalidArgumentError([Violation("inputs", f"may have at most {MAX_INPUT_BYTES} bytes")])
+        bound = spec.bind_inputs(from_struct(inputs))
         run = pb.Run(
             run_id=uuid.uuid4().hex,
             workflow_name=spec.name,
@@ -139,17 +202,45 @@ class RunManager:
             create_time=now_timestamp(),
             correlation_id=context.correlation_id,
             request_id=request_id,
-            inputs=inputs,
-            steps=[pb.StepRun(step_id=step.id, state=pb.STEP_STATE_PENDING) for step in spec.steps],
+            inputs=to_struct(bound),
+            steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
         )
         stored = await self._store.create_run(StoredRun(run, workflow, limits))
         if stored.run_id != run.run_id:
             return stored, False
-        live = _LiveRun(run, spec, limits)
-        self._live[run.run_id] = live
-        live.task = asyncio.create_task(self._drive(live), name=f"run-{run.run_id}")
-        _log.info("run %s of %s started (%d steps)", run.run_id, spec.name, len(spec.steps))
+        live = self._track(run, spec, limits)
+        live.task = asyncio.create_task(self._drive(live, resumed=None), name=f"run-{run.run_id}")
+        _log.info("run %s of %s started (%d steps)", run.run_id, spec.name, len(live.steps))
         return run, True
+
+    def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits) -> _LiveRun:
+        live = _LiveRun(run, spec, limits, self._parallelism)
+        live.context = RunContext(spec, from_struct(run.inputs), live.output_of, self._variable_recorder(live))
+        self._live[run.run_id] = live
+        return live
+
+    def _variable_recorder(self, live: _LiveRun) -> Callable[[str, JSON], None]:
+        def record(name: str, value: JSON) -> None:
+            self._append(live, variable_set=pb.VariableSet(name=name, value=to_value(value)))
+
+        return record
+
+    def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
+        """Continues a stored run: completed steps keep their outputs, steps that were in flight run
+        again with the same attempt (and so the same idempotency key at Tier 3)."""
+        run = stored.run
+        spec = check_workflow(stored.workflow, max_depth=stored.limits.max_depth or DEFAULT_MAX_DEPTH)
+        live = self._track(run, spec, stored.limits)
+        live.history = history
+        if history:
+            run.last_sequence = max(run.last_sequence, history[-1].sequence)
+        for path, state in live.steps.items():
+            if state.state == pb.STEP_STATE_RUNNING:
+                state.state = pb.STEP_STATE_PENDING
+                live.rerun.add(path)
+        live.task = asyncio.create_task(self._drive(live, resumed=reason), name=f"run-{run.run_id}")
+        _log.info("run %s resumed (%s)", run.run_id, reason)
+        return live
 
     async def get_run(self, run_id: str) -> pb.Run:
         """Returns a run.
@@ -170,37 +261,88 @@ class RunManager:
         runs = await self._store.list_runs(limit=limit, after=after, state=state)
         return [self._live[run.run_id].run if run.run_id in self._live else run for run in runs]
 
-    def request_cancel(self, run_id: str, reason: str) -> bool:
-        """Asks a live run to stop; returns False when the run is not executing here."""
+    async def _stop(self, run_id: str, kind: str, reason: str) -> pb.Run:
         live = self._live.get(run_id)
         if live is None or live.task is None or live.finished:
-            return False
-        if live.cancel_reason is None:
-            live.cancel_reason = reason or "cancelled"
+            run = await self.get_run(run_id)
+            raise FailedPreconditionError(
+                f"run {run_id} is not running ({pb.RunState.Name(run.state)})",
+                reason="RUN_NOT_RUNNING",
+                metadata={"run_id": run_id},
+            )
+        if live.stop is None:
+            live.stop, live.stop_reason = kind, reason
             live.task.cancel()
-        return True
+        await asyncio.wait({live.task})
+        return live.run
+
+    def request_cancel(self, run_id: str, reason: str) -> None:
+        """Asks a live run to stop, without waiting; does nothing for a run not executing here."""
+        live = self._live.get(run_id)
+        if live is not None and live.task is not None and live.stop is None:
+            live.stop, live.stop_reason = "cancel", reason
+            live.task.cancel()
 
     async def cancel_run(self, run_id: str, reason: str) -> pb.Run:
         """Cancels a run, waits until its steps have stopped, and returns it.
 
         Raises:
             NotFoundError: No run has that id.
-            FailedPreconditionError: The run has already ended.
+            FailedPreconditionError: The run is not running.
+        """
+        return await self._stop(run_id, "cancel", reason or "cancelled")
+
+    async def pause_run(self, run_id: str, reason: str) -> pb.Run:
+        """Pauses a run: steps in flight are cancelled and will run again on resume.
+
+        Raises:
+            NotFoundError: No run has that id.
+            FailedPreconditionError: The run is not running.
+        """
+        return await self._stop(run_id, "pause", reason or "paused")
+
+    async def resume_run(self, run_id: str) -> pb.Run:
+        """Resumes a paused run.
+
+        Raises:
+            NotFoundError: No run has that id.
+            FailedPreconditionError: The run is not paused.
+        """
+        stored = await self._store.get_stored(run_id) if run_id not in self._live else None
+        if stored is None:
+            run = await self.get_run(run_id)
+            raise FailedPreconditionError(
+                f"run {run_id} is not paused ({pb.RunState.Name(run.state)})", reason="RUN_NOT_PAUSED"
+            )
+        if stored.run.state != pb.RUN_STATE_PAUSED:
+            raise FailedPreconditionError(
+                f"run {run_id} is not paused ({pb.RunState.Name(stored.run.state)})", reason="RUN_NOT_PAUSED"
+            )
+        history = await self._store.events(run_id, after_sequence=0)
+        return self._resume(stored, history, "resumed on request").run
+
+    async def resolve(self, run_id: str, expressions: Sequence[str]) -> list[JSON]:
+        """Resolves template expressions in a run's context, in one batch.
+
+        Raises:
+            NotFoundError: No run has that id.
+            InvalidArgumentError: An expression is malformed or names nothing that exists yet.
         """
         live = self._live.get(run_id)
-        if live is not None and live.task is not None and self.request_cancel(run_id, reason):
-            await asyncio.wait({live.task})
-            return live.run
-        run = await self.get_run(run_id)
-        raise FailedPreconditionError(
-            f"run {run_id} has already ended ({pb.RunState.Name(run.state)})",
-            reason="RUN_ALREADY_ENDED",
-            metadata={"run_id": run_id},
-        )
+        if live is None:
+            stored = await self._store.get_stored(run_id)
+            if stored is None:
+                raise NotFoundError("run", run_id)
+            live = _LiveRun(stored.run, check_workflow(stored.workflow), stored.limits, self._parallelism)
+            live.context = RunContext(live.spec, from_struct(stored.run.inputs), live.output_of, lambda *_: None)
+        try:
+            return live.context.resolve_all(expressions)
+        except TemplateError as exc:
+            raise InvalidArgumentError([Violation(exc.field, exc.message)], reason="UNRESOLVABLE") from None
 
     async def watch(self, run_id: str, *, after_sequence: int = 0) -> AsyncIterator[pb.RunEvent]:
         """Yields a run's events after ``after_sequence``: stored history, then live events until
-        the run ends.
+        the run ends or pauses.
 
         Raises:
             NotFoundError: No run has that id.
@@ -212,92 +354,110 @@ class RunManager:
             for event in await self._store.events(run_id, after_sequence=after_sequence):
                 yield event
             return
-        cursor = after_sequence
+        history = live.history
+        index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
         while True:
             changed = live.changed
-            while cursor < len(live.events):
-                yield live.events[cursor]
-                cursor += 1
+            while index < len(history):
+                yield history[index]
+                index += 1
             if live.finished:
                 return
             await changed.wait()
 
-    async def _emit(self, live: _LiveRun, *, save_run: bool = False, **payload: Any) -> None:
-        """Records one event (and, for critical transitions, the run) before anyone sees it."""
-        async with live.lock:
-            run = live.run
-            run.last_sequence += 1
-            event = pb.RunEvent(
-                sequence=run.last_sequence,
-                time=now_timestamp(),
-                run_id=run.run_id,
-                correlation_id=run.correlation_id,
-                **payload,
-            )
-            await self._store.append_events(run.run_id, [event])
-            if save_run:
-                await self._store.save_run(run)
-            live.events.append(event)
-            live.notify()
+    def _append(self, live: _LiveRun, *, critical: bool = False, **payload: Any) -> asyncio.Future[None]:
+        run = live.run
+        run.last_sequence += 1
+        event = pb.RunEvent(
+            sequence=run.last_sequence,
+            time=now_timestamp(),
+            run_id=run.run_id,
+            correlation_id=run.correlation_id,
+            **payload,
+        )
+        return self.log.record(run, event, live.written, critical=critical)
 
-    async def _drive(self, live: _LiveRun) -> None:
+    async def _emit(self, live: _LiveRun, *, critical: bool = False, **payload: Any) -> None:
+        """Records one event; a critical one (and the run's state with it) is stored before this returns."""
+        written = self._append(live, critical=critical, **payload)
+        if critical:
+            await asyncio.shield(written)
+
+    async def _drive(self, live: _LiveRun, *, resumed: str | None) -> None:
         run = live.run
         try:
             run.state = pb.RUN_STATE_RUNNING
-            await self._emit(
-                live,
-                save_run=True,
-                run_started=pb.RunStarted(workflow_name=run.workflow_name, step_count=len(live.spec.steps)),
-            )
-            error = await self._schedule(live)
+            if resumed is None:
+                started = pb.RunStarted(workflow_name=run.workflow_name, step_count=len(live.spec.steps))
+                await self._emit(live, critical=True, run_started=started)
+            else:
+                done = sum(state.state == pb.STEP_STATE_COMPLETED for state in live.steps.values())
+                await self._emit(live, critical=True, run_resumed=pb.RunResumed(reason=resumed, completed_steps=done))
+            error = await self._run_graph(live, live.spec, live.context, "")
             run.end_time.CopyFrom(now_timestamp())
-            live.usage.duration.CopyFrom(
-                to_duration((run.end_time.ToNanoseconds() - run.create_time.ToNanoseconds()) / 1e9)
-            )
+            elapsed = (run.end_time.ToNanoseconds() - run.create_time.ToNanoseconds()) / 1e9
+            live.usage.duration.CopyFrom(to_duration(elapsed))
             if error is None:
+                declared = live.context.outputs()
+                if declared is None:
+                    outputs = {s.id: output for s in live.spec.steps if (output := live.output_of(s.id)) is not None}
+                else:
+                    outputs = {name: to_value(value) for name, value in declared.items()}
+                for name, output in outputs.items():
+                    run.outputs[name].CopyFrom(output)
                 run.state = pb.RUN_STATE_COMPLETED
-                outputs = {step.step_id: step.output for step in run.steps}
-                await self._emit(
-                    live, save_run=True, run_completed=pb.RunCompleted(outputs=outputs, usage=live.usage)
-                )
+                completed = pb.RunCompleted(outputs=run.outputs, usage=live.usage)
+                await self._emit(live, critical=True, run_completed=completed)
             else:
                 run.state = pb.RUN_STATE_FAILED
                 run.error.CopyFrom(error)
-                await self._emit(live, save_run=True, run_failed=pb.RunFailed(error=error))
+                await self._emit(live, critical=True, run_failed=pb.RunFailed(error=error))
         except asyncio.CancelledError:
-            if live.cancel_reason is None:
-                raise  # the server is stopping: the run stays unfinished in the store
-            run.state = pb.RUN_STATE_CANCELLED
-            run.end_time.CopyFrom(now_timestamp())
-            await self._emit(live, save_run=True, run_cancelled=pb.RunCancelled(reason=live.cancel_reason))
+            if self._closing:
+                raise  # the server is stopping: the run stays unfinished, to resume on the next start
+            if live.stop == "pause":
+                run.state = pb.RUN_STATE_PAUSED
+                await self._emit(live, critical=True, run_paused=pb.RunPaused(reason=live.stop_reason))
+            else:
+                run.state = pb.RUN_STATE_CANCELLED
+                run.end_time.CopyFrom(now_timestamp())
+                await self._emit(live, critical=True, run_cancelled=pb.RunCancelled(reason=live.stop_reason))
         except Exception:
             _log.exception("run %s crashed", run.run_id)
             run.state = pb.RUN_STATE_FAILED
             run.error.CopyFrom(_error("INTERNAL", "the orchestrator failed while running the workflow"))
-            await self._emit(live, save_run=True, run_failed=pb.RunFailed(error=run.error))
+            await self._emit(live, critical=True, run_failed=pb.RunFailed(error=run.error))
         finally:
             live.finished = True
-            live.notify()
+            live.written([])
             self._live.pop(run.run_id, None)
-            _log.info("run %s ended %s", run.run_id, pb.RunState.Name(run.state))
+            _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
 
-    async def _schedule(self, live: _LiveRun) -> common_pb2.ErrorDetail | None:
-        """Starts each step as soon as its dependencies completed; returns the first failure."""
-        spec = live.spec
-        limit = live.limits.max_parallelism or self._parallelism
-        waiting = {step.id: len(step.depends_on) for step in spec.steps}
-        ready = deque(step.id for step in spec.steps if not step.depends_on)
+    async def _run_graph(
+        self, live: _LiveRun, spec: WorkflowSpec, context: RunContext, prefix: str
+    ) -> common_pb2.ErrorDetail | None:
+        """Runs one (sub)workflow: each step starts once its dependencies have settled; returns the
+        first failure of a required step."""
+        for step in spec.steps:
+            state = live.steps[prefix + step.id]
+            if state.state != pb.STEP_STATE_COMPLETED:  # a fresh start, a retry of a nested workflow
+                state.state = pb.STEP_STATE_PENDING
+                state.ClearField("error")
+                state.skip_reason = ""
+        settled = {step.id for step in spec.steps if live.steps[prefix + step.id].state == pb.STEP_STATE_COMPLETED}
+        waiting = {s.id: sum(d not in settled for d in s.depends_on) for s in spec.steps if s.id not in settled}
+        ready = deque(step_id for step_id, count in waiting.items() if count == 0)
         running: dict[asyncio.Task[common_pb2.ErrorDetail | None], str] = {}
         try:
             while ready or running:
-                while ready and len(running) < limit:
+                while ready:
                     step = spec.by_id[ready.popleft()]
-                    running[asyncio.create_task(self._run_step(live, step))] = step.id
+                    running[asyncio.create_task(self._run_step(live, step, context, prefix))] = step.id
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     step_id = running.pop(task)
                     error = task.result()
-                    if error is not None:
+                    if error is not None and not spec.by_id[step_id].optional:
                         return error
                     for dependent in spec.dependents[step_id]:
                         waiting[dependent] -= 1
@@ -309,73 +469,141 @@ class RunManager:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _run_step(self, live: _LiveRun, step: StepSpec) -> common_pb2.ErrorDetail | None:
-        """Runs one step through the step runner; returns its error, or None when it completed."""
+    def _interrupted_state(self, live: _LiveRun) -> pb.StepState.ValueType:
+        if self._closing:
+            return pb.STEP_STATE_RUNNING  # still in flight as far as the next process knows
+        return pb.STEP_STATE_PENDING if live.stop == "pause" else pb.STEP_STATE_CANCELLED
+
+    async def _run_step(
+        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
+    ) -> common_pb2.ErrorDetail | None:
+        """Settles one step: skips it, or runs it (retrying per its policy); returns its failure."""
+        path = prefix + step.id
+        state = live.steps[path]
         try:
-            return await self._attempt_step(live, step)
+            blocked = next((d for d in step.depends_on if live.output_of(prefix + d) is None), None)
+            skip = f"dependency {blocked!r} did not complete" if blocked is not None else ""
+            if not skip and step.when is not None:
+                try:
+                    skip = "" if context.holds(step.when) else "its `when` condition is false"
+                except JMESPathError as exc:
+                    return await self._fail(live, path, _error("CONDITION_ERROR", f"`when` failed: {exc}"))
+            if skip:
+                state.state = pb.STEP_STATE_SKIPPED
+                state.skip_reason = skip
+                await self._emit(live, step_skipped=pb.StepSkipped(step_id=path, reason=skip))
+                return None
+            while True:
+                error = await self._attempt(live, step, context, prefix)
+                if error is None:
+                    return None
+                if error.reason in _NOT_RETRYABLE or state.attempt >= step.retry.max_attempts:
+                    return await self._fail(live, path, error)
+                backoff = step.retry.backoff(state.attempt)
+                retried = pb.StepRetried(step_id=path, attempt=state.attempt, error=error, backoff=to_duration(backoff))
+                await self._emit(live, step_retried=retried)
+                await asyncio.sleep(backoff)
         except asyncio.CancelledError:
-            live.steps[step.id].state = pb.STEP_STATE_CANCELLED
+            state.state = self._interrupted_state(live)
             raise
 
-    async def _attempt_step(self, live: _LiveRun, step: StepSpec) -> common_pb2.ErrorDetail | None:
-        state = live.steps[step.id]
-        state.state = pb.STEP_STATE_RUNNING
-        state.attempt += 1
-        await self._emit(
-            live, step_started=pb.StepStarted(step_id=step.id, attempt=state.attempt, tool=step.tool)
-        )
-        output = to_value(None)
-        usage: common_pb2.ResourceUsage | None = None
-        error: common_pb2.ErrorDetail | None = None
-        try:
-            arguments = render(step.parameters, live.scope)
-        except TemplateError as exc:
-            error = _error("TEMPLATE_ERROR", exc.message, step_id=step.id, field=exc.field)
+    async def _fail(self, live: _LiveRun, path: str, error: common_pb2.ErrorDetail) -> common_pb2.ErrorDetail:
+        error.metadata["step_id"] = path
+        state = live.steps[path]
+        state.state = pb.STEP_STATE_FAILED
+        state.error.CopyFrom(error)
+        await self._emit(live, critical=True, step_failed=pb.StepFailed(step_id=path, error=error))
+        return error
+
+    async def _attempt(
+        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
+    ) -> common_pb2.ErrorDetail | None:
+        """Makes one attempt at a step; on success records its output and returns None."""
+        path = prefix + step.id
+        state = live.steps[path]
+        if path in live.rerun:
+            live.rerun.discard(path)
         else:
-            request = executor_service_pb2.ExecuteRequest(
-                context=common_pb2.RequestContext(
-                    correlation_id=live.run.correlation_id, parent_execution_id=live.run.run_id
-                ),
-                execution_id=f"{live.run.run_id}/{step.id}/{state.attempt}",
-                step_id=step.id,
-                tool_calls=[common_pb2.ToolCall(tool=step.tool, arguments=to_value(arguments).struct_value)],
-                strategy=step.strategy,
-            )
-            if step.timeout_seconds is not None:
-                request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
-            try:
-                async for event in self._runner.execute(request):
-                    await self._emit(live, step_execution=pb.StepExecution(step_id=step.id, event=event))
-                    kind = event.WhichOneof("payload")
-                    if kind == "output":
-                        output = event.output.value
-                    elif kind == "completed":
-                        usage = event.completed.usage
-                    elif kind == "failed":
-                        error = event.failed.error
-            except TierstackError as exc:
-                error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
-            if error is None and usage is None:
-                error = _error(
-                    "EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed"
-                )
+            state.attempt += 1
+        state.state = pb.STEP_STATE_RUNNING
+        tool = step.tool or "workflow"
+        await self._emit(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
+        try:
+            arguments = render(step.parameters, context.resolve)
+        except TemplateError as exc:
+            return _error("TEMPLATE_ERROR", exc.message, field=exc.field)
+        assert isinstance(arguments, dict)
+        if step.workflow is not None:
+            output, usage, error = await self._run_nested(live, step.workflow, arguments, path)
+        else:
+            async with live.slots:
+                output, usage, error = await self._execute(live, step, path, arguments, state.attempt)
         if error is not None:
-            error.metadata["step_id"] = step.id
-            state.state = pb.STEP_STATE_FAILED
-            state.error.CopyFrom(error)
-            await self._emit(live, save_run=True, step_failed=pb.StepFailed(step_id=step.id, error=error))
             return error
-        assert usage is not None
         seconds = usage.duration.ToNanoseconds() / 1e9
-        previous = self._tool_seconds.get(step.tool)
-        self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        if step.workflow is None:
+            previous = self._tool_seconds.get(step.tool)
+            self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         live.usage.tool_calls += usage.tool_calls
         live.usage.tokens += usage.tokens
         live.usage.credits += usage.credits
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
-        live.scope["steps"][step.id] = {"output": from_value(output)}
-        await self._emit(
-            live, save_run=True, step_completed=pb.StepCompleted(step_id=step.id, output=output, usage=usage)
-        )
+        completed = pb.StepCompleted(step_id=path, output=output, usage=usage)
+        await self._emit(live, critical=True, step_completed=completed)
         return None
+
+    async def _run_nested(
+        self, live: _LiveRun, spec: WorkflowSpec, arguments: dict[str, JSON], path: str
+    ) -> tuple[struct_pb2.Value, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
+        """Runs a nested workflow with the step's arguments as its inputs, in a context of its own."""
+        usage = common_pb2.ResourceUsage()
+        try:
+            inputs = spec.bind_inputs(arguments, field="parameters")
+        except InvalidArgumentError as exc:
+            return to_value(None), usage, _error("INVALID_INPUTS", exc.message)
+        prefix = f"{path}/"
+        context = RunContext(
+            spec, inputs, lambda step_id: live.output_of(prefix + step_id), self._variable_recorder(live)
+        )
+        error = await self._run_graph(live, spec, context, prefix)
+        if error is not None:
+            return to_value(None), usage, error
+        declared = context.outputs()
+        if declared is None:
+            declared = {s.id: from_value(out) for s in spec.steps if (out := live.output_of(prefix + s.id)) is not None}
+        return to_value(declared), usage, None
+
+    async def _execute(
+        self, live: _LiveRun, step: StepSpec, path: str, arguments: dict[str, JSON], attempt: int
+    ) -> tuple[struct_pb2.Value, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
+        """Runs one tool step in Tier 3, forwarding its events; the execution id is the idempotency key."""
+        request = executor_service_pb2.ExecuteRequest(
+            context=common_pb2.RequestContext(
+                correlation_id=live.run.correlation_id, parent_execution_id=live.run.run_id
+            ),
+            execution_id=f"{live.run.run_id}/{path}/{attempt}",
+            step_id=path,
+            tool_calls=[common_pb2.ToolCall(tool=step.tool, arguments=to_struct(arguments))],
+            strategy=step.strategy,
+        )
+        if step.timeout_seconds is not None:
+            request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
+        output = to_value(None)
+        usage: common_pb2.ResourceUsage | None = None
+        error: common_pb2.ErrorDetail | None = None
+        try:
+            async for event in self._runner.execute(request):
+                self._append(live, step_execution=pb.StepExecution(step_id=path, event=event))
+                kind = event.WhichOneof("payload")
+                if kind == "output":
+                    output = event.output.value
+                elif kind == "completed":
+                    usage = event.completed.usage
+                elif kind == "failed":
+                    error = event.failed.error
+        except TierstackError as exc:
+            error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
+        if error is None and usage is None:
+            error = _error("EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed")
+        return output, usage or common_pb2.ResourceUsage(), error

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from tierstack.client import ExecutorClient
-from tierstack.client.values import to_duration
+from tierstack.client.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.errors import InvalidArgumentError, Violation
@@ -18,6 +19,7 @@ from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import orchestrator_service_pb2 as pb
+from tierstack.v1.executor_service_pb2 import ListToolsRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -65,9 +67,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         )
         return pb.StartRunResponse(run=run, created=created)
 
-    async def WatchRun(
-        self, request: pb.WatchRunRequest, context: Context
-    ) -> AsyncIterator[pb.WatchRunResponse]:
+    async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
             yield pb.WatchRunResponse(event=event)
 
@@ -76,24 +76,28 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         size = page_size(request.page_size, default=50, maximum=1000)
-        runs = await self._manager.list_runs(
-            limit=size + 1, after=_cursor(request.page_token), state=request.state
-        )
+        runs = await self._manager.list_runs(limit=size + 1, after=_cursor(request.page_token), state=request.state)
         page = runs[:size]
         last = page[-1] if page else None
-        token = (
-            encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}")
-            if last and len(runs) > size
-            else ""
-        )
+        token = encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}") if last and len(runs) > size else ""
         return pb.ListRunsResponse(runs=page, next_page_token=token)
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
 
-    async def PlanWorkflow(
-        self, request: pb.PlanWorkflowRequest, context: Context
-    ) -> pb.PlanWorkflowResponse:
+    async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
+        return pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason))
+
+    async def ResumeRun(self, request: pb.ResumeRunRequest, context: Context) -> pb.ResumeRunResponse:
+        return pb.ResumeRunResponse(run=await self._manager.resume_run(request.run_id))
+
+    async def ResolveVariables(
+        self, request: pb.ResolveVariablesRequest, context: Context
+    ) -> pb.ResolveVariablesResponse:
+        values = await self._manager.resolve(request.run_id, request.expressions)
+        return pb.ResolveVariablesResponse(values=[to_value(value) for value in values])
+
+    async def PlanWorkflow(self, request: pb.PlanWorkflowRequest, context: Context) -> pb.PlanWorkflowResponse:
         spec = check_workflow(request.workflow)
         plan, cached = self._manager.planner.plan(spec)
         return pb.PlanWorkflowResponse(
@@ -111,16 +115,39 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         self, request: pb.ValidateWorkflowRequest, context: Context
     ) -> pb.ValidateWorkflowResponse:
         try:
-            check_workflow(request.workflow)
+            await self._manager.check(request.workflow)
         except InvalidArgumentError as exc:
             return pb.ValidateWorkflowResponse(
                 valid=False,
                 violations=[
-                    common_pb2.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
+                    common_pb2.FieldViolation(field=v.field, description=v.description) for v in exc.violations
                 ],
             )
         return pb.ValidateWorkflowResponse(valid=True)
+
+
+class ToolNames:
+    """The names of the tools Tier 3 offers, asked of it at most once per ``ttl`` seconds."""
+
+    def __init__(self, executor: ExecutorClient, *, ttl: float = 5.0) -> None:
+        self._executor = executor
+        self._ttl = ttl
+        self._names: frozenset[str] = frozenset()
+        self._fetched = float("-inf")
+
+    async def __call__(self) -> frozenset[str]:
+        now = time.monotonic()
+        if now - self._fetched > self._ttl:
+            names: set[str] = set()
+            token = ""
+            while True:
+                page = await self._executor.list_tools(ListToolsRequest(page_size=1000, page_token=token))
+                names.update(tool.name for tool in page.tools)
+                token = page.next_page_token
+                if not token:
+                    break
+            self._names, self._fetched = frozenset(names), now
+        return self._names
 
 
 class OrchestrateService:
@@ -132,7 +159,7 @@ class OrchestrateService:
     def __init__(self, settings: Settings) -> None:
         self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self._executor = ExecutorClient(settings.execute_target)
-        self.manager = RunManager(self._store, self._executor)
+        self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
 
     def register(self, server: grpc.aio.Server) -> None:
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(

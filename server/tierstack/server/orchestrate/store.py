@@ -1,4 +1,4 @@
-"""Run storage: one interface, and SQLite (through aiosqlite, in WAL mode) behind it."""
+"""Run storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -41,12 +42,17 @@ class RunStore(abc.ABC):
         and returns the run that holds it."""
 
     @abc.abstractmethod
-    async def save_run(self, run: Run) -> None:
-        """Replaces the stored state of an existing run."""
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+        """Replaces the stored state of existing runs and appends events, all or nothing; an event
+        already stored (same run, same sequence) is kept as it is, so a batch may be written again."""
 
     @abc.abstractmethod
     async def get_run(self, run_id: str) -> Run | None:
         """Returns a run, or None."""
+
+    @abc.abstractmethod
+    async def get_stored(self, run_id: str) -> StoredRun | None:
+        """Returns a run with its workflow and limits, or None."""
 
     @abc.abstractmethod
     async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
@@ -55,22 +61,81 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     async def unfinished_runs(self) -> list[StoredRun]:
-        """Returns every run that is pending, running or paused."""
-
-    @abc.abstractmethod
-    async def append_events(self, run_id: str, events: Sequence[RunEvent]) -> None:
-        """Stores events of a run."""
+        """Returns every run that is pending or running, oldest first."""
 
     @abc.abstractmethod
     async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
         """Returns a run's events with a sequence number above ``after_sequence``, in order."""
 
 
-_UNFINISHED = (
-    orchestrator_service_pb2.RUN_STATE_PENDING,
-    orchestrator_service_pb2.RUN_STATE_RUNNING,
-    orchestrator_service_pb2.RUN_STATE_PAUSED,
-)
+_UNFINISHED = (orchestrator_service_pb2.RUN_STATE_PENDING, orchestrator_service_pb2.RUN_STATE_RUNNING)
+
+
+class MemoryRunStore(RunStore):
+    """Keeps runs in this process only; for tests and throwaway runs."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, StoredRun] = {}
+        self._by_request: dict[str, str] = {}
+        self._events: dict[str, dict[int, bytes]] = {}
+
+    async def open(self) -> None:
+        """Nothing to prepare."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def create_run(self, stored: StoredRun) -> Run:
+        request_id = stored.run.request_id
+        if request_id and request_id in self._by_request:
+            return Run.FromString(self._runs[self._by_request[request_id]].run.SerializeToString())
+        self._runs[stored.run.run_id] = StoredRun(
+            Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits
+        )
+        self._events[stored.run.run_id] = {}
+        if request_id:
+            self._by_request[request_id] = stored.run.run_id
+        return stored.run
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+        for run in runs:
+            kept = self._runs[run.run_id]
+            self._runs[run.run_id] = StoredRun(Run.FromString(run.SerializeToString()), kept.workflow, kept.limits)
+        for event in events:
+            stored = self._events[event.run_id]
+            if event.sequence not in stored:
+                stored[event.sequence] = event.SerializeToString()
+
+    async def get_run(self, run_id: str) -> Run | None:
+        stored = await self.get_stored(run_id)
+        return stored.run if stored else None
+
+    async def get_stored(self, run_id: str) -> StoredRun | None:
+        stored = self._runs.get(run_id)
+        if stored is None:
+            return None
+        return StoredRun(Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits)
+
+    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+        keyed = sorted(((s.run.create_time.ToNanoseconds(), run_id) for run_id, s in self._runs.items()), reverse=True)
+        found = []
+        for key in keyed:
+            run = self._runs[key[1]].run
+            if (after is None or key < after) and (not state or run.state == state):
+                found.append(Run.FromString(run.SerializeToString()))
+                if len(found) == limit:
+                    break
+        return found
+
+    async def unfinished_runs(self) -> list[StoredRun]:
+        unfinished = [s for s in self._runs.values() if s.run.state in _UNFINISHED]
+        unfinished.sort(key=lambda s: s.run.create_time.ToNanoseconds())
+        return [StoredRun(Run.FromString(s.run.SerializeToString()), s.workflow, s.limits) for s in unfinished]
+
+    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
+        stored = self._events.get(run_id, {})
+        return [RunEvent.FromString(stored[sequence]) for sequence in sorted(stored) if sequence > after_sequence]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -90,6 +155,15 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, sequence)
 ) WITHOUT ROWID;
 """
+
+
+def _stored(row: Any) -> StoredRun:
+    run, workflow, limits = row
+    return StoredRun(
+        Run.FromString(run),
+        orchestrator_service_pb2.Workflow.FromString(workflow),
+        common_pb2.ResourceLimits.FromString(limits),
+    )
 
 
 class SqliteRunStore(RunStore):
@@ -145,10 +219,14 @@ class SqliteRunStore(RunStore):
         assert row is not None  # the conflicting row exists: runs are never deleted
         return Run.FromString(row[0])
 
-    async def save_run(self, run: Run) -> None:
-        await self._conn.execute(
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+        await self._conn.executemany(
             "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
-            (run.state, run.SerializeToString(), run.run_id),
+            [(run.state, run.SerializeToString(), run.run_id) for run in runs],
+        )
+        await self._conn.executemany(
+            "INSERT OR IGNORE INTO events (run_id, sequence, event) VALUES (?, ?, ?)",
+            [(event.run_id, event.sequence, event.SerializeToString()) for event in events],
         )
         await self._conn.commit()
 
@@ -156,6 +234,11 @@ class SqliteRunStore(RunStore):
         async with self._conn.execute("SELECT run FROM runs WHERE run_id = ?", (run_id,)) as rows:
             row = await rows.fetchone()
         return Run.FromString(row[0]) if row else None
+
+    async def get_stored(self, run_id: str) -> StoredRun | None:
+        async with self._conn.execute("SELECT run, workflow, limits FROM runs WHERE run_id = ?", (run_id,)) as rows:
+            row = await rows.fetchone()
+        return _stored(row) if row else None
 
     async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
         clauses: list[str] = []
@@ -175,21 +258,7 @@ class SqliteRunStore(RunStore):
         marks = ", ".join("?" * len(_UNFINISHED))
         query = f"SELECT run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
         async with self._conn.execute(query, _UNFINISHED) as rows:
-            return [
-                StoredRun(
-                    Run.FromString(run),
-                    orchestrator_service_pb2.Workflow.FromString(workflow),
-                    common_pb2.ResourceLimits.FromString(limits),
-                )
-                for run, workflow, limits in await rows.fetchall()
-            ]
-
-    async def append_events(self, run_id: str, events: Sequence[RunEvent]) -> None:
-        await self._conn.executemany(
-            "INSERT INTO events (run_id, sequence, event) VALUES (?, ?, ?)",
-            [(run_id, event.sequence, event.SerializeToString()) for event in events],
-        )
-        await self._conn.commit()
+            return [_stored(row) for row in await rows.fetchall()]
 
     async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
         async with self._conn.execute(

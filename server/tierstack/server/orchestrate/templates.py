@@ -1,21 +1,21 @@
 """Parameter templates: ``{{inputs.city}}`` and ``{{steps.fetch.output.items[0].name}}``.
 
 A string that is exactly one template takes the referenced value as it is (a number stays a number);
-a template inside a longer string is interpolated as text. Only expressions rooted at ``inputs`` or
-``steps`` are workflow templates: any other ``{{ … }}`` (a Jinja2 template for ``text.template``, say)
-reaches the tool untouched.
+a template inside a longer string is interpolated as text. Only expressions rooted at ``inputs``,
+``steps`` or ``vars`` are workflow templates: any other ``{{ … }}`` (a Jinja2 template for
+``text.template``, say) reaches the tool untouched.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from tierstack.client.values import JSON
 
-_TEMPLATE = re.compile(r"\{\{\s*((?:inputs|steps)\b[^{}]*?)\s*\}\}")
+_TEMPLATE = re.compile(r"\{\{\s*((?:inputs|steps|vars)\b[^{}]*?)\s*\}\}")
 _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*|\d+)|\[(\d+)\]")
 
 Path = tuple[str | int, ...]
@@ -35,10 +35,11 @@ class TemplateError(Exception):
 
 
 def parse_path(expression: str, *, field: str) -> Path:
-    """Returns the segments of ``inputs.a.b[0]`` or ``steps.fetch.output.body``.
+    """Returns the segments of ``inputs.a.b[0]``, ``steps.fetch.output.body`` or ``vars.name``.
 
     Raises:
-        TemplateError: The expression is not a path rooted at ``inputs`` or ``steps.<id>.output``.
+        TemplateError: The expression is not a path rooted at ``inputs``, ``steps.<id>.output`` or
+            ``vars.<name>``.
     """
     text = expression.strip()
     segments: list[str | int] = []
@@ -48,16 +49,16 @@ def parse_path(expression: str, *, field: str) -> Path:
             position += 1
         match = _SEGMENT.match(text, position)
         if match is None:
-            raise TemplateError(
-                field, f"cannot read {{{{{expression}}}}}: expected a name or [index] at {position}"
-            )
+            raise TemplateError(field, f"cannot read {{{{{expression}}}}}: expected a name or [index] at {position}")
         name, index = match.groups()
         segments.append(int(index) if index is not None else int(name) if name.isdigit() else name)
         position = match.end()
-    if not segments or segments[0] not in ("inputs", "steps"):
-        raise TemplateError(field, f"{{{{{expression}}}}} must start with `inputs` or `steps`")
+    if not segments or segments[0] not in ("inputs", "steps", "vars"):
+        raise TemplateError(field, f"{{{{{expression}}}}} must start with `inputs`, `steps` or `vars`")
     if segments[0] == "steps" and (len(segments) < 3 or segments[2] != "output"):
         raise TemplateError(field, f"{{{{{expression}}}}} must read `steps.<step id>.output`")
+    if segments[0] == "vars" and (len(segments) < 2 or not isinstance(segments[1], str)):
+        raise TemplateError(field, f"{{{{{expression}}}}} must read `vars.<name>`")
     return tuple(segments)
 
 
@@ -74,38 +75,48 @@ def templates(value: JSON, field: str) -> Iterator[tuple[str, Path]]:
             yield from templates(item, f"{field}[{index}]")
 
 
-def _lookup(scope: Mapping[str, Any], path: Path, field: str) -> JSON:
+def lookup(scope: Mapping[str, Any], path: Path, field: str) -> JSON:
+    """Returns the value at ``path`` inside ``scope``.
+
+    Raises:
+        TemplateError: The path does not exist.
+    """
     current: Any = scope
     for depth, segment in enumerate(path):
         try:
             current = current[segment]
         except (KeyError, IndexError, TypeError):
-            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path[: depth + 1]).lstrip(
-                "."
-            )
-            raise TemplateError(field, f"{where} does not exist") from None
+            raise TemplateError(field, f"{format_path(path[: depth + 1])} does not exist") from None
     result: JSON = current
     return result
 
 
-def render(value: JSON, scope: Mapping[str, Any], field: str = "parameters") -> JSON:
-    """Returns ``value`` with every template replaced from ``scope`` (``inputs`` and ``steps``).
+def format_path(path: Path) -> str:
+    """Returns a path as text, such as ``steps.fetch.output.items[0]``."""
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path).lstrip(".")
+
+
+Resolver = Callable[[Path, str], JSON]
+
+
+def render(value: JSON, resolve: Resolver, field: str = "parameters") -> JSON:
+    """Returns ``value`` with every template replaced by ``resolve(path, field)``.
 
     Raises:
-        TemplateError: A template is malformed or its path does not exist in ``scope``.
+        TemplateError: A template is malformed or cannot be resolved.
     """
     if isinstance(value, str):
         whole = _TEMPLATE.fullmatch(value)
         if whole is not None:
-            return _lookup(scope, parse_path(whole.group(1), field=field), field)
+            return resolve(parse_path(whole.group(1), field=field), field)
 
         def interpolate(match: re.Match[str]) -> str:
-            found = _lookup(scope, parse_path(match.group(1), field=field), field)
+            found = resolve(parse_path(match.group(1), field=field), field)
             return found if isinstance(found, str) else json.dumps(found)
 
         return _TEMPLATE.sub(interpolate, value)
     if isinstance(value, dict):
-        return {key: render(item, scope, f"{field}.{key}") for key, item in value.items()}
+        return {key: render(item, resolve, f"{field}.{key}") for key, item in value.items()}
     if isinstance(value, list):
-        return [render(item, scope, f"{field}[{index}]") for index, item in enumerate(value)]
+        return [render(item, resolve, f"{field}[{index}]") for index, item in enumerate(value)]
     return value

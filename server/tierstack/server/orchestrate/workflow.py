@@ -3,25 +3,74 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
-from tierstack.client.values import JSON, from_struct
+import jmespath
+from jmespath.exceptions import JMESPathError
+
+from tierstack.client.values import JSON, from_struct, from_value
 from tierstack.server.errors import InvalidArgumentError, Violation
-from tierstack.server.orchestrate.templates import TemplateError, templates
+from tierstack.server.orchestrate.templates import Path, TemplateError, templates
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
+
+pb = orchestrator_service_pb2
 
 #: The most steps one workflow may have.
 MAX_STEPS = 10_000
+#: How deeply workflows may nest unless a run's limits say otherwise.
+DEFAULT_MAX_DEPTH = 5
+#: The largest workflow accepted, in wire bytes.
+MAX_WORKFLOW_BYTES = 4 << 20
+#: The largest inputs accepted, in wire bytes.
+MAX_INPUT_BYTES = 1 << 20
 
-_STEP_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
+_STEP_REFERENCE = re.compile(r"\bsteps\.([A-Za-z_][A-Za-z0-9_-]*)")
+_VARIABLE_REFERENCE = re.compile(r"\bvars\.([A-Za-z_][A-Za-z0-9_-]*)")
+_TYPE_CHECKS: dict[int, tuple[str, Any]] = {
+    pb.INPUT_TYPE_STRING: ("a string", lambda v: isinstance(v, str)),
+    pb.INPUT_TYPE_NUMBER: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    pb.INPUT_TYPE_INTEGER: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    pb.INPUT_TYPE_BOOLEAN: ("true or false", lambda v: isinstance(v, bool)),
+    pb.INPUT_TYPE_OBJECT: ("an object", lambda v: isinstance(v, dict)),
+    pb.INPUT_TYPE_ARRAY: ("an array", lambda v: isinstance(v, list)),
+}
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One declared input: its type, and its default unless it has none."""
+
+    name: str
+    type: int
+    default: JSON = _MISSING
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySpec:
+    """How a failed step is tried again: exponential backoff with full jitter."""
+
+    max_attempts: int = 1
+    initial_seconds: float = 1.0
+    multiplier: float = 2.0
+    max_seconds: float = 60.0
+
+    def backoff(self, failed_attempt: int) -> float:
+        """Returns the wait after attempt ``failed_attempt`` (from 1): uniform in [0, cap]."""
+        cap = min(self.max_seconds, self.initial_seconds * self.multiplier ** (failed_attempt - 1))
+        return random.uniform(0, cap)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepSpec:
-    """One checked step of a workflow."""
+    """One checked step of a workflow: a tool call or a nested workflow."""
 
     id: str
     name: str
@@ -30,22 +79,32 @@ class StepSpec:
     depends_on: tuple[str, ...]
     strategy: common_pb2.Strategy.ValueType
     timeout_seconds: float | None
+    workflow: WorkflowSpec | None = None
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    when: Any = None  # a compiled JMESPath expression
+    optional: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkflowSpec:
-    """A checked workflow: unique step ids, known dependencies, no cycle, templates that read
-    only from inputs and from the step's own ancestors.
+    """A checked workflow: unique step ids, known dependencies, no cycle, and templates that read
+    only inputs, declared variables and the step's own ancestors.
 
     Attributes:
         name: The workflow's name.
         steps: The steps in their given order.
+        inputs: The declared inputs; empty accepts any.
+        outputs: Output name to template; empty means every step's output by step id.
+        variables: Variable name to template.
         content_hash: A hash of the wire form; identical workflows share it.
     """
 
     name: str
     steps: tuple[StepSpec, ...]
-    content_hash: str
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    variables: Mapping[str, str] = field(default_factory=dict)
+    content_hash: str = ""
 
     @cached_property
     def by_id(self) -> Mapping[str, StepSpec]:
@@ -60,6 +119,41 @@ class WorkflowSpec:
             for dependency in step.depends_on:
                 found[dependency].append(step.id)
         return {key: tuple(value) for key, value in found.items()}
+
+    def paths(self, prefix: str = "") -> Iterator[str]:
+        """Yields the path of every step, nested ones as ``outer/inner``, parents first."""
+        for step in self.steps:
+            yield prefix + step.id
+            if step.workflow is not None:
+                yield from step.workflow.paths(f"{prefix}{step.id}/")
+
+    def bind_inputs(self, given: Mapping[str, JSON], *, field: str = "inputs") -> dict[str, JSON]:
+        """Returns the inputs with defaults applied.
+
+        Raises:
+            InvalidArgumentError: An input is missing, of the wrong type, or not declared.
+        """
+        if not self.inputs:
+            return dict(given)
+        violations: list[Violation] = []
+        bound: dict[str, JSON] = {}
+        declared = {spec.name for spec in self.inputs}
+        violations.extend(
+            Violation(f"{field}.{name}", "is not an input of the workflow") for name in given if name not in declared
+        )
+        for spec in self.inputs:
+            value = given.get(spec.name, spec.default)
+            if value is _MISSING:
+                if spec.required:
+                    violations.append(Violation(f"{field}.{spec.name}", "is required"))
+                continue
+            check = _TYPE_CHECKS.get(spec.type)
+            if check is not None and not check[1](value):
+                violations.append(Violation(f"{field}.{spec.name}", f"must be {check[0]}, got {value!r}"))
+            bound[spec.name] = value
+        if violations:
+            raise InvalidArgumentError(violations, reason="INVALID_INPUTS")
+        return bound
 
 
 def content_hash(workflow: orchestrator_service_pb2.Workflow) -> str:
@@ -93,104 +187,219 @@ def _find_cycle(edges: Mapping[str, tuple[str, ...]]) -> list[str]:
 def _ancestors(edges: Mapping[str, tuple[str, ...]]) -> dict[str, set[str]]:
     """Returns every step's transitive dependencies; ``edges`` must be acyclic."""
     found: dict[str, set[str]] = {}
-
-    def visit(step_id: str) -> set[str]:
-        if step_id not in found:
-            result: set[str] = set()
-            stack = list(edges[step_id])
-            while stack:
-                dependency = stack.pop()
-                if dependency not in result:
-                    result.add(dependency)
-                    stack.extend(edges[dependency])
-            found[step_id] = result
-        return found[step_id]
-
     for step_id in edges:
-        visit(step_id)
+        result: set[str] = set()
+        stack = list(edges[step_id])
+        while stack:
+            dependency = stack.pop()
+            if dependency not in result:
+                result.add(dependency)
+                stack.extend(edges[dependency])
+        found[step_id] = result
     return found
 
 
-def check_workflow(workflow: orchestrator_service_pb2.Workflow, *, field: str = "workflow") -> WorkflowSpec:
-    """Checks a wire workflow and returns it as a :class:`WorkflowSpec`.
+class _Checker:
+    """Collects every problem of a workflow and of the workflows nested in it."""
+
+    def __init__(self, tools: Collection[str] | None, max_depth: int) -> None:
+        self.tools = tools
+        self.max_depth = max_depth
+        self.violations: list[Violation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.violations.append(Violation(field, description))
+
+    def _references(self, value: JSON, field: str) -> Iterator[tuple[str, Path]]:
+        try:
+            yield from templates(value, field)
+        except TemplateError as exc:
+            self.add(exc.field, exc.message)
+
+    def _variable_steps(self, workflow: orchestrator_service_pb2.Workflow, field: str) -> dict[str, set[str]]:
+        """Checks the variables and returns the steps each one reads."""
+        reads: dict[str, set[str]] = {}
+        for name, template in workflow.variables.items():
+            where = f"{field}.variables.{name}"
+            if not _NAME.fullmatch(name):
+                self.add(where, "is not a variable name (a letter or _, then letters, digits, _ or -)")
+            reads[name] = set()
+            for _, path in self._references(template, where):
+                if path[0] == "vars":
+                    self.add(where, "variables may read inputs and step outputs, not other variables")
+                elif path[0] == "steps":
+                    reads[name].add(str(path[1]))
+        return reads
+
+    def _check_reads(
+        self, reads: list[tuple[str, str, str]], allowed: set[str], known_vars: Mapping[str, set[str]]
+    ) -> None:
+        """Checks (field, root, name) reads of step outputs and variables against a step's ancestors."""
+        for where, root, name in reads:
+            if root == "steps" and name not in allowed:
+                self.add(where, f"reads the output of {name!r}, not among the step's dependencies")
+            elif root == "vars" and name not in known_vars:
+                self.add(where, f"reads the undeclared variable {name!r}")
+            elif root == "vars" and known_vars[name] - allowed:
+                missing = ", ".join(sorted(known_vars[name] - allowed))
+                self.add(where, f"reads variable {name!r}, which reads {missing}, not among the step's dependencies")
+
+    def check(self, workflow: orchestrator_service_pb2.Workflow, field: str, depth: int) -> WorkflowSpec | None:
+        before = len(self.violations)
+        steps_field = f"{field}.steps"
+        if not workflow.steps:
+            self.add(steps_field, "a workflow needs at least one step")
+        if len(workflow.steps) > MAX_STEPS:
+            self.add(steps_field, f"a workflow may have at most {MAX_STEPS} steps")
+        inputs = self._inputs(workflow, field)
+        known_vars = self._variable_steps(workflow, field)
+        first_index: dict[str, int] = {}
+        for index, step in enumerate(workflow.steps):
+            where = f"{steps_field}[{index}]"
+            if not _NAME.fullmatch(step.id):
+                self.add(f"{where}.id", f"{step.id!r} is not a step id (a letter or _, then letters, digits, _ or -)")
+            elif step.id in first_index:
+                self.add(f"{where}.id", f"duplicates the id of steps[{first_index[step.id]}]")
+            else:
+                first_index[step.id] = index
+            if bool(step.tool) == step.HasField("workflow"):
+                self.add(f"{where}.tool", "a step names a tool or holds a nested workflow, exactly one of them")
+            elif self.tools is not None and step.tool and step.tool not in self.tools:
+                self.add(f"{where}.tool", f"unknown tool {step.tool!r}; ListTools names the registered tools")
+        edges: dict[str, tuple[str, ...]] = {}
+        for index, step in enumerate(workflow.steps):
+            if first_index.get(step.id) != index:
+                continue
+            known = []
+            for position, dependency in enumerate(step.depends_on):
+                dep_field = f"{steps_field}[{index}].depends_on[{position}]"
+                if dependency == step.id:
+                    self.add(dep_field, f"step {step.id!r} depends on itself")
+                elif dependency not in first_index:
+                    self.add(dep_field, f"unknown step {dependency!r}")
+                else:
+                    known.append(dependency)
+            edges[step.id] = tuple(dict.fromkeys(known))
+        cycle = _find_cycle(edges)
+        if cycle:
+            # Shown in running order: each step must finish before the next one starts.
+            self.add(steps_field, "dependency cycle: " + " -> ".join(reversed(cycle)))
+            return None
+        ancestors = _ancestors(edges)
+        specs = []
+        for index, step in enumerate(workflow.steps):
+            if first_index.get(step.id) == index:
+                specs.append(self._step(step, f"{steps_field}[{index}]", edges, ancestors[step.id], known_vars, depth))
+        for name, template in workflow.outputs.items():
+            for _, path in self._references(template, f"{field}.outputs.{name}"):
+                if path[0] == "steps" and path[1] not in first_index:
+                    self.add(f"{field}.outputs.{name}", f"reads the output of the unknown step {path[1]!r}")
+                elif path[0] == "vars" and path[1] not in known_vars:
+                    self.add(f"{field}.outputs.{name}", f"reads the undeclared variable {path[1]!r}")
+        if len(self.violations) > before:
+            return None
+        return WorkflowSpec(
+            name=workflow.name,
+            steps=tuple(spec for spec in specs if spec is not None),
+            inputs=inputs,
+            outputs=dict(workflow.outputs),
+            variables=dict(workflow.variables),
+            content_hash=content_hash(workflow),
+        )
+
+    def _inputs(self, workflow: orchestrator_service_pb2.Workflow, field: str) -> tuple[InputSpec, ...]:
+        specs = []
+        seen: set[str] = set()
+        for index, declared in enumerate(workflow.inputs):
+            where = f"{field}.inputs[{index}]"
+            if not _NAME.fullmatch(declared.name):
+                self.add(f"{where}.name", f"{declared.name!r} is not an input name")
+            elif declared.name in seen:
+                self.add(f"{where}.name", f"declares {declared.name!r} twice")
+            seen.add(declared.name)
+            default = from_value(declared.default_value) if declared.HasField("default_value") else _MISSING
+            check = _TYPE_CHECKS.get(declared.type)
+            if default is not _MISSING and check is not None and not check[1](default):
+                self.add(f"{where}.default_value", f"must be {check[0]}, got {default!r}")
+            specs.append(InputSpec(declared.name, declared.type, default, declared.required))
+        return tuple(specs)
+
+    def _step(
+        self,
+        step: orchestrator_service_pb2.WorkflowStep,
+        where: str,
+        edges: Mapping[str, tuple[str, ...]],
+        ancestors: set[str],
+        known_vars: Mapping[str, set[str]],
+        depth: int,
+    ) -> StepSpec | None:
+        parameters = from_struct(step.parameters)
+        reads = [
+            (template_field, str(path[0]), str(path[1]))
+            for template_field, path in self._references(parameters, f"{where}.parameters")
+            if path[0] != "inputs"
+        ]
+        when = None
+        if step.when:
+            try:
+                when = jmespath.compile(step.when)
+            except JMESPathError as exc:
+                self.add(f"{where}.when", f"is not a JMESPath expression: {exc}")
+            reads.extend((f"{where}.when", "steps", name) for name in _STEP_REFERENCE.findall(step.when))
+            reads.extend((f"{where}.when", "vars", name) for name in _VARIABLE_REFERENCE.findall(step.when))
+        self._check_reads(reads, ancestors, known_vars)
+        nested = None
+        if step.HasField("workflow"):
+            if depth >= self.max_depth:
+                self.add(f"{where}.workflow", f"workflows may nest at most {self.max_depth} deep")
+            else:
+                nested = self.check(step.workflow, f"{where}.workflow", depth + 1)
+        retry = step.retry
+        if retry.max_attempts < 0 or retry.backoff_multiplier < 0:
+            self.add(f"{where}.retry", "max_attempts and backoff_multiplier must not be negative")
+        return StepSpec(
+            id=step.id,
+            name=step.name or step.id,
+            tool=step.tool,
+            parameters=parameters,
+            depends_on=edges[step.id],
+            strategy=step.strategy,
+            timeout_seconds=step.timeout.ToNanoseconds() / 1e9 if step.timeout.ToNanoseconds() > 0 else None,
+            workflow=nested,
+            retry=RetrySpec(
+                max_attempts=max(retry.max_attempts, 1),
+                initial_seconds=retry.initial_backoff.ToNanoseconds() / 1e9 or 1.0,
+                multiplier=retry.backoff_multiplier or 2.0,
+                max_seconds=retry.max_backoff.ToNanoseconds() / 1e9 or 60.0,
+            ),
+            when=when,
+            optional=step.optional,
+        )
+
+
+def check_workflow(
+    workflow: orchestrator_service_pb2.Workflow,
+    *,
+    field: str = "workflow",
+    tools: Collection[str] | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> WorkflowSpec:
+    """Checks a wire workflow, and those nested in it, and returns it as a :class:`WorkflowSpec`.
+
+    Args:
+        workflow: The workflow.
+        field: The name of the workflow's field in the request, for violations.
+        tools: The tools steps may name; None skips that check.
+        max_depth: How deeply workflows may nest.
 
     Raises:
         InvalidArgumentError: With one violation for every problem found, each naming its field.
     """
-    violations: list[Violation] = []
-    steps_field = f"{field}.steps"
-    if not workflow.steps:
-        violations.append(Violation(steps_field, "a workflow needs at least one step"))
-    if len(workflow.steps) > MAX_STEPS:
-        violations.append(Violation(steps_field, f"a workflow may have at most {MAX_STEPS} steps"))
-    parameters = [from_struct(step.parameters) for step in workflow.steps]
-    first_index: dict[str, int] = {}
-    for index, step in enumerate(workflow.steps):
-        where = f"{steps_field}[{index}]"
-        if not _STEP_ID.fullmatch(step.id):
-            violations.append(
-                Violation(
-                    f"{where}.id",
-                    f"{step.id!r} is not a step id (a letter or _, then letters, digits, _ or -)",
-                )
-            )
-        elif step.id in first_index:
-            violations.append(Violation(f"{where}.id", f"duplicates the id of steps[{first_index[step.id]}]"))
-        else:
-            first_index[step.id] = index
-        if not step.tool:
-            violations.append(Violation(f"{where}.tool", "names no tool"))
-    edges: dict[str, tuple[str, ...]] = {}
-    for index, step in enumerate(workflow.steps):
-        if first_index.get(step.id) != index:
-            continue
-        known = []
-        for position, dependency in enumerate(step.depends_on):
-            dep_field = f"{steps_field}[{index}].depends_on[{position}]"
-            if dependency == step.id:
-                violations.append(Violation(dep_field, f"step {step.id!r} depends on itself"))
-            elif dependency not in first_index:
-                violations.append(Violation(dep_field, f"unknown step {dependency!r}"))
-            else:
-                known.append(dependency)
-        edges[step.id] = tuple(dict.fromkeys(known))
-    cycle = _find_cycle(edges)
-    if cycle:
-        # Shown in running order: each step must finish before the next one starts.
-        violations.append(Violation(steps_field, "dependency cycle: " + " -> ".join(reversed(cycle))))
-    else:
-        ancestors = _ancestors(edges)
-        for step_id, index in first_index.items():
-            try:
-                for template_field, path in templates(
-                    parameters[index], f"{steps_field}[{index}].parameters"
-                ):
-                    if path[0] == "steps" and path[1] not in ancestors[step_id]:
-                        violations.append(
-                            Violation(
-                                template_field,
-                                f"reads the output of {path[1]!r}, not among the step's dependencies",
-                            )
-                        )
-            except TemplateError as exc:
-                violations.append(Violation(exc.field, exc.message))
-    if violations:
-        raise InvalidArgumentError(violations, reason="INVALID_WORKFLOW")
-    return WorkflowSpec(
-        name=workflow.name,
-        content_hash=content_hash(workflow),
-        steps=tuple(
-            StepSpec(
-                id=step.id,
-                name=step.name or step.id,
-                tool=step.tool,
-                parameters=parameters[index],
-                depends_on=edges[step.id],
-                strategy=step.strategy,
-                timeout_seconds=step.timeout.ToNanoseconds() / 1e9
-                if step.timeout.ToNanoseconds() > 0
-                else None,
-            )
-            for index, step in enumerate(workflow.steps)
-        ),
-    )
+    checker = _Checker(tools, max_depth)
+    size = workflow.ByteSize()
+    if size > MAX_WORKFLOW_BYTES:
+        checker.add(field, f"is {size} bytes; a workflow may have at most {MAX_WORKFLOW_BYTES}")
+    spec = checker.check(workflow, field, 1)
+    if spec is None or checker.violations:
+        raise InvalidArgumentError(checker.violations, reason="INVALID_WORKFLOW")
+    return spec

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
@@ -79,3 +82,47 @@ async def wait_for(predicate: Callable[[], bool], *, attempts: int = 500) -> Non
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition never held")
+
+
+TIERSTACK = [sys.executable, "-m", "tierstack.cli"]
+READY = re.compile(r"serving on (\S+)")
+
+
+@dataclass
+class Process:
+    """A tier in its own process; its stderr is collected line by line."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    target: str = ""
+    reader: asyncio.Task[None] | None = None
+
+    async def read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode())
+
+
+async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
+    process = await asyncio.create_subprocess_exec(
+        *TIERSTACK, "serve", tier, "--port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    tracked = Process(process)
+    tracked.reader = asyncio.create_task(tracked.read())
+    await wait_for(
+        lambda: any(READY.search(line) for line in tracked.lines) or process.returncode is not None,
+        attempts=3000,
+    )
+    match = next(READY.search(line) for line in tracked.lines if READY.search(line))
+    assert match is not None, "".join(tracked.lines)
+    tracked.target = match.group(1)
+    return tracked
+
+
+async def stop(process: Process) -> int:
+    if process.process.returncode is None:
+        process.process.send_signal(signal.SIGTERM)
+    code = await process.process.wait()
+    if process.reader is not None:
+        await process.reader
+    return code

@@ -4,65 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import wait_for
+from tests.helpers import TIERSTACK, Process, spawn_tier, stop
 from tierstack.client import CoordinatorClient
 from tierstack.v1 import coordinator_service_pb2 as pb
-
-TIERSTACK = [sys.executable, "-m", "tierstack.cli"]
-READY = re.compile(r"serving on (\S+)")
-
-
-@dataclass
-class Process:
-    """A tier in its own process; its stderr is collected line by line."""
-
-    process: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    target: str = ""
-    reader: asyncio.Task[None] | None = None
-
-    async def read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.lines.append(raw.decode())
-
-
-async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
-    process = await asyncio.create_subprocess_exec(
-        *TIERSTACK, "serve", tier, "--port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    tracked = Process(process)
-    tracked.reader = asyncio.create_task(tracked.read())
-    await wait_for(
-        lambda: any(READY.search(line) for line in tracked.lines) or process.returncode is not None,
-        attempts=3000,
-    )
-    match = next(READY.search(line) for line in tracked.lines if READY.search(line))
-    assert match is not None, "".join(tracked.lines)
-    tracked.target = match.group(1)
-    return tracked
-
-
-async def stop(process: Process) -> int:
-    if process.process.returncode is None:
-        process.process.send_signal(signal.SIGTERM)
-    code = await process.process.wait()
-    if process.reader is not None:
-        await process.reader
-    return code
 
 
 @pytest.fixture

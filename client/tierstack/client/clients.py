@@ -10,6 +10,7 @@ from typing import Any, Self
 import grpc
 
 from tierstack.client.errors import translate_errors
+from tierstack.client.values import JSON, from_value
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
 from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc
 from tierstack.v1 import executor_service_pb2 as executor_pb2
@@ -155,6 +156,33 @@ class OrchestratorClient(_Client):
                 **self._options(timeout, self.timeout),
             )
         return response.run
+
+    async def pause_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
+        """Pauses a run (steps in flight are cancelled and run again on resume) and returns it."""
+        with translate_errors():
+            response = await self._stub.PauseRun(
+                orchestrator_pb2.PauseRunRequest(run_id=run_id, reason=reason), **self._options(timeout, self.timeout)
+            )
+        return response.run
+
+    async def resume_run(self, run_id: str, *, timeout: float | None = None) -> orchestrator_pb2.Run:
+        """Resumes a paused run and returns it."""
+        with translate_errors():
+            response = await self._stub.ResumeRun(
+                orchestrator_pb2.ResumeRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+            )
+        return response.run
+
+    async def resolve_variables(
+        self, run_id: str, expressions: Sequence[str], *, timeout: float | None = None
+    ) -> list[JSON]:
+        """Resolves template expressions (``inputs.x``, ``steps.a.output.y``, ``vars.z``) in a run's context."""
+        with translate_errors():
+            response = await self._stub.ResolveVariables(
+                orchestrator_pb2.ResolveVariablesRequest(run_id=run_id, expressions=expressions),
+                **self._options(timeout, self.timeout),
+            )
+        return [from_value(value) for value in response.values]
 
     async def plan_workflow(
         self, workflow: orchestrator_pb2.Workflow, *, timeout: float | None = None

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.server.orchestrate.workflows import step, workflow
+from tests.server.orchestrate.workflows import dags, step, workflow
 from tierstack.server.errors import InvalidArgumentError
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.templates import TemplateError, lookup, render
@@ -81,17 +81,6 @@ def test_render_names_the_missing_path() -> None:
         render({"x": ["{{inputs.missing.deep}}"]}, functools.partial(lookup, {"inputs": {}}))
     assert caught.value.field == "parameters.x[0]"
     assert "inputs.missing does not exist" in caught.value.message
-
-
-@st.composite
-def dags(draw: st.DrawFn) -> list[tuple[str, tuple[str, ...]]]:
-    """Random DAGs: step i may depend only on steps before it, then the list is shuffled."""
-    size = draw(st.integers(min_value=1, max_value=25))
-    steps = []
-    for index in range(size):
-        parents = draw(st.sets(st.integers(min_value=0, max_value=index - 1), max_size=4)) if index else set()
-        steps.append((f"s{index}", tuple(f"s{p}" for p in sorted(parents))))
-    return draw(st.permutations(steps))
 
 
 @given(dags())

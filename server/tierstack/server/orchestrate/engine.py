@@ -238,6 +238,7 @@ class RunManager:
             if state.state == pb.STEP_STATE_RUNNING:
                 state.state = pb.STEP_STATE_PENDING
                 live.rerun.add(path)
+        run.state = pb.RUN_STATE_RUNNING
         live.task = asyncio.create_task(self._drive(live, resumed=reason), name=f"run-{run.run_id}")
         _log.info("run %s resumed (%s)", run.run_id, reason)
         return live

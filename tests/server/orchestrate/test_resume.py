@@ -1,0 +1,96 @@
+"""Runs survive a SIGKILL of the Orchestrate process: the restarted server resumes them, no step
+that had completed runs again, and every step's output is there at the end.
+
+``TIERSTACK_RESUME_ROUNDS`` sets how many times the scenario runs (2 by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import HttpServer, spawn_tier, start_tier, stop, wait_for
+from tests.server.orchestrate.workflows import step, workflow
+from tierstack.client import OrchestratorClient
+from tierstack.client.values import from_value, to_struct
+from tierstack.server import Settings
+from tierstack.v1 import orchestrator_service_pb2 as pb
+
+ROUNDS = int(os.environ.get("TIERSTACK_RESUME_ROUNDS", "2"))
+RUNS = 6
+STEPS = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c"), "e": ("d",), "f": ("e",)}
+
+
+def slow_echo(request: BaseHTTPRequestHandler) -> None:
+    time.sleep(0.03)  # this handler runs in the HTTP server's own thread
+    body = json.dumps({"path": request.path}).encode()
+    request.send_response(200)
+    request.send_header("Content-Type", "application/json")
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
+@pytest.mark.parametrize("round_", range(ROUNDS))
+async def test_runs_survive_a_sigkill_of_the_orchestrator(round_: int, tmp_path: Path, http_server: HttpServer) -> None:
+    paths = [f"/hit/r{run}/{name}" for run in range(RUNS) for name in STEPS]
+    for path in paths:
+        http_server.routes[path] = slow_echo
+    wf = workflow(
+        *(
+            step(name, "http.request", depends_on=deps, url=f"{http_server.url}/hit/{{{{inputs.tag}}}}/{name}")
+            for name, deps in STEPS.items()
+        )
+    )
+    env = {**os.environ}
+    execute = await start_tier("execute", Settings())
+    arguments = ("--execute-target", execute.target, "--data-dir", str(tmp_path))
+    try:
+        first = await spawn_tier("orchestrate", *arguments, env=env)
+        async with OrchestratorClient(first.target) as client:
+            run_ids = [
+                (await client.start_run(pb.StartRunRequest(workflow=wf, inputs=to_struct({"tag": f"r{n}"})))).run.run_id
+                for n in range(RUNS)
+            ]
+        await wait_for(lambda: len(http_server.hits) >= RUNS * len(STEPS) // 3, attempts=3000)
+        first.process.kill()
+        await stop(first)
+
+        second = await spawn_tier("orchestrate", *arguments, env=env)
+        try:
+            async with OrchestratorClient(second.target) as client:
+                histories = {run_id: [e async for e in client.watch_run(run_id)] for run_id in run_ids}
+                runs = {run_id: await client.get_run(run_id) for run_id in run_ids}
+        finally:
+            assert await stop(second) == 0
+    finally:
+        await execute.stop()
+
+    hits = Counter(http_server.hits)
+    resumed_somewhere = False
+    for number, run_id in enumerate(run_ids):
+        history, run = histories[run_id], runs[run_id]
+        assert run.state == pb.RUN_STATE_COMPLETED, run
+        assert history[-1].HasField("run_completed")
+        assert [e.sequence for e in history] == sorted({e.sequence for e in history})
+        completions = Counter(e.step_completed.step_id for e in history if e.HasField("step_completed"))
+        assert completions == dict.fromkeys(STEPS, 1), "every step completes exactly once"
+        outputs = {name: from_value(value) for name, value in run.outputs.items()}
+        assert {name: out["json"]["path"] for name, out in outputs.items()} == {  # type: ignore[index, call-overload]
+            name: f"/hit/r{number}/{name}" for name in STEPS
+        }
+        resumed_at = next((i for i, e in enumerate(history) if e.HasField("run_resumed")), None)
+        if resumed_at is None:
+            continue  # the run had ended before the kill
+        resumed_somewhere = True
+        before = {e.step_completed.step_id for e in history[:resumed_at] if e.HasField("step_completed")}
+        for name in STEPS:
+            path = f"/hit/r{number}/{name}"
+            # A step that had completed is never executed again; one in flight at the kill may be.
+            assert hits[path] == 1 if name in before else hits[path] >= 1, (path, hits[path])
+    assert resumed_somewhere, "the kill came after every run had ended; nothing was resumed"

@@ -1,0 +1,84 @@
+"""One contract every RunStore backend passes: memory and SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.server.orchestrate.workflows import event, new_run
+from tierstack.server.orchestrate import MemoryRunStore, RunStore, SqliteRunStore
+from tierstack.v1 import orchestrator_service_pb2 as pb
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunStore]:
+    backend: RunStore = MemoryRunStore() if request.param == "memory" else SqliteRunStore(tmp_path / "runs.sqlite3")
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+async def test_a_request_id_holds_one_run(store: RunStore) -> None:
+    first = await store.create_run(new_run("r1", request_id="req"))
+    again = await store.create_run(new_run("r2", request_id="req"))
+    assert first.run_id == again.run_id == "r1"
+    assert await store.get_run("r2") is None
+    assert (await store.create_run(new_run("r3"))).run_id == "r3"
+    assert (await store.create_run(new_run("r4"))).run_id == "r4"
+
+
+async def test_write_replaces_state_and_appends_events_once(store: RunStore) -> None:
+    await store.create_run(new_run("r1"))
+    run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING, last_sequence=2)
+    batch = [event("r1", 1), event("r1", 2)]
+    await store.write([run], batch)
+    await store.write([run], batch)  # a batch written again changes nothing
+    await store.write([], [event("r1", 3)])
+    stored = await store.get_stored("r1")
+    assert stored is not None
+    assert stored.run.state == pb.RUN_STATE_RUNNING
+    assert stored.limits.max_parallelism == 3
+    assert [s.id for s in stored.workflow.steps] == ["a"]
+    assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3]
+    assert [e.run_started.workflow_name for e in await store.events("r1", after_sequence=1)] == ["w2", "w3"]
+    assert await store.events("missing", after_sequence=0) == []
+
+
+async def test_list_runs_pages_newest_first_and_filters_by_state(store: RunStore) -> None:
+    for index in range(5):
+        state = pb.RUN_STATE_COMPLETED if index % 2 else pb.RUN_STATE_RUNNING
+        await store.create_run(new_run(f"r{index}", created_ns=1_000 + index, state=state))
+    first = await store.list_runs(limit=2, after=None, state=0)
+    assert [r.run_id for r in first] == ["r4", "r3"]
+    last = first[-1]
+    rest = await store.list_runs(limit=10, after=(last.create_time.ToNanoseconds(), last.run_id), state=0)
+    assert [r.run_id for r in rest] == ["r2", "r1", "r0"]
+    completed = await store.list_runs(limit=10, after=None, state=pb.RUN_STATE_COMPLETED)
+    assert [r.run_id for r in completed] == ["r3", "r1"]
+
+
+async def test_unfinished_runs_are_pending_or_running_oldest_first(store: RunStore) -> None:
+    states = [pb.RUN_STATE_RUNNING, pb.RUN_STATE_PAUSED, pb.RUN_STATE_PENDING, pb.RUN_STATE_FAILED]
+    for index, state in enumerate(states):
+        await store.create_run(new_run(f"r{index}", created_ns=1_000 + index, state=state))
+    assert [s.run.run_id for s in await store.unfinished_runs()] == ["r0", "r2"]
+
+
+async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    first = SqliteRunStore(path)
+    await first.open()
+    await first.create_run(new_run("r1", request_id="req"))
+    await first.write([pb.Run(run_id="r1", state=pb.RUN_STATE_COMPLETED)], [event("r1", 1)])
+    await first.close()
+    second = SqliteRunStore(path)
+    await second.open()
+    try:
+        run = await second.get_run("r1")
+        assert run is not None and run.state == pb.RUN_STATE_COMPLETED
+        assert (await second.create_run(new_run("r2", request_id="req"))).run_id == "r1"
+        assert [e.sequence for e in await second.events("r1", after_sequence=0)] == [1]
+    finally:
+        await second.close()

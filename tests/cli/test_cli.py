@@ -76,7 +76,8 @@ async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp
         textwrap.dedent(
             """\
             name: greet
-            inputs: {who: Ada}
+            inputs:
+              - {name: who, type: INPUT_TYPE_STRING, default_value: Ada}
             steps:
               - id: hello
                 tool: text.template
@@ -148,6 +149,7 @@ async def test_the_readme_examples_run(tiers: dict[str, Process]) -> None:
     )
     assert code == 0, output
     assert "Weather report for Porto: 18 to 24 °C, averaging 20.8 °C." in output
+    assert '"warning": null' in output
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLES / "sdk_quickstart.py"),

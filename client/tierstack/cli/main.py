@@ -109,13 +109,12 @@ def _report_error(console: Console, error: TierstackError) -> int:
     return 2 if error.field_violations else 1
 
 
-def _load_workflow(path: Path) -> tuple[orchestrator_pb.Workflow, dict[str, Any]]:
+def _load_workflow(path: Path) -> orchestrator_pb.Workflow:
+    """Reads a workflow file: the JSON mapping of ``Workflow`` in YAML or JSON (see workflow.schema.json)."""
     document = yaml.safe_load(path.read_text())
     if not isinstance(document, dict):
         raise ValueError(f"{path} does not hold a workflow mapping")
-    inputs = document.pop("inputs", None) or {}
-    workflow = json_format.ParseDict(document, orchestrator_pb.Workflow())
-    return workflow, dict(inputs)
+    return json_format.ParseDict(document, orchestrator_pb.Workflow())
 
 
 def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -132,10 +131,8 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, console: Console) -> int:
-    workflow, inputs = _load_workflow(args.workflow)
-    inputs.update(_parse_inputs(args.input))
-    request = orchestrator_pb.OrchestrateRequest(workflow=workflow)
-    request.inputs.update(inputs)
+    request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow))
+    request.inputs.update(_parse_inputs(args.input))
     final: orchestrator_pb.RunEvent | None = None
     async with OrchestratorClient(args.target) as client:
         with RunProgress(console) as view:

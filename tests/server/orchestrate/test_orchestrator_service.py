@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
 from tests.server.orchestrate.workflows import step, workflow
@@ -234,3 +237,89 @@ async def test_an_unreachable_executor_is_reported_before_the_run_starts(data_di
             assert list((await client.list_runs()).runs) == []
     finally:
         await orchestrate.stop()
+
+
+async def test_pause_resume_and_resolve_through_the_sdk(stack: Stack, http_server: HttpServer) -> None:
+    release = hold_until_released(http_server, "/slow")
+    wf = pb.Workflow(
+        name="paused",
+        variables={"where": "{{inputs.city}} via {{steps.first.output}}"},
+        steps=[
+            step("first", value="one"),
+            step("slow", "http.request", depends_on=("first",), url=f"{http_server.url}/slow"),
+        ],
+    )
+    started = await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf, inputs=to_struct({"city": "Oslo"})))
+    run_id = started.run.run_id
+    await wait_for(lambda: "/slow" in http_server.hits)
+    paused = await stack.orchestrator.pause_run(run_id, reason="deploy")
+    assert paused.state == pb.RUN_STATE_PAUSED
+    assert await stack.orchestrator.resolve_variables(run_id, ["inputs.city", "vars.where", "steps.first.output"]) == [
+        "Oslo",
+        "Oslo via one",
+        "one",
+    ]
+    with pytest.raises(FailedPreconditionError):
+        await stack.orchestrator.pause_run(run_id)
+    release.set()
+    resumed = await stack.orchestrator.resume_run(run_id)
+    assert resumed.state == pb.RUN_STATE_RUNNING
+    history = [event async for event in stack.orchestrator.watch_run(run_id)]
+    assert history[-1].HasField("run_completed")
+    with pytest.raises(FailedPreconditionError):
+        await stack.orchestrator.resume_run(run_id)
+
+
+async def test_unknown_tools_are_rejected_before_the_run(stack: Stack) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(step("a", "no.such.tool"))))
+    assert [(v.field, v.description) for v in caught.value.field_violations] == [
+        ("workflow.steps[0].tool", "unknown tool 'no.such.tool'; ListTools names the registered tools")
+    ]
+
+
+_IDS = st.sampled_from(["a", "b", "c", "d", "", "1x", "a b"])
+_TEMPLATES = st.sampled_from(
+    ["{{steps.a.output}}", "{{steps.zz.output}}", "{{inputs.x}}", "{{vars.v}}", "{{steps.b}}", "{{inputs..x}}", "plain"]
+)
+
+
+@st.composite
+def messy_workflows(draw: st.DrawFn) -> pb.Workflow:
+    """Workflows of every sort of badness (and some that are fine)."""
+    steps = []
+    for _ in range(draw(st.integers(min_value=0, max_value=5))):
+        wf_step = pb.WorkflowStep(
+            id=draw(_IDS),
+            tool=draw(st.sampled_from(["core.echo", "", "nope"])),
+            depends_on=draw(st.lists(_IDS, max_size=3)),
+            when=draw(st.sampled_from(["", "inputs.x", "steps.a.output == `1`", "(((", "vars.v"])),
+        )
+        wf_step.parameters.update({"value": draw(_TEMPLATES)})
+        steps.append(wf_step)
+    return pb.Workflow(name="messy", steps=steps, variables=draw(st.dictionaries(_IDS, _TEMPLATES, max_size=2)))
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(messy_workflows())
+def test_random_workflows_are_accepted_or_invalid_never_internal(tmp_path: Path, wf: pb.Workflow) -> None:
+    async def scenario() -> None:
+        execute = await start_tier("execute", Settings())
+        orchestrate = await start_tier("orchestrate", Settings(execute_target=execute.target, data_dir=tmp_path))
+        try:
+            async with OrchestratorClient(orchestrate.target) as client:
+                try:
+                    await client.start_run(pb.StartRunRequest(workflow=wf))
+                except InvalidArgumentError as exc:
+                    assert exc.field_violations, "an INVALID_ARGUMENT names its fields"
+                    return
+                ids = [s.id for s in wf.steps]
+                # Accepted: then it was well formed.
+                assert ids and len(set(ids)) == len(ids) and all(s.tool == "core.echo" for s in wf.steps)
+        finally:
+            await orchestrate.stop()
+            await execute.stop()
+
+    asyncio.run(scenario())

@@ -37,7 +37,9 @@ run: install
 	$(BIN)/tierstack up
 
 bench: install
-	$(BIN)/python tools/bench/bench_execute.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m tools.bench.bench_execute
+	$(BIN)/python -m tools.bench.bench_orchestrate
 
 clean:
 	rm -rf $(VENV) .tools .tierstack .mypy_cache .ruff_cache .pytest_cache .hypothesis

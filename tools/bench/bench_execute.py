@@ -3,7 +3,7 @@
 Both servers run in their own processes under uvloop; one client process drives both with the same
 request bytes, at concurrency 1 and 16, and prints requests/s, p50 and p99 with the ratios.
 
-Usage: ``python tools/bench/bench_execute.py [--requests N]``.
+Usage: ``python -m tools.bench.bench_execute [--requests N]``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import uvloop
 from tierstack.client import ExecutorClient
 from tierstack.client.values import to_struct
 from tierstack.v1 import common_pb2, executor_service_pb2
+from tools.bench.processes import serving
 
 HERE = Path(__file__).resolve().parent
 READY = re.compile(rb"serving on (\S+)")
@@ -38,29 +38,6 @@ class Result:
     requests_per_second: float
     p50_ms: float
     p99_ms: float
-
-
-@asynccontextmanager
-async def serving(*command: str) -> AsyncIterator[str]:
-    """Runs a server process for the block and yields the address it reports."""
-    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
-    assert process.stderr is not None
-    target = ""
-    async for line in process.stderr:
-        match = READY.search(line)
-        if match:
-            target = match.group(1).decode()
-            break
-    drain = asyncio.create_task(process.stderr.read())  # keeps the pipe from filling up
-    try:
-        if not target:
-            raise RuntimeError(f"{command} exited before serving")
-        yield target
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
-        await drain
 
 
 def median(results: list[Result]) -> Result:

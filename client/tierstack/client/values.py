@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TypeAlias
 
@@ -76,6 +77,5 @@ def to_duration(seconds: float) -> duration_pb2.Duration:
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
     """Returns the current time as a protobuf Timestamp."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    nanos = time.time_ns()
+    return timestamp_pb2.Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)

@@ -1,4 +1,4 @@
-"""The write-behind event log: batches, critical writes, and nothing seen before it is stored."""
+"""The write-behind event log: batches, urgent writes, and nothing seen before it is stored."""
 
 from __future__ import annotations
 
@@ -13,18 +13,17 @@ async def test_events_are_batched_and_announced_only_once_stored() -> None:
     store = MemoryRunStore()
     await store.create_run(new_run("r1"))
     log = EventLog(store, interval=3600)  # only a critical record or close() writes here
-    log.start()
     seen: list[int] = []
     run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
     try:
         for sequence in (1, 2, 3):
-            log.record(
-                run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events), critical=False
-            )
+            log.record(run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events), urgent=False)
         await asyncio.sleep(0.01)
         assert seen == [] and await store.events("r1", after_sequence=0) == []
         run.state = pb.RUN_STATE_COMPLETED
-        written = log.record(run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), critical=True)
+        written = log.record(
+            run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), urgent=True, with_run=True
+        )
         await written
         assert seen == [1, 2, 3, 4]
         assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3, 4]
@@ -39,7 +38,6 @@ async def test_close_writes_what_is_queued() -> None:
     store = MemoryRunStore()
     await store.create_run(new_run("r1"))
     log = EventLog(store, interval=3600)
-    log.start()
-    log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, critical=False)
+    log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=False)
     await log.close()
     assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1]

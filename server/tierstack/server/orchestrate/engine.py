@@ -8,7 +8,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
@@ -44,6 +44,8 @@ from tierstack.server.orchestrate.workflow import (
     StepSpec,
     WorkflowSpec,
     check_workflow,
+    content_hash,
+    unknown_tools,
 )
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -66,6 +68,7 @@ _NOT_RETRYABLE = frozenset(
     }
 )
 _error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
+_SPEC_CACHE_SIZE = 512
 
 
 class StepRunner(Protocol):
@@ -137,6 +140,7 @@ class RunManager:
         self._closing = False
         self.log = EventLog(store, interval=flush_interval)
         self.planner = Planner(self._estimate)
+        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
 
     def _estimate(self, step: StepSpec) -> float:
         if step.workflow is not None:
@@ -149,8 +153,7 @@ class RunManager:
         return len(self._live)
 
     async def open(self) -> None:
-        """Starts the event log and resumes every run a previous process left pending or running."""
-        self.log.start()
+        """Resumes every run a previous process left pending or running."""
         for stored in await self._store.unfinished_runs():
             self._resume(
                 stored, await self._store.events(stored.run.run_id, after_sequence=0), "orchestrator restarted"
@@ -173,9 +176,31 @@ class RunManager:
             InvalidArgumentError: Every problem found, each naming its field.
             TierstackError: Tier 3 could not be asked for its tools.
         """
-        tools = await self._tools() if self._tools is not None else None
         max_depth = limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
-        return check_workflow(workflow, tools=tools, max_depth=max_depth)
+        unknown = unknown_tools(workflow, await self._tools()) if self._tools is not None else []
+        try:
+            spec = self.spec(workflow, max_depth)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError([*exc.violations, *unknown], reason=exc.reason) from None
+        if unknown:
+            raise InvalidArgumentError(unknown, reason="INVALID_WORKFLOW")
+        return spec
+
+    def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
+        """Returns the checked form of a workflow; an identical workflow is checked only once (LRU).
+
+        Raises:
+            InvalidArgumentError: Every problem found, each naming its field.
+        """
+        key = (content_hash(workflow), max_depth)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = check_workflow(workflow, max_depth=max_depth)
+            if len(self._specs) > _SPEC_CACHE_SIZE:
+                self._specs.popitem(last=False)
+        else:
+            self._specs.move_to_end(key)
+        return spec
 
     async def start_run(
         self,
@@ -229,9 +254,12 @@ class RunManager:
         """Continues a stored run: completed steps keep their outputs, steps that were in flight run
         again with the same attempt (and so the same idempotency key at Tier 3)."""
         run = stored.run
-        spec = check_workflow(stored.workflow, max_depth=stored.limits.max_depth or DEFAULT_MAX_DEPTH)
+        spec = self.spec(stored.workflow, stored.limits.max_depth or DEFAULT_MAX_DEPTH)
         live = self._track(run, spec, stored.limits)
         live.history = history
+        for event in history:
+            if event.sequence > run.last_sequence:  # newer than the stored record: replay it
+                _replay(live, event)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
         for path, state in live.steps.items():
@@ -334,7 +362,9 @@ class RunManager:
             stored = await self._store.get_stored(run_id)
             if stored is None:
                 raise NotFoundError("run", run_id)
-            live = _LiveRun(stored.run, check_workflow(stored.workflow), stored.limits, self._parallelism)
+            live = _LiveRun(stored.run, self.spec(stored.workflow), stored.limits, self._parallelism)
+            for event in await self._store.events(run_id, after_sequence=stored.run.last_sequence):
+                _replay(live, event)
             live.context = RunContext(live.spec, from_struct(stored.run.inputs), live.output_of, lambda *_: None)
         try:
             return live.context.resolve_all(expressions)
@@ -366,7 +396,10 @@ class RunManager:
                 return
             await changed.wait()
 
-    def _append(self, live: _LiveRun, *, critical: bool = False, **payload: Any) -> asyncio.Future[None]:
+    def _append(
+        self, live: _LiveRun, *, urgent: bool = False, with_run: bool = False, **payload: Any
+    ) -> asyncio.Future[None]:
+        """Records one event through the write-behind log; an urgent one is written at once."""
         run = live.run
         run.last_sequence += 1
         event = pb.RunEvent(
@@ -376,13 +409,11 @@ class RunManager:
             correlation_id=run.correlation_id,
             **payload,
         )
-        return self.log.record(run, event, live.written, critical=critical)
+        return self.log.record(run, event, live.written, urgent=urgent, with_run=with_run)
 
-    async def _emit(self, live: _LiveRun, *, critical: bool = False, **payload: Any) -> None:
-        """Records one event; a critical one (and the run's state with it) is stored before this returns."""
-        written = self._append(live, critical=critical, **payload)
-        if critical:
-            await asyncio.shield(written)
+    async def _transition(self, live: _LiveRun, **payload: Any) -> None:
+        """Records a transition of the run itself, with its record, and waits until both are stored."""
+        await asyncio.shield(self._append(live, urgent=True, with_run=True, **payload))
 
     async def _drive(self, live: _LiveRun, *, resumed: str | None) -> None:
         run = live.run
@@ -390,10 +421,10 @@ class RunManager:
             run.state = pb.RUN_STATE_RUNNING
             if resumed is None:
                 started = pb.RunStarted(workflow_name=run.workflow_name, step_count=len(live.spec.steps))
-                await self._emit(live, critical=True, run_started=started)
+                await self._transition(live, run_started=started)
             else:
                 done = sum(state.state == pb.STEP_STATE_COMPLETED for state in live.steps.values())
-                await self._emit(live, critical=True, run_resumed=pb.RunResumed(reason=resumed, completed_steps=done))
+                await self._transition(live, run_resumed=pb.RunResumed(reason=resumed, completed_steps=done))
             error = await self._run_graph(live, live.spec, live.context, "")
             run.end_time.CopyFrom(now_timestamp())
             elapsed = (run.end_time.ToNanoseconds() - run.create_time.ToNanoseconds()) / 1e9
@@ -408,26 +439,26 @@ class RunManager:
                     run.outputs[name].CopyFrom(output)
                 run.state = pb.RUN_STATE_COMPLETED
                 completed = pb.RunCompleted(outputs=run.outputs, usage=live.usage)
-                await self._emit(live, critical=True, run_completed=completed)
+                await self._transition(live, run_completed=completed)
             else:
                 run.state = pb.RUN_STATE_FAILED
                 run.error.CopyFrom(error)
-                await self._emit(live, critical=True, run_failed=pb.RunFailed(error=error))
+                await self._transition(live, run_failed=pb.RunFailed(error=error))
         except asyncio.CancelledError:
             if self._closing:
                 raise  # the server is stopping: the run stays unfinished, to resume on the next start
             if live.stop == "pause":
                 run.state = pb.RUN_STATE_PAUSED
-                await self._emit(live, critical=True, run_paused=pb.RunPaused(reason=live.stop_reason))
+                await self._transition(live, run_paused=pb.RunPaused(reason=live.stop_reason))
             else:
                 run.state = pb.RUN_STATE_CANCELLED
                 run.end_time.CopyFrom(now_timestamp())
-                await self._emit(live, critical=True, run_cancelled=pb.RunCancelled(reason=live.stop_reason))
+                await self._transition(live, run_cancelled=pb.RunCancelled(reason=live.stop_reason))
         except Exception:
             _log.exception("run %s crashed", run.run_id)
             run.state = pb.RUN_STATE_FAILED
             run.error.CopyFrom(_error("INTERNAL", "the orchestrator failed while running the workflow"))
-            await self._emit(live, critical=True, run_failed=pb.RunFailed(error=run.error))
+            await self._transition(live, run_failed=pb.RunFailed(error=run.error))
         finally:
             live.finished = True
             live.written([])
@@ -488,32 +519,32 @@ class RunManager:
                 try:
                     skip = "" if context.holds(step.when) else "its `when` condition is false"
                 except JMESPathError as exc:
-                    return await self._fail(live, path, _error("CONDITION_ERROR", f"`when` failed: {exc}"))
+                    return self._fail(live, path, _error("CONDITION_ERROR", f"`when` failed: {exc}"))
             if skip:
                 state.state = pb.STEP_STATE_SKIPPED
                 state.skip_reason = skip
-                await self._emit(live, step_skipped=pb.StepSkipped(step_id=path, reason=skip))
+                self._append(live, step_skipped=pb.StepSkipped(step_id=path, reason=skip))
                 return None
             while True:
                 error = await self._attempt(live, step, context, prefix)
                 if error is None:
                     return None
                 if error.reason in _NOT_RETRYABLE or state.attempt >= step.retry.max_attempts:
-                    return await self._fail(live, path, error)
+                    return self._fail(live, path, error)
                 backoff = step.retry.backoff(state.attempt)
                 retried = pb.StepRetried(step_id=path, attempt=state.attempt, error=error, backoff=to_duration(backoff))
-                await self._emit(live, step_retried=retried)
+                self._append(live, step_retried=retried)
                 await asyncio.sleep(backoff)
         except asyncio.CancelledError:
             state.state = self._interrupted_state(live)
             raise
 
-    async def _fail(self, live: _LiveRun, path: str, error: common_pb2.ErrorDetail) -> common_pb2.ErrorDetail:
+    def _fail(self, live: _LiveRun, path: str, error: common_pb2.ErrorDetail) -> common_pb2.ErrorDetail:
         error.metadata["step_id"] = path
         state = live.steps[path]
         state.state = pb.STEP_STATE_FAILED
         state.error.CopyFrom(error)
-        await self._emit(live, critical=True, step_failed=pb.StepFailed(step_id=path, error=error))
+        self._append(live, urgent=True, step_failed=pb.StepFailed(step_id=path, error=error))
         return error
 
     async def _attempt(
@@ -528,7 +559,7 @@ class RunManager:
             state.attempt += 1
         state.state = pb.STEP_STATE_RUNNING
         tool = step.tool or "workflow"
-        await self._emit(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
+        self._append(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
         try:
             arguments = render(step.parameters, context.resolve)
         except TemplateError as exc:
@@ -550,8 +581,9 @@ class RunManager:
         live.usage.credits += usage.credits
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
-        completed = pb.StepCompleted(step_id=path, output=output, usage=usage)
-        await self._emit(live, critical=True, step_completed=completed)
+        # Written at once, but not waited for: dependents may start while the batch is written. A
+        # crash before it lands runs the step again, under the same idempotency key.
+        self._append(live, urgent=True, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
         return None
 
     async def _run_nested(
@@ -608,3 +640,22 @@ class RunManager:
         if error is None and usage is None:
             error = _error("EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed")
         return output, usage or common_pb2.ResourceUsage(), error
+
+
+def _replay(live: _LiveRun, event: pb.RunEvent) -> None:
+    """Applies a step event to the run's step states (resuming from events newer than its record)."""
+    kind = event.WhichOneof("payload")
+    if kind == "step_started":
+        state = live.steps[event.step_started.step_id]
+        state.state, state.attempt = pb.STEP_STATE_RUNNING, event.step_started.attempt
+    elif kind == "step_completed":
+        state = live.steps[event.step_completed.step_id]
+        state.state = pb.STEP_STATE_COMPLETED
+        state.output.CopyFrom(event.step_completed.output)
+    elif kind == "step_failed":
+        state = live.steps[event.step_failed.step_id]
+        state.state = pb.STEP_STATE_FAILED
+        state.error.CopyFrom(event.step_failed.error)
+    elif kind == "step_skipped":
+        state = live.steps[event.step_skipped.step_id]
+        state.state, state.skip_reason = pb.STEP_STATE_SKIPPED, event.step_skipped.reason

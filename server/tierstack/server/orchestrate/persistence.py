@@ -1,16 +1,16 @@
-"""Write-behind persistence of run events and run state, with group commit.
+"""Write-behind persistence of run events, with group commit.
 
-Events queue in memory and are written in batches, each batch with the latest state of the runs it
-touches, in one transaction: on an interval, when the queue is long, and at once for a critical
-transition, whose writer waits until its batch is durable. Nobody sees an event before it is stored:
-watchers are told of events only after their batch is written, so a restart never renumbers an event
-anyone saw.
+Events queue in memory and are written in batches, in one transaction each: a batch is written
+``interval`` after its first event, or at once when an event is urgent or the queue is long; while a
+batch is being written, the next one gathers. A run's state (its ``Run`` record) is written with
+the batch when the caller asks for it, at the run's own transitions; step states are rebuilt from
+events on resume. Nobody sees an event before it is stored: the caller is told of events only after
+their batch is written, so a restart never renumbers an event anyone saw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,103 +32,90 @@ class FlushStats:
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Batch:
     events: list[RunEvent] = field(default_factory=list)
     runs: dict[str, Run] = field(default_factory=dict)
     listeners: dict[str, Callable[[list[RunEvent]], None]] = field(default_factory=dict)
+    written: asyncio.Future[None] | None = None
 
 
 class EventLog:
-    """Batches writes of events and run state to a :class:`RunStore`.
+    """Batches writes of events (and run records) to a :class:`RunStore`.
 
     Args:
         store: Where batches go.
         interval: The longest an event waits before its batch is written, in seconds.
-        max_batch: Writes the batch at once when this many events wait.
+        max_batch: Writes at once when this many events wait.
     """
 
     def __init__(self, store: RunStore, *, interval: float = 0.01, max_batch: int = 512) -> None:
         self._store = store
         self._interval = interval
         self._max_batch = max_batch
-        self._pending = _Pending()
-        self._wake = asyncio.Event()
-        self._written: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._batch = _Batch()
+        self._timer: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._again = False
         self.stats = FlushStats()
 
-    def start(self) -> None:
-        """Starts the flusher task."""
-        self._task = asyncio.create_task(self._flush_forever(), name="tierstack-event-log")
-
-    async def close(self) -> None:
-        """Writes what is queued and stops the flusher (it is not cancelled in the middle of a write)."""
-        if self._task is not None:
-            self._stopping = True
-            self._wake.set()
-            await self._task
-            self._task = None
-        await self._flush()
-
-    def _batch_written(self) -> asyncio.Future[None]:
-        if self._written is None:
-            self._written = asyncio.get_running_loop().create_future()
-        return self._written
-
     def record(
-        self, run: Run, event: RunEvent, on_written: Callable[[list[RunEvent]], None], *, critical: bool
+        self,
+        run: Run,
+        event: RunEvent,
+        on_written: Callable[[list[RunEvent]], None],
+        *,
+        urgent: bool = False,
+        with_run: bool = False,
     ) -> asyncio.Future[None]:
-        """Queues ``event`` and the run's current state; ``on_written`` gets the run's events once
-        their batch is stored. Returns a future done when the batch is stored; a critical record
-        has its batch written at once."""
-        pending = self._pending
-        pending.events.append(event)
-        pending.runs[run.run_id] = run
-        pending.listeners[run.run_id] = on_written
-        if critical or len(pending.events) >= self._max_batch:
-            self._wake.set()
-        return self._batch_written()
+        """Queues ``event`` (and, with ``with_run``, the run record as it is when written);
+        ``on_written`` gets the run's events once their batch is stored. Returns a future done then."""
+        batch = self._batch
+        batch.events.append(event)
+        batch.listeners[run.run_id] = on_written
+        if with_run:
+            batch.runs[run.run_id] = run
+        if batch.written is None:
+            batch.written = asyncio.get_running_loop().create_future()
+        if urgent or len(batch.events) >= self._max_batch:
+            self._write_soon()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+        return batch.written
 
-    async def _flush_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
-            try:
-                await self._flush()
-            except Exception:
-                _log.exception("writing run events failed; they stay queued")
-                await asyncio.sleep(self._interval)
-            if self._stopping:
-                return
+    def _write_soon(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="tierstack-event-log")
+        else:
+            self._again = True  # the running writer takes what gathered once it is done
 
-    async def _flush(self) -> None:
-        batch, written = self._pending, self._written
-        if not batch.events:
-            return
-        self._pending, self._written = _Pending(), None
-        # Snapshots are taken now, so the stored state matches the events written with it.
+    async def _write_all(self) -> None:
+        try:
+            while self._batch.events:
+                self._again = False
+                if not await self._write(self._batch) or not self._again:
+                    break
+        finally:
+            self._writer = None
+        if self._batch.events and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+
+    async def _write(self, batch: _Batch) -> bool:
+        self._batch = _Batch()
+        # Run records are serialised now, so each matches the events written with it.
         runs = [Run.FromString(run.SerializeToString()) for run in batch.runs.values()]
         start = time.perf_counter()
         try:
             await self._store.write(runs, batch.events)
-        except BaseException as exc:
-            # Put the batch back in front, so nothing accepted is lost.
-            self._pending.events[:0] = batch.events
-            for run_id, run in batch.runs.items():
-                self._pending.runs.setdefault(run_id, run)
-                self._pending.listeners.setdefault(run_id, batch.listeners[run_id])
-            if written is not None:
-                if not isinstance(exc, asyncio.CancelledError):
-                    # Critical writers see the error; the events are written with a later batch.
-                    written.set_exception(exc)
-                    written.exception()  # marks it retrieved when nobody waits for it
-                elif self._written is None:
-                    self._written = written
-                else:
-                    self._written.add_done_callback(lambda later: _follow(later, written))
-            raise
+        except Exception as exc:
+            _log.exception("writing %d run events failed; they are kept for the next batch", len(batch.events))
+            self._requeue(batch)
+            if batch.written is not None:
+                batch.written.set_exception(exc)
+                batch.written.exception()  # retrieved: whoever waits sees it, nobody else is warned
+            return False
         stats = self.stats
         stats.flushes += 1
         stats.events += len(batch.events)
@@ -139,14 +126,24 @@ class EventLog:
             by_run.setdefault(event.run_id, []).append(event)
         for run_id, events in by_run.items():
             batch.listeners[run_id](events)
-        if written is not None:
-            written.set_result(None)
+        if batch.written is not None:
+            batch.written.set_result(None)
+        return True
 
+    def _requeue(self, failed: _Batch) -> None:
+        batch = self._batch
+        batch.events[:0] = failed.events
+        for run_id, run in failed.runs.items():
+            batch.runs.setdefault(run_id, run)
+        for run_id, listener in failed.listeners.items():
+            batch.listeners.setdefault(run_id, listener)
 
-def _follow(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
-    if target.done():
-        return
-    if source.cancelled() or source.exception() is None:
-        target.set_result(None)
-    else:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
+    async def close(self) -> None:
+        """Writes what is queued and waits for the writer (it is never cancelled mid-write)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+        if self._batch.events:
+            await self._write(self._batch)

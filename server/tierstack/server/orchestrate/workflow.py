@@ -184,26 +184,22 @@ def _find_cycle(edges: Mapping[str, tuple[str, ...]]) -> list[str]:
     return []
 
 
-def _ancestors(edges: Mapping[str, tuple[str, ...]]) -> dict[str, set[str]]:
-    """Returns every step's transitive dependencies; ``edges`` must be acyclic."""
-    found: dict[str, set[str]] = {}
-    for step_id in edges:
-        result: set[str] = set()
-        stack = list(edges[step_id])
-        while stack:
-            dependency = stack.pop()
-            if dependency not in result:
-                result.add(dependency)
-                stack.extend(edges[dependency])
-        found[step_id] = result
+def _ancestors(edges: Mapping[str, tuple[str, ...]], step_id: str) -> set[str]:
+    """Returns a step's transitive dependencies; ``edges`` must be acyclic."""
+    found: set[str] = set()
+    stack = list(edges[step_id])
+    while stack:
+        dependency = stack.pop()
+        if dependency not in found:
+            found.add(dependency)
+            stack.extend(edges[dependency])
     return found
 
 
 class _Checker:
     """Collects every problem of a workflow and of the workflows nested in it."""
 
-    def __init__(self, tools: Collection[str] | None, max_depth: int) -> None:
-        self.tools = tools
+    def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
         self.violations: list[Violation] = []
 
@@ -264,8 +260,6 @@ class _Checker:
                 first_index[step.id] = index
             if bool(step.tool) == step.HasField("workflow"):
                 self.add(f"{where}.tool", "a step names a tool or holds a nested workflow, exactly one of them")
-            elif self.tools is not None and step.tool and step.tool not in self.tools:
-                self.add(f"{where}.tool", f"unknown tool {step.tool!r}; ListTools names the registered tools")
         edges: dict[str, tuple[str, ...]] = {}
         for index, step in enumerate(workflow.steps):
             if first_index.get(step.id) != index:
@@ -285,11 +279,10 @@ class _Checker:
             # Shown in running order: each step must finish before the next one starts.
             self.add(steps_field, "dependency cycle: " + " -> ".join(reversed(cycle)))
             return None
-        ancestors = _ancestors(edges)
         specs = []
         for index, step in enumerate(workflow.steps):
             if first_index.get(step.id) == index:
-                specs.append(self._step(step, f"{steps_field}[{index}]", edges, ancestors[step.id], known_vars, depth))
+                specs.append(self._step(step, f"{steps_field}[{index}]", edges, known_vars, depth))
         for name, template in workflow.outputs.items():
             for _, path in self._references(template, f"{field}.outputs.{name}"):
                 if path[0] == "steps" and path[1] not in first_index:
@@ -329,7 +322,6 @@ class _Checker:
         step: orchestrator_service_pb2.WorkflowStep,
         where: str,
         edges: Mapping[str, tuple[str, ...]],
-        ancestors: set[str],
         known_vars: Mapping[str, set[str]],
         depth: int,
     ) -> StepSpec | None:
@@ -347,7 +339,8 @@ class _Checker:
                 self.add(f"{where}.when", f"is not a JMESPath expression: {exc}")
             reads.extend((f"{where}.when", "steps", name) for name in _STEP_REFERENCE.findall(step.when))
             reads.extend((f"{where}.when", "vars", name) for name in _VARIABLE_REFERENCE.findall(step.when))
-        self._check_reads(reads, ancestors, known_vars)
+        if reads:
+            self._check_reads(reads, _ancestors(edges, step.id), known_vars)
         nested = None
         if step.HasField("workflow"):
             if depth >= self.max_depth:
@@ -377,25 +370,36 @@ class _Checker:
         )
 
 
+def unknown_tools(
+    workflow: orchestrator_service_pb2.Workflow, tools: Collection[str], *, field: str = "workflow"
+) -> list[Violation]:
+    """Returns a violation for every step, nested ones too, that names a tool not in ``tools``."""
+    found = []
+    for index, step in enumerate(workflow.steps):
+        where = f"{field}.steps[{index}]"
+        if step.tool and step.tool not in tools:
+            found.append(
+                Violation(f"{where}.tool", f"unknown tool {step.tool!r}; ListTools names the registered tools")
+            )
+        if step.HasField("workflow"):
+            found.extend(unknown_tools(step.workflow, tools, field=f"{where}.workflow"))
+    return found
+
+
 def check_workflow(
-    workflow: orchestrator_service_pb2.Workflow,
-    *,
-    field: str = "workflow",
-    tools: Collection[str] | None = None,
-    max_depth: int = DEFAULT_MAX_DEPTH,
+    workflow: orchestrator_service_pb2.Workflow, *, field: str = "workflow", max_depth: int = DEFAULT_MAX_DEPTH
 ) -> WorkflowSpec:
     """Checks a wire workflow, and those nested in it, and returns it as a :class:`WorkflowSpec`.
 
     Args:
         workflow: The workflow.
         field: The name of the workflow's field in the request, for violations.
-        tools: The tools steps may name; None skips that check.
         max_depth: How deeply workflows may nest.
 
     Raises:
         InvalidArgumentError: With one violation for every problem found, each naming its field.
     """
-    checker = _Checker(tools, max_depth)
+    checker = _Checker(max_depth)
     size = workflow.ByteSize()
     if size > MAX_WORKFLOW_BYTES:
         checker.add(field, f"is {size} bytes; a workflow may have at most {MAX_WORKFLOW_BYTES}")

@@ -1,0 +1,286 @@
+"""The orchestrator's cost per step, side by side with a bare asyncio runner and LangGraph.
+
+1. In process, no-op steps: a 100-step chain and a 10x10 layered DAG (each step of a layer depends
+   on every step of the layer before), through the run manager (in-memory store, events recorded),
+   a bare asyncio ready-set runner, and LangGraph (installed with `pip install -e .[bench]`).
+2. Durable runs through gRPC: Orchestrate (SQLite) and Execute as separate processes; a client
+   streams every event of 100-step `core.echo` chains, one at a time and 8 at once.
+3. Many live runs: 10,000 runs held at once by one run manager over SQLite, each waiting in its
+   step; the memory per live run is the growth of RSS divided by the runs.
+
+Usage: ``python -m tools.bench.bench_orchestrate [--repeat N] [--live-runs N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import operator
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import uvloop
+
+from tierstack.client import OrchestratorClient
+from tierstack.client.values import to_struct, to_value
+from tierstack.server.orchestrate import MemoryRunStore, RunManager, RunStore, SqliteRunStore
+from tierstack.v1 import common_pb2, executor_service_pb2
+from tierstack.v1 import orchestrator_service_pb2 as pb
+from tools.bench.processes import serving
+
+Graph = dict[str, tuple[str, ...]]
+
+
+def chain(length: int) -> Graph:
+    return {f"s{i}": (f"s{i - 1}",) if i else () for i in range(length)}
+
+
+def layered(layers: int, width: int) -> Graph:
+    return {
+        f"l{layer}_{i}": tuple(f"l{layer - 1}_{j}" for j in range(width)) if layer else ()
+        for layer in range(layers)
+        for i in range(width)
+    }
+
+
+def workflow(graph: Graph, tool: str = "core.echo") -> pb.Workflow:
+    return pb.Workflow(
+        name="bench",
+        steps=[pb.WorkflowStep(id=sid, tool=tool, depends_on=deps) for sid, deps in graph.items()],
+    )
+
+
+class NoOpSteps:
+    """A step runner whose steps finish at once: what is measured is the orchestration."""
+
+    def __init__(self, *, hold_until: int = 0) -> None:
+        self.gate = asyncio.Event()
+        self.all_waiting = asyncio.Event()
+        self._hold_until = hold_until
+        self._waiting = 0
+        if not hold_until:
+            self.gate.set()
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteRequest
+    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+        if not self.gate.is_set():
+            self._waiting += 1
+            if self._waiting == self._hold_until:
+                self.all_waiting.set()
+            await self.gate.wait()
+        yield executor_service_pb2.ExecutionEvent(output=executor_service_pb2.ExecutionOutput(value=to_value(None)))
+        yield executor_service_pb2.ExecutionEvent(completed=executor_service_pb2.ExecutionCompleted())
+
+
+async def run_tierstack(manager: RunManager, wf: pb.Workflow) -> None:
+    run, _ = await manager.start_run(
+        workflow=wf, inputs=to_struct({}), limits=common_pb2.ResourceLimits(), context=common_pb2.RequestContext()
+    )
+    async for _ in manager.watch(run.run_id):
+        pass
+
+
+async def run_bare(graph: Graph) -> None:
+    """The least an asyncio program can do: start each step once its dependencies are done."""
+
+    async def step() -> None:
+        await asyncio.sleep(0)
+
+    waiting = {sid: len(deps) for sid, deps in graph.items()}
+    dependents: dict[str, list[str]] = {sid: [] for sid in graph}
+    for sid, deps in graph.items():
+        for dep in deps:
+            dependents[dep].append(sid)
+    running = {asyncio.create_task(step()): sid for sid, count in waiting.items() if count == 0}
+    while running:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            for dependent in dependents[running.pop(task)]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    running[asyncio.create_task(step())] = dependent
+
+
+def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
+    try:
+        from langgraph.graph import END, START, StateGraph
+    except ImportError:
+        return None
+
+    class State(TypedDict):
+        done: Annotated[int, operator.add]
+
+    async def node(state: State) -> dict[str, int]:
+        return {"done": 1}
+
+    builder = StateGraph(State)
+    for sid in graph:
+        builder.add_node(sid, node)
+    for sid, deps in graph.items():
+        if not deps:
+            builder.add_edge(START, sid)
+        elif len(deps) == 1:
+            builder.add_edge(deps[0], sid)
+        else:
+            builder.add_edge(list(deps), sid)
+    leaves = set(graph) - {dep for deps in graph.values() for dep in deps}
+    for leaf in leaves:
+        builder.add_edge(leaf, END)
+    compiled = builder.compile()
+    return lambda: compiled.ainvoke({"done": 0})
+
+
+async def timed(run: Callable[[], Awaitable[Any]], repeat: int) -> float:
+    """Returns the median seconds of one run, after a warm-up run."""
+    await run()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await run()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+async def in_process(repeat: int) -> None:
+    manager = RunManager(MemoryRunStore(), NoOpSteps(), flush_interval=0.001)
+    await manager.open()
+    print("## In process: per-step cost of no-op steps (median of runs)\n")
+    print("| graph | steps | runner | µs per step | vs bare asyncio |")
+    print("|---|---:|---|---:|---:|")
+    try:
+        for name, graph in (("100-step chain", chain(100)), ("10x10 layered DAG", layered(10, 10))):
+            wf = workflow(graph)
+
+            async def bare(graph: Graph = graph) -> None:
+                await run_bare(graph)
+
+            async def ours(wf: pb.Workflow = wf) -> None:
+                await run_tierstack(manager, wf)
+
+            results = {"bare asyncio": await timed(bare, repeat), "tierstack": await timed(ours, repeat)}
+            langgraph = langgraph_runner(graph)
+            if langgraph is not None:
+                results["LangGraph"] = await timed(langgraph, repeat)
+            base = results["bare asyncio"]
+            for runner, seconds in results.items():
+                per_step = seconds / len(graph) * 1e6
+                print(f"| {name} | {len(graph)} | {runner} | {per_step:,.1f} | {seconds / base:.1f}x |")
+            if langgraph is None:
+                print(f"| {name} | {len(graph)} | LangGraph | not installed (`pip install -e .[bench]`) | |")
+            else:
+                ratio = results["LangGraph"] / results["tierstack"]
+                print(f"\ntierstack takes 1/{ratio:.1f} of LangGraph's time per step\n")
+    finally:
+        await manager.close()
+
+
+async def durable_over_grpc(repeat: int) -> None:
+    with tempfile.TemporaryDirectory() as data:
+        async with (
+            serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as execute_target,
+            serving(
+                sys.executable,
+                "-m",
+                "tierstack.cli",
+                "serve",
+                "orchestrate",
+                "--port",
+                "0",
+                "--execute-target",
+                execute_target,
+                "--data-dir",
+                data,
+            ) as orchestrate_target,
+            OrchestratorClient(orchestrate_target) as client,
+        ):
+            wf = workflow(chain(100))
+
+            async def one_run() -> int:
+                events = 0
+                async for _ in client.orchestrate(pb.OrchestrateRequest(workflow=wf)):
+                    events += 1
+                return events
+
+            await one_run()
+            print("## Durable runs through gRPC: 100-step chains of `core.echo`, SQLite, every event streamed\n")
+            print("| concurrent runs | runs/s | ms per step | events per run |")
+            print("|---:|---:|---:|---:|")
+            for concurrency in (1, 8):
+                samples = []
+                events = 0
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    counts = await asyncio.gather(*(one_run() for _ in range(concurrency)))
+                    samples.append(time.perf_counter() - start)
+                    events = counts[0]
+                seconds = statistics.median(samples)
+                print(
+                    f"| {concurrency} | {concurrency / seconds:,.1f} | {seconds / 100 * 1e3 / concurrency:.3f} | "
+                    f"{events} |"
+                )
+            print()
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def many_live_runs(count: int) -> None:
+    with tempfile.TemporaryDirectory() as data:
+        store: RunStore = SqliteRunStore(Path(data) / "runs.sqlite3")
+        await store.open()
+        steps = NoOpSteps(hold_until=count)
+        manager = RunManager(store, steps)
+        await manager.open()
+        try:
+            wf = workflow(chain(2))
+            before = rss_bytes()
+            start = time.perf_counter()
+            for _ in range(count):
+                await manager.start_run(
+                    workflow=wf,
+                    inputs=to_struct({}),
+                    limits=common_pb2.ResourceLimits(),
+                    context=common_pb2.RequestContext(),
+                )
+            started = time.perf_counter() - start
+            await steps.all_waiting.wait()
+            held = rss_bytes() - before
+            steps.gate.set()
+            start = time.perf_counter()
+            while manager.live_runs:  # noqa: ASYNC110 - the manager has no "all runs ended" event to wait on
+                await asyncio.sleep(0.01)
+            finished = time.perf_counter() - start
+        finally:
+            await manager.close()
+            await store.close()
+    print("## Live runs held by one process (SQLite store)\n")
+    print("| live runs | started in | RSS growth | per live run | all finished in |")
+    print("|---:|---:|---:|---:|---:|")
+    print(
+        f"| {count:,} | {started:.1f} s | {held / 2**20:,.1f} MiB | {held / count / 1024:,.1f} KiB | "
+        f"{finished:.1f} s |\n"
+    )
+
+
+async def main(repeat: int, live_runs: int) -> None:
+    await in_process(repeat)
+    await durable_over_grpc(repeat)
+    await many_live_runs(live_runs)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--live-runs", type=int, default=10_000)
+    arguments = parser.parse_args()
+    uvloop.run(main(arguments.repeat, arguments.live_runs))

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
@@ -400,15 +401,18 @@ class RunManager:
         self, live: _LiveRun, *, urgent: bool = False, with_run: bool = False, **payload: Any
     ) -> asyncio.Future[None]:
         """Records one event through the write-behind log; an urgent one is written at once."""
+        return self._record(live, pb.RunEvent(**payload), urgent=urgent, with_run=with_run)
+
+    def _record(
+        self, live: _LiveRun, event: pb.RunEvent, *, urgent: bool = False, with_run: bool = False
+    ) -> asyncio.Future[None]:
+        """Numbers, stamps and records an event whose payload is already set."""
         run = live.run
         run.last_sequence += 1
-        event = pb.RunEvent(
-            sequence=run.last_sequence,
-            time=now_timestamp(),
-            run_id=run.run_id,
-            correlation_id=run.correlation_id,
-            **payload,
-        )
+        event.sequence = run.last_sequence
+        event.run_id = run.run_id
+        event.correlation_id = run.correlation_id
+        event.time.FromNanoseconds(time.time_ns())
         return self.log.record(run, event, live.written, urgent=urgent, with_run=with_run)
 
     async def _transition(self, live: _LiveRun, **payload: Any) -> None:
@@ -478,28 +482,48 @@ class RunManager:
                 state.skip_reason = ""
         settled = {step.id for step in spec.steps if live.steps[prefix + step.id].state == pb.STEP_STATE_COMPLETED}
         waiting = {s.id: sum(d not in settled for d in s.depends_on) for s in spec.steps if s.id not in settled}
-        ready = deque(step_id for step_id, count in waiting.items() if count == 0)
-        running: dict[asyncio.Task[common_pb2.ErrorDetail | None], str] = {}
-        try:
-            while ready or running:
-                while ready:
-                    step = spec.by_id[ready.popleft()]
-                    running[asyncio.create_task(self._run_step(live, step, context, prefix))] = step.id
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    step_id = running.pop(task)
-                    error = task.result()
-                    if error is not None and not spec.by_id[step_id].optional:
-                        return error
-                    for dependent in spec.dependents[step_id]:
-                        waiting[dependent] -= 1
-                        if waiting[dependent] == 0:
-                            ready.append(dependent)
+        if not waiting:
             return None
+        outcome: asyncio.Future[common_pb2.ErrorDetail | None] = asyncio.get_running_loop().create_future()
+        running: dict[asyncio.Task[common_pb2.ErrorDetail | None], str] = {}
+        unsettled = len(waiting)
+
+        # Steps are started from their dependencies' done callbacks: no task waits on the whole
+        # running set, so a wide DAG costs no more per step than a chain.
+        def start(step_id: str) -> None:
+            task = asyncio.create_task(self._run_step(live, spec.by_id[step_id], context, prefix))
+            running[task] = step_id
+            task.add_done_callback(settle)
+
+        def settle(task: asyncio.Task[common_pb2.ErrorDetail | None]) -> None:
+            nonlocal unsettled
+            step_id = running.pop(task)
+            if outcome.done() or task.cancelled():
+                return
+            if task.exception() is not None:
+                outcome.set_exception(task.exception())  # type: ignore[arg-type]
+                return
+            error = task.result()
+            if error is not None and not spec.by_id[step_id].optional:
+                outcome.set_result(error)
+                return
+            unsettled -= 1
+            if unsettled == 0:
+                outcome.set_result(None)
+            for dependent in spec.dependents[step_id]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    start(dependent)
+
+        for step_id in [step_id for step_id, count in waiting.items() if count == 0]:
+            start(step_id)
+        try:
+            return await outcome
         finally:
-            for task in running:
+            tasks = list(running)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _interrupted_state(self, live: _LiveRun) -> pb.StepState.ValueType:
         if self._closing:
@@ -581,9 +605,10 @@ class RunManager:
         live.usage.credits += usage.credits
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
-        # Written at once, but not waited for: dependents may start while the batch is written. A
-        # crash before it lands runs the step again, under the same idempotency key.
-        self._append(live, urgent=True, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
+        # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
+        # event before it is stored; a crash before then runs the step again, under the same
+        # idempotency key, so Tier 3 replays the result instead of running the tool twice.
+        self._append(live, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
         return None
 
     async def _run_nested(
@@ -627,7 +652,10 @@ class RunManager:
         error: common_pb2.ErrorDetail | None = None
         try:
             async for event in self._runner.execute(request):
-                self._append(live, step_execution=pb.StepExecution(step_id=path, event=event))
+                forwarded = pb.RunEvent()
+                forwarded.step_execution.step_id = path
+                forwarded.step_execution.event.CopyFrom(event)  # one copy, straight into place
+                self._record(live, forwarded)
                 kind = event.WhichOneof("payload")
                 if kind == "output":
                     output = event.output.value

@@ -646,7 +646,9 @@ class RunEvent(_message.Message):
 
     @_builtins.property
     def step_execution(self) -> Global___StepExecution:
-        """Forwards an event from the executor running a step."""
+        """Forwards an event from the executor running a step: its start and its tool calls (its output
+        and its end arrive as StepCompleted or StepFailed).
+        """
 
     @_builtins.property
     def step_completed(self) -> Global___StepCompleted:

@@ -487,11 +487,14 @@ class RunManager:
         outcome: asyncio.Future[common_pb2.ErrorDetail | None] = asyncio.get_running_loop().create_future()
         running: dict[asyncio.Task[common_pb2.ErrorDetail | None], str] = {}
         unsettled = len(waiting)
+        blocked_by: dict[str, str] = {}  # a step's first dependency that settled without completing
 
         # Steps are started from their dependencies' done callbacks: no task waits on the whole
         # running set, so a wide DAG costs no more per step than a chain.
         def start(step_id: str) -> None:
-            task = asyncio.create_task(self._run_step(live, spec.by_id[step_id], context, prefix))
+            task = asyncio.create_task(
+                self._run_step(live, spec.by_id[step_id], context, prefix, blocked_by.get(step_id))
+            )
             running[task] = step_id
             task.add_done_callback(settle)
 
@@ -510,7 +513,10 @@ class RunManager:
             unsettled -= 1
             if unsettled == 0:
                 outcome.set_result(None)
+            completed = live.steps[prefix + step_id].state == pb.STEP_STATE_COMPLETED
             for dependent in spec.dependents[step_id]:
+                if not completed:
+                    blocked_by.setdefault(dependent, step_id)
                 waiting[dependent] -= 1
                 if waiting[dependent] == 0:
                     start(dependent)
@@ -531,13 +537,13 @@ class RunManager:
         return pb.STEP_STATE_PENDING if live.stop == "pause" else pb.STEP_STATE_CANCELLED
 
     async def _run_step(
-        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
+        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str, blocked: str | None
     ) -> common_pb2.ErrorDetail | None:
-        """Settles one step: skips it, or runs it (retrying per its policy); returns its failure."""
+        """Settles one step: skips it (``blocked`` names a dependency that did not complete), or runs
+        it, retrying per its policy; returns its failure."""
         path = prefix + step.id
         state = live.steps[path]
         try:
-            blocked = next((d for d in step.depends_on if live.output_of(prefix + d) is None), None)
             skip = f"dependency {blocked!r} did not complete" if blocked is not None else ""
             if not skip and step.when is not None:
                 try:
@@ -652,10 +658,6 @@ class RunManager:
         error: common_pb2.ErrorDetail | None = None
         try:
             async for event in self._runner.execute(request):
-                forwarded = pb.RunEvent()
-                forwarded.step_execution.step_id = path
-                forwarded.step_execution.event.CopyFrom(event)  # one copy, straight into place
-                self._record(live, forwarded)
                 kind = event.WhichOneof("payload")
                 if kind == "output":
                     output = event.output.value
@@ -663,6 +665,11 @@ class RunManager:
                     usage = event.completed.usage
                 elif kind == "failed":
                     error = event.failed.error
+                else:  # the output and the end travel in StepCompleted / StepFailed, not twice
+                    forwarded = pb.RunEvent()
+                    forwarded.step_execution.step_id = path
+                    forwarded.step_execution.event.CopyFrom(event)  # one copy, straight into place
+                    self._record(live, forwarded)
         except TierstackError as exc:
             error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
         if error is None and usage is None:

@@ -111,7 +111,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchRun(self, request, context):
-        """Streams a run's events after a given sequence number: stored history first, then live events.
+        """Streams a run's events after a given sequence number: stored history first, then live events
+        until the run ends or pauses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

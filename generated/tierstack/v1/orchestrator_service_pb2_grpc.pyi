@@ -38,7 +38,9 @@ class OrchestratorServiceStub:
     StartRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]
     """Starts a run and returns at once; a `request_id` already seen returns the existing run."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchRunRequest, _orchestrator_service_pb2.WatchRunResponse]
-    """Streams a run's events after a given sequence number: stored history first, then live events."""
+    """Streams a run's events after a given sequence number: stored history first, then live events
+    until the run ends or pauses.
+    """
     GetRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]
     """Returns one run."""
     ListRuns: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]
@@ -66,7 +68,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     StartRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run and returns at once; a `request_id` already seen returns the existing run."""
     WatchRun: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchRunRequest, _orchestrator_service_pb2.WatchRunResponse]  # type: ignore[assignment]
-    """Streams a run's events after a given sequence number: stored history first, then live events."""
+    """Streams a run's events after a given sequence number: stored history first, then live events
+    until the run ends or pauses.
+    """
     GetRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns one run."""
     ListRuns: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]  # type: ignore[assignment]
@@ -109,7 +113,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.WatchRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.WatchRunResponse], _abc.AsyncIterator[_orchestrator_service_pb2.WatchRunResponse]]:
-        """Streams a run's events after a given sequence number: stored history first, then live events."""
+        """Streams a run's events after a given sequence number: stored history first, then live events
+        until the run ends or pauses.
+        """
 
     @_abc_1.abstractmethod
     def GetRun(

@@ -41,7 +41,7 @@ def test_every_problem_is_reported_at_once() -> None:
     )
     assert found == {
         "workflow.steps[0].depends_on[0]": "unknown step 'ghost'",
-        "workflow.steps[1].id": "duplicates the id of steps[0]",
+        "workflow.steps[1].id": "duplicates the name of steps[0]",
         "workflow.steps[2].tool": "a step names a tool or holds a nested workflow, exactly one of them",
         "workflow.steps[3].depends_on[0]": "step 'c' depends on itself",
         "workflow.steps[4].parameters.value": "reads the output of 'b', not among the step's dependencies",

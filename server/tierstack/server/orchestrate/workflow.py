@@ -206,6 +206,15 @@ class _Checker:
     def add(self, field: str, description: str) -> None:
         self.violations.append(Violation(field, description))
 
+    def _unique_name(self, field: str, name: str, seen: dict[str, int], index: int, collection: str) -> None:
+        """Checks that ``name`` is a name (a letter or _, then letters, digits, _ or -) not yet in ``seen``."""
+        if not _NAME.fullmatch(name):
+            self.add(field, f"{name!r} is not a name (a letter or _, then letters, digits, _ or -)")
+        elif name in seen:
+            self.add(field, f"duplicates the name of {collection}[{seen[name]}]")
+        else:
+            seen[name] = index
+
     def _references(self, value: JSON, field: str) -> Iterator[tuple[str, Path]]:
         try:
             yield from templates(value, field)
@@ -252,12 +261,7 @@ class _Checker:
         first_index: dict[str, int] = {}
         for index, step in enumerate(workflow.steps):
             where = f"{steps_field}[{index}]"
-            if not _NAME.fullmatch(step.id):
-                self.add(f"{where}.id", f"{step.id!r} is not a step id (a letter or _, then letters, digits, _ or -)")
-            elif step.id in first_index:
-                self.add(f"{where}.id", f"duplicates the id of steps[{first_index[step.id]}]")
-            else:
-                first_index[step.id] = index
+            self._unique_name(f"{where}.id", step.id, first_index, index, "steps")
             if bool(step.tool) == step.HasField("workflow"):
                 self.add(f"{where}.tool", "a step names a tool or holds a nested workflow, exactly one of them")
         edges: dict[str, tuple[str, ...]] = {}
@@ -302,14 +306,10 @@ class _Checker:
 
     def _inputs(self, workflow: orchestrator_service_pb2.Workflow, field: str) -> tuple[InputSpec, ...]:
         specs = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for index, declared in enumerate(workflow.inputs):
             where = f"{field}.inputs[{index}]"
-            if not _NAME.fullmatch(declared.name):
-                self.add(f"{where}.name", f"{declared.name!r} is not an input name")
-            elif declared.name in seen:
-                self.add(f"{where}.name", f"declares {declared.name!r} twice")
-            seen.add(declared.name)
+            self._unique_name(f"{where}.name", declared.name, seen, index, "inputs")
             default = from_value(declared.default_value) if declared.HasField("default_value") else _MISSING
             check = _TYPE_CHECKS.get(declared.type)
             if default is not _MISSING and check is not None and not check[1](default):

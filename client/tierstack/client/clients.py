@@ -94,6 +94,22 @@ class ExecutorClient(_Client):
         with translate_errors():
             return await self._stub.ExecuteTool(request, **self._options(timeout, self.timeout))
 
+    def execute_tools(
+        self, request: executor_pb2.ExecuteToolsRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[executor_pb2.ToolBatchEvent]:
+        """Runs a batch of independent tool calls and yields each result as it finishes."""
+        return self._stream(self._stub.ExecuteTools(request, **self._options(timeout, None)))
+
+    async def get_tool_stats(
+        self, *, slow_threshold: float = 0.0, timeout: float | None = None
+    ) -> executor_pb2.GetToolStatsResponse:
+        """Returns every tool's calls, failures and latency percentiles, and the slow tools."""
+        request = executor_pb2.GetToolStatsRequest()
+        if slow_threshold:
+            request.slow_threshold.FromNanoseconds(round(slow_threshold * 1e9))
+        with translate_errors():
+            return await self._stub.GetToolStats(request, **self._options(timeout, self.timeout))
+
     async def list_tools(
         self, request: executor_pb2.ListToolsRequest | None = None, *, timeout: float | None = None
     ) -> executor_pb2.ListToolsResponse:

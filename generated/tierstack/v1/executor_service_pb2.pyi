@@ -420,6 +420,230 @@ class ExecuteToolResponse(_message.Message):
 Global___ExecuteToolResponse: _TypeAlias = ExecuteToolResponse  # noqa: Y015
 
 @_typing.final
+class ExecuteToolsRequest(_message.Message):
+    """Asks to run a batch of independent tool calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    max_concurrency: _builtins.int
+    """Caps the calls of this batch running at once; zero means 4. The server's own cap applies too."""
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """Ties the calls to the request they serve."""
+
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
+        """Lists the calls; results refer to them by their position here."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Bounds each call's duration; zero means each tool's default."""
+
+    def __init__(
+        self,
+        *,
+        context: _common_pb2.RequestContext | None = ...,
+        calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
+        max_concurrency: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "context", b"context", "max_concurrency", b"max_concurrency", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteToolsRequest: _TypeAlias = ExecuteToolsRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteToolsResponse(_message.Message):
+    """Carries one event of a batch of tool calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___ToolBatchEvent:
+        """Holds the event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___ToolBatchEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteToolsResponse: _TypeAlias = ExecuteToolsResponse  # noqa: Y015
+
+@_typing.final
+class ToolBatchEvent(_message.Message):
+    """Reports one thing that happened in a batch of tool calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CALL_FINISHED_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Orders the events of one batch, starting at 1."""
+    correlation_id: _builtins.str
+    """Identifies the request across all tiers."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Records when the event happened."""
+
+    @_builtins.property
+    def call_finished(self) -> Global___ToolCallFinished:
+        """Reports that a call finished, successfully or not, with its position in the request."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        correlation_id: _builtins.str = ...,
+        call_finished: Global___ToolCallFinished | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_finished", b"call_finished", "payload", b"payload", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_finished", b"call_finished", "correlation_id", b"correlation_id", "payload", b"payload", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["call_finished"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___ToolBatchEvent: _TypeAlias = ToolBatchEvent  # noqa: Y015
+
+@_typing.final
+class GetToolStatsRequest(_message.Message):
+    """Asks for the per-tool statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOW_THRESHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slow_threshold(self) -> _duration_pb2.Duration:
+        """Lists as slow the tools whose average latency is above this; zero means the server's threshold."""
+
+    def __init__(
+        self,
+        *,
+        slow_threshold: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slow_threshold", b"slow_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slow_threshold", b"slow_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetToolStatsRequest: _TypeAlias = GetToolStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetToolStatsResponse(_message.Message):
+    """Returns the per-tool statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    SLOW_TOOLS_FIELD_NUMBER: _builtins.int
+    SLOW_THRESHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolStats]:
+        """Lists the statistics of every tool called so far, ordered by name."""
+
+    @_builtins.property
+    def slow_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names the tools whose average latency is above the threshold, slowest first."""
+
+    @_builtins.property
+    def slow_threshold(self) -> _duration_pb2.Duration:
+        """Gives the threshold used."""
+
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[Global___ToolStats] | None = ...,
+        slow_tools: _abc.Iterable[_builtins.str] | None = ...,
+        slow_threshold: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slow_threshold", b"slow_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slow_threshold", b"slow_threshold", "slow_tools", b"slow_tools", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetToolStatsResponse: _TypeAlias = GetToolStatsResponse  # noqa: Y015
+
+@_typing.final
+class ToolStats(_message.Message):
+    """Summarises the calls of one tool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    AVERAGE_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Names the tool."""
+    calls: _builtins.int
+    """Counts the calls that ended."""
+    failures: _builtins.int
+    """Counts the calls that failed."""
+    @_builtins.property
+    def average(self) -> _duration_pb2.Duration:
+        """Gives the mean latency."""
+
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration:
+        """Gives the median latency."""
+
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration:
+        """Gives the 95th percentile latency."""
+
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration:
+        """Gives the 99th percentile latency."""
+
+    @_builtins.property
+    def last_error(self) -> _common_pb2.ErrorDetail:
+        """Describes the latest failure, if any."""
+
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        average: _duration_pb2.Duration | None = ...,
+        p50: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
+        last_error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "calls", b"calls", "failures", b"failures", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolStats: _TypeAlias = ToolStats  # noqa: Y015
+
+@_typing.final
 class ListToolsRequest(_message.Message):
     """Asks for the registered tools."""
 

@@ -45,6 +45,16 @@ class ExecutorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolResponse.FromString,
                 _registered_method=True)
+        self.ExecuteTools = channel.unary_stream(
+                '/tierstack.v1.ExecutorService/ExecuteTools',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsResponse.FromString,
+                _registered_method=True)
+        self.GetToolStats = channel.unary_unary(
+                '/tierstack.v1.ExecutorService/GetToolStats',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.FromString,
+                _registered_method=True)
         self.ListTools = channel.unary_unary(
                 '/tierstack.v1.ExecutorService/ListTools',
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsRequest.SerializeToString,
@@ -70,6 +80,21 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteTools(self, request, context):
+        """Runs a batch of independent tool calls under a concurrency limit and streams each result as it
+        finishes; one call's failure does not stop the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetToolStats(self, request, context):
+        """Reports every tool's calls, failures and latency percentiles, and which tools are slow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTools(self, request, context):
         """Describes the registered tools and their parameter schemas.
         """
@@ -89,6 +114,16 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ExecuteTool,
                     request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolResponse.SerializeToString,
+            ),
+            'ExecuteTools': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteTools,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsResponse.SerializeToString,
+            ),
+            'GetToolStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetToolStats,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.SerializeToString,
             ),
             'ListTools': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTools,
@@ -151,6 +186,60 @@ class ExecutorService:
             '/tierstack.v1.ExecutorService/ExecuteTool',
             tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolRequest.SerializeToString,
             tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierstack.v1.ExecutorService/ExecuteTools',
+            tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetToolStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.ExecutorService/GetToolStats',
+            tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,12 @@ class ExecutorServiceStub:
     """Runs one step and streams its events until it completes or fails."""
     ExecuteTool: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ExecuteToolRequest, _executor_service_pb2.ExecuteToolResponse]
     """Runs one tool call and returns its result."""
+    ExecuteTools: _grpc.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteToolsRequest, _executor_service_pb2.ExecuteToolsResponse]
+    """Runs a batch of independent tool calls under a concurrency limit and streams each result as it
+    finishes; one call's failure does not stop the others.
+    """
+    GetToolStats: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.GetToolStatsRequest, _executor_service_pb2.GetToolStatsResponse]
+    """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]
     """Describes the registered tools and their parameter schemas."""
 
@@ -49,6 +55,12 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Runs one step and streams its events until it completes or fails."""
     ExecuteTool: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ExecuteToolRequest, _executor_service_pb2.ExecuteToolResponse]  # type: ignore[assignment]
     """Runs one tool call and returns its result."""
+    ExecuteTools: _aio.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteToolsRequest, _executor_service_pb2.ExecuteToolsResponse]  # type: ignore[assignment]
+    """Runs a batch of independent tool calls under a concurrency limit and streams each result as it
+    finishes; one call's failure does not stop the others.
+    """
+    GetToolStats: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.GetToolStatsRequest, _executor_service_pb2.GetToolStatsResponse]  # type: ignore[assignment]
+    """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
     ListTools: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """Describes the registered tools and their parameter schemas."""
 
@@ -70,6 +82,24 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.ExecuteToolResponse, _abc.Awaitable[_executor_service_pb2.ExecuteToolResponse]]:
         """Runs one tool call and returns its result."""
+
+    @_abc_1.abstractmethod
+    def ExecuteTools(
+        self,
+        request: _executor_service_pb2.ExecuteToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteToolsResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteToolsResponse]]:
+        """Runs a batch of independent tool calls under a concurrency limit and streams each result as it
+        finishes; one call's failure does not stop the others.
+        """
+
+    @_abc_1.abstractmethod
+    def GetToolStats(
+        self,
+        request: _executor_service_pb2.GetToolStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.GetToolStatsResponse, _abc.Awaitable[_executor_service_pb2.GetToolStatsResponse]]:
+        """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
 
     @_abc_1.abstractmethod
     def ListTools(

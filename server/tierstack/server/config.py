@@ -23,6 +23,8 @@ class Settings:
         data_dir: Where Orchestrate keeps its SQLite run store.
         http_allowed_hosts: Host patterns (fnmatch) the ``http.request`` tool may reach.
         grace_seconds: How long in-flight calls may finish when the server stops.
+        slow_tool_seconds: Tools whose average latency is above this are reported as slow.
+        max_concurrent_tools: How many tool calls of ``ExecuteTools`` batches run at once per server.
     """
 
     host: str = "127.0.0.1"
@@ -32,6 +34,8 @@ class Settings:
     data_dir: Path = Path(".tierstack")
     http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
     grace_seconds: float = 5.0
+    slow_tool_seconds: float = 1.0
+    max_concurrent_tools: int = 64
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -49,4 +53,6 @@ class Settings:
                 tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
             ),
             grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
+            slow_tool_seconds=float(env.get("TIERSTACK_SLOW_TOOL_SECONDS", defaults.slow_tool_seconds)),
+            max_concurrent_tools=int(env.get("TIERSTACK_MAX_CONCURRENT_TOOLS", defaults.max_concurrent_tools)),
         )

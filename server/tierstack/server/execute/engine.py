@@ -12,6 +12,7 @@ from typing import Any
 
 from tierstack.client.values import from_struct, now_timestamp, to_duration, to_value
 from tierstack.server.errors import error_detail
+from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -44,8 +45,10 @@ class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
     call runs, so a malformed step fails as a whole without side effects."""
 
-    def __init__(self, registry: ToolRegistry, *, remembered: int = 10_000) -> None:
+    def __init__(self, registry: ToolRegistry, *, remembered: int = 10_000, max_concurrent_tools: int = 64) -> None:
         self.registry = registry
+        self.monitor = ToolMonitor()
+        self._server_slots = asyncio.Semaphore(max_concurrent_tools)
         self._remembered = remembered
         self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
 
@@ -68,7 +71,9 @@ class Executor:
             result.error.CopyFrom(
                 _error("TOOL_FAILED", f"{tool.name} raised {type(exc).__name__}: {exc}", tool=tool.name)
             )
-        result.duration.CopyFrom(to_duration(time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        result.duration.CopyFrom(to_duration(elapsed))
+        self.monitor.record(tool.name, elapsed, result.error if result.HasField("error") else None)
         return result
 
     async def execute_tool(self, request: executor_service_pb2.ExecuteToolRequest) -> common_pb2.ToolResult:
@@ -81,6 +86,45 @@ class Executor:
         tool = self.registry.resolve(request.call.tool, arguments, field_prefix="call")
         timeout_ns = request.timeout.ToNanoseconds()
         return await self.call(tool, arguments, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
+
+    async def execute_tools(
+        self, request: executor_service_pb2.ExecuteToolsRequest
+    ) -> AsyncIterator[executor_service_pb2.ToolBatchEvent]:
+        """Runs independent tool calls at once, at most ``max_concurrency`` (4 by default) of this
+        batch and ``max_concurrent_tools`` of the whole server, yielding each result as it finishes.
+        Leaving early cancels the calls still running.
+
+        Raises:
+            InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
+        """
+        calls = []
+        for index, call in enumerate(request.calls):
+            arguments = from_struct(call.arguments)
+            calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"calls[{index}]"), arguments))
+        timeout_ns = request.timeout.ToNanoseconds()
+        timeout = timeout_ns / 1e9 if timeout_ns > 0 else None
+        batch_slots = asyncio.Semaphore(request.max_concurrency or 4)
+
+        async def run(index: int, tool: Tool, arguments: dict[str, Any]) -> tuple[int, common_pb2.ToolResult]:
+            async with batch_slots, self._server_slots:
+                return index, await self.call(tool, arguments, timeout=timeout)
+
+        tasks = [asyncio.create_task(run(index, tool, arguments)) for index, (tool, arguments) in enumerate(calls)]
+        sequence = 0
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                index, result = await next_done
+                sequence += 1
+                yield executor_service_pb2.ToolBatchEvent(
+                    sequence=sequence,
+                    time=now_timestamp(),
+                    correlation_id=request.context.correlation_id,
+                    call_finished=executor_service_pb2.ToolCallFinished(index=index, result=result),
+                )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def execute(
         self, request: executor_service_pb2.ExecuteRequest

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from tierstack.client.values import to_struct
+from tierstack.client.values import to_duration, to_struct
 from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
@@ -26,8 +26,9 @@ _SOURCES = {
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     """Translates ExecutorService calls into executor calls."""
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, *, slow_tool_seconds: float) -> None:
         self._executor = executor
+        self._slow_tool_seconds = slow_tool_seconds
 
     async def Execute(
         self, request: executor_service_pb2.ExecuteRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -41,6 +42,37 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     ) -> executor_service_pb2.ExecuteToolResponse:
         correlation.bind(request.context)
         return executor_service_pb2.ExecuteToolResponse(result=await self._executor.execute_tool(request))
+
+    async def ExecuteTools(
+        self, request: executor_service_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[executor_service_pb2.ExecuteToolsResponse]:
+        correlation.bind(request.context)
+        async for event in self._executor.execute_tools(request):
+            yield executor_service_pb2.ExecuteToolsResponse(event=event)
+
+    async def GetToolStats(
+        self, request: executor_service_pb2.GetToolStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.GetToolStatsResponse:
+        threshold_ns = request.slow_threshold.ToNanoseconds()
+        threshold = threshold_ns / 1e9 if threshold_ns > 0 else self._slow_tool_seconds
+        monitor = self._executor.monitor
+        return executor_service_pb2.GetToolStatsResponse(
+            tools=[
+                executor_service_pb2.ToolStats(
+                    tool=tool,
+                    calls=record.latency.count,
+                    failures=record.failures,
+                    average=to_duration(record.average),
+                    p50=to_duration(record.latency.percentile(0.50)),
+                    p95=to_duration(record.latency.percentile(0.95)),
+                    p99=to_duration(record.latency.percentile(0.99)),
+                    last_error=record.last_error,
+                )
+                for tool, record in monitor.records().items()
+            ],
+            slow_tools=monitor.slow(threshold),
+            slow_threshold=to_duration(threshold),
+        )
 
     async def ListTools(
         self, request: executor_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -73,10 +105,13 @@ class ExecuteService:
         self._http = HttpRequester(settings.http_allowed_hosts)
         self.registry = ToolRegistry()
         register_builtin_tools(self.registry, self._http)
-        self.executor = Executor(self.registry)
+        self.executor = Executor(self.registry, max_concurrent_tools=settings.max_concurrent_tools)
+        self._slow_tool_seconds = settings.slow_tool_seconds
 
     def register(self, server: grpc.aio.Server) -> None:
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(self.executor), server)
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
+            ExecutorServicer(self.executor, slow_tool_seconds=self._slow_tool_seconds), server
+        )
 
     async def start(self) -> None:
         """Nothing runs in the background of Tier 3."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import uuid
+import secrets
 
 from tierstack.v1 import common_pb2
 
@@ -17,7 +17,7 @@ def bind(context: common_pb2.RequestContext) -> str:
     Fills ``context.correlation_id`` with a new id when the caller sent none, and returns it.
     """
     if not context.correlation_id:
-        context.correlation_id = uuid.uuid4().hex
+        context.correlation_id = secrets.token_hex(16)
     _current.set(context.correlation_id)
     return context.correlation_id
 

@@ -8,7 +8,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any, cast
 
 import grpc
@@ -39,16 +39,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: MethodMetrics) -> None:
         self._metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method: str = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._handlers[method] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """Returns ``handler`` with its behaviour observed; built once per method."""
         # grpc.aio servicers are coroutines and async generators; the stubs type the sync flavour.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -71,22 +79,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
 
-    @asynccontextmanager
-    async def _observe(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    def _observe(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Observed:
         """Times the block as one call of ``method``; a domain error, or a failed call to the tier below,
         becomes the mapped status."""
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except (DomainError, TierstackError) as exc:
-            error = exc
-            await context.abort_with_status(to_grpc_status(exc))
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._finish(method, context, error, start)
+        return _Observed(self, method, context)
 
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -116,3 +112,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.record(method, _code_name(context, error), elapsed)
+
+
+class _Observed:
+    """The block of one call: timed, with its errors mapped (a plain class: this runs on every call)."""
+
+    __slots__ = ("_context", "_interceptor", "_method", "_start")
+
+    def __init__(
+        self, interceptor: ServerInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._context = context
+        self._start = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            if isinstance(error, DomainError | TierstackError):
+                await self._context.abort_with_status(to_grpc_status(error))
+        finally:
+            self._interceptor._finish(self._method, self._context, error, self._start)
+        return False

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 
 from tierstack.client.values import JSON
@@ -57,13 +58,23 @@ class Tool:
     source: ToolSource = ToolSource.BUILTIN
     timeout_seconds: float = 30.0
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
+    _accepts: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         Draft202012Validator.check_schema(self.parameters)
         object.__setattr__(self, "_validator", Draft202012Validator(self.parameters))
+        # Compiled to Python code: every call is checked on the fast path; only a call that fails
+        # it goes through jsonschema, which names every offending field.
+        object.__setattr__(self, "_accepts", fastjsonschema.compile(dict(self.parameters)))
 
     def violations(self, arguments: Mapping[str, Any], *, prefix: str) -> list[Violation]:
         """Returns what is wrong with ``arguments``, each naming its field under ``prefix``."""
+        try:
+            self._accepts(arguments)
+        except fastjsonschema.JsonSchemaException:
+            pass
+        else:
+            return []
         found = []
         for error in sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.absolute_path)):
             path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)

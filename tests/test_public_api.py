@@ -34,12 +34,15 @@ PACKAGES = {
         "service_for",
     },
     "tierstack.server.execute": {
+        "ENTRY_POINT_GROUP",
         "ExecuteService",
         "Executor",
         "Tool",
         "ToolError",
         "ToolRegistry",
         "ToolSource",
+        "schema_of",
+        "tool",
     },
     "tierstack.server.orchestrate": {
         "EventLog",

@@ -165,3 +165,12 @@ async def test_list_tools_rejects_a_negative_page_size(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.executor.list_tools(executor_service_pb2.ListToolsRequest(page_size=-1))
     assert caught.value.field_violations[0].field == "page_size"
+
+
+async def test_sleep_waits_and_honours_the_call_timeout(stack: Stack) -> None:
+    done = await stack.executor.execute_tool(tool_request("core.sleep", seconds=0.01))
+    assert from_value(done.result.output) == 0.01
+    request = tool_request("core.sleep", seconds=30)
+    request.timeout.FromMilliseconds(50)
+    cut = await stack.executor.execute_tool(request)
+    assert cut.result.error.reason == "TOOL_TIMEOUT"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fnmatch
 import json
@@ -35,6 +36,12 @@ def _expression(source: str) -> Any:
 async def _echo(arguments: dict[str, Any]) -> JSON:
     value: JSON = arguments.get("value")
     return value
+
+
+async def _sleep(arguments: dict[str, Any]) -> JSON:
+    seconds: float = arguments["seconds"]
+    await asyncio.sleep(seconds)
+    return seconds
 
 
 async def _render(arguments: dict[str, Any]) -> JSON:
@@ -126,6 +133,20 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
             description="Returns its `value` argument unchanged.",
             parameters={"type": "object", "properties": {"value": {}}, "additionalProperties": False},
             handler=_echo,
+        )
+    )
+    registry.register(
+        Tool(
+            name="core.sleep",
+            description="Waits `seconds` (at most 3600) and returns them.",
+            parameters={
+                "type": "object",
+                "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 3600}},
+                "required": ["seconds"],
+                "additionalProperties": False,
+            },
+            handler=_sleep,
+            timeout_seconds=3700.0,
         )
     )
     registry.register(

@@ -12,6 +12,7 @@ from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
+from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
@@ -105,6 +106,7 @@ class ExecuteService:
         self._http = HttpRequester(settings.http_allowed_hosts)
         self.registry = ToolRegistry()
         register_builtin_tools(self.registry, self._http)
+        register_entry_point_tools(self.registry)
         self.executor = Executor(self.registry, max_concurrent_tools=settings.max_concurrent_tools)
         self._slow_tool_seconds = settings.slow_tool_seconds
 

@@ -29,6 +29,7 @@ class TierstackError(Exception):
         domain: The ErrorInfo domain, empty when the server sent none.
         metadata: The ErrorInfo metadata.
         field_violations: The BadRequest field violations, for INVALID_ARGUMENT.
+        quota_violations: The QuotaFailure violations (the limit as ``field``), for RESOURCE_EXHAUSTED.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class TierstackError(Exception):
         domain: str = "",
         metadata: dict[str, str] | None = None,
         field_violations: tuple[FieldViolation, ...] = (),
+        quota_violations: tuple[FieldViolation, ...] = (),
     ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
@@ -48,6 +50,7 @@ class TierstackError(Exception):
         self.domain = domain
         self.metadata = metadata or {}
         self.field_violations = field_violations
+        self.quota_violations = quota_violations
 
 
 class InvalidArgumentError(TierstackError):
@@ -105,6 +108,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    quota: list[FieldViolation] = []
     try:
         status = rpc_status.from_call(error)
     except ValueError:
@@ -112,10 +116,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
+        quota_failure = error_details_pb2.QuotaFailure()
         if detail.Unpack(info):
             reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
         elif detail.Unpack(bad_request):
             violations.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
+        elif detail.Unpack(quota_failure):
+            quota.extend(FieldViolation(v.subject, v.description) for v in quota_failure.violations)
     error_type = _BY_CODE.get(code, InternalError)
     return error_type(
         error.details() or "",
@@ -124,6 +131,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
         domain=domain,
         metadata=metadata,
         field_violations=tuple(violations),
+        quota_violations=tuple(quota),
     )
 
 

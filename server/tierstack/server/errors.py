@@ -66,9 +66,15 @@ class FailedPreconditionError(DomainError):
 
 
 class ResourceExhaustedError(DomainError):
-    """A budget or quota would be exceeded."""
+    """A budget or quota would be exceeded; ``violations`` names each limit (subject) and why."""
 
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, violations: Sequence[Violation], *, reason: str | None = None):
+        if not violations:
+            raise ValueError("ResourceExhaustedError needs at least one violation")
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations), reason=reason)
+        self.violations = tuple(violations)
 
 
 class UnavailableError(DomainError):

@@ -66,6 +66,15 @@ def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
                 ]
             )
         )
+    if isinstance(error, ResourceExhaustedError):
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
     if isinstance(error, NotFoundError):
         details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
     return _status(code_of(error), error.message, details)

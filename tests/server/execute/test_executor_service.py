@@ -9,8 +9,9 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from tests.helpers import HttpServer, Stack, reply
-from tierstack.client import InvalidArgumentError
+from tierstack.client import InvalidArgumentError, ResourceExhaustedError
 from tierstack.client.values import from_value, to_struct
+from tierstack.server.execute import ExecuteService, Tool
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -174,3 +175,35 @@ async def test_sleep_waits_and_honours_the_call_timeout(stack: Stack) -> None:
     request.timeout.FromMilliseconds(50)
     cut = await stack.executor.execute_tool(request)
     assert cut.result.error.reason == "TOOL_TIMEOUT"
+
+
+async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) -> None:
+    service = stack.execute.service
+    assert isinstance(service, ExecuteService)
+    service.registry.register(
+        Tool(name="test.paid", description="costs 0.4", parameters={"type": "object"}, handler=_free, credits=0.4)
+    )
+    paid = common_pb2.ToolCall(tool="test.paid", arguments=to_struct({}))
+    request = executor_service_pb2.ExecuteRequest(
+        step_id="a",
+        tool_calls=[paid, paid, paid],
+        limits=common_pb2.ResourceLimits(max_tool_calls=2, max_credits=1.0),
+    )
+    with pytest.raises(ResourceExhaustedError) as caught:
+        _ = [event async for event in stack.executor.execute(request)]
+    assert caught.value.reason == "STEP_BUDGET_EXCEEDED"
+    assert [(v.field, v.description) for v in caught.value.quota_violations] == [
+        ("max_tool_calls", "the step makes 3 tool calls; it may make 2"),
+        ("max_credits", "the step's calls cost 1.2 credits; it may spend 1"),
+    ]
+    within = executor_service_pb2.ExecuteRequest(
+        step_id="a", tool_calls=[paid, paid], limits=common_pb2.ResourceLimits(max_tool_calls=2, max_credits=1.0)
+    )
+    events = [event async for event in stack.executor.execute(within)]
+    usage = events[-1].completed.usage
+    assert usage.tool_calls == 2
+    assert usage.credits == pytest.approx(0.8)
+
+
+async def _free(arguments: dict[str, object]) -> None:
+    return None

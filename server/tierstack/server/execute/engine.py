@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from tierstack.client.values import from_struct, now_timestamp, to_duration, to_value
-from tierstack.server.errors import error_detail
+from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
 from tierstack.v1 import common_pb2, executor_service_pb2
@@ -160,6 +160,7 @@ class Executor:
         for index, call in enumerate(request.tool_calls):
             arguments = from_struct(call.arguments)
             calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
+        _reserve(request.limits, [tool for tool, _ in calls])
         event = _EventSequence(request.execution_id, request.context.correlation_id)
         start = time.perf_counter()
         usage = common_pb2.ResourceUsage()
@@ -174,17 +175,11 @@ class Executor:
         deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
         output = to_value(None)
         for index, (tool, arguments) in enumerate(calls):
-            if limits.max_tool_calls and usage.tool_calls >= limits.max_tool_calls:
-                usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
-                message = f"the step may make {limits.max_tool_calls} tool calls"
-                yield event(
-                    failed=executor_service_pb2.ExecutionFailed(error=_error("TOOL_CALL_LIMIT", message), usage=usage)
-                )
-                return
             yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
             remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
             result = await self.call(tool, arguments, timeout=remaining)
             usage.tool_calls += 1
+            usage.credits += tool.credits
             yield event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=result))
             if result.HasField("error"):
                 usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
@@ -195,3 +190,23 @@ class Executor:
         _log.debug("step %s completed after %d tool calls", request.step_id, usage.tool_calls)
         yield event(output=executor_service_pb2.ExecutionOutput(value=output))
         yield event(completed=executor_service_pb2.ExecutionCompleted(usage=usage))
+
+
+def _reserve(limits: common_pb2.ResourceLimits, tools: list[Tool]) -> None:
+    """Reserves a step's budget before anything runs: the deterministic strategy knows every call.
+
+    Raises:
+        ResourceExhaustedError: The calls would spend more tool calls or credits than allotted.
+    """
+    over = []
+    if limits.max_tool_calls and len(tools) > limits.max_tool_calls:
+        over.append(
+            Violation("max_tool_calls", f"the step makes {len(tools)} tool calls; it may make {limits.max_tool_calls}")
+        )
+    credits = sum(tool.credits for tool in tools)
+    if limits.max_credits and credits > limits.max_credits:
+        over.append(
+            Violation("max_credits", f"the step's calls cost {credits:g} credits; it may spend {limits.max_credits:g}")
+        )
+    if over:
+        raise ResourceExhaustedError(over, reason="STEP_BUDGET_EXCEEDED")

@@ -59,7 +59,7 @@ def schema_of(hint: Any) -> dict[str, Any]:
 
 
 def tool(
-    name: str | None = None, *, description: str | None = None, timeout_seconds: float = 30.0
+    name: str | None = None, *, description: str | None = None, timeout_seconds: float = 30.0, credits: float = 0.0
 ) -> Callable[[Callable[..., Any]], Tool]:
     """Turns a function into a :class:`Tool` (register it, or offer it through the entry points).
 
@@ -106,6 +106,7 @@ def tool(
             handler=handler,
             source=ToolSource.PYTHON,
             timeout_seconds=timeout_seconds,
+            credits=credits,
         )
 
     return decorate

@@ -49,6 +49,7 @@ class Tool:
         handler: Runs the tool with arguments that already passed the schema.
         source: Where the tool comes from.
         timeout_seconds: The default deadline of one call.
+        credits: What one call costs against a step's ``max_credits``.
     """
 
     name: str
@@ -57,6 +58,7 @@ class Tool:
     handler: ToolHandler
     source: ToolSource = ToolSource.BUILTIN
     timeout_seconds: float = 30.0
+    credits: float = 0.0
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
     _accepts: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 

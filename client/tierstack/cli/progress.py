@@ -58,6 +58,9 @@ class RunProgress:
                 self._progress.update(bar, total=max(execution.started.tool_call_count, 1))
             elif inner == "tool_call_finished":
                 self._progress.advance(bar)
+            elif inner == "approval_required":
+                waiting = execution.approval_required
+                self.log(f"[yellow]{waiting.tool} waits for approval[/] (approval id {waiting.approval_id})")
         elif kind == "step_completed":
             step_id = event.step_completed.step_id
             self._progress.update(

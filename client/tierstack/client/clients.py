@@ -110,6 +110,26 @@ class ExecutorClient(_Client):
         with translate_errors():
             return await self._stub.GetToolStats(request, **self._options(timeout, self.timeout))
 
+    async def approve_tool_call(
+        self, approval_id: str, *, approver: str = "", timeout: float | None = None
+    ) -> executor_pb2.ApproveToolCallResponse:
+        """Lets a tool call that waits for approval run."""
+        with translate_errors():
+            return await self._stub.ApproveToolCall(
+                executor_pb2.ApproveToolCallRequest(approval_id=approval_id, approver=approver),
+                **self._options(timeout, self.timeout),
+            )
+
+    async def reject_tool_call(
+        self, approval_id: str, *, reason: str = "", timeout: float | None = None
+    ) -> executor_pb2.RejectToolCallResponse:
+        """Rejects a tool call that waits for approval; its step fails."""
+        with translate_errors():
+            return await self._stub.RejectToolCall(
+                executor_pb2.RejectToolCallRequest(approval_id=approval_id, reason=reason),
+                **self._options(timeout, self.timeout),
+            )
+
     async def list_tools(
         self, request: executor_pb2.ListToolsRequest | None = None, *, timeout: float | None = None
     ) -> executor_pb2.ListToolsResponse:

@@ -139,6 +139,7 @@ class ExecutionEvent(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUIRED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one execution, starting at 1."""
     execution_id: _builtins.str
@@ -173,6 +174,10 @@ class ExecutionEvent(_message.Message):
     def failed(self) -> Global___ExecutionFailed:
         """Reports that the step failed."""
 
+    @_builtins.property
+    def approval_required(self) -> Global___ApprovalRequired:
+        """Reports that a tool call waits for approval."""
+
     def __init__(
         self,
         *,
@@ -186,16 +191,59 @@ class ExecutionEvent(_message.Message):
         output: Global___ExecutionOutput | None = ...,
         completed: Global___ExecutionCompleted | None = ...,
         failed: Global___ExecutionFailed | None = ...,
+        approval_required: Global___ApprovalRequired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "output", b"output", "payload", b"payload", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "failed", b"failed", "output", b"output", "payload", b"payload", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "correlation_id", b"correlation_id", "execution_id", b"execution_id", "failed", b"failed", "output", b"output", "payload", b"payload", "sequence", b"sequence", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "correlation_id", b"correlation_id", "execution_id", b"execution_id", "failed", b"failed", "output", b"output", "payload", b"payload", "sequence", b"sequence", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["started", "tool_call_started", "tool_call_finished", "output", "completed", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["started", "tool_call_started", "tool_call_finished", "output", "completed", "failed", "approval_required"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ExecutionEvent: _TypeAlias = ExecutionEvent  # noqa: Y015
+
+@_typing.final
+class ApprovalRequired(_message.Message):
+    """Reports that a tool call waits for ApproveToolCall or RejectToolCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Gives the call's position in the step, from 0."""
+    tool: _builtins.str
+    """Names the tool."""
+    approval_id: _builtins.str
+    """Identifies the approval, for ApproveToolCall and RejectToolCall."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """Holds the arguments the call would run with."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when the call is rejected if nobody answers."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        tool: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "arguments", b"arguments", "expire_time", b"expire_time", "index", b"index", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequired: _TypeAlias = ApprovalRequired  # noqa: Y015
 
 @_typing.final
 class ExecutionStarted(_message.Message):
@@ -522,6 +570,102 @@ class ToolBatchEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ToolBatchEvent: _TypeAlias = ToolBatchEvent  # noqa: Y015
+
+@_typing.final
+class ApproveToolCallRequest(_message.Message):
+    """Approves a waiting tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Identifies the approval, from the ApprovalRequired event."""
+    approver: _builtins.str
+    """Names who approves, for the record."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        approver: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approver", b"approver"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveToolCallRequest: _TypeAlias = ApproveToolCallRequest  # noqa: Y015
+
+@_typing.final
+class ApproveToolCallResponse(_message.Message):
+    """Confirms an approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Names the tool that now runs."""
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveToolCallResponse: _TypeAlias = ApproveToolCallResponse  # noqa: Y015
+
+@_typing.final
+class RejectToolCallRequest(_message.Message):
+    """Rejects a waiting tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Identifies the approval, from the ApprovalRequired event."""
+    reason: _builtins.str
+    """Says why, for the step's error."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectToolCallRequest: _TypeAlias = RejectToolCallRequest  # noqa: Y015
+
+@_typing.final
+class RejectToolCallResponse(_message.Message):
+    """Confirms a rejection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Names the tool that will not run."""
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectToolCallResponse: _TypeAlias = RejectToolCallResponse  # noqa: Y015
 
 @_typing.final
 class GetToolStatsRequest(_message.Message):

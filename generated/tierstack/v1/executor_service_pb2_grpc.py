@@ -55,6 +55,16 @@ class ExecutorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.FromString,
                 _registered_method=True)
+        self.ApproveToolCall = channel.unary_unary(
+                '/tierstack.v1.ExecutorService/ApproveToolCall',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallResponse.FromString,
+                _registered_method=True)
+        self.RejectToolCall = channel.unary_unary(
+                '/tierstack.v1.ExecutorService/RejectToolCall',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallResponse.FromString,
+                _registered_method=True)
         self.ListTools = channel.unary_unary(
                 '/tierstack.v1.ExecutorService/ListTools',
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsRequest.SerializeToString,
@@ -95,6 +105,20 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveToolCall(self, request, context):
+        """Approves a tool call that waits for approval, letting it run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectToolCall(self, request, context):
+        """Rejects a tool call that waits for approval; its step fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTools(self, request, context):
         """Describes the registered tools and their parameter schemas.
         """
@@ -124,6 +148,16 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.GetToolStats,
                     request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.SerializeToString,
+            ),
+            'ApproveToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveToolCall,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallResponse.SerializeToString,
+            ),
+            'RejectToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectToolCall,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallResponse.SerializeToString,
             ),
             'ListTools': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTools,
@@ -240,6 +274,60 @@ class ExecutorService:
             '/tierstack.v1.ExecutorService/GetToolStats',
             tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsRequest.SerializeToString,
             tierstack_dot_v1_dot_executor__service__pb2.GetToolStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.ExecutorService/ApproveToolCall',
+            tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.ApproveToolCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.ExecutorService/RejectToolCall',
+            tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.RejectToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

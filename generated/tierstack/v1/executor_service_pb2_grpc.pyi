@@ -43,6 +43,10 @@ class ExecutorServiceStub:
     """
     GetToolStats: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.GetToolStatsRequest, _executor_service_pb2.GetToolStatsResponse]
     """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
+    ApproveToolCall: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ApproveToolCallRequest, _executor_service_pb2.ApproveToolCallResponse]
+    """Approves a tool call that waits for approval, letting it run."""
+    RejectToolCall: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.RejectToolCallRequest, _executor_service_pb2.RejectToolCallResponse]
+    """Rejects a tool call that waits for approval; its step fails."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]
     """Describes the registered tools and their parameter schemas."""
 
@@ -61,6 +65,10 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """
     GetToolStats: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.GetToolStatsRequest, _executor_service_pb2.GetToolStatsResponse]  # type: ignore[assignment]
     """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
+    ApproveToolCall: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ApproveToolCallRequest, _executor_service_pb2.ApproveToolCallResponse]  # type: ignore[assignment]
+    """Approves a tool call that waits for approval, letting it run."""
+    RejectToolCall: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.RejectToolCallRequest, _executor_service_pb2.RejectToolCallResponse]  # type: ignore[assignment]
+    """Rejects a tool call that waits for approval; its step fails."""
     ListTools: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """Describes the registered tools and their parameter schemas."""
 
@@ -100,6 +108,22 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.GetToolStatsResponse, _abc.Awaitable[_executor_service_pb2.GetToolStatsResponse]]:
         """Reports every tool's calls, failures and latency percentiles, and which tools are slow."""
+
+    @_abc_1.abstractmethod
+    def ApproveToolCall(
+        self,
+        request: _executor_service_pb2.ApproveToolCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.ApproveToolCallResponse, _abc.Awaitable[_executor_service_pb2.ApproveToolCallResponse]]:
+        """Approves a tool call that waits for approval, letting it run."""
+
+    @_abc_1.abstractmethod
+    def RejectToolCall(
+        self,
+        request: _executor_service_pb2.RejectToolCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.RejectToolCallResponse, _abc.Awaitable[_executor_service_pb2.RejectToolCallResponse]]:
+        """Rejects a tool call that waits for approval; its step fails."""
 
     @_abc_1.abstractmethod
     def ListTools(

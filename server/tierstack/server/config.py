@@ -25,6 +25,7 @@ class Settings:
         grace_seconds: How long in-flight calls may finish when the server stops.
         slow_tool_seconds: Tools whose average latency is above this are reported as slow.
         max_concurrent_tools: How many tool calls of ``ExecuteTools`` batches run at once per server.
+        approval_timeout_seconds: How long a tool call waits for approval before it is rejected.
     """
 
     host: str = "127.0.0.1"
@@ -36,6 +37,7 @@ class Settings:
     grace_seconds: float = 5.0
     slow_tool_seconds: float = 1.0
     max_concurrent_tools: int = 64
+    approval_timeout_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,4 +57,7 @@ class Settings:
             grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
             slow_tool_seconds=float(env.get("TIERSTACK_SLOW_TOOL_SECONDS", defaults.slow_tool_seconds)),
             max_concurrent_tools=int(env.get("TIERSTACK_MAX_CONCURRENT_TOOLS", defaults.max_concurrent_tools)),
+            approval_timeout_seconds=float(
+                env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
+            ),
         )

@@ -10,8 +10,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from tierstack.client.values import from_struct, now_timestamp, to_duration, to_value
-from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail
+from tierstack.client.values import from_struct, now_timestamp, to_duration, to_struct, to_value
+from tierstack.server.errors import FailedPreconditionError, ResourceExhaustedError, Violation, error_detail
+from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
 from tierstack.v1 import common_pb2, executor_service_pb2
@@ -45,8 +46,16 @@ class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
     call runs, so a malformed step fails as a whole without side effects."""
 
-    def __init__(self, registry: ToolRegistry, *, remembered: int = 10_000, max_concurrent_tools: int = 64) -> None:
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        *,
+        remembered: int = 10_000,
+        max_concurrent_tools: int = 64,
+        approval_timeout: float = 300.0,
+    ) -> None:
         self.registry = registry
+        self.approvals = Approvals(timeout=approval_timeout)
         self.monitor = ToolMonitor()
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
         self._remembered = remembered
@@ -83,7 +92,7 @@ class Executor:
             InvalidArgumentError: The tool is unknown or its arguments break its schema.
         """
         arguments = from_struct(request.call.arguments)
-        tool = self.registry.resolve(request.call.tool, arguments, field_prefix="call")
+        tool = _without_approval(self.registry.resolve(request.call.tool, arguments, field_prefix="call"))
         timeout_ns = request.timeout.ToNanoseconds()
         return await self.call(tool, arguments, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
 
@@ -100,7 +109,8 @@ class Executor:
         calls = []
         for index, call in enumerate(request.calls):
             arguments = from_struct(call.arguments)
-            calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"calls[{index}]"), arguments))
+            tool = self.registry.resolve(call.tool, arguments, field_prefix=f"calls[{index}]")
+            calls.append((_without_approval(tool), arguments))
         timeout_ns = request.timeout.ToNanoseconds()
         timeout = timeout_ns / 1e9 if timeout_ns > 0 else None
         batch_slots = asyncio.Semaphore(request.max_concurrency or 4)
@@ -175,11 +185,25 @@ class Executor:
         deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
         output = to_value(None)
         for index, (tool, arguments) in enumerate(calls):
-            yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
-            remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-            result = await self.call(tool, arguments, timeout=remaining)
-            usage.tool_calls += 1
-            usage.credits += tool.credits
+            rejection = None
+            if tool.needs_approval:
+                approval_id, expires = self.approvals.open(tool.name)
+                waiting = executor_service_pb2.ApprovalRequired(
+                    index=index, tool=tool.name, approval_id=approval_id, arguments=to_struct(arguments)
+                )
+                waiting.expire_time.FromNanoseconds(expires)
+                yield event(approval_required=waiting)
+                rejection = await self.approvals.decision(approval_id)
+            if rejection is None:
+                yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
+                remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+                result = await self.call(tool, arguments, timeout=remaining)
+                usage.tool_calls += 1
+                usage.credits += tool.credits
+            else:
+                result = common_pb2.ToolResult(
+                    tool=tool.name, error=_error("TOOL_REJECTED", f"{tool.name} was not approved: {rejection}")
+                )
             yield event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=result))
             if result.HasField("error"):
                 usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
@@ -210,3 +234,18 @@ def _reserve(limits: common_pb2.ResourceLimits, tools: list[Tool]) -> None:
         )
     if over:
         raise ResourceExhaustedError(over, reason="STEP_BUDGET_EXCEEDED")
+
+
+def _without_approval(tool: Tool) -> Tool:
+    """Refuses a tool that needs approval outside a step, where nobody could be asked.
+
+    Raises:
+        FailedPreconditionError: The tool needs approval.
+    """
+    if tool.needs_approval:
+        raise FailedPreconditionError(
+            f"{tool.name} needs approval: run it in a step (Execute), whose stream asks for it",
+            reason="APPROVAL_REQUIRED",
+            metadata={"tool": tool.name},
+        )
+    return tool

@@ -59,7 +59,12 @@ def schema_of(hint: Any) -> dict[str, Any]:
 
 
 def tool(
-    name: str | None = None, *, description: str | None = None, timeout_seconds: float = 30.0, credits: float = 0.0
+    name: str | None = None,
+    *,
+    description: str | None = None,
+    timeout_seconds: float = 30.0,
+    credits: float = 0.0,
+    needs_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], Tool]:
     """Turns a function into a :class:`Tool` (register it, or offer it through the entry points).
 
@@ -107,6 +112,7 @@ def tool(
             source=ToolSource.PYTHON,
             timeout_seconds=timeout_seconds,
             credits=credits,
+            needs_approval=needs_approval,
         )
 
     return decorate

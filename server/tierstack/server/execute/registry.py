@@ -50,6 +50,7 @@ class Tool:
         source: Where the tool comes from.
         timeout_seconds: The default deadline of one call.
         credits: What one call costs against a step's ``max_credits``.
+        needs_approval: Whether each call waits for ApproveToolCall before it runs.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Tool:
     source: ToolSource = ToolSource.BUILTIN
     timeout_seconds: float = 30.0
     credits: float = 0.0
+    needs_approval: bool = False
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
     _accepts: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 

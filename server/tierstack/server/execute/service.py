@@ -75,6 +75,17 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             slow_threshold=to_duration(threshold),
         )
 
+    async def ApproveToolCall(
+        self, request: executor_service_pb2.ApproveToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.ApproveToolCallResponse:
+        return executor_service_pb2.ApproveToolCallResponse(tool=self._executor.approvals.approve(request.approval_id))
+
+    async def RejectToolCall(
+        self, request: executor_service_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.RejectToolCallResponse:
+        tool = self._executor.approvals.reject(request.approval_id, request.reason)
+        return executor_service_pb2.RejectToolCallResponse(tool=tool)
+
     async def ListTools(
         self, request: executor_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.ListToolsResponse:
@@ -107,7 +118,11 @@ class ExecuteService:
         self.registry = ToolRegistry()
         register_builtin_tools(self.registry, self._http)
         register_entry_point_tools(self.registry)
-        self.executor = Executor(self.registry, max_concurrent_tools=settings.max_concurrent_tools)
+        self.executor = Executor(
+            self.registry,
+            max_concurrent_tools=settings.max_concurrent_tools,
+            approval_timeout=settings.approval_timeout_seconds,
+        )
         self._slow_tool_seconds = settings.slow_tool_seconds
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -107,6 +107,59 @@ async def main(requests: int) -> None:
                     f"{result.p99_ms:.3f} | {result.requests_per_second / base.requests_per_second:.2f} | "
                     f"{result.p50_ms / base.p50_ms:.2f} |"
                 )
+        await batches(client, echo_call, payload)
+
+
+async def batches(
+    client: ExecutorClient, echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], payload: bytes
+) -> None:
+    """100 no-op calls as one ExecuteTools batch, and 10 calls as one deterministic step, against the
+    same calls made one by one to the echo server at the same concurrency."""
+    call = common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": "x" * 64}))
+    step = executor_service_pb2.ExecuteRequest(step_id="bench", tool_calls=[call] * 10)
+
+    async def echo_calls(count: int, concurrency: int) -> None:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with slots:
+                await echo_call(payload)
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    async def batch(concurrency: int) -> None:
+        request = executor_service_pb2.ExecuteToolsRequest(calls=[call] * 100, max_concurrency=concurrency)
+        async for _ in client.execute_tools(request):
+            pass
+
+    async def deterministic_step() -> None:
+        async for _ in client.execute(step):
+            pass
+
+    print("\n| work | calls | tierstack calls/s | echo calls/s (same calls, one RPC each) | overhead per call |")
+    print("|---|---:|---:|---:|---:|")
+    cases: list[tuple[str, int, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = [
+        ("ExecuteTools batch, concurrency 4", 100, lambda: batch(4), lambda: echo_calls(100, 4)),
+        ("ExecuteTools batch, concurrency 64", 100, lambda: batch(64), lambda: echo_calls(100, 64)),
+        ("deterministic step of 10 calls", 10, deterministic_step, lambda: echo_calls(10, 1)),
+    ]
+    for name, calls, ours, echo in cases:
+        ours_seconds = await _median_seconds(ours)
+        echo_seconds = await _median_seconds(echo)
+        overhead_us = (ours_seconds - echo_seconds) / calls * 1e6
+        print(
+            f"| {name} | {calls} | {calls / ours_seconds:,.0f} | {calls / echo_seconds:,.0f} | {overhead_us:+,.0f} µs |"
+        )
+
+
+async def _median_seconds(work: Callable[[], Awaitable[None]], repeat: int = 30) -> float:
+    await work()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await work()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ PACKAGES = {
         "ExecuteService",
         "Executor",
         "Tool",
+        "ToolContext",
         "ToolError",
         "ToolRegistry",
         "ToolSource",

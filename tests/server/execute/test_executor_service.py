@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import HttpServer, Stack, reply
 from tierstack.client import InvalidArgumentError, ResourceExhaustedError
 from tierstack.client.values import from_value, to_struct
-from tierstack.server.execute import ExecuteService, Tool
+from tierstack.server.execute import ExecuteService, Tool, ToolContext
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -205,5 +205,5 @@ async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) ->
     assert usage.credits == pytest.approx(0.8)
 
 
-async def _free(arguments: dict[str, object]) -> None:
+async def _free(arguments: dict[str, object], context: ToolContext) -> None:
     return None

@@ -12,7 +12,7 @@ from tests.helpers import Stack, start_tier, wait_for
 from tierstack.client import DeadlineExceededError, ExecutorClient, InvalidArgumentError
 from tierstack.client.values import JSON, from_value, to_struct
 from tierstack.server import Settings, TierServer
-from tierstack.server.execute import ExecuteService, Tool, ToolSource
+from tierstack.server.execute import ExecuteService, Tool, ToolContext, ToolSource
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -25,7 +25,7 @@ class Probe:
         self.cancelled = 0
         self.gates: dict[int, asyncio.Event] = {}
 
-    async def hold(self, arguments: dict[str, Any]) -> JSON:
+    async def hold(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         self.running += 1
         self.most = max(self.most, self.running)
         try:

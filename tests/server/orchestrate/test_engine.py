@@ -16,7 +16,7 @@ from tests.helpers import wait_for
 from tests.server.orchestrate.workflows import dags, step, workflow
 from tierstack.client.values import JSON, from_value, to_struct, to_value
 from tierstack.server.errors import InvalidArgumentError
-from tierstack.server.execute import Executor, Tool, ToolError, ToolRegistry, ToolSource
+from tierstack.server.execute import Executor, Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 from tierstack.server.orchestrate import MemoryRunStore, RunManager
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -30,21 +30,21 @@ class Tools:
     failures: Counter[str] = field(default_factory=Counter)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def track(self, arguments: dict[str, Any]) -> JSON:
+    async def track(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         self.log.append(("start", arguments["id"]))
         for _ in range(random.randrange(3)):
             await asyncio.sleep(0)
         self.log.append(("finish", arguments["id"]))
         return arguments["id"]  # type: ignore[no-any-return]
 
-    async def flaky(self, arguments: dict[str, Any]) -> JSON:
+    async def flaky(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         key = arguments["key"]
         self.failures[key] += 1
         if self.failures[key] <= arguments["failures"]:
             raise ToolError("FLAKY", f"failure {self.failures[key]} of {key}")
         return "ok"
 
-    async def hold(self, arguments: dict[str, Any]) -> JSON:
+    async def hold(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         self.log.append(("start", arguments["id"]))
         await self.gate.wait()
         return arguments["id"]  # type: ignore[no-any-return]
@@ -59,7 +59,7 @@ def registry(tools: Tools) -> ToolRegistry:
     return found
 
 
-async def _echo(arguments: dict[str, Any]) -> JSON:
+async def _echo(arguments: dict[str, Any], context: ToolContext) -> JSON:
     value: JSON = arguments.get("value")
     return value
 

@@ -2,7 +2,7 @@
 
 from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.python_tools import ENTRY_POINT_GROUP, schema_of, tool
-from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry, ToolSource
+from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 from tierstack.server.execute.service import ExecuteService
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ExecuteService",
     "Executor",
     "Tool",
+    "ToolContext",
     "ToolError",
     "ToolRegistry",
     "ToolSource",

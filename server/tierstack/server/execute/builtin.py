@@ -8,6 +8,7 @@ import fnmatch
 import json
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
-from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
+from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 _JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
 
@@ -33,25 +34,25 @@ def _expression(source: str) -> Any:
     return jmespath.compile(source)
 
 
-async def _echo(arguments: dict[str, Any]) -> JSON:
+async def _echo(arguments: dict[str, Any], context: ToolContext) -> JSON:
     value: JSON = arguments.get("value")
     return value
 
 
-async def _sleep(arguments: dict[str, Any]) -> JSON:
+async def _sleep(arguments: dict[str, Any], context: ToolContext) -> JSON:
     seconds: float = arguments["seconds"]
     await asyncio.sleep(seconds)
     return seconds
 
 
-async def _render(arguments: dict[str, Any]) -> JSON:
+async def _render(arguments: dict[str, Any], context: ToolContext) -> JSON:
     try:
         return _template(arguments["template"]).render(**arguments.get("variables", {}))
     except jinja2.TemplateError as exc:
         raise ToolError("TEMPLATE_ERROR", str(exc)) from exc
 
 
-async def _query(arguments: dict[str, Any]) -> JSON:
+async def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
     try:
         result: JSON = _expression(arguments["expression"]).search(arguments.get("data"))
     except JMESPathError as exc:
@@ -87,7 +88,7 @@ class HttpRequester:
                 f"host {parts.hostname!r} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
             )
 
-    async def __call__(self, arguments: dict[str, Any]) -> JSON:
+    async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         url = arguments["url"]
         self._check_host(url)
         max_bytes = arguments.get("max_bytes", self._max_bytes)
@@ -125,6 +126,38 @@ class HttpRequester:
         return result
 
 
+def _inside(context: ToolContext, path: str) -> Path:
+    workspace = context.workspace.resolve()
+    target = (workspace / path).resolve()  # symlinks resolved too, so none leads out
+    if not target.is_relative_to(workspace) or target == workspace:
+        raise ToolError("PATH_OUTSIDE_WORKSPACE", f"{path!r} is not a file inside the run's workspace")
+    return target
+
+
+def _write_file(target: Path, content: str, append: bool) -> int:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a" if append else "w", encoding="utf-8") as file:
+        return file.write(content)
+
+
+async def _files_write(arguments: dict[str, Any], context: ToolContext) -> JSON:
+    target = _inside(context, arguments["path"])
+    written = await asyncio.to_thread(_write_file, target, arguments["content"], arguments.get("append", False))
+    return {"path": arguments["path"], "characters": written}
+
+
+async def _files_read(arguments: dict[str, Any], context: ToolContext) -> JSON:
+    target = _inside(context, arguments["path"])
+    limit = arguments.get("max_bytes", 1 << 20)
+    try:
+        size = (await asyncio.to_thread(target.stat)).st_size
+        if size > limit:
+            raise ToolError("FILE_TOO_LARGE", f"{arguments['path']!r} has {size} bytes; max_bytes is {limit}")
+        return await asyncio.to_thread(target.read_text, encoding="utf-8")
+    except FileNotFoundError:
+        raise ToolError("FILE_NOT_FOUND", f"{arguments['path']!r} does not exist in the run's workspace") from None
+
+
 def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
     """Adds the built-in tools to ``registry``."""
     registry.register(
@@ -147,6 +180,39 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
             },
             handler=_sleep,
             timeout_seconds=3700.0,
+        )
+    )
+    registry.register(
+        Tool(
+            name="files.write",
+            description="Writes `content` to `path` inside the run's workspace (appends with `append`).",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "minLength": 1},
+                    "content": {"type": "string"},
+                    "append": {"type": "boolean"},
+                },
+                "required": ["path", "content"],
+                "additionalProperties": False,
+            },
+            handler=_files_write,
+        )
+    )
+    registry.register(
+        Tool(
+            name="files.read",
+            description="Reads the text file at `path` inside the run's workspace.",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "minLength": 1},
+                    "max_bytes": {"type": "integer", "minimum": 1, "maximum": 64 << 20},
+                },
+                "required": ["path"],
+                "additionalProperties": False,
+            },
+            handler=_files_read,
         )
     )
     registry.register(

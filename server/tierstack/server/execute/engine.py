@@ -8,13 +8,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from tierstack.client.values import from_struct, now_timestamp, to_duration, to_struct, to_value
 from tierstack.server.errors import FailedPreconditionError, ResourceExhaustedError, Violation, error_detail
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
-from tierstack.server.execute.registry import Tool, ToolError, ToolRegistry
+from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
@@ -53,23 +54,33 @@ class Executor:
         remembered: int = 10_000,
         max_concurrent_tools: int = 64,
         approval_timeout: float = 300.0,
+        workspaces: Path = Path(".tierstack") / "workspaces",
     ) -> None:
         self.registry = registry
+        self.workspaces = workspaces
         self.approvals = Approvals(timeout=approval_timeout)
         self.monitor = ToolMonitor()
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
         self._remembered = remembered
         self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
 
+    def context(self, request: common_pb2.RequestContext) -> ToolContext:
+        """Returns what the calls of a request know of it; the calls of one run share a workspace."""
+        return ToolContext(
+            correlation_id=request.correlation_id,
+            workspace_key=request.parent_execution_id or request.correlation_id,
+            workspaces=self.workspaces,
+        )
+
     async def call(
-        self, tool: Tool, arguments: Mapping[str, Any], *, timeout: float | None = None
+        self, tool: Tool, arguments: Mapping[str, Any], context: ToolContext, *, timeout: float | None = None
     ) -> common_pb2.ToolResult:
         """Runs one checked tool call; a failure of the tool is returned in the result's error."""
         start = time.perf_counter()
         result = common_pb2.ToolResult(tool=tool.name)
         try:
             async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
-                output = await tool.handler(dict(arguments))
+                output = await tool.handler(dict(arguments), context)
             result.output.CopyFrom(to_value(output))
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
@@ -94,7 +105,8 @@ class Executor:
         arguments = from_struct(request.call.arguments)
         tool = _without_approval(self.registry.resolve(request.call.tool, arguments, field_prefix="call"))
         timeout_ns = request.timeout.ToNanoseconds()
-        return await self.call(tool, arguments, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
+        context = self.context(request.context)
+        return await self.call(tool, arguments, context, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
 
     async def execute_tools(
         self, request: executor_service_pb2.ExecuteToolsRequest
@@ -114,10 +126,11 @@ class Executor:
         timeout_ns = request.timeout.ToNanoseconds()
         timeout = timeout_ns / 1e9 if timeout_ns > 0 else None
         batch_slots = asyncio.Semaphore(request.max_concurrency or 4)
+        context = self.context(request.context)
 
         async def run(index: int, tool: Tool, arguments: dict[str, Any]) -> tuple[int, common_pb2.ToolResult]:
             async with batch_slots, self._server_slots:
-                return index, await self.call(tool, arguments, timeout=timeout)
+                return index, await self.call(tool, arguments, context, timeout=timeout)
 
         tasks = [asyncio.create_task(run(index, tool, arguments)) for index, (tool, arguments) in enumerate(calls)]
         sequence = 0
@@ -171,6 +184,7 @@ class Executor:
             arguments = from_struct(call.arguments)
             calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
         _reserve(request.limits, [tool for tool, _ in calls])
+        context = self.context(request.context)
         event = _EventSequence(request.execution_id, request.context.correlation_id)
         start = time.perf_counter()
         usage = common_pb2.ResourceUsage()
@@ -197,7 +211,7 @@ class Executor:
             if rejection is None:
                 yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
                 remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-                result = await self.call(tool, arguments, timeout=remaining)
+                result = await self.call(tool, arguments, context, timeout=remaining)
                 usage.tool_calls += 1
                 usage.credits += tool.credits
             else:

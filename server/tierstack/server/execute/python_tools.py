@@ -14,7 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from tierstack.client.values import JSON
-from tierstack.server.execute.registry import Tool, ToolRegistry, ToolSource
+from tierstack.server.execute.registry import Tool, ToolContext, ToolRegistry, ToolSource
 
 _log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ def tool(
     """Turns a function into a :class:`Tool` (register it, or offer it through the entry points).
 
     The function's keyword parameters become the tool's arguments, their type hints its JSON Schema,
-    parameters without a default the required ones; the name defaults to the function's, the
-    description to its docstring. A sync function runs in a worker thread, off the event loop.
+    parameters without a default the required ones; a parameter annotated :class:`ToolContext`
+    receives the call's context instead. The name defaults to the function's, the description to its
+    docstring. A sync function runs in a worker thread, off the event loop.
 
     Example::
 
@@ -84,24 +85,31 @@ def tool(
         hints = typing.get_type_hints(function)
         properties: dict[str, Any] = {}
         required = []
+        context_parameter = None
         for parameter in inspect.signature(function).parameters.values():
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD, parameter.POSITIONAL_ONLY):
                 raise TypeError(f"{function.__qualname__}: tools take named parameters only")
+            if hints.get(parameter.name) is ToolContext:
+                context_parameter = parameter.name
+                continue
             properties[parameter.name] = schema_of(hints.get(parameter.name, Any))
             if parameter.default is parameter.empty:
                 required.append(parameter.name)
         schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
+        def keywords(arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]:
+            return {**arguments, context_parameter: context} if context_parameter else arguments
+
         if inspect.iscoroutinefunction(function):
 
-            async def handler(arguments: dict[str, Any]) -> JSON:
-                result: JSON = await function(**arguments)
+            async def handler(arguments: dict[str, Any], context: ToolContext) -> JSON:
+                result: JSON = await function(**keywords(arguments, context))
                 return result
 
         else:
 
-            async def handler(arguments: dict[str, Any]) -> JSON:
-                result: JSON = await asyncio.to_thread(functools.partial(function, **arguments))
+            async def handler(arguments: dict[str, Any], context: ToolContext) -> JSON:
+                result: JSON = await asyncio.to_thread(functools.partial(function, **keywords(arguments, context)))
                 return result
 
         return Tool(

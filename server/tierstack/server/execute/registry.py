@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import fastjsonschema
@@ -13,7 +16,32 @@ from jsonschema import Draft202012Validator
 from tierstack.client.values import JSON
 from tierstack.server.errors import InvalidArgumentError, Violation
 
-ToolHandler = Callable[[dict[str, Any]], Awaitable[JSON]]
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a tool call knows of the request it serves.
+
+    Attributes:
+        correlation_id: The request's id across all tiers.
+        workspace_key: Names the call's workspace: the run it belongs to, else its request.
+        workspaces: The folder that holds every workspace.
+    """
+
+    correlation_id: str
+    workspace_key: str
+    workspaces: Path
+
+    @property
+    def workspace(self) -> Path:
+        """Returns the call's own folder (not yet created); calls of one run share it."""
+        key = self.workspace_key
+        if not _SAFE_KEY.fullmatch(key):
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self.workspaces / key
+
+
+ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[JSON]]
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ToolSource(Enum):
@@ -46,7 +74,7 @@ class Tool:
         name: The name calls refer to, such as ``json.query``.
         description: What the tool does, for people and models.
         parameters: The JSON Schema of the arguments object.
-        handler: Runs the tool with arguments that already passed the schema.
+        handler: Runs the tool with arguments that already passed the schema, and its context.
         source: Where the tool comes from.
         timeout_seconds: The default deadline of one call.
         credits: What one call costs against a step's ``max_credits``.

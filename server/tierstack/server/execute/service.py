@@ -122,6 +122,7 @@ class ExecuteService:
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
             approval_timeout=settings.approval_timeout_seconds,
+            workspaces=settings.data_dir / "workspaces",
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.helpers import wait_for
 from tests.server.orchestrate.workflows import dags, step, workflow
 from tierstack.client.values import JSON, from_value, to_struct, to_value
-from tierstack.server.errors import InvalidArgumentError
+from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError
 from tierstack.server.execute import Executor, Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 from tierstack.server.orchestrate import MemoryRunStore, RunManager
 from tierstack.v1 import common_pb2
@@ -274,3 +274,15 @@ async def test_pause_and_resume_do_not_repeat_completed_steps(engine: Engine) ->
     assert Counter(sid for kind, sid in engine.tools.log if kind == "start") == {"first": 1, "held": 2}
     finished = await engine.manager.get_run(run.run_id)
     assert [s.attempt for s in finished.steps] == [1, 2]
+
+
+async def test_a_paused_run_can_be_cancelled(engine: Engine) -> None:
+    run = await engine.start(workflow(step("held", "test.hold", id="held")))
+    await wait_for(lambda: ("start", "held") in engine.tools.log)
+    await engine.manager.pause_run(run.run_id, "later")
+    cancelled = await engine.manager.cancel_run(run.run_id, "not needed")
+    assert cancelled.state == pb.RUN_STATE_CANCELLED
+    history = [event async for event in engine.manager.watch(run.run_id)]
+    assert [e.WhichOneof("payload") for e in history][-2:] == ["run_paused", "run_cancelled"]
+    with pytest.raises(FailedPreconditionError):
+        await engine.manager.cancel_run(run.run_id, "again")

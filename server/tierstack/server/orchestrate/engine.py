@@ -261,6 +261,8 @@ class RunManager:
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
                 _replay(live, event)
+            if event.HasField("step_completed"):
+                _add_usage(live.usage, event.step_completed.usage)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
         for path, state in live.steps.items():
@@ -300,27 +302,41 @@ class RunManager:
                 reason="RUN_NOT_RUNNING",
                 metadata={"run_id": run_id},
             )
-        if live.stop is None:
-            live.stop, live.stop_reason = kind, reason
-            live.task.cancel()
+        _ask_stop(live, kind, reason)
         await asyncio.wait({live.task})
         return live.run
 
     def request_cancel(self, run_id: str, reason: str) -> None:
         """Asks a live run to stop, without waiting; does nothing for a run not executing here."""
         live = self._live.get(run_id)
-        if live is not None and live.task is not None and live.stop is None:
-            live.stop, live.stop_reason = "cancel", reason
-            live.task.cancel()
+        if live is not None:
+            _ask_stop(live, "cancel", reason)
 
     async def cancel_run(self, run_id: str, reason: str) -> pb.Run:
         """Cancels a run, waits until its steps have stopped, and returns it.
 
         Raises:
             NotFoundError: No run has that id.
-            FailedPreconditionError: The run is not running.
+            FailedPreconditionError: The run has ended.
         """
+        if run_id not in self._live:
+            stored = await self._store.get_stored(run_id)
+            if stored is not None and stored.run.state == pb.RUN_STATE_PAUSED:
+                return await self._cancel_paused(stored, reason or "cancelled")
         return await self._stop(run_id, "cancel", reason or "cancelled")
+
+    async def _cancel_paused(self, stored: StoredRun, reason: str) -> pb.Run:
+        live = self._track(stored.run, self.spec(stored.workflow), stored.limits)
+        live.history = await self._store.events(stored.run.run_id, after_sequence=0)
+        run = live.run
+        try:
+            run.state = pb.RUN_STATE_CANCELLED
+            run.end_time.CopyFrom(now_timestamp())
+            await self._transition(live, run_cancelled=pb.RunCancelled(reason=reason))
+        finally:
+            live.finished = True
+            self._live.pop(run.run_id, None)
+        return run
 
     async def pause_run(self, run_id: str, reason: str) -> pb.Run:
         """Pauses a run: steps in flight are cancelled and will run again on resume.
@@ -606,9 +622,7 @@ class RunManager:
         if step.workflow is None:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        live.usage.tool_calls += usage.tool_calls
-        live.usage.tokens += usage.tokens
-        live.usage.credits += usage.credits
+        _add_usage(live.usage, usage)
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
         # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
@@ -684,9 +698,10 @@ def _replay(live: _LiveRun, event: pb.RunEvent) -> None:
         state = live.steps[event.step_started.step_id]
         state.state, state.attempt = pb.STEP_STATE_RUNNING, event.step_started.attempt
     elif kind == "step_completed":
-        state = live.steps[event.step_completed.step_id]
+        completed = event.step_completed
+        state = live.steps[completed.step_id]
         state.state = pb.STEP_STATE_COMPLETED
-        state.output.CopyFrom(event.step_completed.output)
+        state.output.CopyFrom(completed.output)
     elif kind == "step_failed":
         state = live.steps[event.step_failed.step_id]
         state.state = pb.STEP_STATE_FAILED
@@ -694,3 +709,16 @@ def _replay(live: _LiveRun, event: pb.RunEvent) -> None:
     elif kind == "step_skipped":
         state = live.steps[event.step_skipped.step_id]
         state.state, state.skip_reason = pb.STEP_STATE_SKIPPED, event.step_skipped.reason
+
+
+def _ask_stop(live: _LiveRun, kind: str, reason: str) -> None:
+    """Asks a live run to cancel or pause (the first request wins)."""
+    if live.task is not None and live.stop is None and not live.finished:
+        live.stop, live.stop_reason = kind, reason
+        live.task.cancel()
+
+
+def _add_usage(total: common_pb2.ResourceUsage, usage: common_pb2.ResourceUsage) -> None:
+    total.tool_calls += usage.tool_calls
+    total.tokens += usage.tokens
+    total.credits += usage.credits

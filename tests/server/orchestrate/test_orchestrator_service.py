@@ -323,3 +323,22 @@ def test_random_workflows_are_accepted_or_invalid_never_internal(tmp_path: Path,
             await execute.stop()
 
     asyncio.run(scenario())
+
+
+async def test_a_caller_leaving_orchestrate_cancels_its_run(stack: Stack, http_server: HttpServer) -> None:
+    release = hold_until_released(http_server, "/slow")
+    try:
+        wf = workflow(step("slow", "http.request", url=f"{http_server.url}/slow"))
+        stream = stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))
+        first = await anext(stream)
+        await wait_for(lambda: "/slow" in http_server.hits)
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(500):
+            run = await stack.orchestrator.get_run(first.run_id)
+            if run.state == pb.RUN_STATE_CANCELLED:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    assert run.state == pb.RUN_STATE_CANCELLED
+    assert [s.state for s in run.steps] == [pb.STEP_STATE_CANCELLED]

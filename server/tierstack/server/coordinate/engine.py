@@ -19,7 +19,7 @@ from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
 _log = logging.getLogger(__name__)
-_STEP_PAYLOADS = ("step_started", "step_execution", "step_completed", "step_failed")
+_STEP_PAYLOADS = ("step_started", "step_execution", "step_completed", "step_failed", "step_skipped", "step_retried")
 
 
 class WorkflowRunner(Protocol):
@@ -192,7 +192,9 @@ class Coordinator:
             failure = error_detail_of_call(exc, common_pb2.TIER_ORCHESTRATE)
             outcome = event(goal_failed=pb.GoalFailed(error=failure))
         outcome = outcome or event(
-            goal_failed=pb.GoalFailed(error=_error("RUN_INCOMPLETE", "the orchestrator's stream ended early"))
+            goal_failed=pb.GoalFailed(
+                error=_error("RUN_INCOMPLETE", "the run paused, or its stream ended, before it finished")
+            )
         )
         _log.info("goal %s %s", goal_id, "completed" if outcome.HasField("goal_completed") else "failed")
         yield outcome

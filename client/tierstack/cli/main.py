@@ -22,19 +22,17 @@ from rich.table import Table
 
 from tierstack.cli.progress import RunProgress
 from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
+from tierstack.client.defaults import TIERS, default_target
 from tierstack.client.values import from_value
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
-_TIERS = ("execute", "orchestrate", "coordinate")
 _DEFAULT_AGENTS = ("researcher=http,general", "analyst=analysis,general", "writer=writing,general")
 
 
 def _default_target(tier: str) -> str:
-    from tierstack.server.config import DEFAULT_PORTS
-
-    return os.environ.get(f"TIERSTACK_{tier.upper()}_TARGET", f"127.0.0.1:{DEFAULT_PORTS[tier]}")
+    return os.environ.get(f"TIERSTACK_{tier.upper()}_TARGET", default_target(tier))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,7 +60,7 @@ def _up(args: argparse.Namespace) -> int:
     from tierstack.server.config import Settings
 
     console = Console(stderr=True)
-    ports = {tier: Settings.from_env(tier).port for tier in _TIERS}
+    ports = {tier: Settings.from_env(tier).port for tier in TIERS}
     env = {
         "TIERSTACK_EXECUTE_TARGET": f"127.0.0.1:{ports['execute']}",
         "TIERSTACK_ORCHESTRATE_TARGET": f"127.0.0.1:{ports['orchestrate']}",
@@ -78,12 +76,12 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     status = 0
     try:
-        for tier in _TIERS:
+        for tier in TIERS:
             children.append(subprocess.Popen([*command, tier, *extra], env=env))
         listening = ", ".join(f"{tier} :{port}" for tier, port in ports.items())
         console.print(f"tierstack is starting: {listening} (Ctrl-C stops it)")
         while status == 0:
-            for tier, child in zip(_TIERS, children, strict=False):
+            for tier, child in zip(TIERS, children, strict=False):
                 if child.poll() is not None:
                     console.print(f"[red]{tier} exited with status {child.returncode}; stopping the stack")
                     status = 1
@@ -204,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve one tier")
-    serve.add_argument("tier", choices=_TIERS)
+    serve.add_argument("tier", choices=TIERS)
     serve.add_argument("--host", help="address to bind (TIERSTACK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (TIERSTACK_<TIER>_PORT)")
     serve.add_argument("--execute-target", help="where Orchestrate reaches Execute (TIERSTACK_EXECUTE_TARGET)")

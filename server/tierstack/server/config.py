@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_PORTS = {"coordinate": 50051, "orchestrate": 50052, "execute": 50053}
-TIERS = tuple(DEFAULT_PORTS)
+from tierstack.client.defaults import DEFAULT_PORTS, TIERS, default_target
+
+__all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,8 +31,8 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 0
-    execute_target: str = f"127.0.0.1:{DEFAULT_PORTS['execute']}"
-    orchestrate_target: str = f"127.0.0.1:{DEFAULT_PORTS['orchestrate']}"
+    execute_target: str = default_target("execute")
+    orchestrate_target: str = default_target("orchestrate")
     data_dir: Path = Path(".tierstack")
     http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
     grace_seconds: float = 5.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
 from tierstack.server import Settings, TierServer, service_for
@@ -50,6 +52,8 @@ class HttpServer:
                 hits.append(self.path)
                 routes[self.path](self)
 
+            do_POST = do_GET
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -64,9 +68,9 @@ class HttpServer:
         self._server.server_close()
 
 
-def reply(body: bytes, content_type: str = "application/json") -> Handler:
+def reply(body: bytes, content_type: str = "application/json", status: int = 200) -> Handler:
     def handle(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(200)
+        request.send_response(status)
         request.send_header("Content-Type", content_type)
         request.send_header("Content-Length", str(len(body)))
         request.end_headers()
@@ -126,3 +130,33 @@ async def stop(process: Process) -> int:
     if process.reader is not None:
         await process.reader
     return code
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible chat-completions endpoint on a real loopback HTTP server: it records every
+    request and answers with the queued assistant messages, then with an echo of the last user message."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.replies: list[dict[str, Any]] = []
+        self.status = 200
+        self.base_url = f"{server.url}/v1"
+        server.routes["/v1/chat/completions"] = self._handle
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+        self.requests.append(body)
+        if self.status != 200:
+            reply(json.dumps({"error": {"message": "unavailable"}}).encode(), status=self.status)(request)
+            return
+        last = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+        message = self.replies.pop(0) if self.replies else {"role": "assistant", "content": f"echo: {last}"}
+        answer = {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        }
+        reply(json.dumps(answer).encode())(request)

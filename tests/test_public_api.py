@@ -73,6 +73,18 @@ PACKAGES = {
         "form_team",
     },
     "tierstack.cli": {"main"},
+    "tierstack.server.ai": {
+        "Completion",
+        "CompletionRequest",
+        "LocalModel",
+        "Message",
+        "ModelError",
+        "ModelProvider",
+        "ModelTool",
+        "OpenAICompatibleModel",
+        "ToolCallRequest",
+        "Usage",
+    },
 }
 
 

@@ -285,8 +285,11 @@ class ToolResult(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
     """Names the tool that was called."""
+    tokens: _builtins.int
+    """Counts the model tokens the call used."""
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
         """Holds the tool's output when it succeeded."""
@@ -306,10 +309,11 @@ class ToolResult(_message.Message):
         output: _struct_pb2.Value | None = ...,
         error: Global___ErrorDetail | None = ...,
         duration: _duration_pb2.Duration | None = ...,
+        tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "output", b"output", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "output", b"output", "tokens", b"tokens", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

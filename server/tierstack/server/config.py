@@ -27,6 +27,9 @@ class Settings:
         slow_tool_seconds: Tools whose average latency is above this are reported as slow.
         max_concurrent_tools: How many tool calls of ``ExecuteTools`` batches run at once per server.
         approval_timeout_seconds: How long a tool call waits for approval before it is rejected.
+        model_base_url: The OpenAI-compatible API models are called through; empty uses the local model.
+        model: The model asked when a call names none.
+        model_api_key: The key of that API, if it wants one.
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +42,9 @@ class Settings:
     slow_tool_seconds: float = 1.0
     max_concurrent_tools: int = 64
     approval_timeout_seconds: float = 300.0
+    model_base_url: str = ""
+    model: str = "local"
+    model_api_key: str = ""
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +64,9 @@ class Settings:
             grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
             slow_tool_seconds=float(env.get("TIERSTACK_SLOW_TOOL_SECONDS", defaults.slow_tool_seconds)),
             max_concurrent_tools=int(env.get("TIERSTACK_MAX_CONCURRENT_TOOLS", defaults.max_concurrent_tools)),
+            model_base_url=env.get("TIERSTACK_MODEL_BASE_URL", defaults.model_base_url),
+            model=env.get("TIERSTACK_MODEL", defaults.model),
+            model_api_key=env.get("TIERSTACK_MODEL_API_KEY", defaults.model_api_key),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

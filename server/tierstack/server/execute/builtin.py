@@ -19,6 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
+from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 _JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -158,7 +159,28 @@ async def _files_read(arguments: dict[str, Any], context: ToolContext) -> JSON:
         raise ToolError("FILE_NOT_FOUND", f"{arguments['path']!r} does not exist in the run's workspace") from None
 
 
-def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
+class ModelCompleter:
+    """The ``ai.complete`` tool: one prompt to the configured model, its tokens counted."""
+
+    def __init__(self, model: ModelProvider) -> None:
+        self._model = model
+
+    async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
+        messages = [Message("user", arguments["prompt"])]
+        if "system" in arguments:
+            messages.insert(0, Message("system", arguments["system"]))
+        request = CompletionRequest(
+            messages=tuple(messages), model=arguments.get("model", ""), max_tokens=arguments.get("max_tokens")
+        )
+        try:
+            completion = await self._model.complete(request)
+        except ModelError as exc:
+            raise ToolError(exc.reason, exc.message) from exc
+        context.meter.tokens += completion.usage.total
+        return {"text": completion.content, "model": completion.model, "tokens": completion.usage.total}
+
+
+def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: ModelProvider) -> None:
     """Adds the built-in tools to ``registry``."""
     registry.register(
         Tool(
@@ -180,6 +202,25 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester) -> None:
             },
             handler=_sleep,
             timeout_seconds=3700.0,
+        )
+    )
+    registry.register(
+        Tool(
+            name="ai.complete",
+            description="Asks the configured model to complete a `prompt` (with an optional `system` message).",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1},
+                    "system": {"type": "string"},
+                    "model": {"type": "string"},
+                    "max_tokens": {"type": "integer", "minimum": 1},
+                },
+                "required": ["prompt"],
+                "additionalProperties": False,
+            },
+            handler=ModelCompleter(model),
+            timeout_seconds=300.0,
         )
     )
     registry.register(

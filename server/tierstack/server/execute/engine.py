@@ -77,6 +77,7 @@ class Executor:
     ) -> common_pb2.ToolResult:
         """Runs one checked tool call; a failure of the tool is returned in the result's error."""
         start = time.perf_counter()
+        tokens_before = context.meter.tokens
         result = common_pb2.ToolResult(tool=tool.name)
         try:
             async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
@@ -93,6 +94,7 @@ class Executor:
             )
         elapsed = time.perf_counter() - start
         result.duration.CopyFrom(to_duration(elapsed))
+        result.tokens = context.meter.tokens - tokens_before
         self.monitor.record(tool.name, elapsed, result.error if result.HasField("error") else None)
         return result
 
@@ -214,6 +216,7 @@ class Executor:
                 result = await self.call(tool, arguments, context, timeout=remaining)
                 usage.tool_calls += 1
                 usage.credits += tool.credits
+                usage.tokens += result.tokens
             else:
                 result = common_pb2.ToolResult(
                     tool=tool.name, error=_error("TOOL_REJECTED", f"{tool.name} was not approved: {rejection}")

@@ -17,6 +17,13 @@ from tierstack.client.values import JSON
 from tierstack.server.errors import InvalidArgumentError, Violation
 
 
+@dataclass(slots=True)
+class Meter:
+    """What the calls of one request have used that the executor cannot see itself."""
+
+    tokens: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ToolContext:
     """What a tool call knows of the request it serves.
@@ -25,11 +32,13 @@ class ToolContext:
         correlation_id: The request's id across all tiers.
         workspace_key: Names the call's workspace: the run it belongs to, else its request.
         workspaces: The folder that holds every workspace.
+        meter: Where tools that call models add the tokens they used.
     """
 
     correlation_id: str
     workspace_key: str
     workspaces: Path
+    meter: Meter = field(default_factory=Meter)
 
     @property
     def workspace(self) -> Path:

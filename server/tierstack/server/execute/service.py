@@ -9,6 +9,7 @@ import grpc
 
 from tierstack.client.values import to_duration, to_struct
 from tierstack.server import correlation
+from tierstack.server.ai import LocalModel, OpenAICompatibleModel
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
@@ -115,8 +116,15 @@ class ExecuteService:
 
     def __init__(self, settings: Settings) -> None:
         self._http = HttpRequester(settings.http_allowed_hosts)
+        self._model: LocalModel | OpenAICompatibleModel = (
+            OpenAICompatibleModel(
+                base_url=settings.model_base_url, model=settings.model, api_key=settings.model_api_key
+            )
+            if settings.model_base_url
+            else LocalModel()
+        )
         self.registry = ToolRegistry()
-        register_builtin_tools(self.registry, self._http)
+        register_builtin_tools(self.registry, self._http, self._model)
         register_entry_point_tools(self.registry)
         self.executor = Executor(
             self.registry,
@@ -136,3 +144,5 @@ class ExecuteService:
 
     async def close(self) -> None:
         await self._http.aclose()
+        if isinstance(self._model, OpenAICompatibleModel):
+            await self._model.aclose()

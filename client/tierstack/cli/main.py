@@ -15,8 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -55,8 +57,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving(target: str, child: subprocess.Popen[bytes], *, seconds: float = 60.0) -> bool:
+    """Waits until the server at ``target`` reports SERVING; False if ``child`` dies or time runs out."""
+    with grpc.insecure_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        deadline = time.monotonic() + seconds
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                if check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                time.sleep(0.1)
+    return False
+
+
 def _up(args: argparse.Namespace) -> int:
-    """Starts the three tiers as child processes and stops them all on Ctrl-C or SIGTERM."""
+    """Starts the three tiers as child processes, each once the tier below serves, and stops them
+    all on Ctrl-C or SIGTERM."""
     from tierstack.server.config import Settings
 
     console = Console(stderr=True)
@@ -68,7 +85,7 @@ def _up(args: argparse.Namespace) -> int:
     }
     command = [sys.executable, "-m", "tierstack.cli", "serve"]
     extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    children: list[subprocess.Popen[bytes]] = []
+    children: dict[str, subprocess.Popen[bytes]] = {}
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -76,12 +93,15 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     status = 0
     try:
-        for tier in TIERS:
-            children.append(subprocess.Popen([*command, tier, *extra], env=env))
+        for tier in reversed(TIERS):  # bottom up: each tier's callee serves before it starts
+            children[tier] = subprocess.Popen([*command, tier, *extra], env=env)
+            if not _serving(f"127.0.0.1:{ports[tier]}", children[tier]):
+                console.print(f"[red]{tier} did not start serving on :{ports[tier]}; stopping the stack")
+                return 1
         listening = ", ".join(f"{tier} :{port}" for tier, port in ports.items())
-        console.print(f"tierstack is starting: {listening} (Ctrl-C stops it)")
+        console.print(f"tierstack is up: {listening} (Ctrl-C stops it)")
         while status == 0:
-            for tier, child in zip(TIERS, children, strict=False):
+            for tier, child in children.items():
                 if child.poll() is not None:
                     console.print(f"[red]{tier} exited with status {child.returncode}; stopping the stack")
                     status = 1
@@ -89,10 +109,10 @@ def _up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("stopping tierstack …")
     finally:
-        for child in children:
+        for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in children:
+        for child in children.values():
             try:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -34,6 +34,9 @@ class TierService(Protocol):
     async def start(self) -> None:
         """Starts the tier's background work; called before the server accepts calls."""
 
+    def stopping(self) -> None:
+        """Learns that the server is stopping, before its in-flight calls are cancelled."""
+
     async def close(self) -> None:
         """Cancels and awaits the tier's background work and closes what it owns."""
 
@@ -92,6 +95,7 @@ class TierServer:
         the tier's resources; safe to call after a failed or partial :meth:`start`."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        self.service.stopping()
         if self._server is not None:
             await self._server.stop(self._grace)
         await self.service.close()

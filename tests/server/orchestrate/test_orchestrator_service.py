@@ -342,3 +342,31 @@ async def test_a_caller_leaving_orchestrate_cancels_its_run(stack: Stack, http_s
         release.set()
     assert run.state == pb.RUN_STATE_CANCELLED
     assert [s.state for s in run.steps] == [pb.STEP_STATE_CANCELLED]
+
+
+async def test_a_run_followed_through_orchestrate_survives_a_restart(data_dir: Path, http_server: HttpServer) -> None:
+    release = hold_until_released(http_server, "/slow")
+    execute = await start_tier("execute", Settings(data_dir=data_dir))
+    settings = Settings(execute_target=execute.target, data_dir=data_dir)
+    try:
+        first = await start_tier("orchestrate", settings)
+        client = OrchestratorClient(first.target)
+        wf = workflow(step("slow", "http.request", url=f"{http_server.url}/slow"), step("after", depends_on=("slow",)))
+        stream = client.orchestrate(pb.OrchestrateRequest(workflow=wf))
+        run_id = (await anext(stream)).run_id
+        await wait_for(lambda: "/slow" in http_server.hits)
+        await first.stop()  # the attached caller loses its stream; the run must not be cancelled for it
+        await client.close()
+        release.set()
+        second = await start_tier("orchestrate", settings)
+        try:
+            async with OrchestratorClient(second.target) as again:
+                history = [event async for event in again.watch_run(run_id)]
+        finally:
+            await second.stop()
+    finally:
+        release.set()
+        await execute.stop()
+    kinds = [event.WhichOneof("payload") for event in history]
+    assert "run_resumed" in kinds and kinds[-1] == "run_completed"
+    assert "run_cancelled" not in kinds

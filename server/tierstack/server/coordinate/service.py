@@ -56,5 +56,8 @@ class CoordinateService:
     async def start(self) -> None:
         """Nothing runs in the background of Tier 1."""
 
+    def stopping(self) -> None:
+        """Nothing to prepare: goals in flight end with their callers' streams."""
+
     async def close(self) -> None:
         await self._orchestrator.close()

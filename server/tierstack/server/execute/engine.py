@@ -19,8 +19,6 @@ from tierstack.server.execute.registry import Tool, ToolContext, ToolError, Tool
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
-
-
 _error = functools.partial(error_detail, common_pb2.TIER_EXECUTE)
 
 
@@ -193,7 +191,9 @@ class Executor:
         yield event(
             started=executor_service_pb2.ExecutionStarted(
                 step_id=request.step_id,
-                strategy=request.strategy or common_pb2.STRATEGY_DETERMINISTIC,
+                # The model-driven strategies are not built yet: every step runs deterministically, and
+                # the event says so whatever the request asked for.
+                strategy=common_pb2.STRATEGY_DETERMINISTIC,
                 tool_call_count=len(calls),
             )
         )

@@ -142,6 +142,9 @@ class ExecuteService:
     async def start(self) -> None:
         """Nothing runs in the background of Tier 3."""
 
+    def stopping(self) -> None:
+        """Nothing to prepare: calls in flight finish or are cancelled with the server."""
+
     async def close(self) -> None:
         await self._http.aclose()
         if isinstance(self._model, OpenAICompatibleModel):

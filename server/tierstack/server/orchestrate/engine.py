@@ -160,6 +160,11 @@ class RunManager:
                 stored, await self._store.events(stored.run.run_id, after_sequence=0), "orchestrator restarted"
             )
 
+    def stopping(self) -> None:
+        """Marks the process as stopping: runs are no longer cancelled when their callers go away
+        (the server going away is why); they stay unfinished, to resume on the next start."""
+        self._closing = True
+
     async def close(self) -> None:
         """Stops every run task (their runs stay unfinished, to resume on the next start) and writes
         what the log holds."""
@@ -309,7 +314,7 @@ class RunManager:
     def request_cancel(self, run_id: str, reason: str) -> None:
         """Asks a live run to stop, without waiting; does nothing for a run not executing here."""
         live = self._live.get(run_id)
-        if live is not None:
+        if live is not None and not self._closing:
             _ask_stop(live, "cancel", reason)
 
     async def cancel_run(self, run_id: str, reason: str) -> pb.Run:

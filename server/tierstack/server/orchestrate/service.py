@@ -170,6 +170,9 @@ class OrchestrateService:
         await self._store.open()
         await self.manager.open()
 
+    def stopping(self) -> None:
+        self.manager.stopping()
+
     async def close(self) -> None:
         await self.manager.close()
         await self._executor.close()

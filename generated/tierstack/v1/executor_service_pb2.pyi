@@ -63,23 +63,37 @@ class ExecuteRequest(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
+    COMPLEXITY_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Identifies this execution; the orchestrator passes `run/step/attempt` so that retries are recognisable."""
     step_id: _builtins.str
     """Names the step within its workflow, for events and logs."""
     strategy: _common_pb2.Strategy.ValueType
-    """Chooses the strategy the step runs with."""
+    """Asks for a strategy; policies and the step's track record may choose another (see StrategySelected)."""
+    prompt: _builtins.str
+    """States the task, for the conversational and reasoning strategies."""
+    sensitive: _builtins.bool
+    """Marks a step that handles sensitive data: it runs deterministically, without a model."""
+    complexity: _builtins.int
+    """Rates the step's complexity from 1 to 10; zero means 5."""
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the step to the request it serves."""
 
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
-        """Lists the tool calls the step makes, in order; the step's output is the last call's output."""
+        """Lists the tool calls of a deterministic step, in order; its output is the last call's output."""
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
         """Bounds the resources the step may use."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names the tools a model may call; empty means those of `tool_calls`."""
 
     def __init__(
         self,
@@ -90,10 +104,14 @@ class ExecuteRequest(_message.Message):
         tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
         strategy: _common_pb2.Strategy.ValueType = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
+        prompt: _builtins.str = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        sensitive: _builtins.bool = ...,
+        complexity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "execution_id", b"execution_id", "limits", b"limits", "step_id", b"step_id", "strategy", b"strategy", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complexity", b"complexity", "context", b"context", "execution_id", b"execution_id", "limits", b"limits", "prompt", b"prompt", "sensitive", b"sensitive", "step_id", b"step_id", "strategy", b"strategy", "tool_calls", b"tool_calls", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +158,8 @@ class ExecutionEvent(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     APPROVAL_REQUIRED_FIELD_NUMBER: _builtins.int
+    STRATEGY_SELECTED_FIELD_NUMBER: _builtins.int
+    MODEL_REPLIED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one execution, starting at 1."""
     execution_id: _builtins.str
@@ -178,6 +198,14 @@ class ExecutionEvent(_message.Message):
     def approval_required(self) -> Global___ApprovalRequired:
         """Reports that a tool call waits for approval."""
 
+    @_builtins.property
+    def strategy_selected(self) -> Global___StrategySelected:
+        """Reports the strategy chosen for the step, and why when it is not the one asked for."""
+
+    @_builtins.property
+    def model_replied(self) -> Global___ModelReplied:
+        """Reports a model's answer within a model-driven strategy."""
+
     def __init__(
         self,
         *,
@@ -192,16 +220,82 @@ class ExecutionEvent(_message.Message):
         completed: Global___ExecutionCompleted | None = ...,
         failed: Global___ExecutionFailed | None = ...,
         approval_required: Global___ApprovalRequired | None = ...,
+        strategy_selected: Global___StrategySelected | None = ...,
+        model_replied: Global___ModelReplied | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "failed", b"failed", "output", b"output", "payload", b"payload", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "failed", b"failed", "model_replied", b"model_replied", "output", b"output", "payload", b"payload", "started", b"started", "strategy_selected", b"strategy_selected", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "correlation_id", b"correlation_id", "execution_id", b"execution_id", "failed", b"failed", "output", b"output", "payload", b"payload", "sequence", b"sequence", "started", b"started", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "completed", b"completed", "correlation_id", b"correlation_id", "execution_id", b"execution_id", "failed", b"failed", "model_replied", b"model_replied", "output", b"output", "payload", b"payload", "sequence", b"sequence", "started", b"started", "strategy_selected", b"strategy_selected", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["started", "tool_call_started", "tool_call_finished", "output", "completed", "failed", "approval_required"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["started", "tool_call_started", "tool_call_finished", "output", "completed", "failed", "approval_required", "strategy_selected", "model_replied"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ExecutionEvent: _TypeAlias = ExecutionEvent  # noqa: Y015
+
+@_typing.final
+class StrategySelected(_message.Message):
+    """Reports the strategy chosen for a step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    requested: _common_pb2.Strategy.ValueType
+    """Names the strategy asked for."""
+    chosen: _common_pb2.Strategy.ValueType
+    """Names the strategy the step runs with."""
+    reason: _builtins.str
+    """Says why the chosen strategy differs from the one asked for; empty when it does not."""
+    def __init__(
+        self,
+        *,
+        requested: _common_pb2.Strategy.ValueType = ...,
+        chosen: _common_pb2.Strategy.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "reason", b"reason", "requested", b"requested"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StrategySelected: _TypeAlias = StrategySelected  # noqa: Y015
+
+@_typing.final
+class ModelReplied(_message.Message):
+    """Reports a model's answer within a model-driven strategy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """Names the phase: `turn` (conversational) or `analyse`, `plan`, `refine` (reasoning)."""
+    content: _builtins.str
+    """Holds the answer's text."""
+    tool_calls: _builtins.int
+    """Counts the tool calls the answer asks for."""
+    tokens: _builtins.int
+    """Counts the tokens the answer used."""
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        content: _builtins.str = ...,
+        tool_calls: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "phase", b"phase", "tokens", b"tokens", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelReplied: _TypeAlias = ModelReplied  # noqa: Y015
 
 @_typing.final
 class ApprovalRequired(_message.Message):

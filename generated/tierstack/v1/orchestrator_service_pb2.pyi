@@ -331,6 +331,7 @@ class WorkflowStep(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
     OPTIONAL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifies the step within its workflow."""
     name: _builtins.str
@@ -345,6 +346,10 @@ class WorkflowStep(_message.Message):
     """
     optional: _builtins.bool
     """Lets the run go on when the step fails; the steps that depend on it are skipped."""
+    prompt: _builtins.str
+    """States the task for the conversational and reasoning strategies, which may call the step's
+    tool; templates allowed.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Holds the tool's arguments; strings may hold templates such as `{{inputs.city}}` or `{{steps.fetch.output.body}}`."""
@@ -381,10 +386,11 @@ class WorkflowStep(_message.Message):
         retry: Global___RetryPolicy | None = ...,
         when: _builtins.str = ...,
         optional: _builtins.bool = ...,
+        prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "retry", b"retry", "timeout", b"timeout", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "id", b"id", "name", b"name", "optional", b"optional", "parameters", b"parameters", "retry", b"retry", "strategy", b"strategy", "timeout", b"timeout", "tool", b"tool", "when", b"when", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "id", b"id", "name", b"name", "optional", b"optional", "parameters", b"parameters", "prompt", b"prompt", "retry", b"retry", "strategy", b"strategy", "timeout", b"timeout", "tool", b"tool", "when", b"when", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,6 +107,7 @@ async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
     events = [event async for event in stack.executor.execute(request)]
     assert [e.WhichOneof("payload") for e in events] == [
         "started",
+        "strategy_selected",
         "tool_call_started",
         "tool_call_finished",
         "tool_call_started",
@@ -114,7 +115,7 @@ async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
         "output",
         "completed",
     ]
-    assert [e.sequence for e in events] == list(range(1, 8))
+    assert [e.sequence for e in events] == list(range(1, 9))
     assert {e.execution_id for e in events} == {"run-1/a/1"}
     assert len({e.correlation_id for e in events}) == 1 and events[0].correlation_id
     assert from_value(events[-2].output.value) == 3

@@ -23,6 +23,7 @@ from tierstack.client import (
 )
 from tierstack.client.values import from_value, to_struct
 from tierstack.server import Settings
+from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 
@@ -370,3 +371,25 @@ async def test_a_run_followed_through_orchestrate_survives_a_restart(data_dir: P
     kinds = [event.WhichOneof("payload") for event in history]
     assert "run_resumed" in kinds and kinds[-1] == "run_completed"
     assert "run_cancelled" not in kinds
+
+
+async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
+    prompt_step = pb.WorkflowStep(
+        id="ask",
+        tool="core.echo",
+        strategy=common_pb2.STRATEGY_CONVERSATIONAL,
+        prompt='use core.echo with {"value": "{{inputs.word}}"}',
+    )
+    events = [
+        e
+        async for e in stack.orchestrator.orchestrate(
+            pb.OrchestrateRequest(workflow=workflow(prompt_step), inputs=to_struct({"word": "hello"}))
+        )
+    ]
+    assert from_value(events[-1].run_completed.outputs["ask"]) == 'use core.echo with {"value": "hello"}\n- "hello"'
+    selected = [e.step_execution.event.strategy_selected for e in events if e.HasField("step_execution")]
+    assert [s.chosen for s in selected if s.chosen] == [common_pb2.STRATEGY_CONVERSATIONAL]
+    no_prompt = pb.WorkflowStep(id="ask", tool="core.echo", strategy=common_pb2.STRATEGY_REASONING)
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(no_prompt)))
+    assert [v.field for v in caught.value.field_violations] == ["workflow.steps[0].prompt"]

@@ -42,6 +42,7 @@ class LocalModel:
             return Completion("", "local", (call,), Usage(prompt_tokens, 1 + _words(json.dumps(arguments))))
         content = user if not results else f"{user}\n" + "\n".join(f"- {result}" for result in results)
         words = content.split()
-        if request.max_tokens is not None:
+        if request.max_tokens is not None and len(words) > request.max_tokens:
             words = words[: request.max_tokens]
-        return Completion(" ".join(words), "local", (), Usage(prompt_tokens, len(words)))
+            content = " ".join(words)  # cut to the budget, as a model stops at max_tokens
+        return Completion(content, "local", (), Usage(prompt_tokens, len(words)))

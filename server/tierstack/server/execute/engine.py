@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -11,15 +13,38 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tierstack.client.values import from_struct, now_timestamp, to_duration, to_struct, to_value
-from tierstack.server.errors import FailedPreconditionError, ResourceExhaustedError, Violation, error_detail
+from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_struct, to_value
+from tierstack.server.ai import Completion, CompletionRequest, LocalModel, Message, ModelError, ModelProvider, ModelTool
+from tierstack.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    Violation,
+    error_detail,
+)
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
+from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
+from tierstack.server.execute.strategies import name as strategy_name
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
+Events = AsyncIterator[executor_service_pb2.ExecutionEvent]
 _error = functools.partial(error_detail, common_pb2.TIER_EXECUTE)
+
+#: How long a pure tool's result is remembered, in seconds, and how many results are.
+MEMO_SECONDS = 3600.0
+MEMO_SIZE = 1000
+#: How often a critical tool's failing call is tried, and the first wait between tries.
+CRITICAL_ATTEMPTS = 3
+CRITICAL_BACKOFF_SECONDS = 0.05
+#: The most tool calls a model may make in one step unless its limits say otherwise.
+DEFAULT_MODEL_TOOL_CALLS = 8
+CONVERSE = "You carry out one task. Call the tools you are offered when they help, then answer plainly."
+ANALYSE = "Analyse the task: what is asked, what information is needed, and which tools could provide it."
+PLAN = "Plan the task: call every tool the plan needs, with its arguments, in order."
+REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
 
 
 class _EventSequence:
@@ -53,6 +78,7 @@ class Executor:
         max_concurrent_tools: int = 64,
         approval_timeout: float = 300.0,
         workspaces: Path = Path(".tierstack") / "workspaces",
+        model: ModelProvider | None = None,
     ) -> None:
         self.registry = registry
         self.workspaces = workspaces
@@ -61,6 +87,9 @@ class Executor:
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
         self._remembered = remembered
         self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
+        self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
+        self.model: ModelProvider = model if model is not None else LocalModel()
+        self.strategies = StrategySelector()
 
     def context(self, request: common_pb2.RequestContext) -> ToolContext:
         """Returns what the calls of a request know of it; the calls of one run share a workspace."""
@@ -149,9 +178,7 @@ class Executor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def execute(
-        self, request: executor_service_pb2.ExecuteRequest
-    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+    async def execute(self, request: executor_service_pb2.ExecuteRequest) -> Events:
         """Runs a step's tool calls in order (the deterministic strategy) and yields its events.
         The step's output is the last call's output; the first failing call fails the step.
 
@@ -176,61 +203,252 @@ class Executor:
             if len(self._finished) > self._remembered:
                 self._finished.popitem(last=False)
 
-    async def _run(
-        self, request: executor_service_pb2.ExecuteRequest
-    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+    async def _run(self, request: executor_service_pb2.ExecuteRequest) -> Events:
         calls = []
         for index, call in enumerate(request.tool_calls):
             arguments = from_struct(call.arguments)
             calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
-        _reserve(request.limits, [tool for tool, _ in calls])
-        context = self.context(request.context)
-        event = _EventSequence(request.execution_id, request.context.correlation_id)
-        start = time.perf_counter()
-        usage = common_pb2.ResourceUsage()
-        yield event(
+        offered = self._offered_tools(request, calls)
+        limits = request.limits
+        max_seconds = limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
+        step_key = f"{request.step_id}|{hashlib.sha256(request.prompt.encode()).hexdigest()[:16]}"
+        selection = self.strategies.select(
+            step_key=step_key,
+            requested=request.strategy,
+            has_calls=bool(calls),
+            sensitive=request.sensitive,
+            max_seconds=max_seconds,
+            max_credits=limits.max_credits,
+            complexity=request.complexity,
+        )
+        if selection.chosen == DETERMINISTIC and not calls:
+            if not selection.routine:
+                why = "runs without a model, so it" if request.sensitive else "is deterministic: it"
+                raise InvalidArgumentError([Violation("tool_calls", f"the step {why} needs its tool calls")])
+            calls = [
+                (self.registry.resolve(name, args, field_prefix="routine"), args) for name, args in selection.routine
+            ]
+        if selection.chosen != DETERMINISTIC and not request.prompt:
+            raise InvalidArgumentError(
+                [Violation("prompt", f"a {strategy_name(selection.chosen)} step needs a prompt")]
+            )
+        _reserve(limits, [tool for tool, _ in calls] if selection.chosen == DETERMINISTIC else [])
+        step = _Step(self, request, max_seconds)
+        yield step.event(
             started=executor_service_pb2.ExecutionStarted(
                 step_id=request.step_id,
-                # The model-driven strategies are not built yet: every step runs deterministically, and
-                # the event says so whatever the request asked for.
-                strategy=common_pb2.STRATEGY_DETERMINISTIC,
-                tool_call_count=len(calls),
+                strategy=selection.chosen,
+                tool_call_count=len(calls) if selection.chosen == DETERMINISTIC else 0,
             )
         )
-        limits = request.limits
-        deadline = start + limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
-        output = to_value(None)
-        for index, (tool, arguments) in enumerate(calls):
-            rejection = None
-            if tool.needs_approval:
-                approval_id, expires = self.approvals.open(tool.name)
-                waiting = executor_service_pb2.ApprovalRequired(
-                    index=index, tool=tool.name, approval_id=approval_id, arguments=to_struct(arguments)
-                )
-                waiting.expire_time.FromNanoseconds(expires)
-                yield event(approval_required=waiting)
-                rejection = await self.approvals.decision(approval_id)
-            if rejection is None:
-                yield event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
-                remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-                result = await self.call(tool, arguments, context, timeout=remaining)
-                usage.tool_calls += 1
-                usage.credits += tool.credits
-                usage.tokens += result.tokens
-            else:
-                result = common_pb2.ToolResult(
-                    tool=tool.name, error=_error("TOOL_REJECTED", f"{tool.name} was not approved: {rejection}")
-                )
-            yield event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=result))
-            if result.HasField("error"):
-                usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
-                yield event(failed=executor_service_pb2.ExecutionFailed(error=result.error, usage=usage))
+        yield step.event(
+            strategy_selected=executor_service_pb2.StrategySelected(
+                requested=selection.requested, chosen=selection.chosen, reason=selection.reason
+            )
+        )
+        if selection.reason:
+            _log.info("step %s runs %s: %s", request.step_id, strategy_name(selection.chosen), selection.reason)
+        if selection.chosen == DETERMINISTIC:
+            events = step.deterministic(calls)
+        elif selection.chosen == CONVERSATIONAL:
+            events = step.conversational(request.prompt, offered)
+        else:
+            events = step.reasoning(request.prompt, offered)
+        async for event in events:
+            yield event
+        self.strategies.record(step_key, selection.chosen).add(success=step.error is None, routine=step.routine)
+        step.usage.duration.CopyFrom(to_duration(time.perf_counter() - step.start))
+        if step.error is not None:
+            yield step.event(failed=executor_service_pb2.ExecutionFailed(error=step.error, usage=step.usage))
+            return
+        _log.debug("step %s completed after %d tool calls", request.step_id, step.usage.tool_calls)
+        yield step.event(output=executor_service_pb2.ExecutionOutput(value=step.output))
+        yield step.event(completed=executor_service_pb2.ExecutionCompleted(usage=step.usage))
+
+    def _offered_tools(
+        self, request: executor_service_pb2.ExecuteRequest, calls: list[tuple[Tool, dict[str, Any]]]
+    ) -> dict[str, Tool]:
+        """Returns the tools a model may call in this step, by name.
+
+        Raises:
+            InvalidArgumentError: ``tools`` names a tool that is not registered.
+        """
+        if not request.tools:
+            return {tool.name: tool for tool, _ in calls}
+        offered = {}
+        for index, tool_name in enumerate(request.tools):
+            found = self.registry.get(tool_name)
+            if found is None:
+                raise InvalidArgumentError([Violation(f"tools[{index}]", f"unknown tool {tool_name!r}")])
+            offered[tool_name] = found
+        return offered
+
+    def memoised(self, tool: Tool, arguments: dict[str, Any]) -> common_pb2.ToolResult | None:
+        """Returns the remembered result of a pure tool's identical call, if it has not expired."""
+        key = (tool.name, json.dumps(arguments, sort_keys=True))
+        found = self._memo.get(key)
+        if found is None or found[0] < time.monotonic():
+            return None
+        self._memo.move_to_end(key)
+        return found[1]
+
+    def memoise(self, tool: Tool, arguments: dict[str, Any], result: common_pb2.ToolResult) -> None:
+        """Remembers a pure tool's successful result for ``MEMO_SECONDS``."""
+        self._memo[(tool.name, json.dumps(arguments, sort_keys=True))] = (time.monotonic() + MEMO_SECONDS, result)
+        if len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+
+
+class _Step:
+    """One step being run: its events, usage and outcome, and the strategies that run it."""
+
+    def __init__(
+        self, executor: Executor, request: executor_service_pb2.ExecuteRequest, max_seconds: float | None
+    ) -> None:
+        self.executor = executor
+        self.request = request
+        self.context = executor.context(request.context)
+        self.event = _EventSequence(request.execution_id, request.context.correlation_id)
+        self.start = time.perf_counter()
+        self.deadline = None if max_seconds is None else self.start + max_seconds
+        self.usage = common_pb2.ResourceUsage()
+        self.output = to_value(None)
+        self.error: common_pb2.ErrorDetail | None = None
+        self.result = common_pb2.ToolResult()
+        self.answer: Completion | None = None
+        self.routine: Routine = ()
+        self._calls = 0
+
+    async def tool_call(self, tool: Tool, arguments: dict[str, Any]) -> Events:
+        """Runs one call, asking for approval first when the tool needs it; leaves ``self.result``."""
+        index = self._calls
+        self._calls += 1
+        rejection = None
+        if tool.needs_approval:
+            approvals = self.executor.approvals
+            approval_id, expires = approvals.open(tool.name)
+            waiting = executor_service_pb2.ApprovalRequired(
+                index=index, tool=tool.name, approval_id=approval_id, arguments=to_struct(arguments)
+            )
+            waiting.expire_time.FromNanoseconds(expires)
+            yield self.event(approval_required=waiting)
+            rejection = await approvals.decision(approval_id)
+        yield self.event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
+        if rejection is not None:
+            message = f"{tool.name} was not approved: {rejection}"
+            self.result = common_pb2.ToolResult(tool=tool.name, error=_error("TOOL_REJECTED", message))
+        elif (remembered := self.executor.memoised(tool, arguments) if tool.pure else None) is not None:
+            self.result = remembered
+        else:
+            for attempt in range(1, (CRITICAL_ATTEMPTS if tool.critical else 1) + 1):
+                remaining = None if self.deadline is None else max(self.deadline - time.perf_counter(), 0.0)
+                self.result = await self.executor.call(tool, arguments, self.context, timeout=remaining)
+                self.usage.tool_calls += 1
+                self.usage.credits += tool.credits
+                self.usage.tokens += self.result.tokens
+                if not self.result.HasField("error") or attempt == CRITICAL_ATTEMPTS or not tool.critical:
+                    break
+                await asyncio.sleep(CRITICAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            if tool.pure and not self.result.HasField("error"):
+                self.executor.memoise(tool, arguments, self.result)
+        yield self.event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=self.result))
+
+    async def deterministic(self, calls: list[tuple[Tool, dict[str, Any]]]) -> Events:
+        """Runs the step's tool calls as given; the first failure ends the step."""
+        for tool, arguments in calls:
+            async for event in self.tool_call(tool, arguments):
+                yield event
+            if self.result.HasField("error"):
+                self.error = self.result.error
                 return
-            output = result.output
-        usage.duration.CopyFrom(to_duration(time.perf_counter() - start))
-        _log.debug("step %s completed after %d tool calls", request.step_id, usage.tool_calls)
-        yield event(output=executor_service_pb2.ExecutionOutput(value=output))
-        yield event(completed=executor_service_pb2.ExecutionCompleted(usage=usage))
+            self.output = self.result.output
+
+    async def _ask(self, phase: str, messages: list[Message], tools: dict[str, Tool]) -> Events:
+        """Asks the model; leaves its answer in ``self.answer`` (None when it failed)."""
+        self.answer = None
+        limit = self.request.limits.max_tokens
+        if limit and self.usage.tokens >= limit:
+            self.error = _error("TOKEN_BUDGET_EXHAUSTED", f"the step has used its {limit} tokens")
+            return
+        request = CompletionRequest(
+            messages=tuple(messages),
+            tools=tuple(ModelTool(t.name, t.description, t.parameters) for t in tools.values()),
+            max_tokens=limit - self.usage.tokens if limit else None,  # the answer shrinks to fit the budget
+        )
+        try:
+            answer = await self.executor.model.complete(request)
+        except ModelError as exc:
+            self.error = _error(exc.reason, exc.message)
+            return
+        self.usage.tokens += answer.usage.total
+        self.answer = answer
+        yield self.event(
+            model_replied=executor_service_pb2.ModelReplied(
+                phase=phase, content=answer.content, tool_calls=len(answer.tool_calls), tokens=answer.usage.total
+            )
+        )
+
+    async def _answer_calls(self, answer: Completion, tools: dict[str, Tool], messages: list[Message]) -> Events:
+        """Runs the tool calls a model asked for and appends their results to the conversation; a bad
+        call is answered with what is wrong, for the model to correct."""
+        messages.append(Message("assistant", answer.content, tool_calls=answer.tool_calls))
+        routine = list(self.routine)
+        for call in answer.tool_calls:
+            limit = self.request.limits.max_tool_calls or DEFAULT_MODEL_TOOL_CALLS
+            if self.usage.tool_calls >= limit:
+                self.error = _error("TOOL_CALL_LIMIT", f"the model asked for more than {limit} tool calls")
+                return
+            tool = tools.get(call.name)
+            problems = ["not offered to this step"] if tool is None else tool.violations(call.arguments, prefix="")
+            if tool is None or problems:
+                reply = f"error: {call.name} cannot run: " + "; ".join(str(p) for p in problems)
+            else:
+                async for event in self.tool_call(tool, call.arguments):
+                    yield event
+                if self.result.HasField("error"):
+                    reply = f"error: {self.result.error.reason}: {self.result.error.message}"
+                else:
+                    reply = json.dumps(from_value(self.result.output))
+                    routine.append((tool.name, call.arguments))
+            messages.append(Message("tool", reply, tool_call_id=call.id))
+        self.routine = tuple(routine)
+
+    async def conversational(self, prompt: str, tools: dict[str, Tool]) -> Events:
+        """A model/tool loop: the model calls tools until it answers; its answer is the output."""
+        messages = [Message("system", CONVERSE), Message("user", prompt)]
+        while self.error is None:
+            async for event in self._ask("turn", messages, tools):
+                yield event
+            if self.answer is None:
+                return
+            if not self.answer.tool_calls:
+                self.output = to_value(self.answer.content)
+                return
+            async for event in self._answer_calls(self.answer, tools, messages):
+                yield event
+
+    async def reasoning(self, prompt: str, tools: dict[str, Tool]) -> Events:
+        """Analyse, plan (the plan is the tool calls the model asks for), execute, refine."""
+        task = Message("user", prompt)
+        async for event in self._ask("analyse", [Message("system", ANALYSE), task], {}):
+            yield event
+        if self.answer is None:
+            return
+        analysis = Message("assistant", self.answer.content)
+        messages = [Message("system", PLAN), task, analysis]
+        async for event in self._ask("plan", messages, tools):
+            yield event
+        if self.answer is None:
+            return
+        async for event in self._answer_calls(self.answer, tools, messages):
+            yield event
+        if self.error is not None:
+            return
+        messages[0] = Message("system", REFINE)
+        async for event in self._ask("refine", messages, {}):
+            yield event
+        if self.answer is not None:
+            self.output = to_value(self.answer.content)
 
 
 def _reserve(limits: common_pb2.ResourceLimits, tools: list[Tool]) -> None:

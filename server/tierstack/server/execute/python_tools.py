@@ -65,6 +65,8 @@ def tool(
     timeout_seconds: float = 30.0,
     credits: float = 0.0,
     needs_approval: bool = False,
+    pure: bool = False,
+    critical: bool = False,
 ) -> Callable[[Callable[..., Any]], Tool]:
     """Turns a function into a :class:`Tool` (register it, or offer it through the entry points).
 
@@ -121,6 +123,8 @@ def tool(
             timeout_seconds=timeout_seconds,
             credits=credits,
             needs_approval=needs_approval,
+            pure=pure,
+            critical=critical,
         )
 
     return decorate

@@ -88,6 +88,8 @@ class Tool:
         timeout_seconds: The default deadline of one call.
         credits: What one call costs against a step's ``max_credits``.
         needs_approval: Whether each call waits for ApproveToolCall before it runs.
+        pure: Whether identical calls give identical results, so results may be remembered for an hour.
+        critical: Whether a failing call is tried again (three tries in all) in deterministic steps.
     """
 
     name: str
@@ -98,6 +100,8 @@ class Tool:
     timeout_seconds: float = 30.0
     credits: float = 0.0
     needs_approval: bool = False
+    pure: bool = False
+    critical: bool = False
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
     _accepts: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
@@ -134,6 +138,10 @@ class ToolRegistry:
         if tool.name in self._tools:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
         self._tools[tool.name] = tool
+
+    def get(self, name: str) -> Tool | None:
+        """Returns the tool ``name``, or None."""
+        return self._tools.get(name)
 
     def tools(self) -> list[Tool]:
         """Returns every tool, ordered by name."""

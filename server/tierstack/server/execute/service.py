@@ -131,6 +131,7 @@ class ExecuteService:
             max_concurrent_tools=settings.max_concurrent_tools,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
+            model=self._model,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 

@@ -613,6 +613,7 @@ class RunManager:
         self._append(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
         try:
             arguments = render(step.parameters, context.resolve)
+            prompt = render(step.prompt, context.resolve, "prompt")
         except TemplateError as exc:
             return _error("TEMPLATE_ERROR", exc.message, field=exc.field)
         assert isinstance(arguments, dict)
@@ -620,7 +621,7 @@ class RunManager:
             output, usage, error = await self._run_nested(live, step.workflow, arguments, path)
         else:
             async with live.slots:
-                output, usage, error = await self._execute(live, step, path, arguments, state.attempt)
+                output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
         if error is not None:
             return error
         seconds = usage.duration.ToNanoseconds() / 1e9
@@ -658,7 +659,7 @@ class RunManager:
         return to_value(declared), usage, None
 
     async def _execute(
-        self, live: _LiveRun, step: StepSpec, path: str, arguments: dict[str, JSON], attempt: int
+        self, live: _LiveRun, step: StepSpec, path: str, arguments: dict[str, JSON], prompt: str, attempt: int
     ) -> tuple[struct_pb2.Value, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
         """Runs one tool step in Tier 3, forwarding its events; the execution id is the idempotency key."""
         request = executor_service_pb2.ExecuteRequest(
@@ -669,6 +670,7 @@ class RunManager:
             step_id=path,
             tool_calls=[common_pb2.ToolCall(tool=step.tool, arguments=to_struct(arguments))],
             strategy=step.strategy,
+            prompt=prompt,
         )
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))

@@ -83,6 +83,7 @@ class StepSpec:
     retry: RetrySpec = field(default_factory=RetrySpec)
     when: Any = None  # a compiled JMESPath expression
     optional: bool = False
+    prompt: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,7 +329,10 @@ class _Checker:
         parameters = from_struct(step.parameters)
         reads = [
             (template_field, str(path[0]), str(path[1]))
-            for template_field, path in self._references(parameters, f"{where}.parameters")
+            for template_field, path in [
+                *self._references(parameters, f"{where}.parameters"),
+                *self._references(step.prompt, f"{where}.prompt"),
+            ]
             if path[0] != "inputs"
         ]
         when = None
@@ -341,6 +345,8 @@ class _Checker:
             reads.extend((f"{where}.when", "vars", name) for name in _VARIABLE_REFERENCE.findall(step.when))
         if reads:
             self._check_reads(reads, _ancestors(edges, step.id), known_vars)
+        if step.strategy in (common_pb2.STRATEGY_CONVERSATIONAL, common_pb2.STRATEGY_REASONING) and not step.prompt:
+            self.add(f"{where}.prompt", "a conversational or reasoning step needs a prompt")
         nested = None
         if step.HasField("workflow"):
             if depth >= self.max_depth:
@@ -367,6 +373,7 @@ class _Checker:
             ),
             when=when,
             optional=step.optional,
+            prompt=step.prompt,
         )
 
 

@@ -30,6 +30,8 @@ class Settings:
         model_base_url: The OpenAI-compatible API models are called through; empty uses the local model.
         model: The model asked when a call names none.
         model_api_key: The key of that API, if it wants one.
+        mcp_servers: MCP servers whose tools Execute mounts, as ``{"prefix": {"command": [...]} | {"url": "..."}}``
+            JSON (``TIERSTACK_MCP_SERVERS``).
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +47,7 @@ class Settings:
     model_base_url: str = ""
     model: str = "local"
     model_api_key: str = ""
+    mcp_servers: str = ""
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +70,7 @@ class Settings:
             model_base_url=env.get("TIERSTACK_MODEL_BASE_URL", defaults.model_base_url),
             model=env.get("TIERSTACK_MODEL", defaults.model),
             model_api_key=env.get("TIERSTACK_MODEL_API_KEY", defaults.model_api_key),
+            mcp_servers=env.get("TIERSTACK_MCP_SERVERS", defaults.mcp_servers),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -13,6 +13,7 @@ from tierstack.server.ai import LocalModel, OpenAICompatibleModel
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
+from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.pagination import decode_token, encode_token, page_size
@@ -125,6 +126,7 @@ class ExecuteService:
         )
         self.registry = ToolRegistry()
         register_builtin_tools(self.registry, self._http, self._model)
+        self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
         self.executor = Executor(
             self.registry,
@@ -141,12 +143,14 @@ class ExecuteService:
         )
 
     async def start(self) -> None:
-        """Nothing runs in the background of Tier 3."""
+        """Mounts the configured MCP servers' tools."""
+        await self._mcp.start(self.registry)
 
     def stopping(self) -> None:
         """Nothing to prepare: calls in flight finish or are cancelled with the server."""
 
     async def close(self) -> None:
+        await self._mcp.close()
         await self._http.aclose()
         if isinstance(self._model, OpenAICompatibleModel):
             await self._model.aclose()

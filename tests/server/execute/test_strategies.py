@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import FakeOpenAI, HttpServer, start_tier
-from tierstack.client import ExecutorClient, InvalidArgumentError
+from tierstack.client import ExecutorClient
+from tierstack.client import InvalidArgumentError as InvalidArgumentRpcError
 from tierstack.client.values import JSON, from_value, to_struct
 from tierstack.server import Settings, TierServer
-from tierstack.server.execute import ExecuteService, ToolError, tool
+from tierstack.server.errors import InvalidArgumentError
+from tierstack.server.execute import ExecuteService, Executor, ToolError, ToolRegistry, tool
+from tierstack.server.execute.engine import TOOLKIT_CACHE_SIZE, Toolkit
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, REASONING, StrategySelector
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -178,7 +181,7 @@ async def test_the_local_model_drives_a_conversation_without_network() -> None:
         async with ExecutorClient(server.target) as client:
             prompt = 'use core.echo with {"value": 42}'
             events = [e async for e in client.execute(step(UNSPECIFIED, prompt, "core.echo"))]
-            with pytest.raises(InvalidArgumentError) as caught:
+            with pytest.raises(InvalidArgumentRpcError) as caught:
                 sensitive = step(UNSPECIFIED, prompt, "core.echo")
                 sensitive.sensitive = True
                 _ = [e async for e in client.execute(sensitive)]
@@ -230,3 +233,27 @@ async def test_deterministic_steps_remember_pure_results_and_retry_critical_tool
     assert (again[-1].completed.usage.tool_calls, first[-1].completed.usage.tool_calls) == (0, 1)
     assert from_value(retried[-2].output.value) == "steady"
     assert retried[-1].completed.usage.tool_calls == 3
+
+
+def test_tool_kits_are_prepared_once_per_tool_set_and_bounded() -> None:
+    registry = ToolRegistry()
+    for index in range(TOOLKIT_CACHE_SIZE + 5):
+        registry.register(tool(f"t{index}")(_identity))
+    executor = Executor(registry)
+
+    def kit_for(*names: str) -> Toolkit:
+        return executor.toolkit(executor_service_pb2.ExecuteRequest(tools=names), [])
+
+    first = kit_for("t0", "t1")
+    assert kit_for("t0", "t1") is first
+    assert [t.name for t in first.model_tools] == ["t0", "t1"]
+    for index in range(TOOLKIT_CACHE_SIZE + 5):
+        kit_for(f"t{index}")
+    assert kit_for("t0", "t1") is not first  # the oldest kit was evicted
+    with pytest.raises(InvalidArgumentError) as caught:
+        kit_for("t0", "missing")
+    assert caught.value.violations[0].field == "tools[1]"
+
+
+def _identity(value: int = 0) -> int:
+    return value

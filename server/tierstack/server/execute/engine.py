@@ -10,6 +10,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ CONVERSE = "You carry out one task. Call the tools you are offered when they hel
 ANALYSE = "Analyse the task: what is asked, what information is needed, and which tools could provide it."
 PLAN = "Plan the task: call every tool the plan needs, with its arguments, in order."
 REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
+#: How many tool kits (the tools a model-driven step offers, prepared for the model) are kept.
+TOOLKIT_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Toolkit:
+    """The tools a model-driven strategy may call, by name, and their descriptions for the model."""
+
+    tools: Mapping[str, Tool]
+    model_tools: tuple[ModelTool, ...]
+
+
+_NO_TOOLS = Toolkit({}, ())
 
 
 class _EventSequence:
@@ -88,6 +102,7 @@ class Executor:
         self._remembered = remembered
         self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
         self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
+        self._toolkits: OrderedDict[tuple[str, ...], Toolkit] = OrderedDict()
         self.model: ModelProvider = model if model is not None else LocalModel()
         self.strategies = StrategySelector()
 
@@ -208,7 +223,7 @@ class Executor:
         for index, call in enumerate(request.tool_calls):
             arguments = from_struct(call.arguments)
             calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
-        offered = self._offered_tools(request, calls)
+        offered = self.toolkit(request, calls)
         limits = request.limits
         max_seconds = limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
         step_key = f"{request.step_id}|{hashlib.sha256(request.prompt.encode()).hexdigest()[:16]}"
@@ -265,23 +280,32 @@ class Executor:
         yield step.event(output=executor_service_pb2.ExecutionOutput(value=step.output))
         yield step.event(completed=executor_service_pb2.ExecutionCompleted(usage=step.usage))
 
-    def _offered_tools(
+    def toolkit(
         self, request: executor_service_pb2.ExecuteRequest, calls: list[tuple[Tool, dict[str, Any]]]
-    ) -> dict[str, Tool]:
-        """Returns the tools a model may call in this step, by name.
+    ) -> Toolkit:
+        """Returns what a model-driven strategy offers the model in this step; kits are built once per
+        set of tools and kept in a bounded LRU.
 
         Raises:
             InvalidArgumentError: ``tools`` names a tool that is not registered.
         """
-        if not request.tools:
-            return {tool.name: tool for tool, _ in calls}
-        offered = {}
-        for index, tool_name in enumerate(request.tools):
+        names = tuple(request.tools) or tuple(dict.fromkeys(tool.name for tool, _ in calls))
+        kit = self._toolkits.get(names)
+        if kit is not None:
+            self._toolkits.move_to_end(names)
+            return kit
+        tools = {}
+        for index, tool_name in enumerate(names):
             found = self.registry.get(tool_name)
             if found is None:
                 raise InvalidArgumentError([Violation(f"tools[{index}]", f"unknown tool {tool_name!r}")])
-            offered[tool_name] = found
-        return offered
+            tools[tool_name] = found
+        kit = self._toolkits[names] = Toolkit(
+            tools, tuple(ModelTool(t.name, t.description, t.parameters) for t in tools.values())
+        )
+        if len(self._toolkits) > TOOLKIT_CACHE_SIZE:
+            self._toolkits.popitem(last=False)
+        return kit
 
     def memoised(self, tool: Tool, arguments: dict[str, Any]) -> common_pb2.ToolResult | None:
         """Returns the remembered result of a pure tool's identical call, if it has not expired."""
@@ -363,7 +387,7 @@ class _Step:
                 return
             self.output = self.result.output
 
-    async def _ask(self, phase: str, messages: list[Message], tools: dict[str, Tool]) -> Events:
+    async def _ask(self, phase: str, messages: list[Message], kit: Toolkit) -> Events:
         """Asks the model; leaves its answer in ``self.answer`` (None when it failed)."""
         self.answer = None
         limit = self.request.limits.max_tokens
@@ -372,7 +396,7 @@ class _Step:
             return
         request = CompletionRequest(
             messages=tuple(messages),
-            tools=tuple(ModelTool(t.name, t.description, t.parameters) for t in tools.values()),
+            tools=kit.model_tools,
             max_tokens=limit - self.usage.tokens if limit else None,  # the answer shrinks to fit the budget
         )
         try:
@@ -388,7 +412,7 @@ class _Step:
             )
         )
 
-    async def _answer_calls(self, answer: Completion, tools: dict[str, Tool], messages: list[Message]) -> Events:
+    async def _answer_calls(self, answer: Completion, kit: Toolkit, messages: list[Message]) -> Events:
         """Runs the tool calls a model asked for and appends their results to the conversation; a bad
         call is answered with what is wrong, for the model to correct."""
         messages.append(Message("assistant", answer.content, tool_calls=answer.tool_calls))
@@ -398,7 +422,7 @@ class _Step:
             if self.usage.tool_calls >= limit:
                 self.error = _error("TOOL_CALL_LIMIT", f"the model asked for more than {limit} tool calls")
                 return
-            tool = tools.get(call.name)
+            tool = kit.tools.get(call.name)
             problems = ["not offered to this step"] if tool is None else tool.violations(call.arguments, prefix="")
             if tool is None or problems:
                 reply = f"error: {call.name} cannot run: " + "; ".join(str(p) for p in problems)
@@ -413,39 +437,39 @@ class _Step:
             messages.append(Message("tool", reply, tool_call_id=call.id))
         self.routine = tuple(routine)
 
-    async def conversational(self, prompt: str, tools: dict[str, Tool]) -> Events:
+    async def conversational(self, prompt: str, kit: Toolkit) -> Events:
         """A model/tool loop: the model calls tools until it answers; its answer is the output."""
         messages = [Message("system", CONVERSE), Message("user", prompt)]
         while self.error is None:
-            async for event in self._ask("turn", messages, tools):
+            async for event in self._ask("turn", messages, kit):
                 yield event
             if self.answer is None:
                 return
             if not self.answer.tool_calls:
                 self.output = to_value(self.answer.content)
                 return
-            async for event in self._answer_calls(self.answer, tools, messages):
+            async for event in self._answer_calls(self.answer, kit, messages):
                 yield event
 
-    async def reasoning(self, prompt: str, tools: dict[str, Tool]) -> Events:
+    async def reasoning(self, prompt: str, kit: Toolkit) -> Events:
         """Analyse, plan (the plan is the tool calls the model asks for), execute, refine."""
         task = Message("user", prompt)
-        async for event in self._ask("analyse", [Message("system", ANALYSE), task], {}):
+        async for event in self._ask("analyse", [Message("system", ANALYSE), task], _NO_TOOLS):
             yield event
         if self.answer is None:
             return
         analysis = Message("assistant", self.answer.content)
         messages = [Message("system", PLAN), task, analysis]
-        async for event in self._ask("plan", messages, tools):
+        async for event in self._ask("plan", messages, kit):
             yield event
         if self.answer is None:
             return
-        async for event in self._answer_calls(self.answer, tools, messages):
+        async for event in self._answer_calls(self.answer, kit, messages):
             yield event
         if self.error is not None:
             return
         messages[0] = Message("system", REFINE)
-        async for event in self._ask("refine", messages, {}):
+        async for event in self._ask("refine", messages, _NO_TOOLS):
             yield event
         if self.answer is not None:
             self.output = to_value(self.answer.content)

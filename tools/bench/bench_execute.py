@@ -24,6 +24,7 @@ import uvloop
 from tierstack.client import ExecutorClient
 from tierstack.client.values import to_struct
 from tierstack.v1 import common_pb2, executor_service_pb2
+from tools.bench.echo_server import METHOD as ECHO_METHOD
 from tools.bench.processes import serving
 
 HERE = Path(__file__).resolve().parent
@@ -82,7 +83,7 @@ async def main(requests: int) -> None:
         ExecutorClient(execute_target) as client,
         grpc.aio.insecure_channel(echo_target) as channel,
     ):
-        echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/bench.Echo/Echo")
+        echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
         series: dict[str, Callable[[], Awaitable[object]]] = {
             "echo": lambda: echo_call(payload),
             "tierstack": lambda: client.execute_tool(request),

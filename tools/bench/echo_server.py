@@ -12,7 +12,8 @@ import sys
 import grpc
 import uvloop
 
-METHOD = "/bench.Echo/Echo"
+SERVICE = "bench.Echo"
+METHOD = f"/{SERVICE}/Echo"
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -21,7 +22,7 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
 
 async def main() -> None:
     server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

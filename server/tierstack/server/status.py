@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -39,42 +40,47 @@ def code_of(error: DomainError) -> int:
     return int(code_pb2.INTERNAL)
 
 
+class _Named(Protocol):
+    """A violation: the field (or limit) it names, and why."""
+
+    @property
+    def field(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+
+def _bad_request(violations: Iterable[_Named]) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
+        ]
+    )
+
+
+def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailure:
+    return error_details_pb2.QuotaFailure(
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description) for v in violations
+        ]
+    )
+
+
 def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
     """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
-    fit, BadRequest field violations or ResourceInfo. A failed call to the tier below keeps its code,
-    reason and metadata."""
+    fit, BadRequest field violations, QuotaFailure or ResourceInfo. A failed call to the tier below
+    keeps its code, reason, metadata and violations."""
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
     if isinstance(error, TierstackError):
-        code = int(error.code.value[0])
-        message = f"the tier below failed: {error.message}"
         if error.field_violations:
-            details.append(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in error.field_violations
-                    ]
-                )
-            )
-        return _status(code, message, details)
+            details.append(_bad_request(error.field_violations))
+        if error.quota_violations:
+            details.append(_quota_failure(error.quota_violations))
+        return _status(int(error.code.value[0]), f"the tier below failed: {error.message}", details)
     if isinstance(error, InvalidArgumentError):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
-                ]
-            )
-        )
+        details.append(_bad_request(error.violations))
     if isinstance(error, ResourceExhaustedError):
-        details.append(
-            error_details_pb2.QuotaFailure(
-                violations=[
-                    error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description)
-                    for v in error.violations
-                ]
-            )
-        )
+        details.append(_quota_failure(error.violations))
     if isinstance(error, NotFoundError):
         details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
     return _status(code_of(error), error.message, details)

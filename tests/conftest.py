@@ -21,7 +21,7 @@ def data_dir(tmp_path: Path) -> Path:
 async def stack(data_dir: Path) -> AsyncIterator[Stack]:
     execute = await start_tier("execute", Settings(data_dir=data_dir))
     orchestrate = await start_tier("orchestrate", Settings(execute_target=execute.target, data_dir=data_dir))
-    coordinate = await start_tier("coordinate", Settings(orchestrate_target=orchestrate.target))
+    coordinate = await start_tier("coordinate", Settings(orchestrate_target=orchestrate.target, data_dir=data_dir))
     clients = (
         ExecutorClient(execute.target),
         OrchestratorClient(orchestrate.target),

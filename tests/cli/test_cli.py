@@ -30,7 +30,7 @@ async def tiers(tmp_path: Path) -> AsyncIterator[dict[str, Process]]:
             "orchestrate", "--execute-target", started["execute"].target, "--data-dir", str(tmp_path), env=env
         )
         started["coordinate"] = await spawn_tier(
-            "coordinate", "--orchestrate-target", started["orchestrate"].target, env=env
+            "coordinate", "--orchestrate-target", started["orchestrate"].target, "--data-dir", str(tmp_path), env=env
         )
         yield started
     finally:

@@ -32,6 +32,8 @@ class Settings:
         model_api_key: The key of that API, if it wants one.
         mcp_servers: MCP servers whose tools Execute mounts, as ``{"prefix": {"command": [...]} | {"url": "..."}}``
             JSON (``TIERSTACK_MCP_SERVERS``).
+        templates_dir: A folder of goal templates (YAML) Coordinate adds to its built-in ones.
+        similarity_threshold: How similar (0..1) a past goal must be for its decomposition to be reused.
     """
 
     host: str = "127.0.0.1"
@@ -48,6 +50,8 @@ class Settings:
     model: str = "local"
     model_api_key: str = ""
     mcp_servers: str = ""
+    templates_dir: Path | None = None
+    similarity_threshold: float = 0.85
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +75,8 @@ class Settings:
             model=env.get("TIERSTACK_MODEL", defaults.model),
             model_api_key=env.get("TIERSTACK_MODEL_API_KEY", defaults.model_api_key),
             mcp_servers=env.get("TIERSTACK_MCP_SERVERS", defaults.mcp_servers),
+            templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
+            similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -1,18 +1,28 @@
 """Tier 1, coordination intelligence: goal decomposition, team formation and goal pursuit."""
 
 from tierstack.server.coordinate.decompose import LocalProvider, SubtaskSpec
+from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, WorkflowRunner
+from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.service import CoordinateService
+from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
+from tierstack.server.coordinate.templates import GoalTemplate, load_templates
 
 __all__ = [
     "AgentSpec",
     "CoordinateService",
     "Coordinator",
+    "Decomposer",
+    "GoalIndex",
+    "GoalMemory",
+    "GoalTemplate",
     "LocalProvider",
     "Need",
+    "NgramIndex",
     "SubtaskSpec",
     "Team",
     "WorkflowRunner",
     "form_team",
+    "load_templates",
 ]

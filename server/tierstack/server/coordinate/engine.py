@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from tierstack.client.errors import TierstackError
-from tierstack.client.values import now_timestamp, to_duration, to_struct
-from tierstack.server.coordinate.decompose import LocalProvider, SubtaskSpec, check_goal
+from tierstack.client.values import now_timestamp, to_duration
+from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.errors import error_detail, error_detail_of_call
 from tierstack.v1 import common_pb2
@@ -29,20 +29,6 @@ class WorkflowRunner(Protocol):
 
 
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
-
-
-def subtask_message(spec: SubtaskSpec) -> pb.Subtask:
-    """Returns a subtask in its wire form."""
-    return pb.Subtask(
-        id=spec.id,
-        description=spec.description,
-        dependencies=spec.dependencies,
-        complexity=spec.complexity,
-        required_capabilities=spec.required_capabilities,
-        priority=spec.priority,
-        tool=spec.tool,
-        parameters=to_struct(spec.parameters),
-    )
 
 
 def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team:
@@ -74,25 +60,12 @@ class Coordinator:
 
     Args:
         runner: Runs workflows (Tier 2).
-        provider: Decomposes goals.
+        decomposer: Splits goals into subtasks.
     """
 
-    def __init__(self, runner: WorkflowRunner, provider: LocalProvider) -> None:
+    def __init__(self, runner: WorkflowRunner, decomposer: Decomposer) -> None:
         self._runner = runner
-        self._provider = provider
-
-    def decompose(self, goal: str, agents: Sequence[pb.Agent]) -> pb.DecomposeGoalResponse:
-        """Splits a goal into subtasks.
-
-        Raises:
-            InvalidArgumentError: The goal or the agents are malformed.
-        """
-        check_goal(goal, [agent.id for agent in agents])
-        return pb.DecomposeGoalResponse(
-            subtasks=[subtask_message(spec) for spec in self._provider.decompose(goal)],
-            source=pb.DECOMPOSITION_SOURCE_MODEL,
-            producer=self._provider.name,
-        )
+        self.decomposer = decomposer
 
     async def coordinate(self, request: pb.CoordinateRequest) -> AsyncIterator[pb.GoalEvent]:
         """Pursues a goal and yields its events, with every Tier 2 and Tier 3 event inside.
@@ -116,7 +89,7 @@ class Coordinator:
 
         phases: dict[str, float] = {}
         start = time.perf_counter()
-        decomposition = self.decompose(request.goal, request.agents)
+        decomposition = await self.decomposer.decompose(request.goal, request.agents)
         phases["decomposition"] = time.perf_counter() - start
         _log.info("goal %s decomposed into %d subtasks", goal_id, len(decomposition.subtasks))
         yield event(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,10 @@ from tierstack.client import OrchestratorClient
 from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import LocalProvider
+from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, team_for, team_message
+from tierstack.server.coordinate.memory import GoalMemory
+from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -31,7 +35,7 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
 
     async def DecomposeGoal(self, request: pb.DecomposeGoalRequest, context: Context) -> pb.DecomposeGoalResponse:
         correlation.bind(request.context)
-        return self._coordinator.decompose(request.goal, request.agents)
+        return await self._coordinator.decomposer.decompose(request.goal, request.agents)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
         formed = team_message(team_for(request.agents, request.subtasks))
@@ -39,14 +43,18 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
 
 
 class CoordinateService:
-    """Tier 1 as a server component: the local provider, an Orchestrate client and the coordinator."""
+    """Tier 1 as a server component: the decomposer (goal memory, templates, local provider), an
+    Orchestrate client and the coordinator."""
 
     tier = common_pb2.TIER_COORDINATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,)
 
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._orchestrator = OrchestratorClient(settings.orchestrate_target)
-        self.coordinator = Coordinator(self._orchestrator, LocalProvider())
+        self._memory = GoalMemory(settings.data_dir / "goals.jsonl")
+        decomposer = Decomposer(memory=self._memory, provider=LocalProvider(), threshold=settings.similarity_threshold)
+        self.coordinator = Coordinator(self._orchestrator, decomposer)
 
     def register(self, server: grpc.aio.Server) -> None:
         coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(
@@ -54,7 +62,10 @@ class CoordinateService:
         )
 
     async def start(self) -> None:
-        """Nothing runs in the background of Tier 1."""
+        """Loads the goal templates (the built-in ones, then the user's) and the learnt goals."""
+        folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
+        self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))
+        await self._memory.load()
 
     def stopping(self) -> None:
         """Nothing to prepare: goals in flight end with their callers' streams."""

@@ -1,0 +1,87 @@
+"""Goal decomposition in the seed's order: a similar past goal, else a template, else the model;
+every decomposition is learnt for later goals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tierstack.client.values import to_struct
+from tierstack.server.coordinate.decompose import LocalProvider, SubtaskSpec, check_goal
+from tierstack.server.coordinate.memory import GoalMemory
+from tierstack.server.coordinate.templates import GoalTemplate
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+#: How similar a past goal must be (0..1) for its decomposition to be reused.
+DEFAULT_SIMILARITY_THRESHOLD = 0.85
+
+
+def subtask_message(spec: SubtaskSpec) -> pb.Subtask:
+    """Returns a subtask in its wire form."""
+    return pb.Subtask(
+        id=spec.id,
+        description=spec.description,
+        dependencies=spec.dependencies,
+        complexity=spec.complexity,
+        required_capabilities=spec.required_capabilities,
+        priority=spec.priority,
+        tool=spec.tool,
+        parameters=to_struct(spec.parameters),
+    )
+
+
+class Decomposer:
+    """Splits goals into subtasks, cheapest source first.
+
+    Args:
+        memory: Learnt decompositions.
+        provider: The model that decomposes what nothing else covers.
+        templates: Goal templates, tried in order (``templates`` may be replaced later).
+        threshold: How similar a past goal must be to be reused.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory: GoalMemory,
+        provider: LocalProvider,
+        templates: Sequence[GoalTemplate] = (),
+        threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+    ) -> None:
+        self._memory = memory
+        self.templates = tuple(templates)
+        self._provider = provider
+        self._threshold = threshold
+
+    async def decompose(self, goal: str, agents: Sequence[pb.Agent]) -> pb.DecomposeGoalResponse:
+        """Returns the goal's subtasks and says where they came from.
+
+        A past goal is reused only when the agents at hand have every capability its subtasks need.
+
+        Raises:
+            InvalidArgumentError: The goal or the agents are malformed.
+        """
+        check_goal(goal, [agent.id for agent in agents])
+        capabilities = {capability for agent in agents for capability in agent.capabilities}
+        recalled = self._memory.recall(goal, threshold=self._threshold, capabilities=capabilities)
+        if recalled is not None:
+            past, subtasks = recalled
+            response = pb.DecomposeGoalResponse(
+                subtasks=subtasks, source=pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL, producer=f"similar goal: {past}"
+            )
+        else:
+            response = self._from_template(goal) or pb.DecomposeGoalResponse(
+                subtasks=[subtask_message(spec) for spec in self._provider.decompose(goal)],
+                source=pb.DECOMPOSITION_SOURCE_MODEL,
+                producer=self._provider.name,
+            )
+        await self._memory.learn(goal, response.subtasks)
+        return response
+
+    def _from_template(self, goal: str) -> pb.DecomposeGoalResponse | None:
+        for template in self.templates:
+            subtasks = template.instantiate(goal)
+            if subtasks is not None:
+                return pb.DecomposeGoalResponse(
+                    subtasks=subtasks, source=pb.DECOMPOSITION_SOURCE_TEMPLATE, producer=template.name
+                )
+        return None

@@ -1,0 +1,89 @@
+"""Decomposition in order — similar past goal, template, model — and learning across restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import start_tier
+from tierstack.client import CoordinatorClient
+from tierstack.client.values import from_struct
+from tierstack.server import Settings
+from tierstack.server.coordinate import GoalMemory, NgramIndex, load_templates
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+AGENTS = [
+    pb.Agent(id="researcher", capabilities=["http", "general"]),
+    pb.Agent(id="analyst", capabilities=["analysis"]),
+    pb.Agent(id="writer", capabilities=["writing"]),
+]
+
+
+def test_character_ngrams_tell_near_goals_from_others() -> None:
+    index = NgramIndex()
+    index.add("a", "analyze sales and compare regions, then write a summary")
+    index.add("b", "translate the manual into French")
+    [(best, score), (_, other)] = index.similar("analyze the sales and compare the regions then write a summary")
+    assert best == "a" and score >= 0.85 and other < 0.2
+    [(exact, same)] = index.similar("translate the manual into French", limit=1)
+    assert exact == "b" and same == pytest.approx(1.0)
+    assert index.similar("bake a cake", limit=1)[0][1] < 0.2
+
+
+async def test_memory_survives_a_restart_and_respects_capabilities(tmp_path: Path) -> None:
+    path = tmp_path / "goals.jsonl"
+    first = GoalMemory(path)
+    subtasks = [pb.Subtask(id="s1", description="write it", required_capabilities=["writing"])]
+    await first.learn("write the weekly report", subtasks)
+    second = GoalMemory(path)
+    await second.load()
+    recalled = second.recall("write the weekly report!", threshold=0.85, capabilities={"writing"})
+    assert recalled is not None and recalled[0] == "write the weekly report"
+    assert [s.id for s in recalled[1]] == ["s1"]
+    assert second.recall("write the weekly report", threshold=0.85, capabilities={"http"}) is None
+    assert second.recall("something else entirely", threshold=0.85, capabilities={"writing"}) is None
+
+
+def test_a_malformed_template_is_named(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("name: bad\npattern: '('\nsubtasks: []\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not a goal template"):
+        load_templates([tmp_path])
+
+
+async def test_sources_come_in_order_and_every_decomposition_is_learnt(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "translate.yaml").write_text(
+        "name: translate\n"
+        "pattern: '^translate (?P<text>.+) into (?P<language>\\w+)$'\n"
+        "subtasks:\n"
+        "  - {id: t1, description: translate $text into $language, required_capabilities: [writing],\n"
+        "     tool: text.template, parameters: {template: '$language: $text'}}\n"
+    )
+    settings = Settings(data_dir=tmp_path / "data", templates_dir=templates)
+
+    async def decompose(goal: str, agents: list[pb.Agent] = AGENTS) -> pb.DecomposeGoalResponse:
+        server = await start_tier("coordinate", settings)
+        try:
+            async with CoordinatorClient(server.target) as client:
+                return await client.decompose_goal(pb.DecomposeGoalRequest(goal=goal, agents=agents))
+        finally:
+            await server.stop()
+
+    built_in = await decompose("summarise https://example.org/news")
+    assert (built_in.source, built_in.producer) == (pb.DECOMPOSITION_SOURCE_TEMPLATE, "summarise-url")
+    assert from_struct(built_in.subtasks[0].parameters) == {"url": "https://example.org/news", "method": "GET"}
+    mine = await decompose("translate the menu into Italian")
+    assert (mine.source, mine.producer) == (pb.DECOMPOSITION_SOURCE_TEMPLATE, "translate")
+    assert mine.subtasks[0].description == "translate the menu into Italian"
+
+    goal = "analyze the quarterly numbers and compare teams, then write a memo"
+    fresh = await decompose(goal)
+    assert (fresh.source, fresh.producer) == (pb.DECOMPOSITION_SOURCE_MODEL, "local")
+    again = await decompose("analyze the quarterly numbers and compare the teams, then write a memo")
+    assert again.source == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL and again.producer == f"similar goal: {goal}"
+    assert list(again.subtasks) == list(fresh.subtasks)
+    writers_only = [pb.Agent(id="writer", capabilities=["writing"])]
+    fallback = await decompose(goal, writers_only)
+    assert fallback.source == pb.DECOMPOSITION_SOURCE_MODEL  # the analysts it needs are not at hand

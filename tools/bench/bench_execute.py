@@ -26,6 +26,7 @@ from tierstack.client.values import to_struct
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tools.bench.echo_server import METHOD as ECHO_METHOD
 from tools.bench.processes import serving
+from tools.bench.timing import timed
 
 HERE = Path(__file__).resolve().parent
 READY = re.compile(rb"serving on (\S+)")
@@ -145,22 +146,12 @@ async def batches(
         ("deterministic step of 10 calls", 10, deterministic_step, lambda: echo_calls(10, 1)),
     ]
     for name, calls, ours, echo in cases:
-        ours_seconds = await _median_seconds(ours)
-        echo_seconds = await _median_seconds(echo)
+        ours_seconds = await timed(ours, 30)
+        echo_seconds = await timed(echo, 30)
         overhead_us = (ours_seconds - echo_seconds) / calls * 1e6
         print(
             f"| {name} | {calls} | {calls / ours_seconds:,.0f} | {calls / echo_seconds:,.0f} | {overhead_us:+,.0f} µs |"
         )
-
-
-async def _median_seconds(work: Callable[[], Awaitable[None]], repeat: int = 30) -> float:
-    await work()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        await work()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from tierstack.server.orchestrate import MemoryRunStore, RunManager, RunStore, S
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 from tools.bench.processes import serving
+from tools.bench.timing import interleaved, timed
 
 Graph = dict[str, tuple[str, ...]]
 
@@ -134,30 +135,6 @@ def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
         builder.add_edge(leaf, END)
     compiled = builder.compile()
     return lambda: compiled.ainvoke({"done": 0})
-
-
-async def timed(run: Callable[[], Awaitable[Any]], repeat: int) -> float:
-    """Returns the median seconds of one run, after a warm-up run."""
-    await run()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        await run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-async def interleaved(runners: dict[str, Callable[[], Awaitable[Any]]], repeat: int) -> dict[str, list[float]]:
-    """Times each runner once per round, round after round, so drift in the machine hits all alike."""
-    for run in runners.values():
-        await run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeat):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            await run()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 async def in_process(repeat: int) -> None:

@@ -75,6 +75,12 @@ def to_duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
+def to_seconds(duration: duration_pb2.Duration) -> float | None:
+    """Returns a protobuf Duration in seconds, or None for zero (which the contract reads as "none")."""
+    nanos = duration.ToNanoseconds()
+    return nanos / 1e9 if nanos > 0 else None
+
+
 def now_timestamp() -> timestamp_pb2.Timestamp:
     """Returns the current time as a protobuf Timestamp."""
     nanos = time.time_ns()

@@ -127,36 +127,45 @@ class HttpRequester:
         return result
 
 
-def _inside(context: ToolContext, path: str) -> Path:
-    workspace = context.workspace.resolve()
-    target = (workspace / path).resolve()  # symlinks resolved too, so none leads out
-    if not target.is_relative_to(workspace) or target == workspace:
+def _inside(workspace: Path, path: str) -> Path:
+    """Returns ``path`` within ``workspace``; runs in a worker thread (resolving touches the disk)."""
+    root = workspace.resolve()
+    target = (root / path).resolve()  # symlinks resolved too, so none leads out
+    if not target.is_relative_to(root) or target == root:
         raise ToolError("PATH_OUTSIDE_WORKSPACE", f"{path!r} is not a file inside the run's workspace")
     return target
 
 
-def _write_file(target: Path, content: str, append: bool) -> int:
+def _write_file(workspace: Path, path: str, content: str, append: bool) -> int:
+    target = _inside(workspace, path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("a" if append else "w", encoding="utf-8") as file:
         return file.write(content)
 
 
+def _read_file(workspace: Path, path: str, limit: int) -> str:
+    target = _inside(workspace, path)
+    try:
+        size = target.stat().st_size
+        if size > limit:
+            raise ToolError("FILE_TOO_LARGE", f"{path!r} has {size} bytes; max_bytes is {limit}")
+        return target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ToolError("FILE_NOT_FOUND", f"{path!r} does not exist in the run's workspace") from None
+
+
 async def _files_write(arguments: dict[str, Any], context: ToolContext) -> JSON:
-    target = _inside(context, arguments["path"])
-    written = await asyncio.to_thread(_write_file, target, arguments["content"], arguments.get("append", False))
-    return {"path": arguments["path"], "characters": written}
+    path = arguments["path"]
+    written = await asyncio.to_thread(
+        _write_file, context.workspace, path, arguments["content"], arguments.get("append", False)
+    )
+    return {"path": path, "characters": written}
 
 
 async def _files_read(arguments: dict[str, Any], context: ToolContext) -> JSON:
-    target = _inside(context, arguments["path"])
-    limit = arguments.get("max_bytes", 1 << 20)
-    try:
-        size = (await asyncio.to_thread(target.stat)).st_size
-        if size > limit:
-            raise ToolError("FILE_TOO_LARGE", f"{arguments['path']!r} has {size} bytes; max_bytes is {limit}")
-        return await asyncio.to_thread(target.read_text, encoding="utf-8")
-    except FileNotFoundError:
-        raise ToolError("FILE_NOT_FOUND", f"{arguments['path']!r} does not exist in the run's workspace") from None
+    return await asyncio.to_thread(
+        _read_file, context.workspace, arguments["path"], arguments.get("max_bytes", 1 << 20)
+    )
 
 
 class ModelCompleter:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_struct, to_value
+from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import Completion, CompletionRequest, LocalModel, Message, ModelError, ModelProvider, ModelTool
 from tierstack.server.errors import (
     FailedPreconditionError,
@@ -148,9 +148,7 @@ class Executor:
         """
         arguments = from_struct(request.call.arguments)
         tool = _without_approval(self.registry.resolve(request.call.tool, arguments, field_prefix="call"))
-        timeout_ns = request.timeout.ToNanoseconds()
-        context = self.context(request.context)
-        return await self.call(tool, arguments, context, timeout=timeout_ns / 1e9 if timeout_ns > 0 else None)
+        return await self.call(tool, arguments, self.context(request.context), timeout=to_seconds(request.timeout))
 
     async def execute_tools(
         self, request: executor_service_pb2.ExecuteToolsRequest
@@ -167,8 +165,7 @@ class Executor:
             arguments = from_struct(call.arguments)
             tool = self.registry.resolve(call.tool, arguments, field_prefix=f"calls[{index}]")
             calls.append((_without_approval(tool), arguments))
-        timeout_ns = request.timeout.ToNanoseconds()
-        timeout = timeout_ns / 1e9 if timeout_ns > 0 else None
+        timeout = to_seconds(request.timeout)
         batch_slots = asyncio.Semaphore(request.max_concurrency or 4)
         context = self.context(request.context)
 
@@ -225,7 +222,7 @@ class Executor:
             calls.append((self.registry.resolve(call.tool, arguments, field_prefix=f"tool_calls[{index}]"), arguments))
         offered = self.toolkit(request, calls)
         limits = request.limits
-        max_seconds = limits.max_duration.ToNanoseconds() / 1e9 if limits.HasField("max_duration") else None
+        max_seconds = to_seconds(limits.max_duration)
         step_key = f"{request.step_id}|{hashlib.sha256(request.prompt.encode()).hexdigest()[:16]}"
         selection = self.strategies.select(
             step_key=step_key,

@@ -23,6 +23,7 @@ from tierstack.client.values import (
     from_value,
     now_timestamp,
     to_duration,
+    to_seconds,
     to_struct,
     to_value,
 )
@@ -624,7 +625,7 @@ class RunManager:
                 output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
         if error is not None:
             return error
-        seconds = usage.duration.ToNanoseconds() / 1e9
+        seconds = to_seconds(usage.duration) or 0.0
         if step.workflow is None:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds

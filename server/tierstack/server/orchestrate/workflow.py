@@ -13,7 +13,7 @@ from typing import Any
 import jmespath
 from jmespath.exceptions import JMESPathError
 
-from tierstack.client.values import JSON, from_struct, from_value
+from tierstack.client.values import JSON, from_struct, from_value, to_seconds
 from tierstack.server.errors import InvalidArgumentError, Violation
 from tierstack.server.orchestrate.templates import Path, TemplateError, templates
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
@@ -363,13 +363,13 @@ class _Checker:
             parameters=parameters,
             depends_on=edges[step.id],
             strategy=step.strategy,
-            timeout_seconds=step.timeout.ToNanoseconds() / 1e9 if step.timeout.ToNanoseconds() > 0 else None,
+            timeout_seconds=to_seconds(step.timeout),
             workflow=nested,
             retry=RetrySpec(
                 max_attempts=max(retry.max_attempts, 1),
-                initial_seconds=retry.initial_backoff.ToNanoseconds() / 1e9 or 1.0,
+                initial_seconds=to_seconds(retry.initial_backoff) or 1.0,
                 multiplier=retry.backoff_multiplier or 2.0,
-                max_seconds=retry.max_backoff.ToNanoseconds() / 1e9 or 60.0,
+                max_seconds=to_seconds(retry.max_backoff) or 60.0,
             ),
             when=when,
             optional=step.optional,

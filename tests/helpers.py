@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,16 +141,20 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.replies: list[dict[str, Any]] = []
         self.status = 200
+        self.failing: set[str] = set()  # user messages answered with 400
+        self.delay = 0.0  # seconds before each answer
         self.base_url = f"{server.url}/v1"
         server.routes["/v1/chat/completions"] = self._handle
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
         self.requests.append(body)
-        if self.status != 200:
-            reply(json.dumps({"error": {"message": "unavailable"}}).encode(), status=self.status)(request)
-            return
+        time.sleep(self.delay)
         last = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+        status = 400 if last in self.failing else self.status
+        if status != 200:
+            reply(json.dumps({"error": {"message": "unavailable"}}).encode(), status=status)(request)
+            return
         message = self.replies.pop(0) if self.replies else {"role": "assistant", "content": f"echo: {last}"}
         answer = {
             "id": f"chatcmpl-{len(self.requests)}",

@@ -30,6 +30,18 @@ class Settings:
         model_base_url: The OpenAI-compatible API models are called through; empty uses the local model.
         model: The model asked when a call names none.
         model_api_key: The key of that API, if it wants one.
+        model_fallbacks: Models tried in order when the model fails or its circuit is open (``local`` is
+            the local model).
+        model_timeout_seconds: How long one model call may take.
+        model_retries: How often a transient model failure is retried before the next model is tried.
+        model_cache_entries: How many model answers the in-memory cache keeps.
+        model_cache_ttl_seconds: How long a cached model answer is kept.
+        redis_url: ``redis://host:port/db`` of the second-level model cache; empty keeps memory alone.
+        model_batch_size: The most model requests sent together.
+        model_batch_window_seconds: How long a model request may wait for its batch.
+        model_prices: Credits per thousand prompt and completion tokens by model, as
+            ``{"model": [prompt, completion]}`` JSON.
+        tenant_token_budgets: The model tokens each tenant may spend, as ``{"tenant": tokens}`` JSON.
         mcp_servers: MCP servers whose tools Execute mounts, as ``{"prefix": {"command": [...]} | {"url": "..."}}``
             JSON (``TIERSTACK_MCP_SERVERS``).
         templates_dir: A folder of goal templates (YAML) Coordinate adds to its built-in ones.
@@ -49,6 +61,16 @@ class Settings:
     model_base_url: str = ""
     model: str = "local"
     model_api_key: str = ""
+    model_fallbacks: tuple[str, ...] = ()
+    model_timeout_seconds: float = 60.0
+    model_retries: int = 2
+    model_cache_entries: int = 4096
+    model_cache_ttl_seconds: float = 3600.0
+    redis_url: str = ""
+    model_batch_size: int = 10
+    model_batch_window_seconds: float = 0.1
+    model_prices: str = ""
+    tenant_token_budgets: str = ""
     mcp_servers: str = ""
     templates_dir: Path | None = None
     similarity_threshold: float = 0.85
@@ -59,6 +81,7 @@ class Settings:
         env = os.environ if env is None else env
         defaults = cls()
         hosts = env.get("TIERSTACK_HTTP_ALLOWED_HOSTS")
+        fallbacks = env.get("TIERSTACK_MODEL_FALLBACKS", "")
         return cls(
             host=env.get("TIERSTACK_HOST", defaults.host),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
@@ -74,6 +97,20 @@ class Settings:
             model_base_url=env.get("TIERSTACK_MODEL_BASE_URL", defaults.model_base_url),
             model=env.get("TIERSTACK_MODEL", defaults.model),
             model_api_key=env.get("TIERSTACK_MODEL_API_KEY", defaults.model_api_key),
+            model_fallbacks=tuple(m.strip() for m in fallbacks.split(",") if m.strip()),
+            model_timeout_seconds=float(env.get("TIERSTACK_MODEL_TIMEOUT_SECONDS", defaults.model_timeout_seconds)),
+            model_retries=int(env.get("TIERSTACK_MODEL_RETRIES", defaults.model_retries)),
+            model_cache_entries=int(env.get("TIERSTACK_MODEL_CACHE_ENTRIES", defaults.model_cache_entries)),
+            model_cache_ttl_seconds=float(
+                env.get("TIERSTACK_MODEL_CACHE_TTL_SECONDS", defaults.model_cache_ttl_seconds)
+            ),
+            redis_url=env.get("TIERSTACK_REDIS_URL", defaults.redis_url),
+            model_batch_size=int(env.get("TIERSTACK_MODEL_BATCH_SIZE", defaults.model_batch_size)),
+            model_batch_window_seconds=float(
+                env.get("TIERSTACK_MODEL_BATCH_WINDOW_SECONDS", defaults.model_batch_window_seconds)
+            ),
+            model_prices=env.get("TIERSTACK_MODEL_PRICES", defaults.model_prices),
+            tenant_token_budgets=env.get("TIERSTACK_TENANT_TOKEN_BUDGETS", defaults.tenant_token_budgets),
             mcp_servers=env.get("TIERSTACK_MCP_SERVERS", defaults.mcp_servers),
             templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
             similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),

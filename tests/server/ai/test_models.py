@@ -101,7 +101,7 @@ async def test_failures_say_whether_to_try_again(model: OpenAICompatibleModel, f
     assert malformed.value.reason == "MALFORMED_TOOL_CALL"
 
 
-async def test_ai_complete_counts_its_tokens_in_the_step(fake: FakeOpenAI) -> None:
+async def test_ai_complete_counts_its_tokens_in_the_step_and_a_repeat_costs_none(fake: FakeOpenAI) -> None:
     server = await start_tier("execute", Settings(model_base_url=fake.base_url, model="tiny"))
     try:
         async with ExecutorClient(server.target) as client:
@@ -111,10 +111,11 @@ async def test_ai_complete_counts_its_tokens_in_the_step(fake: FakeOpenAI) -> No
             ]
     finally:
         await server.stop()
-    assert from_value(events[-2].output.value) == {"text": "echo: a haiku", "model": "tiny", "tokens": 18}
-    assert events[-1].completed.usage.tokens == 36
+    assert from_value(events[-2].output.value) == {"text": "echo: a haiku", "model": "tiny", "tokens": 0}
+    assert events[-1].completed.usage.tokens == 18
     finished = [e.tool_call_finished.result for e in events if e.HasField("tool_call_finished")]
-    assert [r.tokens for r in finished] == [18, 18]
+    assert [r.tokens for r in finished] == [18, 0]  # the same prompt again is answered from the cache
+    assert len(fake.requests) == 1
     assert json.loads(json.dumps(fake.requests[0]["messages"])) == [
         {"role": "system", "content": "poet"},
         {"role": "user", "content": "a haiku"},

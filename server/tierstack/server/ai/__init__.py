@@ -1,5 +1,8 @@
-"""Models behind one interface: the local deterministic model and OpenAI-compatible APIs."""
+"""Models behind one interface (the local deterministic model, OpenAI-compatible APIs) and the AI
+service in front of them: budgets, response cache, batching, retries, circuit breakers, fallbacks."""
 
+from tierstack.server.ai.accounting import Ledger, Price, Totals
+from tierstack.server.ai.cache import ResponseCache
 from tierstack.server.ai.local import LocalModel
 from tierstack.server.ai.models import (
     Completion,
@@ -8,20 +11,29 @@ from tierstack.server.ai.models import (
     ModelError,
     ModelProvider,
     ModelTool,
+    Scope,
     ToolCallRequest,
     Usage,
 )
 from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
+from tierstack.server.ai.service import AIService, Resilience
 
 __all__ = [
+    "AIService",
     "Completion",
     "CompletionRequest",
+    "Ledger",
     "LocalModel",
     "Message",
     "ModelError",
     "ModelProvider",
     "ModelTool",
     "OpenAICompatibleModel",
+    "Price",
+    "Resilience",
+    "ResponseCache",
+    "Scope",
     "ToolCallRequest",
+    "Totals",
     "Usage",
 ]

@@ -38,14 +38,30 @@ class ModelTool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Scope:
+    """Who a model call is made for, and how many tokens it may still use.
+
+    Attributes:
+        tenant: The tenant charged; tenants may have token budgets of their own.
+        run: The run (or step, or goal) charged.
+        token_budget: The tokens left to the caller; None is no limit.
+    """
+
+    tenant: str = ""
+    run: str = ""
+    token_budget: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CompletionRequest:
-    """What a model is asked."""
+    """What a model is asked, and on whose account (``scope`` is not part of the question)."""
 
     messages: tuple[Message, ...]
     model: str = ""
     tools: tuple[ModelTool, ...] = ()
     max_tokens: int | None = None
     temperature: float = 0.0
+    scope: Scope = field(default_factory=Scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +85,13 @@ class Completion:
     model: str
     tool_calls: tuple[ToolCallRequest, ...] = ()
     usage: Usage = field(default_factory=Usage)
+    #: True when the answer came from the response cache: its usage was paid by an earlier call.
+    cached: bool = False
+
+    @property
+    def spent(self) -> int:
+        """Returns the tokens this answer cost now: none when it came from the cache."""
+        return 0 if self.cached else self.usage.total
 
 
 class ModelError(Exception):

@@ -32,13 +32,15 @@ class OpenAICompatibleModel:
         model: The model used when a request names none.
         api_key: The key, if the server wants one.
         timeout: How long one request may take, in seconds.
-        max_retries: How often the client retries a transient failure (with backoff).
+        max_retries: How often the client itself retries a transient failure (the AI service retries, so
+            none by default).
     """
 
+    name = "openai-compatible"
+
     def __init__(
-        self, *, base_url: str, model: str, api_key: str = "", timeout: float = 60.0, max_retries: int = 2
+        self, *, base_url: str, model: str, api_key: str = "", timeout: float = 60.0, max_retries: int = 0
     ) -> None:
-        self.name = f"openai-compatible:{model}"
         self._model = model
         self._client = openai.AsyncOpenAI(
             base_url=base_url,

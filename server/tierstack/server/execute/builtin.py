@@ -185,8 +185,8 @@ class ModelCompleter:
             completion = await self._model.complete(request)
         except ModelError as exc:
             raise ToolError(exc.reason, exc.message) from exc
-        context.meter.tokens += completion.usage.total
-        return {"text": completion.content, "model": completion.model, "tokens": completion.usage.total}
+        context.meter.tokens += completion.spent
+        return {"text": completion.content, "model": completion.model, "tokens": completion.spent}
 
 
 def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: ModelProvider) -> None:

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
-from tierstack.server.ai import Completion, CompletionRequest, LocalModel, Message, ModelError, ModelProvider, ModelTool
+from tierstack.server.ai import (
+    Completion,
+    CompletionRequest,
+    LocalModel,
+    Message,
+    ModelError,
+    ModelProvider,
+    ModelTool,
+    Scope,
+)
 from tierstack.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -394,14 +403,18 @@ class _Step:
         request = CompletionRequest(
             messages=tuple(messages),
             tools=kit.model_tools,
-            max_tokens=limit - self.usage.tokens if limit else None,  # the answer shrinks to fit the budget
+            scope=Scope(  # the answer shrinks to fit what the step has left
+                tenant=self.request.context.tenant_id,
+                run=self.request.context.parent_execution_id or self.request.execution_id,
+                token_budget=limit - self.usage.tokens if limit else None,
+            ),
         )
         try:
             answer = await self.executor.model.complete(request)
         except ModelError as exc:
             self.error = _error(exc.reason, exc.message)
             return
-        self.usage.tokens += answer.usage.total
+        self.usage.tokens += answer.spent
         self.answer = answer
         yield self.event(
             model_replied=executor_service_pb2.ModelReplied(

@@ -9,7 +9,7 @@ import grpc
 
 from tierstack.client.values import to_duration, to_struct
 from tierstack.server import correlation
-from tierstack.server.ai import LocalModel, OpenAICompatibleModel
+from tierstack.server.ai import AIService
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
@@ -117,15 +117,9 @@ class ExecuteService:
 
     def __init__(self, settings: Settings) -> None:
         self._http = HttpRequester(settings.http_allowed_hosts)
-        self._model: LocalModel | OpenAICompatibleModel = (
-            OpenAICompatibleModel(
-                base_url=settings.model_base_url, model=settings.model, api_key=settings.model_api_key
-            )
-            if settings.model_base_url
-            else LocalModel()
-        )
+        self.ai = AIService.from_settings(settings)
         self.registry = ToolRegistry()
-        register_builtin_tools(self.registry, self._http, self._model)
+        register_builtin_tools(self.registry, self._http, self.ai)
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
         self.executor = Executor(
@@ -133,7 +127,7 @@ class ExecuteService:
             max_concurrent_tools=settings.max_concurrent_tools,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
-            model=self._model,
+            model=self.ai,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 
@@ -152,5 +146,4 @@ class ExecuteService:
     async def close(self) -> None:
         await self._mcp.close()
         await self._http.aclose()
-        if isinstance(self._model, OpenAICompatibleModel):
-            await self._model.aclose()
+        await self.ai.close()

@@ -1,0 +1,192 @@
+"""The AI service both Tier 1 and Tier 3 ask: budget, cache, batcher, then the models with retries,
+a circuit breaker per provider and model, and a fallback chain of models."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Sequence
+
+from tierstack.server.ai.accounting import Ledger, Price
+from tierstack.server.ai.batcher import Batcher
+from tierstack.server.ai.breaker import CircuitBreaker
+from tierstack.server.ai.cache import ResponseCache, request_key
+from tierstack.server.ai.local import LocalModel
+from tierstack.server.ai.models import Completion, CompletionRequest, ModelError, ModelProvider
+from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
+from tierstack.server.config import Settings
+from tierstack.server.metrics import LatencyHistogram
+
+#: The model name that means the local deterministic model.
+LOCAL = "local"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Resilience:
+    """How hard the service tries a model before it falls back to the next.
+
+    Attributes:
+        timeout: How long one call may take, in seconds.
+        retries: How often a transient failure is retried on the same model.
+        backoff: The base of the exponential backoff between retries, in seconds (full jitter).
+        breaker_threshold: How many failures in a row open a model's circuit breaker.
+        breaker_reset: How long an open breaker refuses calls before it lets a probe through, in seconds.
+    """
+
+    timeout: float = 60.0
+    retries: int = 2
+    backoff: float = 0.2
+    breaker_threshold: int = 5
+    breaker_reset: float = 30.0
+
+
+class AIService:
+    """Answers completion requests as cheaply and dependably as it can.
+
+    In order: the caller's and its tenant's token budgets shrink the answer to fit (or refuse the
+    call); a deterministic request (temperature 0) seen before is answered from the cache; the rest
+    go through the batcher to the models of the chain, the requested model first.
+
+    Args:
+        models: The fallback chain: model names, ``local`` for the local model.
+        remote: The OpenAI-compatible API other names are sent to; None when there is none.
+        cache: The response cache.
+        ledger: Counts tokens and cost.
+        batch_size: The most requests of one batch.
+        batch_window: How long a request may wait for its batch, in seconds.
+        resilience: Timeouts, retries and circuit breakers.
+    """
+
+    name = "ai"
+
+    def __init__(
+        self,
+        models: Sequence[str] = (LOCAL,),
+        *,
+        remote: OpenAICompatibleModel | None = None,
+        cache: ResponseCache | None = None,
+        ledger: Ledger | None = None,
+        batch_size: int = 10,
+        batch_window: float = 0.1,
+        resilience: Resilience = Resilience(),
+    ) -> None:
+        self.models = tuple(dict.fromkeys(models))
+        self._local = LocalModel()
+        self._remote = remote
+        self.cache = cache if cache is not None else ResponseCache()
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.batcher = Batcher(self._call, size=batch_size, window=batch_window)
+        self._resilience = resilience
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.latency: dict[str, LatencyHistogram] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AIService:
+        """Builds the service a server's settings describe."""
+        remote = (
+            OpenAICompatibleModel(
+                base_url=settings.model_base_url, model=settings.model, api_key=settings.model_api_key
+            )
+            if settings.model_base_url
+            else None
+        )
+        prices = {model: Price(*pair) for model, pair in json.loads(settings.model_prices or "{}").items()}
+        return cls(
+            (settings.model, *settings.model_fallbacks),
+            remote=remote,
+            cache=ResponseCache(
+                max_entries=settings.model_cache_entries,
+                ttl_seconds=settings.model_cache_ttl_seconds,
+                redis_url=settings.redis_url,
+            ),
+            ledger=Ledger(prices, json.loads(settings.tenant_token_budgets or "{}")),
+            batch_size=settings.model_batch_size,
+            batch_window=settings.model_batch_window_seconds,
+            resilience=Resilience(timeout=settings.model_timeout_seconds, retries=settings.model_retries),
+        )
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """Returns an answer to ``request`` (``cached`` says whether a model was asked for it).
+
+        Raises:
+            ModelError: The budget is spent, or no model of the chain could answer.
+        """
+        request = self.ledger.fit(dataclasses.replace(request, model=request.model or self.models[0]))
+        key = request_key(request)
+        deterministic = request.temperature == 0
+        answer = await self.cache.get(key) if deterministic else None
+        if answer is None:
+            answer = await self.batcher.submit(key, request)
+            if deterministic and not answer.cached:
+                await self.cache.set(key, answer)
+        self.ledger.charge(request, answer)
+        return answer
+
+    def _provider(self, model: str) -> ModelProvider | None:
+        return self._local if model == LOCAL else self._remote
+
+    async def _call(self, request: CompletionRequest) -> Completion:
+        """Asks the requested model, then the rest of the chain, skipping models whose breaker is open."""
+        failures: list[str] = []
+        last: ModelError | None = None
+        for model in dict.fromkeys((request.model, *self.models)):
+            provider = self._provider(model)
+            route = f"{provider.name if provider else 'none'}/{model}"
+            breaker = self.breakers.setdefault(
+                route,
+                CircuitBreaker(
+                    threshold=self._resilience.breaker_threshold, reset_seconds=self._resilience.breaker_reset
+                ),
+            )
+            if provider is None:
+                failures.append(f"{model}: no model API is configured (TIERSTACK_MODEL_BASE_URL)")
+                continue
+            if not breaker.allow():
+                failures.append(f"{route}: circuit open after repeated failures")
+                continue
+            try:
+                answer = await self._attempts(provider, dataclasses.replace(request, model=model))
+            except ModelError as exc:
+                if exc.transient:
+                    breaker.failed()
+                failures.append(f"{route}: {exc.message}")
+                last = exc
+                continue
+            breaker.succeeded()
+            return answer
+        raise ModelError(
+            last.reason if last is not None else "MODEL_UNAVAILABLE",
+            "no model could answer: " + "; ".join(failures),
+            transient=last is None or last.transient,
+        )
+
+    async def _attempts(self, provider: ModelProvider, request: CompletionRequest) -> Completion:
+        """Calls one model, retrying transient failures with exponential backoff and full jitter."""
+        settings = self._resilience
+        histogram = self.latency.setdefault(request.model, LatencyHistogram())
+        attempt = 0
+        while True:
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(settings.timeout):
+                    answer = await provider.complete(request)
+                histogram.record(time.perf_counter() - start)
+                return answer
+            except TimeoutError:
+                error = ModelError("MODEL_TIMEOUT", f"no answer within {settings.timeout:g} s", transient=True)
+            except ModelError as exc:
+                error = exc
+            if not error.transient or attempt == settings.retries:
+                raise error
+            await asyncio.sleep(random.uniform(0, settings.backoff * 2**attempt))
+            attempt += 1
+
+    async def close(self) -> None:
+        """Ends the batches in flight and closes the connections."""
+        await self.batcher.close()
+        await self.cache.close()
+        if self._remote is not None:
+            await self._remote.aclose()

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, start_tier
-from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tests.helpers import HttpServer, Stack, open_stack
 from tierstack.server import Settings
 
 
@@ -23,21 +22,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def stack(data_dir: Path) -> AsyncIterator[Stack]:
-    execute = await start_tier("execute", Settings(data_dir=data_dir))
-    orchestrate = await start_tier("orchestrate", Settings(execute_target=execute.target, data_dir=data_dir))
-    coordinate = await start_tier("coordinate", Settings(orchestrate_target=orchestrate.target, data_dir=data_dir))
-    clients = (
-        ExecutorClient(execute.target),
-        OrchestratorClient(orchestrate.target),
-        CoordinatorClient(coordinate.target),
-    )
-    try:
-        yield Stack(execute, orchestrate, coordinate, *clients)
-    finally:
-        for client in clients:
-            await client.close()
-        for server in (coordinate, orchestrate, execute):
-            await server.stop()
+    async with open_stack(Settings(data_dir=data_dir)) as opened:
+        yield opened
 
 
 @pytest.fixture

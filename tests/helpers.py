@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,6 +36,26 @@ async def start_tier(tier: str, settings: Settings) -> TierServer:
     server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0)
     await server.start()
     return server
+
+
+@contextlib.asynccontextmanager
+async def open_stack(settings: Settings) -> AsyncIterator[Stack]:
+    """Starts the three tiers in process, wired together, each with ``settings`` and a port of its own."""
+    execute = await start_tier("execute", settings)
+    orchestrate = await start_tier("orchestrate", dataclasses.replace(settings, execute_target=execute.target))
+    coordinate = await start_tier("coordinate", dataclasses.replace(settings, orchestrate_target=orchestrate.target))
+    clients = (
+        ExecutorClient(execute.target),
+        OrchestratorClient(orchestrate.target),
+        CoordinatorClient(coordinate.target),
+    )
+    try:
+        yield Stack(execute, orchestrate, coordinate, *clients)
+    finally:
+        for client in clients:
+            await client.close()
+        for server in (coordinate, orchestrate, execute):
+            await server.stop()
 
 
 Handler = Callable[[BaseHTTPRequestHandler], None]

@@ -29,7 +29,7 @@ from tierstack.v1 import common_pb2 as tierstack_dot_v1_dot_common__pb2
 from tierstack.v1 import orchestrator_service_pb2 as tierstack_dot_v1_dot_orchestrator__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tierstack/v1/coordinator_service.proto\x12\x0ctierstack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tierstack/v1/common.proto\x1a\'tierstack/v1/orchestrator_service.proto\"k\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x14\n\x0c\x63urrent_load\x18\x04 \x01(\x05\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\"\xd8\x01\n\x07Subtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65pendencies\x18\x03 \x03(\t\x12\x12\n\ncomplexity\x18\x04 \x01(\x05\x12\x1d\n\x15required_capabilities\x18\x05 \x03(\t\x12(\n\x08priority\x18\x06 \x01(\x0e\x32\x16.tierstack.v1.Priority\x12\x0c\n\x04tool\x18\x07 \x01(\t\x12+\n\nparameters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"A\n\nAssignment\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"\xfc\x03\n\tGoalEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07goal_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12\x37\n\x0fgoal_decomposed\x18\n \x01(\x0b\x32\x1c.tierstack.v1.GoalDecomposedH\x00\x12/\n\x0bteam_formed\x18\x0b \x01(\x0b\x32\x18.tierstack.v1.TeamFormedH\x00\x12\x37\n\x0fsubtask_started\x18\x0c \x01(\x0b\x32\x1c.tierstack.v1.SubtaskStartedH\x00\x12\x39\n\x10subtask_progress\x18\r \x01(\x0b\x32\x1d.tierstack.v1.SubtaskProgressH\x00\x12\x39\n\x10subtask_finished\x18\x0e \x01(\x0b\x32\x1d.tierstack.v1.SubtaskFinishedH\x00\x12\x35\n\x0egoal_completed\x18\x0f \x01(\x0b\x32\x1b.tierstack.v1.GoalCompletedH\x00\x12/\n\x0bgoal_failed\x18\x10 \x01(\x0b\x32\x18.tierstack.v1.GoalFailedH\x00\x42\t\n\x07payload\"~\n\x0eGoalDecomposed\x12\'\n\x08subtasks\x18\x01 \x03(\x0b\x32\x15.tierstack.v1.Subtask\x12\x31\n\x06source\x18\x02 \x01(\x0e\x32!.tierstack.v1.DecompositionSource\x12\x10\n\x08producer\x18\x03 \x01(\t\"[\n\nTeamFormed\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.tierstack.v1.Assignment\x12\x1e\n\x16unassigned_subtask_ids\x18\x02 \x03(\t\"F\n\x0eSubtaskStarted\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"P\n\x0fSubtaskProgress\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12)\n\trun_event\x18\x02 \x01(\x0b\x32\x16.tierstack.v1.RunEvent\"\x88\x01\n\x0fSubtaskFinished\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\"\xda\x02\n\rGoalCompleted\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.tierstack.v1.GoalCompleted.OutputsEntry\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.tierstack.v1.ResourceUsage\x12H\n\x0fphase_durations\x18\x03 \x03(\x0b\x32/.tierstack.v1.GoalCompleted.PhaseDurationsEntry\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aP\n\x13PhaseDurationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration:\x02\x38\x01\"6\n\nGoalFailed\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\"\xa3\x01\n\x11\x43oordinateRequest\x12-\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1c.tierstack.v1.RequestContext\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12#\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x13.tierstack.v1.Agent\x12,\n\x06limits\x18\x04 \x01(\x0b\x32\x1c.tierstack.v1.ResourceLimits\"<\n\x12\x43oordinateResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.tierstack.v1.GoalEvent\"x\n\x14\x44\x65\x63omposeGoalRequest\x12-\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1c.tierstack.v1.RequestContext\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12#\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x13.tierstack.v1.Agent\"\x85\x01\n\x15\x44\x65\x63omposeGoalResponse\x12\'\n\x08subtasks\x18\x01 \x03(\x0b\x32\x15.tierstack.v1.Subtask\x12\x31\n\x06source\x18\x02 \x01(\x0e\x32!.tierstack.v1.DecompositionSource\x12\x10\n\x08producer\x18\x03 \x01(\t\"_\n\x0f\x46ormTeamRequest\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.tierstack.v1.Agent\x12\'\n\x08subtasks\x18\x02 \x03(\x0b\x32\x15.tierstack.v1.Subtask\"a\n\x10\x46ormTeamResponse\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.tierstack.v1.Assignment\x12\x1e\n\x16unassigned_subtask_ids\x18\x02 \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_MEDIUM\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03*\xa5\x01\n\x13\x44\x65\x63ompositionSource\x12$\n DECOMPOSITION_SOURCE_UNSPECIFIED\x10\x00\x12%\n!DECOMPOSITION_SOURCE_SIMILAR_GOAL\x10\x01\x12!\n\x1d\x44\x45\x43OMPOSITION_SOURCE_TEMPLATE\x10\x02\x12\x1e\n\x1a\x44\x45\x43OMPOSITION_SOURCE_MODEL\x10\x03\x32\x8c\x02\n\x12\x43oordinatorService\x12Q\n\nCoordinate\x12\x1f.tierstack.v1.CoordinateRequest\x1a .tierstack.v1.CoordinateResponse0\x01\x12X\n\rDecomposeGoal\x12\".tierstack.v1.DecomposeGoalRequest\x1a#.tierstack.v1.DecomposeGoalResponse\x12I\n\x08\x46ormTeam\x12\x1d.tierstack.v1.FormTeamRequest\x1a\x1e.tierstack.v1.FormTeamResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tierstack/v1/coordinator_service.proto\x12\x0ctierstack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tierstack/v1/common.proto\x1a\'tierstack/v1/orchestrator_service.proto\"k\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x14\n\x0c\x63urrent_load\x18\x04 \x01(\x05\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\"\xd8\x01\n\x07Subtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65pendencies\x18\x03 \x03(\t\x12\x12\n\ncomplexity\x18\x04 \x01(\x05\x12\x1d\n\x15required_capabilities\x18\x05 \x03(\t\x12(\n\x08priority\x18\x06 \x01(\x0e\x32\x16.tierstack.v1.Priority\x12\x0c\n\x04tool\x18\x07 \x01(\t\x12+\n\nparameters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"A\n\nAssignment\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"\xb9\x04\n\tGoalEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07goal_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12\x37\n\x0fgoal_decomposed\x18\n \x01(\x0b\x32\x1c.tierstack.v1.GoalDecomposedH\x00\x12/\n\x0bteam_formed\x18\x0b \x01(\x0b\x32\x18.tierstack.v1.TeamFormedH\x00\x12\x37\n\x0fsubtask_started\x18\x0c \x01(\x0b\x32\x1c.tierstack.v1.SubtaskStartedH\x00\x12\x39\n\x10subtask_progress\x18\r \x01(\x0b\x32\x1d.tierstack.v1.SubtaskProgressH\x00\x12\x39\n\x10subtask_finished\x18\x0e \x01(\x0b\x32\x1d.tierstack.v1.SubtaskFinishedH\x00\x12\x35\n\x0egoal_completed\x18\x0f \x01(\x0b\x32\x1b.tierstack.v1.GoalCompletedH\x00\x12/\n\x0bgoal_failed\x18\x10 \x01(\x0b\x32\x18.tierstack.v1.GoalFailedH\x00\x12;\n\x11subtask_replanned\x18\x11 \x01(\x0b\x32\x1e.tierstack.v1.SubtaskReplannedH\x00\x42\t\n\x07payload\"~\n\x0eGoalDecomposed\x12\'\n\x08subtasks\x18\x01 \x03(\x0b\x32\x15.tierstack.v1.Subtask\x12\x31\n\x06source\x18\x02 \x01(\x0e\x32!.tierstack.v1.DecompositionSource\x12\x10\n\x08producer\x18\x03 \x01(\t\"[\n\nTeamFormed\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.tierstack.v1.Assignment\x12\x1e\n\x16unassigned_subtask_ids\x18\x02 \x03(\t\"t\n\x0eSubtaskStarted\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12,\n\x06limits\x18\x04 \x01(\x0b\x32\x1c.tierstack.v1.ResourceLimits\"\x8d\x01\n\x10SubtaskReplanned\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x0e\n\x06replan\x18\x02 \x01(\x05\x12\x19\n\x11previous_agent_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\"P\n\x0fSubtaskProgress\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12)\n\trun_event\x18\x02 \x01(\x0b\x32\x16.tierstack.v1.RunEvent\"\x88\x01\n\x0fSubtaskFinished\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\"\xda\x02\n\rGoalCompleted\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.tierstack.v1.GoalCompleted.OutputsEntry\x12*\n\x05usage\x18\x02 \x01(\x0b\x32\x1b.tierstack.v1.ResourceUsage\x12H\n\x0fphase_durations\x18\x03 \x03(\x0b\x32/.tierstack.v1.GoalCompleted.PhaseDurationsEntry\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aP\n\x13PhaseDurationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration:\x02\x38\x01\"6\n\nGoalFailed\x12(\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\"\xcd\x01\n\x11\x43oordinateRequest\x12-\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1c.tierstack.v1.RequestContext\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12#\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x13.tierstack.v1.Agent\x12,\n\x06limits\x18\x04 \x01(\x0b\x32\x1c.tierstack.v1.ResourceLimits\x12\x18\n\x0bmax_replans\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_max_replans\"<\n\x12\x43oordinateResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.tierstack.v1.GoalEvent\"x\n\x14\x44\x65\x63omposeGoalRequest\x12-\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1c.tierstack.v1.RequestContext\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12#\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x13.tierstack.v1.Agent\"\x85\x01\n\x15\x44\x65\x63omposeGoalResponse\x12\'\n\x08subtasks\x18\x01 \x03(\x0b\x32\x15.tierstack.v1.Subtask\x12\x31\n\x06source\x18\x02 \x01(\x0e\x32!.tierstack.v1.DecompositionSource\x12\x10\n\x08producer\x18\x03 \x01(\t\"_\n\x0f\x46ormTeamRequest\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.tierstack.v1.Agent\x12\'\n\x08subtasks\x18\x02 \x03(\x0b\x32\x15.tierstack.v1.Subtask\"a\n\x10\x46ormTeamResponse\x12-\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x18.tierstack.v1.Assignment\x12\x1e\n\x16unassigned_subtask_ids\x18\x02 \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_MEDIUM\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03*\xa5\x01\n\x13\x44\x65\x63ompositionSource\x12$\n DECOMPOSITION_SOURCE_UNSPECIFIED\x10\x00\x12%\n!DECOMPOSITION_SOURCE_SIMILAR_GOAL\x10\x01\x12!\n\x1d\x44\x45\x43OMPOSITION_SOURCE_TEMPLATE\x10\x02\x12\x1e\n\x1a\x44\x45\x43OMPOSITION_SOURCE_MODEL\x10\x03\x32\x8c\x02\n\x12\x43oordinatorService\x12Q\n\nCoordinate\x12\x1f.tierstack.v1.CoordinateRequest\x1a .tierstack.v1.CoordinateResponse0\x01\x12X\n\rDecomposeGoal\x12\".tierstack.v1.DecomposeGoalRequest\x1a#.tierstack.v1.DecomposeGoalResponse\x12I\n\x08\x46ormTeam\x12\x1d.tierstack.v1.FormTeamRequest\x1a\x1e.tierstack.v1.FormTeamResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GOALCOMPLETED_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._loaded_options = None
   _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=2726
-  _globals['_PRIORITY']._serialized_end=2820
-  _globals['_DECOMPOSITIONSOURCE']._serialized_start=2823
-  _globals['_DECOMPOSITIONSOURCE']._serialized_end=2988
+  _globals['_PRIORITY']._serialized_start=3019
+  _globals['_PRIORITY']._serialized_end=3113
+  _globals['_DECOMPOSITIONSOURCE']._serialized_start=3116
+  _globals['_DECOMPOSITIONSOURCE']._serialized_end=3281
   _globals['_AGENT']._serialized_start=219
   _globals['_AGENT']._serialized_end=326
   _globals['_SUBTASK']._serialized_start=329
@@ -51,37 +51,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENT']._serialized_start=547
   _globals['_ASSIGNMENT']._serialized_end=612
   _globals['_GOALEVENT']._serialized_start=615
-  _globals['_GOALEVENT']._serialized_end=1123
-  _globals['_GOALDECOMPOSED']._serialized_start=1125
-  _globals['_GOALDECOMPOSED']._serialized_end=1251
-  _globals['_TEAMFORMED']._serialized_start=1253
-  _globals['_TEAMFORMED']._serialized_end=1344
-  _globals['_SUBTASKSTARTED']._serialized_start=1346
-  _globals['_SUBTASKSTARTED']._serialized_end=1416
-  _globals['_SUBTASKPROGRESS']._serialized_start=1418
-  _globals['_SUBTASKPROGRESS']._serialized_end=1498
-  _globals['_SUBTASKFINISHED']._serialized_start=1501
-  _globals['_SUBTASKFINISHED']._serialized_end=1637
-  _globals['_GOALCOMPLETED']._serialized_start=1640
-  _globals['_GOALCOMPLETED']._serialized_end=1986
-  _globals['_GOALCOMPLETED_OUTPUTSENTRY']._serialized_start=1834
-  _globals['_GOALCOMPLETED_OUTPUTSENTRY']._serialized_end=1904
-  _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._serialized_start=1906
-  _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._serialized_end=1986
-  _globals['_GOALFAILED']._serialized_start=1988
-  _globals['_GOALFAILED']._serialized_end=2042
-  _globals['_COORDINATEREQUEST']._serialized_start=2045
-  _globals['_COORDINATEREQUEST']._serialized_end=2208
-  _globals['_COORDINATERESPONSE']._serialized_start=2210
-  _globals['_COORDINATERESPONSE']._serialized_end=2270
-  _globals['_DECOMPOSEGOALREQUEST']._serialized_start=2272
-  _globals['_DECOMPOSEGOALREQUEST']._serialized_end=2392
-  _globals['_DECOMPOSEGOALRESPONSE']._serialized_start=2395
-  _globals['_DECOMPOSEGOALRESPONSE']._serialized_end=2528
-  _globals['_FORMTEAMREQUEST']._serialized_start=2530
-  _globals['_FORMTEAMREQUEST']._serialized_end=2625
-  _globals['_FORMTEAMRESPONSE']._serialized_start=2627
-  _globals['_FORMTEAMRESPONSE']._serialized_end=2724
-  _globals['_COORDINATORSERVICE']._serialized_start=2991
-  _globals['_COORDINATORSERVICE']._serialized_end=3259
+  _globals['_GOALEVENT']._serialized_end=1184
+  _globals['_GOALDECOMPOSED']._serialized_start=1186
+  _globals['_GOALDECOMPOSED']._serialized_end=1312
+  _globals['_TEAMFORMED']._serialized_start=1314
+  _globals['_TEAMFORMED']._serialized_end=1405
+  _globals['_SUBTASKSTARTED']._serialized_start=1407
+  _globals['_SUBTASKSTARTED']._serialized_end=1523
+  _globals['_SUBTASKREPLANNED']._serialized_start=1526
+  _globals['_SUBTASKREPLANNED']._serialized_end=1667
+  _globals['_SUBTASKPROGRESS']._serialized_start=1669
+  _globals['_SUBTASKPROGRESS']._serialized_end=1749
+  _globals['_SUBTASKFINISHED']._serialized_start=1752
+  _globals['_SUBTASKFINISHED']._serialized_end=1888
+  _globals['_GOALCOMPLETED']._serialized_start=1891
+  _globals['_GOALCOMPLETED']._serialized_end=2237
+  _globals['_GOALCOMPLETED_OUTPUTSENTRY']._serialized_start=2085
+  _globals['_GOALCOMPLETED_OUTPUTSENTRY']._serialized_end=2155
+  _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._serialized_start=2157
+  _globals['_GOALCOMPLETED_PHASEDURATIONSENTRY']._serialized_end=2237
+  _globals['_GOALFAILED']._serialized_start=2239
+  _globals['_GOALFAILED']._serialized_end=2293
+  _globals['_COORDINATEREQUEST']._serialized_start=2296
+  _globals['_COORDINATEREQUEST']._serialized_end=2501
+  _globals['_COORDINATERESPONSE']._serialized_start=2503
+  _globals['_COORDINATERESPONSE']._serialized_end=2563
+  _globals['_DECOMPOSEGOALREQUEST']._serialized_start=2565
+  _globals['_DECOMPOSEGOALREQUEST']._serialized_end=2685
+  _globals['_DECOMPOSEGOALRESPONSE']._serialized_start=2688
+  _globals['_DECOMPOSEGOALRESPONSE']._serialized_end=2821
+  _globals['_FORMTEAMREQUEST']._serialized_start=2823
+  _globals['_FORMTEAMREQUEST']._serialized_end=2918
+  _globals['_FORMTEAMRESPONSE']._serialized_start=2920
+  _globals['_FORMTEAMRESPONSE']._serialized_end=3017
+  _globals['_COORDINATORSERVICE']._serialized_start=3284
+  _globals['_COORDINATORSERVICE']._serialized_end=3552
 # @@protoc_insertion_point(module_scope)

@@ -223,6 +223,7 @@ class GoalEvent(_message.Message):
     SUBTASK_FINISHED_FIELD_NUMBER: _builtins.int
     GOAL_COMPLETED_FIELD_NUMBER: _builtins.int
     GOAL_FAILED_FIELD_NUMBER: _builtins.int
+    SUBTASK_REPLANNED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one goal, starting at 1."""
     goal_id: _builtins.str
@@ -261,6 +262,10 @@ class GoalEvent(_message.Message):
     def goal_failed(self) -> Global___GoalFailed:
         """Reports that the goal failed."""
 
+    @_builtins.property
+    def subtask_replanned(self) -> Global___SubtaskReplanned:
+        """Reports that a failed subtask was re-planned and will be tried again."""
+
     def __init__(
         self,
         *,
@@ -275,12 +280,13 @@ class GoalEvent(_message.Message):
         subtask_finished: Global___SubtaskFinished | None = ...,
         goal_completed: Global___GoalCompleted | None = ...,
         goal_failed: Global___GoalFailed | None = ...,
+        subtask_replanned: Global___SubtaskReplanned | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed", "subtask_replanned"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -357,26 +363,72 @@ class SubtaskStarted(_message.Message):
     SUBTASK_ID_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     subtask_id: _builtins.str
     """Identifies the subtask."""
     agent_id: _builtins.str
     """Identifies the agent carrying it out."""
     run_id: _builtins.str
     """Identifies the Tier 2 run carrying it out."""
+    @_builtins.property
+    def limits(self) -> _common_pb2.ResourceLimits:
+        """Gives the subtask's share of the goal's budget: the limits of its run."""
+
     def __init__(
         self,
         *,
         subtask_id: _builtins.str = ...,
         agent_id: _builtins.str = ...,
         run_id: _builtins.str = ...,
+        limits: _common_pb2.ResourceLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "run_id", b"run_id", "subtask_id", b"subtask_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limits", b"limits", "run_id", b"run_id", "subtask_id", b"subtask_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubtaskStarted: _TypeAlias = SubtaskStarted  # noqa: Y015
+
+@_typing.final
+class SubtaskReplanned(_message.Message):
+    """Reports that a failed subtask was re-planned: it runs again, with another agent when one can take it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
+    REPLAN_FIELD_NUMBER: _builtins.int
+    PREVIOUS_AGENT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    subtask_id: _builtins.str
+    """Identifies the subtask."""
+    replan: _builtins.int
+    """Counts the re-plans of the goal so far, starting at 1."""
+    previous_agent_id: _builtins.str
+    """Identifies the agent whose attempt failed."""
+    agent_id: _builtins.str
+    """Identifies the agent that tries next."""
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """Describes the failure that caused the re-plan."""
+
+    def __init__(
+        self,
+        *,
+        subtask_id: _builtins.str = ...,
+        replan: _builtins.int = ...,
+        previous_agent_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "error", b"error", "previous_agent_id", b"previous_agent_id", "replan", b"replan", "subtask_id", b"subtask_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubtaskReplanned: _TypeAlias = SubtaskReplanned  # noqa: Y015
 
 @_typing.final
 class SubtaskProgress(_message.Message):
@@ -556,8 +608,11 @@ class CoordinateRequest(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    MAX_REPLANS_FIELD_NUMBER: _builtins.int
     goal: _builtins.str
     """States the goal in plain language."""
+    max_replans: _builtins.int
+    """Caps how often failed subtasks are re-planned in all; unset allows 2."""
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the goal to the request it serves."""
@@ -568,7 +623,9 @@ class CoordinateRequest(_message.Message):
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
-        """Bounds the resources the goal may use."""
+        """Bounds the resources the goal may use; its credits, tokens and tool calls are shared among the
+        subtasks by complexity, and max_parallelism caps how many subtasks run at once.
+        """
 
     def __init__(
         self,
@@ -577,12 +634,15 @@ class CoordinateRequest(_message.Message):
         goal: _builtins.str = ...,
         agents: _abc.Iterable[Global___Agent] | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
+        max_replans: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "context", b"context", "limits", b"limits", "max_replans", b"max_replans"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "context", b"context", "goal", b"goal", "limits", b"limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "agents", b"agents", "context", b"context", "goal", b"goal", "limits", b"limits", "max_replans", b"max_replans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_replans: _TypeAlias = _typing.Literal["max_replans"]  # noqa: Y015
+    _WhichOneofArgType__max_replans: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_replans) -> _WhichOneofReturnType__max_replans | None: ...
 
 Global___CoordinateRequest: _TypeAlias = CoordinateRequest  # noqa: Y015
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -65,12 +66,72 @@ async def test_a_goal_without_capable_agents_fails_before_running(stack: Stack) 
     assert list((await stack.orchestrator.list_runs()).runs) == []
 
 
-async def test_a_failing_subtask_fails_the_goal(stack: Stack) -> None:
-    request = pb.CoordinateRequest(goal="fetch http://example.invalid/x then write it up", agents=AGENTS)
+async def test_a_failing_subtask_is_replanned_then_fails_the_goal(stack: Stack) -> None:
+    scout = pb.Agent(id="scout", capabilities=["http"])
+    request = pb.CoordinateRequest(goal="fetch http://example.invalid/x then write it up", agents=[*AGENTS, scout])
     events = [event async for event in stack.coordinator.coordinate(request)]
     finished = [e.subtask_finished for e in events if e.HasField("subtask_finished")]
-    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [("s1", False, "HOST_NOT_ALLOWED")]
+    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [("s1", False, "HOST_NOT_ALLOWED")] * 3
+    replanned = [e.subtask_replanned for e in events if e.HasField("subtask_replanned")]
+    first_agent = next(e.subtask_started.agent_id for e in events if e.HasField("subtask_started"))
+    assert [(r.replan, r.previous_agent_id) for r in replanned] == [(1, first_agent), (2, replanned[0].agent_id)]
+    assert {first_agent, replanned[0].agent_id} == {"researcher", "scout"}  # another capable agent tries
     assert events[-1].goal_failed.error.reason == "HOST_NOT_ALLOWED"
+    assert events[-1].goal_failed.error.metadata["subtask"] == "s1"
+    runs = {e.subtask_started.run_id for e in events if e.HasField("subtask_started")}
+    assert len(runs) == 3  # each attempt is a Tier 2 run of its own
+
+    no_replans = pb.CoordinateRequest(goal=request.goal, agents=AGENTS, max_replans=0)
+    events = [event async for event in stack.coordinator.coordinate(no_replans)]
+    assert [e.WhichOneof("payload") for e in events if not e.HasField("subtask_progress")][-2:] == [
+        "subtask_finished",
+        "goal_failed",
+    ]
+
+
+async def test_a_replanned_subtask_can_succeed(stack: Stack, http_server: HttpServer) -> None:
+    hits = 0
+
+    def flaky(request: BaseHTTPRequestHandler) -> None:
+        nonlocal hits
+        hits += 1
+        if hits == 1:
+            request.wfile.write(b"not http at all\r\n\r\n")  # the first answer is broken
+        else:
+            reply(b'{"ok": true}')(request)
+
+    http_server.routes["/flaky"] = flaky
+    request = pb.CoordinateRequest(goal=f"fetch {http_server.url}/flaky then write it up", agents=AGENTS)
+    events = [event async for event in stack.coordinator.coordinate(request)]
+    assert [e.subtask_replanned.error.reason for e in events if e.HasField("subtask_replanned")] == ["HTTP_ERROR"]
+    assert events[-1].HasField("goal_completed")
+    fetched = from_value(events[-1].goal_completed.outputs["s1"])
+    assert isinstance(fetched, dict) and fetched["json"] == {"ok": True}
+
+
+async def test_the_goal_budget_is_shared_by_complexity_and_enforced(stack: Stack, http_server: HttpServer) -> None:
+    http_server.routes["/a"] = reply(b"{}")
+    goal = f"fetch {http_server.url}/a then analyze the numbers and compare them with last year, then write a memo"
+    limits = common_pb2.ResourceLimits(max_tool_calls=40, max_credits=8.0)
+    events = [
+        e async for e in stack.coordinator.coordinate(pb.CoordinateRequest(goal=goal, agents=AGENTS, limits=limits))
+    ]
+    assert events[-1].HasField("goal_completed")
+    complexity = {s.id: s.complexity for s in events[0].goal_decomposed.subtasks}
+    shares = {e.subtask_started.subtask_id: e.subtask_started.limits for e in events if e.HasField("subtask_started")}
+    assert shares["s1"].max_tool_calls == 40 * complexity["s1"] // sum(complexity.values())
+    assert shares["s1"].max_credits == pytest.approx(8.0 * complexity["s1"] / sum(complexity.values()))
+    assert all(0 < share.max_tool_calls <= 40 for share in shares.values())
+    # What a subtask did not use goes back to the goal: the last subtask gets all that is left.
+    last = max(complexity, key=lambda s: int(s[1:]))
+    assert shares[last].max_tool_calls == 40 - (len(complexity) - 1)
+
+    tiny = common_pb2.ResourceLimits(max_tool_calls=2)
+    events = [
+        e async for e in stack.coordinator.coordinate(pb.CoordinateRequest(goal=goal, agents=AGENTS, limits=tiny))
+    ]
+    assert events[-1].goal_failed.error.reason == "BUDGET_EXHAUSTED"
+    assert "tool calls spent: 2 of 2" in events[-1].goal_failed.error.message
 
 
 async def test_bad_goal_requests_name_the_fields(stack: Stack) -> None:

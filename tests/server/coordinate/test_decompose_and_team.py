@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tierstack.server.coordinate import AgentSpec, LocalProvider, Need, form_team
+from tierstack.server.ai import Scope
+from tierstack.server.coordinate import AgentSpec, LocalProvider, Need, SubtaskSpec, form_team
 from tierstack.server.errors import InvalidArgumentError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 
+def decompose(goal: str) -> list[SubtaskSpec]:
+    return asyncio.run(LocalProvider().decompose(goal, [], Scope()))
+
+
 def test_stages_become_dependencies_and_parts_run_in_parallel() -> None:
-    subtasks = LocalProvider().decompose(
+    subtasks = decompose(
         "fetch http://127.0.0.1:8000/a.json and summarize the news, then compare both; finally write a report"
     )
     assert [(s.id, s.description, s.dependencies) for s in subtasks] == [
@@ -33,14 +39,14 @@ def test_stages_become_dependencies_and_parts_run_in_parallel() -> None:
     assert compare.required_capabilities == ("analysis",)
     assert compare.parameters["variables"] == {
         "task": "compare both",
-        "inputs": {"s1": "{{steps.s1.output}}", "s2": "{{steps.s2.output}}"},
+        "inputs": {"s1": "{{inputs.s1}}", "s2": "{{inputs.s2}}"},
     }
     assert [s.priority for s in subtasks] == [pb.PRIORITY_HIGH] * 3 + [pb.PRIORITY_MEDIUM]
     assert all(1 <= s.complexity <= 10 for s in subtasks)
 
 
 def test_numbered_lists_are_stages() -> None:
-    subtasks = LocalProvider().decompose("1. collect the data\n2. check stock\n3. draft the email")
+    subtasks = decompose("1. collect the data\n2. check stock\n3. draft the email")
     assert [(s.description, s.dependencies) for s in subtasks] == [
         ("collect the data", ()),
         ("check stock", ("s1",)),
@@ -50,7 +56,7 @@ def test_numbered_lists_are_stages() -> None:
 
 def test_an_empty_goal_is_refused() -> None:
     with pytest.raises(InvalidArgumentError) as caught:
-        LocalProvider().decompose(" ;  then ")
+        decompose(" ;  then ")
     assert caught.value.violations[0].field == "goal"
 
 

@@ -4,7 +4,8 @@ The rules split a goal into stages at sequencing words (``then``, ``after that``
 ``;``, new lines) and each stage into parallel parts at ``and`` followed by an action verb. Every
 part of a stage depends on every part of the stage before. A part that names a URL becomes an
 ``http.request``; any other part renders a report of its task and its dependencies' outputs with
-``text.template``.
+``text.template``. A subtask reads a dependency's output as the input named after it,
+``{{inputs.<dependency id>}}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tierstack.client.values import JSON
+from tierstack.server.ai import Scope
 from tierstack.server.errors import InvalidArgumentError, Violation
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -95,7 +97,7 @@ def _subtask(subtask_id: str, text: str, dependencies: tuple[str, ...], has_depe
             "template": _REPORT_TEMPLATE,
             "variables": {
                 "task": text,
-                "inputs": {dep: f"{{{{steps.{dep}.output}}}}" for dep in dependencies},
+                "inputs": {dep: f"{{{{inputs.{dep}}}}}" for dep in dependencies},
             },
         },
     )
@@ -106,8 +108,8 @@ class LocalProvider:
 
     name = "local"
 
-    def decompose(self, goal: str) -> list[SubtaskSpec]:
-        """Returns the subtasks of ``goal``.
+    async def decompose(self, goal: str, agents: Sequence[pb.Agent], scope: Scope) -> list[SubtaskSpec]:
+        """Returns the subtasks of ``goal`` (the rules need neither the agents nor a budget).
 
         Raises:
             InvalidArgumentError: The goal is empty or holds nothing to do.

@@ -4,15 +4,28 @@ every decomposition is learnt for later goals."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from tierstack.client.values import to_struct
-from tierstack.server.coordinate.decompose import LocalProvider, SubtaskSpec, check_goal
+from tierstack.server.ai import Scope
+from tierstack.server.coordinate.decompose import SubtaskSpec, check_goal
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.templates import GoalTemplate
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 #: How similar a past goal must be (0..1) for its decomposition to be reused.
 DEFAULT_SIMILARITY_THRESHOLD = 0.85
+
+
+class DecompositionProvider(Protocol):
+    """Decomposes what no past goal or template covers: the local rules, or a model."""
+
+    #: Names the provider in answers.
+    name: str
+
+    async def decompose(self, goal: str, agents: Sequence[pb.Agent], scope: Scope) -> list[SubtaskSpec]:
+        """Returns the subtasks of ``goal``."""
+        ...
 
 
 def subtask_message(spec: SubtaskSpec) -> pb.Subtask:
@@ -43,7 +56,7 @@ class Decomposer:
         self,
         *,
         memory: GoalMemory,
-        provider: LocalProvider,
+        provider: DecompositionProvider,
         templates: Sequence[GoalTemplate] = (),
         threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
     ) -> None:
@@ -52,13 +65,15 @@ class Decomposer:
         self._provider = provider
         self._threshold = threshold
 
-    async def decompose(self, goal: str, agents: Sequence[pb.Agent]) -> pb.DecomposeGoalResponse:
+    async def decompose(self, goal: str, agents: Sequence[pb.Agent], scope: Scope) -> pb.DecomposeGoalResponse:
         """Returns the goal's subtasks and says where they came from.
 
         A past goal is reused only when the agents at hand have every capability its subtasks need.
 
         Raises:
             InvalidArgumentError: The goal or the agents are malformed.
+            ResourceExhaustedError: A model would be needed and the token budget does not allow it.
+            UnavailableError: A model was needed and gave no valid decomposition.
         """
         check_goal(goal, [agent.id for agent in agents])
         capabilities = {capability for agent in agents for capability in agent.capabilities}
@@ -70,7 +85,7 @@ class Decomposer:
             )
         else:
             response = self._from_template(goal) or pb.DecomposeGoalResponse(
-                subtasks=[subtask_message(spec) for spec in self._provider.decompose(goal)],
+                subtasks=[subtask_message(spec) for spec in await self._provider.decompose(goal, agents, scope)],
                 source=pb.DECOMPOSITION_SOURCE_MODEL,
                 producer=self._provider.name,
             )

@@ -10,11 +10,14 @@ import grpc
 
 from tierstack.client import OrchestratorClient
 from tierstack.server import correlation
+from tierstack.server.ai import AIService, Scope
+from tierstack.server.ai.service import LOCAL
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import LocalProvider
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, team_for, team_message
 from tierstack.server.coordinate.memory import GoalMemory
+from tierstack.server.coordinate.model_decomposer import ModelDecomposer
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -35,7 +38,8 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
 
     async def DecomposeGoal(self, request: pb.DecomposeGoalRequest, context: Context) -> pb.DecomposeGoalResponse:
         correlation.bind(request.context)
-        return await self._coordinator.decomposer.decompose(request.goal, request.agents)
+        scope = Scope(tenant=request.context.tenant_id)
+        return await self._coordinator.decomposer.decompose(request.goal, request.agents, scope)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
         formed = team_message(team_for(request.agents, request.subtasks))
@@ -43,8 +47,8 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
 
 
 class CoordinateService:
-    """Tier 1 as a server component: the decomposer (goal memory, templates, local provider), an
-    Orchestrate client and the coordinator."""
+    """Tier 1 as a server component: the AI service, the decomposer (goal memory, templates, then the
+    model when one is configured, else the local rules), an Orchestrate client and the coordinator."""
 
     tier = common_pb2.TIER_COORDINATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,)
@@ -53,7 +57,9 @@ class CoordinateService:
         self._settings = settings
         self._orchestrator = OrchestratorClient(settings.orchestrate_target)
         self._memory = GoalMemory(settings.data_dir / "goals.jsonl")
-        decomposer = Decomposer(memory=self._memory, provider=LocalProvider(), threshold=settings.similarity_threshold)
+        self.ai = AIService.from_settings(settings)
+        provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
+        decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         self.coordinator = Coordinator(self._orchestrator, decomposer)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -72,3 +78,4 @@ class CoordinateService:
 
     async def close(self) -> None:
         await self._orchestrator.close()
+        await self.ai.close()

@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
-from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider
+from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 _JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -179,7 +179,10 @@ class ModelCompleter:
         if "system" in arguments:
             messages.insert(0, Message("system", arguments["system"]))
         request = CompletionRequest(
-            messages=tuple(messages), model=arguments.get("model", ""), max_tokens=arguments.get("max_tokens")
+            messages=tuple(messages),
+            model=arguments.get("model", ""),
+            max_tokens=arguments.get("max_tokens"),
+            scope=Scope(tenant=context.tenant, run=context.workspace_key, token_budget=context.tokens_left),
         )
         try:
             completion = await self._model.complete(request)

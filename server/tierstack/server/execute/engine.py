@@ -115,12 +115,16 @@ class Executor:
         self.model: ModelProvider = model if model is not None else LocalModel()
         self.strategies = StrategySelector()
 
-    def context(self, request: common_pb2.RequestContext) -> ToolContext:
+    def context(
+        self, request: common_pb2.RequestContext, limits: common_pb2.ResourceLimits | None = None
+    ) -> ToolContext:
         """Returns what the calls of a request know of it; the calls of one run share a workspace."""
         return ToolContext(
             correlation_id=request.correlation_id,
             workspace_key=request.parent_execution_id or request.correlation_id,
             workspaces=self.workspaces,
+            tenant=request.tenant_id,
+            token_budget=(limits.max_tokens or None) if limits is not None else None,
         )
 
     async def call(
@@ -337,7 +341,7 @@ class _Step:
     ) -> None:
         self.executor = executor
         self.request = request
-        self.context = executor.context(request.context)
+        self.context = executor.context(request.context, request.limits)
         self.event = _EventSequence(request.execution_id, request.context.correlation_id)
         self.start = time.perf_counter()
         self.deadline = None if max_seconds is None else self.start + max_seconds

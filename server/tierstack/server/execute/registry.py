@@ -33,12 +33,21 @@ class ToolContext:
         workspace_key: Names the call's workspace: the run it belongs to, else its request.
         workspaces: The folder that holds every workspace.
         meter: Where tools that call models add the tokens they used.
+        tenant: The tenant the call is made for.
+        token_budget: The model tokens the request may use in all; None is no limit.
     """
 
     correlation_id: str
     workspace_key: str
     workspaces: Path
     meter: Meter = field(default_factory=Meter)
+    tenant: str = ""
+    token_budget: int | None = None
+
+    @property
+    def tokens_left(self) -> int | None:
+        """Returns the model tokens the request may still use; None is no limit."""
+        return None if self.token_budget is None else self.token_budget - self.meter.tokens
 
     @property
     def workspace(self) -> Path:

@@ -27,6 +27,7 @@ from tierstack.client.values import (
     to_struct,
     to_value,
 )
+from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -268,7 +269,7 @@ class RunManager:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
                 _replay(live, event)
             if event.HasField("step_completed"):
-                _add_usage(live.usage, event.step_completed.usage)
+                add_usage(live.usage, event.step_completed.usage)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
         for path, state in live.steps.items():
@@ -629,7 +630,7 @@ class RunManager:
         if step.workflow is None:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        _add_usage(live.usage, usage)
+        add_usage(live.usage, usage)
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
         # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
@@ -673,6 +674,12 @@ class RunManager:
             strategy=step.strategy,
             prompt=prompt,
         )
+        left = left_of(live.limits, live.usage)  # the step may use what the run has left
+        spent = spent_message(live.limits, left)
+        if spent:
+            return to_value(None), common_pb2.ResourceUsage(), _error("BUDGET_EXHAUSTED", f"the run's {spent}")
+        for name, value in left.items():
+            setattr(request.limits, name, value)
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
         output = to_value(None)
@@ -724,9 +731,3 @@ def _ask_stop(live: _LiveRun, kind: str, reason: str) -> None:
     if live.task is not None and live.stop is None and not live.finished:
         live.stop, live.stop_reason = kind, reason
         live.task.cancel()
-
-
-def _add_usage(total: common_pb2.ResourceUsage, usage: common_pb2.ResourceUsage) -> None:
-    total.tool_calls += usage.tool_calls
-    total.tokens += usage.tokens
-    total.credits += usage.credits

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,8 +166,25 @@ class FakeOpenAI:
         self.status = 200
         self.failing: set[str] = set()  # user messages answered with 400
         self.delay = 0.0  # seconds before each answer
+        self.embedded: list[str] = []
         self.base_url = f"{server.url}/v1"
         server.routes["/v1/chat/completions"] = self._handle
+        server.routes["/v1/embeddings"] = self._embed
+
+    def _embed(self, request: BaseHTTPRequestHandler) -> None:
+        """Embeds each text as its words hashed into 64 dimensions: texts sharing words point alike."""
+        body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        self.embedded += texts
+        data = []
+        for index, text in enumerate(texts):
+            vector = [0.0] * 64
+            for word in re.findall(r"\w+", text.lower()):
+                vector[zlib.crc32(word.encode()) % 64] += 1.0
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        usage = {"prompt_tokens": len(texts), "total_tokens": len(texts)}
+        answer = {"object": "list", "data": data, "model": body["model"], "usage": usage}
+        reply(json.dumps(answer).encode())(request)
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))

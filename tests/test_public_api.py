@@ -66,6 +66,7 @@ PACKAGES = {
         "CoordinateService",
         "Coordinator",
         "Decomposer",
+        "EmbeddingIndex",
         "GoalIndex",
         "GoalMemory",
         "GoalTemplate",

@@ -46,6 +46,8 @@ class Settings:
             JSON (``TIERSTACK_MCP_SERVERS``).
         templates_dir: A folder of goal templates (YAML) Coordinate adds to its built-in ones.
         similarity_threshold: How similar (0..1) a past goal must be for its decomposition to be reused.
+        embedding_model: Judge goal similarity by this model's embeddings (through the model API)
+            instead of character n-grams.
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +76,7 @@ class Settings:
     mcp_servers: str = ""
     templates_dir: Path | None = None
     similarity_threshold: float = 0.85
+    embedding_model: str = ""
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +117,7 @@ class Settings:
             mcp_servers=env.get("TIERSTACK_MCP_SERVERS", defaults.mcp_servers),
             templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
             similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),
+            embedding_model=env.get("TIERSTACK_EMBEDDING_MODEL", defaults.embedding_model),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -20,15 +20,15 @@ AGENTS = [
 ]
 
 
-def test_character_ngrams_tell_near_goals_from_others() -> None:
+async def test_character_ngrams_tell_near_goals_from_others() -> None:
     index = NgramIndex()
-    index.add("a", "analyze sales and compare regions, then write a summary")
-    index.add("b", "translate the manual into French")
-    [(best, score), (_, other)] = index.similar("analyze the sales and compare the regions then write a summary")
+    await index.add([("a", "analyze sales and compare regions, then write a summary")])
+    await index.add([("b", "translate the manual into French")])
+    [(best, score), (_, other)] = await index.similar("analyze the sales and compare the regions then write a summary")
     assert best == "a" and score >= 0.85 and other < 0.2
-    [(exact, same)] = index.similar("translate the manual into French", limit=1)
+    [(exact, same)] = await index.similar("translate the manual into French", limit=1)
     assert exact == "b" and same == pytest.approx(1.0)
-    assert index.similar("bake a cake", limit=1)[0][1] < 0.2
+    assert (await index.similar("bake a cake", limit=1))[0][1] < 0.2
 
 
 async def test_memory_survives_a_restart_and_respects_capabilities(tmp_path: Path) -> None:
@@ -38,11 +38,11 @@ async def test_memory_survives_a_restart_and_respects_capabilities(tmp_path: Pat
     await first.learn("write the weekly report", subtasks)
     second = GoalMemory(path)
     await second.load()
-    recalled = second.recall("write the weekly report!", threshold=0.85, capabilities={"writing"})
+    recalled = await second.recall("write the weekly report!", threshold=0.85, capabilities={"writing"})
     assert recalled is not None and recalled[0] == "write the weekly report"
     assert [s.id for s in recalled[1]] == ["s1"]
-    assert second.recall("write the weekly report", threshold=0.85, capabilities={"http"}) is None
-    assert second.recall("something else entirely", threshold=0.85, capabilities={"writing"}) is None
+    assert await second.recall("write the weekly report", threshold=0.85, capabilities={"http"}) is None
+    assert await second.recall("something else entirely", threshold=0.85, capabilities={"writing"}) is None
 
 
 def test_a_malformed_template_is_named(tmp_path: Path) -> None:

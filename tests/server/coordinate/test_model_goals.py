@@ -89,3 +89,25 @@ async def test_a_model_that_never_answers_validly_fails_clearly(http_server: Htt
         later = await stack.coordinator.decompose_goal(pb.DecomposeGoalRequest(goal="another goal", agents=AGENTS))
         assert len(later.subtasks) == 3
     assert len(fake.requests) == 4  # three answers, and the server kept serving
+
+
+async def test_goal_similarity_by_embeddings(http_server: HttpServer, data_dir: Path) -> None:
+    fake = FakeOpenAI(http_server)
+    settings = Settings(data_dir=data_dir, model_base_url=fake.base_url, embedding_model="embed-small")
+    writers = [pb.Agent(id="writer", capabilities=["writing", "analysis"])]
+
+    async def decompose(goal: str) -> pb.DecomposeGoalResponse:
+        async with open_stack(settings) as stack:  # a new server each time: the memory is reloaded
+            return await stack.coordinator.decompose_goal(pb.DecomposeGoalRequest(goal=goal, agents=writers))
+
+    first = await decompose("analyze the survey, then write a summary of the survey")
+    assert first.source == pb.DECOMPOSITION_SOURCE_MODEL  # the local rules: TIERSTACK_MODEL is local
+    again = await decompose("then write a summary of the survey, analyze the survey")  # the same words
+    assert (again.source, again.producer) == (
+        pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL,
+        "similar goal: analyze the survey, then write a summary of the survey",
+    )
+    other = await decompose("translate the menu")
+    assert other.source == pb.DECOMPOSITION_SOURCE_MODEL
+    assert "analyze the survey, then write a summary of the survey" in fake.embedded
+    assert not fake.requests  # no completions: embeddings alone

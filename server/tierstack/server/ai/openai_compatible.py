@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import openai
@@ -10,6 +12,17 @@ import openai
 from tierstack.server.ai.models import Completion, CompletionRequest, Message, ModelError, ToolCallRequest, Usage
 
 _TRANSIENT = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+@contextlib.contextmanager
+def _translated(where: str) -> Iterator[None]:
+    """Turns the client's errors into model errors that say whether to try again."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise ModelError("MODEL_UNAVAILABLE", f"{where}: {exc}", transient=True) from exc
+    except openai.APIError as exc:
+        raise ModelError("MODEL_REJECTED", f"{where}: {exc}", transient=False) from exc
 
 
 def _message(message: Message) -> dict[str, Any]:
@@ -54,9 +67,20 @@ class OpenAICompatibleModel:
         """Closes the connection pool."""
         await self._client.close()
 
+    async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:
+        """Returns one embedding vector per text (``POST {base_url}/embeddings``).
+
+        Raises:
+            ModelError: The API could not answer.
+        """
+        with _translated(f"{self.name}/{model}"):
+            response = await self._client.embeddings.create(model=model, input=list(texts))
+        return [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+
     async def complete(self, request: CompletionRequest) -> Completion:
+        model = request.model or self._model
         arguments: dict[str, Any] = {
-            "model": request.model or self._model,
+            "model": model,
             "messages": [_message(message) for message in request.messages],
             "temperature": request.temperature,
         }
@@ -70,14 +94,10 @@ class OpenAICompatibleModel:
             ]
         if request.max_tokens is not None:
             arguments["max_tokens"] = request.max_tokens
-        try:
+        with _translated(f"{self.name}/{model}"):
             response = await self._client.chat.completions.create(**arguments)
-        except _TRANSIENT as exc:
-            raise ModelError("MODEL_UNAVAILABLE", f"{self.name}: {exc}", transient=True) from exc
-        except openai.APIError as exc:
-            raise ModelError("MODEL_REJECTED", f"{self.name}: {exc}", transient=False) from exc
         if not response.choices:
-            raise ModelError("MODEL_EMPTY_ANSWER", f"{self.name} answered with no choice", transient=True)
+            raise ModelError("MODEL_EMPTY_ANSWER", f"{self.name}/{model} answered with no choice", transient=True)
         answer = response.choices[0].message
         calls = []
         for call in answer.tool_calls or ():
@@ -85,7 +105,7 @@ class OpenAICompatibleModel:
                 parsed = json.loads(call.function.arguments or "{}")
             except ValueError as exc:
                 raise ModelError(
-                    "MALFORMED_TOOL_CALL", f"{self.name} sent arguments that are not JSON", transient=True
+                    "MALFORMED_TOOL_CALL", f"{self.name}/{model} sent arguments that are not JSON", transient=True
                 ) from exc
             calls.append(ToolCallRequest(id=call.id, name=call.function.name, arguments=parsed))
         usage = response.usage

@@ -125,6 +125,16 @@ class AIService:
         self.ledger.charge(request, answer)
         return answer
 
+    async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:
+        """Returns one embedding vector per text from the model API.
+
+        Raises:
+            ModelError: No model API is configured, or it could not answer.
+        """
+        if self._remote is None:
+            raise ModelError("MODEL_NOT_CONFIGURED", "embeddings need TIERSTACK_MODEL_BASE_URL", transient=False)
+        return await self._remote.embed(texts, model=model)
+
     def _provider(self, model: str) -> ModelProvider | None:
         return self._local if model == LOCAL else self._remote
 

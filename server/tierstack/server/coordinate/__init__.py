@@ -5,7 +5,7 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, WorkflowRunner
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.service import CoordinateService
-from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
+from tierstack.server.coordinate.similarity import EmbeddingIndex, GoalIndex, NgramIndex
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.coordinate.templates import GoalTemplate, load_templates
 
@@ -14,6 +14,7 @@ __all__ = [
     "CoordinateService",
     "Coordinator",
     "Decomposer",
+    "EmbeddingIndex",
     "GoalIndex",
     "GoalMemory",
     "GoalTemplate",

@@ -77,7 +77,7 @@ class Decomposer:
         """
         check_goal(goal, [agent.id for agent in agents])
         capabilities = {capability for agent in agents for capability in agent.capabilities}
-        recalled = self._memory.recall(goal, threshold=self._threshold, capabilities=capabilities)
+        recalled = await self._memory.recall(goal, threshold=self._threshold, capabilities=capabilities)
         if recalled is not None:
             past, subtasks = recalled
             response = pb.DecomposeGoalResponse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, team_for, team_message
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.model_decomposer import ModelDecomposer
+from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -56,8 +58,15 @@ class CoordinateService:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._orchestrator = OrchestratorClient(settings.orchestrate_target)
-        self._memory = GoalMemory(settings.data_dir / "goals.jsonl")
+        if settings.embedding_model and not settings.model_base_url:
+            raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")
         self.ai = AIService.from_settings(settings)
+        index = (
+            EmbeddingIndex(functools.partial(self.ai.embed, model=settings.embedding_model))
+            if settings.embedding_model
+            else NgramIndex()
+        )
+        self._memory = GoalMemory(settings.data_dir / "goals.jsonl", index=index)
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         self.coordinator = Coordinator(self._orchestrator, decomposer)

@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m tools.bench.bench_execute
 	$(BIN)/python -m tools.bench.bench_orchestrate
+	$(BIN)/python -m tools.bench.bench_coordinate
 
 clean:
 	rm -rf $(VENV) .tools .tierstack .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -62,6 +62,10 @@ async def open_stack(settings: Settings) -> AsyncIterator[Stack]:
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # room for many connections at once
+
+
 class HttpServer:
     """A real HTTP server on 127.0.0.1 in a thread; each path maps to a handler."""
 
@@ -81,7 +85,7 @@ class HttpServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

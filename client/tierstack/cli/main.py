@@ -199,6 +199,12 @@ async def _goal(args: argparse.Namespace, console: Console) -> int:
                 elif kind == "team_formed":
                     for assignment in event.team_formed.assignments:
                         view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
+                elif kind == "subtask_replanned":
+                    replanned = event.subtask_replanned
+                    view.log(
+                        f"[yellow]{replanned.subtask_id} failed ({replanned.error.reason}); re-planned: "
+                        f"{replanned.previous_agent_id} → {replanned.agent_id}[/]"
+                    )
                 elif kind == "subtask_progress":
                     progress = event.subtask_progress
                     view.update(progress.run_event, labels.get(progress.subtask_id, ""))

@@ -111,7 +111,7 @@ async def test_ai_complete_counts_its_tokens_in_the_step_and_a_repeat_costs_none
             ]
     finally:
         await server.stop()
-    assert from_value(events[-2].output.value) == {"text": "echo: a haiku", "model": "tiny", "tokens": 0}
+    assert from_value(events[-2].output.value) == {"text": "echo: a haiku", "model": "tiny", "tokens": 0, "cost": 0}
     assert events[-1].completed.usage.tokens == 18
     finished = [e.tool_call_finished.result for e in events if e.HasField("tool_call_finished")]
     assert [r.tokens for r in finished] == [18, 0]  # the same prompt again is answered from the cache

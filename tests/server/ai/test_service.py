@@ -104,7 +104,8 @@ async def test_the_answer_shrinks_to_the_callers_budget(build: Build, fake: Fake
 
 async def test_tokens_and_cost_are_counted_per_run_tenant_and_model(build: Build, fake: FakeOpenAI) -> None:
     service = build(ledger=Ledger({"tiny": Price(prompt=1.0, completion=2.0)}, tenant_budgets={"acme": 20}))
-    await service.complete(ask("one", scope=Scope(tenant="acme", run="r1")))
+    first = await service.complete(ask("one", scope=Scope(tenant="acme", run="r1")))
+    assert first.cost == pytest.approx((11 * 1.0 + 7 * 2.0) / 1000)
     await service.complete(ask("two", scope=Scope(tenant="other", run="r2")))
     ledger = service.ledger
     assert ledger.by_model["tiny"].tokens == 36

@@ -87,6 +87,8 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     #: True when the answer came from the response cache: its usage was paid by an earlier call.
     cached: bool = False
+    #: What the call cost in credits (the AI service prices it; nothing when cached).
+    cost: float = 0.0
 
     @property
     def spent(self) -> int:

@@ -122,8 +122,7 @@ class AIService:
             answer = await self.batcher.submit(key, request)
             if deterministic and not answer.cached:
                 await self.cache.set(key, answer)
-        self.ledger.charge(request, answer)
-        return answer
+        return dataclasses.replace(answer, cost=self.ledger.charge(request, answer))
 
     async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:
         """Returns one embedding vector per text from the model API.

@@ -189,7 +189,12 @@ class ModelCompleter:
         except ModelError as exc:
             raise ToolError(exc.reason, exc.message) from exc
         context.meter.tokens += completion.spent
-        return {"text": completion.content, "model": completion.model, "tokens": completion.spent}
+        return {
+            "text": completion.content,
+            "model": completion.model,
+            "tokens": completion.spent,
+            "cost": completion.cost,
+        }
 
 
 def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: ModelProvider) -> None:

@@ -419,6 +419,7 @@ class _Step:
             self.error = _error(exc.reason, exc.message)
             return
         self.usage.tokens += answer.spent
+        self.usage.credits += answer.cost
         self.answer = answer
         yield self.event(
             model_replied=executor_service_pb2.ModelReplied(

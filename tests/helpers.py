@@ -44,7 +44,10 @@ async def open_stack(settings: Settings) -> AsyncIterator[Stack]:
     """Starts the three tiers in process, wired together, each with ``settings`` and a port of its own."""
     execute = await start_tier("execute", settings)
     orchestrate = await start_tier("orchestrate", dataclasses.replace(settings, execute_target=execute.target))
-    coordinate = await start_tier("coordinate", dataclasses.replace(settings, orchestrate_target=orchestrate.target))
+    coordinate = await start_tier(
+        "coordinate",
+        dataclasses.replace(settings, orchestrate_target=orchestrate.target, execute_target=execute.target),
+    )
     clients = (
         ExecutorClient(execute.target),
         OrchestratorClient(orchestrate.target),

@@ -83,8 +83,11 @@ async def test_grpcurl_lists_and_calls_every_tier_through_reflection(stack: Stac
         "tierstack.v1.CoordinatorService/FormTeam",
     )
     assert json.loads(team)["assignments"][0]["agent_id"] == "w"
-    metrics = await asyncio.to_thread(grpcurl, stack.execute.target, "tierstack.v1.MonitorService/GetMetrics")
-    assert json.loads(metrics)["tier"] == "TIER_EXECUTE"
+    every_tier = json.dumps({"tiers": ["TIER_COORDINATE", "TIER_ORCHESTRATE", "TIER_EXECUTE"]})
+    metrics = await asyncio.to_thread(
+        grpcurl, stack.coordinate.target, "-d", every_tier, "tierstack.v1.MonitorService/GetMetrics"
+    )
+    assert [t["tier"] for t in json.loads(metrics)["tiers"]] == ["TIER_COORDINATE", "TIER_ORCHESTRATE", "TIER_EXECUTE"]
 
 
 async def test_health_turns_not_serving_when_the_server_stops(http_server: HttpServer) -> None:
@@ -147,10 +150,14 @@ async def test_get_metrics_reports_latency_and_codes_per_method(stack: Stack) ->
         await stack.executor.execute_tool(executor_service_pb2.ExecuteToolRequest())
     async with MonitorClient(stack.execute.target) as monitor:
         metrics = await monitor.get_metrics("ExecuteTool")
-    assert metrics.tier == common_pb2.TIER_EXECUTE
-    [method] = metrics.methods
+    [tier] = metrics.tiers
+    assert tier.tier == common_pb2.TIER_EXECUTE
+    [method] = tier.methods
     assert method.method == "/tierstack.v1.ExecutorService/ExecuteTool"
-    assert method.count == 21
+    assert method.latency.count == 21 and method.in_flight == 0
     assert dict(method.counts_by_code) == {"OK": 20, "INVALID_ARGUMENT": 1}
-    p50, p95, p99, top = (d.ToNanoseconds() for d in (method.p50, method.p95, method.p99, method.max))
+    latency = method.latency
+    p50, p95, p99, top = (d.ToNanoseconds() for d in (latency.p50, latency.p95, latency.p99, latency.max))
     assert 0 < p50 <= p95 <= p99 <= top
+    assert sum(latency.histogram.buckets.values()) == 21
+    assert tier.process.rss_bytes > 10 * 2**20 and tier.process.cpu_time.ToNanoseconds() > 0

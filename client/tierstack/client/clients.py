@@ -10,7 +10,8 @@ from typing import Any, Self
 import grpc
 
 from tierstack.client.errors import translate_errors
-from tierstack.client.values import JSON, from_value
+from tierstack.client.values import JSON, from_value, to_duration
+from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
 from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc
 from tierstack.v1 import executor_service_pb2 as executor_pb2
@@ -64,14 +65,19 @@ class _Client:
     def _options(self, timeout: float | None, default: float | None) -> dict[str, Any]:
         return {"timeout": timeout if timeout is not None else default, "metadata": self.metadata}
 
-    async def _stream(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
-        """Yields the ``event`` of each streamed response; leaving early cancels the call."""
+    async def _responses(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
+        """Yields each streamed response; leaving early cancels the call."""
         try:
             with translate_errors():
                 async for response in call:
-                    yield response.event
+                    yield response
         finally:
             call.cancel()
+
+    async def _stream(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> AsyncIterator[Any]:
+        """Yields the ``event`` of each streamed response; leaving early cancels the call."""
+        async for response in self._responses(call):
+            yield response.event
 
 
 class ExecutorClient(_Client):
@@ -277,11 +283,39 @@ class MonitorClient(_Client):
         self._stub = monitor_grpc.MonitorServiceStub(self.channel)
 
     async def get_metrics(
-        self, method_filter: str = "", *, timeout: float | None = None
+        self,
+        method_filter: str = "",
+        *,
+        tiers: Sequence[common_pb2.Tier.ValueType] = (),
+        timeout: float | None = None,
     ) -> monitor_pb2.GetMetricsResponse:
-        """Returns the server's per-method latency percentiles and status counts."""
+        """Returns the metrics of the server's tier, or (from Coordinate) of ``tiers``."""
         with translate_errors():
             return await self._stub.GetMetrics(
-                monitor_pb2.GetMetricsRequest(method_filter=method_filter),
+                monitor_pb2.GetMetricsRequest(method_filter=method_filter, tiers=tiers),
                 **self._options(timeout, self.timeout),
             )
+
+    async def watch_metrics(
+        self, interval: float = 1.0, *, tiers: Sequence[common_pb2.Tier.ValueType] = (), method_filter: str = ""
+    ) -> AsyncIterator[monitor_pb2.WatchMetricsResponse]:
+        """Yields a snapshot of the metrics every ``interval`` seconds, with the active alerts."""
+        request = monitor_pb2.WatchMetricsRequest(
+            interval=to_duration(interval), tiers=tiers, method_filter=method_filter
+        )
+        async for response in self._responses(self._stub.WatchMetrics(request, metadata=self.metadata)):
+            yield response
+
+    async def watch_alerts(self) -> AsyncIterator[monitor_pb2.Alert]:
+        """Yields the active alerts, then each alert raised or resolved (Coordinate only)."""
+        call = self._stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(), metadata=self.metadata)
+        async for response in self._responses(call):
+            yield response.alert
+
+    async def get_recommendations(self, *, timeout: float | None = None) -> list[monitor_pb2.Recommendation]:
+        """Returns advice on what to improve, the most impactful first (Coordinate only)."""
+        with translate_errors():
+            response = await self._stub.GetRecommendations(
+                monitor_pb2.GetRecommendationsRequest(), **self._options(timeout, self.timeout)
+            )
+        return list(response.recommendations)

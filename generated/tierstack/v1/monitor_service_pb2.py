@@ -27,23 +27,81 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tierstack.v1 import common_pb2 as tierstack_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tierstack/v1/monitor_service.proto\x12\x0ctierstack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tierstack/v1/common.proto\"*\n\x11GetMetricsRequest\x12\x15\n\rmethod_filter\x18\x01 \x01(\t\"\x96\x01\n\x12GetMetricsResponse\x12 \n\x04tier\x18\x01 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12,\n\x07methods\x18\x02 \x03(\x0b\x32\x1b.tierstack.v1.MethodMetrics\x12\x30\n\x0c\x63ollect_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xca\x02\n\rMethodMetrics\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x45\n\x0e\x63ounts_by_code\x18\x03 \x03(\x0b\x32-.tierstack.v1.MethodMetrics.CountsByCodeEntry\x12&\n\x03p50\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p95\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p99\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x33\n\x11\x43ountsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x61\n\x0eMonitorService\x12O\n\nGetMetrics\x12\x1f.tierstack.v1.GetMetricsRequest\x1a .tierstack.v1.GetMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tierstack/v1/monitor_service.proto\x12\x0ctierstack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tierstack/v1/common.proto\"M\n\x11GetMetricsRequest\x12\x15\n\rmethod_filter\x18\x01 \x01(\t\x12!\n\x05tiers\x18\x02 \x03(\x0e\x32\x12.tierstack.v1.Tier\">\n\x12GetMetricsResponse\x12(\n\x05tiers\x18\x01 \x03(\x0b\x32\x19.tierstack.v1.TierMetrics\"|\n\x13WatchMetricsRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05tiers\x18\x02 \x03(\x0e\x32\x12.tierstack.v1.Tier\x12\x15\n\rmethod_filter\x18\x03 \x01(\t\"l\n\x14WatchMetricsResponse\x12(\n\x05tiers\x18\x01 \x03(\x0b\x32\x19.tierstack.v1.TierMetrics\x12*\n\ractive_alerts\x18\x02 \x03(\x0b\x32\x13.tierstack.v1.Alert\"\x14\n\x12WatchAlertsRequest\"9\n\x13WatchAlertsResponse\x12\"\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x13.tierstack.v1.Alert\"\x1b\n\x19GetRecommendationsRequest\"S\n\x1aGetRecommendationsResponse\x12\x35\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1c.tierstack.v1.Recommendation\"\xc8\x03\n\x0bTierMetrics\x12 \n\x04tier\x18\x01 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12\x30\n\x0c\x63ollect_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07methods\x18\x03 \x03(\x0b\x32\x1b.tierstack.v1.MethodMetrics\x12\x33\n\x0e\x63lient_methods\x18\x04 \x03(\x0b\x32\x1b.tierstack.v1.MethodMetrics\x12-\n\x07process\x18\x05 \x01(\x0b\x32\x1c.tierstack.v1.ProcessMetrics\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\x12/\n\x07\x65xecute\x18\n \x01(\x0b\x32\x1c.tierstack.v1.ExecuteMetricsH\x00\x12\x37\n\x0borchestrate\x18\x0b \x01(\x0b\x32 .tierstack.v1.OrchestrateMetricsH\x00\x12\x35\n\ncoordinate\x18\x0c \x01(\x0b\x32\x1f.tierstack.v1.CoordinateMetricsH\x00\x42\x08\n\x06\x64omain\"\x87\x01\n\tHistogram\x12\x35\n\x07\x62uckets\x18\x01 \x03(\x0b\x32$.tierstack.v1.Histogram.BucketsEntry\x12\x13\n\x0bsum_seconds\x18\x02 \x01(\x01\x1a.\n\x0c\x42ucketsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x91\x02\n\x0cLatencyStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12&\n\x03p50\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p90\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p95\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p99\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\thistogram\x18\x07 \x01(\x0b\x32\x17.tierstack.v1.Histogram\"\xf4\x01\n\rMethodMetrics\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x45\n\x0e\x63ounts_by_code\x18\x02 \x03(\x0b\x32-.tierstack.v1.MethodMetrics.CountsByCodeEntry\x12+\n\x07latency\x18\x03 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x17\n\x0fstream_messages\x18\x05 \x01(\x03\x1a\x33\n\x11\x43ountsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"{\n\x0eProcessMetrics\x12\x11\n\trss_bytes\x18\x01 \x01(\x03\x12+\n\x08\x63pu_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06uptime\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb9\x02\n\x0cModelMetrics\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x12\n\ncache_hits\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x03 \x01(\x01\x12\x11\n\tcoalesced\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\x12+\n\x07latency\x18\x08 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\x12:\n\x08\x62reakers\x18\t \x03(\x0b\x32(.tierstack.v1.ModelMetrics.BreakersEntry\x1a/\n\rBreakersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0bToolMetrics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\x03\x12+\n\x07latency\x18\x03 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\"\x9c\x02\n\x0e\x45xecuteMetrics\x12(\n\x05tools\x18\x01 \x03(\x0b\x32\x19.tierstack.v1.ToolMetrics\x12G\n\x0estrategy_usage\x18\x02 \x03(\x0b\x32/.tierstack.v1.ExecuteMetrics.StrategyUsageEntry\x12\x19\n\x11result_cache_hits\x18\x03 \x01(\x03\x12\x1b\n\x13result_cache_misses\x18\x04 \x01(\x03\x12)\n\x05model\x18\x05 \x01(\x0b\x32\x1a.tierstack.v1.ModelMetrics\x1a\x34\n\x12StrategyUsageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x86\x03\n\x12OrchestrateMetrics\x12H\n\rruns_by_state\x18\x01 \x03(\x0b\x32\x31.tierstack.v1.OrchestrateMetrics.RunsByStateEntry\x12\x30\n\x0cstep_latency\x18\x02 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\x12%\n\x1d\x63ontext_operations_per_second\x18\x03 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x03\x12\x31\n\rflush_latency\x18\x05 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\x12\x1d\n\x15mean_flush_batch_size\x18\x06 \x01(\x01\x12\x17\n\x0fplan_cache_hits\x18\x07 \x01(\x03\x12\x19\n\x11plan_cache_misses\x18\x08 \x01(\x03\x1a\x32\n\x10RunsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xc3\x02\n\x11\x43oordinateMetrics\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tierstack.v1.ModelMetrics\x12X\n\x15\x64\x65\x63omposition_latency\x18\x02 \x03(\x0b\x32\x39.tierstack.v1.CoordinateMetrics.DecompositionLatencyEntry\x12:\n\x16team_formation_latency\x18\x03 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats\x12\x14\n\x0c\x61\x63tive_goals\x18\x04 \x01(\x03\x1aW\n\x19\x44\x65\x63ompositionLatencyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tierstack.v1.LatencyStats:\x02\x38\x01\"\x81\x02\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.tierstack.v1.AlertKind\x12 \n\x04tier\x18\x03 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12.\n\nraise_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x0eRecommendation\x12\x36\n\x08priority\x18\x01 \x01(\x0e\x32$.tierstack.v1.RecommendationPriority\x12 \n\x04tier\x18\x02 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01*\xf4\x01\n\tAlertKind\x12\x1a\n\x16\x41LERT_KIND_UNSPECIFIED\x10\x00\x12!\n\x1d\x41LERT_KIND_HIGH_RESPONSE_TIME\x10\x01\x12\x1d\n\x19\x41LERT_KIND_LOW_THROUGHPUT\x10\x02\x12 \n\x1c\x41LERT_KIND_HIGH_MEMORY_USAGE\x10\x03\x12\x1e\n\x1a\x41LERT_KIND_HIGH_ERROR_RATE\x10\x04\x12!\n\x1d\x41LERT_KIND_LATENCY_REGRESSION\x10\x05\x12$\n ALERT_KIND_THROUGHPUT_REGRESSION\x10\x06*\xa8\x01\n\x16RecommendationPriority\x12\'\n#RECOMMENDATION_PRIORITY_UNSPECIFIED\x10\x00\x12 \n\x1cRECOMMENDATION_PRIORITY_HIGH\x10\x01\x12\"\n\x1eRECOMMENDATION_PRIORITY_MEDIUM\x10\x02\x12\x1f\n\x1bRECOMMENDATION_PRIORITY_LOW\x10\x03\x32\xf9\x02\n\x0eMonitorService\x12O\n\nGetMetrics\x12\x1f.tierstack.v1.GetMetricsRequest\x1a .tierstack.v1.GetMetricsResponse\x12W\n\x0cWatchMetrics\x12!.tierstack.v1.WatchMetricsRequest\x1a\".tierstack.v1.WatchMetricsResponse0\x01\x12T\n\x0bWatchAlerts\x12 .tierstack.v1.WatchAlertsRequest\x1a!.tierstack.v1.WatchAlertsResponse0\x01\x12g\n\x12GetRecommendations\x12\'.tierstack.v1.GetRecommendationsRequest\x1a(.tierstack.v1.GetRecommendationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierstack.v1.monitor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HISTOGRAM_BUCKETSENTRY']._loaded_options = None
+  _globals['_HISTOGRAM_BUCKETSENTRY']._serialized_options = b'8\001'
   _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._loaded_options = None
   _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._serialized_options = b'8\001'
+  _globals['_MODELMETRICS_BREAKERSENTRY']._loaded_options = None
+  _globals['_MODELMETRICS_BREAKERSENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTEMETRICS_STRATEGYUSAGEENTRY']._loaded_options = None
+  _globals['_EXECUTEMETRICS_STRATEGYUSAGEENTRY']._serialized_options = b'8\001'
+  _globals['_ORCHESTRATEMETRICS_RUNSBYSTATEENTRY']._loaded_options = None
+  _globals['_ORCHESTRATEMETRICS_RUNSBYSTATEENTRY']._serialized_options = b'8\001'
+  _globals['_COORDINATEMETRICS_DECOMPOSITIONLATENCYENTRY']._loaded_options = None
+  _globals['_COORDINATEMETRICS_DECOMPOSITIONLATENCYENTRY']._serialized_options = b'8\001'
+  _globals['_ALERTKIND']._serialized_start=3828
+  _globals['_ALERTKIND']._serialized_end=4072
+  _globals['_RECOMMENDATIONPRIORITY']._serialized_start=4075
+  _globals['_RECOMMENDATIONPRIORITY']._serialized_end=4243
   _globals['_GETMETRICSREQUEST']._serialized_start=144
-  _globals['_GETMETRICSREQUEST']._serialized_end=186
-  _globals['_GETMETRICSRESPONSE']._serialized_start=189
-  _globals['_GETMETRICSRESPONSE']._serialized_end=339
-  _globals['_METHODMETRICS']._serialized_start=342
-  _globals['_METHODMETRICS']._serialized_end=672
-  _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._serialized_start=621
-  _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._serialized_end=672
-  _globals['_MONITORSERVICE']._serialized_start=674
-  _globals['_MONITORSERVICE']._serialized_end=771
+  _globals['_GETMETRICSREQUEST']._serialized_end=221
+  _globals['_GETMETRICSRESPONSE']._serialized_start=223
+  _globals['_GETMETRICSRESPONSE']._serialized_end=285
+  _globals['_WATCHMETRICSREQUEST']._serialized_start=287
+  _globals['_WATCHMETRICSREQUEST']._serialized_end=411
+  _globals['_WATCHMETRICSRESPONSE']._serialized_start=413
+  _globals['_WATCHMETRICSRESPONSE']._serialized_end=521
+  _globals['_WATCHALERTSREQUEST']._serialized_start=523
+  _globals['_WATCHALERTSREQUEST']._serialized_end=543
+  _globals['_WATCHALERTSRESPONSE']._serialized_start=545
+  _globals['_WATCHALERTSRESPONSE']._serialized_end=602
+  _globals['_GETRECOMMENDATIONSREQUEST']._serialized_start=604
+  _globals['_GETRECOMMENDATIONSREQUEST']._serialized_end=631
+  _globals['_GETRECOMMENDATIONSRESPONSE']._serialized_start=633
+  _globals['_GETRECOMMENDATIONSRESPONSE']._serialized_end=716
+  _globals['_TIERMETRICS']._serialized_start=719
+  _globals['_TIERMETRICS']._serialized_end=1175
+  _globals['_HISTOGRAM']._serialized_start=1178
+  _globals['_HISTOGRAM']._serialized_end=1313
+  _globals['_HISTOGRAM_BUCKETSENTRY']._serialized_start=1267
+  _globals['_HISTOGRAM_BUCKETSENTRY']._serialized_end=1313
+  _globals['_LATENCYSTATS']._serialized_start=1316
+  _globals['_LATENCYSTATS']._serialized_end=1589
+  _globals['_METHODMETRICS']._serialized_start=1592
+  _globals['_METHODMETRICS']._serialized_end=1836
+  _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._serialized_start=1785
+  _globals['_METHODMETRICS_COUNTSBYCODEENTRY']._serialized_end=1836
+  _globals['_PROCESSMETRICS']._serialized_start=1838
+  _globals['_PROCESSMETRICS']._serialized_end=1961
+  _globals['_MODELMETRICS']._serialized_start=1964
+  _globals['_MODELMETRICS']._serialized_end=2277
+  _globals['_MODELMETRICS_BREAKERSENTRY']._serialized_start=2230
+  _globals['_MODELMETRICS_BREAKERSENTRY']._serialized_end=2277
+  _globals['_TOOLMETRICS']._serialized_start=2279
+  _globals['_TOOLMETRICS']._serialized_end=2369
+  _globals['_EXECUTEMETRICS']._serialized_start=2372
+  _globals['_EXECUTEMETRICS']._serialized_end=2656
+  _globals['_EXECUTEMETRICS_STRATEGYUSAGEENTRY']._serialized_start=2604
+  _globals['_EXECUTEMETRICS_STRATEGYUSAGEENTRY']._serialized_end=2656
+  _globals['_ORCHESTRATEMETRICS']._serialized_start=2659
+  _globals['_ORCHESTRATEMETRICS']._serialized_end=3049
+  _globals['_ORCHESTRATEMETRICS_RUNSBYSTATEENTRY']._serialized_start=2999
+  _globals['_ORCHESTRATEMETRICS_RUNSBYSTATEENTRY']._serialized_end=3049
+  _globals['_COORDINATEMETRICS']._serialized_start=3052
+  _globals['_COORDINATEMETRICS']._serialized_end=3375
+  _globals['_COORDINATEMETRICS_DECOMPOSITIONLATENCYENTRY']._serialized_start=3288
+  _globals['_COORDINATEMETRICS_DECOMPOSITIONLATENCYENTRY']._serialized_end=3375
+  _globals['_ALERT']._serialized_start=3378
+  _globals['_ALERT']._serialized_end=3635
+  _globals['_RECOMMENDATION']._serialized_start=3638
+  _globals['_RECOMMENDATION']._serialized_end=3825
+  _globals['_MONITORSERVICE']._serialized_start=4246
+  _globals['_MONITORSERVICE']._serialized_end=4623
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tierstack.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,23 +22,97 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_KIND_UNSPECIFIED: _AlertKind.ValueType  # 0
+    """Means the kind was not set."""
+    ALERT_KIND_HIGH_RESPONSE_TIME: _AlertKind.ValueType  # 1
+    """Means a method's p95 latency is above the threshold."""
+    ALERT_KIND_LOW_THROUGHPUT: _AlertKind.ValueType  # 2
+    """Means a tier serves fewer calls per second than the threshold while it has traffic."""
+    ALERT_KIND_HIGH_MEMORY_USAGE: _AlertKind.ValueType  # 3
+    """Means a server's resident memory is above the threshold."""
+    ALERT_KIND_HIGH_ERROR_RATE: _AlertKind.ValueType  # 4
+    """Means the share of failed calls of a tier is above the threshold."""
+    ALERT_KIND_LATENCY_REGRESSION: _AlertKind.ValueType  # 5
+    """Means a method's p95 latency is worse than its rolling baseline by more than the threshold."""
+    ALERT_KIND_THROUGHPUT_REGRESSION: _AlertKind.ValueType  # 6
+    """Means a tier's throughput fell below its rolling baseline by more than the threshold."""
+
+class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
+    """Names the kinds of alert."""
+
+ALERT_KIND_UNSPECIFIED: AlertKind.ValueType  # 0
+"""Means the kind was not set."""
+ALERT_KIND_HIGH_RESPONSE_TIME: AlertKind.ValueType  # 1
+"""Means a method's p95 latency is above the threshold."""
+ALERT_KIND_LOW_THROUGHPUT: AlertKind.ValueType  # 2
+"""Means a tier serves fewer calls per second than the threshold while it has traffic."""
+ALERT_KIND_HIGH_MEMORY_USAGE: AlertKind.ValueType  # 3
+"""Means a server's resident memory is above the threshold."""
+ALERT_KIND_HIGH_ERROR_RATE: AlertKind.ValueType  # 4
+"""Means the share of failed calls of a tier is above the threshold."""
+ALERT_KIND_LATENCY_REGRESSION: AlertKind.ValueType  # 5
+"""Means a method's p95 latency is worse than its rolling baseline by more than the threshold."""
+ALERT_KIND_THROUGHPUT_REGRESSION: AlertKind.ValueType  # 6
+"""Means a tier's throughput fell below its rolling baseline by more than the threshold."""
+Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
+
+class _RecommendationPriority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecommendationPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecommendationPriority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECOMMENDATION_PRIORITY_UNSPECIFIED: _RecommendationPriority.ValueType  # 0
+    """Means the priority was not set."""
+    RECOMMENDATION_PRIORITY_HIGH: _RecommendationPriority.ValueType  # 1
+    """Means acting on it is expected to help the most."""
+    RECOMMENDATION_PRIORITY_MEDIUM: _RecommendationPriority.ValueType  # 2
+    """Means acting on it is expected to help."""
+    RECOMMENDATION_PRIORITY_LOW: _RecommendationPriority.ValueType  # 3
+    """Means acting on it may help a little."""
+
+class RecommendationPriority(_RecommendationPriority, metaclass=_RecommendationPriorityEnumTypeWrapper):
+    """Ranks a recommendation by its expected impact."""
+
+RECOMMENDATION_PRIORITY_UNSPECIFIED: RecommendationPriority.ValueType  # 0
+"""Means the priority was not set."""
+RECOMMENDATION_PRIORITY_HIGH: RecommendationPriority.ValueType  # 1
+"""Means acting on it is expected to help the most."""
+RECOMMENDATION_PRIORITY_MEDIUM: RecommendationPriority.ValueType  # 2
+"""Means acting on it is expected to help."""
+RECOMMENDATION_PRIORITY_LOW: RecommendationPriority.ValueType  # 3
+"""Means acting on it may help a little."""
+Global___RecommendationPriority: _TypeAlias = RecommendationPriority  # noqa: Y015
+
 @_typing.final
 class GetMetricsRequest(_message.Message):
-    """Asks for the server's metrics."""
+    """Asks for metrics."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     METHOD_FILTER_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
     method_filter: _builtins.str
-    """Keeps only methods whose full name contains this text; empty keeps all."""
+    """Keeps only the RPC methods whose full name contains this text; empty keeps all."""
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Tier.ValueType]:
+        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others."""
+
     def __init__(
         self,
         *,
         method_filter: _builtins.str = ...,
+        tiers: _abc.Iterable[_common_pb2.Tier.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method_filter", b"method_filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method_filter", b"method_filter", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -45,41 +120,355 @@ Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
 
 @_typing.final
 class GetMetricsResponse(_message.Message):
-    """Returns the server's metrics."""
+    """Returns metrics, one entry per tier asked."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TIER_FIELD_NUMBER: _builtins.int
-    METHODS_FIELD_NUMBER: _builtins.int
-    COLLECT_TIME_FIELD_NUMBER: _builtins.int
-    tier: _common_pb2.Tier.ValueType
-    """Names the tier the server runs."""
+    TIERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodMetrics]:
-        """Lists the metrics of each method called so far, ordered by method name."""
-
-    @_builtins.property
-    def collect_time(self) -> _timestamp_pb2.Timestamp:
-        """Records when the metrics were collected."""
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierMetrics]:
+        """Holds each tier's metrics."""
 
     def __init__(
         self,
         *,
-        tier: _common_pb2.Tier.ValueType = ...,
-        methods: _abc.Iterable[Global___MethodMetrics] | None = ...,
-        collect_time: _timestamp_pb2.Timestamp | None = ...,
+        tiers: _abc.Iterable[Global___TierMetrics] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "methods", b"methods", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMetricsResponse: _TypeAlias = GetMetricsResponse  # noqa: Y015
 
 @_typing.final
+class WatchMetricsRequest(_message.Message):
+    """Asks for a stream of metric snapshots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    METHOD_FILTER_FIELD_NUMBER: _builtins.int
+    method_filter: _builtins.str
+    """Keeps only the RPC methods whose full name contains this text; empty keeps all."""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Sets the time between snapshots; unset or below 100 ms means 1 s."""
+
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Tier.ValueType]:
+        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others."""
+
+    def __init__(
+        self,
+        *,
+        interval: _duration_pb2.Duration | None = ...,
+        tiers: _abc.Iterable[_common_pb2.Tier.ValueType] | None = ...,
+        method_filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "method_filter", b"method_filter", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMetricsRequest: _TypeAlias = WatchMetricsRequest  # noqa: Y015
+
+@_typing.final
+class WatchMetricsResponse(_message.Message):
+    """Carries one snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIERS_FIELD_NUMBER: _builtins.int
+    ACTIVE_ALERTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierMetrics]:
+        """Holds each tier's metrics."""
+
+    @_builtins.property
+    def active_alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """Lists the alerts active at the time of the snapshot (Coordinate only)."""
+
+    def __init__(
+        self,
+        *,
+        tiers: _abc.Iterable[Global___TierMetrics] | None = ...,
+        active_alerts: _abc.Iterable[Global___Alert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_alerts", b"active_alerts", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMetricsResponse: _TypeAlias = WatchMetricsResponse  # noqa: Y015
+
+@_typing.final
+class WatchAlertsRequest(_message.Message):
+    """Asks for the stream of alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
+
+@_typing.final
+class WatchAlertsResponse(_message.Message):
+    """Carries one alert event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alert(self) -> Global___Alert:
+        """Holds the alert; `resolve_time` is set when the event resolves it."""
+
+    def __init__(
+        self,
+        *,
+        alert: Global___Alert | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsResponse: _TypeAlias = WatchAlertsResponse  # noqa: Y015
+
+@_typing.final
+class GetRecommendationsRequest(_message.Message):
+    """Asks for recommendations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecommendationsRequest: _TypeAlias = GetRecommendationsRequest  # noqa: Y015
+
+@_typing.final
+class GetRecommendationsResponse(_message.Message):
+    """Returns recommendations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recommendations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recommendation]:
+        """Lists the recommendations, the highest expected impact first."""
+
+    def __init__(
+        self,
+        *,
+        recommendations: _abc.Iterable[Global___Recommendation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recommendations", b"recommendations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecommendationsResponse: _TypeAlias = GetRecommendationsResponse  # noqa: Y015
+
+@_typing.final
+class TierMetrics(_message.Message):
+    """Reports one tier's metrics at one moment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    COLLECT_TIME_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    CLIENT_METHODS_FIELD_NUMBER: _builtins.int
+    PROCESS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    EXECUTE_FIELD_NUMBER: _builtins.int
+    ORCHESTRATE_FIELD_NUMBER: _builtins.int
+    COORDINATE_FIELD_NUMBER: _builtins.int
+    tier: _common_pb2.Tier.ValueType
+    """Names the tier."""
+    @_builtins.property
+    def collect_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when the metrics were collected."""
+
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodMetrics]:
+        """Describes the RPC methods the tier serves."""
+
+    @_builtins.property
+    def client_methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodMetrics]:
+        """Describes the calls the tier makes to the tier below, seen from the caller's side."""
+
+    @_builtins.property
+    def process(self) -> Global___ProcessMetrics:
+        """Describes the server process."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """Describes why the tier's metrics are missing when it could not be reached."""
+
+    @_builtins.property
+    def execute(self) -> Global___ExecuteMetrics:
+        """Describes Tier 3."""
+
+    @_builtins.property
+    def orchestrate(self) -> Global___OrchestrateMetrics:
+        """Describes Tier 2."""
+
+    @_builtins.property
+    def coordinate(self) -> Global___CoordinateMetrics:
+        """Describes Tier 1."""
+
+    def __init__(
+        self,
+        *,
+        tier: _common_pb2.Tier.ValueType = ...,
+        collect_time: _timestamp_pb2.Timestamp | None = ...,
+        methods: _abc.Iterable[Global___MethodMetrics] | None = ...,
+        client_methods: _abc.Iterable[Global___MethodMetrics] | None = ...,
+        process: Global___ProcessMetrics | None = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+        execute: Global___ExecuteMetrics | None = ...,
+        orchestrate: Global___OrchestrateMetrics | None = ...,
+        coordinate: Global___CoordinateMetrics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "coordinate", b"coordinate", "domain", b"domain", "error", b"error", "execute", b"execute", "orchestrate", b"orchestrate", "process", b"process"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_methods", b"client_methods", "collect_time", b"collect_time", "coordinate", b"coordinate", "domain", b"domain", "error", b"error", "execute", b"execute", "methods", b"methods", "orchestrate", b"orchestrate", "process", b"process", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["execute", "orchestrate", "coordinate"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+
+Global___TierMetrics: _TypeAlias = TierMetrics  # noqa: Y015
+
+@_typing.final
+class Histogram(_message.Message):
+    """Holds a latency histogram: 16 log-spaced buckets per doubling above one microsecond."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BucketsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    SUM_SECONDS_FIELD_NUMBER: _builtins.int
+    sum_seconds: _builtins.float
+    """Sums every observed duration, in seconds."""
+    @_builtins.property
+    def buckets(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Maps a bucket index to its count; bucket i holds durations up to 1 µs × 2^((i + 1) / 16)."""
+
+    def __init__(
+        self,
+        *,
+        buckets: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        sum_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "sum_seconds", b"sum_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
+
+@_typing.final
+class LatencyStats(_message.Message):
+    """Summarises the durations of some operation since the server started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P90_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Counts the operations."""
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration:
+        """Gives the median."""
+
+    @_builtins.property
+    def p90(self) -> _duration_pb2.Duration:
+        """Gives the 90th percentile."""
+
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration:
+        """Gives the 95th percentile."""
+
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration:
+        """Gives the 99th percentile."""
+
+    @_builtins.property
+    def max(self) -> _duration_pb2.Duration:
+        """Gives the slowest."""
+
+    @_builtins.property
+    def histogram(self) -> Global___Histogram:
+        """Holds the histogram itself, so that windows can be told apart by subtracting snapshots."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        p50: _duration_pb2.Duration | None = ...,
+        p90: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
+        max: _duration_pb2.Duration | None = ...,
+        histogram: Global___Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyStats: _TypeAlias = LatencyStats  # noqa: Y015
+
+@_typing.final
 class MethodMetrics(_message.Message):
-    """Summarises the calls of one RPC method."""
+    """Describes one RPC method: its calls by status code, their latency, and the calls in flight."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -104,51 +493,486 @@ class MethodMetrics(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     METHOD_FIELD_NUMBER: _builtins.int
-    COUNT_FIELD_NUMBER: _builtins.int
     COUNTS_BY_CODE_FIELD_NUMBER: _builtins.int
-    P50_FIELD_NUMBER: _builtins.int
-    P95_FIELD_NUMBER: _builtins.int
-    P99_FIELD_NUMBER: _builtins.int
-    MAX_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    STREAM_MESSAGES_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """Gives the full method name, such as `/tierstack.v1.ExecutorService/ExecuteTool`."""
-    count: _builtins.int
-    """Counts the calls that ended."""
+    in_flight: _builtins.int
+    """Counts the calls in flight."""
+    stream_messages: _builtins.int
+    """Counts the messages sent by streams (responses on the server side, received on the client side)."""
     @_builtins.property
     def counts_by_code(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Counts the ended calls by status code name, such as `OK` or `INVALID_ARGUMENT`."""
+        """Counts the finished calls by status code name."""
 
     @_builtins.property
-    def p50(self) -> _duration_pb2.Duration:
-        """Gives the median latency."""
-
-    @_builtins.property
-    def p95(self) -> _duration_pb2.Duration:
-        """Gives the 95th percentile latency."""
-
-    @_builtins.property
-    def p99(self) -> _duration_pb2.Duration:
-        """Gives the 99th percentile latency."""
-
-    @_builtins.property
-    def max(self) -> _duration_pb2.Duration:
-        """Gives the largest latency seen."""
+    def latency(self) -> Global___LatencyStats:
+        """Summarises the finished calls' durations (a stream is timed to its end)."""
 
     def __init__(
         self,
         *,
         method: _builtins.str = ...,
-        count: _builtins.int = ...,
         counts_by_code: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
-        p50: _duration_pb2.Duration | None = ...,
-        p95: _duration_pb2.Duration | None = ...,
-        p99: _duration_pb2.Duration | None = ...,
-        max: _duration_pb2.Duration | None = ...,
+        latency: Global___LatencyStats | None = ...,
+        in_flight: _builtins.int = ...,
+        stream_messages: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "counts_by_code", b"counts_by_code", "max", b"max", "method", b"method", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts_by_code", b"counts_by_code", "in_flight", b"in_flight", "latency", b"latency", "method", b"method", "stream_messages", b"stream_messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MethodMetrics: _TypeAlias = MethodMetrics  # noqa: Y015
+
+@_typing.final
+class ProcessMetrics(_message.Message):
+    """Describes the server process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_TIME_FIELD_NUMBER: _builtins.int
+    UPTIME_FIELD_NUMBER: _builtins.int
+    rss_bytes: _builtins.int
+    """Gives the resident memory, in bytes."""
+    @_builtins.property
+    def cpu_time(self) -> _duration_pb2.Duration:
+        """Counts the CPU time used since the process started, user and system."""
+
+    @_builtins.property
+    def uptime(self) -> _duration_pb2.Duration:
+        """Measures how long the process has run."""
+
+    def __init__(
+        self,
+        *,
+        rss_bytes: _builtins.int = ...,
+        cpu_time: _duration_pb2.Duration | None = ...,
+        uptime: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "uptime", b"uptime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "rss_bytes", b"rss_bytes", "uptime", b"uptime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessMetrics: _TypeAlias = ProcessMetrics  # noqa: Y015
+
+@_typing.final
+class ModelMetrics(_message.Message):
+    """Describes the model calls of a tier's AI service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BreakersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
+    COALESCED_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    BREAKERS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Counts the requests made to the service."""
+    cache_hits: _builtins.int
+    """Counts the requests answered from the cache."""
+    cache_hit_rate: _builtins.float
+    """Gives cache hits as a share of cache lookups, 0 to 1."""
+    coalesced: _builtins.int
+    """Counts the requests that shared another request's call."""
+    prompt_tokens: _builtins.int
+    """Counts the prompt tokens paid for."""
+    completion_tokens: _builtins.int
+    """Counts the completion tokens paid for."""
+    cost: _builtins.float
+    """Sums the cost of the calls, in credits."""
+    @_builtins.property
+    def latency(self) -> Global___LatencyStats:
+        """Summarises the latency of the calls made to models."""
+
+    @_builtins.property
+    def breakers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Maps each provider/model route to its circuit breaker's state (closed, open, half_open)."""
+
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        cache_hits: _builtins.int = ...,
+        cache_hit_rate: _builtins.float = ...,
+        coalesced: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        latency: Global___LatencyStats | None = ...,
+        breakers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "coalesced", b"coalesced", "completion_tokens", b"completion_tokens", "cost", b"cost", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelMetrics: _TypeAlias = ModelMetrics  # noqa: Y015
+
+@_typing.final
+class ToolMetrics(_message.Message):
+    """Describes one tool's calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Names the tool."""
+    failures: _builtins.int
+    """Counts the calls that failed."""
+    @_builtins.property
+    def latency(self) -> Global___LatencyStats:
+        """Summarises the calls' durations."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        failures: _builtins.int = ...,
+        latency: Global___LatencyStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "latency", b"latency", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolMetrics: _TypeAlias = ToolMetrics  # noqa: Y015
+
+@_typing.final
+class ExecuteMetrics(_message.Message):
+    """Describes Tier 3's own work."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StrategyUsageEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    STRATEGY_USAGE_FIELD_NUMBER: _builtins.int
+    RESULT_CACHE_HITS_FIELD_NUMBER: _builtins.int
+    RESULT_CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    result_cache_hits: _builtins.int
+    """Counts the pure tool calls answered from the result cache."""
+    result_cache_misses: _builtins.int
+    """Counts the pure tool calls that had to run."""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolMetrics]:
+        """Describes each tool that was called."""
+
+    @_builtins.property
+    def strategy_usage(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Counts the steps run with each strategy, by strategy name."""
+
+    @_builtins.property
+    def model(self) -> Global___ModelMetrics:
+        """Describes the model calls of model-driven strategies and `ai.complete`."""
+
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[Global___ToolMetrics] | None = ...,
+        strategy_usage: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        result_cache_hits: _builtins.int = ...,
+        result_cache_misses: _builtins.int = ...,
+        model: Global___ModelMetrics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "result_cache_hits", b"result_cache_hits", "result_cache_misses", b"result_cache_misses", "strategy_usage", b"strategy_usage", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteMetrics: _TypeAlias = ExecuteMetrics  # noqa: Y015
+
+@_typing.final
+class OrchestrateMetrics(_message.Message):
+    """Describes Tier 2's own work."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RunsByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUNS_BY_STATE_FIELD_NUMBER: _builtins.int
+    STEP_LATENCY_FIELD_NUMBER: _builtins.int
+    CONTEXT_OPERATIONS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    FLUSH_LATENCY_FIELD_NUMBER: _builtins.int
+    MEAN_FLUSH_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PLAN_CACHE_HITS_FIELD_NUMBER: _builtins.int
+    PLAN_CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    context_operations_per_second: _builtins.float
+    """Gives the run-context operations (variable reads and writes) per second over the last 10 s."""
+    queue_depth: _builtins.int
+    """Counts the steps waiting for a free slot of their run."""
+    mean_flush_batch_size: _builtins.float
+    """Gives the mean number of events stored per batch."""
+    plan_cache_hits: _builtins.int
+    """Counts the plans served from the plan cache."""
+    plan_cache_misses: _builtins.int
+    """Counts the plans that had to be computed."""
+    @_builtins.property
+    def runs_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Counts the runs this process knows by state name."""
+
+    @_builtins.property
+    def step_latency(self) -> Global___LatencyStats:
+        """Summarises the steps' durations."""
+
+    @_builtins.property
+    def flush_latency(self) -> Global___LatencyStats:
+        """Summarises how long the event log takes to store a batch."""
+
+    def __init__(
+        self,
+        *,
+        runs_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        step_latency: Global___LatencyStats | None = ...,
+        context_operations_per_second: _builtins.float = ...,
+        queue_depth: _builtins.int = ...,
+        flush_latency: Global___LatencyStats | None = ...,
+        mean_flush_batch_size: _builtins.float = ...,
+        plan_cache_hits: _builtins.int = ...,
+        plan_cache_misses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_latency", b"flush_latency", "step_latency", b"step_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_operations_per_second", b"context_operations_per_second", "flush_latency", b"flush_latency", "mean_flush_batch_size", b"mean_flush_batch_size", "plan_cache_hits", b"plan_cache_hits", "plan_cache_misses", b"plan_cache_misses", "queue_depth", b"queue_depth", "runs_by_state", b"runs_by_state", "step_latency", b"step_latency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrchestrateMetrics: _TypeAlias = OrchestrateMetrics  # noqa: Y015
+
+@_typing.final
+class CoordinateMetrics(_message.Message):
+    """Describes Tier 1's own work."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DecompositionLatencyEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___LatencyStats: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___LatencyStats | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    DECOMPOSITION_LATENCY_FIELD_NUMBER: _builtins.int
+    TEAM_FORMATION_LATENCY_FIELD_NUMBER: _builtins.int
+    ACTIVE_GOALS_FIELD_NUMBER: _builtins.int
+    active_goals: _builtins.int
+    """Counts the goals being pursued."""
+    @_builtins.property
+    def model(self) -> Global___ModelMetrics:
+        """Describes the model calls (decomposition, and what else Tier 1 asks)."""
+
+    @_builtins.property
+    def decomposition_latency(self) -> _containers.MessageMap[_builtins.str, Global___LatencyStats]:
+        """Summarises decomposition time by source name (similar_goal, template, model)."""
+
+    @_builtins.property
+    def team_formation_latency(self) -> Global___LatencyStats:
+        """Summarises team formation time."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelMetrics | None = ...,
+        decomposition_latency: _abc.Mapping[_builtins.str, Global___LatencyStats] | None = ...,
+        team_formation_latency: Global___LatencyStats | None = ...,
+        active_goals: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "team_formation_latency", b"team_formation_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_goals", b"active_goals", "decomposition_latency", b"decomposition_latency", "model", b"model", "team_formation_latency", b"team_formation_latency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinateMetrics: _TypeAlias = CoordinateMetrics  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """Describes an alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    RAISE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifies the alert: its kind, tier and method; the same condition keeps the same id."""
+    kind: Global___AlertKind.ValueType
+    """Names the kind."""
+    tier: _common_pb2.Tier.ValueType
+    """Names the tier concerned."""
+    method: _builtins.str
+    """Names the method concerned, when the alert is about one."""
+    message: _builtins.str
+    """Explains the alert to a person."""
+    value: _builtins.float
+    """Gives the observed value (seconds, calls per second, bytes, or a share from 0 to 1)."""
+    threshold: _builtins.float
+    """Gives the threshold or baseline the value was compared with."""
+    @_builtins.property
+    def raise_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when it was raised."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when it was resolved; unset while it is active."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___AlertKind.ValueType = ...,
+        tier: _common_pb2.Tier.ValueType = ...,
+        method: _builtins.str = ...,
+        message: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        raise_time: _timestamp_pb2.Timestamp | None = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["raise_time", b"raise_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "message", b"message", "method", b"method", "raise_time", b"raise_time", "resolve_time", b"resolve_time", "threshold", b"threshold", "tier", b"tier", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class Recommendation(_message.Message):
+    """Advises what to improve, with the evidence that triggered the advice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    priority: Global___RecommendationPriority.ValueType
+    """Ranks it."""
+    tier: _common_pb2.Tier.ValueType
+    """Names the tier concerned."""
+    title: _builtins.str
+    """States the problem in a few words."""
+    action: _builtins.str
+    """Says what to do."""
+    metric: _builtins.str
+    """Names the metric that triggered it, such as `coordinate.model.latency.p95`."""
+    value: _builtins.float
+    """Gives the metric's value."""
+    threshold: _builtins.float
+    """Gives the threshold the value crossed."""
+    def __init__(
+        self,
+        *,
+        priority: Global___RecommendationPriority.ValueType = ...,
+        tier: _common_pb2.Tier.ValueType = ...,
+        title: _builtins.str = ...,
+        action: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "metric", b"metric", "priority", b"priority", "threshold", b"threshold", "tier", b"tier", "title", b"title", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Recommendation: _TypeAlias = Recommendation  # noqa: Y015

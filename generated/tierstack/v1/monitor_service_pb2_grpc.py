@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class MonitorServiceStub:
-    """Reports the metrics of the tier that serves it; every tierstack server serves it.
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
     """
 
     def __init__(self, channel):
@@ -40,14 +41,51 @@ class MonitorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsResponse.FromString,
                 _registered_method=True)
+        self.WatchMetrics = channel.unary_stream(
+                '/tierstack.v1.MonitorService/WatchMetrics',
+                request_serializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsResponse.FromString,
+                _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/tierstack.v1.MonitorService/WatchAlerts',
+                request_serializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
+        self.GetRecommendations = channel.unary_unary(
+                '/tierstack.v1.MonitorService/GetRecommendations',
+                request_serializer=tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
-    """Reports the metrics of the tier that serves it; every tierstack server serves it.
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
     """
 
     def GetMetrics(self, request, context):
-        """Returns per-method latency percentiles and counts by status code.
+        """Returns the metrics of this server's tier, or on Coordinate of any tier or all three.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMetrics(self, request, context):
+        """Streams snapshots of the metrics on an interval, with the alerts active at the time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Streams alerts as they are raised and resolved, starting with those active now (Coordinate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecommendations(self, request, context):
+        """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +99,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     request_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsResponse.SerializeToString,
             ),
+            'WatchMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetrics,
+                    request_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.SerializeToString,
+            ),
+            'GetRecommendations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecommendations,
+                    request_deserializer=tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tierstack.v1.MonitorService', rpc_method_handlers)
@@ -70,7 +123,8 @@ def add_MonitorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MonitorService:
-    """Reports the metrics of the tier that serves it; every tierstack server serves it.
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
     """
 
     @staticmethod
@@ -90,6 +144,87 @@ class MonitorService:
             '/tierstack.v1.MonitorService/GetMetrics',
             tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsRequest.SerializeToString,
             tierstack_dot_v1_dot_monitor__service__pb2.GetMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierstack.v1.MonitorService/WatchMetrics',
+            tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsRequest.SerializeToString,
+            tierstack_dot_v1_dot_monitor__service__pb2.WatchMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierstack.v1.MonitorService/WatchAlerts',
+            tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.SerializeToString,
+            tierstack_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecommendations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.MonitorService/GetRecommendations',
+            tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsRequest.SerializeToString,
+            tierstack_dot_v1_dot_monitor__service__pb2.GetRecommendationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

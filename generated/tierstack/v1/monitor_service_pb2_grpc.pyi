@@ -27,25 +27,43 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MonitorServiceStub:
-    """Reports the metrics of the tier that serves it; every tierstack server serves it."""
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MonitorServiceAsyncStub: ...
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetMetricsRequest, _monitor_service_pb2.GetMetricsResponse]
-    """Returns per-method latency percentiles and counts by status code."""
+    """Returns the metrics of this server's tier, or on Coordinate of any tier or all three."""
+    WatchMetrics: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchMetricsRequest, _monitor_service_pb2.WatchMetricsResponse]
+    """Streams snapshots of the metrics on an interval, with the alerts active at the time."""
+    WatchAlerts: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]
+    """Streams alerts as they are raised and resolved, starting with those active now (Coordinate)."""
+    GetRecommendations: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetRecommendationsRequest, _monitor_service_pb2.GetRecommendationsResponse]
+    """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
-    """Reports the metrics of the tier that serves it; every tierstack server serves it."""
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetMetrics: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetMetricsRequest, _monitor_service_pb2.GetMetricsResponse]  # type: ignore[assignment]
-    """Returns per-method latency percentiles and counts by status code."""
+    """Returns the metrics of this server's tier, or on Coordinate of any tier or all three."""
+    WatchMetrics: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchMetricsRequest, _monitor_service_pb2.WatchMetricsResponse]  # type: ignore[assignment]
+    """Streams snapshots of the metrics on an interval, with the alerts active at the time."""
+    WatchAlerts: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]  # type: ignore[assignment]
+    """Streams alerts as they are raised and resolved, starting with those active now (Coordinate)."""
+    GetRecommendations: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetRecommendationsRequest, _monitor_service_pb2.GetRecommendationsResponse]  # type: ignore[assignment]
+    """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Reports the metrics of the tier that serves it; every tierstack server serves it."""
+    """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
+    the other two tiers', watches all three for alerts, and gives recommendations.
+    """
 
     @_abc_1.abstractmethod
     def GetMetrics(
@@ -53,6 +71,30 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_service_pb2.GetMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_service_pb2.GetMetricsResponse, _abc.Awaitable[_monitor_service_pb2.GetMetricsResponse]]:
-        """Returns per-method latency percentiles and counts by status code."""
+        """Returns the metrics of this server's tier, or on Coordinate of any tier or all three."""
+
+    @_abc_1.abstractmethod
+    def WatchMetrics(
+        self,
+        request: _monitor_service_pb2.WatchMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchMetricsResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchMetricsResponse]]:
+        """Streams snapshots of the metrics on an interval, with the alerts active at the time."""
+
+    @_abc_1.abstractmethod
+    def WatchAlerts(
+        self,
+        request: _monitor_service_pb2.WatchAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchAlertsResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchAlertsResponse]]:
+        """Streams alerts as they are raised and resolved, starting with those active now (Coordinate)."""
+
+    @_abc_1.abstractmethod
+    def GetRecommendations(
+        self,
+        request: _monitor_service_pb2.GetRecommendationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.GetRecommendationsResponse, _abc.Awaitable[_monitor_service_pb2.GetRecommendationsResponse]]:
+        """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

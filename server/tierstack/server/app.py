@@ -11,9 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tierstack.client.values import now_timestamp
 from tierstack.server.config import TIERS, Settings
+from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import ServerInterceptor
-from tierstack.server.metrics import MethodMetrics
+from tierstack.server.metrics import MethodMetrics, process_metrics
 from tierstack.server.monitor import MonitorServicer
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
@@ -28,8 +30,15 @@ class TierService(Protocol):
     #: The full names of the gRPC services it registers (for health and reflection).
     service_names: tuple[str, ...]
 
+    @property
+    def cross_tier(self) -> CrossTierMonitor | None:
+        """Watches all the tiers (Coordinate's); None elsewhere."""
+
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the tier's servicers to ``server``."""
+
+    def fill_metrics(self, metrics: monitor_service_pb2.TierMetrics, method_filter: str) -> None:
+        """Adds the tier's own metrics (its domain, and its calls to the tier below) to ``metrics``."""
 
     async def start(self) -> None:
         """Starts the tier's background work; called before the server accepts calls."""
@@ -70,12 +79,14 @@ class TierServer:
         """Starts serving and returns the bound port; call it inside the loop that will serve."""
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(interceptors=[ServerInterceptor(self.metrics)])
-        await self.service.start()
         service = self.service
+        if service.cross_tier is not None:
+            service.cross_tier.attach(self.snapshot)
+        await service.start()
         service.register(self._server)
         monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
         monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
-            MonitorServicer(service.tier, self.metrics), self._server
+            MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (*service.service_names, monitor_name)
@@ -89,6 +100,17 @@ class TierServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
         return self.port
+
+    def snapshot(self, method_filter: str = "") -> monitor_service_pb2.TierMetrics:
+        """Returns the tier's metrics now: its RPC methods, process and domain."""
+        metrics = monitor_service_pb2.TierMetrics(
+            tier=self.service.tier,
+            collect_time=now_timestamp(),
+            methods=self.metrics.messages(method_filter),
+            process=process_metrics(),
+        )
+        self.service.fill_metrics(metrics, method_filter)
+        return metrics
 
     async def stop(self) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within the grace period, then closes

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tierstack.client.defaults import DEFAULT_PORTS, TIERS, default_target
+from tierstack.server.crosstier import Thresholds
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
 
@@ -46,6 +47,8 @@ class Settings:
             JSON (``TIERSTACK_MCP_SERVERS``).
         templates_dir: A folder of goal templates (YAML) Coordinate adds to its built-in ones.
         similarity_threshold: How similar (0..1) a past goal must be for its decomposition to be reused.
+        monitor_interval_seconds: How often Coordinate evaluates alerts across the tiers.
+        alert_thresholds: When alerts are raised (``TIERSTACK_ALERT_*``).
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
     """
@@ -77,6 +80,8 @@ class Settings:
     templates_dir: Path | None = None
     similarity_threshold: float = 0.85
     embedding_model: str = ""
+    monitor_interval_seconds: float = 5.0
+    alert_thresholds: Thresholds = field(default_factory=Thresholds)
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -118,6 +123,17 @@ class Settings:
             templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
             similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),
             embedding_model=env.get("TIERSTACK_EMBEDDING_MODEL", defaults.embedding_model),
+            monitor_interval_seconds=float(
+                env.get("TIERSTACK_MONITOR_INTERVAL_SECONDS", defaults.monitor_interval_seconds)
+            ),
+            alert_thresholds=Thresholds(
+                response_time_seconds=float(env.get("TIERSTACK_ALERT_RESPONSE_TIME_SECONDS", 5.0)),
+                error_rate=float(env.get("TIERSTACK_ALERT_ERROR_RATE", 0.05)),
+                memory_bytes=int(env.get("TIERSTACK_ALERT_MEMORY_BYTES", 1 << 30)),
+                min_throughput=float(env.get("TIERSTACK_ALERT_MIN_THROUGHPUT", 0.0)),
+                latency_regression=float(env.get("TIERSTACK_ALERT_LATENCY_REGRESSION", 0.2)),
+                throughput_regression=float(env.get("TIERSTACK_ALERT_THROUGHPUT_REGRESSION", 0.5)),
+            ),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -1,13 +1,16 @@
-"""The server interceptor every tier uses: times each call per method and status code, and turns
-domain errors into gRPC statuses with error details."""
+"""The interceptors every tier uses. On the server side: each call timed per method and status code,
+calls in flight and stream messages counted, and domain errors turned into gRPC statuses with error
+details. On the client side (calls a tier makes to the next): the same measurements, so that a hop's
+network time can be told from the callee's own time."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, cast
 
@@ -92,9 +95,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        messages = self._metrics.stream_messages
+
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with self._observe(method, context):
                 async for response in behavior(request, context):
+                    messages[method] += 1
                     yield response
 
         return stream
@@ -111,6 +117,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
         elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
+        self._metrics.in_flight[method] -= 1
         self._metrics.record(method, _code_name(context, error), elapsed)
 
 
@@ -126,6 +133,7 @@ class _Observed:
         self._method = method
         self._context = context
         self._start = time.perf_counter()
+        interceptor._metrics.in_flight[method] += 1
 
     async def __aenter__(self) -> None:
         return None
@@ -139,3 +147,62 @@ class _Observed:
         finally:
             self._interceptor._finish(self._method, self._context, error, self._start)
         return False
+
+
+class _ClientMeasures:
+    """Shared by the client interceptors of one tier: they record into one :class:`MethodMetrics`."""
+
+    def __init__(self, metrics: MethodMetrics) -> None:
+        self._metrics = metrics
+
+    @contextlib.contextmanager
+    def _measured(self, details: grpc.aio.ClientCallDetails) -> Iterator[str]:
+        """Times the block as one call; its outcome is the status of the error it raises, else OK."""
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        self._metrics.in_flight[method] += 1
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            yield method
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            self._metrics.in_flight[method] -= 1
+            self._metrics.record(method, code, time.perf_counter() - start)
+
+
+class UnaryClientInterceptor(_ClientMeasures, grpc.aio.UnaryUnaryClientInterceptor):
+    """Times unary calls to the tier below, per method and status code."""
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        with self._measured(client_call_details):
+            return await (await continuation(client_call_details, request))
+
+
+class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterceptor):
+    """Times server-streaming calls to the tier below to their end, and counts their messages."""
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return self._counted(client_call_details, await continuation(client_call_details, request))
+
+    async def _counted(self, details: grpc.aio.ClientCallDetails, call: Any) -> AsyncIterator[Any]:
+        messages = self._metrics.stream_messages
+        with self._measured(details) as method:
+            async for response in call:
+                messages[method] += 1
+                yield response
+
+
+def tier_channel(target: str, metrics: MethodMetrics) -> grpc.aio.Channel:
+    """Returns a channel to the tier below whose calls are measured into ``metrics``."""
+    return grpc.aio.insecure_channel(
+        target, interceptors=[UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)]
+    )

@@ -1,10 +1,18 @@
-"""Latency histograms per RPC method and status code, in plain Python."""
+"""Latency histograms per RPC method and status code, process metrics and rates, in plain Python,
+and their wire form."""
 
 from __future__ import annotations
 
+import collections
 import math
+import resource
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+
+from tierstack.client.values import to_duration
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 # Sixteen buckets per doubling bound the error of a reported percentile to 2**(1/16) - 1, about 4.4 %.
 _BUCKETS_PER_DOUBLING = 16
@@ -38,6 +46,48 @@ class LatencyHistogram:
         self.total += other.total
         self.max = max(self.max, other.max)
 
+    def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """Returns the observations made after ``earlier`` was taken of this histogram (its maximum is
+        the upper bound of the slowest bucket that grew)."""
+        window = LatencyHistogram()
+        window._buckets = self._buckets - earlier._buckets
+        window.count = sum(window._buckets.values())
+        window.total = max(self.total - earlier.total, 0.0)
+        window.max = min(self.max, _upper(max(window._buckets))) if window._buckets else 0.0
+        return window
+
+    def cumulative(self, bounds: list[float]) -> list[int]:
+        """Returns how many observations are at most each bound (for Prometheus buckets)."""
+        counts = [0] * len(bounds)
+        for index, count in self._buckets.items():
+            upper = _upper(index)
+            for position, bound in enumerate(bounds):
+                if upper <= bound * (1 + 1e-9):
+                    counts[position] += count
+        return counts
+
+    def stats(self) -> monitor_pb.LatencyStats:
+        """Returns the histogram in its wire form, with its percentiles."""
+        return monitor_pb.LatencyStats(
+            count=self.count,
+            p50=to_duration(self.percentile(0.50)),
+            p90=to_duration(self.percentile(0.90)),
+            p95=to_duration(self.percentile(0.95)),
+            p99=to_duration(self.percentile(0.99)),
+            max=to_duration(self.max),
+            histogram=monitor_pb.Histogram(buckets=dict(self._buckets), sum_seconds=self.total),
+        )
+
+    @classmethod
+    def from_stats(cls, stats: monitor_pb.LatencyStats) -> LatencyHistogram:
+        """Returns the histogram a :meth:`stats` message holds."""
+        histogram = cls()
+        histogram._buckets = Counter(dict(stats.histogram.buckets))
+        histogram.count = sum(histogram._buckets.values())
+        histogram.total = stats.histogram.sum_seconds
+        histogram.max = stats.max.ToNanoseconds() / 1e9
+        return histogram
+
     def percentile(self, fraction: float) -> float:
         """Returns the duration below which ``fraction`` (0..1) of observations fall; 0 when empty."""
         if not self.count:
@@ -47,9 +97,13 @@ class LatencyHistogram:
         for index in sorted(self._buckets):
             seen += self._buckets[index]
             if seen >= rank:
-                upper = _SMALLEST * 2 ** ((index + 1) / _BUCKETS_PER_DOUBLING)
-                return min(upper, self.max)
+                return min(_upper(index), self.max)
         return self.max
+
+
+def _upper(index: int) -> float:
+    """Returns the upper bound of bucket ``index``, in seconds."""
+    return _SMALLEST * 2 ** ((index + 1) / _BUCKETS_PER_DOUBLING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +120,13 @@ class MethodSummary:
 
 
 class MethodMetrics:
-    """Histograms keyed by (method, status code name)."""
+    """Histograms keyed by (method, status code name), with the calls in flight and the messages
+    streams sent, per method."""
 
     def __init__(self) -> None:
         self._histograms: dict[tuple[str, str], LatencyHistogram] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.stream_messages: Counter[str] = Counter()
 
     def record(self, method: str, code: str, seconds: float) -> None:
         """Records one finished call."""
@@ -79,22 +136,30 @@ class MethodMetrics:
             histogram = self._histograms[key] = LatencyHistogram()
         histogram.record(seconds)
 
-    def summaries(self, method_filter: str = "") -> list[MethodSummary]:
-        """Summarises every method whose name contains ``method_filter``, ordered by name."""
+    def _by_method(self, method_filter: str) -> dict[str, dict[str, LatencyHistogram]]:
         by_method: dict[str, dict[str, LatencyHistogram]] = {}
         for (method, code), histogram in self._histograms.items():
             if method_filter in method:
                 by_method.setdefault(method, {})[code] = histogram
+        for method, count in self.in_flight.items():
+            if count and method_filter in method:
+                by_method.setdefault(method, {})
+        return by_method
+
+    def histograms(self, method_filter: str = "") -> dict[str, dict[str, LatencyHistogram]]:
+        """Returns the histograms by method and code, for exporters."""
+        return self._by_method(method_filter)
+
+    def summaries(self, method_filter: str = "") -> list[MethodSummary]:
+        """Summarises every method whose name contains ``method_filter``, ordered by name."""
         result = []
-        for method in sorted(by_method):
-            merged = LatencyHistogram()
-            for histogram in by_method[method].values():
-                merged.merge(histogram)
+        for method, codes in sorted(self._by_method(method_filter).items()):
+            merged = _merged(codes.values())
             result.append(
                 MethodSummary(
                     method=method,
                     count=merged.count,
-                    counts_by_code={code: h.count for code, h in sorted(by_method[method].items())},
+                    counts_by_code={code: h.count for code, h in sorted(codes.items())},
                     p50=merged.percentile(0.50),
                     p95=merged.percentile(0.95),
                     p99=merged.percentile(0.99),
@@ -102,3 +167,69 @@ class MethodMetrics:
                 )
             )
         return result
+
+    def messages(self, method_filter: str = "") -> list[monitor_pb.MethodMetrics]:
+        """Returns every method whose name contains ``method_filter`` in its wire form, by name."""
+        return [
+            monitor_pb.MethodMetrics(
+                method=method,
+                counts_by_code={code: h.count for code, h in codes.items()},
+                latency=_merged(codes.values()).stats(),
+                in_flight=self.in_flight[method],
+                stream_messages=self.stream_messages[method],
+            )
+            for method, codes in sorted(self._by_method(method_filter).items())
+        ]
+
+
+def _merged(histograms: collections.abc.Iterable[LatencyHistogram]) -> LatencyHistogram:
+    merged = LatencyHistogram()
+    for histogram in histograms:
+        merged.merge(histogram)
+    return merged
+
+
+_STARTED = time.monotonic()
+_STATM = Path("/proc/self/statm")
+_PAGE = resource.getpagesize()
+
+
+def process_metrics() -> monitor_pb.ProcessMetrics:
+    """Returns this process's resident memory, CPU time and uptime (``/proc`` is in memory: no I/O wait)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        rss = int(_STATM.read_text().split()[1]) * _PAGE
+    except OSError:  # not Linux: the peak is the best there is
+        rss = usage.ru_maxrss * 1024
+    return monitor_pb.ProcessMetrics(
+        rss_bytes=rss,
+        cpu_time=to_duration(usage.ru_utime + usage.ru_stime),
+        uptime=to_duration(time.monotonic() - _STARTED),
+    )
+
+
+class RateMeter:
+    """Counts events per second over a sliding window of whole seconds.
+
+    Args:
+        seconds: The window.
+    """
+
+    def __init__(self, seconds: int = 10) -> None:
+        self._seconds = seconds
+        self._counts: collections.deque[tuple[int, int]] = collections.deque()
+
+    def add(self, count: int = 1) -> None:
+        """Counts ``count`` events now."""
+        now = int(time.monotonic())
+        if self._counts and self._counts[-1][0] == now:
+            self._counts[-1] = (now, self._counts[-1][1] + count)
+        else:
+            self._counts.append((now, count))
+            while self._counts[0][0] <= now - self._seconds:
+                self._counts.popleft()
+
+    def rate(self) -> float:
+        """Returns the events per second over the window."""
+        cutoff = int(time.monotonic()) - self._seconds
+        return sum(count for second, count in self._counts if second > cutoff) / self._seconds

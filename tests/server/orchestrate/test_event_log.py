@@ -29,7 +29,7 @@ async def test_events_are_batched_and_announced_only_once_stored() -> None:
         assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3, 4]
         stored = await store.get_run("r1")
         assert stored is not None and stored.state == pb.RUN_STATE_COMPLETED
-        assert (log.stats.flushes, log.stats.events, log.stats.largest_batch) == (1, 4, 4)
+        assert (log.stats.latency.count, log.stats.events, log.stats.largest_batch) == (1, 4, 4)
     finally:
         await log.close()
 

@@ -193,7 +193,7 @@ async def test_cancel_run_stops_the_tool_in_flight(stack: Stack, http_server: Ht
     assert history[-1].run_cancelled.reason == "changed my mind"
     async with MonitorClient(stack.execute.target) as monitor:
         metrics = await monitor.get_metrics("ExecutorService/Execute")
-    await_codes = metrics.methods[0].counts_by_code
+    await_codes = metrics.tiers[0].methods[0].counts_by_code
     assert await_codes["CANCELLED"] == 1
     with pytest.raises(FailedPreconditionError):
         await stack.orchestrator.cancel_run(run.run_id)

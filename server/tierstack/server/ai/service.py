@@ -19,6 +19,7 @@ from tierstack.server.ai.models import Completion, CompletionRequest, ModelError
 from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
 from tierstack.server.config import Settings
 from tierstack.server.metrics import LatencyHistogram
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 #: The model name that means the local deterministic model.
 LOCAL = "local"
@@ -123,6 +124,24 @@ class AIService:
             if deterministic and not answer.cached:
                 await self.cache.set(key, answer)
         return dataclasses.replace(answer, cost=self.ledger.charge(request, answer))
+
+    def metrics(self) -> monitor_pb.ModelMetrics:
+        """Returns what the service has done since the server started."""
+        latency = LatencyHistogram()
+        for histogram in self.latency.values():
+            latency.merge(histogram)
+        totals = self.ledger.total
+        return monitor_pb.ModelMetrics(
+            requests=totals.calls,
+            cache_hits=self.cache.stats.l1_hits + self.cache.stats.l2_hits,
+            cache_hit_rate=self.cache.stats.hit_rate,
+            coalesced=self.batcher.stats.coalesced,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cost=totals.cost,
+            latency=latency.stats(),
+            breakers={route: breaker.state.value for route, breaker in self.breakers.items()},
+        )
 
     async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:
         """Returns one embedding vector per text from the model API.

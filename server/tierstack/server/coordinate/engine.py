@@ -23,6 +23,7 @@ from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.errors import error_detail, error_detail_of_call
+from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -116,6 +117,9 @@ class Coordinator:
     def __init__(self, runner: WorkflowRunner, decomposer: Decomposer) -> None:
         self._runner = runner
         self.decomposer = decomposer
+        self.decomposition_latency: dict[str, LatencyHistogram] = {}
+        self.team_formation_latency = LatencyHistogram()
+        self.active_goals = 0
 
     async def coordinate(self, request: pb.CoordinateRequest) -> AsyncIterator[pb.GoalEvent]:
         """Pursues a goal and yields its events, with every Tier 2 and Tier 3 event inside.
@@ -127,11 +131,15 @@ class Coordinator:
         """
         goal = _Goal(request)
         sequence = 0
-        async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
-            async for event in events:
-                sequence += 1
-                event.sequence = sequence
-                yield event
+        self.active_goals += 1
+        try:
+            async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
+                async for event in events:
+                    sequence += 1
+                    event.sequence = sequence
+                    yield event
+        finally:
+            self.active_goals -= 1
 
     async def _pursue(self, goal: _Goal) -> AsyncGenerator[pb.GoalEvent]:
         request = goal.request
@@ -140,6 +148,8 @@ class Coordinator:
         scope = Scope(tenant=request.context.tenant_id, run=goal.id, token_budget=request.limits.max_tokens or None)
         decomposition = await self.decomposer.decompose(request.goal, request.agents, scope)
         phases["decomposition"] = time.perf_counter() - start
+        source = pb.DecompositionSource.Name(decomposition.source).removeprefix("DECOMPOSITION_SOURCE_").lower()
+        self.decomposition_latency.setdefault(source, LatencyHistogram()).record(phases["decomposition"])
         _log.info("goal %s decomposed into %d subtasks", goal.id, len(decomposition.subtasks))
         yield goal.event(
             goal_decomposed=pb.GoalDecomposed(
@@ -149,6 +159,7 @@ class Coordinator:
         start = time.perf_counter()
         team = team_for(request.agents, decomposition.subtasks)
         phases["team_formation"] = time.perf_counter() - start
+        self.team_formation_latency.record(phases["team_formation"])
         yield goal.event(team_formed=team_message(team))
         if team.unassigned:
             yield goal.failed(

@@ -11,6 +11,7 @@ import grpc
 
 from tierstack.client import OrchestratorClient
 from tierstack.server import correlation
+from tierstack.server.advice import AdviceThresholds
 from tierstack.server.ai import AIService, Scope
 from tierstack.server.ai.service import LOCAL
 from tierstack.server.config import Settings
@@ -21,8 +22,12 @@ from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.model_decomposer import ModelDecomposer
 from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
+from tierstack.server.crosstier import CrossTierMonitor
+from tierstack.server.interceptor import tier_channel
+from tierstack.server.metrics import MethodMetrics
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
 from tierstack.v1 import coordinator_service_pb2 as pb
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -57,7 +62,19 @@ class CoordinateService:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._orchestrator = OrchestratorClient(settings.orchestrate_target)
+        self.client_metrics = MethodMetrics()
+        self._channel = tier_channel(settings.orchestrate_target, self.client_metrics)
+        self._orchestrator = OrchestratorClient(channel=self._channel)
+        self.cross_tier = CrossTierMonitor(
+            self.tier,
+            {
+                common_pb2.TIER_ORCHESTRATE: settings.orchestrate_target,
+                common_pb2.TIER_EXECUTE: settings.execute_target,
+            },
+            interval=settings.monitor_interval_seconds,
+            thresholds=settings.alert_thresholds,
+            advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
+        )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")
         self.ai = AIService.from_settings(settings)
@@ -71,6 +88,20 @@ class CoordinateService:
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         self.coordinator = Coordinator(self._orchestrator, decomposer)
 
+    def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
+        """Adds the model calls, decomposition time by source, team formation time and active goals,
+        and the calls to Orchestrate."""
+        coordinator = self.coordinator
+        metrics.client_methods.extend(self.client_metrics.messages(method_filter))
+        metrics.coordinate.CopyFrom(
+            monitor_pb.CoordinateMetrics(
+                model=self.ai.metrics(),
+                decomposition_latency={k: h.stats() for k, h in coordinator.decomposition_latency.items()},
+                team_formation_latency=coordinator.team_formation_latency.stats(),
+                active_goals=coordinator.active_goals,
+            )
+        )
+
     def register(self, server: grpc.aio.Server) -> None:
         coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(self.coordinator), server
@@ -81,10 +112,12 @@ class CoordinateService:
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
         self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))
         await self._memory.load()
+        await self.cross_tier.start()
 
     def stopping(self) -> None:
         """Nothing to prepare: goals in flight end with their callers' streams."""
 
     async def close(self) -> None:
-        await self._orchestrator.close()
+        await self.cross_tier.close()
+        await self._channel.close()
         await self.ai.close()

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +111,9 @@ class Executor:
         self._remembered = remembered
         self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
         self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
+        self.memo_hits = 0
+        self.memo_misses = 0
+        self.strategy_usage: Counter[str] = Counter()
         self._toolkits: OrderedDict[tuple[str, ...], Toolkit] = OrderedDict()
         self.model: ModelProvider = model if model is not None else LocalModel()
         self.strategies = StrategySelector()
@@ -271,6 +274,7 @@ class Executor:
                 requested=selection.requested, chosen=selection.chosen, reason=selection.reason
             )
         )
+        self.strategy_usage[strategy_name(selection.chosen)] += 1
         if selection.reason:
             _log.info("step %s runs %s: %s", request.step_id, strategy_name(selection.chosen), selection.reason)
         if selection.chosen == DETERMINISTIC:
@@ -322,7 +326,9 @@ class Executor:
         key = (tool.name, json.dumps(arguments, sort_keys=True))
         found = self._memo.get(key)
         if found is None or found[0] < time.monotonic():
+            self.memo_misses += 1
             return None
+        self.memo_hits += 1
         self._memo.move_to_end(key)
         return found[1]
 

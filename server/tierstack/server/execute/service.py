@@ -18,6 +18,7 @@ from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 _SOURCES = {
     ToolSource.BUILTIN: executor_service_pb2.TOOL_SOURCE_BUILTIN,
@@ -130,6 +131,24 @@ class ExecuteService:
             model=self.ai,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
+
+    cross_tier = None
+
+    def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
+        """Adds per-tool latency and failures, strategy usage, the result cache and the model calls."""
+        executor = self.executor
+        metrics.execute.CopyFrom(
+            monitor_pb.ExecuteMetrics(
+                tools=[
+                    monitor_pb.ToolMetrics(name=name, failures=record.failures, latency=record.latency.stats())
+                    for name, record in executor.monitor.records().items()
+                ],
+                strategy_usage=executor.strategy_usage,
+                result_cache_hits=executor.memo_hits,
+                result_cache_misses=executor.memo_misses,
+                model=self.ai.metrics(),
+            )
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(

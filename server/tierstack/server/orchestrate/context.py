@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from tierstack.client.values import JSON, from_value
+from tierstack.server.metrics import RateMeter
 from tierstack.server.orchestrate.templates import Path, TemplateError, lookup, parse_path, render
 from tierstack.server.orchestrate.workflow import WorkflowSpec
 
@@ -34,6 +35,7 @@ class RunContext:
         inputs: Its inputs, defaults applied.
         output_of: Returns a step's output, or None while the step has not completed.
         on_variable: Called once per variable when it is first resolved.
+        meter: Counts the paths resolved (context operations).
     """
 
     def __init__(
@@ -42,7 +44,9 @@ class RunContext:
         inputs: Mapping[str, JSON],
         output_of: Callable[[str], struct_pb2.Value | None],
         on_variable: Callable[[str, JSON], None],
+        meter: RateMeter | None = None,
     ) -> None:
+        self._meter = meter
         self._spec = spec
         self._inputs = dict(inputs)
         self._output_of = output_of
@@ -73,6 +77,8 @@ class RunContext:
         Raises:
             TemplateError: The path does not exist, or names a step that has not completed.
         """
+        if self._meter is not None:
+            self._meter.add()
         root = path[0]
         if root == "inputs":
             return lookup({"inputs": self._inputs}, path, field)

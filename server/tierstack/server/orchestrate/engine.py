@@ -9,7 +9,7 @@ import functools
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ from tierstack.server.errors import (
     error_detail,
     error_detail_of_call,
 )
+from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
 from tierstack.server.orchestrate.persistence import EventLog
 from tierstack.server.orchestrate.planner import Planner
@@ -143,12 +144,22 @@ class RunManager:
         self._closing = False
         self.log = EventLog(store, interval=flush_interval)
         self.planner = Planner(self._estimate)
+        self.step_latency = LatencyHistogram()
+        self.context_operations = RateMeter()
+        self.queued_steps = 0
+        self.finished_runs: Counter[str] = Counter()
         self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
 
     def _estimate(self, step: StepSpec) -> float:
         if step.workflow is not None:
             return self.planner.plan(step.workflow)[0].estimated_seconds
         return self._tool_seconds.get(step.tool, DEFAULT_STEP_ESTIMATE_SECONDS)
+
+    def runs_by_state(self) -> Counter[str]:
+        """Counts the runs executing in this process and those that finished since it started, by state."""
+        counts = Counter(pb.RunState.Name(live.run.state) for live in self._live.values())
+        counts.update(self.finished_runs)
+        return counts
 
     @property
     def live_runs(self) -> int:
@@ -248,7 +259,9 @@ class RunManager:
 
     def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits) -> _LiveRun:
         live = _LiveRun(run, spec, limits, self._parallelism)
-        live.context = RunContext(spec, from_struct(run.inputs), live.output_of, self._variable_recorder(live))
+        live.context = RunContext(
+            spec, from_struct(run.inputs), live.output_of, self._variable_recorder(live), self.context_operations
+        )
         self._live[run.run_id] = live
         return live
 
@@ -389,7 +402,9 @@ class RunManager:
             live = _LiveRun(stored.run, self.spec(stored.workflow), stored.limits, self._parallelism)
             for event in await self._store.events(run_id, after_sequence=stored.run.last_sequence):
                 _replay(live, event)
-            live.context = RunContext(live.spec, from_struct(stored.run.inputs), live.output_of, lambda *_: None)
+            live.context = RunContext(
+                live.spec, from_struct(stored.run.inputs), live.output_of, lambda *_: None, self.context_operations
+            )
         try:
             return live.context.resolve_all(expressions)
         except TemplateError as exc:
@@ -490,6 +505,7 @@ class RunManager:
             live.finished = True
             live.written([])
             self._live.pop(run.run_id, None)
+            self.finished_runs[pb.RunState.Name(run.state)] += 1
             _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
 
     async def _run_graph(
@@ -622,11 +638,19 @@ class RunManager:
         if step.workflow is not None:
             output, usage, error = await self._run_nested(live, step.workflow, arguments, path)
         else:
-            async with live.slots:
+            self.queued_steps += 1
+            try:
+                await live.slots.acquire()
+            finally:
+                self.queued_steps -= 1
+            try:
                 output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
+            finally:
+                live.slots.release()
         if error is not None:
             return error
         seconds = to_seconds(usage.duration) or 0.0
+        self.step_latency.record(seconds)
         if step.workflow is None:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
@@ -650,7 +674,11 @@ class RunManager:
             return to_value(None), usage, _error("INVALID_INPUTS", exc.message)
         prefix = f"{path}/"
         context = RunContext(
-            spec, inputs, lambda step_id: live.output_of(prefix + step_id), self._variable_recorder(live)
+            spec,
+            inputs,
+            lambda step_id: live.output_of(prefix + step_id),
+            self._variable_recorder(live),
+            self.context_operations,
         )
         error = await self._run_graph(live, spec, context, prefix)
         if error is not None:

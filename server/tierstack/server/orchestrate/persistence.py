@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore
 
 _log = logging.getLogger(__name__)
@@ -25,10 +26,14 @@ _log = logging.getLogger(__name__)
 class FlushStats:
     """What the log has written so far."""
 
-    flushes: int = 0
     events: int = 0
-    seconds: float = 0.0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     largest_batch: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        """Returns the mean number of events per stored batch."""
+        return self.events / self.latency.count if self.latency.count else 0.0
 
 
 @dataclass(slots=True)
@@ -117,9 +122,8 @@ class EventLog:
                 batch.written.exception()  # retrieved: whoever waits sees it, nobody else is warned
             return False
         stats = self.stats
-        stats.flushes += 1
         stats.events += len(batch.events)
-        stats.seconds += time.perf_counter() - start
+        stats.latency.record(time.perf_counter() - start)
         stats.largest_batch = max(stats.largest_batch, len(batch.events))
         by_run: dict[str, list[RunEvent]] = {}
         for event in batch.events:

@@ -55,11 +55,17 @@ class Planner:
         self._estimate = estimate
         self._capacity = capacity
         self._cache: OrderedDict[str, tuple[tuple[str, ...], ...]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
 
     def plan(self, spec: WorkflowSpec) -> tuple[Plan, bool]:
         """Returns the plan of ``spec`` and whether its batches came from the cache."""
         batches = self._cache.get(spec.content_hash)
         cached = batches is not None
+        if cached:
+            self.hits += 1
+        else:
+            self.misses += 1
         if batches is None:
             batches = self._cache[spec.content_hash] = _batches(spec)
             if len(self._cache) > self._capacity:

@@ -13,11 +13,14 @@ from tierstack.client.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.interceptor import tier_channel
+from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.store import SqliteRunStore
 from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
 from tierstack.v1.executor_service_pb2 import ListToolsRequest
 
@@ -158,8 +161,31 @@ class OrchestrateService:
 
     def __init__(self, settings: Settings) -> None:
         self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
-        self._executor = ExecutorClient(settings.execute_target)
+        self.client_metrics = MethodMetrics()
+        self._channel = tier_channel(settings.execute_target, self.client_metrics)
+        self._executor = ExecutorClient(channel=self._channel)
         self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
+
+    cross_tier = None
+
+    def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
+        """Adds runs by state, step latency, context operations, queue depth, persistence and plans,
+        and the calls to Execute."""
+        manager = self.manager
+        flushes = manager.log.stats
+        metrics.client_methods.extend(self.client_metrics.messages(method_filter))
+        metrics.orchestrate.CopyFrom(
+            monitor_pb.OrchestrateMetrics(
+                runs_by_state=manager.runs_by_state(),
+                step_latency=manager.step_latency.stats(),
+                context_operations_per_second=manager.context_operations.rate(),
+                queue_depth=manager.queued_steps,
+                flush_latency=flushes.latency.stats(),
+                mean_flush_batch_size=flushes.mean_batch,
+                plan_cache_hits=manager.planner.hits,
+                plan_cache_misses=manager.planner.misses,
+            )
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
@@ -175,5 +201,5 @@ class OrchestrateService:
 
     async def close(self) -> None:
         await self.manager.close()
-        await self._executor.close()
+        await self._channel.close()
         await self._store.close()

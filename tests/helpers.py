@@ -34,7 +34,7 @@ class Stack:
 
 
 async def start_tier(tier: str, settings: Settings) -> TierServer:
-    server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0)
+    server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0, metrics_port=settings.metrics_port)
     await server.start()
     return server
 
@@ -140,7 +140,7 @@ class Process:
 
 async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
     process = await asyncio.create_subprocess_exec(
-        *TIERSTACK, "serve", tier, "--port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
+        *TIERSTACK, "serve", tier, "--port", "0", "--metrics-port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
     )
     tracked = Process(process)
     tracked.reader = asyncio.create_task(tracked.read())

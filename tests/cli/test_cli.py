@@ -116,6 +116,7 @@ def free_port() -> int:
 async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
     ports = {tier: free_port() for tier in ("execute", "orchestrate", "coordinate")}
     env = {**os.environ, **{f"TIERSTACK_{tier.upper()}_PORT": str(port) for tier, port in ports.items()}}
+    env.update({f"TIERSTACK_{tier.upper()}_METRICS_PORT": "0" for tier in ports})
     up = await asyncio.create_subprocess_exec(
         *TIERSTACK, "up", "--data-dir", str(tmp_path), env=env, stderr=asyncio.subprocess.DEVNULL
     )

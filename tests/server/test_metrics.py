@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,14 +29,31 @@ def test_an_empty_histogram_reports_zero() -> None:
     assert LatencyHistogram().percentile(0.99) == 0.0
 
 
-def test_summaries_merge_codes_per_method() -> None:
+def test_methods_merge_codes_and_keep_each_codes_latency() -> None:
     metrics = MethodMetrics()
     metrics.record("/a/B", "OK", 0.001)
     metrics.record("/a/B", "OK", 0.003)
     metrics.record("/a/B", "NOT_FOUND", 0.002)
     metrics.record("/a/C", "OK", 0.5)
-    [summary] = metrics.summaries("/a/B")
-    assert summary.count == 3
-    assert summary.counts_by_code == {"NOT_FOUND": 1, "OK": 2}
-    assert summary.max == 0.003
-    assert [s.method for s in metrics.summaries()] == ["/a/B", "/a/C"]
+    [method] = metrics.messages("/a/B")
+    assert method.latency.count == 3
+    assert dict(method.counts_by_code) == {"NOT_FOUND": 1, "OK": 2}
+    assert method.latency.max.ToNanoseconds() == 3_000_000
+    assert {code: stats.count for code, stats in method.latency_by_code.items()} == {"NOT_FOUND": 1, "OK": 2}
+    assert [m.method for m in metrics.messages()] == ["/a/B", "/a/C"]
+
+
+@given(durations, durations)
+def test_a_window_holds_what_was_recorded_after_it_began(before: list[float], after: list[float]) -> None:
+    histogram = LatencyHistogram()
+    for value in before:
+        histogram.record(value)
+    earlier = LatencyHistogram.from_stats(histogram.stats())
+    for value in after:
+        histogram.record(value)
+    window = LatencyHistogram.from_stats(histogram.stats()).since(earlier)
+    only_after = LatencyHistogram()
+    for value in after:
+        only_after.record(value)
+    assert window.count == len(after)
+    assert window.percentile(0.95) == pytest.approx(only_after.percentile(0.95), rel=2 ** (1 / 16) - 1 + 1e-9)

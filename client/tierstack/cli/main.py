@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "host": args.host,
         "port": args.port,
+        "metrics_port": args.metrics_port,
         "execute_target": args.execute_target,
         "orchestrate_target": args.orchestrate_target,
         "data_dir": args.data_dir,
@@ -231,6 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("tier", choices=TIERS)
     serve.add_argument("--host", help="address to bind (TIERSTACK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (TIERSTACK_<TIER>_PORT)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="the Prometheus endpoint's port, 0 for a free one (TIERSTACK_<TIER>_METRICS_PORT)",
+    )
     serve.add_argument("--execute-target", help="where Orchestrate reaches Execute (TIERSTACK_EXECUTE_TARGET)")
     serve.add_argument(
         "--orchestrate-target", help="where Coordinate reaches Orchestrate (TIERSTACK_ORCHESTRATE_TARGET)"

@@ -492,11 +492,33 @@ class MethodMetrics(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LatencyByCodeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___LatencyStats: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___LatencyStats | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     METHOD_FIELD_NUMBER: _builtins.int
     COUNTS_BY_CODE_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     STREAM_MESSAGES_FIELD_NUMBER: _builtins.int
+    LATENCY_BY_CODE_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """Gives the full method name, such as `/tierstack.v1.ExecutorService/ExecuteTool`."""
     in_flight: _builtins.int
@@ -511,6 +533,10 @@ class MethodMetrics(_message.Message):
     def latency(self) -> Global___LatencyStats:
         """Summarises the finished calls' durations (a stream is timed to its end)."""
 
+    @_builtins.property
+    def latency_by_code(self) -> _containers.MessageMap[_builtins.str, Global___LatencyStats]:
+        """Summarises the finished calls' durations for each status code name."""
+
     def __init__(
         self,
         *,
@@ -519,10 +545,11 @@ class MethodMetrics(_message.Message):
         latency: Global___LatencyStats | None = ...,
         in_flight: _builtins.int = ...,
         stream_messages: _builtins.int = ...,
+        latency_by_code: _abc.Mapping[_builtins.str, Global___LatencyStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts_by_code", b"counts_by_code", "in_flight", b"in_flight", "latency", b"latency", "method", b"method", "stream_messages", b"stream_messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts_by_code", b"counts_by_code", "in_flight", b"in_flight", "latency", b"latency", "latency_by_code", b"latency_by_code", "method", b"method", "stream_messages", b"stream_messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,6 +17,7 @@ from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import ServerInterceptor
 from tierstack.server.metrics import MethodMetrics, process_metrics
 from tierstack.server.monitor import MonitorServicer
+from tierstack.server.prometheus import MetricsEndpoint
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -58,10 +59,23 @@ class TierServer:
         host: The address to bind.
         port: The port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
         grace_seconds: How long in-flight calls may finish once :meth:`stop` is called.
+        metrics_port: The port of the Prometheus endpoint; 0 picks a free one (see :attr:`metrics_port`
+            after :meth:`start`), None serves none.
     """
 
-    def __init__(self, service: TierService, *, host: str = "127.0.0.1", port: int = 0, grace_seconds: float = 5.0):
+    def __init__(
+        self,
+        service: TierService,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_seconds: float = 5.0,
+        metrics_port: int | None = None,
+    ):
         self.service = service
+        self._requested_metrics_port = metrics_port
+        self._endpoint: MetricsEndpoint | None = None
+        self.metrics_port = 0
         self.metrics = MethodMetrics()
         self._host = host
         self._requested_port = port
@@ -96,6 +110,10 @@ class TierServer:
         )
         self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
         await self._server.start()
+        if self._requested_metrics_port is not None:
+            self._endpoint = MetricsEndpoint(self.snapshot)
+            self.metrics_port = self._endpoint.start(self._host, self._requested_metrics_port)
+            _log.info("Prometheus metrics at http://%s:%d/metrics", self._host, self.metrics_port)
         for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
@@ -120,6 +138,8 @@ class TierServer:
         self.service.stopping()
         if self._server is not None:
             await self._server.stop(self._grace)
+        if self._endpoint is not None:
+            await self._endpoint.stop()
         await self.service.close()
         _log.info("tierstack %s stopped", common_pb2.Tier.Name(self.service.tier))
 
@@ -135,6 +155,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         grace_seconds=settings.grace_seconds,
+        metrics_port=settings.metrics_port,
     )
     try:
         await server.start()

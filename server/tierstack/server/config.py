@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierstack.client.defaults import DEFAULT_PORTS, TIERS, default_target
+from tierstack.client.defaults import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, TIERS, default_target
 from tierstack.server.crosstier import Thresholds
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
@@ -20,6 +20,8 @@ class Settings:
     Attributes:
         host: The address to bind.
         port: The port to bind; 0 picks a free one.
+        metrics_port: The port of the Prometheus endpoint (``/metrics``); 0 picks a free one, None serves
+            none.
         execute_target: Where Orchestrate reaches Execute.
         orchestrate_target: Where Coordinate reaches Orchestrate.
         data_dir: Where Orchestrate keeps its SQLite run store.
@@ -55,6 +57,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int | None = None
     execute_target: str = default_target("execute")
     orchestrate_target: str = default_target("orchestrate")
     data_dir: Path = Path(".tierstack")
@@ -90,9 +93,11 @@ class Settings:
         defaults = cls()
         hosts = env.get("TIERSTACK_HTTP_ALLOWED_HOSTS")
         fallbacks = env.get("TIERSTACK_MODEL_FALLBACKS", "")
+        metrics_port = env.get(f"TIERSTACK_{tier.upper()}_METRICS_PORT", str(DEFAULT_METRICS_PORTS[tier]))
         return cls(
             host=env.get("TIERSTACK_HOST", defaults.host),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
+            metrics_port=None if metrics_port.lower() in ("", "off") else int(metrics_port),
             execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),
             orchestrate_target=env.get("TIERSTACK_ORCHESTRATE_TARGET", defaults.orchestrate_target),
             data_dir=Path(env.get("TIERSTACK_DATA_DIR", str(defaults.data_dir))),

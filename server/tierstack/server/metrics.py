@@ -8,7 +8,6 @@ import math
 import resource
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from tierstack.client.values import to_duration
@@ -106,19 +105,6 @@ def _upper(index: int) -> float:
     return _SMALLEST * 2 ** ((index + 1) / _BUCKETS_PER_DOUBLING)
 
 
-@dataclass(frozen=True, slots=True)
-class MethodSummary:
-    """The calls of one method: counts by status code and latency percentiles in seconds."""
-
-    method: str
-    count: int
-    counts_by_code: dict[str, int]
-    p50: float
-    p95: float
-    p99: float
-    max: float
-
-
 class MethodMetrics:
     """Histograms keyed by (method, status code name), with the calls in flight and the messages
     streams sent, per method."""
@@ -146,28 +132,6 @@ class MethodMetrics:
                 by_method.setdefault(method, {})
         return by_method
 
-    def histograms(self, method_filter: str = "") -> dict[str, dict[str, LatencyHistogram]]:
-        """Returns the histograms by method and code, for exporters."""
-        return self._by_method(method_filter)
-
-    def summaries(self, method_filter: str = "") -> list[MethodSummary]:
-        """Summarises every method whose name contains ``method_filter``, ordered by name."""
-        result = []
-        for method, codes in sorted(self._by_method(method_filter).items()):
-            merged = _merged(codes.values())
-            result.append(
-                MethodSummary(
-                    method=method,
-                    count=merged.count,
-                    counts_by_code={code: h.count for code, h in sorted(codes.items())},
-                    p50=merged.percentile(0.50),
-                    p95=merged.percentile(0.95),
-                    p99=merged.percentile(0.99),
-                    max=merged.max,
-                )
-            )
-        return result
-
     def messages(self, method_filter: str = "") -> list[monitor_pb.MethodMetrics]:
         """Returns every method whose name contains ``method_filter`` in its wire form, by name."""
         return [
@@ -175,6 +139,7 @@ class MethodMetrics:
                 method=method,
                 counts_by_code={code: h.count for code, h in codes.items()},
                 latency=_merged(codes.values()).stats(),
+                latency_by_code={code: h.stats() for code, h in codes.items()},
                 in_flight=self.in_flight[method],
                 stream_messages=self.stream_messages[method],
             )

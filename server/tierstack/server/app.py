@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
@@ -18,6 +19,7 @@ from tierstack.server.interceptor import ServerInterceptor
 from tierstack.server.metrics import MethodMetrics, process_metrics
 from tierstack.server.monitor import MonitorServicer
 from tierstack.server.prometheus import MetricsEndpoint
+from tierstack.server.tracing import Tracing
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class TierServer:
         grace_seconds: How long in-flight calls may finish once :meth:`stop` is called.
         metrics_port: The port of the Prometheus endpoint; 0 picks a free one (see :attr:`metrics_port`
             after :meth:`start`), None serves none.
+        interceptors: Server interceptors that run before tierstack's own (tracing, say).
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class TierServer:
         port: int = 0,
         grace_seconds: float = 5.0,
         metrics_port: int | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ):
         self.service = service
+        self._interceptors = tuple(interceptors)
         self._requested_metrics_port = metrics_port
         self._endpoint: MetricsEndpoint | None = None
         self.metrics_port = 0
@@ -92,7 +97,7 @@ class TierServer:
     async def start(self) -> int:
         """Starts serving and returns the bound port; call it inside the loop that will serve."""
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(interceptors=[ServerInterceptor(self.metrics)])
+        self._server = grpc.aio.server(interceptors=[*self._interceptors, ServerInterceptor(self.metrics)])
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
@@ -150,18 +155,21 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    tracing = Tracing(f"tierstack-{tier}")  # first: the tier's clients pick up the tracer provider
     server = TierServer(
         service_for(tier, settings),
         host=settings.host,
         port=settings.port,
         grace_seconds=settings.grace_seconds,
         metrics_port=settings.metrics_port,
+        interceptors=tracing.server_interceptors(),
     )
     try:
         await server.start()
         await stop.wait()
     finally:
         await server.stop()
+        await tracing.close()
 
 
 def service_for(tier: str, settings: Settings) -> TierService:

@@ -6,6 +6,7 @@ import contextvars
 import logging
 import secrets
 
+from tierstack.server.tracing import TraceIdFilter
 from tierstack.v1 import common_pb2
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("tierstack_correlation_id", default="-")
@@ -36,10 +37,13 @@ class CorrelationFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Sends log lines to stderr, each carrying the current correlation id."""
+    """Sends log lines to stderr, each carrying the current correlation id and trace id."""
     handler = logging.StreamHandler()
     handler.addFilter(CorrelationFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"))
+    handler.addFilter(TraceIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] trace=%(trace_id)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -20,6 +20,7 @@ from tierstack.client.errors import TierstackError
 from tierstack.server.errors import DomainError
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
+from tierstack.server.tracing import client_interceptors
 
 _log = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
 
 
 def tier_channel(target: str, metrics: MethodMetrics) -> grpc.aio.Channel:
-    """Returns a channel to the tier below whose calls are measured into ``metrics``."""
+    """Returns a channel to the tier below whose calls are measured into ``metrics`` and carry the
+    trace context."""
     return grpc.aio.insecure_channel(
-        target, interceptors=[UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)]
+        target,
+        interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
     )

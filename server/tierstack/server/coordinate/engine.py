@@ -24,6 +24,7 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.errors import error_detail, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram
+from tierstack.server.tracing import tracer
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -146,7 +147,8 @@ class Coordinator:
         phases: dict[str, float] = {}
         start = time.perf_counter()
         scope = Scope(tenant=request.context.tenant_id, run=goal.id, token_budget=request.limits.max_tokens or None)
-        decomposition = await self.decomposer.decompose(request.goal, request.agents, scope)
+        with tracer.start_as_current_span("decompose goal", attributes={"tierstack.goal_id": goal.id}):
+            decomposition = await self.decomposer.decompose(request.goal, request.agents, scope)
         phases["decomposition"] = time.perf_counter() - start
         source = pb.DecompositionSource.Name(decomposition.source).removeprefix("DECOMPOSITION_SOURCE_").lower()
         self.decomposition_latency.setdefault(source, LatencyHistogram()).record(phases["decomposition"])
@@ -157,7 +159,8 @@ class Coordinator:
             )
         )
         start = time.perf_counter()
-        team = team_for(request.agents, decomposition.subtasks)
+        with tracer.start_as_current_span("form team", attributes={"tierstack.goal_id": goal.id}):
+            team = team_for(request.agents, decomposition.subtasks)
         phases["team_formation"] = time.perf_counter() - start
         self.team_formation_latency.record(phases["team_formation"])
         yield goal.event(team_formed=team_message(team))
@@ -334,26 +337,28 @@ class _Pursuit:
         usage = common_pb2.ResourceUsage()
         error: common_pb2.ErrorDetail | None = None
         finished = False
+        attributes = {"tierstack.goal_id": goal.id, "tierstack.agent_id": self._agent_of[subtask.id]}
         try:
-            async for run_event in self._runner.orchestrate(request):
-                kind = run_event.WhichOneof("payload")
-                if kind == "run_started":
-                    started = pb.SubtaskStarted(
-                        subtask_id=subtask.id, agent_id=self._agent_of[subtask.id], run_id=run_event.run_id
+            with tracer.start_as_current_span(f"subtask {subtask.id}", attributes=attributes):
+                async for run_event in self._runner.orchestrate(request):
+                    kind = run_event.WhichOneof("payload")
+                    if kind == "run_started":
+                        started = pb.SubtaskStarted(
+                            subtask_id=subtask.id, agent_id=self._agent_of[subtask.id], run_id=run_event.run_id
+                        )
+                        started.limits.CopyFrom(limits)
+                        self._events.put_nowait(goal.event(subtask_started=started))
+                    self._events.put_nowait(
+                        goal.event(subtask_progress=pb.SubtaskProgress(subtask_id=subtask.id, run_event=run_event))
                     )
-                    started.limits.CopyFrom(limits)
-                    self._events.put_nowait(goal.event(subtask_started=started))
-                self._events.put_nowait(
-                    goal.event(subtask_progress=pb.SubtaskProgress(subtask_id=subtask.id, run_event=run_event))
-                )
-                if kind == "step_completed":
-                    output = run_event.step_completed.output
-                elif kind == "run_completed":
-                    usage, finished = run_event.run_completed.usage, True
-                elif kind == "run_failed":
-                    error = run_event.run_failed.error
-                elif kind == "run_cancelled":
-                    error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
+                    if kind == "step_completed":
+                        output = run_event.step_completed.output
+                    elif kind == "run_completed":
+                        usage, finished = run_event.run_completed.usage, True
+                    elif kind == "run_failed":
+                        error = run_event.run_failed.error
+                    elif kind == "run_cancelled":
+                        error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
         except TierstackError as exc:
             error = error_detail_of_call(exc, common_pb2.TIER_ORCHESTRATE)
         if error is None and not finished:

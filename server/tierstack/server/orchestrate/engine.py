@@ -51,6 +51,7 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
+from tierstack.server.tracing import tracer
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -644,7 +645,13 @@ class RunManager:
             finally:
                 self.queued_steps -= 1
             try:
-                output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
+                attributes: dict[str, str | int] = {
+                    "tierstack.run_id": live.run.run_id,
+                    "tierstack.tool": step.tool,
+                    "tierstack.attempt": state.attempt,
+                }
+                with tracer.start_as_current_span(f"step {path}", attributes=attributes):
+                    output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
             finally:
                 live.slots.release()
         if error is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import TIERSTACK, Process, spawn_tier, stop
+from tests.helpers import TIERSTACK, HttpServer, Process, Stack, reply, spawn_tier, stop
 from tierstack.client import CoordinatorClient
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -160,3 +161,22 @@ async def test_the_readme_examples_run(tiers: dict[str, Process]) -> None:
     printed, _ = await process.communicate()
     assert process.returncode == 0
     assert printed.decode().splitlines()[-1].endswith("goal_completed")
+
+
+async def test_top_shows_every_tier_live(stack: Stack, http_server: HttpServer) -> None:
+    http_server.routes["/n.json"] = reply(b'{"n": 1}')
+    request = pb.CoordinateRequest(
+        goal=f"fetch {http_server.url}/n.json then write a summary",
+        agents=[pb.Agent(id="a", capabilities=["http", "writing"], max_concurrent_tasks=2)],
+    )
+    events = [event async for event in stack.coordinator.coordinate(request)]
+    assert events[-1].HasField("goal_completed")
+    code, output = await run_cli("top", "--target", stack.coordinate.target, "--frames", "1")
+    assert code == 0, output
+    for title in ("Coordinate", "Orchestrate", "Execute", "Active alerts"):
+        assert title in output
+    rows = {
+        m.group(1): float(m.group(2)) for m in re.finditer(r"│\s+(\w+)\s+[\d.,]+\s+([\d.,]+)\s+[\d.,]+\s+\d+", output)
+    }
+    assert rows["Coordinate"] > 0 and rows["Orchestrate"] > 0 and rows["Execute"] > 0  # p50 in ms
+    assert "active runs 0" in output and "RSS" in output

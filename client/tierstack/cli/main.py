@@ -224,6 +224,13 @@ async def _goal(args: argparse.Namespace, console: Console) -> int:
     return outcome
 
 
+async def _top(args: argparse.Namespace, console: Console) -> int:
+    from tierstack.cli.top import top
+
+    await top(args.target, interval=args.interval, frames=args.frames, console=console)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierstack", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +268,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     goal.add_argument("--correlation-id", help="the id tying the goal's events and logs together")
     goal.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
+
+    top = commands.add_parser("top", help="a live view of the three tiers: rates, latency, runs, alerts")
+    top.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--frames", type=int, default=0, help="stop after this many refreshes (0: until Ctrl-C)")
     return parser
 
 
@@ -272,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         return _up(args)
     console = Console()
+    commands = {"run": _run, "goal": _goal, "top": _top}
     try:
-        return asyncio.run(_run(args, console) if args.command == "run" else _goal(args, console))
+        return asyncio.run(commands[args.command](args, console))
+    except KeyboardInterrupt:
+        return 0 if args.command == "top" else 130  # Ctrl-C is how top ends
     except TierstackError as exc:
         return _report_error(console, exc)
     except (OSError, ValueError, json_format.ParseError, yaml.YAMLError) as exc:

@@ -9,7 +9,7 @@
    each asked 10 times) through the AI service, against the same requests sent straight to the
    model; the model is an OpenAI-compatible server on loopback that counts the calls it receives.
 
-Usage: ``python -m tools.bench.bench_coordinate [--repeat N]``.
+Usage: ``python -m tools.bench.bench_coordinate [--repeat N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import random
 import statistics
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import uvloop
@@ -31,6 +32,7 @@ from tierstack.server.ai import AIService, CompletionRequest, Message, OpenAICom
 from tierstack.server.coordinate import AgentSpec, Coordinator, Decomposer, GoalMemory, Need, SubtaskSpec, form_team
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
+from tools.bench.results import Results
 from tools.bench.timing import interleaved
 
 CAPABILITIES = ("http", "analysis", "writing", "research", "general")
@@ -70,7 +72,7 @@ class InstantTier2:
         yield orchestrator_pb.RunEvent(run_id="r", run_completed=orchestrator_pb.RunCompleted())
 
 
-async def coordinate_overhead(repeat: int) -> None:
+async def coordinate_overhead(repeat: int, results: Results) -> None:
     tier2 = InstantTier2()
     # A threshold above 1 never reuses a past goal: every goal takes the provider's path.
     decomposer = Decomposer(memory=GoalMemory(), provider=InstantProvider(), threshold=1.1)
@@ -96,15 +98,20 @@ async def coordinate_overhead(repeat: int) -> None:
     coordinator_ms = statistics.median(samples["coordinator"]) * 1000
     bare_ms = statistics.median(samples["bare"]) * 1000
     p95 = statistics.quantiles(samples["coordinator"], n=20)[-1] * 1000
-    print("## Coordinate's overhead: a 10-subtask goal, provider and Tier 2 answering at once\n")
-    print("| runner | median ms per goal | p95 ms |")
-    print("|---|---:|---:|")
-    print(f"| bare loop: the same 10 runs in dependency order | {bare_ms:.3f} | |")
-    print(f"| coordinator (decompose, form team, schedule, every event) | {coordinator_ms:.3f} | {p95:.3f} |")
-    print(f"\nCoordinate's own overhead: {coordinator_ms - bare_ms:.3f} ms per goal (goal: under 5 ms)\n")
+    results.samples("coordinate: a 10-subtask goal, provider and Tier 2 answering at once", samples["coordinator"])
+    results.compare("Coordinate: ms per 10-subtask goal (vs the bare loop)", coordinator_ms, bare_ms, "ms")
+    results.table(
+        "Coordinate's overhead: a 10-subtask goal, provider and Tier 2 answering at once",
+        ("runner", "median ms per goal", "p95 ms"),
+        [
+            ("bare loop: the same 10 runs in dependency order", f"{bare_ms:.3f}", ""),
+            ("coordinator (decompose, form team, schedule, every event)", f"{coordinator_ms:.3f}", f"{p95:.3f}"),
+        ],
+        f"Coordinate's own overhead: {coordinator_ms - bare_ms:.3f} ms per goal (goal: under 5 ms).",
+    )
 
 
-def team_formation(repeat: int) -> None:
+def team_formation(repeat: int, results: Results) -> None:
     generator = random.Random(7)
     agents = [
         AgentSpec(
@@ -126,18 +133,25 @@ def team_formation(repeat: int) -> None:
         start = time.perf_counter()
         linear_sum_assignment(matrix)
         bare.append(time.perf_counter() - start)
-    print(f"## Team formation: 200 agents ({slots} free slots) x 200 subtasks, {repeat} rounds\n")
-    print("| solver | median ms | p95 ms |")
-    print("|---|---:|---:|")
+    rows = []
     for name, samples in (("scipy linear_sum_assignment alone, 200 x slots", bare), ("form_team", ours)):
         p95 = statistics.quantiles(samples, n=20)[-1] * 1000
-        print(f"| {name} | {statistics.median(samples) * 1000:.2f} | {p95:.2f} |")
-    print(
-        f"\n{len(team.assignments)} subtasks assigned, {len(team.unassigned)} reported unassigned (goal: under 50 ms)\n"
+        rows.append((name, f"{statistics.median(samples) * 1000:.2f}", f"{p95:.2f}"))
+    results.compare(
+        "Team formation 200 x 200: ms (vs scipy alone)",
+        statistics.median(ours) * 1000,
+        statistics.median(bare) * 1000,
+        "ms",
+    )
+    results.table(
+        f"Team formation: 200 agents ({slots} free slots) x 200 subtasks, {repeat} rounds",
+        ("solver", "median ms", "p95 ms"),
+        rows,
+        f"{len(team.assignments)} subtasks assigned, {len(team.unassigned)} reported unassigned (goal: under 50 ms).",
     )
 
 
-async def calls_saved() -> None:
+async def calls_saved(results: Results) -> None:
     server = HttpServer()
     fake = FakeOpenAI(server)
     fake.delay = 0.02  # a model that takes 20 ms to answer
@@ -165,26 +179,37 @@ async def calls_saved() -> None:
         await service.close()
     finally:
         server.close()
-    print("## Model calls saved: 100 concurrent requests, 10 distinct prompts, a model answering in 20 ms\n")
-    print("| client | model calls | requests per call | wall ms |")
-    print("|---|---:|---:|---:|")
-    print(f"| straight to the model | {direct_calls} | {100 / direct_calls:.1f} | {direct_seconds * 1000:.0f} |")
-    print(
-        f"| AI service (cache + batcher) | {service_calls} | {100 / service_calls:.1f} | {service_seconds * 1000:.0f} |"
+    results.compare(
+        "Model calls for 100 concurrent requests (vs straight to the model)", service_calls, direct_calls, "calls"
     )
-    print(
-        f"\n{direct_calls / service_calls:.0f}x fewer calls (goal: at least 5x); {stats.coalesced} requests shared a "
-        f"call, {stats.batches} batches; the same 100 requests again made {second_wave} calls (all cached)\n"
+    results.table(
+        "Model calls saved: 100 concurrent requests, 10 distinct prompts, a model answering in 20 ms",
+        ("client", "model calls", "requests per call", "wall ms"),
+        [
+            ("straight to the model", direct_calls, f"{100 / direct_calls:.1f}", f"{direct_seconds * 1000:.0f}"),
+            (
+                "AI service (cache + batcher)",
+                service_calls,
+                f"{100 / service_calls:.1f}",
+                f"{service_seconds * 1000:.0f}",
+            ),
+        ],
+        f"{direct_calls / service_calls:.0f}x fewer calls (goal: at least 5x); {stats.coalesced} requests shared a "
+        f"call, {stats.batches} batches; the same 100 requests again made {second_wave} calls (all cached).",
     )
 
 
-async def main(repeat: int) -> None:
-    await coordinate_overhead(repeat)
-    team_formation(repeat)
-    await calls_saved()
+async def main(repeat: int, results: Results) -> None:
+    await coordinate_overhead(repeat, results)
+    team_formation(repeat, results)
+    await calls_saved(results)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=200, help="rounds of the timed parts")
-    uvloop.run(main(parser.parse_args().repeat))
+    parser.add_argument("--json", type=Path, help="also write the findings here, for the report")
+    arguments = parser.parse_args()
+    found = Results()
+    uvloop.run(main(arguments.repeat, found))
+    found.save(arguments.json)

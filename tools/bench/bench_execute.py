@@ -1,9 +1,10 @@
 """No-op tool calls through ExecutorService against a bare grpc.aio echo server.
 
 Both servers run in their own processes under uvloop; one client process drives both with the same
-request bytes, at concurrency 1 and 16, and prints requests/s, p50 and p99 with the ratios.
+request bytes, at concurrency 1 and 16, and prints requests/s, p50 and p99 with the ratios. Then
+batches, and the interceptors' own cost per call beside the no-op call it is part of.
 
-Usage: ``python -m tools.bench.bench_execute [--requests N]``.
+Usage: ``python -m tools.bench.bench_execute [--requests N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvloop
 
 from tierstack.client import ExecutorClient
 from tierstack.client.values import to_struct
+from tierstack.server.interceptor import ServerInterceptor, UnaryClientInterceptor
+from tierstack.server.metrics import MethodMetrics
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tools.bench.echo_server import METHOD as ECHO_METHOD
 from tools.bench.processes import serving
+from tools.bench.results import Results
 from tools.bench.timing import timed
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +45,7 @@ class Result:
     requests_per_second: float
     p50_ms: float
     p99_ms: float
+    latencies: list[float] = field(default_factory=list, compare=False)
 
 
 def median(results: list[Result]) -> Result:
@@ -48,6 +54,7 @@ def median(results: list[Result]) -> Result:
         statistics.median(r.requests_per_second for r in results),
         statistics.median(r.p50_ms for r in results),
         statistics.median(r.p99_ms for r in results),
+        [latency for r in results for latency in r.latencies],
     )
 
 
@@ -70,10 +77,10 @@ async def measure(call: Callable[[], Awaitable[object]], *, requests: int, concu
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     cuts = statistics.quantiles(latencies, n=100)
-    return Result(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3)
+    return Result(len(latencies) / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, latencies)
 
 
-async def main(requests: int) -> None:
+async def main(requests: int, results: Results) -> None:
     request = executor_service_pb2.ExecuteToolRequest(
         call=common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": "x" * 64}))
     )
@@ -89,31 +96,53 @@ async def main(requests: int) -> None:
             "echo": lambda: echo_call(payload),
             "tierstack": lambda: client.execute_tool(request),
         }
-        print(
-            f"no-op tool call vs bare grpc.aio echo: {len(payload)}-byte request, {requests} calls a row"
-            f" in {ROUNDS} alternating rounds (medians)\n"
-        )
-        print("| concurrency | server | req/s | p50 ms | p99 ms | req/s vs echo | p50 vs echo |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
+        rows = []
+        single: dict[str, Result] = {}
         for concurrency in (1, 16):
             rounds: dict[str, list[Result]] = {name: [] for name in series}
             for _ in range(ROUNDS):  # alternating rounds, so drift in the machine hits both alike
                 for name, call in series.items():
                     result = await measure(call, requests=requests // ROUNDS, concurrency=concurrency)
                     rounds[name].append(result)
-            results = {name: median(found) for name, found in rounds.items()}
-            base = results["echo"]
-            for name, result in results.items():
-                print(
-                    f"| {concurrency} | {name} | {result.requests_per_second:,.0f} | {result.p50_ms:.3f} | "
-                    f"{result.p99_ms:.3f} | {result.requests_per_second / base.requests_per_second:.2f} | "
-                    f"{result.p50_ms / base.p50_ms:.2f} |"
+            found = {name: median(runs) for name, runs in rounds.items()}
+            base = found["echo"]
+            for name, result in found.items():
+                rows.append(
+                    (
+                        concurrency,
+                        name,
+                        f"{result.requests_per_second:,.0f}",
+                        f"{result.p50_ms:.3f}",
+                        f"{result.p99_ms:.3f}",
+                        f"{result.requests_per_second / base.requests_per_second:.2f}",
+                        f"{result.p50_ms / base.p50_ms:.2f}",
+                    )
                 )
-        await batches(client, echo_call, payload)
+            ours = found["tierstack"]
+            results.compare(f"Execute no-op call p50, c={concurrency} (vs echo)", ours.p50_ms, base.p50_ms, "ms")
+            results.compare(
+                f"Execute no-op calls/s, c={concurrency} (vs echo)",
+                ours.requests_per_second,
+                base.requests_per_second,
+                "calls/s",
+                lower_is_better=False,
+            )
+            if concurrency == 1:
+                single = found
+                results.samples("execute: ExecuteTool(core.echo)", ours.latencies)
+                results.samples("baseline: bare grpc.aio echo", base.latencies)
+        results.table(
+            "Execute: no-op tool call against a bare grpc.aio echo server",
+            ("concurrency", "server", "req/s", "p50 ms", "p99 ms", "req/s vs echo", "p50 vs echo"),
+            rows,
+            f"{len(payload)}-byte request, {requests} calls a row in {ROUNDS} alternating rounds (medians).",
+        )
+        await batches(client, echo_call, payload, results)
+    await interceptor_overhead(single["tierstack"].p50_ms, results)
 
 
 async def batches(
-    client: ExecutorClient, echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], payload: bytes
+    client: ExecutorClient, echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], payload: bytes, results: Results
 ) -> None:
     """100 no-op calls as one ExecuteTools batch, and 10 calls as one deterministic step, against the
     same calls made one by one to the echo server at the same concurrency."""
@@ -138,23 +167,99 @@ async def batches(
         async for _ in client.execute(step):
             pass
 
-    print("\n| work | calls | tierstack calls/s | echo calls/s (same calls, one RPC each) | overhead per call |")
-    print("|---|---:|---:|---:|---:|")
     cases: list[tuple[str, int, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = [
         ("ExecuteTools batch, concurrency 4", 100, lambda: batch(4), lambda: echo_calls(100, 4)),
         ("ExecuteTools batch, concurrency 64", 100, lambda: batch(64), lambda: echo_calls(100, 64)),
         ("deterministic step of 10 calls", 10, deterministic_step, lambda: echo_calls(10, 1)),
     ]
+    rows = []
     for name, calls, ours, echo in cases:
         ours_seconds = await timed(ours, 30)
         echo_seconds = await timed(echo, 30)
         overhead_us = (ours_seconds - echo_seconds) / calls * 1e6
-        print(
-            f"| {name} | {calls} | {calls / ours_seconds:,.0f} | {calls / echo_seconds:,.0f} | {overhead_us:+,.0f} µs |"
+        rows.append(
+            (name, calls, f"{calls / ours_seconds:,.0f}", f"{calls / echo_seconds:,.0f}", f"{overhead_us:+,.0f} µs")
         )
+        results.compare(
+            f"{name}: calls/s (vs one echo RPC per call)",
+            calls / ours_seconds,
+            calls / echo_seconds,
+            "calls/s",
+            lower_is_better=False,
+        )
+    results.table(
+        "Execute: batches against the same calls made one RPC each to the echo server",
+        ("work", "calls", "tierstack calls/s", "echo calls/s", "overhead per call"),
+        rows,
+    )
+
+
+class _Context:
+    """The little of a servicer context the server interceptor reads on a call that succeeds."""
+
+    def code(self) -> None:
+        return None
+
+
+class _Call:
+    """A finished client call: awaiting it gives its response."""
+
+    def __await__(self) -> Generator[Any, None, bytes]:
+        return b"response"
+        yield
+
+
+async def interceptor_overhead(call_p50_ms: float, results: Results, calls: int = 200_000) -> None:
+    """Times the server and client interceptors around a call that does nothing, against the bare
+    call, in process; reports their cost as a share of a no-op ExecuteTool call's p50."""
+    server = ServerInterceptor(MethodMetrics())
+    client = UnaryClientInterceptor(MethodMetrics())
+    context: Any = _Context()
+    details: Any = grpc.aio.ClientCallDetails("/tierstack.v1.ExecutorService/ExecuteTool", None, None, None, None)
+
+    async def behavior(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def continuation(details: Any, request: bytes) -> _Call:
+        return _Call()
+
+    wrapped = server._wrap_unary("/tierstack.v1.ExecutorService/ExecuteTool", behavior)
+
+    async def loop(one: Callable[[], Awaitable[object]]) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            await one()
+        return (time.perf_counter() - start) / calls
+
+    async def bare_client() -> bytes:
+        return await (await continuation(details, b""))
+
+    samples: dict[str, list[float]] = {"bare": [], "server": [], "client": [], "bare client": []}
+    for _ in range(5):  # alternating rounds
+        samples["bare"].append(await loop(lambda: behavior(b"", context)))
+        samples["server"].append(await loop(lambda: wrapped(b"", context)))
+        samples["bare client"].append(await loop(bare_client))
+        samples["client"].append(await loop(lambda: client.intercept_unary_unary(continuation, details, b"")))
+    server_us = (statistics.median(samples["server"]) - statistics.median(samples["bare"])) * 1e6
+    client_us = (statistics.median(samples["client"]) - statistics.median(samples["bare client"])) * 1e6
+    call_us = call_p50_ms * 1000
+    results.table(
+        "Interceptors: their own cost per call, against a no-op ExecuteTool call",
+        ("interceptor", "µs per call", "share of a no-op call's p50"),
+        [
+            ("server (histogram, in flight, status mapping)", f"{server_us:.2f}", f"{server_us / call_us:.2%}"),
+            ("client (the same, on the caller's side)", f"{client_us:.2f}", f"{client_us / call_us:.2%}"),
+        ],
+        f"Measured in process over {calls:,} calls in 5 alternating rounds; the no-op call's p50 at "
+        f"concurrency 1 is {call_p50_ms:.3f} ms (goal: under 5 %).",
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=9000)
-    uvloop.run(main(parser.parse_args().requests))
+    parser.add_argument("--json", type=Path, help="also write the findings here, for the report")
+    arguments = parser.parse_args()
+    found = Results()
+    uvloop.run(main(arguments.requests, found))
+    found.save(arguments.json)

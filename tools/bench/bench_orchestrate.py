@@ -8,7 +8,7 @@
 3. Many live runs: 10,000 runs held at once by one run manager over SQLite, each waiting in its
    step; the memory per live run is the growth of RSS divided by the runs.
 
-Usage: ``python -m tools.bench.bench_orchestrate [--repeat N] [--live-runs N]``.
+Usage: ``python -m tools.bench.bench_orchestrate [--repeat N] [--live-runs N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tierstack.server.orchestrate import MemoryRunStore, RunManager, RunStore, S
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 from tools.bench.processes import serving
+from tools.bench.results import Results
 from tools.bench.timing import interleaved, timed
 
 Graph = dict[str, tuple[str, ...]]
@@ -137,12 +138,11 @@ def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
     return lambda: compiled.ainvoke({"done": 0})
 
 
-async def in_process(repeat: int) -> None:
+async def in_process(repeat: int, results: Results) -> None:
     manager = RunManager(MemoryRunStore(), NoOpSteps(), flush_interval=0.001)
     await manager.open()
-    print("## In process: per-step cost of no-op steps (medians over interleaved rounds)\n")
-    print("| graph | steps | runner | µs per step | vs bare asyncio |")
-    print("|---|---:|---|---:|---:|")
+    rows: list[tuple[object, ...]] = []
+    notes = []
     try:
         for name, graph in (("100-step chain", chain(100)), ("10x10 layered DAG", layered(10, 10))):
             wf = workflow(graph)
@@ -162,19 +162,31 @@ async def in_process(repeat: int) -> None:
             for runner, seconds in samples.items():
                 per_step = statistics.median(seconds) / len(graph) * 1e6
                 ratio = statistics.median(s / b for s, b in zip(seconds, base, strict=True))
-                print(f"| {name} | {len(graph)} | {runner} | {per_step:,.1f} | {ratio:.1f}x |")
+                rows.append((name, len(graph), runner, f"{per_step:,.1f}", f"{ratio:.1f}x"))
             if langgraph is None:
-                print(f"| {name} | {len(graph)} | LangGraph | not installed (`pip install -e .[bench]`) | |")
+                rows.append((name, len(graph), "LangGraph", "not installed (`pip install -e .[bench]`)", ""))
             else:
                 faster = statistics.median(
                     g / t for g, t in zip(samples["LangGraph"], samples["tierstack"], strict=True)
                 )
-                print(f"\ntierstack takes 1/{faster:.1f} of LangGraph's time per step (median of per-round ratios)\n")
+                notes.append(f"{name}: tierstack takes 1/{faster:.1f} of LangGraph's time per step.")
+                results.compare(
+                    f"Orchestrate {name}: µs per step (vs LangGraph)",
+                    statistics.median(samples["tierstack"]) / len(graph) * 1e6,
+                    statistics.median(samples["LangGraph"]) / len(graph) * 1e6,
+                    "µs",
+                )
     finally:
         await manager.close()
+    results.table(
+        "Orchestrate in process: per-step cost of no-op steps (medians over interleaved rounds)",
+        ("graph", "steps", "runner", "µs per step", "vs bare asyncio"),
+        rows,
+        " ".join(notes) + " Ratios are medians of per-round ratios.",
+    )
 
 
-async def durable_over_grpc(repeat: int) -> None:
+async def durable_over_grpc(repeat: int, results: Results) -> None:
     with tempfile.TemporaryDirectory() as data:
         async with (
             serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as execute_target,
@@ -212,11 +224,7 @@ async def durable_over_grpc(repeat: int) -> None:
                 return events
 
             await one_run()
-            print("## Durable runs through gRPC: 100-step chains of `core.echo`, SQLite, every event streamed\n")
-            floor = hop_seconds * 1e3
-            print(f"The floor: one bare Execute stream call (one step's hop to Tier 3) takes {floor:.3f} ms.\n")
-            print("| concurrent runs | runs/s | ms per step | vs the bare hop | events per run |")
-            print("|---:|---:|---:|---:|---:|")
+            rows = []
             for concurrency in (1, 8):
                 samples = []
                 events = 0
@@ -227,11 +235,29 @@ async def durable_over_grpc(repeat: int) -> None:
                     events = counts[0]
                 seconds = statistics.median(samples)
                 per_step = seconds / 100 / concurrency
-                print(
-                    f"| {concurrency} | {concurrency / seconds:,.1f} | {per_step * 1e3:.3f} | "
-                    f"{per_step / hop_seconds:.2f}x | {events} |"
+                rows.append(
+                    (
+                        concurrency,
+                        f"{concurrency / seconds:,.1f}",
+                        f"{per_step * 1e3:.3f}",
+                        f"{per_step / hop_seconds:.2f}x",
+                        events,
+                    )
                 )
-            print()
+                if concurrency == 1:
+                    results.samples("orchestrate: one step of a durable run", [s / 100 for s in samples])
+                results.compare(
+                    f"Orchestrate durable step, {concurrency} runs at once (vs the bare hop)",
+                    per_step * 1e3,
+                    hop_seconds * 1e3,
+                    "ms",
+                )
+            results.table(
+                "Orchestrate durable runs through gRPC: 100-step chains of `core.echo`, SQLite, every event streamed",
+                ("concurrent runs", "runs/s", "ms per step", "vs the bare hop", "events per run"),
+                rows,
+                f"The floor: one bare Execute stream call (one step's hop to Tier 3) takes {hop_seconds * 1e3:.3f} ms.",
+            )
 
 
 def rss_bytes() -> int:
@@ -241,7 +267,7 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-async def many_live_runs(count: int) -> None:
+async def many_live_runs(count: int, results: Results) -> None:
     with tempfile.TemporaryDirectory() as data:
         store: RunStore = SqliteRunStore(Path(data) / "runs.sqlite3")
         await store.open()
@@ -270,24 +296,33 @@ async def many_live_runs(count: int) -> None:
         finally:
             await manager.close()
             await store.close()
-    print("## Live runs held by one process (SQLite store)\n")
-    print("| live runs | started in | RSS growth | per live run | all finished in |")
-    print("|---:|---:|---:|---:|---:|")
-    print(
-        f"| {count:,} | {started:.1f} s | {held / 2**20:,.1f} MiB | {held / count / 1024:,.1f} KiB | "
-        f"{finished:.1f} s |\n"
+    results.table(
+        "Orchestrate: live runs held by one process (SQLite store)",
+        ("live runs", "started in", "RSS growth", "per live run", "all finished in"),
+        [
+            (
+                f"{count:,}",
+                f"{started:.1f} s",
+                f"{held / 2**20:,.1f} MiB",
+                f"{held / count / 1024:,.1f} KiB",
+                f"{finished:.1f} s",
+            )
+        ],
     )
 
 
-async def main(repeat: int, live_runs: int) -> None:
-    await in_process(repeat)
-    await durable_over_grpc(repeat)
-    await many_live_runs(live_runs)
+async def main(repeat: int, live_runs: int, results: Results) -> None:
+    await in_process(repeat, results)
+    await durable_over_grpc(repeat, results)
+    await many_live_runs(live_runs, results)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--live-runs", type=int, default=10_000)
+    parser.add_argument("--json", type=Path, help="also write the findings here, for the report")
     arguments = parser.parse_args()
-    uvloop.run(main(arguments.repeat, arguments.live_runs))
+    found = Results()
+    uvloop.run(main(arguments.repeat, arguments.live_runs, found))
+    found.save(arguments.json)

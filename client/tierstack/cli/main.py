@@ -224,6 +224,15 @@ async def _goal(args: argparse.Namespace, console: Console) -> int:
     return outcome
 
 
+def _bench_report(args: argparse.Namespace) -> int:
+    """Runs ``tools.bench.report``, which lives in the source tree, not in the installed package."""
+    if not Path("tools/bench/report.py").is_file():
+        Console(stderr=True).print("[red]error:[/] run bench-report from a tierstack source checkout")
+        return 2
+    command = [sys.executable, "-m", "tools.bench.report", "--out", str(args.out), *(["--quick"] if args.quick else [])]
+    return subprocess.run(command, check=False).returncode
+
+
 async def _top(args: argparse.Namespace, console: Console) -> int:
     from tierstack.cli.top import top
 
@@ -269,6 +278,12 @@ def _parser() -> argparse.ArgumentParser:
     goal.add_argument("--correlation-id", help="the id tying the goal's events and logs together")
     goal.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
 
+    report = commands.add_parser(
+        "bench-report", help="run the benchmarks (from a source checkout) and write a markdown table and a chart"
+    )
+    report.add_argument("--out", type=Path, default=Path("bench-report"), help="the folder to write to")
+    report.add_argument("--quick", action="store_true", help="fewer rounds: a rough report in a minute or two")
+
     top = commands.add_parser("top", help="a live view of the three tiers: rates, latency, runs, alerts")
     top.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
@@ -283,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "up":
         return _up(args)
+    if args.command == "bench-report":
+        return _bench_report(args)
     console = Console()
     commands = {"run": _run, "goal": _goal, "top": _top}
     try:

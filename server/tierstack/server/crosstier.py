@@ -8,7 +8,7 @@ import contextlib
 import logging
 import statistics
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError
@@ -181,7 +181,7 @@ class CrossTierMonitor:
         """Returns the active alerts, oldest first."""
         return sorted(self._active.values(), key=lambda alert: alert.raise_time.ToNanoseconds())
 
-    async def alerts(self) -> AsyncIterator[pb.Alert]:
+    async def alerts(self) -> AsyncGenerator[pb.Alert]:
         """Yields the active alerts, then every alert raised or resolved from now on."""
         queue: asyncio.Queue[pb.Alert] = asyncio.Queue(WATCHER_BACKLOG)
         self._watchers.add(queue)

@@ -4,6 +4,7 @@ their alerts and recommendations."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -78,8 +79,9 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
     async def WatchAlerts(
         self, request: pb.WatchAlertsRequest, context: Context
     ) -> AsyncIterator[pb.WatchAlertsResponse]:
-        async for alert in self._needs_cross_tier().alerts():
-            yield pb.WatchAlertsResponse(alert=alert)
+        async with contextlib.aclosing(self._needs_cross_tier().alerts()) as alerts:  # unsubscribes on leaving
+            async for alert in alerts:
+                yield pb.WatchAlertsResponse(alert=alert)
 
     async def GetRecommendations(
         self, request: pb.GetRecommendationsRequest, context: Context

@@ -1,0 +1,119 @@
+"""Alert evaluation and recommendations on scripted snapshots: each rule raises on its condition,
+resolves when it passes, and regressions are judged against a rolling baseline."""
+
+from __future__ import annotations
+
+from tierstack.client.values import to_duration
+from tierstack.server.advice import recommend
+from tierstack.server.crosstier import CrossTierMonitor, Thresholds
+from tierstack.server.metrics import LatencyHistogram, MethodMetrics
+from tierstack.v1 import common_pb2
+from tierstack.v1 import monitor_service_pb2 as pb
+
+METHOD = "/tierstack.v1.ExecutorService/ExecuteTool"
+
+
+class Script:
+    """A tier whose calls the test makes up, one second apart."""
+
+    def __init__(self) -> None:
+        self.metrics = MethodMetrics()
+        self.uptime = 0.0
+        self.rss = 50 * 2**20
+
+    def calls(self, count: int, seconds: float, code: str = "OK") -> None:
+        for _ in range(count):
+            self.metrics.record(METHOD, code, seconds)
+
+    def snapshot(self, method_filter: str = "") -> pb.TierMetrics:
+        self.uptime += 1.0
+        return pb.TierMetrics(
+            tier=common_pb2.TIER_EXECUTE,
+            methods=self.metrics.messages(method_filter),
+            process=pb.ProcessMetrics(rss_bytes=self.rss, uptime=to_duration(self.uptime)),
+        )
+
+
+def monitor(script: Script, **thresholds: float) -> CrossTierMonitor:
+    watched = CrossTierMonitor(common_pb2.TIER_EXECUTE, {}, thresholds=Thresholds(min_calls=5, **thresholds))  # type: ignore[arg-type]
+    watched.attach(script.snapshot)
+    return watched
+
+
+def kinds(watched: CrossTierMonitor) -> set[str]:
+    return {pb.AlertKind.Name(alert.kind).removeprefix("ALERT_KIND_") for alert in watched.active_alerts()}
+
+
+async def test_error_rate_memory_and_throughput_raise_then_resolve() -> None:
+    script = Script()
+    watched = monitor(script, error_rate=0.1, memory_bytes=100 * 2**20, min_throughput=20)
+    await watched.check()  # the first snapshot: nothing to compare yet
+    script.calls(8, 0.01)
+    script.calls(2, 0.01, "INTERNAL")
+    script.calls(5, 0.01, "INVALID_ARGUMENT")  # the caller's fault: not counted as failures
+    script.rss = 200 * 2**20
+    await watched.check()
+    assert kinds(watched) == {"HIGH_ERROR_RATE", "HIGH_MEMORY_USAGE", "LOW_THROUGHPUT"}
+    [error_rate] = [a for a in watched.active_alerts() if a.kind == pb.ALERT_KIND_HIGH_ERROR_RATE]
+    assert error_rate.value == 2 / 15 and error_rate.threshold == 0.1
+    script.calls(30, 0.01)
+    script.rss = 60 * 2**20
+    await watched.check()
+    assert kinds(watched) == set()
+
+
+async def test_regressions_are_judged_against_the_rolling_baseline() -> None:
+    script = Script()
+    watched = monitor(script)
+    await watched.check()
+    for _ in range(4):  # the baseline: 40 calls a second at 10 ms
+        script.calls(40, 0.010)
+        await watched.check()
+    assert kinds(watched) == set()
+    script.calls(40, 0.015)  # 50 % slower
+    await watched.check()
+    assert kinds(watched) == {"LATENCY_REGRESSION"}
+    script.calls(10, 0.010)  # a quarter of the calls: throughput down by 75 %
+    await watched.check()
+    assert kinds(watched) == {"THROUGHPUT_REGRESSION"}
+
+
+async def test_alerts_reach_watchers_raised_and_resolved() -> None:
+    script = Script()
+    watched = monitor(script, response_time_seconds=0.5)
+    stream = watched.alerts()
+    await watched.check()
+    script.calls(3, 1.0)
+    waiting = anext(stream)
+    await watched.check()
+    raised = await waiting
+    assert raised.kind == pb.ALERT_KIND_HIGH_RESPONSE_TIME and raised.method == METHOD
+    await watched.check()
+    resolved = await anext(stream)
+    assert resolved.id == raised.id and resolved.HasField("resolve_time")
+    await stream.aclose()
+
+
+def stats(seconds: float, count: int = 30) -> pb.LatencyStats:
+    histogram = LatencyHistogram()
+    for _ in range(count):
+        histogram.record(seconds)
+    return histogram.stats()
+
+
+def test_recommendations_come_most_impactful_first_with_their_evidence() -> None:
+    coordinate = pb.TierMetrics(tier=common_pb2.TIER_COORDINATE)
+    coordinate.coordinate.model.latency.CopyFrom(stats(6.0))
+    coordinate.coordinate.decomposition_latency["model"].CopyFrom(stats(4.0))
+    orchestrate = pb.TierMetrics(tier=common_pb2.TIER_ORCHESTRATE)
+    orchestrate.orchestrate.plan_cache_hits, orchestrate.orchestrate.plan_cache_misses = 5, 25
+    execute = pb.TierMetrics(tier=common_pb2.TIER_EXECUTE)
+    execute.execute.tools.add(name="fast", latency=stats(0.01))
+    advice = recommend([orchestrate, execute, coordinate])
+    assert [(a.priority, a.metric) for a in advice] == [
+        (pb.RECOMMENDATION_PRIORITY_HIGH, "coordinate.model.latency.p95"),
+        (pb.RECOMMENDATION_PRIORITY_MEDIUM, "coordinate.decomposition_latency.model.p95"),
+        (pb.RECOMMENDATION_PRIORITY_LOW, "orchestrate.plan_cache_hit_rate"),
+    ]
+    assert advice[0].value >= 6.0 and advice[0].threshold == 5.0
+    assert advice[2].value == 5 / 30

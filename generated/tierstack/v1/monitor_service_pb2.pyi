@@ -615,6 +615,48 @@ class ModelMetrics(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ByModelEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelUsage: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelUsage | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ByTenantEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelUsage: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelUsage | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUESTS_FIELD_NUMBER: _builtins.int
     CACHE_HITS_FIELD_NUMBER: _builtins.int
     CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
@@ -624,6 +666,8 @@ class ModelMetrics(_message.Message):
     COST_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     BREAKERS_FIELD_NUMBER: _builtins.int
+    BY_MODEL_FIELD_NUMBER: _builtins.int
+    BY_TENANT_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """Counts the requests made to the service."""
     cache_hits: _builtins.int
@@ -646,6 +690,14 @@ class ModelMetrics(_message.Message):
     def breakers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Maps each provider/model route to its circuit breaker's state (closed, open, half_open)."""
 
+    @_builtins.property
+    def by_model(self) -> _containers.MessageMap[_builtins.str, Global___ModelUsage]:
+        """Accounts the requests by model."""
+
+    @_builtins.property
+    def by_tenant(self) -> _containers.MessageMap[_builtins.str, Global___ModelUsage]:
+        """Accounts the requests by tenant."""
+
     def __init__(
         self,
         *,
@@ -658,14 +710,54 @@ class ModelMetrics(_message.Message):
         cost: _builtins.float = ...,
         latency: Global___LatencyStats | None = ...,
         breakers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        by_model: _abc.Mapping[_builtins.str, Global___ModelUsage] | None = ...,
+        by_tenant: _abc.Mapping[_builtins.str, Global___ModelUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "coalesced", b"coalesced", "completion_tokens", b"completion_tokens", "cost", b"cost", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "by_model", b"by_model", "by_tenant", b"by_tenant", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "coalesced", b"coalesced", "completion_tokens", b"completion_tokens", "cost", b"cost", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelMetrics: _TypeAlias = ModelMetrics  # noqa: Y015
+
+@_typing.final
+class ModelUsage(_message.Message):
+    """Accounts some model requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHED_REQUESTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Counts the requests answered."""
+    cached_requests: _builtins.int
+    """Counts the requests answered from the cache or by another request's call."""
+    prompt_tokens: _builtins.int
+    """Counts the prompt tokens paid for."""
+    completion_tokens: _builtins.int
+    """Counts the completion tokens paid for."""
+    cost: _builtins.float
+    """Sums the cost, in credits."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        cached_requests: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        cost: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_requests", b"cached_requests", "completion_tokens", b"completion_tokens", "cost", b"cost", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelUsage: _TypeAlias = ModelUsage  # noqa: Y015
 
 @_typing.final
 class ToolMetrics(_message.Message):

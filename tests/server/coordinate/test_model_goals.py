@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import FakeOpenAI, HttpServer, open_stack
-from tierstack.client import UnavailableError
+from tierstack.client import MonitorClient, UnavailableError
 from tierstack.client.values import from_value
 from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
+from tierstack.v1.common_pb2 import TIER_COORDINATE as COORDINATE
+from tierstack.v1.common_pb2 import TIER_EXECUTE as EXECUTE
 
 AGENTS = [
     pb.Agent(id="researcher", capabilities=["research"], max_concurrent_tasks=2),
@@ -68,6 +70,10 @@ async def test_a_model_plans_and_carries_out_a_goal_and_a_repeat_needs_no_model(
         assert events[-1].goal_completed.usage.tokens == 3 * 18
         calls = len(fake.requests)
         assert calls == 2 + 3  # two decomposition answers, one per subtask
+        async with MonitorClient(stack.coordinate.target) as monitor:
+            coordinate, execute = (await monitor.get_metrics(tiers=[COORDINATE, EXECUTE])).tiers
+        assert coordinate.coordinate.model.by_model["tiny"].requests == 2  # the tokens of each tier's calls
+        assert execute.execute.model.by_model["tiny"].completion_tokens == 3 * 7
 
         again = [event async for event in stack.coordinator.coordinate(request)]
         assert again[0].goal_decomposed.source == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError
+from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 #: How many runs the ledger keeps totals for; the oldest are forgotten first.
 KEPT_RUNS = 10_000
@@ -42,6 +43,16 @@ class Totals:
     def tokens(self) -> int:
         """Returns prompt and completion tokens together."""
         return self.prompt_tokens + self.completion_tokens
+
+    def message(self) -> monitor_pb.ModelUsage:
+        """Returns the totals in their wire form."""
+        return monitor_pb.ModelUsage(
+            requests=self.calls,
+            cached_requests=self.cached_calls,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cost=self.cost,
+        )
 
 
 class Ledger:

@@ -25,7 +25,6 @@ class BatcherStats:
     requests: int = 0
     coalesced: int = 0
     batches: int = 0
-    sent: int = 0
 
 
 @dataclass(slots=True)
@@ -96,7 +95,6 @@ class Batcher:
             model.timer = asyncio.get_running_loop().call_later(self._window, self._flush, name)
 
     async def _dispatch(self, name: str, batch: list[tuple[str, CompletionRequest]]) -> None:
-        self.stats.sent += len(batch)
         results = await asyncio.gather(*(self._send(request) for _, request in batch), return_exceptions=True)
         for (key, _), result in zip(batch, results, strict=True):
             future = self._waiting.get(key)

@@ -141,6 +141,8 @@ class AIService:
             cost=totals.cost,
             latency=latency.stats(),
             breakers={route: breaker.state.value for route, breaker in self.breakers.items()},
+            by_model={model: totals.message() for model, totals in self.ledger.by_model.items()},
+            by_tenant={tenant: totals.message() for tenant, totals in self.ledger.by_tenant.items()},
         )
 
     async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:
@@ -162,16 +164,16 @@ class AIService:
         last: ModelError | None = None
         for model in dict.fromkeys((request.model, *self.models)):
             provider = self._provider(model)
-            route = f"{provider.name if provider else 'none'}/{model}"
-            breaker = self.breakers.setdefault(
-                route,
-                CircuitBreaker(
-                    threshold=self._resilience.breaker_threshold, reset_seconds=self._resilience.breaker_reset
-                ),
-            )
             if provider is None:
                 failures.append(f"{model}: no model API is configured (TIERSTACK_MODEL_BASE_URL)")
                 continue
+            route = f"{provider.name}/{model}"
+            breaker = self.breakers.get(route)
+            if breaker is None:
+                settings = self._resilience
+                breaker = self.breakers[route] = CircuitBreaker(
+                    threshold=settings.breaker_threshold, reset_seconds=settings.breaker_reset
+                )
             if not breaker.allow():
                 failures.append(f"{route}: circuit open after repeated failures")
                 continue

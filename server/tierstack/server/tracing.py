@@ -10,9 +10,11 @@ makes one trace across the three processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -23,8 +25,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-#: The tracer tierstack's own spans (goals, subtasks, steps, tools) come from.
-tracer = trace.get_tracer("tierstack")
+# The tracer of tierstack's own spans (goals, subtasks, steps, tools) once tracing is on. Off, no span
+# is made at all: even a no-op span costs about 7 µs, a tenth of a step.
+_tracer: trace.Tracer | None = None
+_NO_SPAN = contextlib.nullcontext()
 
 # gRPC's own services (health, reflection) are not traced: they are not the work.
 _TRACED = filters.negate(filters.service_prefix("grpc."))
@@ -49,6 +53,8 @@ class Tracing:
             self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
             self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             trace.set_tracer_provider(self.provider)
+            global _tracer
+            _tracer = self.provider.get_tracer("tierstack")
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Returns the interceptor that starts a span for each call served (none when off)."""
@@ -60,6 +66,13 @@ class Tracing:
         """Sends the spans not yet exported and stops (off the event loop: it waits for the network)."""
         if self.provider is not None:
             await asyncio.to_thread(self.provider.shutdown)
+
+
+def span(name: str, attributes: Mapping[str, str | int] | None = None) -> AbstractContextManager[object]:
+    """Returns a block that is a span of the current trace when tracing is on, and nothing otherwise."""
+    if _tracer is None:
+        return _NO_SPAN
+    return _tracer.start_as_current_span(name, attributes=attributes)
 
 
 def client_interceptors() -> list[Any]:

@@ -2,7 +2,7 @@
 
 A request for a model with nothing in flight goes out at once. While a model has calls in flight,
 its new requests wait, for up to the window or until a batch is full, and then go out as one batch.
-Identical requests (the same key) waiting or in flight share one call. Each caller gets its own
+Requests with the same key waiting or in flight share one call. Each caller gets its own
 answer or its own error; a caller that gives up does not cancel the call others wait for.
 """
 

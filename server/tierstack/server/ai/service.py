@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import time
+import uuid
 from collections.abc import Sequence
 
 from tierstack.server.ai.accounting import Ledger, Price
@@ -120,7 +121,8 @@ class AIService:
         deterministic = request.temperature == 0
         answer = await self.cache.get(key) if deterministic else None
         if answer is None:
-            answer = await self.batcher.submit(key, request)
+            # Identical deterministic requests share a call; a sampled one gets its own sample.
+            answer = await self.batcher.submit(key if deterministic else uuid.uuid4().hex, request)
             if deterministic and not answer.cached:
                 await self.cache.set(key, answer)
         return dataclasses.replace(answer, cost=self.ledger.charge(request, answer))

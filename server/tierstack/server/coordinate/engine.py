@@ -24,7 +24,7 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.errors import error_detail, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram
-from tierstack.server.tracing import tracer
+from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -147,7 +147,7 @@ class Coordinator:
         phases: dict[str, float] = {}
         start = time.perf_counter()
         scope = Scope(tenant=request.context.tenant_id, run=goal.id, token_budget=request.limits.max_tokens or None)
-        with tracer.start_as_current_span("decompose goal", attributes={"tierstack.goal_id": goal.id}):
+        with span("decompose goal", {"tierstack.goal_id": goal.id}):
             decomposition = await self.decomposer.decompose(request.goal, request.agents, scope)
         phases["decomposition"] = time.perf_counter() - start
         source = pb.DecompositionSource.Name(decomposition.source).removeprefix("DECOMPOSITION_SOURCE_").lower()
@@ -159,7 +159,7 @@ class Coordinator:
             )
         )
         start = time.perf_counter()
-        with tracer.start_as_current_span("form team", attributes={"tierstack.goal_id": goal.id}):
+        with span("form team", {"tierstack.goal_id": goal.id}):
             team = team_for(request.agents, decomposition.subtasks)
         phases["team_formation"] = time.perf_counter() - start
         self.team_formation_latency.record(phases["team_formation"])
@@ -201,7 +201,7 @@ class _Pursuit:
         self._spent = common_pb2.ResourceUsage()
         self._reserved: dict[str, common_pb2.ResourceLimits] = {}
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
-        self._replans_left = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
+        self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
         self._replans = 0
         self._events: asyncio.Queue[pb.GoalEvent | _Ended] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -256,7 +256,7 @@ class _Pursuit:
         yield self._goal.event(
             subtask_finished=pb.SubtaskFinished(subtask_id=subtask_id, success=False, error=ended.error)
         )
-        if self._replans >= self._replans_left:
+        if self._replans >= self._max_replans:
             error = common_pb2.ErrorDetail()
             error.CopyFrom(ended.error)
             error.metadata["subtask"] = subtask_id
@@ -339,7 +339,7 @@ class _Pursuit:
         finished = False
         attributes = {"tierstack.goal_id": goal.id, "tierstack.agent_id": self._agent_of[subtask.id]}
         try:
-            with tracer.start_as_current_span(f"subtask {subtask.id}", attributes=attributes):
+            with span(f"subtask {subtask.id}", attributes):
                 async for run_event in self._runner.orchestrate(request):
                     kind = run_event.WhichOneof("payload")
                     if kind == "run_started":

@@ -37,7 +37,7 @@ from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
-from tierstack.server.tracing import tracer
+from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Executor:
         tokens_before = context.meter.tokens
         result = common_pb2.ToolResult(tool=tool.name)
         try:
-            with tracer.start_as_current_span(f"tool {tool.name}", attributes={"tierstack.tool": tool.name}):
+            with span(f"tool {tool.name}"):
                 async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
                     output = await tool.handler(dict(arguments), context)
             result.output.CopyFrom(to_value(output))

@@ -51,7 +51,7 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
-from tierstack.server.tracing import tracer
+from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -650,7 +650,7 @@ class RunManager:
                     "tierstack.tool": step.tool,
                     "tierstack.attempt": state.attempt,
                 }
-                with tracer.start_as_current_span(f"step {path}", attributes=attributes):
+                with span(f"step {path}", attributes):
                     output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
             finally:
                 live.slots.release()

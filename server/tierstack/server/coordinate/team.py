@@ -52,11 +52,17 @@ def form_team(agents: Sequence[AgentSpec], needs: Sequence[Need]) -> Team:
             slots.append((agent, 1.0 - 0.5 * (taken + 1) / capacity))
     if not needs or not slots:
         return Team((), tuple(need.id for need in needs))
-    cost = np.full((len(needs), len(slots)), _INFEASIBLE)
+    # Which slots can take which subtasks, as matrices over the capabilities: a slot fits a subtask
+    # when the subtask requires no capability the slot's agent lacks.
+    names = {name: index for index, name in enumerate({c for need in needs for c in need.required_capabilities})}
+    required = np.zeros((len(needs), len(names)))
     for row, need in enumerate(needs):
-        for column, (agent, score) in enumerate(slots):
-            if need.required_capabilities <= agent.capabilities:
-                cost[row, column] = -score
+        required[row, [names[c] for c in need.required_capabilities]] = 1
+    lacking = np.ones((len(slots), len(names)))
+    for column, (agent, _) in enumerate(slots):
+        lacking[column, [names[c] for c in agent.capabilities if c in names]] = 0
+    scores = np.array([score for _, score in slots])
+    cost = np.where(required @ lacking.T == 0, -scores[np.newaxis, :], _INFEASIBLE)
     rows, columns = linear_sum_assignment(cost)
     assigned: dict[int, tuple[str, str, float]] = {}
     for row, column in zip(rows.tolist(), columns.tolist(), strict=True):

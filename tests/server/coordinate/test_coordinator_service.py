@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, reply
+from tests.helpers import HttpServer, Stack, open_stack, reply
 from tierstack.client import InvalidArgumentError
-from tierstack.client.values import from_value
+from tierstack.client.values import from_value, to_duration
+from tierstack.server import Settings
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
+from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
 AGENTS = [
     pb.Agent(id="researcher", capabilities=["http", "general"], max_concurrent_tasks=2),
@@ -154,3 +159,49 @@ async def test_decompose_and_form_team_without_running(stack: Stack) -> None:
     team = await stack.coordinator.form_team(pb.FormTeamRequest(agents=AGENTS, subtasks=decomposed.subtasks))
     assert [(a.subtask_id, a.agent_id) for a in team.assignments] == [("s1", "analyst"), ("s2", "writer")]
     assert list(team.unassigned_subtask_ids) == []
+
+
+async def test_a_goal_out_of_time_fails_and_its_runs_are_cancelled(stack: Stack, http_server: HttpServer) -> None:
+    release = threading.Event()
+
+    def hold(request: BaseHTTPRequestHandler) -> None:
+        release.wait(30)
+        reply(b"{}")(request)
+
+    http_server.routes["/hold"] = hold
+    limits = common_pb2.ResourceLimits(max_duration=to_duration(0.5))
+    request = pb.CoordinateRequest(goal=f"fetch {http_server.url}/hold then write it up", agents=AGENTS, limits=limits)
+    try:
+        events = [e async for e in stack.coordinator.coordinate(request)]
+    finally:
+        release.set()
+    assert events[-1].goal_failed.error.reason == "DEADLINE_EXCEEDED"
+    [run_id] = [e.subtask_started.run_id for e in events if e.HasField("subtask_started")]
+
+    async def cancelled() -> bool:
+        return (await stack.orchestrator.get_run(run_id)).state == orchestrator_pb.RUN_STATE_CANCELLED
+
+    for _ in range(200):
+        if await cancelled():
+            break
+        await asyncio.sleep(0.02)
+    assert await cancelled()
+
+
+async def test_ready_subtasks_start_by_priority(data_dir: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    subtasks = [
+        f"  - {{id: {name}, description: {name}, priority: {priority}, required_capabilities: [writing],"
+        f" tool: text.template, parameters: {{template: {name}}}}}"
+        for name, priority in (("later", "PRIORITY_LOW"), ("first", "PRIORITY_HIGH"), ("then", "PRIORITY_MEDIUM"))
+    ]
+    (templates / "three.yaml").write_text("name: three\npattern: '^three things$'\nsubtasks:\n" + "\n".join(subtasks))
+    async with open_stack(Settings(data_dir=data_dir, templates_dir=templates)) as stack:
+        limits = common_pb2.ResourceLimits(max_parallelism=1)
+        writer = pb.Agent(id="w", capabilities=["writing"], max_concurrent_tasks=3)
+        request = pb.CoordinateRequest(goal="three things", agents=[writer], limits=limits)
+        events = [e async for e in stack.coordinator.coordinate(request)]
+    assert events[-1].HasField("goal_completed")
+    started = [e.subtask_started.subtask_id for e in events if e.HasField("subtask_started")]
+    assert started == ["first", "then", "later"]

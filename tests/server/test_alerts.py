@@ -3,9 +3,14 @@ resolves when it passes, and regressions are judged against a rolling baseline."
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from tierstack.client.values import to_duration
 from tierstack.server.advice import recommend
-from tierstack.server.crosstier import CrossTierMonitor, Thresholds
+from tierstack.server.crosstier import WATCHER_BACKLOG, CrossTierMonitor, Thresholds
+from tierstack.server.errors import ResourceExhaustedError
 from tierstack.server.metrics import LatencyHistogram, MethodMetrics
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
@@ -117,3 +122,21 @@ def test_recommendations_come_most_impactful_first_with_their_evidence() -> None
     ]
     assert advice[0].value >= 6.0 and advice[0].threshold == 5.0
     assert advice[2].value == 5 / 30
+
+
+async def test_a_watcher_that_falls_behind_is_told_so() -> None:
+    script = Script()
+    watched = monitor(script, response_time_seconds=0.5)
+    stream = watched.alerts()
+    await watched.check()
+    script.calls(3, 1.0)
+    first = asyncio.ensure_future(anext(stream))
+    await watched.check()
+    assert (await first).kind == pb.ALERT_KIND_HIGH_RESPONSE_TIME
+    for check in range(WATCHER_BACKLOG + 1):  # resolved and raised, over and over, with nobody reading
+        if check % 2:
+            script.calls(3, 1.0)
+        await watched.check()
+    with pytest.raises(ResourceExhaustedError):
+        while True:
+            await anext(stream)

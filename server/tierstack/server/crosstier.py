@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tierstack.client import MonitorClient, TierstackError
 from tierstack.client.values import now_timestamp
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
-from tierstack.server.errors import error_detail_of_call
+from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
@@ -131,7 +131,7 @@ class CrossTierMonitor:
         self._latency_baselines: dict[str, deque[float]] = {}
         self._rate_baselines: dict[common_pb2.Tier.ValueType, deque[float]] = {}
         self._active: dict[str, pb.Alert] = {}
-        self._watchers: set[asyncio.Queue[pb.Alert]] = set()
+        self._watchers: set[asyncio.Queue[pb.Alert | None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -183,13 +183,16 @@ class CrossTierMonitor:
 
     async def alerts(self) -> AsyncGenerator[pb.Alert]:
         """Yields the active alerts, then every alert raised or resolved from now on."""
-        queue: asyncio.Queue[pb.Alert] = asyncio.Queue(WATCHER_BACKLOG)
+        queue: asyncio.Queue[pb.Alert | None] = asyncio.Queue(WATCHER_BACKLOG)
         self._watchers.add(queue)
         try:
-            for alert in self.active_alerts():
+            for active in self.active_alerts():
+                yield active
+            while (alert := await queue.get()) is not None:
                 yield alert
-            while True:
-                yield await queue.get()
+            raise ResourceExhaustedError(
+                [Violation("alerts", f"the watcher fell {WATCHER_BACKLOG} alert events behind; watch again")]
+            )
         finally:
             self._watchers.discard(queue)
 
@@ -230,9 +233,11 @@ class CrossTierMonitor:
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(pb.Alert.FromString(alert.SerializeToString()))
-            except asyncio.QueueFull:
+            except asyncio.QueueFull:  # told so in place of its oldest event, then dropped
                 _log.warning("an alert watcher fell %d events behind and was dropped", WATCHER_BACKLOG)
                 self._watchers.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(None)
 
     def _conditions(self, current: pb.TierMetrics) -> list[pb.Alert]:
         limits = self._thresholds

@@ -128,6 +128,7 @@ async def test_transient_failures_are_retried_then_the_next_model_answers(build:
     await service.complete(ask("and again"))  # two failures in a row opened tiny's breaker
     assert len(fake.requests) == 6
     assert service.breakers["openai-compatible/tiny"].state.value == "open"
+    assert answer.fallback and not (await service.complete(ask("hello"))).cached  # fallback answers are not kept
 
 
 async def test_a_slow_model_times_out(build: Build, fake: FakeOpenAI) -> None:

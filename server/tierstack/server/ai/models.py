@@ -89,6 +89,8 @@ class Completion:
     cached: bool = False
     #: What the call cost in credits (the AI service prices it; nothing when cached).
     cost: float = 0.0
+    #: True when a fallback model answered because the requested one could not.
+    fallback: bool = False
 
     @property
     def spent(self) -> int:

@@ -123,7 +123,7 @@ class AIService:
         if answer is None:
             # Identical deterministic requests share a call; a sampled one gets its own sample.
             answer = await self.batcher.submit(key if deterministic else uuid.uuid4().hex, request)
-            if deterministic and not answer.cached:
+            if deterministic and not answer.cached and not answer.fallback:  # the requested model's answers only
                 await self.cache.set(key, answer)
         return dataclasses.replace(answer, cost=self.ledger.charge(request, answer))
 
@@ -188,7 +188,7 @@ class AIService:
                 last = exc
                 continue
             breaker.succeeded()
-            return answer
+            return answer if model == request.model else dataclasses.replace(answer, fallback=True)
         raise ModelError(
             last.reason if last is not None else "MODEL_UNAVAILABLE",
             "no model could answer: " + "; ".join(failures),

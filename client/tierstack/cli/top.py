@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf import duration_pb2
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -16,7 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tierstack.client import MonitorClient
-from tierstack.server.metrics import LatencyHistogram
+from tierstack.client.values import to_seconds
+from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
 
@@ -30,34 +30,20 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.2f}"
 
 
-def _window(current: pb.LatencyStats, previous: pb.LatencyStats | None) -> LatencyHistogram:
-    histogram = LatencyHistogram.from_stats(current)
-    return histogram if previous is None else histogram.since(LatencyHistogram.from_stats(previous))
-
-
-def _served(method: str) -> bool:
-    return "/grpc." not in method and "MonitorService" not in method
-
-
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return duration.ToNanoseconds() / 1e9
-
-
 def _tier_panel(current: pb.TierMetrics, previous: pb.TierMetrics | None) -> Panel:
     name = common_pb2.Tier.Name(current.tier).removeprefix("TIER_").title()
     if current.HasField("error"):
         return Panel(Text(f"unreachable: {current.error.message}", style="red"), title=name)
     if previous is not None and previous.HasField("error"):
         previous = None
-    uptime = _seconds(current.process.uptime)
-    seconds = max(uptime - (_seconds(previous.process.uptime) if previous is not None else 0.0), 1e-3)
+    seconds = seconds_between(current.process, previous.process if previous is not None else None)
     before = {m.method: m.latency for m in previous.methods} if previous is not None else {}
     table = Table("method", "calls/s", "p50 ms", "p99 ms", "in flight", box=None, expand=True)
     merged = LatencyHistogram()
     for method in current.methods:
-        if not _served(method.method):
+        if not is_work(method.method):
             continue
-        window = _window(method.latency, before.get(method.method))
+        window = latency_since(method.latency, before.get(method.method))
         merged.merge(window)
         table.add_row(
             method.method.rsplit("/", 1)[-1],
@@ -73,7 +59,8 @@ def _tier_panel(current: pb.TierMetrics, previous: pb.TierMetrics | None) -> Pan
     for (_, label), in_bin in zip(BINS, in_bins, strict=True):
         bars.add_row(label, Text("█" * round(BAR_WIDTH * in_bin / largest), style="cyan"), str(in_bin))
     process = current.process
-    cpu = _seconds(process.cpu_time) - (_seconds(previous.process.cpu_time) if previous is not None else 0.0)
+    cpu_before = (to_seconds(previous.process.cpu_time) or 0.0) if previous is not None else 0.0
+    cpu = (to_seconds(process.cpu_time) or 0.0) - cpu_before
     facts = [f"RSS {process.rss_bytes / 2**20:,.0f} MiB", f"CPU {cpu / seconds:.0%}"]
     domain = current.WhichOneof("domain")
     if domain == "orchestrate":

@@ -15,7 +15,7 @@ from tierstack.client import MonitorClient, TierstackError
 from tierstack.client.values import now_timestamp
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
 from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
-from tierstack.server.metrics import LatencyHistogram
+from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
 
@@ -73,28 +73,22 @@ class _Window:
         return sum(faults for _, faults in self.methods.values())
 
 
-def _alerted(method: str) -> bool:
-    """Says whether a method's latency means anything: subscriptions last as long as their callers want."""
-    name = method.rsplit("/", 1)[-1]
-    return "/grpc." not in method and "MonitorService" not in method and not name.startswith("Watch")
-
-
 def _window(previous: pb.TierMetrics, current: pb.TierMetrics) -> _Window:
     before = {m.method: m for m in previous.methods}
     methods = {}
     for method in current.methods:
-        if not _alerted(method.method):
+        if not is_work(method.method):
             continue
-        histogram = LatencyHistogram.from_stats(method.latency)
         earlier = before.get(method.method)
-        faults = sum(count for code, count in method.counts_by_code.items() if code in SERVER_FAULTS)
-        if earlier is not None:
-            histogram = histogram.since(LatencyHistogram.from_stats(earlier.latency))
-            faults -= sum(count for code, count in earlier.counts_by_code.items() if code in SERVER_FAULTS)
+        histogram = latency_since(method.latency, earlier.latency if earlier is not None else None)
+        faults = _faults(method) - (_faults(earlier) if earlier is not None else 0)
         if histogram.count:
             methods[method.method] = (histogram, faults)
-    seconds = max((current.process.uptime.ToNanoseconds() - previous.process.uptime.ToNanoseconds()) / 1e9, 1e-3)
-    return _Window(seconds, methods)
+    return _Window(seconds_between(current.process, previous.process), methods)
+
+
+def _faults(method: pb.MethodMetrics) -> int:
+    return sum(count for code, count in method.counts_by_code.items() if code in SERVER_FAULTS)
 
 
 def _tier(tier: common_pb2.Tier.ValueType) -> str:

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tierstack.client.values import to_duration
+from tierstack.client.values import to_duration, to_seconds
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 # Sixteen buckets per doubling bound the error of a reported percentile to 2**(1/16) - 1, about 4.4 %.
@@ -84,7 +84,7 @@ class LatencyHistogram:
         histogram._buckets = Counter(dict(stats.histogram.buckets))
         histogram.count = sum(histogram._buckets.values())
         histogram.total = stats.histogram.sum_seconds
-        histogram.max = stats.max.ToNanoseconds() / 1e9
+        histogram.max = to_seconds(stats.max) or 0.0
         return histogram
 
     def percentile(self, fraction: float) -> float:
@@ -145,6 +145,26 @@ class MethodMetrics:
             )
             for method, codes in sorted(self._by_method(method_filter).items())
         ]
+
+
+def is_work(method: str) -> bool:
+    """Says whether a method's calls are the tier's work, worth rates and alerts: not gRPC's own
+    services, not monitoring, and not subscriptions (``Watch…``), which last as long as their callers want."""
+    return (
+        "/grpc." not in method and "MonitorService" not in method and not method.rsplit("/", 1)[-1].startswith("Watch")
+    )
+
+
+def latency_since(current: monitor_pb.LatencyStats, previous: monitor_pb.LatencyStats | None) -> LatencyHistogram:
+    """Returns the observations of ``current`` made after ``previous`` (all of them without one)."""
+    histogram = LatencyHistogram.from_stats(current)
+    return histogram if previous is None else histogram.since(LatencyHistogram.from_stats(previous))
+
+
+def seconds_between(current: monitor_pb.ProcessMetrics, previous: monitor_pb.ProcessMetrics | None) -> float:
+    """Returns how long a process ran between two snapshots (since it started without the earlier one)."""
+    earlier = (to_seconds(previous.uptime) or 0.0) if previous is not None else 0.0
+    return max((to_seconds(current.uptime) or 0.0) - earlier, 1e-3)
 
 
 def _merged(histograms: collections.abc.Iterable[LatencyHistogram]) -> LatencyHistogram:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tierstack.client.values import to_seconds
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
 
@@ -34,7 +35,7 @@ DEFAULT_ADVICE = AdviceThresholds()
 
 
 def _p95(stats: pb.LatencyStats) -> float:
-    return stats.p95.ToNanoseconds() / 1e9
+    return to_seconds(stats.p95) or 0.0
 
 
 def recommend(
@@ -43,7 +44,7 @@ def recommend(
     """Returns the advice the metrics call for, highest priority first, then by how far each value is
     past its threshold."""
     limits = thresholds
-    found: list[pb.Recommendation] = []
+    found: list[tuple[pb.Recommendation, float]] = []  # with how many times past its threshold it is
 
     def advise(
         priority: pb.RecommendationPriority.ValueType,
@@ -53,16 +54,22 @@ def recommend(
         metric: str,
         value: float,
         threshold: float,
+        *,
+        too_low: bool = False,
     ) -> None:
+        past = threshold / max(value, 1e-9) if too_low else value / threshold
         found.append(
-            pb.Recommendation(
-                priority=priority,
-                tier=tier,
-                title=title,
-                action=action,
-                metric=metric,
-                value=value,
-                threshold=threshold,
+            (
+                pb.Recommendation(
+                    priority=priority,
+                    tier=tier,
+                    title=title,
+                    action=action,
+                    metric=metric,
+                    value=value,
+                    threshold=threshold,
+                ),
+                past,
             )
         )
 
@@ -95,6 +102,7 @@ def recommend(
                     f"{prefix}.model.cache_hit_rate",
                     model.cache_hit_rate,
                     limits.cache_hit_rate,
+                    too_low=True,
                 )
         if domain == "coordinate":
             for source, stats in sorted(metrics.coordinate.decomposition_latency.items()):
@@ -148,12 +156,8 @@ def recommend(
                     "orchestrate.plan_cache_hit_rate",
                     share,
                     0.5,
+                    too_low=True,
                 )
 
-    def impact(recommendation: pb.Recommendation) -> tuple[int, float]:
-        over = recommendation.value / recommendation.threshold if recommendation.threshold else 0.0
-        if recommendation.metric.endswith(("hit_rate",)):
-            over = recommendation.threshold / max(recommendation.value, 1e-9)  # lower is worse
-        return recommendation.priority, -over
-
-    return sorted(found, key=impact)
+    found.sort(key=lambda pair: (pair[0].priority, -pair[1]))
+    return [recommendation for recommendation, _ in found]

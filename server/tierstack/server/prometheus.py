@@ -7,6 +7,7 @@ translates it, so nothing is recorded twice and the scrape thread never reads wh
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from tierstack.client.values import to_seconds
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
@@ -38,18 +40,21 @@ class _Histograms:
         self.family.add_metric(labels, buckets, histogram.total)
 
 
-def _counter(name: str, documentation: str, labels: list[str], values: Mapping[tuple[str, ...], float]) -> Any:
-    family = CounterMetricFamily(name, documentation, labels=labels)
+def _family(
+    kind: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: Mapping[tuple[str, ...], float],
+) -> Any:
+    family = kind(name, documentation, labels=labels)
     for key, value in values.items():
         family.add_metric(list(key), value)
     return family
 
 
-def _gauge(name: str, documentation: str, labels: list[str], values: Mapping[tuple[str, ...], float]) -> Any:
-    family = GaugeMetricFamily(name, documentation, labels=labels)
-    for key, value in values.items():
-        family.add_metric(list(key), value)
-    return family
+_counter = functools.partial(_family, CounterMetricFamily)
+_gauge = functools.partial(_family, GaugeMetricFamily)
 
 
 def families(metrics: pb.TierMetrics) -> Iterator[Any]:
@@ -84,7 +89,7 @@ def families(metrics: pb.TierMetrics) -> Iterator[Any]:
         "tierstack_process_cpu_seconds",
         "CPU time, user and system",
         ["tier"],
-        {(tier,): process.cpu_time.ToNanoseconds() / 1e9},
+        {(tier,): to_seconds(process.cpu_time) or 0.0},
     )
     domain = metrics.WhichOneof("domain")
     if domain == "execute":

@@ -22,7 +22,6 @@ Send = Callable[[CompletionRequest], Awaitable[Completion]]
 class BatcherStats:
     """What the batcher did since the server started."""
 
-    requests: int = 0
     coalesced: int = 0
     batches: int = 0
 
@@ -58,7 +57,6 @@ class Batcher:
         Raises:
             ModelError: The call that answers it failed.
         """
-        self.stats.requests += 1
         future = self._waiting.get(key)
         if future is None:
             future = self._waiting[key] = asyncio.get_running_loop().create_future()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,12 +133,10 @@ class Settings:
                 env.get("TIERSTACK_MONITOR_INTERVAL_SECONDS", defaults.monitor_interval_seconds)
             ),
             alert_thresholds=Thresholds(
-                response_time_seconds=float(env.get("TIERSTACK_ALERT_RESPONSE_TIME_SECONDS", 5.0)),
-                error_rate=float(env.get("TIERSTACK_ALERT_ERROR_RATE", 0.05)),
-                memory_bytes=int(env.get("TIERSTACK_ALERT_MEMORY_BYTES", 1 << 30)),
-                min_throughput=float(env.get("TIERSTACK_ALERT_MIN_THROUGHPUT", 0.0)),
-                latency_regression=float(env.get("TIERSTACK_ALERT_LATENCY_REGRESSION", 0.2)),
-                throughput_regression=float(env.get("TIERSTACK_ALERT_THROUGHPUT_REGRESSION", 0.5)),
+                **{
+                    name: type(default)(env.get(f"TIERSTACK_ALERT_{name.upper()}", default))
+                    for name, default in dataclasses.asdict(defaults.alert_thresholds).items()
+                }
             ),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)

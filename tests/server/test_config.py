@@ -1,0 +1,21 @@
+"""Settings from the environment: each variable reaches its setting, and the rest keep their defaults."""
+
+from __future__ import annotations
+
+from tierstack.server import Settings
+from tierstack.server.crosstier import Thresholds
+
+
+def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
+    env = {
+        "TIERSTACK_ALERT_RESPONSE_TIME_SECONDS": "0.5",
+        "TIERSTACK_ALERT_MEMORY_BYTES": "1000",
+        "TIERSTACK_ALERT_MIN_CALLS": "3",
+        "TIERSTACK_EXECUTE_METRICS_PORT": "off",
+        "TIERSTACK_MODEL_FALLBACKS": "small, local",
+    }
+    settings = Settings.from_env("execute", env)
+    assert settings.alert_thresholds == Thresholds(response_time_seconds=0.5, memory_bytes=1000, min_calls=3)
+    assert settings.metrics_port is None
+    assert settings.model_fallbacks == ("small", "local")
+    assert Settings.from_env("coordinate", {}).metrics_port == 9451

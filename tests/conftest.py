@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, open_stack
+from tests.helpers import HttpServer, Stack, free_port, open_stack
 from tierstack.server import Settings
 
 
@@ -38,9 +38,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]
     """A real redis-server on 127.0.0.1 and a free port, without persistence; yields its URL and process."""
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not installed (apt-get install redis-server)"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [
             binary,

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
@@ -152,6 +154,32 @@ async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
     assert match is not None, "".join(tracked.lines)
     tracked.target = match.group(1)
     return tracked
+
+
+@contextlib.asynccontextmanager
+async def spawned_stack(data_dir: Path, env: dict[str, str]) -> AsyncIterator[dict[str, Process]]:
+    """Runs the three tiers as separate ``tierstack serve`` processes, wired together; yields them by tier."""
+    started: dict[str, Process] = {}
+    try:
+        started["execute"] = await spawn_tier("execute", env=env)
+        execute = started["execute"].target
+        data = ("--data-dir", str(data_dir))
+        started["orchestrate"] = await spawn_tier("orchestrate", "--execute-target", execute, *data, env=env)
+        orchestrate = started["orchestrate"].target
+        started["coordinate"] = await spawn_tier(
+            "coordinate", "--orchestrate-target", orchestrate, "--execute-target", execute, *data, env=env
+        )
+        yield started
+    finally:
+        for process in reversed(started.values()):
+            await stop(process)
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def stop(process: Process) -> int:

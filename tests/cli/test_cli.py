@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -16,27 +15,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import TIERSTACK, HttpServer, Process, Stack, reply, spawn_tier, stop
+from tests.helpers import TIERSTACK, HttpServer, Process, Stack, free_port, reply, spawned_stack, stop
 from tierstack.client import CoordinatorClient
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 
 @pytest.fixture
 async def tiers(tmp_path: Path) -> AsyncIterator[dict[str, Process]]:
-    env = {**os.environ, "TIERSTACK_LOG_LEVEL": "DEBUG"}
-    started: dict[str, Process] = {}
-    try:
-        started["execute"] = await spawn_tier("execute", env=env)
-        started["orchestrate"] = await spawn_tier(
-            "orchestrate", "--execute-target", started["execute"].target, "--data-dir", str(tmp_path), env=env
-        )
-        started["coordinate"] = await spawn_tier(
-            "coordinate", "--orchestrate-target", started["orchestrate"].target, "--data-dir", str(tmp_path), env=env
-        )
+    async with spawned_stack(tmp_path, {**os.environ, "TIERSTACK_LOG_LEVEL": "DEBUG"}) as started:
         yield started
-    finally:
-        for process in reversed(started.values()):
-            await stop(process)
 
 
 async def run_cli(*args: str) -> tuple[int, str]:
@@ -106,12 +93,6 @@ async def test_run_reports_a_malformed_workflow_by_field(tiers: dict[str, Proces
     assert code == 2
     assert "INVALID_ARGUMENT" in output
     assert "workflow.steps: dependency cycle: a -> b -> a" in output
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:

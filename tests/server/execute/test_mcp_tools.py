@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_tier
+from tests.helpers import free_port, start_tier
 from tierstack.client import ExecutorClient, InvalidArgumentError
 from tierstack.client.values import from_value, to_struct
 from tierstack.server import Settings
@@ -82,9 +81,7 @@ async def test_a_stdio_server_is_mounted(script: Path) -> None:
 
 @pytest.fixture
 async def http_mcp(script: Path) -> AsyncIterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = await asyncio.create_subprocess_exec(sys.executable, str(script), "http", str(port))
     try:
         for _ in range(500):

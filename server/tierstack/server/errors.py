@@ -9,6 +9,16 @@ from tierstack.client.errors import TierstackError
 from tierstack.v1 import common_pb2
 
 
+#: How many characters of a caller's text an error message quotes.
+QUOTE_LIMIT = 48
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Returns a caller's ``text`` as an error message may show it: quoted, control characters escaped,
+    cut to ``limit`` characters (with an ellipsis) so that no message grows with the input."""
+    return repr(text[:limit] + "…") if len(text) > limit else repr(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     """Names one field of a request that is wrong and says why."""
@@ -54,7 +64,7 @@ class NotFoundError(DomainError):
     default_reason = "NOT_FOUND"
 
     def __init__(self, resource_type: str, name: str):
-        super().__init__(f"{resource_type} {name!r} not found", metadata={"resource_type": resource_type})
+        super().__init__(f"{resource_type} {quoted(name)} not found", metadata={"resource_type": resource_type})
         self.resource_type = resource_type
         self.name = name
 

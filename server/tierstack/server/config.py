@@ -54,6 +54,7 @@ class Settings:
         alert_thresholds: When alerts are raised (``TIERSTACK_ALERT_*``).
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
+        max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +87,7 @@ class Settings:
     embedding_model: str = ""
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
+    max_output_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +140,7 @@ class Settings:
                     for name, default in dataclasses.asdict(defaults.alert_thresholds).items()
                 }
             ),
+            max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

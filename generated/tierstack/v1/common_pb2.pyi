@@ -88,13 +88,21 @@ class RequestContext(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PARENT_EXECUTION_ID_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.str
-    """Identifies the whole request across all tiers; the server assigns one when it is empty."""
+    """Identifies the whole request across all tiers; the server assigns one when it is empty.
+    Bounds: at most 128 characters.
+    """
     tenant_id: _builtins.str
-    """Names the tenant the work is done for."""
+    """Names the tenant the work is done for.
+    Bounds: at most 128 characters.
+    """
     user_id: _builtins.str
-    """Names the user the work is done for."""
+    """Names the user the work is done for.
+    Bounds: at most 128 characters.
+    """
     parent_execution_id: _builtins.str
-    """Identifies the execution in the tier above that started this one, if any."""
+    """Identifies the execution in the tier above that started this one, if any.
+    Bounds: at most 1,024 characters.
+    """
     def __init__(
         self,
         *,
@@ -124,18 +132,30 @@ class ResourceLimits(_message.Message):
     MAX_PARALLELISM_FIELD_NUMBER: _builtins.int
     MAX_DEPTH_FIELD_NUMBER: _builtins.int
     max_credits: _builtins.float
-    """Caps the credits the work may spend."""
+    """Caps the credits the work may spend.
+    Bounds: a finite number from 0 to 1,000,000,000,000.
+    """
     max_tool_calls: _builtins.int
-    """Caps the number of tool calls the work may make."""
+    """Caps the number of tool calls the work may make.
+    Bounds: from 0 to 1,000,000.
+    """
     max_tokens: _builtins.int
-    """Caps the model tokens the work may use."""
+    """Caps the model tokens the work may use.
+    Bounds: from 0 to 1,000,000,000,000.
+    """
     max_parallelism: _builtins.int
-    """Caps the number of steps that may run at once."""
+    """Caps the number of steps that may run at once.
+    Bounds: from 0 to 10,000.
+    """
     max_depth: _builtins.int
-    """Caps how deeply workflows may nest inside each other."""
+    """Caps how deeply workflows may nest inside each other.
+    Bounds: from 0 to 10.
+    """
     @_builtins.property
     def max_duration(self) -> _duration_pb2.Duration:
-        """Caps the wall-clock time the work may take."""
+        """Caps the wall-clock time the work may take.
+        Bounds: from 0 to 30 days.
+        """
 
     def __init__(
         self,
@@ -256,10 +276,14 @@ class ToolCall(_message.Message):
     TOOL_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
-    """Names the tool, for example `json.query`."""
+    """Names the tool, for example `json.query`.
+    Bounds: 1 to 128 characters.
+    """
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
-        """Holds the arguments, checked against the tool's parameter schema before the call."""
+        """Holds the arguments, checked against the tool's parameter schema before the call.
+        Bounds: JSON nested at most 24 deep.
+        """
 
     def __init__(
         self,

@@ -92,16 +92,26 @@ class Agent(_message.Message):
     CURRENT_LOAD_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Identifies the agent."""
+    """Identifies the agent.
+    Bounds: 1 to 128 characters.
+    """
     name: _builtins.str
-    """Names the agent for people."""
+    """Names the agent for people.
+    Bounds: at most 256 characters.
+    """
     current_load: _builtins.int
-    """Counts the tasks the agent is already working on."""
+    """Counts the tasks the agent is already working on.
+    Bounds: from 0 to 1,000,000.
+    """
     max_concurrent_tasks: _builtins.int
-    """Caps the tasks the agent may work on at once; zero means one."""
+    """Caps the tasks the agent may work on at once; zero means one.
+    Bounds: from 0 to 1,000,000.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lists what the agent can do, such as `http` or `text`."""
+        """Lists what the agent can do, such as `http` or `text`.
+        Bounds: at most 100 items, each at most 128 characters.
+        """
 
     def __init__(
         self,
@@ -135,26 +145,42 @@ class Subtask(_message.Message):
     TOOL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Identifies the subtask within its goal."""
+    """Identifies the subtask within its goal.
+    Bounds: 1 to 128 characters.
+    """
     description: _builtins.str
-    """Says what the subtask achieves."""
+    """Says what the subtask achieves.
+    Bounds: at most 16,384 characters.
+    """
     complexity: _builtins.int
-    """Estimates the subtask's complexity from 1 to 10."""
+    """Estimates the subtask's complexity from 1 to 10.
+    Bounds: from 0 to 10.
+    """
     priority: Global___Priority.ValueType
-    """Ranks the subtask among those ready at the same time."""
+    """Ranks the subtask among those ready at the same time.
+    Bounds: one of the declared values.
+    """
     tool: _builtins.str
-    """Names the tool the subtask is carried out with."""
+    """Names the tool the subtask is carried out with.
+    Bounds: at most 128 characters.
+    """
     @_builtins.property
     def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lists the ids of the subtasks that must finish first."""
+        """Lists the ids of the subtasks that must finish first.
+        Bounds: at most 1,000 items, each at most 128 characters.
+        """
 
     @_builtins.property
     def required_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lists the capabilities an agent needs for it."""
+        """Lists the capabilities an agent needs for it.
+        Bounds: at most 100 items, each at most 128 characters.
+        """
 
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Holds the tool's arguments, templated like workflow step parameters."""
+        """Holds the tool's arguments, templated like workflow step parameters.
+        Bounds: JSON nested at most 24 deep.
+        """
 
     def __init__(
         self,
@@ -610,16 +636,22 @@ class CoordinateRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     MAX_REPLANS_FIELD_NUMBER: _builtins.int
     goal: _builtins.str
-    """States the goal in plain language."""
+    """States the goal in plain language.
+    Bounds: at most 16,384 characters.
+    """
     max_replans: _builtins.int
-    """Caps how often failed subtasks are re-planned in all; unset allows 2."""
+    """Caps how often failed subtasks are re-planned in all; unset allows 2.
+    Bounds: from 0 to 100.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the goal to the request it serves."""
 
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
-        """Lists the agents available to the goal."""
+        """Lists the agents available to the goal.
+        Bounds: at most 1,000 items.
+        """
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
@@ -680,14 +712,18 @@ class DecomposeGoalRequest(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     goal: _builtins.str
-    """States the goal in plain language."""
+    """States the goal in plain language.
+    Bounds: at most 16,384 characters.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the call to the request it serves."""
 
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
-        """Lists the agents available, so the subtasks fit what they can do."""
+        """Lists the agents available, so the subtasks fit what they can do.
+        Bounds: at most 1,000 items.
+        """
 
     def __init__(
         self,
@@ -746,11 +782,15 @@ class FormTeamRequest(_message.Message):
     SUBTASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
-        """Lists the agents available."""
+        """Lists the agents available.
+        Bounds: at most 1,000 items.
+        """
 
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
-        """Lists the subtasks to assign."""
+        """Lists the subtasks to assign.
+        Bounds: at most 1,000 items.
+        """
 
     def __init__(
         self,

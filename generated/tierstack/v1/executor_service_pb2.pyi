@@ -68,24 +68,36 @@ class ExecuteRequest(_message.Message):
     SENSITIVE_FIELD_NUMBER: _builtins.int
     COMPLEXITY_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
-    """Identifies this execution; the orchestrator passes `run/step/attempt` so that retries are recognisable."""
+    """Identifies this execution; the orchestrator passes `run/step/attempt` so that retries are recognisable.
+    Bounds: at most 1,024 characters.
+    """
     step_id: _builtins.str
-    """Names the step within its workflow, for events and logs."""
+    """Names the step within its workflow, for events and logs.
+    Bounds: at most 1,024 characters.
+    """
     strategy: _common_pb2.Strategy.ValueType
-    """Asks for a strategy; policies and the step's track record may choose another (see StrategySelected)."""
+    """Asks for a strategy; policies and the step's track record may choose another (see StrategySelected).
+    Bounds: one of the declared values.
+    """
     prompt: _builtins.str
-    """States the task, for the conversational and reasoning strategies."""
+    """States the task, for the conversational and reasoning strategies.
+    Bounds: at most 65,536 characters.
+    """
     sensitive: _builtins.bool
     """Marks a step that handles sensitive data: it runs deterministically, without a model."""
     complexity: _builtins.int
-    """Rates the step's complexity from 1 to 10; zero means 5."""
+    """Rates the step's complexity from 1 to 10; zero means 5.
+    Bounds: from 0 to 10.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the step to the request it serves."""
 
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
-        """Lists the tool calls of a deterministic step, in order; its output is the last call's output."""
+        """Lists the tool calls of a deterministic step, in order; its output is the last call's output.
+        Bounds: at most 100 items.
+        """
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
@@ -93,7 +105,9 @@ class ExecuteRequest(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names the tools a model may call; empty means those of `tool_calls`."""
+        """Names the tools a model may call; empty means those of `tool_calls`.
+        Bounds: at most 100 items, each at most 128 characters.
+        """
 
     def __init__(
         self,
@@ -520,7 +534,9 @@ class ExecuteToolRequest(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Bounds the call's duration; zero means the tool's default."""
+        """Bounds the call's duration; zero means the tool's default.
+        Bounds: from 0 to 1 day.
+        """
 
     def __init__(
         self,
@@ -572,18 +588,24 @@ class ExecuteToolsRequest(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     max_concurrency: _builtins.int
-    """Caps the calls of this batch running at once; zero means 4. The server's own cap applies too."""
+    """Caps the calls of this batch running at once; zero means 4. The server's own cap applies too.
+    Bounds: from 0 to 1,000.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the calls to the request they serve."""
 
     @_builtins.property
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
-        """Lists the calls; results refer to them by their position here."""
+        """Lists the calls; results refer to them by their position here.
+        Bounds: at most 1,000 items.
+        """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Bounds each call's duration; zero means each tool's default."""
+        """Bounds each call's duration; zero means each tool's default.
+        Bounds: from 0 to 1 day.
+        """
 
     def __init__(
         self,
@@ -674,9 +696,13 @@ class ApproveToolCallRequest(_message.Message):
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     APPROVER_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
-    """Identifies the approval, from the ApprovalRequired event."""
+    """Identifies the approval, from the ApprovalRequired event.
+    Bounds: 1 to 128 characters.
+    """
     approver: _builtins.str
-    """Names who approves, for the record."""
+    """Names who approves, for the record.
+    Bounds: at most 256 characters.
+    """
     def __init__(
         self,
         *,
@@ -722,9 +748,13 @@ class RejectToolCallRequest(_message.Message):
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
-    """Identifies the approval, from the ApprovalRequired event."""
+    """Identifies the approval, from the ApprovalRequired event.
+    Bounds: 1 to 128 characters.
+    """
     reason: _builtins.str
-    """Says why, for the step's error."""
+    """Says why, for the step's error.
+    Bounds: at most 1,024 characters.
+    """
     def __init__(
         self,
         *,
@@ -770,7 +800,9 @@ class GetToolStatsRequest(_message.Message):
     SLOW_THRESHOLD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def slow_threshold(self) -> _duration_pb2.Duration:
-        """Lists as slow the tools whose average latency is above this; zero means the server's threshold."""
+        """Lists as slow the tools whose average latency is above this; zero means the server's threshold.
+        Bounds: from 0 to 1 day.
+        """
 
     def __init__(
         self,
@@ -890,9 +922,13 @@ class ListToolsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Caps the number of tools returned; zero means 100."""
+    """Caps the number of tools returned; zero means 100.
+    Bounds: from 0 to 1,000.
+    """
     page_token: _builtins.str
-    """Continues a listing from the `next_page_token` of an earlier response."""
+    """Continues a listing from the `next_page_token` of an earlier response.
+    Bounds: at most 1,024 characters.
+    """
     def __init__(
         self,
         *,

@@ -99,10 +99,14 @@ class GetMetricsRequest(_message.Message):
     METHOD_FILTER_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     method_filter: _builtins.str
-    """Keeps only the RPC methods whose full name contains this text; empty keeps all."""
+    """Keeps only the RPC methods whose full name contains this text; empty keeps all.
+    Bounds: at most 256 characters.
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Tier.ValueType]:
-        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others."""
+        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others.
+        Bounds: at most 3 items, each one of the declared values.
+        """
 
     def __init__(
         self,
@@ -152,14 +156,20 @@ class WatchMetricsRequest(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     METHOD_FILTER_FIELD_NUMBER: _builtins.int
     method_filter: _builtins.str
-    """Keeps only the RPC methods whose full name contains this text; empty keeps all."""
+    """Keeps only the RPC methods whose full name contains this text; empty keeps all.
+    Bounds: at most 256 characters.
+    """
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """Sets the time between snapshots; unset or below 100 ms means 1 s."""
+        """Sets the time between snapshots; unset or below 100 ms means 1 s.
+        Bounds: from 0 to 1 hour.
+        """
 
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Tier.ValueType]:
-        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others."""
+        """Names the tiers wanted; empty means this server's own tier. Only Coordinate answers for others.
+        Bounds: at most 3 items, each one of the declared values.
+        """
 
     def __init__(
         self,

@@ -197,26 +197,37 @@ class Workflow(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Names the workflow."""
+    """Names the workflow.
+    Bounds: at most 256 characters.
+    """
     description: _builtins.str
-    """Says what the workflow does."""
+    """Says what the workflow does.
+    Bounds: at most 4,096 characters.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowStep]:
-        """Lists the steps; their order carries no meaning, dependencies do."""
+        """Lists the steps; their order carries no meaning, dependencies do.
+        Bounds: at most 10,000 items.
+        """
 
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowInput]:
-        """Declares the inputs the workflow takes; when empty, any inputs are accepted."""
+        """Declares the inputs the workflow takes; when empty, any inputs are accepted.
+        Bounds: at most 1,000 items.
+        """
 
     @_builtins.property
     def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Maps each output name to a template over inputs, step outputs and variables; when empty, the
         outputs are every completed step's output by step id.
+        Bounds: at most 1,000 entries, keys at most 128 characters, values at most 65,536 characters.
         """
 
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Maps each run variable name to a template, resolved on first use and cached for the run."""
+        """Maps each run variable name to a template, resolved on first use and cached for the run.
+        Bounds: at most 1,000 entries, keys at most 128 characters, values at most 65,536 characters.
+        """
 
     def __init__(
         self,
@@ -248,16 +259,24 @@ class WorkflowInput(_message.Message):
     REQUIRED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Names the input, as templates read it (`{{inputs.NAME}}`)."""
+    """Names the input, as templates read it (`{{inputs.NAME}}`).
+    Bounds: at most 128 characters.
+    """
     type: Global___InputType.ValueType
-    """Gives the type the value must have."""
+    """Gives the type the value must have.
+    Bounds: one of the declared values.
+    """
     required: _builtins.bool
     """Says whether a run must supply the input (ignored when it has a default)."""
     description: _builtins.str
-    """Says what the input means."""
+    """Says what the input means.
+    Bounds: at most 4,096 characters.
+    """
     @_builtins.property
     def default_value(self) -> _struct_pb2.Value:
-        """Gives the value used when the run supplies none."""
+        """Gives the value used when the run supplies none.
+        Bounds: JSON nested at most 24 deep.
+        """
 
     def __init__(
         self,
@@ -287,16 +306,24 @@ class RetryPolicy(_message.Message):
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Caps the attempts, the first one included; zero or one means no retry."""
+    """Caps the attempts, the first one included; zero or one means no retry.
+    Bounds: from 0 to 100.
+    """
     backoff_multiplier: _builtins.float
-    """Multiplies the wait after each attempt; zero means 2."""
+    """Multiplies the wait after each attempt; zero means 2.
+    Bounds: a finite number from 0 to 10.
+    """
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
-        """Gives the wait before the second attempt; zero means one second."""
+        """Gives the wait before the second attempt; zero means one second.
+        Bounds: from 0 to 1 hour.
+        """
 
     @_builtins.property
     def max_backoff(self) -> _duration_pb2.Duration:
-        """Caps the wait between attempts; zero means 60 seconds."""
+        """Caps the wait between attempts; zero means 60 seconds.
+        Bounds: from 0 to 1 day.
+        """
 
     def __init__(
         self,
@@ -333,34 +360,50 @@ class WorkflowStep(_message.Message):
     OPTIONAL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Identifies the step within its workflow."""
+    """Identifies the step within its workflow.
+    Bounds: at most 128 characters.
+    """
     name: _builtins.str
-    """Names the step for people."""
+    """Names the step for people.
+    Bounds: at most 256 characters.
+    """
     tool: _builtins.str
-    """Names the tool the step calls."""
+    """Names the tool the step calls.
+    Bounds: at most 128 characters.
+    """
     strategy: _common_pb2.Strategy.ValueType
-    """Chooses the strategy the step runs with."""
+    """Chooses the strategy the step runs with.
+    Bounds: one of the declared values.
+    """
     when: _builtins.str
     """Gives a JMESPath condition over `inputs`, `steps` and `vars`; a false result skips the step and
     the steps that depend on it.
+    Bounds: at most 4,096 characters.
     """
     optional: _builtins.bool
     """Lets the run go on when the step fails; the steps that depend on it are skipped."""
     prompt: _builtins.str
     """States the task for the conversational and reasoning strategies, which may call the step's
     tool; templates allowed.
+    Bounds: at most 65,536 characters.
     """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Holds the tool's arguments; strings may hold templates such as `{{inputs.city}}` or `{{steps.fetch.output.body}}`."""
+        """Holds the tool's arguments; strings may hold templates such as `{{inputs.city}}` or `{{steps.fetch.output.body}}`.
+        Bounds: JSON nested at most 24 deep.
+        """
 
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lists the ids of the steps that must complete before this one starts."""
+        """Lists the ids of the steps that must complete before this one starts.
+        Bounds: at most 10,000 items, each at most 128 characters.
+        """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Bounds the step's duration; zero means no limit of its own."""
+        """Bounds the step's duration; zero means no limit of its own.
+        Bounds: from 0 to 30 days.
+        """
 
     @_builtins.property
     def workflow(self) -> Global___Workflow:
@@ -1126,11 +1169,15 @@ class OrchestrateRequest(_message.Message):
 
     @_builtins.property
     def workflow(self) -> Global___Workflow:
-        """Describes the workflow to run."""
+        """Describes the workflow to run.
+        Bounds: at most 4 MiB in its wire form.
+        """
 
     @_builtins.property
     def inputs(self) -> _struct_pb2.Struct:
-        """Holds the workflow's inputs."""
+        """Holds the workflow's inputs.
+        Bounds: JSON nested at most 24 deep, at most 1 MiB.
+        """
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
@@ -1188,18 +1235,24 @@ class StartRunRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Makes the call idempotent: a `request_id` already seen returns the run it started."""
+    """Makes the call idempotent: a `request_id` already seen returns the run it started.
+    Bounds: at most 128 characters.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the run to the request it serves."""
 
     @_builtins.property
     def workflow(self) -> Global___Workflow:
-        """Describes the workflow to run."""
+        """Describes the workflow to run.
+        Bounds: at most 4 MiB in its wire form.
+        """
 
     @_builtins.property
     def inputs(self) -> _struct_pb2.Struct:
-        """Holds the workflow's inputs."""
+        """Holds the workflow's inputs.
+        Bounds: JSON nested at most 24 deep, at most 1 MiB.
+        """
 
     @_builtins.property
     def limits(self) -> _common_pb2.ResourceLimits:
@@ -1259,9 +1312,13 @@ class WatchRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     after_sequence: _builtins.int
-    """Streams only events with a greater sequence number; zero streams them all."""
+    """Streams only events with a greater sequence number; zero streams them all.
+    Bounds: from 0 to 1,000,000,000,000,000.
+    """
     def __init__(
         self,
         *,
@@ -1308,7 +1365,9 @@ class GetRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     def __init__(
         self,
         *,
@@ -1356,11 +1415,17 @@ class ListRunsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Caps the number of runs returned; zero means 50, and more than 1000 is refused."""
+    """Caps the number of runs returned; zero means 50, and more than 1000 is refused.
+    Bounds: from 0 to 1,000.
+    """
     page_token: _builtins.str
-    """Continues a listing from the `next_page_token` of an earlier response."""
+    """Continues a listing from the `next_page_token` of an earlier response.
+    Bounds: at most 1,024 characters.
+    """
     state: Global___RunState.ValueType
-    """Keeps only runs in this state; unspecified keeps all."""
+    """Keeps only runs in this state; unspecified keeps all.
+    Bounds: one of the declared values.
+    """
     def __init__(
         self,
         *,
@@ -1413,9 +1478,13 @@ class CancelRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     reason: _builtins.str
-    """Says why the run is cancelled."""
+    """Says why the run is cancelled.
+    Bounds: at most 1,024 characters.
+    """
     def __init__(
         self,
         *,
@@ -1463,9 +1532,13 @@ class PauseRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     reason: _builtins.str
-    """Says why the run is paused."""
+    """Says why the run is paused.
+    Bounds: at most 1,024 characters.
+    """
     def __init__(
         self,
         *,
@@ -1512,7 +1585,9 @@ class ResumeRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     def __init__(
         self,
         *,
@@ -1559,10 +1634,14 @@ class ResolveVariablesRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     EXPRESSIONS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """Identifies the run."""
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
     @_builtins.property
     def expressions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lists the expressions, such as `inputs.city`, `steps.fetch.output.body` or `vars.greeting`."""
+        """Lists the expressions, such as `inputs.city`, `steps.fetch.output.body` or `vars.greeting`.
+        Bounds: at most 1,000 items, each at most 4,096 characters.
+        """
 
     def __init__(
         self,
@@ -1611,7 +1690,9 @@ class PlanWorkflowRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def workflow(self) -> Global___Workflow:
-        """Describes the workflow to plan."""
+        """Describes the workflow to plan.
+        Bounds: at most 4 MiB in its wire form.
+        """
 
     def __init__(
         self,
@@ -1663,7 +1744,9 @@ class ValidateWorkflowRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def workflow(self) -> Global___Workflow:
-        """Describes the workflow to check."""
+        """Describes the workflow to check.
+        Bounds: at most 4 MiB in its wire form.
+        """
 
     def __init__(
         self,

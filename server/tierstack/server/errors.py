@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from tierstack.client.errors import TierstackError
 from tierstack.v1 import common_pb2
 
-
+#: The ``ErrorInfo.domain`` of every error tierstack raises.
+ERROR_DOMAIN = "tierstack.dev"
 #: How many characters of a caller's text an error message quotes.
 QUOTE_LIMIT = 48
 
@@ -98,6 +99,23 @@ def error_detail(tier: common_pb2.Tier.ValueType, reason: str, message: str, **m
     return common_pb2.ErrorDetail(reason=reason, message=message, tier=tier, metadata=metadata)
 
 
+_UNEXPLAINED = {
+    "UNAVAILABLE": "cannot be reached",
+    "DEADLINE_EXCEEDED": "did not answer in time",
+    "CANCELLED": "cancelled the call",
+    "RESOURCE_EXHAUSTED": "refused the call: a message or a limit was too large",
+}
+
+
+def message_of_call(error: TierstackError) -> str:
+    """Returns what may be said of a failed call to the tier below: the message a tierstack server
+    wrote, or only what the status means when gRPC itself failed the call (its texts name internal
+    addresses)."""
+    if error.domain == ERROR_DOMAIN:
+        return error.message
+    return f"the tier below {_UNEXPLAINED.get(error.code.name, f'failed the call ({error.code.name})')}"
+
+
 def error_detail_of_call(error: TierstackError, tier: common_pb2.Tier.ValueType) -> common_pb2.ErrorDetail:
     """Returns the wire description of a failed call to the tier below (``tier``)."""
-    return error_detail(tier, error.reason, error.message, **error.metadata)
+    return error_detail(tier, error.reason, message_of_call(error), **error.metadata)

@@ -15,9 +15,11 @@ from types import TracebackType
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from tierstack.client.errors import TierstackError
-from tierstack.server.errors import DomainError
+from tierstack.server import boundary
+from tierstack.server.errors import DomainError, InvalidArgumentError, Violation
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
 from tierstack.server.tracing import client_interceptors
@@ -26,6 +28,55 @@ _log = logging.getLogger(__name__)
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+Deserializer = Callable[[bytes], Any]
+
+#: Requests larger than this are checked in a worker thread, so the loop goes on serving meanwhile.
+CHECK_INLINE_BYTES = 64 << 10
+#: What an unexpected failure tells the caller; the server's log has the details.
+INTERNAL_MESSAGE = "the server failed unexpectedly while answering; its log has the details"
+
+
+class _Malformed:
+    """Stands for a request whose bytes are not a message of its type."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserialize: Deserializer | None) -> Deserializer | None:
+    """Returns a deserializer that hands over :data:`_MALFORMED` instead of raising, so the call is
+    answered INVALID_ARGUMENT like any other bad request (gRPC would answer INTERNAL)."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError: invalid UTF-8, nesting past the parser's limit, bad bytes
+            return _MALFORMED
+
+    return parse
+
+
+async def _checked(request: Any) -> None:
+    """Holds a request to the bounds of :mod:`tierstack.server.boundary`.
+
+    Raises:
+        InvalidArgumentError: The request cannot be parsed or breaks a bound; every violation named.
+    """
+    if request is _MALFORMED:
+        raise InvalidArgumentError(
+            [Violation("request", "cannot be parsed: malformed bytes, invalid UTF-8 or nesting too deep")],
+            reason="MALFORMED_REQUEST",
+        )
+    if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("tierstack."):
+        return  # gRPC's own services (health) bound their requests themselves
+    if request.ByteSize() > CHECK_INLINE_BYTES:
+        violations = await asyncio.to_thread(boundary.check, request)
+    else:
+        violations = boundary.check(request)
+    if violations:
+        raise InvalidArgumentError(violations, reason="OUT_OF_BOUNDS")
 
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
@@ -38,8 +89,10 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Records a latency histogram per method and status code (a stream is timed to its end) and
-    aborts with the mapped status when a handler raises a :class:`DomainError`."""
+    """Checks every request against the boundary's bounds before its handler sees it, records a
+    latency histogram per method and status code (a stream is timed to its end), and aborts with the
+    mapped status when a handler raises a :class:`DomainError` (INTERNAL, without its text, for any
+    other exception)."""
 
     def __init__(self, metrics: MethodMetrics) -> None:
         self._metrics = metrics
@@ -65,7 +118,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, cast(UnaryBehavior, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -78,7 +131,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
@@ -91,6 +144,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._observe(method, context):
+                await _checked(request)
                 return await behavior(request, context)
 
         return unary
@@ -100,6 +154,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with self._observe(method, context):
+                await _checked(request)
                 async for response in behavior(request, context):
                     messages[method] += 1
                     yield response
@@ -145,6 +200,8 @@ class _Observed:
         try:
             if isinstance(error, DomainError | TierstackError):
                 await self._context.abort_with_status(to_grpc_status(error))
+            elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+                await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
             self._interceptor._finish(self._method, self._context, error, self._start)
         return False

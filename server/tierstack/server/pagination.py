@@ -1,4 +1,4 @@
-"""Page sizes and opaque page tokens, checked the same way by every List RPC."""
+"""Opaque page tokens, read the same way by every List RPC (the boundary bounds page sizes)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,6 @@ import base64
 import binascii
 
 from tierstack.server.errors import InvalidArgumentError, Violation
-
-
-def page_size(requested: int, *, default: int, maximum: int) -> int:
-    """Returns the page size to use, ``default`` for 0.
-
-    Raises:
-        InvalidArgumentError: ``requested`` is negative or above ``maximum``.
-    """
-    if requested < 0 or requested > maximum:
-        raise InvalidArgumentError([Violation("page_size", f"must be between 0 and {maximum}, got {requested}")])
-    return requested or default
 
 
 def encode_token(cursor: str) -> str:

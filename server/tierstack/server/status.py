@@ -12,16 +12,23 @@ from grpc_status import rpc_status
 
 from tierstack.client.errors import TierstackError
 from tierstack.server.errors import (
+    ERROR_DOMAIN,
     DomainError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
+    message_of_call,
 )
 
-#: The ``ErrorInfo.domain`` of every error tierstack raises.
-ERROR_DOMAIN = "tierstack.dev"
+__all__ = ["ERROR_DOMAIN", "code_of", "to_grpc_status"]
+
+#: The longest message, violation field and violation description an answer carries: a status must
+#: fit in the trailers whatever the request held.
+MAX_MESSAGE = 1024
+MAX_FIELD = 256
+MAX_DESCRIPTION = 512
 
 _CODES: tuple[tuple[type[DomainError], int], ...] = (
     (InvalidArgumentError, code_pb2.INVALID_ARGUMENT),
@@ -50,10 +57,17 @@ class _Named(Protocol):
     def description(self) -> str: ...
 
 
+def _clip(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 def _bad_request(violations: Iterable[_Named]) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+            )
+            for v in violations
         ]
     )
 
@@ -61,7 +75,10 @@ def _bad_request(violations: Iterable[_Named]) -> error_details_pb2.BadRequest:
 def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailure:
     return error_details_pb2.QuotaFailure(
         violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=v.field, description=v.description) for v in violations
+            error_details_pb2.QuotaFailure.Violation(
+                subject=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+            )
+            for v in violations
         ]
     )
 
@@ -76,13 +93,17 @@ def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
             details.append(_bad_request(error.field_violations))
         if error.quota_violations:
             details.append(_quota_failure(error.quota_violations))
-        return _status(int(error.code.value[0]), f"the tier below failed: {error.message}", details)
+        return _status(int(error.code.value[0]), message_of_call(error), details)
     if isinstance(error, InvalidArgumentError):
         details.append(_bad_request(error.violations))
     if isinstance(error, ResourceExhaustedError):
         details.append(_quota_failure(error.violations))
     if isinstance(error, NotFoundError):
-        details.append(error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.name))
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type=error.resource_type, resource_name=_clip(error.name, MAX_FIELD)
+            )
+        )
     return _status(code_of(error), error.message, details)
 
 
@@ -92,5 +113,7 @@ def _status(code: int, message: str, details: list[Any]) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status: grpc.Status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=_clip(message, MAX_MESSAGE), details=packed)
+    )
     return status

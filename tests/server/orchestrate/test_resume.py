@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, spawn_tier, start_tier, stop, wait_for
+from tests.helpers import HttpServer, open_stack, spawn_tier, start_tier, stop, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
-from tierstack.client.values import from_value, to_struct
+from tierstack.client.values import from_value, now_timestamp, to_struct
 from tierstack.server import Settings
+from tierstack.server.orchestrate import SqliteRunStore, StoredRun
+from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 ROUNDS = int(os.environ.get("TIERSTACK_RESUME_ROUNDS", "2"))
@@ -94,3 +96,33 @@ async def test_runs_survive_a_sigkill_of_the_orchestrator(round_: int, tmp_path:
             # A step that had completed is never executed again; one in flight at the kill may be.
             assert hits[path] == 1 if name in before else hits[path] >= 1, (path, hits[path])
     assert resumed_somewhere, "the kill came after every run had ended; nothing was resumed"
+
+
+async def test_a_stored_run_that_cannot_resume_is_failed_and_the_server_starts(tmp_path: Path) -> None:
+    store = SqliteRunStore(tmp_path / "runs.sqlite3")
+    await store.open()
+    try:
+        for run_id, limits in (
+            ("bad", common_pb2.ResourceLimits(max_parallelism=-1)),
+            ("good", common_pb2.ResourceLimits()),
+        ):
+            run = pb.Run(run_id=run_id, workflow_name="w", state=pb.RUN_STATE_RUNNING, create_time=now_timestamp())
+            run.steps.add(step_id="a", state=pb.STEP_STATE_PENDING)
+            await store.create_run(StoredRun(run, workflow(step("a", "core.echo", value=1)), limits))
+        # A record that cannot be read back at all, as a damaged file could hold.
+        await store._conn.execute(
+            "INSERT INTO runs (run_id, state, create_ns, run, workflow, limits) VALUES (?, ?, ?, ?, ?, ?)",
+            ("torn", pb.RUN_STATE_RUNNING, 1, b"\xff\xff\xff", b"", b""),
+        )
+        await store._conn.commit()
+    finally:
+        await store.close()
+    async with open_stack(Settings(data_dir=tmp_path)) as stack:
+        bad = await stack.orchestrator.get_run("bad")
+        async for _ in stack.orchestrator.watch_run("good"):
+            pass
+        good = await stack.orchestrator.get_run("good")
+    assert bad.state == pb.RUN_STATE_FAILED
+    assert bad.error.reason == "RUN_NOT_RESUMABLE"
+    assert "limits.max_parallelism" in bad.error.message
+    assert good.state == pb.RUN_STATE_COMPLETED

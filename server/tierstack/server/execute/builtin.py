@@ -20,6 +20,7 @@ from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
+from tierstack.server.errors import quoted
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 _JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -82,11 +83,11 @@ class HttpRequester:
     def _check_host(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ToolError("INVALID_URL", f"{url!r} is not an http(s) URL")
+            raise ToolError("INVALID_URL", f"{quoted(url)} is not an http(s) URL")
         if not any(fnmatch.fnmatch(parts.hostname, pattern) for pattern in self._allowed):
             raise ToolError(
                 "HOST_NOT_ALLOWED",
-                f"host {parts.hostname!r} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
+                f"host {quoted(parts.hostname)} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
             )
 
     async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
@@ -112,9 +113,9 @@ class HttpRequester:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
-            raise ToolError("HTTP_TIMEOUT", f"{request.method} {url} timed out") from exc
+            raise ToolError("HTTP_TIMEOUT", f"{request.method} {quoted(url)} timed out") from exc
         except httpx.HTTPError as exc:
-            raise ToolError("HTTP_ERROR", f"{request.method} {url} failed: {exc}") from exc
+            raise ToolError("HTTP_ERROR", f"{request.method} {quoted(url)} failed: {exc}") from exc
         text = body.decode(response.encoding or "utf-8", errors="replace")
         result: dict[str, JSON] = {
             "status": response.status_code,
@@ -132,7 +133,7 @@ def _inside(workspace: Path, path: str) -> Path:
     root = workspace.resolve()
     target = (root / path).resolve()  # symlinks resolved too, so none leads out
     if not target.is_relative_to(root) or target == root:
-        raise ToolError("PATH_OUTSIDE_WORKSPACE", f"{path!r} is not a file inside the run's workspace")
+        raise ToolError("PATH_OUTSIDE_WORKSPACE", f"{quoted(path)} is not a file inside the run's workspace")
     return target
 
 
@@ -148,10 +149,10 @@ def _read_file(workspace: Path, path: str, limit: int) -> str:
     try:
         size = target.stat().st_size
         if size > limit:
-            raise ToolError("FILE_TOO_LARGE", f"{path!r} has {size} bytes; max_bytes is {limit}")
+            raise ToolError("FILE_TOO_LARGE", f"{quoted(path)} has {size} bytes; max_bytes is {limit}")
         return target.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ToolError("FILE_NOT_FOUND", f"{path!r} does not exist in the run's workspace") from None
+        raise ToolError("FILE_NOT_FOUND", f"{quoted(path)} does not exist in the run's workspace") from None
 
 
 async def _files_write(arguments: dict[str, Any], context: ToolContext) -> JSON:

@@ -147,11 +147,10 @@ class Executor:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
             result.error.CopyFrom(_error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name))
-        except Exception as exc:
+        except Exception:
             _log.exception("tool %s raised", tool.name)
-            result.error.CopyFrom(
-                _error("TOOL_FAILED", f"{tool.name} raised {type(exc).__name__}: {exc}", tool=tool.name)
-            )
+            message = f"{tool.name} failed unexpectedly; the server's log has the details"
+            result.error.CopyFrom(_error("TOOL_FAILED", message, tool=tool.name))
         elapsed = time.perf_counter() - start
         result.duration.CopyFrom(to_duration(elapsed))
         result.tokens = context.meter.tokens - tokens_before

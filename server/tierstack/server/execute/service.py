@@ -16,7 +16,7 @@ from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
-from tierstack.server.pagination import decode_token, encode_token, page_size
+from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
@@ -92,7 +92,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def ListTools(
         self, request: executor_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.ListToolsResponse:
-        size = page_size(request.page_size, default=100, maximum=1000)
+        size = request.page_size or 100
         after = decode_token(request.page_token)
         tools = [tool for tool in self._executor.registry.tools() if tool.name > after]
         page = tools[:size]

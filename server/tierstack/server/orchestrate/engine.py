@@ -27,6 +27,7 @@ from tierstack.client.values import (
     to_struct,
     to_value,
 )
+from tierstack.server import boundary
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.errors import (
     FailedPreconditionError,
@@ -44,7 +45,6 @@ from tierstack.server.orchestrate.store import RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
 from tierstack.server.orchestrate.workflow import (
     DEFAULT_MAX_DEPTH,
-    MAX_INPUT_BYTES,
     StepSpec,
     WorkflowSpec,
     check_workflow,
@@ -168,11 +168,42 @@ class RunManager:
         return len(self._live)
 
     async def open(self) -> None:
-        """Resumes every run a previous process left pending or running."""
+        """Resumes every run a previous process left pending or running. A run that cannot be resumed
+        (what was stored no longer passes the checks, or cannot be read) is failed with the reason
+        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting."""
         for stored in await self._store.unfinished_runs():
-            self._resume(
-                stored, await self._store.events(stored.run.run_id, after_sequence=0), "orchestrator restarted"
-            )
+            history: list[pb.RunEvent] = []
+            try:
+                history = await self._store.events(stored.run.run_id, after_sequence=0)
+                violations = boundary.check(pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits))
+                if violations:
+                    raise InvalidArgumentError(violations)
+                self._resume(stored, history, "orchestrator restarted")
+            except Exception as exc:
+                self._live.pop(stored.run.run_id, None)
+                _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
+                await self._fail_unresumable(stored, history, exc)
+
+    async def _fail_unresumable(self, stored: StoredRun, history: list[pb.RunEvent], cause: Exception) -> None:
+        run = stored.run
+        if isinstance(cause, InvalidArgumentError):
+            first = cause.violations[0]
+            why = f"what was stored no longer passes the checks ({first.field}: {first.description})"
+        else:
+            why = "what was stored cannot be read back"
+        run.state = pb.RUN_STATE_FAILED
+        run.error.CopyFrom(_error("RUN_NOT_RESUMABLE", f"the run cannot be resumed: {why}"))
+        run.end_time.CopyFrom(now_timestamp())
+        run.last_sequence = max(run.last_sequence, history[-1].sequence if history else 0) + 1
+        event = pb.RunEvent(
+            sequence=run.last_sequence,
+            run_id=run.run_id,
+            correlation_id=run.correlation_id,
+            time=run.end_time,
+            run_failed=pb.RunFailed(error=run.error),
+        )
+        await self._store.write([run], [event])
+        self.finished_runs[pb.RunState.Name(run.state)] += 1
 
     def stopping(self) -> None:
         """Marks the process as stopping: runs are no longer cancelled when their callers go away
@@ -237,8 +268,6 @@ class RunManager:
             InvalidArgumentError: The workflow or the inputs are malformed; every problem is named.
         """
         spec = await self.check(workflow, limits)
-        if inputs.ByteSize() > MAX_INPUT_BYTES:
-            raise InvalidArgumentError([Violation("inputs", f"may have at most {MAX_INPUT_BYTES} bytes")])
         bound = spec.bind_inputs(from_struct(inputs))
         run = pb.Run(
             run_id=uuid.uuid4().hex,

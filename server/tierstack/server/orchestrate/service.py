@@ -18,7 +18,7 @@ from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.store import SqliteRunStore
 from tierstack.server.orchestrate.workflow import check_workflow
-from tierstack.server.pagination import decode_token, encode_token, page_size
+from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -78,7 +78,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         return pb.GetRunResponse(run=await self._manager.get_run(request.run_id))
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
-        size = page_size(request.page_size, default=50, maximum=1000)
+        size = request.page_size or 50
         runs = await self._manager.list_runs(limit=size + 1, after=_cursor(request.page_token), state=request.state)
         page = runs[:size]
         last = page[-1] if page else None

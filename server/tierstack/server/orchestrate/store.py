@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from google.protobuf.message import DecodeError
 
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run
 RunEvent = orchestrator_service_pb2.RunEvent
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +258,25 @@ class SqliteRunStore(RunStore):
             return [Run.FromString(row[0]) for row in await rows.fetchall()]
 
     async def unfinished_runs(self) -> list[StoredRun]:
+        """Returns every run that is pending or running, oldest first; a run whose stored record
+        cannot be read is marked failed (and logged) rather than returned."""
         marks = ", ".join("?" * len(_UNFINISHED))
-        query = f"SELECT run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
+        query = f"SELECT run_id, run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
         async with self._conn.execute(query, _UNFINISHED) as rows:
-            return [_stored(row) for row in await rows.fetchall()]
+            found, unreadable = [], []
+            for run_id, *row in await rows.fetchall():
+                try:
+                    found.append(_stored(row))
+                except DecodeError:
+                    unreadable.append(run_id)
+        if unreadable:
+            _log.warning("%d stored runs cannot be read and are marked failed: %s", len(unreadable), unreadable)
+            await self._conn.executemany(
+                "UPDATE runs SET state = ? WHERE run_id = ?",
+                [(orchestrator_service_pb2.RUN_STATE_FAILED, run_id) for run_id in unreadable],
+            )
+            await self._conn.commit()
+        return found
 
     async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
         async with self._conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Collection, Iterator, Mapping
@@ -14,20 +15,14 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON, from_struct, from_value, to_seconds
-from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.errors import InvalidArgumentError, Violation, quoted
 from tierstack.server.orchestrate.templates import Path, TemplateError, templates
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 pb = orchestrator_service_pb2
 
-#: The most steps one workflow may have.
-MAX_STEPS = 10_000
 #: How deeply workflows may nest unless a run's limits say otherwise.
 DEFAULT_MAX_DEPTH = 5
-#: The largest workflow accepted, in wire bytes.
-MAX_WORKFLOW_BYTES = 4 << 20
-#: The largest inputs accepted, in wire bytes.
-MAX_INPUT_BYTES = 1 << 20
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 _STEP_REFERENCE = re.compile(r"\bsteps\.([A-Za-z_][A-Za-z0-9_-]*)")
@@ -41,6 +36,11 @@ _TYPE_CHECKS: dict[int, tuple[str, Any]] = {
     pb.INPUT_TYPE_ARRAY: ("an array", lambda v: isinstance(v, list)),
 }
 _MISSING: Any = object()
+
+
+def _shown(value: JSON) -> str:
+    """Returns a short prefix of a caller's value for a violation."""
+    return quoted(value if isinstance(value, str) else json.dumps(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ class WorkflowSpec:
                 continue
             check = _TYPE_CHECKS.get(spec.type)
             if check is not None and not check[1](value):
-                violations.append(Violation(f"{field}.{spec.name}", f"must be {check[0]}, got {value!r}"))
+                violations.append(Violation(f"{field}.{spec.name}", f"must be {check[0]}, got {_shown(value)}"))
             bound[spec.name] = value
         if violations:
             raise InvalidArgumentError(violations, reason="INVALID_INPUTS")
@@ -210,7 +210,7 @@ class _Checker:
     def _unique_name(self, field: str, name: str, seen: dict[str, int], index: int, collection: str) -> None:
         """Checks that ``name`` is a name (a letter or _, then letters, digits, _ or -) not yet in ``seen``."""
         if not _NAME.fullmatch(name):
-            self.add(field, f"{name!r} is not a name (a letter or _, then letters, digits, _ or -)")
+            self.add(field, f"{quoted(name)} is not a name (a letter or _, then letters, digits, _ or -)")
         elif name in seen:
             self.add(field, f"duplicates the name of {collection}[{seen[name]}]")
         else:
@@ -255,8 +255,6 @@ class _Checker:
         steps_field = f"{field}.steps"
         if not workflow.steps:
             self.add(steps_field, "a workflow needs at least one step")
-        if len(workflow.steps) > MAX_STEPS:
-            self.add(steps_field, f"a workflow may have at most {MAX_STEPS} steps")
         inputs = self._inputs(workflow, field)
         known_vars = self._variable_steps(workflow, field)
         first_index: dict[str, int] = {}
@@ -314,7 +312,7 @@ class _Checker:
             default = from_value(declared.default_value) if declared.HasField("default_value") else _MISSING
             check = _TYPE_CHECKS.get(declared.type)
             if default is not _MISSING and check is not None and not check[1](default):
-                self.add(f"{where}.default_value", f"must be {check[0]}, got {default!r}")
+                self.add(f"{where}.default_value", f"must be {check[0]}, got {_shown(default)}")
             specs.append(InputSpec(declared.name, declared.type, default, declared.required))
         return tuple(specs)
 
@@ -354,8 +352,6 @@ class _Checker:
             else:
                 nested = self.check(step.workflow, f"{where}.workflow", depth + 1)
         retry = step.retry
-        if retry.max_attempts < 0 or retry.backoff_multiplier < 0:
-            self.add(f"{where}.retry", "max_attempts and backoff_multiplier must not be negative")
         return StepSpec(
             id=step.id,
             name=step.name or step.id,
@@ -407,9 +403,6 @@ def check_workflow(
         InvalidArgumentError: With one violation for every problem found, each naming its field.
     """
     checker = _Checker(max_depth)
-    size = workflow.ByteSize()
-    if size > MAX_WORKFLOW_BYTES:
-        checker.add(field, f"is {size} bytes; a workflow may have at most {MAX_WORKFLOW_BYTES}")
     spec = checker.check(workflow, field, 1)
     if spec is None or checker.violations:
         raise InvalidArgumentError(checker.violations, reason="INVALID_WORKFLOW")

@@ -174,6 +174,18 @@ async def test_retries_back_off_and_use_a_new_idempotency_key(engine: Engine) ->
     assert (exhausted.steps[0].attempt, exhausted.error.reason) == (3, "FLAKY")
 
 
+async def test_the_longest_retry_policy_allowed_backs_off_without_overflow(engine: Engine) -> None:
+    policy = pb.RetryPolicy(max_attempts=100, backoff_multiplier=10)  # the bounds' maxima
+    policy.initial_backoff.FromNanoseconds(1)
+    policy.max_backoff.FromMilliseconds(1)
+    wf = workflow(
+        pb.WorkflowStep(id="s", tool="test.flaky", retry=policy, parameters=to_struct({"key": "y", "failures": 100}))
+    )
+    run, events = await engine.run(wf)
+    assert (run.state, run.steps[0].attempt, run.error.reason) == (pb.RUN_STATE_FAILED, 100, "FLAKY")
+    assert sum(e.HasField("step_retried") for e in events) == 99
+
+
 async def test_a_nested_workflow_runs_in_its_own_context_and_merges_back(engine: Engine) -> None:
     inner = pb.Workflow(
         name="inner",

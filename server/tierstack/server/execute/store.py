@@ -1,0 +1,260 @@
+"""What Execute keeps across its own restarts: the executions it finished (by execution id, so that
+a step asked for again is replayed, not run again) and the approvals that wait for an answer. One
+interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiosqlite
+
+from tierstack.v1 import executor_service_pb2
+
+ExecutionEvent = executor_service_pb2.ExecutionEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A tool call of an execution that waits for a person.
+
+    Attributes:
+        approval_id: What ApproveToolCall and RejectToolCall name.
+        execution_id: The execution the call belongs to.
+        index: The call's position in its step; with the execution id it names the call, so an
+            execution run again after a restart finds the approval it opened before.
+        tool: The tool the call runs.
+        arguments: The call's arguments, a serialised ``google.protobuf.Struct``.
+        expire_ns: When the call is rejected if nobody answers, in ns since the epoch.
+        decided: Whether someone answered.
+        rejection: Why the call was rejected; empty when it was approved.
+    """
+
+    approval_id: str
+    execution_id: str
+    index: int
+    tool: str
+    arguments: bytes
+    expire_ns: int
+    decided: bool = False
+    rejection: str = ""
+
+
+def _pack(events: Sequence[ExecutionEvent]) -> bytes:
+    """Frames events as (4-byte length, message) pairs."""
+    return b"".join(len(data).to_bytes(4, "big") + data for data in (e.SerializeToString() for e in events))
+
+
+def _unpack(blob: bytes) -> list[ExecutionEvent]:
+    events, position = [], 0
+    while position < len(blob):
+        size = int.from_bytes(blob[position : position + 4], "big")
+        events.append(ExecutionEvent.FromString(blob[position + 4 : position + 4 + size]))
+        position += 4 + size
+    return events
+
+
+class ExecutionStore(abc.ABC):
+    """Keeps finished executions and waiting approvals."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Prepares the store for use."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases the store's resources."""
+
+    @abc.abstractmethod
+    async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
+        """Returns the events of a finished execution, or None when it has not finished."""
+
+    @abc.abstractmethod
+    async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
+        """Keeps a finished execution's events; the first one kept for an id stays."""
+
+    @abc.abstractmethod
+    async def open_approval(self, approval: Approval) -> Approval:
+        """Keeps a new approval and returns it, or returns the one already open for the same
+        execution and call."""
+
+    @abc.abstractmethod
+    async def approval(self, approval_id: str) -> Approval | None:
+        """Returns an approval, or None."""
+
+    @abc.abstractmethod
+    async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
+        """Answers a waiting approval (None approves, else why it is rejected) and returns it as
+        answered; returns None when no approval by that id waits (never opened, or answered)."""
+
+    @abc.abstractmethod
+    async def forget_before(self, ns: int) -> int:
+        """Forgets the executions finished and the approvals expired before ``ns`` (ns since the
+        epoch); returns how many executions were forgotten."""
+
+
+class MemoryExecutionStore(ExecutionStore):
+    """Keeps executions in this process only; for tests and throwaway servers."""
+
+    def __init__(self) -> None:
+        self._finished: dict[str, tuple[int, bytes]] = {}
+        self._approvals: dict[str, Approval] = {}
+
+    async def open(self) -> None:
+        """Nothing to prepare."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
+        found = self._finished.get(execution_id)
+        return None if found is None else _unpack(found[1])
+
+    async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
+        self._finished.setdefault(execution_id, (time.time_ns(), _pack(events)))
+
+    async def open_approval(self, approval: Approval) -> Approval:
+        for kept in self._approvals.values():
+            if (kept.execution_id, kept.index) == (approval.execution_id, approval.index):
+                return kept
+        self._approvals[approval.approval_id] = approval
+        return approval
+
+    async def approval(self, approval_id: str) -> Approval | None:
+        return self._approvals.get(approval_id)
+
+    async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
+        kept = self._approvals.get(approval_id)
+        if kept is None or kept.decided:
+            return None
+        answered = self._approvals[approval_id] = replace(kept, decided=True, rejection=rejection or "")
+        return answered
+
+    async def forget_before(self, ns: int) -> int:
+        old = [key for key, (finish_ns, _) in self._finished.items() if finish_ns < ns]
+        for key in old:
+            del self._finished[key]
+        for key in [key for key, approval in self._approvals.items() if approval.expire_ns < ns]:
+            del self._approvals[key]
+        return len(old)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS executions (
+    execution_id TEXT PRIMARY KEY,
+    finish_ns INTEGER NOT NULL,
+    events BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS executions_by_finish ON executions (finish_ns);
+CREATE TABLE IF NOT EXISTS approvals (
+    approval_id TEXT PRIMARY KEY,
+    execution_id TEXT NOT NULL,
+    call_index INTEGER NOT NULL,
+    tool TEXT NOT NULL,
+    arguments BLOB NOT NULL,
+    expire_ns INTEGER NOT NULL,
+    decided INTEGER NOT NULL DEFAULT 0,
+    rejection TEXT NOT NULL DEFAULT '',
+    UNIQUE (execution_id, call_index)
+);
+"""
+_APPROVAL_COLUMNS = "approval_id, execution_id, call_index, tool, arguments, expire_ns, decided, rejection"
+
+
+def _approval(row: aiosqlite.Row | tuple[object, ...]) -> Approval:
+    approval_id, execution_id, index, tool, arguments, expire_ns, decided, rejection = row
+    return Approval(
+        approval_id=str(approval_id),
+        execution_id=str(execution_id),
+        index=int(str(index)),
+        tool=str(tool),
+        arguments=bytes(arguments),  # type: ignore[arg-type]
+        expire_ns=int(str(expire_ns)),
+        decided=bool(decided),
+        rejection=str(rejection),
+    )
+
+
+class SqliteExecutionStore(ExecutionStore):
+    """Keeps executions in one SQLite file (WAL, synchronous=NORMAL), off the event loop.
+
+    Args:
+        path: The database file; its folder is created when missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the execution store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.executescript(_SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
+        async with self._conn.execute("SELECT events FROM executions WHERE execution_id = ?", (execution_id,)) as rows:
+            row = await rows.fetchone()
+        return None if row is None else _unpack(row[0])
+
+    async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
+        await self._conn.execute(
+            "INSERT INTO executions (execution_id, finish_ns, events) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (execution_id, time.time_ns(), _pack(events)),
+        )
+        await self._conn.commit()
+
+    async def open_approval(self, approval: Approval) -> Approval:
+        await self._conn.execute(
+            f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, '') ON CONFLICT DO NOTHING",
+            (
+                approval.approval_id,
+                approval.execution_id,
+                approval.index,
+                approval.tool,
+                approval.arguments,
+                approval.expire_ns,
+            ),
+        )
+        await self._conn.commit()
+        query = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE execution_id = ? AND call_index = ?"
+        async with self._conn.execute(query, (approval.execution_id, approval.index)) as rows:
+            row = await rows.fetchone()
+        assert row is not None  # just written, or kept from before
+        return _approval(row)
+
+    async def approval(self, approval_id: str) -> Approval | None:
+        query = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE approval_id = ?"
+        async with self._conn.execute(query, (approval_id,)) as rows:
+            row = await rows.fetchone()
+        return None if row is None else _approval(row)
+
+    async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
+        cursor = await self._conn.execute(
+            "UPDATE approvals SET decided = 1, rejection = ? WHERE approval_id = ? AND decided = 0",
+            (rejection or "", approval_id),
+        )
+        await self._conn.commit()
+        return await self.approval(approval_id) if cursor.rowcount == 1 else None
+
+    async def forget_before(self, ns: int) -> int:
+        cursor = await self._conn.execute("DELETE FROM executions WHERE finish_ns < ?", (ns,))
+        await self._conn.execute("DELETE FROM approvals WHERE expire_ns < ?", (ns,))
+        await self._conn.commit()
+        return cursor.rowcount

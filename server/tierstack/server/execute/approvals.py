@@ -1,4 +1,9 @@
-"""Tool calls that wait for a person: approved, rejected, or rejected when nobody answers in time."""
+"""Tool calls that wait for a person: approved, rejected, or rejected when nobody answers in time.
+
+Approvals live in the execution store, so a call keeps waiting across a restart of the server: the
+step, asked for again under the same execution id, finds the approval it opened before (same id,
+same expiry) and waits for it, or takes the answer given meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +11,79 @@ import asyncio
 import secrets
 import time
 
+from google.protobuf import struct_pb2
+
 from tierstack.server.errors import NotFoundError
+from tierstack.server.execute.store import Approval, ExecutionStore
 
 
 class Approvals:
-    """The approvals waiting in this server.
+    """The approvals of one server.
 
     Args:
+        store: Where approvals are kept.
         timeout: How long a call waits for an answer before it is rejected, in seconds.
     """
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, store: ExecutionStore, *, timeout: float) -> None:
         self.timeout = timeout
-        self._pending: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
+        self._store = store
+        self._answers: dict[str, asyncio.Future[None]] = {}  # approval id → set when it is answered here
 
-    def open(self, tool: str) -> tuple[str, int]:
-        """Opens an approval for a call of ``tool``; returns its id and expiry (ns since the epoch)."""
-        approval_id = secrets.token_hex(16)
-        self._pending[approval_id] = (tool, asyncio.get_running_loop().create_future())
-        return approval_id, time.time_ns() + round(self.timeout * 1e9)
+    async def open(self, execution_id: str, index: int, tool: str, arguments: struct_pb2.Struct) -> Approval:
+        """Opens the approval of call ``index`` of an execution, or returns the one opened before."""
+        return await self._store.open_approval(
+            Approval(
+                approval_id=secrets.token_hex(16),
+                execution_id=execution_id,
+                index=index,
+                tool=tool,
+                arguments=arguments.SerializeToString(),
+                expire_ns=time.time_ns() + round(self.timeout * 1e9),
+            )
+        )
 
-    async def decision(self, approval_id: str) -> str | None:
-        """Waits for the answer: None when approved, else why the call was rejected."""
-        _, answer = self._pending[approval_id]
+    async def decision(self, approval: Approval) -> str | None:
+        """Waits for the answer until the approval expires: None when approved, else why the call
+        was rejected."""
+        answered = self._answers.setdefault(approval.approval_id, asyncio.get_running_loop().create_future())
         try:
-            return await asyncio.wait_for(answer, self.timeout)
-        except TimeoutError:
-            return f"nobody answered within {self.timeout:g} s"
+            kept = await self._store.approval(approval.approval_id)
+            if kept is not None and not kept.decided:
+                try:
+                    await asyncio.wait_for(asyncio.shield(answered), max(kept.expire_ns - time.time_ns(), 0) / 1e9)
+                except TimeoutError:
+                    await self._store.decide(approval.approval_id, f"nobody answered within {self.timeout:g} s")
+                kept = await self._store.approval(approval.approval_id)
         finally:
-            del self._pending[approval_id]
+            self._answers.pop(approval.approval_id, None)
+        if kept is None:
+            return "the approval was forgotten before anyone answered"
+        return kept.rejection or None
 
-    def _answer(self, approval_id: str, rejection: str | None) -> str:
-        waiting = self._pending.get(approval_id)
-        if waiting is None or waiting[1].done():
+    async def _answer(self, approval_id: str, rejection: str | None) -> str:
+        kept = await self._store.approval(approval_id)
+        expired = kept is None or kept.expire_ns < time.time_ns()
+        answered = None if expired else await self._store.decide(approval_id, rejection)
+        if answered is None:
             raise NotFoundError("approval", approval_id)
-        tool, answer = waiting
-        answer.set_result(rejection)
-        return tool
+        waiting = self._answers.get(approval_id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+        return answered.tool
 
-    def approve(self, approval_id: str) -> str:
+    async def approve(self, approval_id: str) -> str:
         """Lets a waiting call run; returns its tool.
 
         Raises:
             NotFoundError: No call waits under that id (never opened, answered, or expired).
         """
-        return self._answer(approval_id, None)
+        return await self._answer(approval_id, None)
 
-    def reject(self, approval_id: str, reason: str) -> str:
+    async def reject(self, approval_id: str, reason: str) -> str:
         """Rejects a waiting call; returns its tool.
 
         Raises:
             NotFoundError: No call waits under that id (never opened, answered, or expired).
         """
-        return self._answer(approval_id, reason or "rejected")
+        return await self._answer(approval_id, reason or "rejected")

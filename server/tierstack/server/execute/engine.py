@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,7 @@ from tierstack.server.errors import (
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
+from tierstack.server.execute.store import ExecutionStore, MemoryExecutionStore
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
 from tierstack.server.tracing import span
@@ -98,19 +100,19 @@ class Executor:
         self,
         registry: ToolRegistry,
         *,
-        remembered: int = 10_000,
         max_concurrent_tools: int = 64,
         approval_timeout: float = 300.0,
         workspaces: Path = Path(".tierstack") / "workspaces",
         model: ModelProvider | None = None,
+        store: ExecutionStore | None = None,
     ) -> None:
         self.registry = registry
         self.workspaces = workspaces
-        self.approvals = Approvals(timeout=approval_timeout)
+        self.store = store if store is not None else MemoryExecutionStore()
+        self.approvals = Approvals(self.store, timeout=approval_timeout)
         self.monitor = ToolMonitor()
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
-        self._remembered = remembered
-        self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
+        self._flights: dict[str, _Flight] = {}
         self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
         self.memo_hits = 0
         self.memo_misses = 0
@@ -211,26 +213,39 @@ class Executor:
         """Runs a step's tool calls in order (the deterministic strategy) and yields its events.
         The step's output is the last call's output; the first failing call fails the step.
 
-        The execution id is an idempotency key: a step that already ran to its end under the same id
-        (among the last ``remembered``) is not run again; its events are replayed.
+        The execution id is an idempotency key: a step that ran to its end under the same id (kept in
+        the execution store, across restarts) is not run again, its events are replayed; a call with
+        the id of an execution still running joins it and sees the same events. The step's end is
+        stored before it is sent.
 
         Raises:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
         """
         key = request.execution_id
-        if key and key in self._finished:
-            self._finished.move_to_end(key)
-            for event in self._finished[key]:
+        flight = self._flights.get(key) if key else None
+        if flight is not None:
+            async for event in flight.follow():
                 yield event
             return
-        events: list[executor_service_pb2.ExecutionEvent] = []
+        flight = _Flight()
+        if key:
+            self._flights[key] = flight
+        try:
+            stored = await self.store.finished(key) if key else None
+            events = _replay(stored) if stored is not None else self._driven(request, flight)
+            async for event in events:
+                flight.add(event)
+                yield event
+        finally:
+            flight.end()
+            if key and self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def _driven(self, request: executor_service_pb2.ExecuteRequest, flight: _Flight) -> Events:
         async for event in self._run(request):
-            events.append(event)
+            if request.execution_id and event.WhichOneof("payload") in ("completed", "failed"):
+                await self.store.finish(request.execution_id, [*flight.events, event])
             yield event
-        if key and events[-1].WhichOneof("payload") in ("completed", "failed"):
-            self._finished[key] = events
-            if len(self._finished) > self._remembered:
-                self._finished.popitem(last=False)
 
     async def _run(self, request: executor_service_pb2.ExecuteRequest) -> Events:
         calls = []
@@ -340,6 +355,41 @@ class Executor:
             self._memo.popitem(last=False)
 
 
+class _Flight:
+    """An execution in flight: the events it has sent so far, for the calls that join it."""
+
+    def __init__(self) -> None:
+        self.events: list[executor_service_pb2.ExecutionEvent] = []
+        self._changed = asyncio.Event()
+        self._ended = False
+
+    def add(self, event: executor_service_pb2.ExecutionEvent) -> None:
+        self.events.append(event)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._changed.set()
+
+    async def follow(self) -> Events:
+        """Yields every event, those sent already first, until the execution ends."""
+        index = 0
+        while True:
+            changed = self._changed
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self._ended:
+                return
+            await changed.wait()
+
+
+async def _replay(events: list[executor_service_pb2.ExecutionEvent]) -> Events:
+    for event in events:
+        yield event
+
+
 class _Step:
     """One step being run: its events, usage and outcome, and the strategies that run it."""
 
@@ -350,6 +400,8 @@ class _Step:
         self.request = request
         self.context = executor.context(request.context, request.limits)
         self.event = _EventSequence(request.execution_id, request.context.correlation_id)
+        # Names the step's approvals: an execution asked for again finds the ones it opened before.
+        self.approval_key = request.execution_id or secrets.token_hex(16)
         self.start = time.perf_counter()
         self.deadline = None if max_seconds is None else self.start + max_seconds
         self.usage = common_pb2.ResourceUsage()
@@ -367,13 +419,14 @@ class _Step:
         rejection = None
         if tool.needs_approval:
             approvals = self.executor.approvals
-            approval_id, expires = approvals.open(tool.name)
+            struct = to_struct(arguments)
+            approval = await approvals.open(self.approval_key, index, tool.name, struct)
             waiting = executor_service_pb2.ApprovalRequired(
-                index=index, tool=tool.name, approval_id=approval_id, arguments=to_struct(arguments)
+                index=index, tool=tool.name, approval_id=approval.approval_id, arguments=struct
             )
-            waiting.expire_time.FromNanoseconds(expires)
+            waiting.expire_time.FromNanoseconds(approval.expire_ns)
             yield self.event(approval_required=waiting)
-            rejection = await approvals.decision(approval_id)
+            rejection = await approvals.decision(approval)
         yield self.event(tool_call_started=executor_service_pb2.ToolCallStarted(index=index, tool=tool.name))
         if rejection is not None:
             message = f"{tool.name} was not approved: {rejection}"

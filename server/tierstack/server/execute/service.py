@@ -16,6 +16,7 @@ from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
+from tierstack.server.execute.store import SqliteExecutionStore
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -81,12 +82,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def ApproveToolCall(
         self, request: executor_service_pb2.ApproveToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.ApproveToolCallResponse:
-        return executor_service_pb2.ApproveToolCallResponse(tool=self._executor.approvals.approve(request.approval_id))
+        tool = await self._executor.approvals.approve(request.approval_id)
+        return executor_service_pb2.ApproveToolCallResponse(tool=tool)
 
     async def RejectToolCall(
         self, request: executor_service_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.RejectToolCallResponse:
-        tool = self._executor.approvals.reject(request.approval_id, request.reason)
+        tool = await self._executor.approvals.reject(request.approval_id, request.reason)
         return executor_service_pb2.RejectToolCallResponse(tool=tool)
 
     async def ListTools(
@@ -123,12 +125,14 @@ class ExecuteService:
         register_builtin_tools(self.registry, self._http, self.ai)
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
+        self._store = SqliteExecutionStore(settings.data_dir / "executions.sqlite3")
         self.executor = Executor(
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,
+            store=self._store,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 
@@ -156,7 +160,8 @@ class ExecuteService:
         )
 
     async def start(self) -> None:
-        """Mounts the configured MCP servers' tools."""
+        """Opens the execution store and mounts the configured MCP servers' tools."""
+        await self._store.open()
         await self._mcp.start(self.registry)
 
     def stopping(self) -> None:
@@ -164,5 +169,6 @@ class ExecuteService:
 
     async def close(self) -> None:
         await self._mcp.close()
+        await self._store.close()
         await self._http.aclose()
         await self.ai.close()

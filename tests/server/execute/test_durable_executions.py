@@ -1,0 +1,109 @@
+"""Execute survives itself: a finished execution is replayed after a restart, an approval keeps
+waiting across one, and a second call for an execution in flight joins it instead of running it twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+from tests.helpers import HttpServer, start_tier
+from tierstack.client import ExecutorClient
+from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.server import Settings, TierServer
+from tierstack.server.execute import ExecuteService, tool
+from tierstack.v1 import common_pb2, executor_service_pb2
+
+
+@tool("bank.transfer", needs_approval=True)
+async def transfer(amount: float) -> JSON:
+    return {"sent": amount}
+
+
+def _slow(request: BaseHTTPRequestHandler) -> None:
+    time.sleep(0.2)  # in the HTTP server's own thread: long enough for a second call to arrive
+    body = json.dumps({"ok": True}).encode()
+    request.send_response(200)
+    request.send_header("Content-Type", "application/json")
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
+async def _execute(data_dir: Path) -> TierServer:
+    server = await start_tier("execute", Settings(data_dir=data_dir, approval_timeout_seconds=60))
+    service = server.service
+    assert isinstance(service, ExecuteService)
+    service.registry.register(transfer)
+    return server
+
+
+def _step(execution_id: str, call: common_pb2.ToolCall) -> executor_service_pb2.ExecuteRequest:
+    return executor_service_pb2.ExecuteRequest(execution_id=execution_id, step_id="a", tool_calls=[call])
+
+
+async def _events(client: ExecutorClient, request: executor_service_pb2.ExecuteRequest) -> list[str]:
+    return [event.WhichOneof("payload") or "" async for event in client.execute(request)]
+
+
+async def test_a_finished_execution_is_replayed_after_a_restart(data_dir: Path, http_server: HttpServer) -> None:
+    http_server.routes["/charge"] = _slow
+    call = common_pb2.ToolCall(tool="http.request", arguments=to_struct({"url": f"{http_server.url}/charge"}))
+    request = _step("run1/a/1", call)
+    first = await _execute(data_dir)
+    async with ExecutorClient(first.target) as client:
+        before = await _events(client, request)
+    await first.stop()
+    second = await _execute(data_dir)
+    try:
+        async with ExecutorClient(second.target) as client:
+            after = [event async for event in client.execute(request)]
+    finally:
+        await second.stop()
+    assert before[-1] == "completed"
+    assert [event.WhichOneof("payload") for event in after] == before
+    output = next(event.output.value for event in after if event.HasField("output"))
+    assert from_value(output.struct_value.fields["json"]) == {"ok": True}
+    assert http_server.hits == ["/charge"]  # the tool ran once
+
+
+async def test_a_call_for_an_execution_in_flight_joins_it(data_dir: Path, http_server: HttpServer) -> None:
+    http_server.routes["/charge"] = _slow
+    call = common_pb2.ToolCall(tool="http.request", arguments=to_struct({"url": f"{http_server.url}/charge"}))
+    request = _step("run2/a/1", call)
+    server = await _execute(data_dir)
+    try:
+        async with ExecutorClient(server.target) as client:
+            first, second = await asyncio.gather(_events(client, request), _events(client, request))
+    finally:
+        await server.stop()
+    assert first == second and first[-1] == "completed"
+    assert http_server.hits == ["/charge"]
+
+
+async def test_an_approval_keeps_waiting_across_a_restart(data_dir: Path) -> None:
+    call = common_pb2.ToolCall(tool="bank.transfer", arguments=to_struct({"amount": 5}))
+    request = _step("run3/pay/1", call)
+    first = await _execute(data_dir)
+    async with ExecutorClient(first.target) as client:
+        async for event in client.execute(request):
+            if event.HasField("approval_required"):
+                waiting = event.approval_required
+                break
+    await first.stop()
+    second = await _execute(data_dir)
+    try:
+        async with ExecutorClient(second.target) as client:
+            outcome = []
+            async for event in client.execute(request):  # the step, asked for again
+                if event.HasField("approval_required"):
+                    assert event.approval_required.approval_id == waiting.approval_id
+                    assert event.approval_required.expire_time == waiting.expire_time
+                    await client.approve_tool_call(waiting.approval_id, approver="ada")
+                elif event.HasField("output"):
+                    outcome.append(from_value(event.output.value))
+    finally:
+        await second.stop()
+    assert outcome == [{"sent": 5}]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import random
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -30,6 +32,7 @@ from tierstack.client.values import (
 from tierstack.server import boundary
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.errors import (
+    ERROR_DOMAIN,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -59,6 +62,8 @@ _log = logging.getLogger(__name__)
 
 #: How many steps of one run may execute at once unless its limits say otherwise.
 DEFAULT_PARALLELISM = 16
+#: The first and the longest wait before a step whose call to Execute was lost is asked for again.
+TRANSPORT_BACKOFF = (0.05, 5.0)
 #: The duration the planner assumes for a tool it has not seen run yet.
 DEFAULT_STEP_ESTIMATE_SECONDS = 0.1
 # Failures that another attempt would only repeat.
@@ -749,25 +754,50 @@ class RunManager:
         output = to_value(None)
         usage: common_pb2.ResourceUsage | None = None
         error: common_pb2.ErrorDetail | None = None
-        try:
-            async for event in self._runner.execute(request):
-                kind = event.WhichOneof("payload")
-                if kind == "output":
-                    output = event.output.value
-                elif kind == "completed":
-                    usage = event.completed.usage
-                elif kind == "failed":
-                    error = event.failed.error
-                else:  # the output and the end travel in StepCompleted / StepFailed, not twice
-                    forwarded = pb.RunEvent()
-                    forwarded.step_execution.step_id = path
-                    forwarded.step_execution.event.CopyFrom(event)  # one copy, straight into place
-                    self._record(live, forwarded)
-        except TierstackError as exc:
-            error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
-        if error is None and usage is None:
-            error = _error("EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed")
+        deadline = None if step.timeout_seconds is None else time.monotonic() + step.timeout_seconds
+        seen = 0  # the executor's events taken so far: asked again, it sends them again first
+        for failures in itertools.count():
+            lost: common_pb2.ErrorDetail | None = None
+            try:
+                async for event in self._runner.execute(request):
+                    if event.sequence <= seen:
+                        continue
+                    seen = event.sequence
+                    kind = event.WhichOneof("payload")
+                    if kind == "output":
+                        output = event.output.value
+                    elif kind == "completed":
+                        usage = event.completed.usage
+                    elif kind == "failed":
+                        error = event.failed.error
+                    else:  # the output and the end travel in StepCompleted / StepFailed, not twice
+                        forwarded = pb.RunEvent()
+                        forwarded.step_execution.step_id = path
+                        forwarded.step_execution.event.CopyFrom(event)  # one copy, straight into place
+                        self._record(live, forwarded)
+            except TierstackError as exc:
+                if not _lost_call(exc):
+                    error = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
+                lost = error_detail_of_call(exc, common_pb2.TIER_EXECUTE)
+            if error is not None or usage is not None:
+                break
+            lost = lost or _error("EXECUTION_INCOMPLETE", "the executor's stream ended before the step completed")
+            # The call was lost on the way (Execute restarting, a dropped stream): the step is asked for
+            # again under the same execution id, which Execute replays or joins, until the step's time runs out.
+            wait = random.uniform(0, min(TRANSPORT_BACKOFF[1], TRANSPORT_BACKOFF[0] * 2**failures))
+            if self._closing or (deadline is not None and time.monotonic() + wait > deadline):
+                error = lost
+                break
+            if failures == 0:
+                _log.warning("step %s of run %s: %s; asking again", path, live.run.run_id, lost.message)
+            await asyncio.sleep(wait)
         return output, usage or common_pb2.ResourceUsage(), error
+
+
+def _lost_call(error: TierstackError) -> bool:
+    """Says whether a call to Execute was lost on the way rather than answered: Execute could not be
+    reached, or the call ended without an answer from a tierstack server."""
+    return error.code.name == "UNAVAILABLE" or (error.code.name == "CANCELLED" and error.domain != ERROR_DOMAIN)
 
 
 def _replay(live: _LiveRun, event: pb.RunEvent) -> None:

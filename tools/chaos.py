@@ -1,0 +1,301 @@
+"""Chaos: workflows keep arriving while a random tier is killed with SIGKILL at a random moment and
+restarted, again and again; then every run must have completed with every output, no step may be
+recorded completed twice, every run's history must replay without a gap, and no step that Execute
+had finished may have had its side effect twice (only a step in flight when Execute died may run again).
+
+The steps call an HTTP endpoint on 127.0.0.1 that counts its calls. Everything runs on loopback and
+stops by itself.
+
+Usage: ``python -m tools.chaos [--kills 100] [--runs 200] [--seed N] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from tierstack.client import OrchestratorClient, TierstackError
+from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.v1 import orchestrator_service_pb2 as pb
+
+_READY = re.compile(r"serving on (\S+)")
+STEPS = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c")}
+
+
+class _Endpoint(ThreadingHTTPServer):
+    """Counts each path it is called on, and answers after a short pause."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.lock = lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    self.server.hits[self.path] += 1  # type: ignore[attr-defined]
+                time.sleep(0.02)
+                body = json.dumps({"path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class _Tier:
+    """One tier as a ``tierstack serve`` process on a fixed port, to kill and start again."""
+
+    name: str
+    port: int
+    arguments: tuple[str, ...]
+    process: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    async def start(self) -> float:
+        """Starts the tier and returns how long it took to serve, in seconds."""
+        begin = time.perf_counter()
+        command = [sys.executable, "-m", "tierstack.cli", "serve", self.name, "--port", str(self.port)]
+        self.process = await asyncio.create_subprocess_exec(
+            *command, "--metrics-port", "0", *self.arguments, stderr=asyncio.subprocess.PIPE, env={**os.environ}
+        )
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            if _READY.search(raw.decode(errors="replace")):
+                break
+        else:
+            raise RuntimeError(f"{self.name} exited before serving")
+        self._drain = asyncio.create_task(self.process.stderr.read())
+        return time.perf_counter() - begin
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+        await self._drain
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await self.process.wait()
+            await self._drain
+
+
+@dataclass
+class Report:
+    """What a chaos round did and found."""
+
+    kills: Counter[str] = field(default_factory=Counter)
+    restart_seconds: dict[str, list[float]] = field(default_factory=dict)
+    runs: int = 0
+    completed: int = 0
+    steps_completed_twice: int = 0
+    history_gaps: int = 0
+    missing_outputs: int = 0
+    side_effects_twice: int = 0  # of steps Execute had finished: must be 0
+    reruns_in_flight: int = 0  # steps in flight when Execute died, run again: allowed
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """Says whether nothing was lost or done twice."""
+        return self.completed == self.runs and not (
+            self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.side_effects_twice
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kills": dict(self.kills),
+            "restart_ms": {
+                tier: {"p50": round(statistics.median(s) * 1000), "max": round(max(s) * 1000)}
+                for tier, s in self.restart_seconds.items()
+                if s
+            },
+            "runs": self.runs,
+            "completed": self.completed,
+            "steps_completed_twice": self.steps_completed_twice,
+            "history_gaps": self.history_gaps,
+            "missing_outputs": self.missing_outputs,
+            "side_effects_twice": self.side_effects_twice,
+            "reruns_in_flight": self.reruns_in_flight,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+async def _finished(database: Path) -> set[str]:
+    """Returns the execution ids Execute has stored as finished (read while it is down)."""
+    async with aiosqlite.connect(database) as db, db.execute("SELECT execution_id FROM executions") as rows:
+        return {row[0] for row in await rows.fetchall()}
+
+
+async def _retrying(call: Any, *args: Any) -> Any:
+    """Calls Orchestrate until it answers: it may be down for a moment."""
+    while True:
+        try:
+            return await call(*args)
+        except TierstackError as exc:
+            if exc.code.name != "UNAVAILABLE":
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _history(client: OrchestratorClient, run_id: str) -> list[pb.RunEvent]:
+    """Returns a run's whole history once it has ended, watching again after a dropped stream."""
+    while True:
+        try:
+            events = [event async for event in client.watch_run(run_id)]
+            if events and events[-1].WhichOneof("payload") in ("run_completed", "run_failed", "run_cancelled"):
+                return events
+        except TierstackError as exc:
+            if exc.code.name not in ("UNAVAILABLE", "CANCELLED"):
+                raise
+        await asyncio.sleep(0.1)
+
+
+async def chaos(
+    *, kills: int, runs: int, seed: int, data_dir: Path, tiers: Sequence[str] = ("orchestrate", "execute")
+) -> Report:
+    """Runs one chaos round and returns what it found."""
+    rng = random.Random(seed)
+    endpoint = _Endpoint()
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    execute = _Tier("execute", _free_port(), ("--data-dir", str(data_dir / "execute")))
+    orchestrate = _Tier(
+        "orchestrate",
+        _free_port(),
+        ("--execute-target", f"127.0.0.1:{execute.port}", "--data-dir", str(data_dir / "orchestrate")),
+    )
+    processes = {"execute": execute, "orchestrate": orchestrate}
+    report = Report(runs=runs)
+    begin = time.perf_counter()
+    workflow = pb.Workflow(
+        name="chaos",
+        steps=[
+            pb.WorkflowStep(
+                id=name,
+                tool="http.request",
+                depends_on=deps,
+                parameters=to_struct({"url": f"{endpoint.url}/hit/{{{{inputs.tag}}}}/{name}"}),
+            )
+            for name, deps in STEPS.items()
+        ],
+    )
+    in_flight_at_a_kill: set[str] = set()  # paths called but not finished when Execute died
+    tags: dict[str, str] = {}
+    try:
+        for tier in (execute, orchestrate):
+            await tier.start()
+        async with OrchestratorClient(f"127.0.0.1:{orchestrate.port}") as client:
+
+            async def submit() -> None:
+                for number in range(runs):
+                    request = pb.StartRunRequest(
+                        request_id=f"chaos-{number}", workflow=workflow, inputs=to_struct({"tag": f"r{number}"})
+                    )
+                    started = await _retrying(client.start_run, request)
+                    tags[started.run.run_id] = f"r{number}"
+                    await asyncio.sleep(rng.uniform(0, 0.02))
+
+            submitting = asyncio.create_task(submit())
+            for _ in range(kills):
+                await asyncio.sleep(rng.uniform(0.2, 0.8))
+                name = rng.choice(list(tiers))
+                await processes[name].kill()
+                report.kills[name] += 1
+                if name == "execute":
+                    finished = await _finished(data_dir / "execute" / "executions.sqlite3")
+                    done = {f"/hit/{tags.get(e.split('/')[0], '?')}/{e.split('/')[1]}" for e in finished}
+                    with endpoint.lock:
+                        called = set(endpoint.hits)
+                    in_flight_at_a_kill |= called - done
+                report.restart_seconds.setdefault(name, []).append(await processes[name].start())
+            await submitting
+            histories = {run_id: await _history(client, run_id) for run_id in tags}
+    finally:
+        for tier in (orchestrate, execute):
+            await tier.stop()
+        endpoint.shutdown()
+        endpoint.server_close()
+    for run_id, history in histories.items():
+        tag = tags[run_id]
+        last = history[-1]
+        if last.HasField("run_completed"):
+            report.completed += 1
+            outputs = {name: from_value(value) for name, value in last.run_completed.outputs.items()}
+            expected = {name: f"/hit/{tag}/{name}" for name in STEPS}
+            got = {name: _called(output) for name, output in outputs.items()}
+            report.missing_outputs += got != expected
+        completions = Counter(e.step_completed.step_id for e in history if e.HasField("step_completed"))
+        report.steps_completed_twice += sum(count > 1 for count in completions.values())
+        report.history_gaps += [e.sequence for e in history] != list(range(1, len(history) + 1))
+        for name in STEPS:
+            path = f"/hit/{tag}/{name}"
+            if endpoint.hits[path] > 1:
+                if path in in_flight_at_a_kill:
+                    report.reruns_in_flight += 1
+                else:
+                    report.side_effects_twice += 1
+    report.seconds = time.perf_counter() - begin
+    return report
+
+
+def _called(output: JSON) -> object:
+    """Returns the path an http.request step's output says it called."""
+    body = output.get("json") if isinstance(output, dict) else None
+    return body.get("path") if isinstance(body, dict) else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--json", help="also write the figures to this file")
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tierstack-chaos-") as folder:
+        report = asyncio.run(
+            chaos(kills=arguments.kills, runs=arguments.runs, seed=arguments.seed, data_dir=Path(folder))
+        )
+    summary = json.dumps({"seed": arguments.seed, **report.summary()}, indent=2)
+    print(summary)
+    if arguments.json:
+        Path(arguments.json).write_text(summary + "\n")
+    return 0 if report.clean else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

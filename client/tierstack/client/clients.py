@@ -9,6 +9,7 @@ from typing import Any, Self
 
 import grpc
 
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.errors import translate_errors
 from tierstack.client.values import JSON, from_value, to_duration
 from tierstack.v1 import common_pb2
@@ -24,6 +25,14 @@ from tierstack.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 Metadata = Sequence[tuple[str, str]]
 
 
+def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Returns the channel options that let messages of up to ``max_message_bytes`` pass both ways."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 class _Client:
     """Owns (or borrows) a channel and carries the call defaults shared by every client.
 
@@ -32,6 +41,8 @@ class _Client:
         channel: A channel to share; the client then leaves closing it to its owner.
         timeout: The default deadline of unary calls, in seconds; streams have none unless given.
         metadata: Metadata sent with every call.
+        max_message_bytes: The largest message the channel the client opens sends or receives; the
+            servers' default unless told otherwise (ignored when ``channel`` is given).
     """
 
     def __init__(
@@ -41,11 +52,16 @@ class _Client:
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 30.0,
         metadata: Metadata = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if channel is None and not target:
             raise ValueError("give a target or a channel")
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self.channel = (
+            channel
+            if channel is not None
+            else grpc.aio.insecure_channel(target, options=message_size_options(max_message_bytes))
+        )
         self.timeout = timeout
         self.metadata = tuple(metadata)
 

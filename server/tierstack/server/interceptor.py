@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import grpc
 
+from tierstack.client.clients import message_size_options
 from tierstack.client.errors import TierstackError
 from tierstack.server.errors import DomainError
 from tierstack.server.metrics import MethodMetrics
@@ -202,10 +203,11 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
                 yield response
 
 
-def tier_channel(target: str, metrics: MethodMetrics) -> grpc.aio.Channel:
-    """Returns a channel to the tier below whose calls are measured into ``metrics`` and carry the
-    trace context."""
+def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int) -> grpc.aio.Channel:
+    """Returns a channel to the tier below whose calls are measured into ``metrics``, carry the trace
+    context, and send and receive messages of up to ``max_message_bytes``."""
     return grpc.aio.insecure_channel(
         target,
+        options=message_size_options(max_message_bytes),
         interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
     )

@@ -63,7 +63,9 @@ class CoordinateService:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.client_metrics = MethodMetrics()
-        self._channel = tier_channel(settings.orchestrate_target, self.client_metrics)
+        self._channel = tier_channel(
+            settings.orchestrate_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self._orchestrator = OrchestratorClient(channel=self._channel)
         self.cross_tier = CrossTierMonitor(
             self.tier,
@@ -74,6 +76,7 @@ class CoordinateService:
             interval=settings.monitor_interval_seconds,
             thresholds=settings.alert_thresholds,
             advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
+            max_message_bytes=settings.max_message_bytes,
         )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")

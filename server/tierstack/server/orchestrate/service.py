@@ -162,7 +162,9 @@ class OrchestrateService:
     def __init__(self, settings: Settings) -> None:
         self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self.client_metrics = MethodMetrics()
-        self._channel = tier_channel(settings.execute_target, self.client_metrics)
+        self._channel = tier_channel(
+            settings.execute_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self._executor = ExecutorClient(channel=self._channel)
         self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
 

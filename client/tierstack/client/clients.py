@@ -189,18 +189,28 @@ class OrchestratorClient(_Client):
         request = orchestrator_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence)
         return self._stream(self._stub.WatchRun(request, **self._options(timeout, None)))
 
-    async def get_run(self, run_id: str, *, timeout: float | None = None) -> orchestrator_pb2.Run:
-        """Returns one run."""
+    async def get_run(
+        self,
+        run_id: str,
+        *,
+        view: orchestrator_pb2.RunView.ValueType = orchestrator_pb2.RUN_VIEW_FULL,
+        timeout: float | None = None,
+    ) -> orchestrator_pb2.Run:
+        """Returns one run; ``RUN_VIEW_BASIC`` leaves out its inputs and outputs, and always fits a message.
+
+        Raises:
+            FailedPreconditionError: The full run is larger than a message (reason ``RUN_TOO_LARGE``).
+        """
         with translate_errors():
             response = await self._stub.GetRun(
-                orchestrator_pb2.GetRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+                orchestrator_pb2.GetRunRequest(run_id=run_id, view=view), **self._options(timeout, self.timeout)
             )
         return response.run
 
     async def list_runs(
         self, request: orchestrator_pb2.ListRunsRequest | None = None, *, timeout: float | None = None
     ) -> orchestrator_pb2.ListRunsResponse:
-        """Returns a page of runs, newest first."""
+        """Returns a page of runs, newest first, in the view ``request.view`` names (basic unless full)."""
         with translate_errors():
             return await self._stub.ListRuns(
                 request or orchestrator_pb2.ListRunsRequest(), **self._options(timeout, self.timeout)

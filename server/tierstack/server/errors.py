@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from tierstack.client.errors import TierstackError
 from tierstack.v1 import common_pb2
 
-
 #: How many characters of a caller's text an error message quotes.
 QUOTE_LIMIT = 48
 
@@ -101,3 +100,12 @@ def error_detail(tier: common_pb2.Tier.ValueType, reason: str, message: str, **m
 def error_detail_of_call(error: TierstackError, tier: common_pb2.Tier.ValueType) -> common_pb2.ErrorDetail:
     """Returns the wire description of a failed call to the tier below (``tier``)."""
     return error_detail(tier, error.reason, error.message, **error.metadata)
+
+
+def output_too_large(
+    tier: common_pb2.Tier.ValueType, what: str, size: int, cap: int, **metadata: str
+) -> common_pb2.ErrorDetail:
+    """Returns the failure of an output over its size cap: ``what`` (such as "a step's output") has
+    ``size`` bytes in its wire form, more than ``cap``. Another attempt would not make it smaller."""
+    message = f"{size} bytes is too large for {what}; the cap is {cap} bytes"
+    return error_detail(tier, "OUTPUT_TOO_LARGE", message, max_bytes=str(cap), **metadata)

@@ -12,7 +12,7 @@ from tierstack.client import ExecutorClient
 from tierstack.client.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
-from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError, Violation
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
@@ -37,11 +37,39 @@ def _cursor(token: str) -> tuple[int, str] | None:
     return int(created), run_id
 
 
+def _basic(run: pb.Run) -> pb.Run:
+    """Returns a copy of ``run`` without its inputs, its outputs and its steps' outputs."""
+    basic = pb.Run()
+    basic.CopyFrom(run)
+    basic.ClearField("inputs")
+    basic.ClearField("outputs")
+    for step in basic.steps:
+        step.ClearField("output")
+    return basic
+
+
 class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
     """Translates OrchestratorService calls into run manager calls."""
 
-    def __init__(self, manager: RunManager) -> None:
+    def __init__(self, manager: RunManager, *, max_message_bytes: int) -> None:
         self._manager = manager
+        self._max_message_bytes = max_message_bytes
+
+    def _fitting(self, response: pb.GetRunResponse | pb.ListRunsResponse, instead: str) -> None:
+        """Refuses a response in the full view that one message cannot carry; ``instead`` says what to
+        ask for.
+
+        Raises:
+            FailedPreconditionError: It is larger than the largest message.
+        """
+        size = response.ByteSize()
+        if size > self._max_message_bytes:
+            raise FailedPreconditionError(
+                f"the full view is {size} bytes, more than the {self._max_message_bytes} bytes of a message; "
+                f"ask for {instead}",
+                reason="RUN_TOO_LARGE",
+                metadata={"max_bytes": str(self._max_message_bytes)},
+            )
 
     async def Orchestrate(
         self, request: pb.OrchestrateRequest, context: Context
@@ -75,7 +103,12 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             yield pb.WatchRunResponse(event=event)
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
-        return pb.GetRunResponse(run=await self._manager.get_run(request.run_id))
+        run = await self._manager.get_run(request.run_id)
+        if request.view == pb.RUN_VIEW_BASIC:
+            return pb.GetRunResponse(run=_basic(run))
+        response = pb.GetRunResponse(run=run)
+        self._fitting(response, "RUN_VIEW_BASIC (WatchRun's events carry the outputs)")
+        return response
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         size = page_size(request.page_size, default=50, maximum=1000)
@@ -83,7 +116,11 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         page = runs[:size]
         last = page[-1] if page else None
         token = encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}") if last and len(runs) > size else ""
-        return pb.ListRunsResponse(runs=page, next_page_token=token)
+        if request.view != pb.RUN_VIEW_FULL:
+            return pb.ListRunsResponse(runs=[_basic(run) for run in page], next_page_token=token)
+        response = pb.ListRunsResponse(runs=page, next_page_token=token)
+        self._fitting(response, "RUN_VIEW_BASIC or a smaller page_size")
+        return response
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
@@ -162,11 +199,18 @@ class OrchestrateService:
     def __init__(self, settings: Settings) -> None:
         self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self.client_metrics = MethodMetrics()
+        self._max_message_bytes = settings.max_message_bytes
         self._channel = tier_channel(
             settings.execute_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
         )
         self._executor = ExecutorClient(channel=self._channel)
-        self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
+        self.manager = RunManager(
+            self._store,
+            self._executor,
+            tools=ToolNames(self._executor),
+            max_output_bytes=settings.max_output_bytes,
+            max_run_output_bytes=settings.max_run_output_bytes,
+        )
 
     cross_tier = None
 
@@ -191,7 +235,7 @@ class OrchestrateService:
 
     def register(self, server: grpc.aio.Server) -> None:
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.manager), server
+            OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
         )
 
     async def start(self) -> None:

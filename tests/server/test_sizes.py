@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,10 +23,17 @@ MiB = 1 << 20
 BODY = b"x" * (5 * MiB)
 
 
-def fetch(server: HttpServer) -> dict[str, object]:
+def fetch(server: HttpServer) -> dict[str, Any]:
     """The arguments of an ``http.request`` of the 5 MB body, its size cap raised to let it through."""
     server.routes["/big"] = reply(BODY, content_type="text/plain")
     return {"url": f"{server.url}/big", "max_bytes": 8 * MiB}
+
+
+def body(output: Any) -> Any:
+    """The body of an ``http.request`` output."""
+    fetched = from_value(output)
+    assert isinstance(fetched, dict)
+    return fetched["body"]
 
 
 @pytest.fixture
@@ -61,11 +69,11 @@ async def test_a_5_mb_http_body_comes_through_execute_tool_and_a_workflow_alike(
     call = common_pb2.ToolCall(tool="http.request", arguments=to_struct(arguments))
     direct = await roomy.executor.execute_tool(executor_service_pb2.ExecuteToolRequest(call=call))
     assert not direct.result.HasField("error"), direct.result.error
-    assert from_value(direct.result.output)["body"] == BODY.decode()
+    assert body(direct.result.output) == BODY.decode()
     request = pb.OrchestrateRequest(workflow=workflow(step("big", "http.request", **arguments)))
     events = [event async for event in roomy.orchestrator.orchestrate(request)]
     assert events[-1].HasField("run_completed"), events[-1]
-    assert from_value(events[-1].run_completed.outputs["big"])["body"] == BODY.decode()
+    assert body(events[-1].run_completed.outputs["big"]) == BODY.decode()
 
 
 async def test_the_basic_view_leaves_inputs_and_outputs_out(stack: Stack) -> None:

@@ -100,19 +100,24 @@ async def test_outputs_too_large_together_fail_the_run_and_its_full_view_is_refu
     # Five steps of 0.9 MiB each fit the output cap, but not a 4 MiB message together.
     settings = Settings(data_dir=data_dir, max_message_bytes=4 * MiB)
     steps = [step(f"s{i}", value="{{inputs.blob}}") for i in range(5)]
-    request = pb.OrchestrateRequest(workflow=workflow(*steps), inputs=to_struct({"blob": "y" * (9 * MiB // 10)}))
+    inputs = to_struct({"blob": "y" * (9 * MiB // 10)})
+    request = pb.StartRunRequest(request_id="big", workflow=workflow(*steps), inputs=inputs)
     async with open_stack(settings) as stack:
-        events = [event async for event in stack.orchestrator.orchestrate(request)]
+        run_id = (await stack.orchestrator.start_run(request)).run.run_id
+        events = [event async for event in stack.orchestrator.watch_run(run_id)]
         assert events[-1].run_failed.error.reason == "OUTPUT_TOO_LARGE"
         assert str(2 * MiB) in events[-1].run_failed.error.message  # half the message size
         with pytest.raises(FailedPreconditionError) as refused:
-            await stack.orchestrator.get_run(events[0].run_id)
+            await stack.orchestrator.get_run(run_id)
         assert refused.value.reason == "RUN_TOO_LARGE" and "RUN_VIEW_BASIC" in refused.value.message
         with pytest.raises(FailedPreconditionError):
             await stack.orchestrator.list_runs(pb.ListRunsRequest(view=pb.RUN_VIEW_FULL))
-        basic = await stack.orchestrator.get_run(events[0].run_id, view=pb.RUN_VIEW_BASIC)
+        basic = await stack.orchestrator.get_run(run_id, view=pb.RUN_VIEW_BASIC)
         assert basic.state == pb.RUN_STATE_FAILED
         assert {s.state for s in basic.steps} == {pb.STEP_STATE_COMPLETED}
+        # Starting it again answers with the run as it is, in the basic view since the full one cannot fit.
+        again = await stack.orchestrator.start_run(request)
+        assert not again.created and again.run == basic
 
 
 async def test_a_nested_workflow_whose_output_is_over_the_cap_fails_its_step(stack: Stack) -> None:

@@ -1262,7 +1262,7 @@ class StartRunResponse(_message.Message):
     """Says whether this call created the run (false when the `request_id` was already seen)."""
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run."""
+        """Describes the run; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1478,7 +1478,7 @@ class CancelRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run after the cancellation."""
+        """Describes the run after the cancellation; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1528,7 +1528,7 @@ class PauseRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run after the pause."""
+        """Describes the run after the pause; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1574,7 +1574,7 @@ class ResumeRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run as it resumes."""
+        """Describes the run as it resumes; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,6 +25,8 @@ from tierstack.v1 import orchestrator_service_pb2 as pb
 from tierstack.v1.executor_service_pb2 import ListToolsRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: A response that carries the run its call acted on.
+ActedOn = TypeVar("ActedOn", pb.StartRunResponse, pb.CancelRunResponse, pb.PauseRunResponse, pb.ResumeRunResponse)
 
 
 def _cursor(token: str) -> tuple[int, str] | None:
@@ -54,6 +56,13 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
     def __init__(self, manager: RunManager, *, max_message_bytes: int) -> None:
         self._manager = manager
         self._max_message_bytes = max_message_bytes
+
+    def _fitted(self, response: ActedOn) -> ActedOn:
+        """Returns ``response``, its run in the basic view when the full one would not fit a message:
+        the call has acted by then, so it is not refused."""
+        if response.ByteSize() > self._max_message_bytes:
+            response.run.CopyFrom(_basic(response.run))
+        return response
 
     def _fitting(self, response: pb.GetRunResponse | pb.ListRunsResponse, instead: str) -> None:
         """Refuses a response in the full view that one message cannot carry; ``instead`` says what to
@@ -96,7 +105,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             context=request.context,
             request_id=request.request_id,
         )
-        return pb.StartRunResponse(run=run, created=created)
+        return self._fitted(pb.StartRunResponse(run=run, created=created))
 
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
@@ -123,13 +132,13 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         return response
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
-        return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
+        return self._fitted(pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason)))
 
     async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
-        return pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason))
+        return self._fitted(pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason)))
 
     async def ResumeRun(self, request: pb.ResumeRunRequest, context: Context) -> pb.ResumeRunResponse:
-        return pb.ResumeRunResponse(run=await self._manager.resume_run(request.run_id))
+        return self._fitted(pb.ResumeRunResponse(run=await self._manager.resume_run(request.run_id)))
 
     async def ResolveVariables(
         self, request: pb.ResolveVariablesRequest, context: Context

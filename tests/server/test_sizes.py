@@ -16,6 +16,7 @@ from tierstack.client import FailedPreconditionError, OrchestratorClient
 from tierstack.client.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.v1 import common_pb2, executor_service_pb2
+from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 MiB = 1 << 20
@@ -135,7 +136,22 @@ async def test_a_nested_workflow_whose_output_is_over_the_cap_fails_its_step(sta
     assert not any(e.HasField("step_retried") for e in events)
 
 
+async def test_a_goal_whose_outputs_are_too_large_together_fails(data_dir: Path, http_server: HttpServer) -> None:
+    # Four fetches of 0.6 MiB each fit every cap alone, but not a 2 MiB message together.
+    http_server.routes["/part"] = reply(b"p" * (6 * MiB // 10), content_type="text/plain")
+    goal = " and ".join(f"fetch {http_server.url}/part" for _ in range(4))
+    agents = [coordinator_pb.Agent(id="scout", capabilities=["http"], max_concurrent_tasks=4)]
+    async with open_stack(Settings(data_dir=data_dir, max_message_bytes=2 * MiB)) as stack:
+        request = coordinator_pb.CoordinateRequest(goal=goal, agents=agents)
+        events = [event async for event in stack.coordinator.coordinate(request)]
+    finished = [e.subtask_finished for e in events if e.HasField("subtask_finished")]
+    assert len(finished) == 4 and all(f.success for f in finished)
+    error = events[-1].goal_failed.error
+    assert (error.reason, error.tier) == ("OUTPUT_TOO_LARGE", common_pb2.TIER_COORDINATE)
+    assert str(MiB) in error.message
+
+
 def test_the_message_size_comes_from_the_environment() -> None:
     settings = Settings.from_env("execute", {"TIERSTACK_MAX_MESSAGE_BYTES": str(32 * MiB)})
     assert settings == dataclasses.replace(Settings.from_env("execute", {}), max_message_bytes=32 * MiB)
-    assert settings.max_run_output_bytes == 16 * MiB
+    assert settings.max_total_output_bytes == 16 * MiB

@@ -99,9 +99,9 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @property
-    def max_run_output_bytes(self) -> int:
-        """The largest outputs of one run, in bytes of their wire form: half the largest message, so
-        the event that carries them fits one message with room to spare."""
+    def max_total_output_bytes(self) -> int:
+        """The largest outputs of one run or one goal together, in bytes of their wire form: half the
+        largest message, so that the event carrying them fits one message with room to spare."""
         return self.max_message_bytes // 2
 
     @classmethod

@@ -89,7 +89,7 @@ class CoordinateService:
         self._memory = GoalMemory(settings.data_dir / "goals.jsonl", index=index)
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
-        self.coordinator = Coordinator(self._orchestrator, decomposer)
+        self.coordinator = Coordinator(self._orchestrator, decomposer, max_output_bytes=settings.max_total_output_bytes)
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
         """Adds the model calls, decomposition time by source, team formation time and active goals,

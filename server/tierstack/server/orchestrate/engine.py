@@ -132,7 +132,7 @@ class RunManager:
         flush_interval: The longest an event waits before it is written, in seconds.
         max_output_bytes: The largest output of a step (in its wire form); a larger one fails the step
             with ``OUTPUT_TOO_LARGE``.
-        max_run_output_bytes: The largest outputs of a run, together; larger ones fail the run with
+        max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
             ``OUTPUT_TOO_LARGE``.
     """
 
@@ -145,11 +145,11 @@ class RunManager:
         parallelism: int = DEFAULT_PARALLELISM,
         flush_interval: float = 0.01,
         max_output_bytes: int = _DEFAULTS.max_output_bytes,
-        max_run_output_bytes: int = _DEFAULTS.max_run_output_bytes,
+        max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
     ) -> None:
         self._store = store
         self._max_output_bytes = max_output_bytes
-        self._max_run_output_bytes = max_run_output_bytes
+        self._max_total_output_bytes = max_total_output_bytes
         self._runner = runner
         self._tools = tools
         self._parallelism = parallelism
@@ -492,9 +492,9 @@ class RunManager:
                 else:
                     outputs = {name: to_value(value) for name, value in declared.items()}
                 completed = pb.RunCompleted(outputs=outputs, usage=live.usage)
-                if (size := completed.ByteSize()) > self._max_run_output_bytes:
+                if (size := completed.ByteSize()) > self._max_total_output_bytes:
                     # Failed rather than completed: the event would not fit the messages that carry it.
-                    error = output_too_large(_TIER, "a run's outputs", size, self._max_run_output_bytes)
+                    error = output_too_large(_TIER, "a run's outputs", size, self._max_total_output_bytes)
                 else:
                     run.outputs.MergeFrom(completed.outputs)
                     run.state = pb.RUN_STATE_COMPLETED

@@ -218,7 +218,7 @@ class OrchestrateService:
             self._executor,
             tools=ToolNames(self._executor),
             max_output_bytes=settings.max_output_bytes,
-            max_run_output_bytes=settings.max_run_output_bytes,
+            max_total_output_bytes=settings.max_total_output_bytes,
         )
 
     cross_tier = None

@@ -74,7 +74,6 @@ class _Child:
     the line that says it serves."""
 
     def __init__(self, tier: str, command: Sequence[str], env: dict[str, str]) -> None:
-        self.tier = tier
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
         self._ready = threading.Event()
         self._last_line = ""

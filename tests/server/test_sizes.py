@@ -136,6 +136,18 @@ async def test_a_nested_workflow_whose_output_is_over_the_cap_fails_its_step(sta
     assert not any(e.HasField("step_retried") for e in events)
 
 
+async def test_a_step_whose_request_cannot_fit_a_message_fails_without_retries(stack: Stack) -> None:
+    # The arguments, rendered, repeat a 0.9 MiB input twenty times: more than a 16 MiB message.
+    wf = workflow(step("a", value=["{{inputs.blob}}"] * 20))
+    wf.steps[0].retry.max_attempts = 3
+    request = pb.OrchestrateRequest(workflow=wf, inputs=to_struct({"blob": "y" * (9 * MiB // 10)}))
+    events = [event async for event in stack.orchestrator.orchestrate(request)]
+    failed = [e.step_failed.error for e in events if e.HasField("step_failed")]
+    assert [(error.reason, error.tier) for error in failed] == [("REQUEST_TOO_LARGE", common_pb2.TIER_ORCHESTRATE)]
+    assert str(16 * MiB) in failed[0].message
+    assert not any(e.HasField("step_retried") for e in events)
+
+
 async def test_a_goal_whose_outputs_are_too_large_together_fails(data_dir: Path, http_server: HttpServer) -> None:
     # Four fetches of 0.6 MiB each fit every cap alone, but not a 2 MiB message together.
     http_server.routes["/part"] = reply(b"p" * (6 * MiB // 10), content_type="text/plain")

@@ -73,6 +73,7 @@ _NOT_RETRYABLE = frozenset(
         "UNKNOWN_TOOL",
         "CONDITION_ERROR",
         "OUTPUT_TOO_LARGE",
+        "REQUEST_TOO_LARGE",
     }
 )
 _TIER = common_pb2.TIER_ORCHESTRATE
@@ -134,6 +135,8 @@ class RunManager:
             with ``OUTPUT_TOO_LARGE``.
         max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
             ``OUTPUT_TOO_LARGE``.
+        max_message_bytes: The largest request a step may send to Tier 3; a larger one (its arguments
+            rendered) fails the step with ``REQUEST_TOO_LARGE``.
     """
 
     def __init__(
@@ -146,7 +149,9 @@ class RunManager:
         flush_interval: float = 0.01,
         max_output_bytes: int = _DEFAULTS.max_output_bytes,
         max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
+        max_message_bytes: int = _DEFAULTS.max_message_bytes,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
         self._store = store
         self._max_output_bytes = max_output_bytes
         self._max_total_output_bytes = max_total_output_bytes
@@ -735,6 +740,9 @@ class RunManager:
             setattr(request.limits, name, value)
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
+        if (size := request.ByteSize()) > self._max_message_bytes:
+            message = f"the step's request to Tier 3 has {size} bytes; a message may have {self._max_message_bytes}"
+            return to_value(None), common_pb2.ResourceUsage(), _error("REQUEST_TOO_LARGE", message)
         output = to_value(None)
         usage: common_pb2.ResourceUsage | None = None
         error: common_pb2.ErrorDetail | None = None

@@ -219,6 +219,7 @@ class OrchestrateService:
             tools=ToolNames(self._executor),
             max_output_bytes=settings.max_output_bytes,
             max_total_output_bytes=settings.max_total_output_bytes,
+            max_message_bytes=settings.max_message_bytes,
         )
 
     cross_tier = None

@@ -36,7 +36,13 @@ class Stack:
 
 
 async def start_tier(tier: str, settings: Settings) -> TierServer:
-    server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0, metrics_port=settings.metrics_port)
+    server = TierServer(
+        service_for(tier, settings),
+        port=0,
+        grace_seconds=1.0,
+        metrics_port=settings.metrics_port,
+        max_message_bytes=settings.max_message_bytes,
+    )
     await server.start()
     return server
 

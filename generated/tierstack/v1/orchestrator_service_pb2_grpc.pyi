@@ -42,9 +42,11 @@ class OrchestratorServiceStub:
     until the run ends or pauses.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]
-    """Returns one run."""
+    """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+    message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+    """
     ListRuns: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]
-    """Lists runs, newest first."""
+    """Lists runs, newest first, in the basic view unless the full one is asked for."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]
     """Cancels a run that has not ended."""
     PauseRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]
@@ -72,9 +74,11 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     until the run ends or pauses.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]  # type: ignore[assignment]
-    """Returns one run."""
+    """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+    message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+    """
     ListRuns: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """Lists runs, newest first."""
+    """Lists runs, newest first, in the basic view unless the full one is asked for."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run that has not ended."""
     PauseRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]  # type: ignore[assignment]
@@ -123,7 +127,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.GetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.GetRunResponse, _abc.Awaitable[_orchestrator_service_pb2.GetRunResponse]]:
-        """Returns one run."""
+        """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+        message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+        """
 
     @_abc_1.abstractmethod
     def ListRuns(
@@ -131,7 +137,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ListRunsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListRunsResponse]]:
-        """Lists runs, newest first."""
+        """Lists runs, newest first, in the basic view unless the full one is asked for."""
 
     @_abc_1.abstractmethod
     def CancelRun(

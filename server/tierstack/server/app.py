@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.values import now_timestamp
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.crosstier import CrossTierMonitor
@@ -23,6 +24,10 @@ from tierstack.server.tracing import Tracing
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
 _log = logging.getLogger(__name__)
+
+
+class BindError(OSError):
+    """A server could not listen on the address it was given; the message names it."""
 
 
 class TierService(Protocol):
@@ -64,6 +69,7 @@ class TierServer:
         metrics_port: The port of the Prometheus endpoint; 0 picks a free one (see :attr:`metrics_port`
             after :meth:`start`), None serves none.
         interceptors: Server interceptors that run before tierstack's own (tracing, say).
+        max_message_bytes: The largest message the server receives or sends.
     """
 
     def __init__(
@@ -75,8 +81,10 @@ class TierServer:
         grace_seconds: float = 5.0,
         metrics_port: int | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.service = service
+        self._max_message_bytes = max_message_bytes
         self._interceptors = tuple(interceptors)
         self._requested_metrics_port = metrics_port
         self._endpoint: MetricsEndpoint | None = None
@@ -95,9 +103,23 @@ class TierServer:
         return f"{self._host}:{self.port}"
 
     async def start(self) -> int:
-        """Starts serving and returns the bound port; call it inside the loop that will serve."""
+        """Starts serving and returns the bound port; call it inside the loop that will serve.
+
+        Raises:
+            BindError: The port (or the metrics port) is taken or the address is not this host's;
+                nothing of the tier has started.
+        """
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(interceptors=[*self._interceptors, ServerInterceptor(self.metrics)])
+        self._server = grpc.aio.server(
+            interceptors=[*self._interceptors, ServerInterceptor(self.metrics)],
+            options=[
+                # Off, so that a second server on a taken port fails instead of sharing it.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                ("grpc.max_send_message_length", self._max_message_bytes),
+            ],
+        )
+        self._bind()  # before the tier starts: a server that cannot listen must not resume runs
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
@@ -113,16 +135,34 @@ class TierServer:
             (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
         await self._server.start()
-        if self._requested_metrics_port is not None:
-            self._endpoint = MetricsEndpoint(self.snapshot)
-            self.metrics_port = self._endpoint.start(self._host, self._requested_metrics_port)
-            _log.info("Prometheus metrics at http://%s:%d/metrics", self._host, self.metrics_port)
         for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
         return self.port
+
+    def _bind(self) -> None:
+        """Binds the gRPC port and the metrics port.
+
+        Raises:
+            BindError: Either cannot be bound.
+        """
+        assert self._server is not None
+        address = f"{self._host}:{self._requested_port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc says no more than that it failed to bind
+            raise BindError(
+                f"cannot listen on {address}: the port is taken or the address is not this host's"
+            ) from None
+        if self._requested_metrics_port is not None:
+            self._endpoint = MetricsEndpoint(self.snapshot)
+            try:
+                self.metrics_port = self._endpoint.start(self._host, self._requested_metrics_port)
+            except OSError as exc:
+                metrics_address = f"{self._host}:{self._requested_metrics_port}"
+                raise BindError(f"cannot serve metrics on {metrics_address}: {exc.strerror}") from None
+            _log.info("Prometheus metrics at http://%s:%d/metrics", self._host, self.metrics_port)
 
     def snapshot(self, method_filter: str = "") -> monitor_service_pb2.TierMetrics:
         """Returns the tier's metrics now: its RPC methods, process and domain."""
@@ -163,6 +203,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         grace_seconds=settings.grace_seconds,
         metrics_port=settings.metrics_port,
         interceptors=tracing.server_interceptors(),
+        max_message_bytes=settings.max_message_bytes,
     )
     try:
         await server.start()

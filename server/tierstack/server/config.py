@@ -8,7 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierstack.client.defaults import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, TIERS, default_target
+from tierstack.client.defaults import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    TIERS,
+    default_target,
+)
 from tierstack.server.crosstier import Thresholds
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
@@ -55,6 +61,8 @@ class Settings:
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
+        max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
+            tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +96,13 @@ class Settings:
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def max_total_output_bytes(self) -> int:
+        """The largest outputs of one run or one goal together, in bytes of their wire form: half the
+        largest message, so that the event carrying them fits one message with room to spare."""
+        return self.max_message_bytes // 2
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +156,7 @@ class Settings:
                 }
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
+            max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.values import now_timestamp
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
 from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
@@ -104,6 +105,7 @@ class CrossTierMonitor:
         interval: How often alerts are evaluated, in seconds.
         thresholds: When alerts are raised.
         advice: When recommendations are given.
+        max_message_bytes: The largest message the peers' metrics may come in.
     """
 
     def __init__(
@@ -114,10 +116,14 @@ class CrossTierMonitor:
         interval: float = 5.0,
         thresholds: Thresholds = Thresholds(),
         advice: AdviceThresholds = DEFAULT_ADVICE,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._advice = advice
         self.tier = tier
-        self._clients = {peer: MonitorClient(target, timeout=5.0) for peer, target in peers.items()}
+        self._clients = {
+            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes)
+            for peer, target in peers.items()
+        }
         self._local: Snapshot | None = None
         self._interval = interval
         self._thresholds = thresholds

@@ -220,7 +220,11 @@ class MetricsEndpoint:
         self.port = 0
 
     def start(self, host: str, port: int) -> int:
-        """Starts serving and returns the bound port (``port`` 0 picks a free one)."""
+        """Starts serving and returns the bound port (``port`` 0 picks a free one).
+
+        Raises:
+            OSError: The port cannot be bound.
+        """
         self._server, _ = start_http_server(port, host, registry=self._registry)
         self.port = self._server.server_port
         return self.port

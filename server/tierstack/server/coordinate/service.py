@@ -63,7 +63,9 @@ class CoordinateService:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.client_metrics = MethodMetrics()
-        self._channel = tier_channel(settings.orchestrate_target, self.client_metrics)
+        self._channel = tier_channel(
+            settings.orchestrate_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self._orchestrator = OrchestratorClient(channel=self._channel)
         self.cross_tier = CrossTierMonitor(
             self.tier,
@@ -74,6 +76,7 @@ class CoordinateService:
             interval=settings.monitor_interval_seconds,
             thresholds=settings.alert_thresholds,
             advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
+            max_message_bytes=settings.max_message_bytes,
         )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")
@@ -86,7 +89,7 @@ class CoordinateService:
         self._memory = GoalMemory(settings.data_dir / "goals.jsonl", index=index)
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
-        self.coordinator = Coordinator(self._orchestrator, decomposer)
+        self.coordinator = Coordinator(self._orchestrator, decomposer, max_output_bytes=settings.max_total_output_bytes)
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
         """Adds the model calls, decomposition time by source, team formation time and active goals,

@@ -25,12 +25,14 @@ from tierstack.server.ai import (
     ModelTool,
     Scope,
 )
+from tierstack.server.config import Settings
 from tierstack.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     Violation,
     error_detail,
+    output_too_large,
 )
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
@@ -42,7 +44,8 @@ from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
 Events = AsyncIterator[executor_service_pb2.ExecutionEvent]
-_error = functools.partial(error_detail, common_pb2.TIER_EXECUTE)
+_TIER = common_pb2.TIER_EXECUTE
+_error = functools.partial(error_detail, _TIER)
 
 #: How long a pure tool's result is remembered, in seconds, and how many results are.
 MEMO_SECONDS = 3600.0
@@ -92,7 +95,8 @@ class _EventSequence:
 
 class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
-    call runs, so a malformed step fails as a whole without side effects."""
+    call runs, so a malformed step fails as a whole without side effects. A tool call's or a step's
+    output over ``max_output_bytes`` (in its wire form) fails it with ``OUTPUT_TOO_LARGE``."""
 
     def __init__(
         self,
@@ -103,8 +107,10 @@ class Executor:
         approval_timeout: float = 300.0,
         workspaces: Path = Path(".tierstack") / "workspaces",
         model: ModelProvider | None = None,
+        max_output_bytes: int = Settings.max_output_bytes,
     ) -> None:
         self.registry = registry
+        self.max_output_bytes = max_output_bytes
         self.workspaces = workspaces
         self.approvals = Approvals(timeout=approval_timeout)
         self.monitor = ToolMonitor()
@@ -142,7 +148,12 @@ class Executor:
             with span(f"tool {tool.name}"):
                 async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
                     output = await tool.handler(dict(arguments), context)
-            result.output.CopyFrom(to_value(output))
+            value = to_value(output)
+            if (size := value.ByteSize()) > self.max_output_bytes:
+                what = f"the output of {tool.name}"
+                result.error.CopyFrom(output_too_large(_TIER, what, size, self.max_output_bytes, tool=tool.name))
+            else:
+                result.output.CopyFrom(value)
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
@@ -286,6 +297,8 @@ class Executor:
             events = step.reasoning(request.prompt, offered)
         async for event in events:
             yield event
+        if step.error is None and (size := step.output.ByteSize()) > self.max_output_bytes:
+            step.error = output_too_large(_TIER, "a step's output", size, self.max_output_bytes)
         self.strategies.record(step_key, selection.chosen).add(success=step.error is None, routine=step.routine)
         step.usage.duration.CopyFrom(to_duration(time.perf_counter() - step.start))
         if step.error is not None:

@@ -129,6 +129,7 @@ class ExecuteService:
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,
+            max_output_bytes=settings.max_output_bytes,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 

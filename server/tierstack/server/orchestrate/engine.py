@@ -29,6 +29,7 @@ from tierstack.client.values import (
 )
 from tierstack.server import boundary
 from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.config import Settings
 from tierstack.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -36,6 +37,7 @@ from tierstack.server.errors import (
     Violation,
     error_detail,
     error_detail_of_call,
+    output_too_large,
 )
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
@@ -70,9 +72,13 @@ _NOT_RETRYABLE = frozenset(
         "INVALID_TOOL_ARGUMENTS",
         "UNKNOWN_TOOL",
         "CONDITION_ERROR",
+        "OUTPUT_TOO_LARGE",
+        "REQUEST_TOO_LARGE",
     }
 )
-_error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
+_TIER = common_pb2.TIER_ORCHESTRATE
+_error = functools.partial(error_detail, _TIER)
+_DEFAULTS = Settings()
 _SPEC_CACHE_SIZE = 512
 
 
@@ -125,6 +131,12 @@ class RunManager:
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
         flush_interval: The longest an event waits before it is written, in seconds.
+        max_output_bytes: The largest output of a step (in its wire form); a larger one fails the step
+            with ``OUTPUT_TOO_LARGE``.
+        max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
+            ``OUTPUT_TOO_LARGE``.
+        max_message_bytes: The largest request a step may send to Tier 3; a larger one (its arguments
+            rendered) fails the step with ``REQUEST_TOO_LARGE``.
     """
 
     def __init__(
@@ -135,8 +147,14 @@ class RunManager:
         tools: ToolCatalog | None = None,
         parallelism: int = DEFAULT_PARALLELISM,
         flush_interval: float = 0.01,
+        max_output_bytes: int = _DEFAULTS.max_output_bytes,
+        max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
+        max_message_bytes: int = _DEFAULTS.max_message_bytes,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
         self._store = store
+        self._max_output_bytes = max_output_bytes
+        self._max_total_output_bytes = max_total_output_bytes
         self._runner = runner
         self._tools = tools
         self._parallelism = parallelism
@@ -507,12 +525,15 @@ class RunManager:
                     outputs = {s.id: output for s in live.spec.steps if (output := live.output_of(s.id)) is not None}
                 else:
                     outputs = {name: to_value(value) for name, value in declared.items()}
-                for name, output in outputs.items():
-                    run.outputs[name].CopyFrom(output)
-                run.state = pb.RUN_STATE_COMPLETED
-                completed = pb.RunCompleted(outputs=run.outputs, usage=live.usage)
-                await self._transition(live, run_completed=completed)
-            else:
+                completed = pb.RunCompleted(outputs=outputs, usage=live.usage)
+                if (size := completed.ByteSize()) > self._max_total_output_bytes:
+                    # Failed rather than completed: the event would not fit the messages that carry it.
+                    error = output_too_large(_TIER, "a run's outputs", size, self._max_total_output_bytes)
+                else:
+                    run.outputs.MergeFrom(completed.outputs)
+                    run.state = pb.RUN_STATE_COMPLETED
+                    await self._transition(live, run_completed=completed)
+            if error is not None:
                 run.state = pb.RUN_STATE_FAILED
                 run.error.CopyFrom(error)
                 await self._transition(live, run_failed=pb.RunFailed(error=error))
@@ -691,6 +712,8 @@ class RunManager:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         add_usage(live.usage, usage)
+        if (size := output.ByteSize()) > self._max_output_bytes:
+            return output_too_large(_TIER, "a step's output", size, self._max_output_bytes)
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
         # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
@@ -746,6 +769,9 @@ class RunManager:
             setattr(request.limits, name, value)
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
+        if (size := request.ByteSize()) > self._max_message_bytes:
+            message = f"the step's request to Tier 3 has {size} bytes; a message may have {self._max_message_bytes}"
+            return to_value(None), common_pb2.ResourceUsage(), _error("REQUEST_TOO_LARGE", message)
         output = to_value(None)
         usage: common_pb2.ResourceUsage | None = None
         error: common_pb2.ErrorDetail | None = None

@@ -55,6 +55,10 @@ class Settings:
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
+        replay_cache_bytes: How many bytes of finished steps' events Execute keeps to replay a step
+            asked for again under the same execution id.
+        retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
+            0 keeps them forever.
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +92,8 @@ class Settings:
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
+    replay_cache_bytes: int = 64 << 20
+    retention_seconds: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +147,8 @@ class Settings:
                 }
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
+            replay_cache_bytes=int(env.get("TIERSTACK_REPLAY_CACHE_BYTES", defaults.replay_cache_bytes)),
+            retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

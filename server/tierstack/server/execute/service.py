@@ -126,6 +126,7 @@ class ExecuteService:
         self.executor = Executor(
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
+            replay_bytes=settings.replay_cache_bytes,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,

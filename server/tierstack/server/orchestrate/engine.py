@@ -9,10 +9,11 @@ import functools
 import logging
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
+from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from jmespath.exceptions import JMESPathError
 
@@ -27,6 +28,7 @@ from tierstack.client.values import (
     to_struct,
     to_value,
 )
+from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.errors import (
     FailedPreconditionError,
@@ -73,7 +75,10 @@ _NOT_RETRYABLE = frozenset(
     }
 )
 _error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
-_SPEC_CACHE_SIZE = 512
+#: How many bytes of checked workflows (counted in their wire form) are kept to be reused.
+SPEC_CACHE_BYTES = 16 << 20
+#: How many tools' recent step durations are kept for the planner's estimates.
+KEPT_TOOL_ESTIMATES = 4096
 
 
 class StepRunner(Protocol):
@@ -141,7 +146,7 @@ class RunManager:
         self._tools = tools
         self._parallelism = parallelism
         self._live: dict[str, _LiveRun] = {}
-        self._tool_seconds: dict[str, float] = {}
+        self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
         self.log = EventLog(store, interval=flush_interval)
         self.planner = Planner(self._estimate)
@@ -149,7 +154,9 @@ class RunManager:
         self.context_operations = RateMeter()
         self.queued_steps = 0
         self.finished_runs: Counter[str] = Counter()
-        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
+        self._specs: ByteBudgetLRU[tuple[str, int], tuple[WorkflowSpec, int]] = ByteBudgetLRU(
+            SPEC_CACHE_BYTES, lambda kept: kept[1]
+        )
 
     def _estimate(self, step: StepSpec) -> float:
         if step.workflow is not None:
@@ -207,19 +214,18 @@ class RunManager:
         return spec
 
     def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
-        """Returns the checked form of a workflow; an identical workflow is checked only once (LRU).
+        """Returns the checked form of a workflow; an identical workflow is checked only once (an LRU
+        of :data:`SPEC_CACHE_BYTES`).
 
         Raises:
             InvalidArgumentError: Every problem found, each naming its field.
         """
         key = (content_hash(workflow), max_depth)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = check_workflow(workflow, max_depth=max_depth)
-            if len(self._specs) > _SPEC_CACHE_SIZE:
-                self._specs.popitem(last=False)
-        else:
-            self._specs.move_to_end(key)
+        kept = self._specs.get(key)
+        if kept is not None:
+            return kept[0]
+        spec = check_workflow(workflow, max_depth=max_depth)
+        self._specs[key] = (spec, workflow.ByteSize())
         return spec
 
     async def start_run(

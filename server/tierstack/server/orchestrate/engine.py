@@ -40,9 +40,9 @@ from tierstack.server.errors import (
 )
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
-from tierstack.server.orchestrate.persistence import EventLog
+from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.store import RunStore, StoredRun
+from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
 from tierstack.server.orchestrate.workflow import (
     DEFAULT_MAX_DEPTH,
@@ -53,6 +53,7 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
+from tierstack.server.retention import Sweeper
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -79,6 +80,8 @@ _error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
 SPEC_CACHE_BYTES = 16 << 20
 #: How many tools' recent step durations are kept for the planner's estimates.
 KEPT_TOOL_ESTIMATES = 4096
+#: How many runs one round of the retention sweep deletes at once.
+_DELETE_BATCH = 500
 
 
 class StepRunner(Protocol):
@@ -130,6 +133,8 @@ class RunManager:
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
         flush_interval: The longest an event waits before it is written, in seconds.
+        max_queued_events: New steps wait while this many events wait to be stored.
+        retention: How long a finished run is kept after it ended, in seconds; 0 keeps it forever.
     """
 
     def __init__(
@@ -140,6 +145,8 @@ class RunManager:
         tools: ToolCatalog | None = None,
         parallelism: int = DEFAULT_PARALLELISM,
         flush_interval: float = 0.01,
+        max_queued_events: int = MAX_QUEUED,
+        retention: float = 0.0,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -148,7 +155,8 @@ class RunManager:
         self._live: dict[str, _LiveRun] = {}
         self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
-        self.log = EventLog(store, interval=flush_interval)
+        self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
+        self._retention = Sweeper("runs", retention, self._delete_finished)
         self.planner = Planner(self._estimate)
         self.step_latency = LatencyHistogram()
         self.context_operations = RateMeter()
@@ -175,11 +183,13 @@ class RunManager:
         return len(self._live)
 
     async def open(self) -> None:
-        """Resumes every run a previous process left pending or running."""
+        """Resumes every run a previous process left pending or running, and starts deleting
+        finished runs once their retention has passed."""
         for stored in await self._store.unfinished_runs():
             self._resume(
                 stored, await self._store.events(stored.run.run_id, after_sequence=0), "orchestrator restarted"
             )
+        self._retention.start()
 
     def stopping(self) -> None:
         """Marks the process as stopping: runs are no longer cancelled when their callers go away
@@ -190,6 +200,7 @@ class RunManager:
         """Stops every run task (their runs stay unfinished, to resume on the next start) and writes
         what the log holds."""
         self._closing = True
+        await self._retention.close()
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
@@ -364,6 +375,34 @@ class RunManager:
             live.finished = True
             self._live.pop(run.run_id, None)
         return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Deletes a finished run and its events.
+
+        Raises:
+            NotFoundError: No run has that id.
+            FailedPreconditionError: The run has not ended.
+        """
+        run = await self.get_run(run_id)
+        if run_id in self._live or run.state not in FINISHED:
+            raise FailedPreconditionError(
+                f"run {run_id} has not ended ({pb.RunState.Name(run.state)}); cancel it first",
+                reason="RUN_NOT_FINISHED",
+                metadata={"run_id": run_id},
+            )
+        await self._store.delete_runs([run_id])
+        _log.info("run %s deleted", run_id)
+
+    async def _delete_finished(self, before: float) -> None:
+        """Deletes the runs that ended before ``before`` (seconds since the epoch), with their events."""
+        while True:
+            found = await self._store.finished_before(int(before * 1e9), limit=_DELETE_BATCH)
+            ended = [run_id for run_id in found if run_id not in self._live]
+            if ended:
+                await self._store.delete_runs(ended)
+                _log.info("deleted %d runs that ended more than the retention ago", len(ended))
+            if len(found) < _DELETE_BATCH or not ended:
+                return
 
     async def pause_run(self, run_id: str, reason: str) -> pb.Run:
         """Pauses a run: steps in flight are cancelled and will run again on resume.
@@ -627,6 +666,7 @@ class RunManager:
         self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
     ) -> common_pb2.ErrorDetail | None:
         """Makes one attempt at a step; on success records its output and returns None."""
+        await self.log.room()  # while the store falls behind, no step adds to what waits for it
         path = prefix + step.id
         state = live.steps[path]
         if path in live.rerun:

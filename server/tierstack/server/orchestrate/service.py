@@ -16,7 +16,8 @@ from tierstack.server.errors import InvalidArgumentError, Violation
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
-from tierstack.server.orchestrate.store import SqliteRunStore
+from tierstack.server.orchestrate.persistence import HealthReport
+from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
 from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
@@ -88,6 +89,10 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
 
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
+        await self._manager.delete_run(request.run_id)
+        return pb.DeleteRunResponse()
+
     async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
         return pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason))
 
@@ -154,23 +159,30 @@ class ToolNames:
 
 
 class OrchestrateService:
-    """Tier 2 as a server component: a SQLite run store, an Execute client and the run manager."""
+    """Tier 2 as a server component: a run store, an Execute client and the run manager.
+
+    Args:
+        settings: The server's settings.
+        store: Where runs are kept; a SQLite file in the data folder unless given.
+    """
 
     tier = common_pb2.TIER_ORCHESTRATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,)
 
-    def __init__(self, settings: Settings) -> None:
-        self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
+    def __init__(self, settings: Settings, *, store: RunStore | None = None) -> None:
+        self._store = store if store is not None else SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self.client_metrics = MethodMetrics()
         self._channel = tier_channel(settings.execute_target, self.client_metrics)
         self._executor = ExecutorClient(channel=self._channel)
-        self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
+        self.manager = RunManager(
+            self._store, self._executor, tools=ToolNames(self._executor), retention=settings.retention_seconds
+        )
 
     cross_tier = None
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
-        """Adds runs by state, step latency, context operations, queue depth, persistence and plans,
-        and the calls to Execute."""
+        """Adds runs by state, step latency, context operations, queue depth, persistence (and whether
+        the store fails) and plans, and the calls to Execute."""
         manager = self.manager
         flushes = manager.log.stats
         metrics.client_methods.extend(self.client_metrics.messages(method_filter))
@@ -184,6 +196,10 @@ class OrchestrateService:
                 mean_flush_batch_size=flushes.mean_batch,
                 plan_cache_hits=manager.planner.hits,
                 plan_cache_misses=manager.planner.misses,
+                store_failing=manager.log.failing,
+                store_write_failures=flushes.failures,
+                store_write_age=to_duration(flushes.write_age),
+                queued_events=manager.log.queued,
             )
         )
 
@@ -192,7 +208,9 @@ class OrchestrateService:
             OrchestratorServicer(self.manager), server
         )
 
-    async def start(self) -> None:
+    async def start(self, health: HealthReport) -> None:
+        """Opens the store and resumes the runs it holds; while writes to it fail, ``health`` is told."""
+        self.manager.log.report_health(health)
         await self._store.open()
         await self.manager.open()
 

@@ -169,11 +169,11 @@ class MemoryRunStore(RunStore):
         return [run_id for _, run_id in ended[:limit]]
 
     async def delete_runs(self, run_ids: Sequence[str]) -> None:
-        for run_id in run_ids:
-            stored = self._runs.pop(run_id, None)
-            if stored is not None and stored.run.request_id:
-                self._by_request.pop(stored.run.request_id, None)
+        deleted = set(run_ids)
+        for run_id in deleted:
+            self._runs.pop(run_id, None)
             self._events.pop(run_id, None)
+        self._by_request = {request: run_id for request, run_id in self._by_request.items() if run_id not in deleted}
 
 
 _SCHEMA = """

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.helpers import FakeOpenAI, HttpServer, start_tier
+from tests.server.orchestrate.workflows import step as step_of
+from tests.server.orchestrate.workflows import workflow
 from tierstack.client import ExecutorClient, MonitorClient
 from tierstack.client.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.server.ai.accounting import KEPT_NAMES
 from tierstack.server.bounded import ENTRY_OVERHEAD, ByteBudgetLRU
 from tierstack.server.execute.strategies import CONVERSATIONAL, KEPT_RECORDS, StrategySelector
+from tierstack.server.orchestrate.planner import Planner
+from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -100,3 +104,15 @@ async def test_many_model_names_keep_breakers_latency_and_usage_bounded(
         await client.close()
         await monitor.close()
         await server.stop()
+
+
+def test_plans_are_cached_within_a_byte_budget() -> None:
+    planner = Planner(lambda step: 0.1, capacity_bytes=64 * 1024)
+    specs = [
+        check_workflow(workflow(*(step_of(f"w{index}-step-{n}") for n in range(20)), name=f"w{index}"))
+        for index in range(200)
+    ]
+    for spec in specs:
+        assert planner.plan(spec)[1] is False
+    assert planner.plan(specs[-1])[1] is True  # the latest are kept
+    assert planner.plan(specs[0])[1] is False  # the oldest went to keep the budget

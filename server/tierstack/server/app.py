@@ -91,7 +91,7 @@ class TierServer:
         self._serving = True
         self._announced = False  # whether health has been reported since start
         monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
-        self._names = (*service.service_names, monitor_name)
+        self._names = (*service.service_names, monitor_name)  # health and reflection name them
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -113,9 +113,8 @@ class TierServer:
             MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = self._names
         reflection.enable_server_reflection(
-            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*self._names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
         self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")

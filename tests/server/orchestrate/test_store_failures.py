@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -49,7 +50,7 @@ async def orchestrate(data_dir: Path) -> AsyncIterator[Orchestrate]:
     execute = await start_tier("execute", Settings(data_dir=data_dir))
     store = FlakyStore(SqliteRunStore(data_dir / "runs.sqlite3"))
     settings = Settings(data_dir=data_dir, execute_target=execute.target)
-    server = TierServer(OrchestrateService(settings, store=store), grace_seconds=1.0)
+    server = TierServer(OrchestrateService(settings, store=store), grace_seconds=1.0, metrics_port=0)
     await server.start()
     channel = grpc.aio.insecure_channel(server.target)
     opened = Orchestrate(
@@ -94,6 +95,9 @@ async def test_a_failing_store_turns_the_server_not_serving_until_it_is_back_and
     assert metrics.store_failing and metrics.store_write_failures > 0 and metrics.queued_events > 0
     assert (to_seconds(metrics.store_write_age) or 0.0) > 0.0
     assert (await orchestrate.orchestrator.get_run(run_id)).state == pb.RUN_STATE_RUNNING
+    async with httpx.AsyncClient(trust_env=False) as client:
+        scraped = (await client.get(f"http://127.0.0.1:{orchestrate.server.metrics_port}/metrics")).text
+    assert 'tierstack_store_failing{tier="orchestrate"} 1.0' in scraped
 
     orchestrate.store.failing = False
     events = [event async for event in orchestrate.orchestrator.watch_run(run_id)]

@@ -31,6 +31,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class Orchestrate:
+    execute: TierServer
     server: TierServer
     store: FlakyStore
     orchestrator: OrchestratorClient
@@ -54,6 +55,7 @@ async def orchestrate(data_dir: Path) -> AsyncIterator[Orchestrate]:
     await server.start()
     channel = grpc.aio.insecure_channel(server.target)
     opened = Orchestrate(
+        execute,
         server,
         store,
         OrchestratorClient(server.target),
@@ -140,3 +142,36 @@ async def test_new_steps_wait_while_the_store_falls_behind_and_nothing_is_droppe
     finally:
         await manager.close()
         await store.close()
+
+
+async def test_coordinate_raises_an_alert_while_the_store_fails_and_resolves_it(
+    orchestrate: Orchestrate, data_dir: Path
+) -> None:
+    settings = Settings(
+        data_dir=data_dir,
+        orchestrate_target=orchestrate.server.target,
+        execute_target=orchestrate.execute.target,
+        monitor_interval_seconds=0.05,
+    )
+    coordinate = await start_tier("coordinate", settings)
+    monitor = MonitorClient(coordinate.target)
+    try:
+        watched = monitor.watch_alerts()
+
+        async def next_store_alert() -> monitor_pb.Alert:  # other alerts (memory, say) are not this test's
+            async for alert in watched:
+                if alert.kind == monitor_pb.ALERT_KIND_STORE_UNAVAILABLE:
+                    return alert
+            raise AssertionError("the alerts ended")
+
+        orchestrate.store.failing = True
+        await orchestrate.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(step("a", value=1))))
+        raised = await next_store_alert()
+        assert raised.tier == common_pb2.TIER_ORCHESTRATE
+        assert not raised.HasField("resolve_time")
+        orchestrate.store.failing = False
+        resolved = await next_store_alert()
+        assert resolved.id == raised.id and resolved.HasField("resolve_time")
+    finally:
+        await monitor.close()
+        await coordinate.stop()

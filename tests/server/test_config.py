@@ -19,3 +19,11 @@ def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
     assert settings.metrics_port is None
     assert settings.model_fallbacks == ("small", "local")
     assert Settings.from_env("coordinate", {}).metrics_port == 9451
+
+
+def test_retention_and_the_replay_cache_budget_come_from_the_environment() -> None:
+    env = {"TIERSTACK_RETENTION_SECONDS": "0", "TIERSTACK_REPLAY_CACHE_BYTES": "4096"}
+    settings = Settings.from_env("orchestrate", env)
+    assert (settings.retention_seconds, settings.replay_cache_bytes) == (0.0, 4096)
+    defaults = Settings.from_env("orchestrate", {})
+    assert (defaults.retention_seconds, defaults.replay_cache_bytes) == (7 * 24 * 3600, 64 << 20)

@@ -225,6 +225,13 @@ class OrchestratorClient(_Client):
             )
         return response.run
 
+    async def delete_run(self, run_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a finished run and its events (FailedPreconditionError for a run that has not ended)."""
+        with translate_errors():
+            await self._stub.DeleteRun(
+                orchestrator_pb2.DeleteRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+            )
+
     async def pause_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
         """Pauses a run (steps in flight are cancelled and run again on resume) and returns it."""
         with translate_errors():

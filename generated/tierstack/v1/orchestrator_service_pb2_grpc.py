@@ -65,6 +65,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/tierstack.v1.OrchestratorService/DeleteRun',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
         self.PauseRun = channel.unary_unary(
                 '/tierstack.v1.OrchestratorService/PauseRun',
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunRequest.SerializeToString,
@@ -140,6 +145,14 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRun(self, request, context):
+        """Deletes a finished run and its events; its request id may then start a new run. Runs also go
+        by themselves once the server's retention (TIERSTACK_RETENTION_SECONDS) has passed since they ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PauseRun(self, request, context):
         """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume.
         """
@@ -207,6 +220,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.SerializeToString,
             ),
             'PauseRun': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseRun,
@@ -397,6 +415,33 @@ class OrchestratorService:
             '/tierstack.v1.OrchestratorService/CancelRun',
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.OrchestratorService/DeleteRun',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

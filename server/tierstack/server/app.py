@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -48,8 +48,10 @@ class TierService(Protocol):
     def fill_metrics(self, metrics: monitor_service_pb2.TierMetrics, method_filter: str) -> None:
         """Adds the tier's own metrics (its domain, and its calls to the tier below) to ``metrics``."""
 
-    async def start(self) -> None:
-        """Starts the tier's background work; called before the server accepts calls."""
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+        """Starts the tier's background work; called before the server accepts calls. The tier may
+        call ``health(False)`` while it cannot serve (its store fails, say) and ``health(True)`` once
+        it can again."""
 
     def stopping(self) -> None:
         """Learns that the server is stopping, before its in-flight calls are cancelled."""
@@ -94,6 +96,10 @@ class TierServer:
         self._requested_port = port
         self._grace = grace_seconds
         self._health: health.aio.HealthServicer | None = None
+        self._serving = True
+        self._announced = False  # whether health has been reported since start
+        monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+        self._names = (*service.service_names, monitor_name)  # health and reflection name them
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -123,23 +129,31 @@ class TierServer:
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
-        await service.start()
+        await service.start(self._report_health)
         service.register(self._server)
-        monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
         monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = (*service.service_names, monitor_name)
         reflection.enable_server_reflection(
-            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*self._names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
         await self._server.start()
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._announced = True
+        await self._report_health(self._serving)
         _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
         return self.port
+
+    async def _report_health(self, serving: bool) -> None:
+        """Sets every health name of the server SERVING or NOT_SERVING (from start on; a stopping
+        server stays NOT_SERVING)."""
+        self._serving = serving
+        if not self._announced or self._health is None:
+            return  # start() reports it once the server serves
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._names):
+            await self._health.set(name, status)
 
     def _bind(self) -> None:
         """Binds the gRPC port and the metrics port.

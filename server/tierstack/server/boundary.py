@@ -364,6 +364,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "tierstack.v1.CancelRunRequest": _RUN_CONTROL,
     "tierstack.v1.PauseRunRequest": _RUN_CONTROL,
     "tierstack.v1.ResumeRunRequest": {"run_id": REQUIRED_ID},
+    "tierstack.v1.DeleteRunRequest": {"run_id": REQUIRED_ID},
     "tierstack.v1.ResolveVariablesRequest": {"run_id": REQUIRED_ID, "expressions": Items(1000, each=DESCRIPTION)},
     "tierstack.v1.PlanWorkflowRequest": _WORKFLOW_REQUEST,
     "tierstack.v1.ValidateWorkflowRequest": _WORKFLOW_REQUEST,

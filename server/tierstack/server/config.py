@@ -63,6 +63,10 @@ class Settings:
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
         max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
             tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
+        replay_cache_bytes: How many bytes of finished steps' events Execute keeps to replay a step
+            asked for again under the same execution id.
+        retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
+            0 keeps them forever.
     """
 
     host: str = "127.0.0.1"
@@ -97,6 +101,8 @@ class Settings:
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    replay_cache_bytes: int = 64 << 20
+    retention_seconds: float = 7 * 24 * 3600.0
 
     @property
     def max_total_output_bytes(self) -> int:
@@ -157,6 +163,8 @@ class Settings:
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
+            replay_cache_bytes=int(env.get("TIERSTACK_REPLAY_CACHE_BYTES", defaults.replay_cache_bytes)),
+            retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

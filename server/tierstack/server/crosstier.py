@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
-from tierstack.client.values import now_timestamp
+from tierstack.client.values import now_timestamp, to_seconds
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
 from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
@@ -260,6 +260,15 @@ class CrossTierMonitor:
                 f"{name} uses {rss / 2**20:.0f} MiB of memory (threshold {limits.memory_bytes / 2**20:.0f} MiB)",
                 rss,
                 limits.memory_bytes,
+            )
+        if current.orchestrate.store_failing:
+            age = to_seconds(current.orchestrate.store_write_age) or 0.0
+            queued = current.orchestrate.queued_events
+            alert(
+                pb.ALERT_KIND_STORE_UNAVAILABLE,
+                f"{name} cannot write to its store (nothing stored for {age:.0f} s; {queued} events wait)",
+                age,
+                0.0,
             )
         previous = self._previous.get(tier)
         if previous is None:

@@ -23,7 +23,7 @@ from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
-from tierstack.server.errors import error_detail, error_detail_of_call, output_too_large
+from tierstack.server.errors import DomainError, error_detail, error_detail_of_call, output_too_large
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2
@@ -145,11 +145,19 @@ class Coordinator:
         sequence = 0
         self.active_goals += 1
         try:
-            async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
-                async for event in events:
-                    sequence += 1
-                    event.sequence = sequence
-                    yield event
+            try:
+                async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
+                    async for event in events:
+                        sequence += 1
+                        event.sequence = sequence
+                        yield event
+            except DomainError:
+                raise
+            except Exception:  # a fault of ours: the goal ends, its runs are cancelled (closing did it)
+                _log.exception("goal %s failed unexpectedly", goal.id)
+                failed = goal.failed("INTERNAL", "the coordinator failed while pursuing the goal")
+                failed.sequence = sequence + 1
+                yield failed
         finally:
             self.active_goals -= 1
 
@@ -221,7 +229,8 @@ class _Pursuit:
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
         self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
         self._replans = 0
-        self._events: asyncio.Queue[pb.GoalEvent | _Ended] = asyncio.Queue()
+        # A subtask's task that fails unexpectedly puts its exception here, for run() to raise.
+        self._events: asyncio.Queue[pb.GoalEvent | _Ended | Exception] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failure: pb.GoalEvent | None = None
         self.completed = False
@@ -236,6 +245,8 @@ class _Pursuit:
                 except TimeoutError:
                     failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
                     break
+                if isinstance(item, Exception):
+                    raise item
                 if isinstance(item, pb.GoalEvent):
                     yield item
                     continue
@@ -316,7 +327,7 @@ class _Pursuit:
                 return self._goal.failed("BUDGET_EXHAUSTED", f"the goal's {spent}", subtask=subtask.id)
             del self._pending[subtask.id]
             self._reserved[subtask.id] = limits
-            self._tasks[subtask.id] = asyncio.create_task(self._run(subtask, limits))
+            self._tasks[subtask.id] = asyncio.create_task(self._run_reporting(subtask, limits))
         return None
 
     def _share(self, subtask: pb.Subtask) -> tuple[common_pb2.ResourceLimits, str]:
@@ -341,6 +352,13 @@ class _Pursuit:
         for name, value in left.items():
             setattr(limits, name, value * weight if name == "max_credits" else max(math.floor(value * weight), 1))
         return limits, ""
+
+    async def _run_reporting(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
+        """Runs one subtask; an unexpected exception goes to the goal, which it ends."""
+        try:
+            await self._run(subtask, limits)
+        except Exception as exc:
+            self._events.put_nowait(exc)
 
     async def _run(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
         """Runs one subtask as a Tier 2 run, its dependencies' outputs as inputs, forwarding its events."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -110,7 +110,7 @@ class CoordinateService:
             CoordinatorServicer(self.coordinator), server
         )
 
-    async def start(self) -> None:
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
         """Loads the goal templates (the built-in ones, then the user's) and the learnt goals."""
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
         self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))

@@ -6,7 +6,12 @@ import asyncio
 import secrets
 import time
 
+from cachetools import TTLCache
+
 from tierstack.server.errors import NotFoundError
+
+#: How many approvals may wait at once; beyond it the oldest can no longer be answered (it times out).
+MAX_PENDING = 10_000
 
 
 class Approvals:
@@ -18,7 +23,12 @@ class Approvals:
 
     def __init__(self, *, timeout: float) -> None:
         self.timeout = timeout
-        self._pending: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
+        # Each expires with its timeout, so a call whose caller left before it was answered is forgotten.
+        self._pending: TTLCache[str, tuple[str, asyncio.Future[str | None]]] = TTLCache(MAX_PENDING, timeout)
+
+    def __len__(self) -> int:
+        """Counts the approvals waiting for an answer."""
+        return len(self._pending)
 
     def open(self, tool: str) -> tuple[str, int]:
         """Opens an approval for a call of ``tool``; returns its id and expiry (ns since the epoch)."""
@@ -34,7 +44,7 @@ class Approvals:
         except TimeoutError:
             return f"nobody answered within {self.timeout:g} s"
         finally:
-            del self._pending[approval_id]
+            self._pending.pop(approval_id, None)
 
     def _answer(self, approval_id: str, rejection: str | None) -> str:
         waiting = self._pending.get(approval_id)

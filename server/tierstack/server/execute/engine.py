@@ -8,11 +8,13 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import (
@@ -25,6 +27,7 @@ from tierstack.server.ai import (
     ModelTool,
     Scope,
 )
+from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.config import Settings
 from tierstack.server.errors import (
     FailedPreconditionError,
@@ -47,9 +50,9 @@ Events = AsyncIterator[executor_service_pb2.ExecutionEvent]
 _TIER = common_pb2.TIER_EXECUTE
 _error = functools.partial(error_detail, _TIER)
 
-#: How long a pure tool's result is remembered, in seconds, and how many results are.
+#: How long a pure tool's result is remembered, in seconds, and how many bytes of results are.
 MEMO_SECONDS = 3600.0
-MEMO_SIZE = 1000
+MEMO_BYTES = 32 << 20
 #: How often a critical tool's failing call is tried, and the first wait between tries.
 CRITICAL_ATTEMPTS = 3
 CRITICAL_BACKOFF_SECONDS = 0.05
@@ -102,7 +105,7 @@ class Executor:
         self,
         registry: ToolRegistry,
         *,
-        remembered: int = 10_000,
+        replay_bytes: int = Settings.replay_cache_bytes,
         max_concurrent_tools: int = 64,
         approval_timeout: float = 300.0,
         workspaces: Path = Path(".tierstack") / "workspaces",
@@ -115,13 +118,16 @@ class Executor:
         self.approvals = Approvals(timeout=approval_timeout)
         self.monitor = ToolMonitor()
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
-        self._remembered = remembered
-        self._finished: OrderedDict[str, list[executor_service_pb2.ExecutionEvent]] = OrderedDict()
-        self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
+        self._finished: ByteBudgetLRU[str, list[executor_service_pb2.ExecutionEvent]] = ByteBudgetLRU(
+            replay_bytes, lambda events: sum(event.ByteSize() for event in events)
+        )
+        self._memo: ByteBudgetLRU[tuple[str, str], tuple[float, common_pb2.ToolResult]] = ByteBudgetLRU(
+            MEMO_BYTES, lambda memo: memo[1].ByteSize()
+        )
         self.memo_hits = 0
         self.memo_misses = 0
         self.strategy_usage: Counter[str] = Counter()
-        self._toolkits: OrderedDict[tuple[str, ...], Toolkit] = OrderedDict()
+        self._toolkits: LRUCache[tuple[str, ...], Toolkit] = LRUCache(TOOLKIT_CACHE_SIZE)
         self.model: ModelProvider = model if model is not None else LocalModel()
         self.strategies = StrategySelector()
 
@@ -223,15 +229,15 @@ class Executor:
         The step's output is the last call's output; the first failing call fails the step.
 
         The execution id is an idempotency key: a step that already ran to its end under the same id
-        (among the last ``remembered``) is not run again; its events are replayed.
+        (among the most recent that fit in ``replay_bytes``) is not run again; its events are replayed.
 
         Raises:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
         """
         key = request.execution_id
-        if key and key in self._finished:
-            self._finished.move_to_end(key)
-            for event in self._finished[key]:
+        replayed = self._finished.get(key) if key else None
+        if replayed is not None:
+            for event in replayed:
                 yield event
             return
         events: list[executor_service_pb2.ExecutionEvent] = []
@@ -240,8 +246,6 @@ class Executor:
             yield event
         if key and events[-1].WhichOneof("payload") in ("completed", "failed"):
             self._finished[key] = events
-            if len(self._finished) > self._remembered:
-                self._finished.popitem(last=False)
 
     async def _run(self, request: executor_service_pb2.ExecuteRequest) -> Events:
         calls = []
@@ -320,7 +324,6 @@ class Executor:
         names = tuple(request.tools) or tuple(dict.fromkeys(tool.name for tool, _ in calls))
         kit = self._toolkits.get(names)
         if kit is not None:
-            self._toolkits.move_to_end(names)
             return kit
         tools = {}
         for index, tool_name in enumerate(names):
@@ -331,26 +334,25 @@ class Executor:
         kit = self._toolkits[names] = Toolkit(
             tools, tuple(ModelTool(t.name, t.description, t.parameters) for t in tools.values())
         )
-        if len(self._toolkits) > TOOLKIT_CACHE_SIZE:
-            self._toolkits.popitem(last=False)
         return kit
 
     def memoised(self, tool: Tool, arguments: dict[str, Any]) -> common_pb2.ToolResult | None:
         """Returns the remembered result of a pure tool's identical call, if it has not expired."""
-        key = (tool.name, json.dumps(arguments, sort_keys=True))
-        found = self._memo.get(key)
+        found = self._memo.get(_memo_key(tool, arguments))
         if found is None or found[0] < time.monotonic():
             self.memo_misses += 1
             return None
         self.memo_hits += 1
-        self._memo.move_to_end(key)
         return found[1]
 
     def memoise(self, tool: Tool, arguments: dict[str, Any], result: common_pb2.ToolResult) -> None:
         """Remembers a pure tool's successful result for ``MEMO_SECONDS``."""
-        self._memo[(tool.name, json.dumps(arguments, sort_keys=True))] = (time.monotonic() + MEMO_SECONDS, result)
-        if len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
+        self._memo[_memo_key(tool, arguments)] = (time.monotonic() + MEMO_SECONDS, result)
+
+
+def _memo_key(tool: Tool, arguments: dict[str, Any]) -> tuple[str, str]:
+    """Returns the key of a pure call: the tool and a digest of its arguments (so keys stay small)."""
+    return tool.name, hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
 
 
 class _Step:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,7 +17,9 @@ from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
+from tierstack.server.execute.workspaces import remove_stale
 from tierstack.server.pagination import decode_token, encode_token
+from tierstack.server.retention import Sweeper
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
@@ -126,12 +129,17 @@ class ExecuteService:
         self.executor = Executor(
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
+            replay_bytes=settings.replay_cache_bytes,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,
             max_output_bytes=settings.max_output_bytes,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
+        self._retention = Sweeper("workspaces", settings.retention_seconds, self._remove_stale_workspaces)
+
+    async def _remove_stale_workspaces(self, before: float) -> None:
+        await asyncio.to_thread(remove_stale, self.executor.workspaces, before)
 
     cross_tier = None
 
@@ -156,14 +164,17 @@ class ExecuteService:
             ExecutorServicer(self.executor, slow_tool_seconds=self._slow_tool_seconds), server
         )
 
-    async def start(self) -> None:
-        """Mounts the configured MCP servers' tools."""
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+        """Mounts the configured MCP servers' tools and starts removing workspaces once their
+        retention has passed."""
         await self._mcp.start(self.registry)
+        self._retention.start()
 
     def stopping(self) -> None:
         """Nothing to prepare: calls in flight finish or are cancelled with the server."""
 
     async def close(self) -> None:
+        await self._retention.close()
         await self._mcp.close()
         await self._http.aclose()
         await self.ai.close()

@@ -9,10 +9,11 @@ import functools
 import logging
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
+from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from jmespath.exceptions import JMESPathError
 
@@ -28,6 +29,7 @@ from tierstack.client.values import (
     to_value,
 )
 from tierstack.server import boundary
+from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
 from tierstack.server.errors import (
@@ -41,9 +43,9 @@ from tierstack.server.errors import (
 )
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
-from tierstack.server.orchestrate.persistence import EventLog
+from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.store import RunStore, StoredRun
+from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
 from tierstack.server.orchestrate.workflow import (
     DEFAULT_MAX_DEPTH,
@@ -53,6 +55,7 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
+from tierstack.server.retention import Sweeper
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -79,7 +82,12 @@ _NOT_RETRYABLE = frozenset(
 _TIER = common_pb2.TIER_ORCHESTRATE
 _error = functools.partial(error_detail, _TIER)
 _DEFAULTS = Settings()
-_SPEC_CACHE_SIZE = 512
+#: How many bytes of checked workflows (counted in their wire form) are kept to be reused.
+SPEC_CACHE_BYTES = 16 << 20
+#: How many tools' recent step durations are kept for the planner's estimates.
+KEPT_TOOL_ESTIMATES = 4096
+#: How many runs one round of the retention sweep deletes at once.
+_DELETE_BATCH = 500
 
 
 class StepRunner(Protocol):
@@ -137,6 +145,8 @@ class RunManager:
             ``OUTPUT_TOO_LARGE``.
         max_message_bytes: The largest request a step may send to Tier 3; a larger one (its arguments
             rendered) fails the step with ``REQUEST_TOO_LARGE``.
+        max_queued_events: New steps wait while this many events wait to be stored.
+        retention: How long a finished run is kept after it ended, in seconds; 0 keeps it forever.
     """
 
     def __init__(
@@ -150,6 +160,8 @@ class RunManager:
         max_output_bytes: int = _DEFAULTS.max_output_bytes,
         max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
         max_message_bytes: int = _DEFAULTS.max_message_bytes,
+        max_queued_events: int = MAX_QUEUED,
+        retention: float = 0.0,
     ) -> None:
         self._max_message_bytes = max_message_bytes
         self._store = store
@@ -159,15 +171,18 @@ class RunManager:
         self._tools = tools
         self._parallelism = parallelism
         self._live: dict[str, _LiveRun] = {}
-        self._tool_seconds: dict[str, float] = {}
+        self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
-        self.log = EventLog(store, interval=flush_interval)
+        self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
+        self._retention = Sweeper("runs", retention, self._delete_finished)
         self.planner = Planner(self._estimate)
         self.step_latency = LatencyHistogram()
         self.context_operations = RateMeter()
         self.queued_steps = 0
         self.finished_runs: Counter[str] = Counter()
-        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
+        self._specs: ByteBudgetLRU[tuple[str, int], tuple[WorkflowSpec, int]] = ByteBudgetLRU(
+            SPEC_CACHE_BYTES, lambda kept: kept[1]
+        )
 
     def _estimate(self, step: StepSpec) -> float:
         if step.workflow is not None:
@@ -188,7 +203,8 @@ class RunManager:
     async def open(self) -> None:
         """Resumes every run a previous process left pending or running. A run that cannot be resumed
         (what was stored no longer passes the checks, or cannot be read) is failed with the reason
-        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting."""
+        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting. Then starts
+        deleting finished runs once their retention has passed."""
         for stored in await self._store.unfinished_runs():
             history: list[pb.RunEvent] = []
             try:
@@ -201,6 +217,7 @@ class RunManager:
                 self._live.pop(stored.run.run_id, None)
                 _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
                 await self._fail_unresumable(stored, history, exc)
+        self._retention.start()
 
     async def _fail_unresumable(self, stored: StoredRun, history: list[pb.RunEvent], cause: Exception) -> None:
         run = stored.run
@@ -232,6 +249,7 @@ class RunManager:
         """Stops every run task (their runs stay unfinished, to resume on the next start) and writes
         what the log holds."""
         self._closing = True
+        await self._retention.close()
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
@@ -256,19 +274,18 @@ class RunManager:
         return spec
 
     def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
-        """Returns the checked form of a workflow; an identical workflow is checked only once (LRU).
+        """Returns the checked form of a workflow; an identical workflow is checked only once (an LRU
+        of :data:`SPEC_CACHE_BYTES`).
 
         Raises:
             InvalidArgumentError: Every problem found, each naming its field.
         """
         key = (content_hash(workflow), max_depth)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = check_workflow(workflow, max_depth=max_depth)
-            if len(self._specs) > _SPEC_CACHE_SIZE:
-                self._specs.popitem(last=False)
-        else:
-            self._specs.move_to_end(key)
+        kept = self._specs.get(key)
+        if kept is not None:
+            return kept[0]
+        spec = check_workflow(workflow, max_depth=max_depth)
+        self._specs[key] = (spec, workflow.ByteSize())
         return spec
 
     async def start_run(
@@ -405,6 +422,34 @@ class RunManager:
             live.finished = True
             self._live.pop(run.run_id, None)
         return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Deletes a finished run and its events.
+
+        Raises:
+            NotFoundError: No run has that id.
+            FailedPreconditionError: The run has not ended.
+        """
+        run = await self.get_run(run_id)
+        if run_id in self._live or run.state not in FINISHED:
+            raise FailedPreconditionError(
+                f"run {run_id} has not ended ({pb.RunState.Name(run.state)}); cancel it first",
+                reason="RUN_NOT_FINISHED",
+                metadata={"run_id": run_id},
+            )
+        await self._store.delete_runs([run_id])
+        _log.info("run %s deleted", run_id)
+
+    async def _delete_finished(self, before: float) -> None:
+        """Deletes the runs that ended before ``before`` (seconds since the epoch), with their events."""
+        while True:
+            found = await self._store.finished_before(int(before * 1e9), limit=_DELETE_BATCH)
+            ended = [run_id for run_id in found if run_id not in self._live]
+            if ended:
+                await self._store.delete_runs(ended)
+                _log.info("deleted %d runs that ended more than the retention ago", len(ended))
+            if len(found) < _DELETE_BATCH or not ended:
+                return
 
     async def pause_run(self, run_id: str, reason: str) -> pb.Run:
         """Pauses a run: steps in flight are cancelled and will run again on resume.
@@ -671,6 +716,7 @@ class RunManager:
         self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
     ) -> common_pb2.ErrorDetail | None:
         """Makes one attempt at a step; on success records its output and returns None."""
+        await self.log.room()  # while the store falls behind, no step adds to what waits for it
         path = prefix + step.id
         state = live.steps[path]
         if path in live.rerun:

@@ -16,7 +16,8 @@ from tierstack.server.errors import FailedPreconditionError, InvalidArgumentErro
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
-from tierstack.server.orchestrate.store import SqliteRunStore
+from tierstack.server.orchestrate.persistence import HealthReport
+from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
 from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
@@ -134,6 +135,10 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         return self._fitted(pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason)))
 
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
+        await self._manager.delete_run(request.run_id)
+        return pb.DeleteRunResponse()
+
     async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
         return self._fitted(pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason)))
 
@@ -200,13 +205,18 @@ class ToolNames:
 
 
 class OrchestrateService:
-    """Tier 2 as a server component: a SQLite run store, an Execute client and the run manager."""
+    """Tier 2 as a server component: a run store, an Execute client and the run manager.
+
+    Args:
+        settings: The server's settings.
+        store: Where runs are kept; a SQLite file in the data folder unless given.
+    """
 
     tier = common_pb2.TIER_ORCHESTRATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,)
 
-    def __init__(self, settings: Settings) -> None:
-        self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
+    def __init__(self, settings: Settings, *, store: RunStore | None = None) -> None:
+        self._store = store if store is not None else SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self.client_metrics = MethodMetrics()
         self._max_message_bytes = settings.max_message_bytes
         self._channel = tier_channel(
@@ -220,13 +230,14 @@ class OrchestrateService:
             max_output_bytes=settings.max_output_bytes,
             max_total_output_bytes=settings.max_total_output_bytes,
             max_message_bytes=settings.max_message_bytes,
+            retention=settings.retention_seconds,
         )
 
     cross_tier = None
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
-        """Adds runs by state, step latency, context operations, queue depth, persistence and plans,
-        and the calls to Execute."""
+        """Adds runs by state, step latency, context operations, queue depth, persistence (and whether
+        the store fails) and plans, and the calls to Execute."""
         manager = self.manager
         flushes = manager.log.stats
         metrics.client_methods.extend(self.client_metrics.messages(method_filter))
@@ -240,6 +251,10 @@ class OrchestrateService:
                 mean_flush_batch_size=flushes.mean_batch,
                 plan_cache_hits=manager.planner.hits,
                 plan_cache_misses=manager.planner.misses,
+                store_failing=manager.log.failing,
+                store_write_failures=flushes.failures,
+                store_write_age=to_duration(flushes.write_age),
+                queued_events=manager.log.queued,
             )
         )
 
@@ -248,7 +263,9 @@ class OrchestrateService:
             OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
         )
 
-    async def start(self) -> None:
+    async def start(self, health: HealthReport) -> None:
+        """Opens the store and resumes the runs it holds; while writes to it fail, ``health`` is told."""
+        self.manager.log.report_health(health)
         await self._store.open()
         await self.manager.open()
 

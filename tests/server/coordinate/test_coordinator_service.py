@@ -205,3 +205,18 @@ async def test_ready_subtasks_start_by_priority(data_dir: Path, tmp_path: Path) 
     assert events[-1].HasField("goal_completed")
     started = [e.subtask_started.subtask_id for e in events if e.HasField("subtask_started")]
     assert started == ["first", "then", "later"]
+
+
+async def test_huge_capacities_and_negative_loads_form_a_team(stack: Stack) -> None:
+    subtasks = [pb.Subtask(id=f"s{i}", required_capabilities=["writing"]) for i in range(3)]
+
+    async def form(agent: pb.Agent) -> tuple[list[str], list[str]]:
+        team = await stack.coordinator.form_team(pb.FormTeamRequest(agents=[agent], subtasks=subtasks))
+        return [a.subtask_id for a in team.assignments], list(team.unassigned_subtask_ids)
+
+    big = pb.Agent(id="big", capabilities=["writing"], max_concurrent_tasks=2**31 - 1)
+    assert await form(big) == (["s0", "s1", "s2"], [])
+    # Room for one, however negative the load claims to be.
+    odd = pb.Agent(id="odd", capabilities=["writing"], current_load=-(2**31 - 1), max_concurrent_tasks=1)
+    assigned, unassigned = await form(odd)
+    assert len(assigned) == 1 and len(unassigned) == 2

@@ -95,8 +95,8 @@ class GoalMemory:
         for past, score in similar:
             if score < threshold:
                 break
-            subtasks = self._subtasks[past]
-            if all(set(s.required_capabilities) <= capabilities for s in subtasks):
+            subtasks = self._subtasks.get(past)  # None: forgotten while its indexing awaited the model
+            if subtasks is not None and all(set(s.required_capabilities) <= capabilities for s in subtasks):
                 return past, [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
         return None
 

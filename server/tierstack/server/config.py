@@ -60,6 +60,8 @@ class Settings:
         alert_thresholds: When alerts are raised (``TIERSTACK_ALERT_*``).
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
+        goal_memory_entries: How many learnt goals Coordinate keeps (those learnt longest ago are
+            forgotten first).
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
         max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
             tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
@@ -97,6 +99,7 @@ class Settings:
     templates_dir: Path | None = None
     similarity_threshold: float = 0.85
     embedding_model: str = ""
+    goal_memory_entries: int = 10_000
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
@@ -152,6 +155,7 @@ class Settings:
             templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
             similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),
             embedding_model=env.get("TIERSTACK_EMBEDDING_MODEL", defaults.embedding_model),
+            goal_memory_entries=int(env.get("TIERSTACK_GOAL_MEMORY_ENTRIES", defaults.goal_memory_entries)),
             monitor_interval_seconds=float(
                 env.get("TIERSTACK_MONITOR_INTERVAL_SECONDS", defaults.monitor_interval_seconds)
             ),

@@ -264,3 +264,14 @@ async def test_an_unexpected_error_before_any_run_ends_the_goal_with_internal(st
     events = [e async for e in stack.coordinator.coordinate(pb.CoordinateRequest(goal="write a report", agents=AGENTS))]
     assert [e.WhichOneof("payload") for e in events] == ["goal_failed"]
     assert events[0].goal_failed.error.reason == "INTERNAL"
+
+
+async def test_the_largest_capacity_allowed_forms_a_team(stack: Stack) -> None:
+    subtasks = [pb.Subtask(id=f"s{i}", required_capabilities=["writing"]) for i in range(3)]
+
+    async def form(agent: pb.Agent) -> tuple[list[str], list[str]]:
+        team = await stack.coordinator.form_team(pb.FormTeamRequest(agents=[agent], subtasks=subtasks))
+        return [a.subtask_id for a in team.assignments], list(team.unassigned_subtask_ids)
+
+    big = pb.Agent(id="big", capabilities=["writing"], max_concurrent_tasks=1_000_000)  # the bound's maximum
+    assert await form(big) == (["s0", "s1", "s2"], [])

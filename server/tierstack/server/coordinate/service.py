@@ -86,7 +86,9 @@ class CoordinateService:
             if settings.embedding_model
             else NgramIndex()
         )
-        self._memory = GoalMemory(settings.data_dir / "goals.jsonl", index=index)
+        self._memory = GoalMemory(
+            settings.data_dir / "goals.jsonl", index=index, max_entries=settings.goal_memory_entries
+        )
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         self.coordinator = Coordinator(self._orchestrator, decomposer, max_output_bytes=settings.max_total_output_bytes)

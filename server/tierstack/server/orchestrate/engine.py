@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cachetools import LRUCache
 from google.protobuf import struct_pb2
@@ -88,6 +88,26 @@ SPEC_CACHE_BYTES = 16 << 20
 KEPT_TOOL_ESTIMATES = 4096
 #: How many runs one round of the retention sweep deletes at once.
 _DELETE_BATCH = 500
+_T = TypeVar("_T")
+# A workflow larger than this (in wire bytes, about a thousand steps) is checked in a worker thread,
+# so that the loop keeps serving; a smaller one is checked at once, quicker than a hop to a thread.
+_INLINE_CHECK_BYTES = 64 << 10
+
+
+def _is_large(workflow: pb.Workflow) -> bool:
+    """Returns whether work that grows with the workflow belongs in a worker thread (measuring it
+    costs about as much as parsing the request did)."""
+    return workflow.ByteSize() > _INLINE_CHECK_BYTES
+
+
+async def _sized(large: bool, call: Callable[[], _T]) -> _T:
+    """Returns ``call()``, run in a worker thread when the workflow it works on is large."""
+    return await asyncio.to_thread(call) if large else call()
+
+
+def _max_depth(limits: common_pb2.ResourceLimits | None) -> int:
+    """Returns how deeply a run's workflows may nest."""
+    return limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
 
 
 class StepRunner(Protocol):
@@ -212,7 +232,7 @@ class RunManager:
                 violations = boundary.check(pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits))
                 if violations:
                     raise InvalidArgumentError(violations)
-                self._resume(stored, history, "orchestrator restarted")
+                await self._resume(stored, history, "orchestrator restarted")
             except Exception as exc:
                 self._live.pop(stored.run.run_id, None)
                 _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
@@ -263,28 +283,33 @@ class RunManager:
             InvalidArgumentError: Every problem found, each naming its field.
             TierstackError: Tier 3 could not be asked for its tools.
         """
-        max_depth = limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
-        unknown = unknown_tools(workflow, await self._tools()) if self._tools is not None else []
+        tools = await self._tools() if self._tools is not None else None
+        large = _is_large(workflow)
+        unknown = await _sized(large, functools.partial(unknown_tools, workflow, tools)) if tools is not None else []
         try:
-            spec = self.spec(workflow, max_depth)
+            spec = await self._spec(workflow, _max_depth(limits), large)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError([*exc.violations, *unknown], reason=exc.reason) from None
         if unknown:
             raise InvalidArgumentError(unknown, reason="INVALID_WORKFLOW")
         return spec
 
-    def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
+    async def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
         """Returns the checked form of a workflow; an identical workflow is checked only once (an LRU
-        of :data:`SPEC_CACHE_BYTES`).
+        of :data:`SPEC_CACHE_BYTES`). A large workflow is hashed and checked in a worker thread, so
+        the loop keeps serving.
 
         Raises:
             InvalidArgumentError: Every problem found, each naming its field.
         """
-        key = (content_hash(workflow), max_depth)
+        return await self._spec(workflow, max_depth, _is_large(workflow))
+
+    async def _spec(self, workflow: pb.Workflow, max_depth: int, large: bool) -> WorkflowSpec:
+        key = (await _sized(large, functools.partial(content_hash, workflow)), max_depth)
         kept = self._specs.get(key)
         if kept is not None:
             return kept[0]
-        spec = check_workflow(workflow, max_depth=max_depth)
+        spec = await _sized(large, functools.partial(check_workflow, workflow, max_depth=max_depth))
         self._specs[key] = (spec, workflow.ByteSize())
         return spec
 
@@ -336,11 +361,11 @@ class RunManager:
 
         return record
 
-    def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
+    async def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
         """Continues a stored run: completed steps keep their outputs, steps that were in flight run
         again with the same attempt (and so the same idempotency key at Tier 3)."""
         run = stored.run
-        spec = self.spec(stored.workflow, stored.limits.max_depth or DEFAULT_MAX_DEPTH)
+        spec = await self.spec(stored.workflow, _max_depth(stored.limits))
         live = self._track(run, spec, stored.limits)
         live.history = history
         for event in history:
@@ -411,7 +436,7 @@ class RunManager:
         return await self._stop(run_id, "cancel", reason or "cancelled")
 
     async def _cancel_paused(self, stored: StoredRun, reason: str) -> pb.Run:
-        live = self._track(stored.run, self.spec(stored.workflow), stored.limits)
+        live = self._track(stored.run, await self.spec(stored.workflow, _max_depth(stored.limits)), stored.limits)
         live.history = await self._store.events(stored.run.run_id, after_sequence=0)
         run = live.run
         try:
@@ -478,7 +503,7 @@ class RunManager:
                 f"run {run_id} is not paused ({pb.RunState.Name(stored.run.state)})", reason="RUN_NOT_PAUSED"
             )
         history = await self._store.events(run_id, after_sequence=0)
-        return self._resume(stored, history, "resumed on request").run
+        return (await self._resume(stored, history, "resumed on request")).run
 
     async def resolve(self, run_id: str, expressions: Sequence[str]) -> list[JSON]:
         """Resolves template expressions in a run's context, in one batch.
@@ -492,7 +517,8 @@ class RunManager:
             stored = await self._store.get_stored(run_id)
             if stored is None:
                 raise NotFoundError("run", run_id)
-            live = _LiveRun(stored.run, self.spec(stored.workflow), stored.limits, self._parallelism)
+            spec = await self.spec(stored.workflow, _max_depth(stored.limits))
+            live = _LiveRun(stored.run, spec, stored.limits, self._parallelism)
             for event in await self._store.events(run_id, after_sequence=stored.run.last_sequence):
                 _replay(live, event)
             live.context = RunContext(

@@ -18,7 +18,6 @@ from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.persistence import HealthReport
 from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
-from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -152,7 +151,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         return pb.ResolveVariablesResponse(values=[to_value(value) for value in values])
 
     async def PlanWorkflow(self, request: pb.PlanWorkflowRequest, context: Context) -> pb.PlanWorkflowResponse:
-        spec = check_workflow(request.workflow)
+        spec = await self._manager.spec(request.workflow)
         plan, cached = self._manager.planner.plan(spec)
         return pb.PlanWorkflowResponse(
             cached=cached,

@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python -m tools.bench.bench_execute
 	$(BIN)/python -m tools.bench.bench_orchestrate
 	$(BIN)/python -m tools.bench.bench_coordinate
+	$(BIN)/python -m tools.bench.bench_limits
 
 clean:
 	rm -rf $(VENV) .tools .tierstack .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,11 +9,12 @@ import json
 import re
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
 from tierstack.server import Settings, TierServer, service_for
+from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
 
 
 @dataclass
@@ -36,7 +38,13 @@ class Stack:
 
 
 async def start_tier(tier: str, settings: Settings) -> TierServer:
-    server = TierServer(service_for(tier, settings), port=0, grace_seconds=1.0, metrics_port=settings.metrics_port)
+    server = TierServer(
+        service_for(tier, settings),
+        port=0,
+        grace_seconds=1.0,
+        metrics_port=settings.metrics_port,
+        max_message_bytes=settings.max_message_bytes,
+    )
     await server.start()
     return server
 
@@ -240,3 +248,51 @@ class FakeOpenAI:
             "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
         }
         reply(json.dumps(answer).encode())(request)
+
+
+class FlakyStore(RunStore):
+    """A real run store whose writes fail (while ``failing``) or wait (while ``held`` is clear) on demand."""
+
+    def __init__(self, real: RunStore) -> None:
+        self.real = real
+        self.failing = False
+        self.failures = 0
+        self.held = asyncio.Event()
+        self.held.set()
+
+    async def open(self) -> None:
+        await self.real.open()
+
+    async def close(self) -> None:
+        await self.real.close()
+
+    async def create_run(self, stored: StoredRun) -> Run:
+        return await self.real.create_run(stored)
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+        await self.held.wait()
+        if self.failing:
+            self.failures += 1
+            raise sqlite3.OperationalError("disk I/O error")
+        await self.real.write(runs, events)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        return await self.real.get_run(run_id)
+
+    async def get_stored(self, run_id: str) -> StoredRun | None:
+        return await self.real.get_stored(run_id)
+
+    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+        return await self.real.list_runs(limit=limit, after=after, state=state)
+
+    async def unfinished_runs(self) -> list[StoredRun]:
+        return await self.real.unfinished_runs()
+
+    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
+        return await self.real.events(run_id, after_sequence=after_sequence)
+
+    async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
+        return await self.real.finished_before(end_ns, limit=limit)
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> None:
+        await self.real.delete_runs(run_ids)

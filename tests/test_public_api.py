@@ -25,6 +25,7 @@ PACKAGES = {
         "UnavailableError",
     },
     "tierstack.server": {
+        "BindError",
         "DEFAULT_PORTS",
         "TIERS",
         "Settings",

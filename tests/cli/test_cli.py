@@ -15,8 +15,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import TIERSTACK, HttpServer, Process, Stack, free_port, reply, spawned_stack, stop
-from tierstack.client import CoordinatorClient
+from tests.helpers import (
+    TIERSTACK,
+    HttpServer,
+    Process,
+    Stack,
+    free_port,
+    reply,
+    spawn_tier,
+    spawned_stack,
+    start_tier,
+    stop,
+)
+from tierstack.client import CoordinatorClient, ExecutorClient
+from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 
@@ -116,6 +128,66 @@ async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         code = await up.wait()
     assert code == 0
+
+
+@pytest.mark.parametrize("taken", ["port", "metrics port"])
+async def test_a_server_on_a_taken_port_exits_naming_it(taken: str) -> None:
+    first = await spawn_tier("execute", env=dict(os.environ))
+    try:
+        metrics = next(m.group(1) for line in first.lines if (m := re.search(r"metrics at http://(\S+)/", line)))
+        if taken == "port":
+            args, expected = ["--port", first.target.rpartition(":")[2]], f"cannot listen on {first.target}"
+        else:
+            args, expected = ["--port", "0", "--metrics-port", metrics.rpartition(":")[2]], f"on {metrics}"
+        second = await asyncio.create_subprocess_exec(
+            *TIERSTACK,
+            "serve",
+            "execute",
+            *args,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "TIERSTACK_EXECUTE_METRICS_PORT": "off"},
+        )
+        _, errors = await second.communicate()
+        assert second.returncode == 1
+        lines = errors.decode().splitlines()
+        assert expected in lines[-1] and lines[-1].startswith("error: execute ")
+        assert not any("Traceback" in line for line in lines)
+        assert not any("serving on" in line for line in lines)
+        async with ExecutorClient(first.target) as client:  # the first one serves on
+            assert (await client.list_tools()).tools
+    finally:
+        assert await stop(first) == 0
+
+
+async def test_up_says_which_tier_cannot_take_its_port(tmp_path: Path) -> None:
+    # Another server holds Orchestrate's port and answers health checks there, as a second stack's would.
+    holder = await start_tier("execute", Settings(data_dir=tmp_path / "holder"))
+    ports = {"execute": free_port(), "orchestrate": holder.port, "coordinate": free_port()}
+    env = {**os.environ, **{f"TIERSTACK_{tier.upper()}_PORT": str(port) for tier, port in ports.items()}}
+    env.update({f"TIERSTACK_{tier.upper()}_METRICS_PORT": "off" for tier in ports})
+    up = await asyncio.create_subprocess_exec(
+        *TIERSTACK,
+        "up",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # one process group: the test can end up and its children together
+    )
+    try:
+        _, errors = await up.communicate()
+    finally:
+        if up.returncode is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            await up.wait()
+        await holder.stop()
+    output = errors.decode()
+    assert up.returncode == 1, output
+    assert re.search(rf"orchestrate failed to start: .*cannot listen on 127\.0\.0\.1:{ports['orchestrate']}\b", output)
+    assert "tierstack is up" not in output and "Traceback" not in output
+    assert "TIER_EXECUTE serving on" in output  # its children's lines are passed on
+    assert "TIER_EXECUTE stopped" in output  # the tier that had started was stopped
+    assert "TIER_COORDINATE" not in output  # and the one above never started
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"

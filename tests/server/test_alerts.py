@@ -140,3 +140,24 @@ async def test_a_watcher_that_falls_behind_is_told_so() -> None:
     with pytest.raises(ResourceExhaustedError):
         while True:
             await anext(stream)
+
+
+async def test_a_failing_store_raises_an_alert_until_it_is_back() -> None:
+    store = pb.OrchestrateMetrics()
+
+    def snapshot(method_filter: str = "") -> pb.TierMetrics:
+        return pb.TierMetrics(tier=common_pb2.TIER_ORCHESTRATE, orchestrate=store)
+
+    watched = CrossTierMonitor(common_pb2.TIER_ORCHESTRATE, {})
+    watched.attach(snapshot)
+    await watched.check()
+    assert kinds(watched) == set()
+    store.store_failing, store.queued_events = True, 42
+    store.store_write_age.CopyFrom(to_duration(12.0))
+    await watched.check()
+    [alert] = watched.active_alerts()
+    assert alert.kind == pb.ALERT_KIND_STORE_UNAVAILABLE and alert.tier == common_pb2.TIER_ORCHESTRATE
+    assert alert.value == 12.0 and "42 events wait" in alert.message
+    store.store_failing = False
+    await watched.check()
+    assert kinds(watched) == set()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
 from tierstack.client import ExecutorClient, MonitorClient, UnavailableError
 from tierstack.client.values import from_value, to_struct
-from tierstack.server import Settings
+from tierstack.server import BindError, Settings, TierServer, service_for
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
@@ -138,6 +138,15 @@ async def test_a_stopping_server_lets_calls_in_flight_finish(http_server: HttpSe
         assert isinstance(output, dict) and output["json"] == "late but complete"
         with pytest.raises(UnavailableError):
             await client.execute_tool(executor_service_pb2.ExecuteToolRequest(), timeout=2)
+
+
+async def test_a_server_on_a_taken_port_fails_before_its_tier_starts(stack: Stack, tmp_path: Path) -> None:
+    second = TierServer(service_for("orchestrate", Settings(data_dir=tmp_path / "second")), port=stack.orchestrate.port)
+    with pytest.raises(BindError, match=f"cannot listen on {stack.orchestrate.target}"):
+        await second.start()
+    await second.stop()
+    assert not (tmp_path / "second").exists()  # its run store was never opened, no run resumed
+    assert (await stack.orchestrator.list_runs()).runs == []  # the first one serves on
 
 
 async def test_get_metrics_reports_latency_and_codes_per_method(stack: Stack) -> None:

@@ -19,3 +19,11 @@ def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
     assert settings.metrics_port is None
     assert settings.model_fallbacks == ("small", "local")
     assert Settings.from_env("coordinate", {}).metrics_port == 9451
+
+
+def test_retention_and_the_replay_cache_budget_come_from_the_environment() -> None:
+    env = {"TIERSTACK_RETENTION_SECONDS": "0"}
+    settings = Settings.from_env("orchestrate", env)
+    assert settings.retention_seconds == 0.0
+    defaults = Settings.from_env("orchestrate", {})
+    assert defaults.retention_seconds == 7 * 24 * 3600

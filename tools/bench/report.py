@@ -25,6 +25,7 @@ BENCHMARKS = {
     "execute": (["--requests", "9000"], ["--requests", "1500"]),
     "orchestrate": (["--repeat", "5", "--live-runs", "10000"], ["--repeat", "2", "--live-runs", "1000"]),
     "coordinate": (["--repeat", "200"], ["--repeat", "30"]),
+    "limits": (["--repeat", "5"], ["--repeat", "2"]),
 }
 
 

@@ -6,20 +6,21 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tierstack.cli.progress import RunProgress
@@ -40,7 +41,7 @@ def _default_target(tier: str) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from tierstack.server import Settings, serve_until_signalled
+    from tierstack.server import BindError, Settings, serve_until_signalled
     from tierstack.server.correlation import configure_logging
 
     configure_logging(os.environ.get("TIERSTACK_LOG_LEVEL", "INFO").upper())
@@ -54,27 +55,70 @@ def _serve(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
     }
     settings = replace(settings, **{key: value for key, value in overrides.items() if value is not None})
-    uvloop.run(serve_until_signalled(args.tier, settings))
+    try:
+        uvloop.run(serve_until_signalled(args.tier, settings))
+    except BindError as exc:  # one line a supervisor (``tierstack up``) can pass on; no traceback
+        print(f"error: {args.tier} {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _serving(target: str, child: subprocess.Popen[bytes], *, seconds: float = 60.0) -> bool:
-    """Waits until the server at ``target`` reports SERVING; False if ``child`` dies or time runs out."""
-    with grpc.insecure_channel(target) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
+#: The line a server logs once it serves (see :class:`tierstack.server.TierServer`).
+_READY = re.compile(r"tierstack TIER_\w+ serving on \S+")
+#: How long ``up`` waits for a tier to serve.
+_START_SECONDS = 60.0
+
+
+class _Child:
+    """A tier served by a child process; its stderr is passed on to ours line by line and watched for
+    the line that says it serves."""
+
+    def __init__(self, tier: str, command: Sequence[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        self._ready = threading.Event()
+        self._last_line = ""
+        self._reader = threading.Thread(target=self._forward, name=f"{tier}-stderr", daemon=True)
+        self._reader.start()
+
+    def _forward(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.strip():
+                self._last_line = line.strip()
+            if _READY.search(line):
+                self._ready.set()
+
+    def serving(self, seconds: float) -> bool:
+        """Waits until the child says it serves; False if it exits first or time runs out."""
         deadline = time.monotonic() + seconds
-        while child.poll() is None and time.monotonic() < deadline:
-            try:
-                if check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                time.sleep(0.1)
-    return False
+        while not self._ready.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+        return True
+
+    def reason(self) -> str:
+        """Returns the child's last line on stderr: once it has exited, why it did."""
+        self._reader.join(timeout=5.0)
+        return self._last_line
+
+    def finish(self) -> None:
+        """Asks the child to stop (SIGTERM), and kills it when it does not within 15 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5.0)
 
 
 def _up(args: argparse.Namespace) -> int:
     """Starts the three tiers as child processes, each once the tier below serves, and stops them
-    all on Ctrl-C or SIGTERM."""
+    all on Ctrl-C or SIGTERM, or when one of them exits."""
     from tierstack.server.config import Settings
 
     console = Console(stderr=True)
@@ -86,7 +130,7 @@ def _up(args: argparse.Namespace) -> int:
     }
     command = [sys.executable, "-m", "tierstack.cli", "serve"]
     extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    children: dict[str, _Child] = {}
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -95,29 +139,36 @@ def _up(args: argparse.Namespace) -> int:
     status = 0
     try:
         for tier in reversed(TIERS):  # bottom up: each tier's callee serves before it starts
-            children[tier] = subprocess.Popen([*command, tier, *extra], env=env)
-            if not _serving(f"127.0.0.1:{ports[tier]}", children[tier]):
-                console.print(f"[red]{tier} did not start serving on :{ports[tier]}; stopping the stack")
+            child = children[tier] = _Child(tier, [*command, tier, *extra], env)
+            # Its own line, not a health check on the port: another server may hold the port.
+            if not child.serving(_START_SECONDS):
+                if child.process.poll() is None:
+                    console.print(f"[red]{tier} did not start serving within {_START_SECONDS:g} s; stopping the stack")
+                else:
+                    console.print(
+                        f"[red]{tier} failed to start:[/] {escape(child.reason())}; stopping the stack", soft_wrap=True
+                    )
                 return 1
         listening = ", ".join(f"{tier} :{port}" for tier, port in ports.items())
         console.print(f"tierstack is up: {listening} (Ctrl-C stops it)")
         while status == 0:
             for tier, child in children.items():
-                if child.poll() is not None:
-                    console.print(f"[red]{tier} exited with status {child.returncode}; stopping the stack")
+                if child.process.poll() is not None:
+                    console.print(
+                        f"[red]{tier} exited with status {child.process.returncode}:[/] {escape(child.reason())}; "
+                        "stopping the stack",
+                        soft_wrap=True,
+                    )
                     status = 1
             time.sleep(0.2)
     except KeyboardInterrupt:
         console.print("stopping tierstack …")
     finally:
         for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
         for child in children.values():
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.finish()
     return status
 
 

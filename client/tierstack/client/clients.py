@@ -9,6 +9,7 @@ from typing import Any, Self
 
 import grpc
 
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.errors import translate_errors
 from tierstack.client.values import JSON, from_value, to_duration
 from tierstack.v1 import common_pb2
@@ -24,6 +25,14 @@ from tierstack.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 Metadata = Sequence[tuple[str, str]]
 
 
+def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Returns the channel options that let messages of up to ``max_message_bytes`` pass both ways."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 class _Client:
     """Owns (or borrows) a channel and carries the call defaults shared by every client.
 
@@ -32,6 +41,8 @@ class _Client:
         channel: A channel to share; the client then leaves closing it to its owner.
         timeout: The default deadline of unary calls, in seconds; streams have none unless given.
         metadata: Metadata sent with every call.
+        max_message_bytes: The largest message the channel the client opens sends or receives; the
+            servers' default unless told otherwise (ignored when ``channel`` is given).
     """
 
     def __init__(
@@ -41,11 +52,16 @@ class _Client:
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 30.0,
         metadata: Metadata = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if channel is None and not target:
             raise ValueError("give a target or a channel")
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self.channel = (
+            channel
+            if channel is not None
+            else grpc.aio.insecure_channel(target, options=message_size_options(max_message_bytes))
+        )
         self.timeout = timeout
         self.metadata = tuple(metadata)
 
@@ -173,18 +189,28 @@ class OrchestratorClient(_Client):
         request = orchestrator_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence)
         return self._stream(self._stub.WatchRun(request, **self._options(timeout, None)))
 
-    async def get_run(self, run_id: str, *, timeout: float | None = None) -> orchestrator_pb2.Run:
-        """Returns one run."""
+    async def get_run(
+        self,
+        run_id: str,
+        *,
+        view: orchestrator_pb2.RunView.ValueType = orchestrator_pb2.RUN_VIEW_FULL,
+        timeout: float | None = None,
+    ) -> orchestrator_pb2.Run:
+        """Returns one run; ``RUN_VIEW_BASIC`` leaves out its inputs and outputs, and always fits a message.
+
+        Raises:
+            FailedPreconditionError: The full run is larger than a message (reason ``RUN_TOO_LARGE``).
+        """
         with translate_errors():
             response = await self._stub.GetRun(
-                orchestrator_pb2.GetRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+                orchestrator_pb2.GetRunRequest(run_id=run_id, view=view), **self._options(timeout, self.timeout)
             )
         return response.run
 
     async def list_runs(
         self, request: orchestrator_pb2.ListRunsRequest | None = None, *, timeout: float | None = None
     ) -> orchestrator_pb2.ListRunsResponse:
-        """Returns a page of runs, newest first."""
+        """Returns a page of runs, newest first, in the view ``request.view`` names (basic unless full)."""
         with translate_errors():
             return await self._stub.ListRuns(
                 request or orchestrator_pb2.ListRunsRequest(), **self._options(timeout, self.timeout)
@@ -198,6 +224,13 @@ class OrchestratorClient(_Client):
                 **self._options(timeout, self.timeout),
             )
         return response.run
+
+    async def delete_run(self, run_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a finished run and its events (FailedPreconditionError for a run that has not ended)."""
+        with translate_errors():
+            await self._stub.DeleteRun(
+                orchestrator_pb2.DeleteRunRequest(run_id=run_id), **self._options(timeout, self.timeout)
+            )
 
     async def pause_run(self, run_id: str, *, reason: str = "", timeout: float | None = None) -> orchestrator_pb2.Run:
         """Pauses a run (steps in flight are cancelled and run again on resume) and returns it."""

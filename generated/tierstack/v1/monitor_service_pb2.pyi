@@ -42,6 +42,8 @@ class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.V
     """Means a method's p95 latency is worse than its rolling baseline by more than the threshold."""
     ALERT_KIND_THROUGHPUT_REGRESSION: _AlertKind.ValueType  # 6
     """Means a tier's throughput fell below its rolling baseline by more than the threshold."""
+    ALERT_KIND_STORE_UNAVAILABLE: _AlertKind.ValueType  # 7
+    """Means a tier cannot write to its store; what it accepted waits in memory until the store is back."""
 
 class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
     """Names the kinds of alert."""
@@ -60,6 +62,8 @@ ALERT_KIND_LATENCY_REGRESSION: AlertKind.ValueType  # 5
 """Means a method's p95 latency is worse than its rolling baseline by more than the threshold."""
 ALERT_KIND_THROUGHPUT_REGRESSION: AlertKind.ValueType  # 6
 """Means a tier's throughput fell below its rolling baseline by more than the threshold."""
+ALERT_KIND_STORE_UNAVAILABLE: AlertKind.ValueType  # 7
+"""Means a tier cannot write to its store; what it accepted waits in memory until the store is back."""
 Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 
 class _RecommendationPriority:
@@ -899,6 +903,10 @@ class OrchestrateMetrics(_message.Message):
     MEAN_FLUSH_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PLAN_CACHE_HITS_FIELD_NUMBER: _builtins.int
     PLAN_CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    STORE_FAILING_FIELD_NUMBER: _builtins.int
+    STORE_WRITE_FAILURES_FIELD_NUMBER: _builtins.int
+    STORE_WRITE_AGE_FIELD_NUMBER: _builtins.int
+    QUEUED_EVENTS_FIELD_NUMBER: _builtins.int
     context_operations_per_second: _builtins.float
     """Gives the run-context operations (variable reads and writes) per second over the last 10 s."""
     queue_depth: _builtins.int
@@ -909,6 +917,12 @@ class OrchestrateMetrics(_message.Message):
     """Counts the plans served from the plan cache."""
     plan_cache_misses: _builtins.int
     """Counts the plans that had to be computed."""
+    store_failing: _builtins.bool
+    """Says whether writes to the run store are failing now (the server then reports NOT_SERVING)."""
+    store_write_failures: _builtins.int
+    """Counts the failed writes to the run store since the server started."""
+    queued_events: _builtins.int
+    """Counts the events waiting to be stored; new steps wait while there are too many."""
     @_builtins.property
     def runs_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Counts the runs this process knows by state name."""
@@ -921,6 +935,10 @@ class OrchestrateMetrics(_message.Message):
     def flush_latency(self) -> Global___LatencyStats:
         """Summarises how long the event log takes to store a batch."""
 
+    @_builtins.property
+    def store_write_age(self) -> _duration_pb2.Duration:
+        """Gives the time since a batch of events was last stored (since the start, before the first)."""
+
     def __init__(
         self,
         *,
@@ -932,10 +950,14 @@ class OrchestrateMetrics(_message.Message):
         mean_flush_batch_size: _builtins.float = ...,
         plan_cache_hits: _builtins.int = ...,
         plan_cache_misses: _builtins.int = ...,
+        store_failing: _builtins.bool = ...,
+        store_write_failures: _builtins.int = ...,
+        store_write_age: _duration_pb2.Duration | None = ...,
+        queued_events: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_latency", b"flush_latency", "step_latency", b"step_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flush_latency", b"flush_latency", "step_latency", b"step_latency", "store_write_age", b"store_write_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_operations_per_second", b"context_operations_per_second", "flush_latency", b"flush_latency", "mean_flush_batch_size", b"mean_flush_batch_size", "plan_cache_hits", b"plan_cache_hits", "plan_cache_misses", b"plan_cache_misses", "queue_depth", b"queue_depth", "runs_by_state", b"runs_by_state", "step_latency", b"step_latency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_operations_per_second", b"context_operations_per_second", "flush_latency", b"flush_latency", "mean_flush_batch_size", b"mean_flush_batch_size", "plan_cache_hits", b"plan_cache_hits", "plan_cache_misses", b"plan_cache_misses", "queue_depth", b"queue_depth", "queued_events", b"queued_events", "runs_by_state", b"runs_by_state", "step_latency", b"step_latency", "store_failing", b"store_failing", "store_write_age", b"store_write_age", "store_write_failures", b"store_write_failures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

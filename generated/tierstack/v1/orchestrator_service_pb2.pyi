@@ -104,6 +104,34 @@ STEP_STATE_CANCELLED: StepState.ValueType  # 6
 """Marks a step that was cancelled while it ran."""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
+class _RunView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_VIEW_UNSPECIFIED: _RunView.ValueType  # 0
+    """Means the view was not set: each call says which view that means."""
+    RUN_VIEW_BASIC: _RunView.ValueType  # 1
+    """Returns the run and its steps' states without the run's inputs, its outputs and its steps'
+    outputs, so that any run fits one message.
+    """
+    RUN_VIEW_FULL: _RunView.ValueType  # 2
+    """Returns the run with its inputs, its outputs and every step's output."""
+
+class RunView(_RunView, metaclass=_RunViewEnumTypeWrapper):
+    """Says how much of a run a call returns."""
+
+RUN_VIEW_UNSPECIFIED: RunView.ValueType  # 0
+"""Means the view was not set: each call says which view that means."""
+RUN_VIEW_BASIC: RunView.ValueType  # 1
+"""Returns the run and its steps' states without the run's inputs, its outputs and its steps'
+outputs, so that any run fits one message.
+"""
+RUN_VIEW_FULL: RunView.ValueType  # 2
+"""Returns the run with its inputs, its outputs and every step's output."""
+Global___RunView: _TypeAlias = RunView  # noqa: Y015
+
 class _InputType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -508,11 +536,11 @@ class Run(_message.Message):
 
     @_builtins.property
     def inputs(self) -> _struct_pb2.Struct:
-        """Holds the inputs the run was started with, defaults applied."""
+        """Holds the inputs the run was started with, defaults applied; left out of the basic view."""
 
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
-        """Holds the run's outputs once it completed."""
+        """Holds the run's outputs once it completed; left out of the basic view."""
 
     def __init__(
         self,
@@ -560,7 +588,7 @@ class StepRun(_message.Message):
     """Says why the step was skipped, when it was."""
     @_builtins.property
     def output(self) -> _struct_pb2.Value:
-        """Holds the step's output once it completed."""
+        """Holds the step's output once it completed; left out of the basic view."""
 
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
@@ -1287,7 +1315,7 @@ class StartRunResponse(_message.Message):
     """Says whether this call created the run (false when the `request_id` was already seen)."""
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run."""
+        """Describes the run; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1364,18 +1392,24 @@ class GetRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run.
     Bounds: 1 to 128 characters.
+    """
+    view: Global___RunView.ValueType
+    """Says how much of the run to return; unspecified means the full view.
+    Bounds: one of the declared values.
     """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        view: Global___RunView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1414,6 +1448,7 @@ class ListRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Caps the number of runs returned; zero means 50, and more than 1000 is refused.
     Bounds: from 0 to 1,000.
@@ -1426,16 +1461,23 @@ class ListRunsRequest(_message.Message):
     """Keeps only runs in this state; unspecified keeps all.
     Bounds: one of the declared values.
     """
+    view: Global___RunView.ValueType
+    """Says how much of each run to return; unspecified means the basic view, since a page of full
+    runs has no bound. A page too large in full for one message is refused with
+    FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+    Bounds: one of the declared values.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         state: Global___RunState.ValueType = ...,
+        view: Global___RunView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1508,7 +1550,7 @@ class CancelRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run after the cancellation."""
+        """Describes the run after the cancellation; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1522,6 +1564,47 @@ class CancelRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelRunResponse: _TypeAlias = CancelRunResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRunRequest(_message.Message):
+    """Asks to delete a finished run (completed, failed or cancelled) and its events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Identifies the run.
+    Bounds: 1 to 128 characters.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunRequest: _TypeAlias = DeleteRunRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunResponse(_message.Message):
+    """Confirms that the run and its events are deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunResponse: _TypeAlias = DeleteRunResponse  # noqa: Y015
 
 @_typing.final
 class PauseRunRequest(_message.Message):
@@ -1562,7 +1645,7 @@ class PauseRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run after the pause."""
+        """Describes the run after the pause; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,
@@ -1610,7 +1693,7 @@ class ResumeRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """Describes the run as it resumes."""
+        """Describes the run as it resumes; in the basic view when the full one would not fit a message."""
 
     def __init__(
         self,

@@ -65,6 +65,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/tierstack.v1.OrchestratorService/DeleteRun',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
         self.PauseRun = channel.unary_unary(
                 '/tierstack.v1.OrchestratorService/PauseRun',
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.PauseRunRequest.SerializeToString,
@@ -119,14 +124,15 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Returns one run.
+        """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+        message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Lists runs, newest first.
+        """Lists runs, newest first, in the basic view unless the full one is asked for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +140,14 @@ class OrchestratorServiceServicer:
 
     def CancelRun(self, request, context):
         """Cancels a run that has not ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Deletes a finished run and its events; its request id may then start a new run. Runs also go
+        by themselves once the server's retention (TIERSTACK_RETENTION_SECONDS) has passed since they ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,6 +220,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.SerializeToString,
             ),
             'PauseRun': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseRun,
@@ -396,6 +415,33 @@ class OrchestratorService:
             '/tierstack.v1.OrchestratorService/CancelRun',
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunRequest.SerializeToString,
             tierstack_dot_v1_dot_orchestrator__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.OrchestratorService/DeleteRun',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

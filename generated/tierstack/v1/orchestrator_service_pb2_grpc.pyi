@@ -42,11 +42,17 @@ class OrchestratorServiceStub:
     until the run ends or pauses.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]
-    """Returns one run."""
+    """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+    message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+    """
     ListRuns: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]
-    """Lists runs, newest first."""
+    """Lists runs, newest first, in the basic view unless the full one is asked for."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]
     """Cancels a run that has not ended."""
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DeleteRunRequest, _orchestrator_service_pb2.DeleteRunResponse]
+    """Deletes a finished run and its events; its request id may then start a new run. Runs also go
+    by themselves once the server's retention (TIERSTACK_RETENTION_SECONDS) has passed since they ended.
+    """
     PauseRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]
     """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume."""
     ResumeRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResumeRunRequest, _orchestrator_service_pb2.ResumeRunResponse]
@@ -72,11 +78,17 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     until the run ends or pauses.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]  # type: ignore[assignment]
-    """Returns one run."""
+    """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+    message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+    """
     ListRuns: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListRunsRequest, _orchestrator_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """Lists runs, newest first."""
+    """Lists runs, newest first, in the basic view unless the full one is asked for."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelRunRequest, _orchestrator_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run that has not ended."""
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DeleteRunRequest, _orchestrator_service_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Deletes a finished run and its events; its request id may then start a new run. Runs also go
+    by themselves once the server's retention (TIERSTACK_RETENTION_SECONDS) has passed since they ended.
+    """
     PauseRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PauseRunRequest, _orchestrator_service_pb2.PauseRunResponse]  # type: ignore[assignment]
     """Pauses a running run: no step starts, and steps in flight are cancelled to run again on resume."""
     ResumeRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ResumeRunRequest, _orchestrator_service_pb2.ResumeRunResponse]  # type: ignore[assignment]
@@ -123,7 +135,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.GetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.GetRunResponse, _abc.Awaitable[_orchestrator_service_pb2.GetRunResponse]]:
-        """Returns one run."""
+        """Returns one run, in full unless the basic view is asked for; a run too large in full for one
+        message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
+        """
 
     @_abc_1.abstractmethod
     def ListRuns(
@@ -131,7 +145,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ListRunsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListRunsResponse]]:
-        """Lists runs, newest first."""
+        """Lists runs, newest first, in the basic view unless the full one is asked for."""
 
     @_abc_1.abstractmethod
     def CancelRun(
@@ -140,6 +154,16 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.CancelRunResponse, _abc.Awaitable[_orchestrator_service_pb2.CancelRunResponse]]:
         """Cancels a run that has not ended."""
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _orchestrator_service_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.DeleteRunResponse, _abc.Awaitable[_orchestrator_service_pb2.DeleteRunResponse]]:
+        """Deletes a finished run and its events; its request id may then start a new run. Runs also go
+        by themselves once the server's retention (TIERSTACK_RETENTION_SECONDS) has passed since they ended.
+        """
 
     @_abc_1.abstractmethod
     def PauseRun(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.values import now_timestamp
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.crosstier import CrossTierMonitor
@@ -23,6 +24,10 @@ from tierstack.server.tracing import Tracing
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
 _log = logging.getLogger(__name__)
+
+
+class BindError(OSError):
+    """A server could not listen on the address it was given; the message names it."""
 
 
 class TierService(Protocol):
@@ -43,8 +48,10 @@ class TierService(Protocol):
     def fill_metrics(self, metrics: monitor_service_pb2.TierMetrics, method_filter: str) -> None:
         """Adds the tier's own metrics (its domain, and its calls to the tier below) to ``metrics``."""
 
-    async def start(self) -> None:
-        """Starts the tier's background work; called before the server accepts calls."""
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+        """Starts the tier's background work; called before the server accepts calls. The tier may
+        call ``health(False)`` while it cannot serve (its store fails, say) and ``health(True)`` once
+        it can again."""
 
     def stopping(self) -> None:
         """Learns that the server is stopping, before its in-flight calls are cancelled."""
@@ -64,6 +71,7 @@ class TierServer:
         metrics_port: The port of the Prometheus endpoint; 0 picks a free one (see :attr:`metrics_port`
             after :meth:`start`), None serves none.
         interceptors: Server interceptors that run before tierstack's own (tracing, say).
+        max_message_bytes: The largest message the server receives or sends.
     """
 
     def __init__(
@@ -75,8 +83,10 @@ class TierServer:
         grace_seconds: float = 5.0,
         metrics_port: int | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.service = service
+        self._max_message_bytes = max_message_bytes
         self._interceptors = tuple(interceptors)
         self._requested_metrics_port = metrics_port
         self._endpoint: MetricsEndpoint | None = None
@@ -86,6 +96,10 @@ class TierServer:
         self._requested_port = port
         self._grace = grace_seconds
         self._health: health.aio.HealthServicer | None = None
+        self._serving = True
+        self._announced = False  # whether health has been reported since start
+        monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+        self._names = (*service.service_names, monitor_name)  # health and reflection name them
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -95,34 +109,74 @@ class TierServer:
         return f"{self._host}:{self.port}"
 
     async def start(self) -> int:
-        """Starts serving and returns the bound port; call it inside the loop that will serve."""
+        """Starts serving and returns the bound port; call it inside the loop that will serve.
+
+        Raises:
+            BindError: The port (or the metrics port) is taken or the address is not this host's;
+                nothing of the tier has started.
+        """
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(interceptors=[*self._interceptors, ServerInterceptor(self.metrics)])
+        self._server = grpc.aio.server(
+            interceptors=[*self._interceptors, ServerInterceptor(self.metrics)],
+            options=[
+                # Off, so that a second server on a taken port fails instead of sharing it.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                ("grpc.max_send_message_length", self._max_message_bytes),
+            ],
+        )
+        self._bind()  # before the tier starts: a server that cannot listen must not resume runs
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
-        await service.start()
+        await service.start(self._report_health)
         service.register(self._server)
-        monitor_name = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
         monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = (*service.service_names, monitor_name)
         reflection.enable_server_reflection(
-            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*self._names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
         await self._server.start()
-        if self._requested_metrics_port is not None:
-            self._endpoint = MetricsEndpoint(self.snapshot)
-            self.metrics_port = self._endpoint.start(self._host, self._requested_metrics_port)
-            _log.info("Prometheus metrics at http://%s:%d/metrics", self._host, self.metrics_port)
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._announced = True
+        await self._report_health(self._serving)
         _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
         return self.port
+
+    async def _report_health(self, serving: bool) -> None:
+        """Sets every health name of the server SERVING or NOT_SERVING (from start on; a stopping
+        server stays NOT_SERVING)."""
+        self._serving = serving
+        if not self._announced or self._health is None:
+            return  # start() reports it once the server serves
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._names):
+            await self._health.set(name, status)
+
+    def _bind(self) -> None:
+        """Binds the gRPC port and the metrics port.
+
+        Raises:
+            BindError: Either cannot be bound.
+        """
+        assert self._server is not None
+        address = f"{self._host}:{self._requested_port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc says no more than that it failed to bind
+            raise BindError(
+                f"cannot listen on {address}: the port is taken or the address is not this host's"
+            ) from None
+        if self._requested_metrics_port is not None:
+            self._endpoint = MetricsEndpoint(self.snapshot)
+            try:
+                self.metrics_port = self._endpoint.start(self._host, self._requested_metrics_port)
+            except OSError as exc:
+                metrics_address = f"{self._host}:{self._requested_metrics_port}"
+                raise BindError(f"cannot serve metrics on {metrics_address}: {exc.strerror}") from None
+            _log.info("Prometheus metrics at http://%s:%d/metrics", self._host, self.metrics_port)
 
     def snapshot(self, method_filter: str = "") -> monitor_service_pb2.TierMetrics:
         """Returns the tier's metrics now: its RPC methods, process and domain."""
@@ -163,6 +217,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         grace_seconds=settings.grace_seconds,
         metrics_port=settings.metrics_port,
         interceptors=tracing.server_interceptors(),
+        max_message_bytes=settings.max_message_bytes,
     )
     try:
         await server.start()

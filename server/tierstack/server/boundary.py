@@ -290,6 +290,7 @@ _RUN_REQUEST: dict[str, Rule] = {
 }
 _AGENTS = Items(1000)
 _TIER = Declared(common_pb2.Tier.DESCRIPTOR)
+_VIEW = Declared(orchestrator_service_pb2.RunView.DESCRIPTOR)
 _RUN_CONTROL: dict[str, Rule] = {"run_id": REQUIRED_ID, "reason": REASON}
 
 #: The bounds of every request field, by message and field name.
@@ -353,15 +354,17 @@ RULES: dict[str, dict[str, Rule]] = {
     "tierstack.v1.OrchestrateRequest": _RUN_REQUEST,
     "tierstack.v1.StartRunRequest": {"request_id": ID, **_RUN_REQUEST},
     "tierstack.v1.WatchRunRequest": {"run_id": REQUIRED_ID, "after_sequence": Whole(10**15)},
-    "tierstack.v1.GetRunRequest": {"run_id": REQUIRED_ID},
+    "tierstack.v1.GetRunRequest": {"run_id": REQUIRED_ID, "view": _VIEW},
     "tierstack.v1.ListRunsRequest": {
         "page_size": Whole(1000),
         "page_token": TOKEN,
         "state": Declared(orchestrator_service_pb2.RunState.DESCRIPTOR),
+        "view": _VIEW,
     },
     "tierstack.v1.CancelRunRequest": _RUN_CONTROL,
     "tierstack.v1.PauseRunRequest": _RUN_CONTROL,
     "tierstack.v1.ResumeRunRequest": {"run_id": REQUIRED_ID},
+    "tierstack.v1.DeleteRunRequest": {"run_id": REQUIRED_ID},
     "tierstack.v1.ResolveVariablesRequest": {"run_id": REQUIRED_ID, "expressions": Items(1000, each=DESCRIPTION)},
     "tierstack.v1.PlanWorkflowRequest": _WORKFLOW_REQUEST,
     "tierstack.v1.ValidateWorkflowRequest": _WORKFLOW_REQUEST,

@@ -8,7 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierstack.client.defaults import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, TIERS, default_target
+from tierstack.client.defaults import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    TIERS,
+    default_target,
+)
 from tierstack.server.crosstier import Thresholds
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
@@ -54,7 +60,13 @@ class Settings:
         alert_thresholds: When alerts are raised (``TIERSTACK_ALERT_*``).
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
+        goal_memory_entries: How many learnt goals Coordinate keeps (those learnt longest ago are
+            forgotten first).
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
+        max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
+            tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
+        retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
+            0 keeps them forever.
     """
 
     host: str = "127.0.0.1"
@@ -85,9 +97,18 @@ class Settings:
     templates_dir: Path | None = None
     similarity_threshold: float = 0.85
     embedding_model: str = ""
+    goal_memory_entries: int = 10_000
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    retention_seconds: float = 7 * 24 * 3600.0
+
+    @property
+    def max_total_output_bytes(self) -> int:
+        """The largest outputs of one run or one goal together, in bytes of their wire form: half the
+        largest message, so that the event carrying them fits one message with room to spare."""
+        return self.max_message_bytes // 2
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +152,7 @@ class Settings:
             templates_dir=Path(env["TIERSTACK_TEMPLATES_DIR"]) if env.get("TIERSTACK_TEMPLATES_DIR") else None,
             similarity_threshold=float(env.get("TIERSTACK_SIMILARITY_THRESHOLD", defaults.similarity_threshold)),
             embedding_model=env.get("TIERSTACK_EMBEDDING_MODEL", defaults.embedding_model),
+            goal_memory_entries=int(env.get("TIERSTACK_GOAL_MEMORY_ENTRIES", defaults.goal_memory_entries)),
             monitor_interval_seconds=float(
                 env.get("TIERSTACK_MONITOR_INTERVAL_SECONDS", defaults.monitor_interval_seconds)
             ),
@@ -141,6 +163,8 @@ class Settings:
                 }
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
+            max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
+            retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

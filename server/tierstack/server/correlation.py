@@ -37,7 +37,9 @@ class CorrelationFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Sends log lines to stderr, each carrying the current correlation id and trace id."""
+    """Sends log lines to stderr, each carrying the current correlation id and trace id. A server's
+    start and stop lines are logged at any level: ``tierstack up`` waits for the line that says a
+    tier serves."""
     handler = logging.StreamHandler()
     handler.addFilter(CorrelationFilter())
     handler.addFilter(TraceIdFilter())
@@ -47,3 +49,4 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("tierstack.server.app").setLevel(min(logging.INFO, root.level))

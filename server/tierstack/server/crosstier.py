@@ -12,7 +12,8 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError
-from tierstack.client.values import now_timestamp
+from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
+from tierstack.client.values import now_timestamp, to_seconds
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
 from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
@@ -104,6 +105,7 @@ class CrossTierMonitor:
         interval: How often alerts are evaluated, in seconds.
         thresholds: When alerts are raised.
         advice: When recommendations are given.
+        max_message_bytes: The largest message the peers' metrics may come in.
     """
 
     def __init__(
@@ -114,10 +116,14 @@ class CrossTierMonitor:
         interval: float = 5.0,
         thresholds: Thresholds = Thresholds(),
         advice: AdviceThresholds = DEFAULT_ADVICE,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._advice = advice
         self.tier = tier
-        self._clients = {peer: MonitorClient(target, timeout=5.0) for peer, target in peers.items()}
+        self._clients = {
+            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes)
+            for peer, target in peers.items()
+        }
         self._local: Snapshot | None = None
         self._interval = interval
         self._thresholds = thresholds
@@ -254,6 +260,15 @@ class CrossTierMonitor:
                 f"{name} uses {rss / 2**20:.0f} MiB of memory (threshold {limits.memory_bytes / 2**20:.0f} MiB)",
                 rss,
                 limits.memory_bytes,
+            )
+        if current.orchestrate.store_failing:
+            age = to_seconds(current.orchestrate.store_write_age) or 0.0
+            queued = current.orchestrate.queued_events
+            alert(
+                pb.ALERT_KIND_STORE_UNAVAILABLE,
+                f"{name} cannot write to its store (nothing stored for {age:.0f} s; {queued} events wait)",
+                age,
+                0.0,
             )
         previous = self._previous.get(tier)
         if previous is None:

@@ -119,3 +119,12 @@ def message_of_call(error: TierstackError) -> str:
 def error_detail_of_call(error: TierstackError, tier: common_pb2.Tier.ValueType) -> common_pb2.ErrorDetail:
     """Returns the wire description of a failed call to the tier below (``tier``)."""
     return error_detail(tier, error.reason, message_of_call(error), **error.metadata)
+
+
+def output_too_large(
+    tier: common_pb2.Tier.ValueType, what: str, size: int, cap: int, **metadata: str
+) -> common_pb2.ErrorDetail:
+    """Returns the failure of an output over its size cap: ``what`` (such as "a step's output") has
+    ``size`` bytes in its wire form, more than ``cap``. Another attempt would not make it smaller."""
+    message = f"{size} bytes is too large for {what}; the cap is {cap} bytes"
+    return error_detail(tier, "OUTPUT_TOO_LARGE", message, max_bytes=str(cap), **metadata)

@@ -17,6 +17,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf.message import Message
 
+from tierstack.client.clients import message_size_options
 from tierstack.client.errors import TierstackError
 from tierstack.server import boundary
 from tierstack.server.errors import DomainError, InvalidArgumentError, Violation
@@ -259,10 +260,11 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
                 yield response
 
 
-def tier_channel(target: str, metrics: MethodMetrics) -> grpc.aio.Channel:
-    """Returns a channel to the tier below whose calls are measured into ``metrics`` and carry the
-    trace context."""
+def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int) -> grpc.aio.Channel:
+    """Returns a channel to the tier below whose calls are measured into ``metrics``, carry the trace
+    context, and send and receive messages of up to ``max_message_bytes``."""
     return grpc.aio.insecure_channel(
         target,
+        options=message_size_options(max_message_bytes),
         interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
     )

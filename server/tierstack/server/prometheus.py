@@ -183,6 +183,27 @@ def _orchestrate(tier: str, orchestrate: pb.OrchestrateMetrics) -> Iterator[Any]
         ["tier"],
         {(tier,): orchestrate.mean_flush_batch_size},
     )
+    yield _gauge(
+        "tierstack_store_failing",
+        "1 while writes to the run store fail",
+        ["tier"],
+        {(tier,): orchestrate.store_failing},
+    )
+    yield _counter(
+        "tierstack_store_write_failures",
+        "Failed writes to the run store",
+        ["tier"],
+        {(tier,): orchestrate.store_write_failures},
+    )
+    yield _gauge(
+        "tierstack_store_write_age_seconds",
+        "Seconds since a batch of events was last stored",
+        ["tier"],
+        {(tier,): to_seconds(orchestrate.store_write_age) or 0.0},
+    )
+    yield _gauge(
+        "tierstack_queued_events", "Events waiting to be stored", ["tier"], {(tier,): orchestrate.queued_events}
+    )
     yield _counter(
         "tierstack_plan_cache_lookups",
         "Workflow plans looked up in the plan cache",
@@ -220,7 +241,11 @@ class MetricsEndpoint:
         self.port = 0
 
     def start(self, host: str, port: int) -> int:
-        """Starts serving and returns the bound port (``port`` 0 picks a free one)."""
+        """Starts serving and returns the bound port (``port`` 0 picks a free one).
+
+        Raises:
+            OSError: The port cannot be bound.
+        """
         self._server, _ = start_http_server(port, host, registry=self._registry)
         self.port = self._server.server_port
         return self.port

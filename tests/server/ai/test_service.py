@@ -109,8 +109,8 @@ async def test_tokens_and_cost_are_counted_per_run_tenant_and_model(build: Build
     await service.complete(ask("two", scope=Scope(tenant="other", run="r2")))
     ledger = service.ledger
     assert ledger.by_model["tiny"].tokens == 36
-    assert ledger.by_run["r1"].tokens == ledger.by_tenant["acme"].tokens == 18
-    assert ledger.by_tenant["acme"].cost == pytest.approx((11 * 1.0 + 7 * 2.0) / 1000)
+    assert ledger.by_run["r1"].tokens == dict(ledger.by_tenant())["acme"].tokens == 18
+    assert dict(ledger.by_tenant())["acme"].cost == pytest.approx((11 * 1.0 + 7 * 2.0) / 1000)
     with pytest.raises(ModelError) as refused:  # acme has 2 of its 20 tokens left: too few
         await service.complete(ask("three", scope=Scope(tenant="acme")))
     assert "tenant 'acme'" in refused.value.message

@@ -89,8 +89,9 @@ agents = st.lists(
         AgentSpec,
         id=st.just(""),
         capabilities=capabilities,
-        current_load=st.integers(0, 2),
-        max_concurrent_tasks=st.integers(0, 3),
+        # A negative load counts as none; a huge capacity gives slots only for the subtasks there are.
+        current_load=st.integers(-2, 2) | st.sampled_from([-(2**31), 2**31 - 2]),
+        max_concurrent_tasks=st.integers(0, 3) | st.just(2**31 - 1),
     ),
     min_size=1,
     max_size=3,
@@ -100,7 +101,7 @@ needs = st.lists(st.builds(Need, id=st.just(""), required_capabilities=capabilit
 
 def _score(agent: AgentSpec, taken: int) -> float:
     capacity = max(agent.max_concurrent_tasks, 1)
-    return 1.0 - 0.5 * (agent.current_load + taken + 1) / capacity
+    return 1.0 - 0.5 * (max(agent.current_load, 0) + taken + 1) / capacity
 
 
 def _brute_force(agent_list: list[AgentSpec], need_list: list[Need]) -> tuple[int, float]:
@@ -118,7 +119,7 @@ def _brute_force(agent_list: list[AgentSpec], need_list: list[Need]) -> tuple[in
             if not need.required_capabilities <= agent.capabilities:
                 feasible = False
                 break
-            if agent.current_load + taken[agent_index] >= max(agent.max_concurrent_tasks, 1):
+            if max(agent.current_load, 0) + taken[agent_index] >= max(agent.max_concurrent_tasks, 1):
                 feasible = False
                 break
             total += _score(agent, taken[agent_index])
@@ -150,9 +151,19 @@ def test_team_formation_is_feasible_and_optimal(agent_list: list[AgentSpec], nee
         load[agent_id] += 1
     for agent_id, count in load.items():
         agent = by_id[agent_id]
-        assert agent.current_load + count <= max(agent.max_concurrent_tasks, 1) or count == 0
+        assert max(agent.current_load, 0) + count <= max(agent.max_concurrent_tasks, 1) or count == 0
     assert sorted([s for s, _, _ in team.assignments] + list(team.unassigned)) == sorted(needs_by_id)
     count, total = _brute_force(agent_list, need_list)
     # The Hungarian solution covers as many subtasks as any assignment can, at the best total score.
     assert len(team.assignments) == count
     assert sum(score for _, _, score in team.assignments) == pytest.approx(total)
+
+
+def test_many_agents_with_huge_capacities_share_the_work_evenly() -> None:
+    agents = [
+        AgentSpec(id=f"a{i}", capabilities=frozenset({"x"}), current_load=-(2**31), max_concurrent_tasks=2**31 - 1)
+        for i in range(300)
+    ]
+    team = form_team(agents, [Need(id=f"s{i}", required_capabilities=frozenset({"x"})) for i in range(300)])
+    assert sorted(agent for _, agent, _ in team.assignments) == sorted(a.id for a in agents)  # one each
+    assert {score for _, _, score in team.assignments} == {1.0 - 0.5 / (2**31 - 1)}

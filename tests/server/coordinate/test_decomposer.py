@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,43 @@ async def test_sources_come_in_order_and_every_decomposition_is_learnt(tmp_path:
     writers_only = [pb.Agent(id="writer", capabilities=["writing"])]
     fallback = await decompose(goal, writers_only)
     assert fallback.source == pb.DECOMPOSITION_SOURCE_MODEL  # the analysts it needs are not at hand
+
+
+GOAL = "analyze the quarterly numbers and compare teams, then write a memo"
+LIKE_GOAL = "analyze the quarterly numbers and compare the teams, then write a memo"
+
+
+async def test_goal_memory_keeps_one_line_per_goal_and_forgets_the_oldest(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", goal_memory_entries=2)
+    server = await start_tier("coordinate", settings)
+    try:
+        async with CoordinatorClient(server.target) as client:
+
+            async def source(goal: str) -> int:
+                return (await client.decompose_goal(pb.DecomposeGoalRequest(goal=goal, agents=AGENTS))).source
+
+            assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_MODEL
+            assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
+            assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
+            lines = (settings.data_dir / "goals.jsonl").read_text().splitlines()
+            assert [json.loads(line)["goal"] for line in lines] == [GOAL]  # recalled twice, written once
+            assert await source("collect the sales data, then draw a chart") == pb.DECOMPOSITION_SOURCE_MODEL
+            assert await source("research the market and write a brief") == pb.DECOMPOSITION_SOURCE_MODEL
+            assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_MODEL  # forgotten: two newer goals
+    finally:
+        await server.stop()
+
+
+async def test_unreadable_goal_memory_does_not_stop_coordinate(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    path = settings.data_dir / "goals.jsonl"
+    await GoalMemory(path).learn(GOAL, [pb.Subtask(id="s1", description="from the file")])
+    path.write_bytes(b"\xff{not json\n" + path.read_bytes() + b'{"goal": ["no"]}\n{"goal": "cut off')
+    server = await start_tier("coordinate", settings)
+    try:
+        async with CoordinatorClient(server.target) as client:
+            again = await client.decompose_goal(pb.DecomposeGoalRequest(goal=LIKE_GOAL, agents=AGENTS))
+    finally:
+        await server.stop()
+    assert again.source == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
+    assert [s.description for s in again.subtasks] == ["from the file"]

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.helpers import start_tier
+from tests.helpers import start_tier, wait_for
 from tierstack.client import ExecutorClient, FailedPreconditionError, NotFoundError
 from tierstack.client.values import JSON, from_value, to_struct
 from tierstack.server import Settings
@@ -84,3 +84,21 @@ async def test_approval_is_only_asked_for_within_a_step(executor: ExecutorClient
     assert caught.value.reason == "APPROVAL_REQUIRED"
     with pytest.raises(NotFoundError):
         await executor.reject_tool_call("no-such-approval")
+
+
+async def test_approvals_whose_callers_left_are_forgotten() -> None:
+    server = await start_tier("execute", Settings(approval_timeout_seconds=0.5))
+    service = server.service
+    assert isinstance(service, ExecuteService)
+    service.registry.register(transfer)
+    try:
+        async with ExecutorClient(server.target) as executor:
+            for amount in range(20):
+                async for event in executor.execute(step(amount)):
+                    if event.HasField("approval_required"):
+                        break  # the caller leaves before anyone answers
+        approvals = service.executor.approvals
+        assert len(approvals) > 0
+        await wait_for(lambda: len(approvals) == 0, attempts=3000)
+    finally:
+        await server.stop()

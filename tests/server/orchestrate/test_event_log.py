@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
+
+from tests.helpers import FlakyStore, wait_for
 from tests.server.orchestrate.workflows import event, new_run
-from tierstack.server.orchestrate import EventLog, MemoryRunStore
+from tierstack.server.orchestrate import EventLog, MemoryRunStore, SqliteRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 
@@ -41,3 +47,77 @@ async def test_close_writes_what_is_queued() -> None:
     log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=False)
     await log.close()
     assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1]
+
+
+@pytest.fixture
+async def flaky(tmp_path: Path) -> AsyncIterator[FlakyStore]:
+    store = FlakyStore(SqliteRunStore(tmp_path / "runs.sqlite3"))
+    await store.open()
+    await store.create_run(new_run("r1"))
+    yield store
+    await store.close()
+
+
+async def test_a_failing_store_is_retried_with_backoff_then_gets_every_event_once(
+    flaky: FlakyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    reports: list[bool] = []
+
+    async def report(serving: bool) -> None:
+        reports.append(serving)
+
+    log = EventLog(flaky, interval=0.001, retry=(0.001, 0.004))
+    log.report_health(report)
+    seen: list[int] = []
+    run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
+    flaky.failing = True
+    try:
+        with caplog.at_level(logging.DEBUG, logger="tierstack.server.orchestrate.persistence"):
+            written = [
+                log.record(run, event("r1", n), lambda events: seen.extend(e.sequence for e in events), urgent=n == 2)
+                for n in (1, 2, 3)
+            ]
+            await wait_for(lambda: flaky.failures >= 20)
+            assert log.failing and reports == [False] and log.stats.failures >= 20
+            assert seen == [] and not any(future.done() for future in written)
+            log.record(run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events))
+            flaky.failing = False
+            await asyncio.gather(*written)
+            await wait_for(lambda: seen == [1, 2, 3, 4])
+        assert not log.failing and reports == [False, True] and log.queued == 0
+        assert [e.sequence for e in await flaky.events("r1", after_sequence=0)] == [1, 2, 3, 4]
+        # Told once when the store failed (its kind, no traceback) and once when it came back.
+        told = [(r.levelname, r.exc_info) for r in caplog.records if r.levelno >= logging.INFO]
+        assert told == [("WARNING", None), ("INFO", None)]
+        assert "OperationalError" in caplog.records[0].getMessage()
+    finally:
+        await log.close()
+
+
+async def test_new_work_waits_for_room_while_the_store_falls_behind(flaky: FlakyStore) -> None:
+    log = EventLog(flaky, interval=0.001, max_queued=2)
+    run = pb.Run(run_id="r1")
+    flaky.held.clear()
+    try:
+        await log.room()  # room at once while little waits
+        log.record(run, event("r1", 1), lambda events: None)
+        log.record(run, event("r1", 2), lambda events: None)
+        waiting = asyncio.create_task(log.room())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done() and log.queued == 2
+        flaky.held.set()
+        await waiting
+        assert [e.sequence for e in await flaky.events("r1", after_sequence=0)] == [1, 2]
+    finally:
+        await log.close()
+
+
+async def test_close_gives_up_on_a_store_that_still_fails(flaky: FlakyStore, caplog: pytest.LogCaptureFixture) -> None:
+    log = EventLog(flaky, interval=0.001, retry=(0.001, 0.004))
+    flaky.failing = True
+    written = log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=True)
+    await wait_for(lambda: flaky.failures >= 1)
+    await log.close()  # ends, though nothing could be stored
+    assert written.cancelled()
+    assert any(r.levelname == "ERROR" and "could not be stored" in r.getMessage() for r in caplog.records)

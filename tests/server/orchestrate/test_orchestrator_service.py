@@ -7,7 +7,9 @@ import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -393,3 +395,21 @@ async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(no_prompt)))
     assert [v.field for v in caught.value.field_violations] == ["workflow.steps[0].prompt"]
+
+
+async def test_health_is_answered_while_a_large_workflow_is_checked(stack: Stack) -> None:
+    chain = workflow(
+        *(step(f"s{i}", depends_on=(f"s{i - 1}",) if i else (), value=f"{{{{inputs.x}}}} {i}") for i in range(10_000))
+    )
+    # Six nested chains: 60,000 steps in 3.8 MB, a check that takes a while even in linear time.
+    large = pb.Workflow(name="large", steps=[pb.WorkflowStep(id=f"n{k}", workflow=chain) for k in range(6)])
+    validating = asyncio.create_task(stack.orchestrator.validate_workflow(large))
+    await asyncio.sleep(0.2)  # the request is on its way and being checked
+    channel = grpc.aio.insecure_channel(stack.orchestrate.target)
+    try:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    finally:
+        await channel.close()
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert not validating.done()
+    assert (await validating).valid

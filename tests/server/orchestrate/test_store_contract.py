@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -82,3 +83,84 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
         assert [e.sequence for e in await second.events("r1", after_sequence=0)] == [1]
     finally:
         await second.close()
+
+
+def ended(run_id: str, state: int, end_ns: int | None) -> pb.Run:
+    run = pb.Run(run_id=run_id, state=state)  # type: ignore[arg-type]
+    if end_ns is not None:
+        run.end_time.FromNanoseconds(end_ns)
+    return run
+
+
+async def test_finished_runs_are_found_by_end_time_and_deleted_with_their_events(store: RunStore) -> None:
+    for index in range(6):
+        await store.create_run(new_run(f"r{index}", request_id=f"req{index}", created_ns=500 + index))
+    await store.write(
+        [
+            ended("r0", pb.RUN_STATE_COMPLETED, 3_000),
+            ended("r1", pb.RUN_STATE_FAILED, 1_000),
+            ended("r2", pb.RUN_STATE_CANCELLED, 2_000),
+            ended("r3", pb.RUN_STATE_RUNNING, None),
+            ended("r4", pb.RUN_STATE_PAUSED, None),
+            ended("r5", pb.RUN_STATE_FAILED, None),  # no end time kept: its creation counts
+        ],
+        [event("r1", 1), event("r1", 2), event("r0", 1)],
+    )
+    assert await store.finished_before(2_500, limit=10) == ["r5", "r1", "r2"]
+    assert await store.finished_before(2_500, limit=2) == ["r5", "r1"]
+    assert await store.finished_before(10_000, limit=10) == ["r5", "r1", "r2", "r0"]
+    await store.delete_runs(["r1", "r5", "missing"])
+    assert await store.get_run("r1") is None and await store.events("r1", after_sequence=0) == []
+    assert [e.sequence for e in await store.events("r0", after_sequence=0)] == [1]
+    assert [r.run_id for r in await store.list_runs(limit=10, after=None, state=0)] == ["r4", "r3", "r2", "r0"]
+    # The request id of a deleted run is free again.
+    assert (await store.create_run(new_run("r6", request_id="req1"))).run_id == "r6"
+    assert (await store.create_run(new_run("r7", request_id="req0"))).run_id == "r0"
+
+
+async def test_sqlite_upgrades_a_database_of_the_first_schema(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    with sqlite3.connect(path) as old:  # the schema before runs had an end time
+        old.executescript(FIRST_SCHEMA)
+        for run_id, state, end_ns in (("done", pb.RUN_STATE_COMPLETED, 1_000), ("busy", pb.RUN_STATE_RUNNING, None)):
+            stored = new_run(run_id, created_ns=10)
+            run = ended(run_id, state, end_ns)
+            run.create_time.CopyFrom(stored.run.create_time)
+            old.execute(
+                "INSERT INTO runs VALUES (?, NULL, ?, 10, ?, ?, ?)",
+                (run_id, state, run.SerializeToString(), b"", b""),
+            )
+    old.close()
+    store = SqliteRunStore(path)
+    await store.open()
+    try:
+        assert await store.finished_before(2_000, limit=10) == ["done"]
+        assert (await store.get_run("busy")) is not None
+    finally:
+        await store.close()
+    again = SqliteRunStore(path)  # opening an upgraded database again changes nothing
+    await again.open()
+    try:
+        assert await again.finished_before(2_000, limit=10) == ["done"]
+    finally:
+        await again.close()
+
+
+FIRST_SCHEMA = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE,
+    state INTEGER NOT NULL,
+    create_ns INTEGER NOT NULL,
+    run BLOB NOT NULL,
+    workflow BLOB NOT NULL,
+    limits BLOB NOT NULL
+);
+CREATE INDEX runs_by_time ON runs (create_ns DESC, run_id DESC);
+CREATE TABLE events (
+    run_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (run_id, sequence)
+) WITHOUT ROWID;
+"""

@@ -13,6 +13,7 @@ from tierstack.server.errors import InvalidArgumentError
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.templates import TemplateError, lookup, render
 from tierstack.server.orchestrate.workflow import check_workflow
+from tierstack.v1 import orchestrator_service_pb2 as pb
 
 
 def violations(wf: object) -> dict[str, str]:
@@ -119,3 +120,83 @@ def test_identical_workflows_are_planned_once() -> None:
     assert (cached_first, cached_second) == (False, True)
     assert first == second
     assert first.batches == (("a",), ("b", "c"))
+
+
+def _ancestors(graph: dict[str, tuple[str, ...]], step_id: str) -> set[str]:
+    found: set[str] = set()
+    stack = list(graph[step_id])
+    while stack:
+        parent = stack.pop()
+        if parent not in found:
+            found.add(parent)
+            stack.extend(graph[parent])
+    return found
+
+
+@given(dags(), st.data())
+def test_a_step_reads_exactly_its_ancestors_directly_or_through_variables(
+    graph: list[tuple[str, tuple[str, ...]]], data: st.DataObject
+) -> None:
+    names = [sid for sid, _ in graph]
+    targets = st.sampled_from([*names, "ghost"])
+    variables = {f"v{i}": data.draw(st.sets(targets, min_size=1, max_size=4)) for i in range(3)}
+    reads = [data.draw(st.one_of(targets, st.sampled_from(sorted(variables)))) for _ in graph]
+    values = [f"{{{{vars.{read}}}}}" if read in variables else f"{{{{steps.{read}.output}}}}" for read in reads]
+    wf = workflow(*(step(sid, depends_on=deps, value=value) for (sid, deps), value in zip(graph, values, strict=True)))
+    for name, read_steps in variables.items():
+        wf.variables[name] = " ".join(f"{{{{steps.{target}.output}}}}" for target in sorted(read_steps))
+    expected = {}
+    parents = dict(graph)
+    for index, ((sid, _), read) in enumerate(zip(graph, reads, strict=True)):
+        allowed = _ancestors(parents, sid)
+        if read in variables and variables[read] - allowed:
+            missing = ", ".join(sorted(variables[read] - allowed))
+            expected[f"workflow.steps[{index}].parameters.value"] = (
+                f"reads variable {read!r}, which reads {missing}, not among the step's dependencies"
+            )
+        elif read not in variables and read not in allowed:
+            expected[f"workflow.steps[{index}].parameters.value"] = (
+                f"reads the output of {read!r}, not among the step's dependencies"
+            )
+    if expected:
+        assert violations(wf) == expected
+    else:
+        check_workflow(wf)
+
+
+def test_a_variable_over_many_steps_names_ten_of_those_missing() -> None:
+    wf = workflow(*(step(f"s{i:02}") for i in range(12)), step("last", value="{{vars.all}}"))
+    wf.variables["all"] = "".join(f"{{{{steps.s{i:02}.output}}}}" for i in range(12))
+    names = ", ".join(f"s{i:02}" for i in range(10))
+    assert violations(wf) == {
+        "workflow.steps[12].parameters.value": (
+            f"reads variable 'all', which reads {names} and 2 more, not among the step's dependencies"
+        )
+    }
+
+
+def test_a_long_chain_reading_its_first_step_is_valid() -> None:
+    chain = [step(f"s{i}", depends_on=(f"s{i - 1}",), value="{{steps.s0.output}}") for i in range(1, 10_000)]
+    spec = check_workflow(workflow(step("s0"), *chain))
+    assert len(spec.steps) == 10_000
+
+
+def test_text_that_only_looks_like_a_template_is_checked_in_linear_time() -> None:
+    # An unclosed `{{inputs` before a megabyte of spaces: a backtracking pattern took minutes here.
+    spec = check_workflow(workflow(step("a", text="{{inputs" + " " * (1 << 20), other="{{steps" + " x" * 500_000)))
+    assert spec.steps[0].parameters["text"] == "{{inputs" + " " * (1 << 20)
+
+
+def test_a_condition_nested_too_deeply_and_a_huge_index_are_named() -> None:
+    found = violations(
+        workflow(
+            pb.WorkflowStep(id="a", tool="core.echo", when="(" * 5000 + "a" + ")" * 5000),
+            step("b", value="{{inputs.list[" + "9" * 5000 + "]}}"),
+        )
+    )
+    assert found == {
+        "workflow.steps[0].when": "is not a JMESPath expression: it nests too deeply",
+        "workflow.steps[1].parameters.value": "cannot read {{inputs.list["
+        + "9" * 5000
+        + "]}}: the index at 11 is too large",
+    }

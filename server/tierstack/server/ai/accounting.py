@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError
+from tierstack.server.errors import quoted
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
-#: How many runs the ledger keeps totals for; the oldest are forgotten first.
+#: How many runs the ledger keeps totals for; the least recently charged are forgotten first.
 KEPT_RUNS = 10_000
+#: How many models, and tenants without a budget, the ledger keeps totals for (the same way).
+KEPT_NAMES = 1_000
 
 
 def estimate_tokens(request: CompletionRequest) -> int:
@@ -56,7 +60,8 @@ class Totals:
 
 
 class Ledger:
-    """Counts what each call spends and keeps totals by run, tenant and model.
+    """Counts what each call spends and keeps totals by run, tenant and model: the totals of the
+    most recently charged runs, models and tenants, and always those of tenants with a budget.
 
     Args:
         prices: Credits per thousand tokens by model; unknown models cost nothing.
@@ -69,9 +74,20 @@ class Ledger:
         self._prices = dict(prices or {})
         self._tenant_budgets = dict(tenant_budgets or {})
         self.total = Totals()
-        self.by_model: dict[str, Totals] = {}
-        self.by_tenant: dict[str, Totals] = {}
-        self.by_run: OrderedDict[str, Totals] = OrderedDict()
+        self.by_model: LRUCache[str, Totals] = LRUCache(KEPT_NAMES)
+        self.by_run: LRUCache[str, Totals] = LRUCache(KEPT_RUNS)
+        # A budget's spending is never forgotten, or forgetting it would refill the budget.
+        self._budgeted = {tenant: Totals() for tenant in self._tenant_budgets}
+        self._unbudgeted: LRUCache[str, Totals] = LRUCache(KEPT_NAMES)
+
+    def by_tenant(self) -> Iterator[tuple[str, Totals]]:
+        """Yields the totals kept by tenant."""
+        yield from self._budgeted.items()
+        yield from self._unbudgeted.items()
+
+    def _tenant(self, tenant: str) -> Totals:
+        totals = self._budgeted.get(tenant)
+        return totals if totals is not None else self._unbudgeted.setdefault(tenant, Totals())
 
     def fit(self, request: CompletionRequest) -> CompletionRequest:
         """Returns ``request`` with its output tokens shrunk to what its caller and tenant have left.
@@ -86,7 +102,7 @@ class Ledger:
         remaining = min(limits)
         room = remaining - estimate_tokens(request)
         if room <= 0:
-            whose = f"tenant {request.scope.tenant!r}" if remaining == tenant_left else "the caller"
+            whose = f"tenant {quoted(request.scope.tenant)}" if remaining == tenant_left else "the caller"
             raise ModelError(
                 "TOKEN_BUDGET_EXHAUSTED",
                 f"{whose} has {max(remaining, 0)} tokens left, not enough for the prompt and an answer",
@@ -100,8 +116,7 @@ class Ledger:
         budget = self._tenant_budgets.get(tenant)
         if budget is None:
             return None
-        spent = self.by_tenant.get(tenant, Totals()).tokens
-        return budget - spent
+        return budget - self._budgeted[tenant].tokens
 
     def charge(self, request: CompletionRequest, answer: Completion) -> float:
         """Records one answered call and returns its cost in credits (nothing for a cached answer)."""
@@ -110,12 +125,9 @@ class Ledger:
         cost = (prompt * price.prompt + completion * price.completion) / 1000
         buckets = [self.total, self.by_model.setdefault(answer.model, Totals())]
         if request.scope.tenant:
-            buckets.append(self.by_tenant.setdefault(request.scope.tenant, Totals()))
+            buckets.append(self._tenant(request.scope.tenant))
         if request.scope.run:
             buckets.append(self.by_run.setdefault(request.scope.run, Totals()))
-            self.by_run.move_to_end(request.scope.run)
-            while len(self.by_run) > KEPT_RUNS:
-                self.by_run.popitem(last=False)
         for totals in buckets:
             totals.calls += 1
             totals.cached_calls += answer.cached

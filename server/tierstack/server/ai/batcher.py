@@ -106,6 +106,8 @@ class Batcher:
         model.in_flight -= 1
         if model.in_flight == 0 and model.queue:
             self._flush(name)
+        elif model.in_flight == 0 and model.timer is None:
+            del self._models[name]  # callers name models: only those with requests in flight are kept
 
     async def close(self) -> None:
         """Cancels the batches in flight and waits for them to end."""

@@ -11,7 +11,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from tierstack.server.ai.accounting import Ledger, Price
+from cachetools import LRUCache
+
+from tierstack.server.ai.accounting import KEPT_NAMES, Ledger, Price
 from tierstack.server.ai.batcher import Batcher
 from tierstack.server.ai.breaker import CircuitBreaker
 from tierstack.server.ai.cache import ResponseCache, request_key
@@ -82,8 +84,9 @@ class AIService:
         self.ledger = ledger if ledger is not None else Ledger()
         self.batcher = Batcher(self._call, size=batch_size, window=batch_window)
         self._resilience = resilience
-        self.breakers: dict[str, CircuitBreaker] = {}
-        self.latency: dict[str, LatencyHistogram] = {}
+        # Callers name models: a breaker and a histogram are kept for the most recently used only.
+        self.breakers: LRUCache[str, CircuitBreaker] = LRUCache(KEPT_NAMES)
+        self.latency: LRUCache[str, LatencyHistogram] = LRUCache(KEPT_NAMES)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AIService:
@@ -144,7 +147,7 @@ class AIService:
             latency=latency.stats(),
             breakers={route: breaker.state.value for route, breaker in self.breakers.items()},
             by_model={model: totals.message() for model, totals in self.ledger.by_model.items()},
-            by_tenant={tenant: totals.message() for tenant, totals in self.ledger.by_tenant.items()},
+            by_tenant={tenant: totals.message() for tenant, totals in self.ledger.by_tenant()},
         )
 
     async def embed(self, texts: Sequence[str], *, model: str) -> list[list[float]]:

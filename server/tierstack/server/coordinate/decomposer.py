@@ -1,5 +1,5 @@
 """Goal decomposition in the seed's order: a similar past goal, else a template, else the model;
-every decomposition is learnt for later goals."""
+every new decomposition is learnt for later goals."""
 
 from __future__ import annotations
 
@@ -80,15 +80,15 @@ class Decomposer:
         recalled = await self._memory.recall(goal, threshold=self._threshold, capabilities=capabilities)
         if recalled is not None:
             past, subtasks = recalled
-            response = pb.DecomposeGoalResponse(
+            # Already learnt, under the past goal: learning it again would only fill the memory.
+            return pb.DecomposeGoalResponse(
                 subtasks=subtasks, source=pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL, producer=f"similar goal: {past}"
             )
-        else:
-            response = self._from_template(goal) or pb.DecomposeGoalResponse(
-                subtasks=[subtask_message(spec) for spec in await self._provider.decompose(goal, agents, scope)],
-                source=pb.DECOMPOSITION_SOURCE_MODEL,
-                producer=self._provider.name,
-            )
+        response = self._from_template(goal) or pb.DecomposeGoalResponse(
+            subtasks=[subtask_message(spec) for spec in await self._provider.decompose(goal, agents, scope)],
+            source=pb.DECOMPOSITION_SOURCE_MODEL,
+            producer=self._provider.name,
+        )
         await self._memory.learn(goal, response.subtasks)
         return response
 

@@ -20,9 +20,10 @@ from tierstack.client.errors import TierstackError
 from tierstack.client.values import now_timestamp, to_duration, to_seconds
 from tierstack.server.ai import Scope
 from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.config import Settings
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
-from tierstack.server.errors import error_detail, error_detail_of_call
+from tierstack.server.errors import DomainError, error_detail, error_detail_of_call, output_too_large
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2
@@ -45,6 +46,7 @@ class WorkflowRunner(Protocol):
 
 
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
+_DEFAULTS = Settings()
 
 
 def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team:
@@ -113,10 +115,19 @@ class Coordinator:
     Args:
         runner: Runs workflows (Tier 2).
         decomposer: Splits goals into subtasks.
+        max_output_bytes: The largest outputs of a goal together (in their wire form); larger ones fail
+            the goal with ``OUTPUT_TOO_LARGE``.
     """
 
-    def __init__(self, runner: WorkflowRunner, decomposer: Decomposer) -> None:
+    def __init__(
+        self,
+        runner: WorkflowRunner,
+        decomposer: Decomposer,
+        *,
+        max_output_bytes: int = _DEFAULTS.max_total_output_bytes,
+    ) -> None:
         self._runner = runner
+        self._max_output_bytes = max_output_bytes
         self.decomposer = decomposer
         self.decomposition_latency: dict[str, LatencyHistogram] = {}
         self.team_formation_latency = LatencyHistogram()
@@ -134,11 +145,19 @@ class Coordinator:
         sequence = 0
         self.active_goals += 1
         try:
-            async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
-                async for event in events:
-                    sequence += 1
-                    event.sequence = sequence
-                    yield event
+            try:
+                async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
+                    async for event in events:
+                        sequence += 1
+                        event.sequence = sequence
+                        yield event
+            except DomainError:
+                raise
+            except Exception:  # a fault of ours: the goal ends, its runs are cancelled (closing did it)
+                _log.exception("goal %s failed unexpectedly", goal.id)
+                failed = goal.failed("INTERNAL", "the coordinator failed while pursuing the goal")
+                failed.sequence = sequence + 1
+                yield failed
         finally:
             self.active_goals -= 1
 
@@ -171,7 +190,8 @@ class Coordinator:
             )
             return
         start = time.perf_counter()
-        pursuit = _Pursuit(self._runner, goal, decomposition.subtasks, {s: a for s, a, _ in team.assignments})
+        agent_of = {s: a for s, a, _ in team.assignments}
+        pursuit = _Pursuit(self._runner, goal, decomposition.subtasks, agent_of, self._max_output_bytes)
         async with contextlib.aclosing(pursuit.run()) as events:
             async for event in events:
                 if event.HasField("goal_completed"):
@@ -188,9 +208,15 @@ class _Pursuit:
     agent takes it) while the goal's re-plans last."""
 
     def __init__(
-        self, runner: WorkflowRunner, goal: _Goal, subtasks: Sequence[pb.Subtask], agent_of: dict[str, str]
+        self,
+        runner: WorkflowRunner,
+        goal: _Goal,
+        subtasks: Sequence[pb.Subtask],
+        agent_of: dict[str, str],
+        max_output_bytes: int,
     ) -> None:
         self._runner = runner
+        self._max_output_bytes = max_output_bytes
         self._goal = goal
         request = goal.request
         self._order = {s.id: (_PRIORITY_ORDER.get(s.priority, 1), index) for index, s in enumerate(subtasks)}
@@ -203,7 +229,8 @@ class _Pursuit:
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
         self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
         self._replans = 0
-        self._events: asyncio.Queue[pb.GoalEvent | _Ended] = asyncio.Queue()
+        # A subtask's task that fails unexpectedly puts its exception here, for run() to raise.
+        self._events: asyncio.Queue[pb.GoalEvent | _Ended | Exception] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failure: pb.GoalEvent | None = None
         self.completed = False
@@ -218,6 +245,8 @@ class _Pursuit:
                 except TimeoutError:
                     failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
                     break
+                if isinstance(item, Exception):
+                    raise item
                 if isinstance(item, pb.GoalEvent):
                     yield item
                     continue
@@ -227,11 +256,17 @@ class _Pursuit:
             if failure is not None:
                 yield failure
                 return
-            self.completed = True
             usage = common_pb2.ResourceUsage()
             usage.CopyFrom(self._spent)
             usage.duration.CopyFrom(to_duration(time.perf_counter() - goal.start))
-            yield goal.event(goal_completed=pb.GoalCompleted(outputs=self._outputs, usage=usage))
+            completed = pb.GoalCompleted(outputs=self._outputs, usage=usage)
+            if (size := completed.ByteSize()) > self._max_output_bytes:
+                # Failed rather than completed: the event would not fit the messages that carry it.
+                error = output_too_large(common_pb2.TIER_COORDINATE, "a goal's outputs", size, self._max_output_bytes)
+                yield goal.event(goal_failed=pb.GoalFailed(error=error))
+                return
+            self.completed = True
+            yield goal.event(goal_completed=completed)
         finally:
             for task in self._tasks.values():
                 task.cancel()
@@ -292,7 +327,7 @@ class _Pursuit:
                 return self._goal.failed("BUDGET_EXHAUSTED", f"the goal's {spent}", subtask=subtask.id)
             del self._pending[subtask.id]
             self._reserved[subtask.id] = limits
-            self._tasks[subtask.id] = asyncio.create_task(self._run(subtask, limits))
+            self._tasks[subtask.id] = asyncio.create_task(self._run_reporting(subtask, limits))
         return None
 
     def _share(self, subtask: pb.Subtask) -> tuple[common_pb2.ResourceLimits, str]:
@@ -317,6 +352,13 @@ class _Pursuit:
         for name, value in left.items():
             setattr(limits, name, value * weight if name == "max_credits" else max(math.floor(value * weight), 1))
         return limits, ""
+
+    async def _run_reporting(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
+        """Runs one subtask; an unexpected exception goes to the goal, which it ends."""
+        try:
+            await self._run(subtask, limits)
+        except Exception as exc:
+            self._events.put_nowait(exc)
 
     async def _run(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
         """Runs one subtask as a Tier 2 run, its dependencies' outputs as inputs, forwarding its events."""

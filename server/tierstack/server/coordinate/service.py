@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -63,7 +63,9 @@ class CoordinateService:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.client_metrics = MethodMetrics()
-        self._channel = tier_channel(settings.orchestrate_target, self.client_metrics)
+        self._channel = tier_channel(
+            settings.orchestrate_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self._orchestrator = OrchestratorClient(channel=self._channel)
         self.cross_tier = CrossTierMonitor(
             self.tier,
@@ -74,6 +76,7 @@ class CoordinateService:
             interval=settings.monitor_interval_seconds,
             thresholds=settings.alert_thresholds,
             advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
+            max_message_bytes=settings.max_message_bytes,
         )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")
@@ -83,10 +86,12 @@ class CoordinateService:
             if settings.embedding_model
             else NgramIndex()
         )
-        self._memory = GoalMemory(settings.data_dir / "goals.jsonl", index=index)
+        self._memory = GoalMemory(
+            settings.data_dir / "goals.jsonl", index=index, max_entries=settings.goal_memory_entries
+        )
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
-        self.coordinator = Coordinator(self._orchestrator, decomposer)
+        self.coordinator = Coordinator(self._orchestrator, decomposer, max_output_bytes=settings.max_total_output_bytes)
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
         """Adds the model calls, decomposition time by source, team formation time and active goals,
@@ -107,7 +112,7 @@ class CoordinateService:
             CoordinatorServicer(self.coordinator), server
         )
 
-    async def start(self) -> None:
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
         """Loads the goal templates (the built-in ones, then the user's) and the learnt goals."""
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
         self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+from scipy import sparse
 
 _SPACES = re.compile(r"\s+")
 
@@ -19,6 +20,9 @@ class GoalIndex(Protocol):
 
     async def add(self, entries: Sequence[tuple[str, str]]) -> None:
         """Stores each (key, text) pair (a key added again replaces its text)."""
+
+    async def remove(self, keys: Collection[str]) -> None:
+        """Forgets the given keys; keys not stored are ignored."""
 
     async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
         """Returns up to ``limit`` (key, similarity in [0, 1]) pairs, most similar first."""
@@ -30,8 +34,85 @@ def _grams(text: str, n: int) -> Counter[str]:
     return Counter(normal[i : i + n] for i in range(max(len(normal) - n + 1, 1)))
 
 
+class _Growing:
+    """A numpy array that grows along its first axis by doubling, so that appends cost amortised O(1)."""
+
+    def __init__(self, dtype: Any, width: int = 0) -> None:
+        self._array = np.zeros((16, width) if width else 16, dtype=dtype)
+        self.size = 0
+
+    @property
+    def values(self) -> np.ndarray:
+        """Returns the filled part, a view (valid until the next append)."""
+        return self._array[: self.size]
+
+    def extend(self, values: Any) -> None:
+        """Appends ``values`` along the first axis."""
+        values = np.asarray(values, dtype=self._array.dtype)
+        end = self.size + len(values)
+        if end > len(self._array):
+            grown = np.zeros((max(end, 2 * len(self._array)), *self._array.shape[1:]), dtype=self._array.dtype)
+            grown[: self.size] = self._array[: self.size]
+            self._array = grown
+        self._array[self.size : end] = values
+        self.size = end
+
+
+class _Rows:
+    """Which row of an index's matrix holds which key. A removed key's row stays, dead, until the
+    dead rows outnumber the live ones; then the index compacts, so the matrix never holds more than
+    twice the live rows (and at least 64)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []  # by row
+        self.by_key: dict[str, int] = {}
+        self._alive = _Growing(np.bool_)
+
+    def append(self, key: str) -> int:
+        """Returns the row given to ``key`` (after the last)."""
+        row = self.by_key[key] = len(self.keys)
+        self.keys.append(key)
+        self._alive.extend([True])
+        return row
+
+    def release(self, key: str) -> int | None:
+        """Returns the row ``key`` held, now dead; None when it held none."""
+        row = self.by_key.pop(key, None)
+        if row is not None:
+            self._alive.values[row] = False
+        return row
+
+    @property
+    def alive(self) -> np.ndarray:
+        """Returns, by row, whether it is live."""
+        return self._alive.values
+
+    @property
+    def crowded(self) -> bool:
+        """Returns whether the dead rows outnumber the live ones (and are worth compacting)."""
+        return len(self.keys) > max(2 * len(self.by_key), 64)
+
+    def compact(self) -> None:
+        """Renumbers the live rows from 0, in order (the caller drops the dead rows likewise)."""
+        self.keys = [key for key, alive in zip(self.keys, self.alive.tolist(), strict=True) if alive]
+        self.by_key = {key: row for row, key in enumerate(self.keys)}
+        self._alive = _Growing(np.bool_)
+        self._alive.extend(np.ones(len(self.keys), dtype=np.bool_))
+
+
+def _best(rows: _Rows, scores: np.ndarray, limit: int) -> list[tuple[str, float]]:
+    """Returns the ``limit`` live rows with the highest scores (ties in row order), with their keys."""
+    live = np.flatnonzero(rows.alive)
+    ranked = live[np.argsort(-scores[live], kind="stable")[:limit]]
+    return [(rows.keys[row], float(scores[row])) for row in ranked.tolist()]
+
+
 class NgramIndex:
     """Character n-gram TF-IDF with cosine similarity; IDF is computed over the stored goals.
+
+    Each goal's n-gram counts are kept once, as a row of a sparse matrix over the n-grams seen; a
+    search weighs them by the current IDF and scores every goal with one sparse product (and their
+    norms with another), so it costs time linear in the stored n-grams, with no Python work per goal.
 
     Args:
         n: The n-gram length.
@@ -39,36 +120,85 @@ class NgramIndex:
 
     def __init__(self, *, n: int = 3) -> None:
         self._n = n
-        self._texts: dict[str, Counter[str]] = {}
-        self._document_frequency: Counter[str] = Counter()
+        self._rows = _Rows()
+        self._vocabulary: dict[str, int] = {}  # n-gram to column
+        self._frequency = _Growing(np.int64)  # by column: how many live goals have the n-gram
+        self._row_starts = _Growing(np.int64)  # by row, then one past the last: CSR ``indptr``
+        self._row_starts.extend([0])
+        self._columns = _Growing(np.int64)  # CSR ``indices``
+        self._counts = _Growing(np.float64)  # CSR ``data``: each n-gram's count in its goal
 
     async def add(self, entries: Sequence[tuple[str, str]]) -> None:
         for key, text in entries:
-            previous = self._texts.get(key)
-            if previous is not None:
-                self._document_frequency.subtract(previous.keys())
+            self._forget(key)
             grams = _grams(text, self._n)
-            self._texts[key] = grams
-            self._document_frequency.update(grams.keys())
+            fresh = [gram for gram in grams if gram not in self._vocabulary]
+            for gram in fresh:
+                self._vocabulary[gram] = len(self._vocabulary)
+            self._frequency.extend(np.zeros(len(fresh)))
+            columns = np.fromiter((self._vocabulary[gram] for gram in grams), dtype=np.int64, count=len(grams))
+            self._frequency.values[columns] += 1
+            self._rows.append(key)
+            self._columns.extend(columns)
+            self._counts.extend(list(grams.values()))
+            self._row_starts.extend([self._columns.size])
+        if self._rows.crowded:
+            self._compact()
 
-    def _vector(self, grams: Counter[str]) -> dict[str, float]:
-        # Smoothed IDF with one added (as scikit-learn does), so that with few stored goals a
-        # near-duplicate is not pushed apart by the handful of n-grams it adds.
-        documents = len(self._texts)
-        frequency = self._document_frequency
-        vector = {g: count * (math.log((1 + documents) / (1 + frequency[g])) + 1) for g, count in grams.items()}
-        norm = math.sqrt(sum(weight * weight for weight in vector.values())) or 1.0
-        return {g: weight / norm for g, weight in vector.items()}
+    async def remove(self, keys: Collection[str]) -> None:
+        for key in keys:
+            self._forget(key)
+        if self._rows.crowded:
+            self._compact()
+
+    def _forget(self, key: str) -> None:
+        row = self._rows.release(key)
+        if row is not None:
+            start, end = self._row_starts.values[row : row + 2]
+            self._frequency.values[self._columns.values[start:end]] -= 1
+            self._counts.values[start:end] = 0  # a dead row scores 0 until it is compacted away
+
+    def _compact(self) -> None:
+        """Drops the dead rows and the n-grams no live goal has."""
+        alive = self._rows.alive.copy()
+        lengths = np.diff(self._row_starts.values)
+        keep = np.repeat(alive, lengths)
+        self._rows.compact()
+        used = self._frequency.values > 0
+        renumbered = np.cumsum(used) - 1
+        self._vocabulary = {gram: int(renumbered[column]) for gram, column in self._vocabulary.items() if used[column]}
+        frequency, columns, counts = self._frequency.values[used], self._columns.values[keep], self._counts.values[keep]
+        self._frequency, self._columns, self._counts = _Growing(np.int64), _Growing(np.int64), _Growing(np.float64)
+        self._frequency.extend(frequency)
+        self._columns.extend(renumbered[columns])
+        self._counts.extend(counts)
+        self._row_starts = _Growing(np.int64)
+        self._row_starts.extend(np.concatenate([[0], np.cumsum(lengths[alive])]))
 
     async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
-        query = self._vector(_grams(text, self._n))
-        scored = []
-        for key, grams in self._texts.items():
-            vector = self._vector(grams)
-            score = sum(weight * vector.get(g, 0.0) for g, weight in query.items())
-            scored.append((key, min(score, 1.0)))
-        scored.sort(key=lambda pair: pair[1], reverse=True)
-        return scored[:limit]
+        documents = len(self._rows.by_key)
+        if not documents:
+            return []
+        # Smoothed IDF with one added (as scikit-learn does), so that with few stored goals a
+        # near-duplicate is not pushed apart by the handful of n-grams it adds.
+        idf = np.log((1 + documents) / (1 + self._frequency.values)) + 1
+        unseen_idf = math.log(1 + documents) + 1
+        query = np.zeros(len(idf))
+        query_square = 0.0
+        for gram, count in _grams(text, self._n).items():
+            column = self._vocabulary.get(gram)
+            if column is None:
+                query_square += (count * unseen_idf) ** 2
+            else:
+                query[column] = count * idf[column]
+                query_square += query[column] ** 2
+        shape = (len(self._rows.keys), len(idf))
+        counts = sparse.csr_array((self._counts.values, self._columns.values, self._row_starts.values), shape=shape)
+        squares = sparse.csr_array((self._counts.values**2, self._columns.values, self._row_starts.values), shape=shape)
+        dots = counts @ (query * idf)
+        norms = np.sqrt(squares @ (idf * idf)) * math.sqrt(query_square)
+        scores = np.minimum(dots / np.where(norms == 0, 1.0, norms), 1.0)
+        return _best(self._rows, scores, limit)
 
 
 Embed = Callable[[Sequence[str]], Awaitable[list[list[float]]]]
@@ -83,35 +213,37 @@ class EmbeddingIndex:
 
     def __init__(self, embed: Embed) -> None:
         self._embed = embed
-        self._keys: list[str] = []
-        self._rows: dict[str, int] = {}
-        self._vectors = np.zeros((0, 0))
+        self._rows = _Rows()
+        self._vectors: _Growing | None = None  # unit vectors by row; sized by the first embedding
 
     async def add(self, entries: Sequence[tuple[str, str]]) -> None:
         if not entries:
             return
         vectors = _unit(np.asarray(await self._embed([text for _, text in entries]), dtype=float))
-        if not self._keys:
-            self._vectors = np.zeros((0, vectors.shape[1]))
-        fresh: list[tuple[str, np.ndarray]] = []
+        if self._vectors is None:
+            self._vectors = _Growing(np.float64, vectors.shape[1])
         for (key, _), vector in zip(entries, vectors, strict=True):
-            row = self._rows.get(key)
+            row = self._rows.by_key.get(key)
             if row is None:
-                self._rows[key] = len(self._keys) + len(fresh)
-                fresh.append((key, vector))
+                self._rows.append(key)
+                self._vectors.extend([vector])
             else:
-                self._vectors[row] = vector
-        if fresh:
-            self._keys += [key for key, _ in fresh]
-            self._vectors = np.vstack([self._vectors, [vector for _, vector in fresh]])
+                self._vectors.values[row] = vector
+
+    async def remove(self, keys: Collection[str]) -> None:
+        for key in keys:
+            self._rows.release(key)
+        if self._vectors is not None and self._rows.crowded:
+            vectors = self._vectors.values[self._rows.alive]
+            self._rows.compact()
+            self._vectors = _Growing(np.float64, vectors.shape[1])
+            self._vectors.extend(vectors)
 
     async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
-        if not self._keys:
+        if self._vectors is None or not self._rows.by_key:
             return []
         query = _unit(np.asarray(await self._embed([text]), dtype=float))[0]
-        scores = np.clip(self._vectors @ query, 0.0, 1.0)
-        best = np.argsort(-scores)[:limit]
-        return [(self._keys[i], float(scores[i])) for i in best.tolist()]
+        return _best(self._rows, np.clip(self._vectors.values @ query, 0.0, 1.0), limit)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -40,35 +40,53 @@ class Team:
 
 def form_team(agents: Sequence[AgentSpec], needs: Sequence[Need]) -> Team:
     """Assigns each subtask to an agent that has every capability it requires, within each
-    agent's free capacity (``max_concurrent_tasks - current_load`` subtasks), maximising the
-    total score: a pairing scores 1 minus half the agent's utilisation after taking it, so work
-    spreads to the least loaded capable agents. Solved exactly with the Hungarian method
-    (``scipy.optimize.linear_sum_assignment``) over one column per free agent slot.
+    agent's free capacity (``max_concurrent_tasks - current_load`` subtasks; a negative load counts
+    as none), maximising the total score: a pairing scores 1 minus half the agent's utilisation
+    after taking it, so work spreads to the least loaded capable agents. Solved exactly with the
+    Hungarian method (``scipy.optimize.linear_sum_assignment``) over one column per free agent slot
+    that an optimal assignment may use: at most as many per agent as there are subtasks, and for each
+    subtask only its best fitting ones. Time and memory grow with agents times subtasks (and the
+    Hungarian method's with subtasks cubed and the agents tied for a best slot), whatever the
+    capacities.
     """
-    slots: list[tuple[AgentSpec, float]] = []
-    for agent in agents:
-        capacity = max(agent.max_concurrent_tasks, 1)
-        for taken in range(agent.current_load, capacity):
-            slots.append((agent, 1.0 - 0.5 * (taken + 1) / capacity))
-    if not needs or not slots:
+    capacity = np.array([max(agent.max_concurrent_tasks, 1) for agent in agents], dtype=float)
+    load = np.array([max(agent.current_load, 0) for agent in agents], dtype=float)
+    # No agent takes more subtasks than there are, so later slots would never be chosen: each slot
+    # scoring less than the one before, the first ones keep the assignment optimal.
+    free = np.clip(np.minimum(capacity - load, len(needs)), 0, None).astype(np.int64)
+    if not needs or not free.sum():
         return Team((), tuple(need.id for need in needs))
-    # Which slots can take which subtasks, as matrices over the capabilities: a slot fits a subtask
-    # when the subtask requires no capability the slot's agent lacks.
+    owner = np.repeat(np.arange(len(agents)), free)  # by slot: its agent
+    taken = load[owner] + np.arange(len(owner)) - np.repeat(np.cumsum(free) - free, free)
+    scores = 1.0 - 0.5 * (taken + 1) / capacity[owner]
+    # Which agents can take which subtasks, as matrices over the capabilities: an agent fits a
+    # subtask when the subtask requires no capability the agent lacks.
     names = {name: index for index, name in enumerate({c for need in needs for c in need.required_capabilities})}
     required = np.zeros((len(needs), len(names)))
     for row, need in enumerate(needs):
         required[row, [names[c] for c in need.required_capabilities]] = 1
-    lacking = np.ones((len(slots), len(names)))
-    for column, (agent, _) in enumerate(slots):
-        lacking[column, [names[c] for c in agent.capabilities if c in names]] = 0
-    scores = np.array([score for _, score in slots])
-    cost = np.where(required @ lacking.T == 0, -scores[np.newaxis, :], _INFEASIBLE)
+    lacking = np.ones((len(agents), len(names)))
+    for row, agent in enumerate(agents):
+        lacking[row, [names[c] for c in agent.capabilities if c in names]] = 0
+    agents_fitting = required @ lacking.T == 0  # subtasks by agents
+    # A subtask on a slot worse than its n best fitting ones (n subtasks) could move to one of those
+    # left free and score more: only those slots can be in an optimal assignment, and they are the
+    # first slots of their agents. So columns grow with subtasks squared, hardly with agents.
+    keep = np.zeros(len(owner), dtype=bool)
+    for fitting_agents in np.unique(agents_fitting, axis=0):
+        fitting = fitting_agents[owner]
+        candidates = scores[fitting]
+        if len(candidates) > len(needs):
+            fitting &= scores >= np.partition(candidates, -len(needs))[-len(needs)]
+        keep |= fitting
+    owner, scores = owner[keep], scores[keep]
+    fits = agents_fitting[:, owner]
+    cost = np.where(fits, -scores[np.newaxis, :], _INFEASIBLE)
     rows, columns = linear_sum_assignment(cost)
     assigned: dict[int, tuple[str, str, float]] = {}
     for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
-        if cost[row, column] < _INFEASIBLE:
-            agent, score = slots[column]
-            assigned[row] = (needs[row].id, agent.id, score)
+        if fits[row, column]:
+            assigned[row] = (needs[row].id, agents[owner[column]].id, float(scores[column]))
     return Team(
         tuple(assigned[row] for row in sorted(assigned)),
         tuple(need.id for row, need in enumerate(needs) if row not in assigned),

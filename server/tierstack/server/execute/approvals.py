@@ -30,6 +30,10 @@ class Approvals:
         self._store = store
         self._answers: dict[str, asyncio.Future[None]] = {}  # approval id → set when it is answered here
 
+    def __len__(self) -> int:
+        """Counts the calls of this server that wait for an answer now."""
+        return len(self._answers)
+
     async def open(self, execution_id: str, index: int, tool: str, arguments: struct_pb2.Struct) -> Approval:
         """Opens the approval of call ``index`` of an execution, or returns the one opened before."""
         return await self._store.open_approval(

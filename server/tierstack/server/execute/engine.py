@@ -9,11 +9,13 @@ import json
 import logging
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import (
@@ -26,12 +28,15 @@ from tierstack.server.ai import (
     ModelTool,
     Scope,
 )
+from tierstack.server.bounded import ByteBudgetLRU
+from tierstack.server.config import Settings
 from tierstack.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     Violation,
     error_detail,
+    output_too_large,
 )
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
@@ -44,11 +49,12 @@ from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)
 Events = AsyncIterator[executor_service_pb2.ExecutionEvent]
-_error = functools.partial(error_detail, common_pb2.TIER_EXECUTE)
+_TIER = common_pb2.TIER_EXECUTE
+_error = functools.partial(error_detail, _TIER)
 
-#: How long a pure tool's result is remembered, in seconds, and how many results are.
+#: How long a pure tool's result is remembered, in seconds, and how many bytes of results are.
 MEMO_SECONDS = 3600.0
-MEMO_SIZE = 1000
+MEMO_BYTES = 32 << 20
 #: How often a critical tool's failing call is tried, and the first wait between tries.
 CRITICAL_ATTEMPTS = 3
 CRITICAL_BACKOFF_SECONDS = 0.05
@@ -94,7 +100,8 @@ class _EventSequence:
 
 class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
-    call runs, so a malformed step fails as a whole without side effects."""
+    call runs, so a malformed step fails as a whole without side effects. A tool call's or a step's
+    output over ``max_output_bytes`` (in its wire form) fails it with ``OUTPUT_TOO_LARGE``."""
 
     def __init__(
         self,
@@ -105,19 +112,23 @@ class Executor:
         workspaces: Path = Path(".tierstack") / "workspaces",
         model: ModelProvider | None = None,
         store: ExecutionStore | None = None,
+        max_output_bytes: int = Settings.max_output_bytes,
     ) -> None:
         self.registry = registry
+        self.max_output_bytes = max_output_bytes
         self.workspaces = workspaces
         self.store = store if store is not None else MemoryExecutionStore()
         self.approvals = Approvals(self.store, timeout=approval_timeout)
         self.monitor = ToolMonitor()
         self._server_slots = asyncio.Semaphore(max_concurrent_tools)
         self._flights: dict[str, _Flight] = {}
-        self._memo: OrderedDict[tuple[str, str], tuple[float, common_pb2.ToolResult]] = OrderedDict()
+        self._memo: ByteBudgetLRU[tuple[str, str], tuple[float, common_pb2.ToolResult]] = ByteBudgetLRU(
+            MEMO_BYTES, lambda memo: memo[1].ByteSize()
+        )
         self.memo_hits = 0
         self.memo_misses = 0
         self.strategy_usage: Counter[str] = Counter()
-        self._toolkits: OrderedDict[tuple[str, ...], Toolkit] = OrderedDict()
+        self._toolkits: LRUCache[tuple[str, ...], Toolkit] = LRUCache(TOOLKIT_CACHE_SIZE)
         self.model: ModelProvider = model if model is not None else LocalModel()
         self.strategies = StrategySelector()
 
@@ -144,7 +155,12 @@ class Executor:
             with span(f"tool {tool.name}"):
                 async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
                     output = await tool.handler(dict(arguments), context)
-            result.output.CopyFrom(to_value(output))
+            value = to_value(output)
+            if (size := value.ByteSize()) > self.max_output_bytes:
+                what = f"the output of {tool.name}"
+                result.error.CopyFrom(output_too_large(_TIER, what, size, self.max_output_bytes, tool=tool.name))
+            else:
+                result.output.CopyFrom(value)
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
@@ -301,6 +317,8 @@ class Executor:
             events = step.reasoning(request.prompt, offered)
         async for event in events:
             yield event
+        if step.error is None and (size := step.output.ByteSize()) > self.max_output_bytes:
+            step.error = output_too_large(_TIER, "a step's output", size, self.max_output_bytes)
         self.strategies.record(step_key, selection.chosen).add(success=step.error is None, routine=step.routine)
         step.usage.duration.CopyFrom(to_duration(time.perf_counter() - step.start))
         if step.error is not None:
@@ -322,7 +340,6 @@ class Executor:
         names = tuple(request.tools) or tuple(dict.fromkeys(tool.name for tool, _ in calls))
         kit = self._toolkits.get(names)
         if kit is not None:
-            self._toolkits.move_to_end(names)
             return kit
         tools = {}
         for index, tool_name in enumerate(names):
@@ -333,26 +350,25 @@ class Executor:
         kit = self._toolkits[names] = Toolkit(
             tools, tuple(ModelTool(t.name, t.description, t.parameters) for t in tools.values())
         )
-        if len(self._toolkits) > TOOLKIT_CACHE_SIZE:
-            self._toolkits.popitem(last=False)
         return kit
 
     def memoised(self, tool: Tool, arguments: dict[str, Any]) -> common_pb2.ToolResult | None:
         """Returns the remembered result of a pure tool's identical call, if it has not expired."""
-        key = (tool.name, json.dumps(arguments, sort_keys=True))
-        found = self._memo.get(key)
+        found = self._memo.get(_memo_key(tool, arguments))
         if found is None or found[0] < time.monotonic():
             self.memo_misses += 1
             return None
         self.memo_hits += 1
-        self._memo.move_to_end(key)
         return found[1]
 
     def memoise(self, tool: Tool, arguments: dict[str, Any], result: common_pb2.ToolResult) -> None:
         """Remembers a pure tool's successful result for ``MEMO_SECONDS``."""
-        self._memo[(tool.name, json.dumps(arguments, sort_keys=True))] = (time.monotonic() + MEMO_SECONDS, result)
-        if len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
+        self._memo[_memo_key(tool, arguments)] = (time.monotonic() + MEMO_SECONDS, result)
+
+
+def _memo_key(tool: Tool, arguments: dict[str, Any]) -> tuple[str, str]:
+    """Returns the key of a pure call: the tool and a digest of its arguments (so keys stay small)."""
+    return tool.name, hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
 
 
 class _Flight:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,7 +18,9 @@ from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.execute.store import SqliteExecutionStore
+from tierstack.server.execute.workspaces import remove_stale
 from tierstack.server.pagination import decode_token, encode_token
+from tierstack.server.retention import Sweeper
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
@@ -133,8 +136,15 @@ class ExecuteService:
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,
             store=self._store,
+            max_output_bytes=settings.max_output_bytes,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
+        self._retention = Sweeper("workspaces and executions", settings.retention_seconds, self._forget)
+
+    async def _forget(self, before: float) -> None:
+        """Removes the workspaces unused since ``before`` and forgets the executions finished before."""
+        await asyncio.to_thread(remove_stale, self.executor.workspaces, before)
+        await self._store.forget_before(round(before * 1e9))
 
     cross_tier = None
 
@@ -159,15 +169,18 @@ class ExecuteService:
             ExecutorServicer(self.executor, slow_tool_seconds=self._slow_tool_seconds), server
         )
 
-    async def start(self) -> None:
-        """Opens the execution store and mounts the configured MCP servers' tools."""
+    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+        """Opens the execution store, mounts the configured MCP servers' tools and starts removing
+        workspaces once their retention has passed."""
         await self._store.open()
         await self._mcp.start(self.registry)
+        self._retention.start()
 
     def stopping(self) -> None:
         """Nothing to prepare: calls in flight finish or are cancelled with the server."""
 
     async def close(self) -> None:
+        await self._retention.close()
         await self._mcp.close()
         await self._store.close()
         await self._http.aclose()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from cachetools import LRUCache
+
 from tierstack.client.values import JSON
 from tierstack.v1 import common_pb2
 
@@ -23,6 +25,8 @@ LOW_COMPLEXITY = 3
 QUICK_SECONDS = 5.0
 #: Steps whose budget is below this many credits reason instead of conversing.
 FRUGAL_CREDITS = 0.01
+#: How many track records (a step and prompt under one strategy) are kept; the least recently used go.
+KEPT_RECORDS = 10_000
 
 Routine = tuple[tuple[str, dict[str, JSON]], ...]
 StrategyType: TypeAlias = common_pb2.Strategy.ValueType
@@ -67,9 +71,10 @@ class Selection:
 
 @dataclass(slots=True)
 class StrategySelector:
-    """Chooses strategies and keeps each step's track record per strategy."""
+    """Chooses strategies and keeps each step's track record per strategy (the
+    :data:`KEPT_RECORDS` most recently used)."""
 
-    records: dict[tuple[str, StrategyType], TrackRecord] = field(default_factory=dict)
+    records: LRUCache[tuple[str, StrategyType], TrackRecord] = field(default_factory=lambda: LRUCache(KEPT_RECORDS))
 
     def record(self, step_key: str, strategy: StrategyType) -> TrackRecord:
         """Returns the track record of ``step_key`` under ``strategy``."""

@@ -11,10 +11,11 @@ import logging
 import random
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from jmespath.exceptions import JMESPathError
 
@@ -30,7 +31,9 @@ from tierstack.client.values import (
     to_value,
 )
 from tierstack.server import boundary
+from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.config import Settings
 from tierstack.server.errors import (
     ERROR_DOMAIN,
     FailedPreconditionError,
@@ -39,12 +42,13 @@ from tierstack.server.errors import (
     Violation,
     error_detail,
     error_detail_of_call,
+    output_too_large,
 )
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
-from tierstack.server.orchestrate.persistence import EventLog
+from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.store import RunStore, StoredRun
+from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
 from tierstack.server.orchestrate.templates import TemplateError, render
 from tierstack.server.orchestrate.workflow import (
     DEFAULT_MAX_DEPTH,
@@ -54,6 +58,7 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
+from tierstack.server.retention import Sweeper
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -75,10 +80,39 @@ _NOT_RETRYABLE = frozenset(
         "INVALID_TOOL_ARGUMENTS",
         "UNKNOWN_TOOL",
         "CONDITION_ERROR",
+        "OUTPUT_TOO_LARGE",
+        "REQUEST_TOO_LARGE",
     }
 )
-_error = functools.partial(error_detail, common_pb2.TIER_ORCHESTRATE)
-_SPEC_CACHE_SIZE = 512
+_TIER = common_pb2.TIER_ORCHESTRATE
+_error = functools.partial(error_detail, _TIER)
+_DEFAULTS = Settings()
+#: How many bytes of checked workflows (counted in their wire form) are kept to be reused.
+SPEC_CACHE_BYTES = 16 << 20
+#: How many tools' recent step durations are kept for the planner's estimates.
+KEPT_TOOL_ESTIMATES = 4096
+#: How many runs one round of the retention sweep deletes at once.
+_DELETE_BATCH = 500
+_T = TypeVar("_T")
+# A workflow larger than this (in wire bytes, about a thousand steps) is checked in a worker thread,
+# so that the loop keeps serving; a smaller one is checked at once, quicker than a hop to a thread.
+_INLINE_CHECK_BYTES = 64 << 10
+
+
+def _is_large(workflow: pb.Workflow) -> bool:
+    """Returns whether work that grows with the workflow belongs in a worker thread (measuring it
+    costs about as much as parsing the request did)."""
+    return workflow.ByteSize() > _INLINE_CHECK_BYTES
+
+
+async def _sized(large: bool, call: Callable[[], _T]) -> _T:
+    """Returns ``call()``, run in a worker thread when the workflow it works on is large."""
+    return await asyncio.to_thread(call) if large else call()
+
+
+def _max_depth(limits: common_pb2.ResourceLimits | None) -> int:
+    """Returns how deeply a run's workflows may nest."""
+    return limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
 
 
 class StepRunner(Protocol):
@@ -130,6 +164,14 @@ class RunManager:
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
         flush_interval: The longest an event waits before it is written, in seconds.
+        max_output_bytes: The largest output of a step (in its wire form); a larger one fails the step
+            with ``OUTPUT_TOO_LARGE``.
+        max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
+            ``OUTPUT_TOO_LARGE``.
+        max_message_bytes: The largest request a step may send to Tier 3; a larger one (its arguments
+            rendered) fails the step with ``REQUEST_TOO_LARGE``.
+        max_queued_events: New steps wait while this many events wait to be stored.
+        retention: How long a finished run is kept after it ended, in seconds; 0 keeps it forever.
     """
 
     def __init__(
@@ -140,21 +182,32 @@ class RunManager:
         tools: ToolCatalog | None = None,
         parallelism: int = DEFAULT_PARALLELISM,
         flush_interval: float = 0.01,
+        max_output_bytes: int = _DEFAULTS.max_output_bytes,
+        max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
+        max_message_bytes: int = _DEFAULTS.max_message_bytes,
+        max_queued_events: int = MAX_QUEUED,
+        retention: float = 0.0,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
         self._store = store
+        self._max_output_bytes = max_output_bytes
+        self._max_total_output_bytes = max_total_output_bytes
         self._runner = runner
         self._tools = tools
         self._parallelism = parallelism
         self._live: dict[str, _LiveRun] = {}
-        self._tool_seconds: dict[str, float] = {}
+        self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
-        self.log = EventLog(store, interval=flush_interval)
+        self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
+        self._retention = Sweeper("runs", retention, self._delete_finished)
         self.planner = Planner(self._estimate)
         self.step_latency = LatencyHistogram()
         self.context_operations = RateMeter()
         self.queued_steps = 0
         self.finished_runs: Counter[str] = Counter()
-        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
+        self._specs: ByteBudgetLRU[tuple[str, int], tuple[WorkflowSpec, int]] = ByteBudgetLRU(
+            SPEC_CACHE_BYTES, lambda kept: kept[1]
+        )
 
     def _estimate(self, step: StepSpec) -> float:
         if step.workflow is not None:
@@ -175,7 +228,8 @@ class RunManager:
     async def open(self) -> None:
         """Resumes every run a previous process left pending or running. A run that cannot be resumed
         (what was stored no longer passes the checks, or cannot be read) is failed with the reason
-        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting."""
+        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting. Then starts
+        deleting finished runs once their retention has passed."""
         for stored in await self._store.unfinished_runs():
             history: list[pb.RunEvent] = []
             try:
@@ -183,11 +237,12 @@ class RunManager:
                 violations = boundary.check(pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits))
                 if violations:
                     raise InvalidArgumentError(violations)
-                self._resume(stored, history, "orchestrator restarted")
+                await self._resume(stored, history, "orchestrator restarted")
             except Exception as exc:
                 self._live.pop(stored.run.run_id, None)
                 _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
                 await self._fail_unresumable(stored, history, exc)
+        self._retention.start()
 
     async def _fail_unresumable(self, stored: StoredRun, history: list[pb.RunEvent], cause: Exception) -> None:
         run = stored.run
@@ -219,6 +274,7 @@ class RunManager:
         """Stops every run task (their runs stay unfinished, to resume on the next start) and writes
         what the log holds."""
         self._closing = True
+        await self._retention.close()
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
@@ -232,30 +288,34 @@ class RunManager:
             InvalidArgumentError: Every problem found, each naming its field.
             TierstackError: Tier 3 could not be asked for its tools.
         """
-        max_depth = limits.max_depth if limits is not None and limits.max_depth > 0 else DEFAULT_MAX_DEPTH
-        unknown = unknown_tools(workflow, await self._tools()) if self._tools is not None else []
+        tools = await self._tools() if self._tools is not None else None
+        large = _is_large(workflow)
+        unknown = await _sized(large, functools.partial(unknown_tools, workflow, tools)) if tools is not None else []
         try:
-            spec = self.spec(workflow, max_depth)
+            spec = await self._spec(workflow, _max_depth(limits), large)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError([*exc.violations, *unknown], reason=exc.reason) from None
         if unknown:
             raise InvalidArgumentError(unknown, reason="INVALID_WORKFLOW")
         return spec
 
-    def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
-        """Returns the checked form of a workflow; an identical workflow is checked only once (LRU).
+    async def spec(self, workflow: pb.Workflow, max_depth: int = DEFAULT_MAX_DEPTH) -> WorkflowSpec:
+        """Returns the checked form of a workflow; an identical workflow is checked only once (an LRU
+        of :data:`SPEC_CACHE_BYTES`). A large workflow is hashed and checked in a worker thread, so
+        the loop keeps serving.
 
         Raises:
             InvalidArgumentError: Every problem found, each naming its field.
         """
-        key = (content_hash(workflow), max_depth)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = check_workflow(workflow, max_depth=max_depth)
-            if len(self._specs) > _SPEC_CACHE_SIZE:
-                self._specs.popitem(last=False)
-        else:
-            self._specs.move_to_end(key)
+        return await self._spec(workflow, max_depth, _is_large(workflow))
+
+    async def _spec(self, workflow: pb.Workflow, max_depth: int, large: bool) -> WorkflowSpec:
+        key = (await _sized(large, functools.partial(content_hash, workflow)), max_depth)
+        kept = self._specs.get(key)
+        if kept is not None:
+            return kept[0]
+        spec = await _sized(large, functools.partial(check_workflow, workflow, max_depth=max_depth))
+        self._specs[key] = (spec, workflow.ByteSize())
         return spec
 
     async def start_run(
@@ -306,11 +366,11 @@ class RunManager:
 
         return record
 
-    def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
+    async def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
         """Continues a stored run: completed steps keep their outputs, steps that were in flight run
         again with the same attempt (and so the same idempotency key at Tier 3)."""
         run = stored.run
-        spec = self.spec(stored.workflow, stored.limits.max_depth or DEFAULT_MAX_DEPTH)
+        spec = await self.spec(stored.workflow, _max_depth(stored.limits))
         live = self._track(run, spec, stored.limits)
         live.history = history
         for event in history:
@@ -381,7 +441,7 @@ class RunManager:
         return await self._stop(run_id, "cancel", reason or "cancelled")
 
     async def _cancel_paused(self, stored: StoredRun, reason: str) -> pb.Run:
-        live = self._track(stored.run, self.spec(stored.workflow), stored.limits)
+        live = self._track(stored.run, await self.spec(stored.workflow, _max_depth(stored.limits)), stored.limits)
         live.history = await self._store.events(stored.run.run_id, after_sequence=0)
         run = live.run
         try:
@@ -392,6 +452,34 @@ class RunManager:
             live.finished = True
             self._live.pop(run.run_id, None)
         return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Deletes a finished run and its events.
+
+        Raises:
+            NotFoundError: No run has that id.
+            FailedPreconditionError: The run has not ended.
+        """
+        run = await self.get_run(run_id)
+        if run_id in self._live or run.state not in FINISHED:
+            raise FailedPreconditionError(
+                f"run {run_id} has not ended ({pb.RunState.Name(run.state)}); cancel it first",
+                reason="RUN_NOT_FINISHED",
+                metadata={"run_id": run_id},
+            )
+        await self._store.delete_runs([run_id])
+        _log.info("run %s deleted", run_id)
+
+    async def _delete_finished(self, before: float) -> None:
+        """Deletes the runs that ended before ``before`` (seconds since the epoch), with their events."""
+        while True:
+            found = await self._store.finished_before(int(before * 1e9), limit=_DELETE_BATCH)
+            ended = [run_id for run_id in found if run_id not in self._live]
+            if ended:
+                await self._store.delete_runs(ended)
+                _log.info("deleted %d runs that ended more than the retention ago", len(ended))
+            if len(found) < _DELETE_BATCH or not ended:
+                return
 
     async def pause_run(self, run_id: str, reason: str) -> pb.Run:
         """Pauses a run: steps in flight are cancelled and will run again on resume.
@@ -420,7 +508,7 @@ class RunManager:
                 f"run {run_id} is not paused ({pb.RunState.Name(stored.run.state)})", reason="RUN_NOT_PAUSED"
             )
         history = await self._store.events(run_id, after_sequence=0)
-        return self._resume(stored, history, "resumed on request").run
+        return (await self._resume(stored, history, "resumed on request")).run
 
     async def resolve(self, run_id: str, expressions: Sequence[str]) -> list[JSON]:
         """Resolves template expressions in a run's context, in one batch.
@@ -434,7 +522,8 @@ class RunManager:
             stored = await self._store.get_stored(run_id)
             if stored is None:
                 raise NotFoundError("run", run_id)
-            live = _LiveRun(stored.run, self.spec(stored.workflow), stored.limits, self._parallelism)
+            spec = await self.spec(stored.workflow, _max_depth(stored.limits))
+            live = _LiveRun(stored.run, spec, stored.limits, self._parallelism)
             for event in await self._store.events(run_id, after_sequence=stored.run.last_sequence):
                 _replay(live, event)
             live.context = RunContext(
@@ -512,12 +601,15 @@ class RunManager:
                     outputs = {s.id: output for s in live.spec.steps if (output := live.output_of(s.id)) is not None}
                 else:
                     outputs = {name: to_value(value) for name, value in declared.items()}
-                for name, output in outputs.items():
-                    run.outputs[name].CopyFrom(output)
-                run.state = pb.RUN_STATE_COMPLETED
-                completed = pb.RunCompleted(outputs=run.outputs, usage=live.usage)
-                await self._transition(live, run_completed=completed)
-            else:
+                completed = pb.RunCompleted(outputs=outputs, usage=live.usage)
+                if (size := completed.ByteSize()) > self._max_total_output_bytes:
+                    # Failed rather than completed: the event would not fit the messages that carry it.
+                    error = output_too_large(_TIER, "a run's outputs", size, self._max_total_output_bytes)
+                else:
+                    run.outputs.MergeFrom(completed.outputs)
+                    run.state = pb.RUN_STATE_COMPLETED
+                    await self._transition(live, run_completed=completed)
+            if error is not None:
                 run.state = pb.RUN_STATE_FAILED
                 run.error.CopyFrom(error)
                 await self._transition(live, run_failed=pb.RunFailed(error=error))
@@ -655,6 +747,7 @@ class RunManager:
         self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
     ) -> common_pb2.ErrorDetail | None:
         """Makes one attempt at a step; on success records its output and returns None."""
+        await self.log.room()  # while the store falls behind, no step adds to what waits for it
         path = prefix + step.id
         state = live.steps[path]
         if path in live.rerun:
@@ -696,6 +789,8 @@ class RunManager:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         add_usage(live.usage, usage)
+        if (size := output.ByteSize()) > self._max_output_bytes:
+            return output_too_large(_TIER, "a step's output", size, self._max_output_bytes)
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
         # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
@@ -751,6 +846,9 @@ class RunManager:
             setattr(request.limits, name, value)
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
+        if (size := request.ByteSize()) > self._max_message_bytes:
+            message = f"the step's request to Tier 3 has {size} bytes; a message may have {self._max_message_bytes}"
+            return to_value(None), common_pb2.ResourceUsage(), _error("REQUEST_TOO_LARGE", message)
         output = to_value(None)
         usage: common_pb2.ResourceUsage | None = None
         error: common_pb2.ErrorDetail | None = None

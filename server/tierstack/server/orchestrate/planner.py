@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.orchestrate.workflow import StepSpec, WorkflowSpec
 
 
@@ -42,19 +42,26 @@ def _batches(spec: WorkflowSpec) -> tuple[tuple[str, ...], ...]:
     return tuple(batches)
 
 
+#: What one step id in a cached plan costs beyond its characters: a string object and its place.
+_STEP_OVERHEAD = 64
+
+
+def _size(batches: tuple[tuple[str, ...], ...]) -> int:
+    return sum(len(step_id) + _STEP_OVERHEAD for batch in batches for step_id in batch)
+
+
 class Planner:
-    """Plans workflows, caching the batch structure by content hash (bounded LRU), so an
-    identical workflow is never sorted twice; the estimate uses the latest step durations.
+    """Plans workflows, caching the batch structure by content hash (an LRU bounded in bytes), so an
+    identical workflow is rarely sorted twice; the estimate uses the latest step durations.
 
     Args:
         estimate: Returns the expected duration in seconds of one step.
-        capacity: How many plans the cache holds.
+        capacity_bytes: How many bytes of plans the cache holds.
     """
 
-    def __init__(self, estimate: Callable[[StepSpec], float], *, capacity: int = 512) -> None:
+    def __init__(self, estimate: Callable[[StepSpec], float], *, capacity_bytes: int = 32 << 20) -> None:
         self._estimate = estimate
-        self._capacity = capacity
-        self._cache: OrderedDict[str, tuple[tuple[str, ...], ...]] = OrderedDict()
+        self._cache: ByteBudgetLRU[str, tuple[tuple[str, ...], ...]] = ByteBudgetLRU(capacity_bytes, _size)
         self.hits = 0
         self.misses = 0
 
@@ -68,10 +75,6 @@ class Planner:
             self.misses += 1
         if batches is None:
             batches = self._cache[spec.content_hash] = _batches(spec)
-            if len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(spec.content_hash)
         finish: dict[str, float] = {}
         via: dict[str, str | None] = {}
         for batch in batches:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -12,12 +12,12 @@ from tierstack.client import ExecutorClient
 from tierstack.client.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
-from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError, Violation
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
-from tierstack.server.orchestrate.store import SqliteRunStore
-from tierstack.server.orchestrate.workflow import check_workflow
+from tierstack.server.orchestrate.persistence import HealthReport
+from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -25,6 +25,8 @@ from tierstack.v1 import orchestrator_service_pb2 as pb
 from tierstack.v1.executor_service_pb2 import ListToolsRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: A response that carries the run its call acted on.
+ActedOn = TypeVar("ActedOn", pb.StartRunResponse, pb.CancelRunResponse, pb.PauseRunResponse, pb.ResumeRunResponse)
 
 
 def _cursor(token: str) -> tuple[int, str] | None:
@@ -37,11 +39,46 @@ def _cursor(token: str) -> tuple[int, str] | None:
     return int(created), run_id
 
 
+def _basic(run: pb.Run) -> pb.Run:
+    """Returns a copy of ``run`` without its inputs, its outputs and its steps' outputs."""
+    basic = pb.Run()
+    basic.CopyFrom(run)
+    basic.ClearField("inputs")
+    basic.ClearField("outputs")
+    for step in basic.steps:
+        step.ClearField("output")
+    return basic
+
+
 class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
     """Translates OrchestratorService calls into run manager calls."""
 
-    def __init__(self, manager: RunManager) -> None:
+    def __init__(self, manager: RunManager, *, max_message_bytes: int) -> None:
         self._manager = manager
+        self._max_message_bytes = max_message_bytes
+
+    def _fitted(self, response: ActedOn) -> ActedOn:
+        """Returns ``response``, its run in the basic view when the full one would not fit a message:
+        the call has acted by then, so it is not refused."""
+        if response.ByteSize() > self._max_message_bytes:
+            response.run.CopyFrom(_basic(response.run))
+        return response
+
+    def _fitting(self, response: pb.GetRunResponse | pb.ListRunsResponse, instead: str) -> None:
+        """Refuses a response in the full view that one message cannot carry; ``instead`` says what to
+        ask for.
+
+        Raises:
+            FailedPreconditionError: It is larger than the largest message.
+        """
+        size = response.ByteSize()
+        if size > self._max_message_bytes:
+            raise FailedPreconditionError(
+                f"the full view is {size} bytes, more than the {self._max_message_bytes} bytes of a message; "
+                f"ask for {instead}",
+                reason="RUN_TOO_LARGE",
+                metadata={"max_bytes": str(self._max_message_bytes)},
+            )
 
     async def Orchestrate(
         self, request: pb.OrchestrateRequest, context: Context
@@ -68,14 +105,19 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             context=request.context,
             request_id=request.request_id,
         )
-        return pb.StartRunResponse(run=run, created=created)
+        return self._fitted(pb.StartRunResponse(run=run, created=created))
 
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
         async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
             yield pb.WatchRunResponse(event=event)
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
-        return pb.GetRunResponse(run=await self._manager.get_run(request.run_id))
+        run = await self._manager.get_run(request.run_id)
+        if request.view == pb.RUN_VIEW_BASIC:
+            return pb.GetRunResponse(run=_basic(run))
+        response = pb.GetRunResponse(run=run)
+        self._fitting(response, "RUN_VIEW_BASIC (WatchRun's events carry the outputs)")
+        return response
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         size = request.page_size or 50
@@ -83,16 +125,24 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         page = runs[:size]
         last = page[-1] if page else None
         token = encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}") if last and len(runs) > size else ""
-        return pb.ListRunsResponse(runs=page, next_page_token=token)
+        if request.view != pb.RUN_VIEW_FULL:
+            return pb.ListRunsResponse(runs=[_basic(run) for run in page], next_page_token=token)
+        response = pb.ListRunsResponse(runs=page, next_page_token=token)
+        self._fitting(response, "RUN_VIEW_BASIC or a smaller page_size")
+        return response
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
-        return pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason))
+        return self._fitted(pb.CancelRunResponse(run=await self._manager.cancel_run(request.run_id, request.reason)))
+
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: Context) -> pb.DeleteRunResponse:
+        await self._manager.delete_run(request.run_id)
+        return pb.DeleteRunResponse()
 
     async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
-        return pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason))
+        return self._fitted(pb.PauseRunResponse(run=await self._manager.pause_run(request.run_id, request.reason)))
 
     async def ResumeRun(self, request: pb.ResumeRunRequest, context: Context) -> pb.ResumeRunResponse:
-        return pb.ResumeRunResponse(run=await self._manager.resume_run(request.run_id))
+        return self._fitted(pb.ResumeRunResponse(run=await self._manager.resume_run(request.run_id)))
 
     async def ResolveVariables(
         self, request: pb.ResolveVariablesRequest, context: Context
@@ -101,7 +151,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         return pb.ResolveVariablesResponse(values=[to_value(value) for value in values])
 
     async def PlanWorkflow(self, request: pb.PlanWorkflowRequest, context: Context) -> pb.PlanWorkflowResponse:
-        spec = check_workflow(request.workflow)
+        spec = await self._manager.spec(request.workflow)
         plan, cached = self._manager.planner.plan(spec)
         return pb.PlanWorkflowResponse(
             cached=cached,
@@ -154,23 +204,39 @@ class ToolNames:
 
 
 class OrchestrateService:
-    """Tier 2 as a server component: a SQLite run store, an Execute client and the run manager."""
+    """Tier 2 as a server component: a run store, an Execute client and the run manager.
+
+    Args:
+        settings: The server's settings.
+        store: Where runs are kept; a SQLite file in the data folder unless given.
+    """
 
     tier = common_pb2.TIER_ORCHESTRATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,)
 
-    def __init__(self, settings: Settings) -> None:
-        self._store = SqliteRunStore(settings.data_dir / "runs.sqlite3")
+    def __init__(self, settings: Settings, *, store: RunStore | None = None) -> None:
+        self._store = store if store is not None else SqliteRunStore(settings.data_dir / "runs.sqlite3")
         self.client_metrics = MethodMetrics()
-        self._channel = tier_channel(settings.execute_target, self.client_metrics)
+        self._max_message_bytes = settings.max_message_bytes
+        self._channel = tier_channel(
+            settings.execute_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self._executor = ExecutorClient(channel=self._channel)
-        self.manager = RunManager(self._store, self._executor, tools=ToolNames(self._executor))
+        self.manager = RunManager(
+            self._store,
+            self._executor,
+            tools=ToolNames(self._executor),
+            max_output_bytes=settings.max_output_bytes,
+            max_total_output_bytes=settings.max_total_output_bytes,
+            max_message_bytes=settings.max_message_bytes,
+            retention=settings.retention_seconds,
+        )
 
     cross_tier = None
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
-        """Adds runs by state, step latency, context operations, queue depth, persistence and plans,
-        and the calls to Execute."""
+        """Adds runs by state, step latency, context operations, queue depth, persistence (and whether
+        the store fails) and plans, and the calls to Execute."""
         manager = self.manager
         flushes = manager.log.stats
         metrics.client_methods.extend(self.client_metrics.messages(method_filter))
@@ -184,15 +250,21 @@ class OrchestrateService:
                 mean_flush_batch_size=flushes.mean_batch,
                 plan_cache_hits=manager.planner.hits,
                 plan_cache_misses=manager.planner.misses,
+                store_failing=manager.log.failing,
+                store_write_failures=flushes.failures,
+                store_write_age=to_duration(flushes.write_age),
+                queued_events=manager.log.queued,
             )
         )
 
     def register(self, server: grpc.aio.Server) -> None:
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.manager), server
+            OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
         )
 
-    async def start(self) -> None:
+    async def start(self, health: HealthReport) -> None:
+        """Opens the store and resumes the runs it holds; while writes to it fail, ``health`` is told."""
+        self.manager.log.report_health(health)
         await self._store.open()
         await self.manager.open()
 

@@ -70,8 +70,32 @@ class RunStore(abc.ABC):
     async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
         """Returns a run's events with a sequence number above ``after_sequence``, in order."""
 
+    @abc.abstractmethod
+    async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
+        """Returns the ids of up to ``limit`` finished runs (completed, failed or cancelled) that
+        ended before ``end_ns`` (ns since the epoch), those that ended first first."""
+
+    @abc.abstractmethod
+    async def delete_runs(self, run_ids: Sequence[str]) -> None:
+        """Deletes runs and their events; their request ids may be used again. Unknown ids are
+        ignored."""
+
 
 _UNFINISHED = (orchestrator_service_pb2.RUN_STATE_PENDING, orchestrator_service_pb2.RUN_STATE_RUNNING)
+#: The states a run ends in; a run in one of them never changes again.
+FINISHED = (
+    orchestrator_service_pb2.RUN_STATE_COMPLETED,
+    orchestrator_service_pb2.RUN_STATE_FAILED,
+    orchestrator_service_pb2.RUN_STATE_CANCELLED,
+)
+
+
+def _end_ns(run: Run) -> int | None:
+    """Returns when a finished run ended (when it was created, if that was not recorded); None
+    for a run that has not."""
+    if run.state not in FINISHED:
+        return None
+    return (run.end_time if run.HasField("end_time") else run.create_time).ToNanoseconds()
 
 
 class MemoryRunStore(RunStore):
@@ -139,6 +163,21 @@ class MemoryRunStore(RunStore):
         stored = self._events.get(run_id, {})
         return [RunEvent.FromString(stored[sequence]) for sequence in sorted(stored) if sequence > after_sequence]
 
+    async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
+        ended = sorted(
+            (ended, run_id)
+            for run_id, s in self._runs.items()
+            if (ended := _end_ns(s.run)) is not None and ended < end_ns
+        )
+        return [run_id for _, run_id in ended[:limit]]
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> None:
+        deleted = set(run_ids)
+        for run_id in deleted:
+            self._runs.pop(run_id, None)
+            self._events.pop(run_id, None)
+        self._by_request = {request: run_id for request, run_id in self._by_request.items() if run_id not in deleted}
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -158,6 +197,14 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, sequence)
 ) WITHOUT ROWID;
 """
+# Numbered migrations from the first schema; ``PRAGMA user_version`` counts those applied.
+_MIGRATIONS = (
+    # 1: the end time of finished runs (filled in below for those stored before), for retention.
+    """
+    ALTER TABLE runs ADD COLUMN end_ns INTEGER;
+    CREATE INDEX IF NOT EXISTS runs_by_end ON runs (end_ns) WHERE end_ns IS NOT NULL;
+    """,
+)
 
 
 def _stored(row: Any) -> StoredRun:
@@ -193,6 +240,23 @@ class SqliteRunStore(RunStore):
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.executescript(_SCHEMA)
         await self._db.commit()
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        async with self._conn.execute("PRAGMA user_version") as rows:
+            row = await rows.fetchone()
+        version = row[0] if row else 0
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            await self._conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
+            if number == 1:
+                await self._fill_end_times()
+
+    async def _fill_end_times(self) -> None:
+        marks = ", ".join("?" * len(FINISHED))
+        async with self._conn.execute(f"SELECT run FROM runs WHERE state IN ({marks})", FINISHED) as rows:
+            ended = [(_end_ns(run), run.run_id) for run in (Run.FromString(row[0]) for row in await rows.fetchall())]
+        await self._conn.executemany("UPDATE runs SET end_ns = ? WHERE run_id = ?", ended)
+        await self._conn.commit()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -219,13 +283,14 @@ class SqliteRunStore(RunStore):
             return run
         async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (run.request_id,)) as rows:
             row = await rows.fetchone()
-        assert row is not None  # the conflicting row exists: runs are never deleted
+        if row is None:  # the run holding the request id was deleted in between: try again
+            return await self.create_run(stored)
         return Run.FromString(row[0])
 
     async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
         await self._conn.executemany(
-            "UPDATE runs SET state = ?, run = ? WHERE run_id = ?",
-            [(run.state, run.SerializeToString(), run.run_id) for run in runs],
+            "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
+            [(run.state, run.SerializeToString(), _end_ns(run), run.run_id) for run in runs],
         )
         await self._conn.executemany(
             "INSERT OR IGNORE INTO events (run_id, sequence, event) VALUES (?, ?, ?)",
@@ -284,3 +349,15 @@ class SqliteRunStore(RunStore):
             (run_id, after_sequence),
         ) as rows:
             return [RunEvent.FromString(row[0]) for row in await rows.fetchall()]
+
+    async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
+        async with self._conn.execute(
+            "SELECT run_id FROM runs WHERE end_ns IS NOT NULL AND end_ns < ? ORDER BY end_ns LIMIT ?", (end_ns, limit)
+        ) as rows:
+            return [row[0] for row in await rows.fetchall()]
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> None:
+        parameters = [(run_id,) for run_id in run_ids]
+        await self._conn.executemany("DELETE FROM events WHERE run_id = ?", parameters)
+        await self._conn.executemany("DELETE FROM runs WHERE run_id = ?", parameters)
+        await self._conn.commit()

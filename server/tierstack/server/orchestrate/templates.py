@@ -15,8 +15,14 @@ from typing import Any
 
 from tierstack.client.values import JSON
 
-_TEMPLATE = re.compile(r"\{\{\s*((?:inputs|steps|vars)\b[^{}]*?)\s*\}\}")
+# The expression ends in a non-space character, so that it and the spaces after it never compete for
+# the same characters: matching stays linear in the text (a lazy group before \s* was quadratic).
+_TEMPLATE = re.compile(r"\{\{\s*((?:inputs|steps|vars)\b(?:[^{}]*[^{}\s])?)\s*\}\}")
 _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*|\d+)|\[(\d+)\]")
+
+#: The most digits an index may have (a longer one can address nothing, and Python refuses to
+#: turn more than 4,300 into a number).
+_MAX_INDEX_DIGITS = 18
 
 Path = tuple[str | int, ...]
 
@@ -51,6 +57,9 @@ def parse_path(expression: str, *, field: str) -> Path:
         if match is None:
             raise TemplateError(field, f"cannot read {{{{{expression}}}}}: expected a name or [index] at {position}")
         name, index = match.groups()
+        digits = index or name
+        if digits.isdigit() and len(digits) > _MAX_INDEX_DIGITS:
+            raise TemplateError(field, f"cannot read {{{{{expression}}}}}: the index at {position} is too large")
         segments.append(int(index) if index is not None else int(name) if name.isdigit() else name)
         position = match.end()
     if not segments or segments[0] not in ("inputs", "steps", "vars"):

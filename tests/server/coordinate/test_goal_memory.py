@@ -1,0 +1,154 @@
+"""The goal similarity indexes and the goal memory, as plain Python: scores against a direct
+computation, removal, the cap on entries, de-duplication and the compaction of the file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tierstack.server.coordinate import EmbeddingIndex, GoalMemory, NgramIndex
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+
+def tf_idf_scores(goals: dict[str, str], query: str) -> dict[str, float]:
+    """TF-IDF over character trigrams with smoothed IDF and cosine similarity, computed directly."""
+
+    def grams(text: str) -> Counter[str]:
+        normal = " " + " ".join(text.lower().split()) + " "
+        return Counter(normal[i : i + 3] for i in range(max(len(normal) - 2, 1)))
+
+    counted = {key: grams(text) for key, text in goals.items()}
+    frequency = Counter(gram for found in counted.values() for gram in found)
+
+    def unit(found: Counter[str]) -> dict[str, float]:
+        vector = {g: c * (math.log((1 + len(goals)) / (1 + frequency[g])) + 1) for g, c in found.items()}
+        norm = math.sqrt(sum(w * w for w in vector.values()))
+        return {g: w / norm for g, w in vector.items()}
+
+    wanted = unit(grams(query))
+    return {
+        key: min(sum(w * unit(found).get(g, 0.0) for g, w in wanted.items()), 1.0) for key, found in counted.items()
+    }
+
+
+words = st.sampled_from(["sales", "report", "compare", "regions", "write", "the", "French", "a", "data", "x"])
+texts = st.lists(words, min_size=1, max_size=6).map(" ".join)
+operations = st.lists(st.tuples(st.sampled_from("abcdefgh"), st.none() | texts), min_size=1, max_size=60)
+
+
+@given(operations, texts)
+async def test_ngram_scores_match_a_direct_computation(steps: list[tuple[str, str | None]], query: str) -> None:
+    index = NgramIndex()
+    stored: dict[str, str] = {}
+    for key, text in steps:  # None removes the key; a text adds or replaces it
+        if text is None:
+            stored.pop(key, None)
+            await index.remove([key])
+        else:
+            stored[key] = text
+            await index.add([(key, text)])
+    found = dict(await index.similar(query, limit=len(stored) + 1))
+    expected = tf_idf_scores(stored, query)
+    assert found.keys() == expected.keys()
+    assert found == pytest.approx(expected)
+
+
+async def test_the_ngram_index_stays_right_through_many_replacements_and_removals() -> None:
+    index = NgramIndex()
+    for round_ in range(300):  # enough dead rows to compact several times
+        await index.add([(f"goal {round_ % 7}", f"write report number {round_}")])
+    await index.remove(["goal 0", "goal 1", "never stored"])
+    stored = {f"goal {round_ % 7}": f"write report number {round_}" for round_ in range(300) if round_ % 7 > 1}
+    found = await index.similar("write report number 299", limit=10)
+    assert dict(found) == pytest.approx(tf_idf_scores(stored, "write report number 299"))
+    assert found[0][0] == "goal 5" and found[0][1] == pytest.approx(1.0)  # 299 = 7 * 42 + 5
+
+
+async def embed(texts: Sequence[str]) -> list[list[float]]:
+    """Vectors from the text's hash: equal texts get equal vectors, others nearly orthogonal ones."""
+    return [[byte - 127.5 for byte in hashlib.sha256(text.encode()).digest()] for text in texts]
+
+
+async def test_the_embedding_index_replaces_and_removes() -> None:
+    index = EmbeddingIndex(embed)
+    await index.add([("a", "alpha"), ("b", "beta"), ("b", "gamma")])  # the last text of a key wins
+    [(key, score)] = await index.similar("gamma", limit=1)
+    assert key == "b" and score == pytest.approx(1.0)
+    for round_ in range(200):  # compacts on the way
+        await index.add([(f"k{round_}", f"text {round_}")])
+        await index.remove([f"k{round_ - 1}", "a"])
+    found = await index.similar("text 199", limit=5)
+    assert [key for key, _ in found][:1] == ["k199"] and found[0][1] == pytest.approx(1.0)
+    assert sorted(key for key, _ in found) == ["b", "k199"]
+
+
+def plan(description: str) -> list[pb.Subtask]:
+    return [pb.Subtask(id="s1", description=description, required_capabilities=["writing"])]
+
+
+async def recalled(memory: GoalMemory, goal: str) -> str | None:
+    found = await memory.recall(goal, threshold=0.99, capabilities={"writing"})
+    return None if found is None else found[1][0].description
+
+
+async def test_the_goals_learnt_longest_ago_are_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "goals.jsonl"
+    memory = GoalMemory(path, max_entries=3)
+    for number in range(5):
+        await memory.learn(f"write the report on topic {number}", plan(f"report {number}"))
+    await memory.learn("write the report on topic 2", plan("report 2, again"))  # now the newest
+    await memory.learn("write the report on topic 5", plan("report 5"))
+    for reloaded in (memory, GoalMemory(path, max_entries=3)):
+        await reloaded.load()
+        assert len(reloaded) == 3
+        assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(6)] == [
+            None,
+            None,
+            "report 2, again",
+            None,
+            "report 4",
+            "report 5",
+        ]
+
+
+async def test_the_file_is_compacted_and_keeps_the_latest_decompositions(tmp_path: Path) -> None:
+    path = tmp_path / "goals.jsonl"
+    memory = GoalMemory(path)
+    for round_ in range(500):
+        await memory.learn(f"write the report on topic {round_ % 3}", plan(f"version {round_}"))
+    assert len(path.read_text().splitlines()) <= 64
+    reloaded = GoalMemory(path)
+    await reloaded.load()
+    assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(3)] == [
+        "version 498",
+        "version 499",
+        "version 497",
+    ]
+
+
+async def test_unreadable_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "goals.jsonl"
+    await GoalMemory(path).learn("write the weekly report", plan("the report"))
+    good = path.read_bytes()
+    path.write_bytes(
+        b"not json\n"
+        + good
+        + b'["a list"]\n{"goal": 7, "subtasks": []}\n{"goal": "x", "subtasks": [{"id": 5}]}\n'
+        + b"\xff\xfe broken bytes\n"
+        + b"[" * 100_000
+        + b"\n"
+        + b'{"goal": "truncated'
+    )
+    memory = GoalMemory(path)
+    with caplog.at_level(logging.WARNING):
+        await memory.load()
+    assert len(memory) == 1 and await recalled(memory, "write the weekly report") == "the report"
+    assert "skipped 7 unreadable lines of goals.jsonl (the first: line 1)" in caplog.text

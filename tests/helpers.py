@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
 from tierstack.server import Settings, TierServer, service_for
+from tierstack.server.lifecycle import Fence
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
 
 
@@ -266,15 +267,18 @@ class FlakyStore(RunStore):
     async def close(self) -> None:
         await self.real.close()
 
-    async def create_run(self, stored: StoredRun) -> Run:
-        return await self.real.create_run(stored)
+    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+        return await self.real.create_run(stored, owner)
 
-    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+    async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
+        return await self.real.claim(run_id, owner, transition)
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
         await self.held.wait()
         if self.failing:
             self.failures += 1
             raise sqlite3.OperationalError("disk I/O error")
-        await self.real.write(runs, events)
+        await self.real.write(runs, events, fences)
 
     async def get_run(self, run_id: str) -> Run | None:
         return await self.real.get_run(run_id)

@@ -94,11 +94,13 @@ class _Tier:
             *command, "--metrics-port", "0", *self.arguments, stderr=asyncio.subprocess.PIPE, env={**os.environ}
         )
         assert self.process.stderr is not None
+        said: list[str] = []
         async for raw in self.process.stderr:
-            if _READY.search(raw.decode(errors="replace")):
+            said.append(raw.decode(errors="replace"))
+            if _READY.search(said[-1]):
                 break
         else:
-            raise RuntimeError(f"{self.name} exited before serving")
+            raise RuntimeError(f"{self.name} exited before serving:\n{''.join(said[-20:])}")
         self._drain = asyncio.create_task(self.process.stderr.read())
         return time.perf_counter() - begin
 

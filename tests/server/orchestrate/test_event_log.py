@@ -6,29 +6,41 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers import FlakyStore, wait_for
 from tests.server.orchestrate.workflows import event, new_run
+from tierstack.server.lifecycle import Fence
 from tierstack.server.orchestrate import EventLog, MemoryRunStore, SqliteRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
+
+OWNER = "test"
+FENCE = Fence(OWNER, 1)
+
+
+def record(log: EventLog, run: pb.Run, event: pb.RunEvent, on_written: Any, **options: Any) -> asyncio.Future[None]:
+    """Records an event of a run the test created (and so owns, at epoch 1)."""
+    return log.record(run, event, on_written, fence=FENCE, **options)
 
 
 async def test_events_are_batched_and_announced_only_once_stored() -> None:
     store = MemoryRunStore()
-    await store.create_run(new_run("r1"))
+    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
     log = EventLog(store, interval=3600)  # only a critical record or close() writes here
     seen: list[int] = []
     run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
     try:
         for sequence in (1, 2, 3):
-            log.record(run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events), urgent=False)
+            record(
+                log, run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events), urgent=False
+            )
         await asyncio.sleep(0.01)
         assert seen == [] and await store.events("r1", after_sequence=0) == []
         run.state = pb.RUN_STATE_COMPLETED
-        written = log.record(
-            run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), urgent=True, with_run=True
+        written = record(
+            log, run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), urgent=True, with_run=True
         )
         await written
         assert seen == [1, 2, 3, 4]
@@ -42,9 +54,9 @@ async def test_events_are_batched_and_announced_only_once_stored() -> None:
 
 async def test_close_writes_what_is_queued() -> None:
     store = MemoryRunStore()
-    await store.create_run(new_run("r1"))
+    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
     log = EventLog(store, interval=3600)
-    log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=False)
+    record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=False)
     await log.close()
     assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1]
 
@@ -53,7 +65,7 @@ async def test_close_writes_what_is_queued() -> None:
 async def flaky(tmp_path: Path) -> AsyncIterator[FlakyStore]:
     store = FlakyStore(SqliteRunStore(tmp_path / "runs.sqlite3"))
     await store.open()
-    await store.create_run(new_run("r1"))
+    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
     yield store
     await store.close()
 
@@ -74,13 +86,13 @@ async def test_a_failing_store_is_retried_with_backoff_then_gets_every_event_onc
     try:
         with caplog.at_level(logging.DEBUG, logger="tierstack.server.orchestrate.persistence"):
             written = [
-                log.record(run, event("r1", n), lambda events: seen.extend(e.sequence for e in events), urgent=n == 2)
+                record(log, run, event("r1", n), lambda events: seen.extend(e.sequence for e in events), urgent=n == 2)
                 for n in (1, 2, 3)
             ]
             await wait_for(lambda: flaky.failures >= 20)
             assert log.failing and reports == [False] and log.stats.failures >= 20
             assert seen == [] and not any(future.done() for future in written)
-            log.record(run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events))
+            record(log, run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events))
             flaky.failing = False
             await asyncio.gather(*written)
             await wait_for(lambda: seen == [1, 2, 3, 4])
@@ -100,8 +112,8 @@ async def test_new_work_waits_for_room_while_the_store_falls_behind(flaky: Flaky
     flaky.held.clear()
     try:
         await log.room()  # room at once while little waits
-        log.record(run, event("r1", 1), lambda events: None)
-        log.record(run, event("r1", 2), lambda events: None)
+        record(log, run, event("r1", 1), lambda events: None)
+        record(log, run, event("r1", 2), lambda events: None)
         waiting = asyncio.create_task(log.room())
         for _ in range(20):
             await asyncio.sleep(0)
@@ -116,7 +128,7 @@ async def test_new_work_waits_for_room_while_the_store_falls_behind(flaky: Flaky
 async def test_close_gives_up_on_a_store_that_still_fails(flaky: FlakyStore, caplog: pytest.LogCaptureFixture) -> None:
     log = EventLog(flaky, interval=0.001, retry=(0.001, 0.004))
     flaky.failing = True
-    written = log.record(pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=True)
+    written = record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=True)
     await wait_for(lambda: flaky.failures >= 1)
     await log.close()  # ends, though nothing could be stored
     assert written.cancelled()

@@ -273,6 +273,29 @@ async def test_pause_resume_and_resolve_through_the_sdk(stack: Stack, http_serve
         await stack.orchestrator.resume_run(run_id)
 
 
+async def test_two_resumes_at_once_drive_the_run_once(stack: Stack, http_server: HttpServer) -> None:
+    release = hold_until_released(http_server, "/held")
+    wf = workflow(step("held", "http.request", url=f"{http_server.url}/held"))
+    run_id = (await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf))).run.run_id
+    await wait_for(lambda: http_server.hits.count("/held") == 1)
+    await stack.orchestrator.pause_run(run_id)
+    outcomes = await asyncio.gather(
+        stack.orchestrator.resume_run(run_id), stack.orchestrator.resume_run(run_id), return_exceptions=True
+    )
+    resumed = [outcome for outcome in outcomes if isinstance(outcome, pb.Run)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, FailedPreconditionError)]
+    assert len(resumed) == 1 and len(refused) == 1, outcomes
+    assert refused[0].reason == "RUN_NOT_PAUSED"
+    await wait_for(lambda: http_server.hits.count("/held") == 2)
+    release.set()
+    history = [event async for event in stack.orchestrator.watch_run(run_id)]
+    assert history[-1].HasField("run_completed")
+    assert [event.sequence for event in history] == list(range(1, len(history) + 1))
+    assert sum(event.HasField("run_resumed") for event in history) == 1
+    assert sum(event.HasField("step_completed") for event in history) == 1
+    assert http_server.hits.count("/held") == 2  # once before the pause, once after the one resume
+
+
 async def test_unknown_tools_are_rejected_before_the_run(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(step("a", "no.such.tool"))))

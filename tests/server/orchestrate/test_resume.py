@@ -108,7 +108,7 @@ async def test_a_stored_run_that_cannot_resume_is_failed_and_the_server_starts(t
         ):
             run = pb.Run(run_id=run_id, workflow_name="w", state=pb.RUN_STATE_RUNNING, create_time=now_timestamp())
             run.steps.add(step_id="a", state=pb.STEP_STATE_PENDING)
-            await store.create_run(StoredRun(run, workflow(step("a", "core.echo", value=1)), limits))
+            await store.create_run(StoredRun(run, workflow(step("a", "core.echo", value=1)), limits), "earlier")
         # A record that cannot be read back at all, as a damaged file could hold.
         await store._conn.execute(
             "INSERT INTO runs (run_id, state, create_ns, run, workflow, limits) VALUES (?, ?, ?, ?, ?, ?)",

@@ -8,7 +8,9 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from collections import Counter
@@ -44,6 +46,7 @@ from tierstack.server.errors import (
     error_detail_of_call,
     output_too_large,
 )
+from tierstack.server.lifecycle import Fence, IllegalTransitionError
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
 from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
@@ -129,13 +132,21 @@ ToolCatalog = Callable[[], Awaitable[Collection[str]]]
 class _LiveRun:
     """A run executing in this process: its state, its stored history and who waits for news."""
 
-    def __init__(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits, parallelism: int) -> None:
+    def __init__(
+        self,
+        run: pb.Run,
+        spec: WorkflowSpec,
+        limits: common_pb2.ResourceLimits,
+        parallelism: int,
+        fence: Fence | None = None,
+    ) -> None:
         self.run = run
         self.spec = spec
         self.limits = limits
+        self.fence = fence  # None for a run only read here
         self.history: list[pb.RunEvent] = []
         self.finished = False
-        self.stop: str | None = None  # "cancel" or "pause", once asked
+        self.stop: str | None = None  # "cancel", "pause" or "lost" (another owner took it), once asked
         self.stop_reason = ""
         self.task: asyncio.Task[None] | None = None
         self.changed = asyncio.Event()
@@ -150,6 +161,12 @@ class _LiveRun:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
+    def lost(self) -> None:
+        """Stops driving the run at once: another owner has claimed it, and writes nothing more."""
+        if self.task is not None and not self.finished:
+            self.stop, self.stop_reason = "lost", "another owner claimed the run"
+            self.task.cancel()
+
     def output_of(self, path: str) -> struct_pb2.Value | None:
         state = self.steps.get(path)
         return state.output if state is not None and state.state == pb.STEP_STATE_COMPLETED else None
@@ -160,6 +177,7 @@ class RunManager:
 
     Args:
         store: Where runs and events are kept; opened and closed by the caller.
+        owner: Names this manager as the owner of the runs it drives; unique per process by default.
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
@@ -187,7 +205,9 @@ class RunManager:
         max_message_bytes: int = _DEFAULTS.max_message_bytes,
         max_queued_events: int = MAX_QUEUED,
         retention: float = 0.0,
+        owner: str = "",
     ) -> None:
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._max_message_bytes = max_message_bytes
         self._store = store
         self._max_output_bytes = max_output_bytes
@@ -230,21 +250,27 @@ class RunManager:
         (what was stored no longer passes the checks, or cannot be read) is failed with the reason
         RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting. Then starts
         deleting finished runs once their retention has passed."""
-        for stored in await self._store.unfinished_runs():
+        for unfinished in await self._store.unfinished_runs():
+            try:
+                stored, fence = await self._store.claim(unfinished.run.run_id, self.owner, "claim")
+            except (NotFoundError, IllegalTransitionError):
+                continue  # deleted, or taken up and finished by another owner meanwhile
             history: list[pb.RunEvent] = []
             try:
                 history = await self._store.events(stored.run.run_id, after_sequence=0)
                 violations = boundary.check(pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits))
                 if violations:
                     raise InvalidArgumentError(violations)
-                await self._resume(stored, history, "orchestrator restarted")
+                await self._resume(stored, fence, history, "orchestrator restarted")
             except Exception as exc:
                 self._live.pop(stored.run.run_id, None)
                 _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
-                await self._fail_unresumable(stored, history, exc)
+                await self._fail_unresumable(stored, fence, history, exc)
         self._retention.start()
 
-    async def _fail_unresumable(self, stored: StoredRun, history: list[pb.RunEvent], cause: Exception) -> None:
+    async def _fail_unresumable(
+        self, stored: StoredRun, fence: Fence, history: list[pb.RunEvent], cause: Exception
+    ) -> None:
         run = stored.run
         if isinstance(cause, InvalidArgumentError):
             first = cause.violations[0]
@@ -262,7 +288,7 @@ class RunManager:
             time=run.end_time,
             run_failed=pb.RunFailed(error=run.error),
         )
-        await self._store.write([run], [event])
+        await self._store.write([run], [event], {run.run_id: fence})
         self.finished_runs[pb.RunState.Name(run.state)] += 1
 
     def stopping(self) -> None:
@@ -344,16 +370,16 @@ class RunManager:
             inputs=to_struct(bound),
             steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
         )
-        stored = await self._store.create_run(StoredRun(run, workflow, limits))
-        if stored.run_id != run.run_id:
+        stored, fence = await self._store.create_run(StoredRun(run, workflow, limits), self.owner)
+        if fence is None:
             return stored, False
-        live = self._track(run, spec, limits)
+        live = self._track(run, spec, limits, fence)
         live.task = asyncio.create_task(self._drive(live, resumed=None), name=f"run-{run.run_id}")
         _log.info("run %s of %s started (%d steps)", run.run_id, spec.name, len(live.steps))
         return run, True
 
-    def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits) -> _LiveRun:
-        live = _LiveRun(run, spec, limits, self._parallelism)
+    def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits, fence: Fence) -> _LiveRun:
+        live = _LiveRun(run, spec, limits, self._parallelism, fence)
         live.context = RunContext(
             spec, from_struct(run.inputs), live.output_of, self._variable_recorder(live), self.context_operations
         )
@@ -366,12 +392,12 @@ class RunManager:
 
         return record
 
-    async def _resume(self, stored: StoredRun, history: list[pb.RunEvent], reason: str) -> _LiveRun:
-        """Continues a stored run: completed steps keep their outputs, steps that were in flight run
-        again with the same attempt (and so the same idempotency key at Tier 3)."""
+    async def _resume(self, stored: StoredRun, fence: Fence, history: list[pb.RunEvent], reason: str) -> _LiveRun:
+        """Continues a stored run this manager has claimed: completed steps keep their outputs, steps
+        that were in flight run again with the same attempt (and so the same idempotency key at Tier 3)."""
         run = stored.run
         spec = await self.spec(stored.workflow, _max_depth(stored.limits))
-        live = self._track(run, spec, stored.limits)
+        live = self._track(run, spec, stored.limits, fence)
         live.history = history
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
@@ -437,11 +463,16 @@ class RunManager:
         if run_id not in self._live:
             stored = await self._store.get_stored(run_id)
             if stored is not None and stored.run.state == pb.RUN_STATE_PAUSED:
-                return await self._cancel_paused(stored, reason or "cancelled")
+                try:
+                    stored, fence = await self._store.claim(run_id, self.owner, "cancel")
+                except IllegalTransitionError:  # resumed or cancelled meanwhile
+                    return await self.cancel_run(run_id, reason)
+                return await self._cancel_paused(stored, fence, reason or "cancelled")
         return await self._stop(run_id, "cancel", reason or "cancelled")
 
-    async def _cancel_paused(self, stored: StoredRun, reason: str) -> pb.Run:
-        live = self._track(stored.run, await self.spec(stored.workflow, _max_depth(stored.limits)), stored.limits)
+    async def _cancel_paused(self, stored: StoredRun, fence: Fence, reason: str) -> pb.Run:
+        spec = await self.spec(stored.workflow, _max_depth(stored.limits))
+        live = self._track(stored.run, spec, stored.limits, fence)
         live.history = await self._store.events(stored.run.run_id, after_sequence=0)
         run = live.run
         try:
@@ -497,18 +528,15 @@ class RunManager:
             NotFoundError: No run has that id.
             FailedPreconditionError: The run is not paused.
         """
-        stored = await self._store.get_stored(run_id) if run_id not in self._live else None
-        if stored is None:
+        try:  # one compare-and-set in the store: of two resumes at once, one wins
+            stored, fence = await self._store.claim(run_id, self.owner, "resume")
+        except IllegalTransitionError:
             run = await self.get_run(run_id)
             raise FailedPreconditionError(
                 f"run {run_id} is not paused ({pb.RunState.Name(run.state)})", reason="RUN_NOT_PAUSED"
-            )
-        if stored.run.state != pb.RUN_STATE_PAUSED:
-            raise FailedPreconditionError(
-                f"run {run_id} is not paused ({pb.RunState.Name(stored.run.state)})", reason="RUN_NOT_PAUSED"
-            )
+            ) from None
         history = await self._store.events(run_id, after_sequence=0)
-        return (await self._resume(stored, history, "resumed on request")).run
+        return (await self._resume(stored, fence, history, "resumed on request")).run
 
     async def resolve(self, run_id: str, expressions: Sequence[str]) -> list[JSON]:
         """Resolves template expressions in a run's context, in one batch.
@@ -575,7 +603,10 @@ class RunManager:
         event.run_id = run.run_id
         event.correlation_id = run.correlation_id
         event.time.FromNanoseconds(time.time_ns())
-        return self.log.record(run, event, live.written, urgent=urgent, with_run=with_run)
+        assert live.fence is not None, "only a run this manager owns is written"
+        return self.log.record(
+            run, event, live.written, fence=live.fence, on_lost=live.lost, urgent=urgent, with_run=with_run
+        )
 
     async def _transition(self, live: _LiveRun, **payload: Any) -> None:
         """Records a transition of the run itself, with its record, and waits until both are stored."""
@@ -614,8 +645,8 @@ class RunManager:
                 run.error.CopyFrom(error)
                 await self._transition(live, run_failed=pb.RunFailed(error=error))
         except asyncio.CancelledError:
-            if self._closing:
-                raise  # the server is stopping: the run stays unfinished, to resume on the next start
+            if self._closing or live.stop == "lost":
+                raise  # the server is stopping, or another owner drives the run now: nothing more to write
             if live.stop == "pause":
                 run.state = pb.RUN_STATE_PAUSED
                 await self._transition(live, run_paused=pb.RunPaused(reason=live.stop_reason))

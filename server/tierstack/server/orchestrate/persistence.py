@@ -7,6 +7,10 @@ the batch when the caller asks for it, at the run's own transitions; step states
 events on resume. Nobody sees an event before it is stored: the caller is told of events only after
 their batch is written, so a restart never renumbers an event anyone saw.
 
+Each run's writes carry its owner's fence; when the store refuses a run's writes (another owner
+claimed the run, or the writer believes a state the run has left), that run's events are taken out
+of the batch, its ``on_lost`` is called and the rest of the batch is written.
+
 When the store fails, nothing accepted is dropped: the batch waits and is tried again after a
 capped, jittered exponential backoff, while the log reports itself unhealthy; callers that would
 add work wait (:meth:`EventLog.room`) while more than ``max_queued`` events are waiting.
@@ -21,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tierstack.server.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore
 
@@ -63,6 +68,8 @@ class _Batch:
     events: list[RunEvent] = field(default_factory=list)
     runs: dict[str, Run] = field(default_factory=dict)
     listeners: dict[str, Callable[[list[RunEvent]], None]] = field(default_factory=dict)
+    fences: dict[str, Fence] = field(default_factory=dict)
+    lost: dict[str, Callable[[], None]] = field(default_factory=dict)
     # Done when the batch is stored; a failed batch's futures move to the batch it is merged into.
     written: list[asyncio.Future[None]] = field(default_factory=list)
 
@@ -131,15 +138,20 @@ class EventLog:
         event: RunEvent,
         on_written: Callable[[list[RunEvent]], None],
         *,
+        fence: Fence,
+        on_lost: Callable[[], None] = lambda: None,
         urgent: bool = False,
         with_run: bool = False,
     ) -> asyncio.Future[None]:
-        """Queues ``event`` (and, with ``with_run``, the run record as it is when written);
-        ``on_written`` gets the run's events once their batch is stored. Returns a future done then
-        (however long the store takes to come back)."""
+        """Queues ``event`` (and, with ``with_run``, the run record as it is when written), written
+        under ``fence``; ``on_written`` gets the run's events once their batch is stored, and
+        ``on_lost`` is called instead when the store refuses them because the run has another owner.
+        Returns a future done when the batch is stored (however long the store takes to come back)."""
         batch = self._batch
         batch.events.append(event)
         batch.listeners[run.run_id] = on_written
+        batch.fences[run.run_id] = fence
+        batch.lost[run.run_id] = on_lost
         if with_run:
             batch.runs[run.run_id] = run
         self._queued += 1
@@ -186,12 +198,16 @@ class EventLog:
         # Run records are serialised now, so each matches the events written with it.
         runs = [Run.FromString(run.SerializeToString()) for run in batch.runs.values()]
         start = time.perf_counter()
-        try:
-            await self._store.write(runs, batch.events)
-        except Exception as exc:
-            self._requeue(batch)
-            await self._failed(exc)
-            return False
+        while True:
+            try:
+                await self._store.write(runs, batch.events, batch.fences)
+                break
+            except (StaleOwnerError, IllegalTransitionError) as exc:  # this run's writes, not the store, are refused
+                runs = self._drop(batch, runs, exc.metadata["run_id"], exc.message)
+            except Exception as exc:
+                self._requeue(batch)
+                await self._failed(exc)
+                return False
         stats = self.stats
         stats.events += len(batch.events)
         stats.latency.record(time.perf_counter() - start)
@@ -228,12 +244,26 @@ class EventLog:
         if self._health is not None:
             await self._health(False)
 
+    def _drop(self, batch: _Batch, runs: list[Run], run_id: str, why: str) -> list[Run]:
+        """Takes a run the store refused out of a batch, tells it, and returns the other records."""
+        _log.warning("the store refuses the writes of run %s (%s): it stops here", run_id, why)
+        kept = [event for event in batch.events if event.run_id != run_id]
+        self._queued -= len(batch.events) - len(kept)
+        batch.events = kept
+        batch.runs.pop(run_id, None)
+        batch.listeners.pop(run_id, None)
+        batch.fences.pop(run_id, None)
+        batch.lost.pop(run_id)()
+        return [run for run in runs if run.run_id != run_id]
+
     def _requeue(self, failed: _Batch) -> None:
         """Puts a failed batch back in front of what gathered since."""
         newer = self._batch
         failed.events.extend(newer.events)
         failed.runs.update(newer.runs)
         failed.listeners.update(newer.listeners)
+        failed.fences.update(newer.fences)
+        failed.lost.update(newer.lost)
         failed.written.extend(newer.written)
         self._batch = failed
 

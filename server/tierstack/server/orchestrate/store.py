@@ -1,10 +1,19 @@
-"""Run storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it."""
+"""Run storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it.
+
+Every run has one owner at a time, named with its epoch by a :class:`~tierstack.server.lifecycle.Fence`:
+its creator, or whoever claimed it since (an orchestrator resuming it after a restart, a caller
+resuming it after a pause). Every write names the writer's fence; the store checks it, and that the
+run's state follows the stored one in :data:`~tierstack.server.lifecycle.RUN_LIFECYCLE`, in the same
+transaction that writes, so a stale or concurrent writer is refused instead of overwriting the run
+or having its events silently dropped.
+"""
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +21,8 @@ from typing import Any
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from tierstack.server.errors import NotFoundError
+from tierstack.server.lifecycle import RUN_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run
@@ -40,14 +51,33 @@ class RunStore(abc.ABC):
         """Releases the store's resources."""
 
     @abc.abstractmethod
-    async def create_run(self, stored: StoredRun) -> Run:
-        """Stores a new run and returns it; when its ``request_id`` is already taken, stores nothing
-        and returns the run that holds it."""
+    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+        """Stores a new run owned by ``owner`` at epoch 1 and returns it with its fence; when its
+        ``request_id`` is already taken, stores nothing and returns the run that holds it, without a
+        fence."""
 
     @abc.abstractmethod
-    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
-        """Replaces the stored state of existing runs and appends events, all or nothing; an event
-        already stored (same run, same sequence) is kept as it is, so a batch may be written again."""
+    async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
+        """Makes ``owner`` the owner of a run at the next epoch, moving it to the state the lifecycle
+        gives ``transition`` (``claim``: the same state; ``resume``, ``cancel``); every write under an
+        earlier fence is refused from then on. Two claims of one run cannot both succeed from the same
+        state.
+
+        Raises:
+            NotFoundError: No run has that id.
+            IllegalTransitionError: The transition does not apply to the run's stored state.
+        """
+
+    @abc.abstractmethod
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
+        """Replaces the stored record of runs and appends events, all or nothing, after checking, for
+        every run written to, the fence in ``fences`` and that a record's state follows the stored one.
+
+        Raises:
+            StaleOwnerError: A run has another owner, or a later epoch, than its fence says; nothing
+                is written (the error's metadata names the run).
+            IllegalTransitionError: A record's state cannot follow the stored one.
+        """
 
     @abc.abstractmethod
     async def get_run(self, run_id: str) -> Run | None:
@@ -90,6 +120,21 @@ FINISHED = (
 )
 
 
+def _check_follows(run: Run, stored_state: int) -> None:
+    """Refuses a record whose state cannot follow the stored one.
+
+    Raises:
+        IllegalTransitionError: It cannot.
+    """
+    if not RUN_LIFECYCLE.follows(stored_state, run.state):
+        names = RUN_LIFECYCLE.names
+        raise IllegalTransitionError(
+            f"run {run.run_id} is {names.get(stored_state, stored_state)}: it cannot become"
+            f" {names.get(run.state, run.state)}",
+            metadata={"run_id": run.run_id, "state": str(names.get(stored_state, stored_state))},
+        )
+
+
 def _end_ns(run: Run) -> int | None:
     """Returns when a finished run ended (when it was created, if that was not recorded); None
     for a run that has not."""
@@ -103,6 +148,7 @@ class MemoryRunStore(RunStore):
 
     def __init__(self) -> None:
         self._runs: dict[str, StoredRun] = {}
+        self._fences: dict[str, Fence] = {}
         self._by_request: dict[str, str] = {}
         self._events: dict[str, dict[int, bytes]] = {}
 
@@ -112,26 +158,41 @@ class MemoryRunStore(RunStore):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def create_run(self, stored: StoredRun) -> Run:
+    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
         request_id = stored.run.request_id
         if request_id and request_id in self._by_request:
-            return Run.FromString(self._runs[self._by_request[request_id]].run.SerializeToString())
+            return Run.FromString(self._runs[self._by_request[request_id]].run.SerializeToString()), None
         self._runs[stored.run.run_id] = StoredRun(
             Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits
         )
+        self._fences[stored.run.run_id] = fence = Fence(owner, 1)
         self._events[stored.run.run_id] = {}
         if request_id:
             self._by_request[request_id] = stored.run.run_id
-        return stored.run
+        return stored.run, fence
 
-    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
+    async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
+        kept = self._runs.get(run_id)
+        if kept is None:
+            raise NotFoundError("run", run_id)
+        kept.run.state = RUN_LIFECYCLE.next(run_id, kept.run.state, transition)  # type: ignore[assignment]
+        self._fences[run_id] = fence = Fence(owner, self._fences[run_id].epoch + 1)
+        return StoredRun(Run.FromString(kept.run.SerializeToString()), kept.workflow, kept.limits), fence
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
+        for run_id in {run.run_id for run in runs} | {event.run_id for event in events}:
+            if self._fences.get(run_id) != fences.get(run_id):
+                raise StaleOwnerError("run", run_id, fences[run_id])
+        for run in runs:
+            _check_follows(run, self._runs[run.run_id].run.state)
+        for event in events:
+            if event.sequence in self._events[event.run_id]:
+                raise ValueError(f"run {event.run_id} has an event {event.sequence} already")
         for run in runs:
             kept = self._runs[run.run_id]
             self._runs[run.run_id] = StoredRun(Run.FromString(run.SerializeToString()), kept.workflow, kept.limits)
         for event in events:
-            stored = self._events[event.run_id]
-            if event.sequence not in stored:
-                stored[event.sequence] = event.SerializeToString()
+            self._events[event.run_id][event.sequence] = event.SerializeToString()
 
     async def get_run(self, run_id: str) -> Run | None:
         stored = await self.get_stored(run_id)
@@ -175,6 +236,7 @@ class MemoryRunStore(RunStore):
         deleted = set(run_ids)
         for run_id in deleted:
             self._runs.pop(run_id, None)
+            self._fences.pop(run_id, None)
             self._events.pop(run_id, None)
         self._by_request = {request: run_id for request, run_id in self._by_request.items() if run_id not in deleted}
 
@@ -204,7 +266,24 @@ _MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN end_ns INTEGER;
     CREATE INDEX IF NOT EXISTS runs_by_end ON runs (end_ns) WHERE end_ns IS NOT NULL;
     """,
+    # 2: each run's owner and the epoch of its ownership, checked by every write.
+    """
+    ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    """,
 )
+
+
+# For each state, the states a run may be in for a write to leave it there, as a bit mask.
+_SOURCES = {
+    target: sum(1 << source for source in RUN_LIFECYCLE.names if RUN_LIFECYCLE.follows(source, target))
+    for target in RUN_LIFECYCLE.names
+}
+
+
+def _fenced(fences: Mapping[str, Fence], run_id: str) -> tuple[str, int]:
+    fence = fences[run_id]
+    return fence.owner, fence.epoch
 
 
 def _stored(row: Any) -> StoredRun:
@@ -226,6 +305,9 @@ class SqliteRunStore(RunStore):
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
+        # One connection serves every caller: a compare-and-set (a read, then a write) must not
+        # interleave with another caller's statements, so transactions take turns.
+        self._turn = asyncio.Lock()
 
     @property
     def _conn(self) -> aiosqlite.Connection:
@@ -263,40 +345,102 @@ class SqliteRunStore(RunStore):
             await self._db.close()
             self._db = None
 
-    async def create_run(self, stored: StoredRun) -> Run:
+    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
         run = stored.run
-        cursor = await self._conn.execute(
-            "INSERT INTO runs (run_id, request_id, state, create_ns, run, workflow, limits)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-            (
-                run.run_id,
-                run.request_id or None,
-                run.state,
-                run.create_time.ToNanoseconds(),
-                run.SerializeToString(),
-                stored.workflow.SerializeToString(),
-                stored.limits.SerializeToString(),
-            ),
-        )
-        await self._conn.commit()
-        if cursor.rowcount == 1:
-            return run
-        async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (run.request_id,)) as rows:
-            row = await rows.fetchone()
+        async with self._turn:
+            cursor = await self._conn.execute(
+                "INSERT INTO runs (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (request_id) DO NOTHING",
+                (
+                    run.run_id,
+                    run.request_id or None,
+                    run.state,
+                    run.create_time.ToNanoseconds(),
+                    run.SerializeToString(),
+                    stored.workflow.SerializeToString(),
+                    stored.limits.SerializeToString(),
+                    owner,
+                ),
+            )
+            await self._conn.commit()
+            if cursor.rowcount == 1:
+                return run, Fence(owner, 1)
+            async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (run.request_id,)) as rows:
+                row = await rows.fetchone()
         if row is None:  # the run holding the request id was deleted in between: try again
-            return await self.create_run(stored)
-        return Run.FromString(row[0])
+            return await self.create_run(stored, owner)
+        return Run.FromString(row[0]), None
 
-    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent]) -> None:
-        await self._conn.executemany(
-            "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
-            [(run.state, run.SerializeToString(), _end_ns(run), run.run_id) for run in runs],
-        )
-        await self._conn.executemany(
-            "INSERT OR IGNORE INTO events (run_id, sequence, event) VALUES (?, ?, ?)",
-            [(event.run_id, event.sequence, event.SerializeToString()) for event in events],
-        )
-        await self._conn.commit()
+    async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
+        async with self._turn:
+            query = "SELECT run, workflow, limits, epoch FROM runs WHERE run_id = ?"
+            async with self._conn.execute(query, (run_id,)) as rows:
+                row = await rows.fetchone()
+            if row is None:
+                raise NotFoundError("run", run_id)
+            stored = _stored(row[:3])
+            stored.run.state = RUN_LIFECYCLE.next(run_id, stored.run.state, transition)  # type: ignore[assignment]
+            fence = Fence(owner, row[3] + 1)
+            await self._conn.execute(
+                "UPDATE runs SET state = ?, run = ?, end_ns = ?, owner = ?, epoch = ? WHERE run_id = ?",
+                (stored.run.state, stored.run.SerializeToString(), _end_ns(stored.run), owner, fence.epoch, run_id),
+            )
+            await self._conn.commit()
+        return stored, fence
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
+        recorded = {run.run_id for run in runs}
+        others = {event.run_id for event in events} - recorded
+        async with self._turn:
+            try:
+                before = self._conn.total_changes
+                await self._conn.executemany(
+                    "UPDATE runs SET state = ?, run = ?, end_ns = ?"
+                    " WHERE run_id = ? AND owner = ? AND epoch = ? AND (? >> state) & 1 = 1",
+                    [
+                        (
+                            run.state,
+                            run.SerializeToString(),
+                            _end_ns(run),
+                            run.run_id,
+                            *_fenced(fences, run.run_id),
+                            _SOURCES[run.state],
+                        )
+                        for run in runs
+                    ],
+                )
+                # A run whose events alone are written: the same check, changing nothing.
+                await self._conn.executemany(
+                    "UPDATE runs SET epoch = epoch WHERE run_id = ? AND owner = ? AND epoch = ?",
+                    [(run_id, *_fenced(fences, run_id)) for run_id in others],
+                )
+                if self._conn.total_changes - before != len(recorded) + len(others):
+                    await self._refuse(runs, others, fences)
+                await self._conn.executemany(
+                    "INSERT INTO events (run_id, sequence, event) VALUES (?, ?, ?)",
+                    [(event.run_id, event.sequence, event.SerializeToString()) for event in events],
+                )
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()
+                raise
+
+    async def _refuse(self, runs: Sequence[Run], others: set[str], fences: Mapping[str, Fence]) -> None:
+        """Finds the run a write may not change and raises why (the caller rolls back).
+
+        Raises:
+            StaleOwnerError: A fence is stale.
+            IllegalTransitionError: A record's state cannot follow the stored one.
+        """
+        records = {run.run_id: run for run in runs}
+        for run_id in [*records, *others]:
+            async with self._conn.execute("SELECT owner, epoch, state FROM runs WHERE run_id = ?", (run_id,)) as rows:
+                row = await rows.fetchone()
+            if row is None or Fence(row[0], row[1]) != fences[run_id]:
+                raise StaleOwnerError("run", run_id, fences[run_id])
+            if run_id in records:
+                _check_follows(records[run_id], row[2])
+        raise AssertionError("a write was refused for no reason found")
 
     async def get_run(self, run_id: str) -> Run | None:
         async with self._conn.execute("SELECT run FROM runs WHERE run_id = ?", (run_id,)) as rows:
@@ -336,11 +480,12 @@ class SqliteRunStore(RunStore):
                     unreadable.append(run_id)
         if unreadable:
             _log.warning("%d stored runs cannot be read and are marked failed: %s", len(unreadable), unreadable)
-            await self._conn.executemany(
-                "UPDATE runs SET state = ? WHERE run_id = ?",
-                [(orchestrator_service_pb2.RUN_STATE_FAILED, run_id) for run_id in unreadable],
-            )
-            await self._conn.commit()
+            async with self._turn:
+                await self._conn.executemany(
+                    "UPDATE runs SET state = ? WHERE run_id = ?",
+                    [(orchestrator_service_pb2.RUN_STATE_FAILED, run_id) for run_id in unreadable],
+                )
+                await self._conn.commit()
         return found
 
     async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
@@ -358,6 +503,7 @@ class SqliteRunStore(RunStore):
 
     async def delete_runs(self, run_ids: Sequence[str]) -> None:
         parameters = [(run_id,) for run_id in run_ids]
-        await self._conn.executemany("DELETE FROM events WHERE run_id = ?", parameters)
-        await self._conn.executemany("DELETE FROM runs WHERE run_id = ?", parameters)
-        await self._conn.commit()
+        async with self._turn:
+            await self._conn.executemany("DELETE FROM events WHERE run_id = ?", parameters)
+            await self._conn.executemany("DELETE FROM runs WHERE run_id = ?", parameters)
+            await self._conn.commit()

@@ -55,6 +55,9 @@ class Settings:
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
+        worker_processes: How many worker processes run the tool calls that burn CPU or memory
+            (templates, JSON queries, sync Python tools) at once; the CPU count by default.
+        worker_memory_mb: The address space each of those workers may use, in MiB.
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +91,8 @@ class Settings:
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
+    worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_memory_mb: int = 512
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +146,8 @@ class Settings:
                 }
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
+            worker_processes=int(env.get("TIERSTACK_WORKER_PROCESSES", defaults.worker_processes)),
+            worker_memory_mb=int(env.get("TIERSTACK_WORKER_MEMORY_MB", defaults.worker_memory_mb)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from tierstack.client.errors import TierstackError
 from tierstack.v1 import common_pb2
 
-
 #: How many characters of a caller's text an error message quotes.
 QUOTE_LIMIT = 48
 

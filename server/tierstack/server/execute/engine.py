@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import struct_pb2
+
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import (
     Completion,
@@ -37,6 +39,7 @@ from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
+from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -103,8 +106,10 @@ class Executor:
         approval_timeout: float = 300.0,
         workspaces: Path = Path(".tierstack") / "workspaces",
         model: ModelProvider | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.registry = registry
+        self.workers = workers
         self.workspaces = workspaces
         self.approvals = Approvals(timeout=approval_timeout)
         self.monitor = ToolMonitor()
@@ -138,11 +143,11 @@ class Executor:
         start = time.perf_counter()
         tokens_before = context.meter.tokens
         result = common_pb2.ToolResult(tool=tool.name)
+        seconds = tool.timeout_seconds if timeout is None else timeout
         try:
             with span(f"tool {tool.name}"):
-                async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
-                    output = await tool.handler(dict(arguments), context)
-            result.output.CopyFrom(to_value(output))
+                async with asyncio.timeout(seconds):
+                    result.output.CopyFrom(await self._output(tool, dict(arguments), context, seconds))
         except ToolError as exc:
             result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
         except TimeoutError:
@@ -157,6 +162,18 @@ class Executor:
         result.tokens = context.meter.tokens - tokens_before
         self.monitor.record(tool.name, elapsed, result.error if result.HasField("error") else None)
         return result
+
+    async def _output(
+        self, tool: Tool, arguments: dict[str, Any], context: ToolContext, seconds: float
+    ) -> struct_pb2.Value:
+        """Runs a tool where it belongs: its function in a worker process that ``seconds`` stop, its
+        handler on the event loop."""
+        if tool.function is None:
+            assert tool.handler is not None  # a Tool has one or the other
+            return to_value(await tool.handler(arguments, context))
+        if self.workers is None:
+            raise ToolError("WORKERS_UNAVAILABLE", f"{tool.name} runs in worker processes; this executor has none")
+        return await self.workers.run(tool.function, arguments, context, timeout=seconds)
 
     async def execute_tool(self, request: executor_service_pb2.ExecuteToolRequest) -> common_pb2.ToolResult:
         """Checks and runs one tool call.

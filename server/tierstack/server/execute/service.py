@@ -16,6 +16,7 @@ from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
+from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.pagination import decode_token, encode_token, page_size
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -111,7 +112,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
 
 
 class ExecuteService:
-    """Tier 3 as a server component: the registry of built-in tools and the executor over it."""
+    """Tier 3 as a server component: the registry of built-in tools, the executor over it and the
+    worker processes its CPU-heavy tools run in."""
 
     tier = common_pb2.TIER_EXECUTE
     service_names: tuple[str, ...] = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
@@ -123,12 +125,18 @@ class ExecuteService:
         register_builtin_tools(self.registry, self._http, self.ai)
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
+        self.workers = WorkerPool(
+            workers=settings.worker_processes,
+            memory_mb=settings.worker_memory_mb,
+            max_output_bytes=settings.max_output_bytes,
+        )
         self.executor = Executor(
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
             approval_timeout=settings.approval_timeout_seconds,
             workspaces=settings.data_dir / "workspaces",
             model=self.ai,
+            workers=self.workers,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
 
@@ -156,7 +164,8 @@ class ExecuteService:
         )
 
     async def start(self) -> None:
-        """Mounts the configured MCP servers' tools."""
+        """Starts the tool worker processes and mounts the configured MCP servers' tools."""
+        await self.workers.start()
         await self._mcp.start(self.registry)
 
     def stopping(self) -> None:
@@ -166,3 +175,4 @@ class ExecuteService:
         await self._mcp.close()
         await self._http.aclose()
         await self.ai.close()
+        await self.workers.close()

@@ -95,7 +95,8 @@ class _EventSequence:
 
 class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
-    call runs, so a malformed step fails as a whole without side effects."""
+    call runs, so a malformed step fails as a whole without side effects. Tools with a worker
+    function run in ``workers``, where their deadline can stop them; without a pool they fail."""
 
     def __init__(
         self,

@@ -158,10 +158,12 @@ async def test_outputs_and_memory_are_capped_in_the_worker(stack: Stack, health:
     )
     assert long_text.result.error.reason == "OUTPUT_TOO_LARGE"
     assert str(1 << 20) in long_text.result.error.message  # names the cap
+    before = set(workers())
     hungry = await stack.executor.execute_tool(
         request("text.template", template="{{ 'x' * n }}", variables={"n": 10**9})
     )
     assert hungry.result.error.reason == "TOOL_MEMORY_LIMIT"
+    await wait_for(lambda: len(set(workers()) - before) == 1)  # that worker was replaced
     assert await serves(stack, health)
 
 

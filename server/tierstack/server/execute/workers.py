@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import resource
+import time
 import traceback
 from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
@@ -39,6 +41,8 @@ class _Limits:
 
 # In a worker: its limits, set when it starts.
 _limits = _Limits(memory_mb=0, max_output_bytes=1 << 20)
+#: The exit code of a worker that ran out of memory.
+_OUT_OF_MEMORY = 75
 
 
 def output_limit() -> int:
@@ -116,23 +120,24 @@ def _invoke(function: WorkerFunction, arguments: dict[str, Any], context: ToolCo
     except ToolError as exc:
         return _Outcome(reason=exc.reason, message=exc.message)
     except MemoryError:
-        pass  # the answer is made below, once the failed call's frames have let go of its memory
+        pass  # below, once the failed call's frames have let go of its memory
     except BaseException as exc:  # SystemExit too: nothing a tool raises may reach the server
-        return _Outcome(
-            reason="TOOL_FAILED", message=f"the tool failed: {quoted(str(exc))}", trace=traceback.format_exc()
-        )
-    return _Outcome(
-        reason="TOOL_MEMORY_LIMIT",
-        message=f"the call needed more than the {_limits.memory_mb} MiB a worker may use (TIERSTACK_WORKER_MEMORY_MB)",
-    )
+        message = f"the tool failed: {quoted(str(exc))}"
+        return _Outcome(reason="TOOL_FAILED", message=message, trace=traceback.format_exc())
+    # A worker that ran out of memory may keep what it could not give back (caches, fragments), so
+    # it ends and pebble starts a fresh one; the server reads the exit code as this call's failure.
+    # It waits a moment first, so that pebble has seen the call start and blames the exit on it.
+    time.sleep(0.2)
+    os._exit(_OUT_OF_MEMORY)
 
 
 class WorkerPool:
     """Worker processes for tool calls a deadline must be able to stop (a pebble process pool).
 
     A call whose deadline passes, or whose caller goes away, has its worker killed and replaced; a
-    call that needs more memory than a worker may use fails with TOOL_MEMORY_LIMIT and one whose
-    output is over the cap with OUTPUT_TOO_LARGE, found in the worker before the output is sent.
+    call that needs more memory than a worker may use fails with TOOL_MEMORY_LIMIT (and its worker
+    is replaced too), and one whose output is over the cap with OUTPUT_TOO_LARGE, found in the
+    worker before the output is sent.
 
     Args:
         workers: How many calls run at once; more wait for a free worker.
@@ -176,10 +181,10 @@ class WorkerPool:
             if broken.active:
                 return broken
             _log.error("the tool worker pool broke; a new one replaces it")
-            self._pool = await asyncio.to_thread(self._started)
+            pool = self._pool = await asyncio.to_thread(self._started)
         broken.stop()  # type: ignore[no-untyped-call]
         await asyncio.to_thread(broken.join)
-        return self._pool
+        return pool
 
     async def run(
         self, function: WorkerFunction, arguments: dict[str, Any], context: ToolContext, *, timeout: float | None
@@ -196,6 +201,12 @@ class WorkerPool:
             future = pool.schedule(_invoke, args=(function, arguments, context), timeout=timeout)
             outcome: _Outcome = await asyncio.wrap_future(future)
         except ProcessExpired as exc:
+            if exc.exitcode == _OUT_OF_MEMORY:
+                raise ToolError(
+                    "TOOL_MEMORY_LIMIT",
+                    f"the call needed more than the {self._limits.memory_mb} MiB a worker may use"
+                    " (TIERSTACK_WORKER_MEMORY_MB)",
+                ) from None
             raise ToolError(
                 "WORKER_DIED", f"the worker process running the call stopped unexpectedly (exit code {exc.exitcode})"
             ) from None

@@ -49,6 +49,15 @@ def die() -> int:
     return 0
 
 
+def _unreachable() -> int:
+    return 1
+
+
+# The name is gone once the module is imported, so a worker cannot find the function by it.
+unreachable = tool("test.unreachable")(_unreachable)
+del _unreachable
+
+
 def request(
     tool_name: str, timeout: float | None = None, **arguments: object
 ) -> executor_service_pb2.ExecuteToolRequest:
@@ -203,6 +212,13 @@ async def test_a_worker_that_dies_fails_its_call_clearly_and_others_take_over(st
     assert died.reason == "WORKER_DIED"
     assert "Expired" not in died.message and "/" not in died.message
     assert from_value((await stack.executor.execute_tool(request("test.where"))).result.output) in workers()
+
+
+async def test_a_function_a_worker_cannot_find_fails_clearly(stack: Stack) -> None:
+    register(stack, unreachable)
+    error = (await stack.executor.execute_tool(request("test.unreachable"))).result.error
+    assert error.reason == "TOOL_NOT_FOUND"
+    assert "module level" in error.message
 
 
 async def test_the_pool_recovers_when_its_idle_workers_are_killed(

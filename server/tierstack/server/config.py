@@ -69,6 +69,9 @@ class Settings:
             asked for again under the same execution id.
         retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
             0 keeps them forever.
+        worker_processes: How many worker processes run the tool calls that burn CPU or memory
+            (templates, JSON queries, sync Python tools) at once; the CPU count by default.
+        worker_memory_mb: The address space each of those workers may use, in MiB.
     """
 
     host: str = "127.0.0.1"
@@ -106,6 +109,8 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     replay_cache_bytes: int = 64 << 20
     retention_seconds: float = 7 * 24 * 3600.0
+    worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_memory_mb: int = 512
 
     @property
     def max_total_output_bytes(self) -> int:
@@ -169,6 +174,8 @@ class Settings:
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
             replay_cache_bytes=int(env.get("TIERSTACK_REPLAY_CACHE_BYTES", defaults.replay_cache_bytes)),
             retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
+            worker_processes=int(env.get("TIERSTACK_WORKER_PROCESSES", defaults.worker_processes)),
+            worker_memory_mb=int(env.get("TIERSTACK_WORKER_MEMORY_MB", defaults.worker_memory_mb)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -149,9 +149,9 @@ async def _send(channel: grpc.aio.Channel, path: str, payload: bytes, timeout: f
 _shapes: Shapes | None = None
 
 
-def _start_drawing(known: Known) -> None:
+def _start_drawing(known: Known, skip: frozenset[str]) -> None:
     global _shapes
-    _shapes = Shapes(known)
+    _shapes = Shapes(known, skip=skip)
 
 
 def _draw(count: int, seed: int) -> list[Case]:
@@ -173,18 +173,19 @@ async def fuzz(
     concurrency: int = 32,
     timeout: float = 2.0,
     stop: asyncio.Event | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Tally:
     """Sends ``calls`` hostile requests to the tiers at ``targets`` (by tier name), at most
     ``concurrency`` at once, each with a deadline of ``timeout`` seconds; ends early after ``seconds``
-    or when ``stop`` is set. Chunk ``i`` of the requests is drawn with hypothesis seed
-    ``seed * 100_000 + i``."""
+    or when ``stop`` is set; the methods ``skip`` names (``Service/Method``) get none. Chunk ``i`` of
+    the requests is drawn with hypothesis seed ``seed * 100_000 + i``."""
     tally = Tally(seed)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Case | None] = asyncio.Queue(maxsize=2 * CHUNK)
     channels = {tier: grpc.aio.insecure_channel(target) for tier, target in targets.items()}
     # spawn, not fork: the gRPC runtime of this process has threads a fork would not carry over.
     pool = ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_drawing, initargs=(known,)
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_drawing, initargs=(known, skip)
     )
 
     async def produce() -> None:
@@ -410,6 +411,7 @@ async def session(
     seconds: float,
     memory_bound: int = MEMORY_BOUND,
     concurrency: int = 32,
+    skip: frozenset[str] = frozenset(),
 ) -> Report:
     """Starts the three tiers as processes under ``workdir``, fuzzes them (see :func:`fuzz`) while
     watching their memory, checks that they still serve, and stops them."""
@@ -423,7 +425,14 @@ async def session(
             try:
                 known = await prepare(targets, http.url)
                 tally = await fuzz(
-                    targets, known, calls=calls, seed=seed, seconds=seconds, concurrency=concurrency, stop=watch.over
+                    targets,
+                    known,
+                    calls=calls,
+                    seed=seed,
+                    seconds=seconds,
+                    concurrency=concurrency,
+                    stop=watch.over,
+                    skip=skip,
                 )
                 problems = await still_serving(tiers)
             finally:

@@ -19,7 +19,7 @@ as well as their handlers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -208,12 +208,47 @@ def _example_arguments(url: str) -> dict[str, dict[str, JSON]]:
     }
 
 
+def _hostile_arguments(url: str) -> dict[str, tuple[dict[str, JSON], ...]]:
+    """Returns, for each built-in tool, arguments its schema accepts that ask for too much: work without
+    end, memory without bound, a way out of its sandbox."""
+    deep: JSON = "bottom"
+    for _ in range(40):  # lists in lists, past the depth where converting them used to fail (33)
+        deep = [deep]
+    return {
+        "core.echo": ({"value": "x" * 2_000_000}, {"value": deep}),
+        "core.sleep": ({"seconds": 3600}, {"seconds": 5e-324}),
+        "ai.complete": ({"prompt": "x" * 200_000, "max_tokens": 2**31 - 1}, {"prompt": "hi", "model": "../../x"}),
+        "files.write": (
+            {"path": "../../../../tmp/tierstack-fuzz-escaped", "content": "x"},
+            {"path": "big.txt", "content": "x" * 1_000_000, "append": True},
+        ),
+        "files.read": ({"path": "/proc/self/environ"}, {"path": "big.txt", "max_bytes": 64 << 20}),
+        "text.template": (
+            {"template": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"},
+            {"template": "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}"},
+            {"template": "{{ 'a' * 100000000 }}"},
+            {"template": "{{ x.pop() }}{{ x }}", "variables": {"x": [1, 2]}},
+            {"template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"},
+        ),
+        "json.query": (
+            {"data": list(range(32)), "expression": "|".join(["[@,@,@,@]"] * 10)},
+            {"data": {"a": "x" * 100_000}, "expression": "[a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a]"},
+        ),
+        "http.request": (
+            {"url": "http://169.254.169.254/latest/meta-data/", "timeout_seconds": 1},
+            {"url": f"{url}/ok", "max_bytes": 64 << 20, "headers": {"X-Test": "a\r\nInjected: 1"}},
+            {"url": f"{url}/ok", "method": "POST", "body": "x" * 3_000_000, "timeout_seconds": 300},
+        ),
+    }
+
+
 class Shapes:
     """The hypothesis strategies of hostile requests for the tiers that hold ``known``."""
 
-    def __init__(self, known: Known) -> None:
+    def __init__(self, known: Known, *, skip: Collection[str] = ()) -> None:
         self._known = known
         self._examples = _example_arguments(known.url)
+        self._hostile = _hostile_arguments(known.url)
         self._messages: dict[tuple[str, int, bool], Strategy[Message]] = {}
         self._fields: dict[tuple[str, int, bool], Strategy[Any]] = {}
         self._text = {small: self._strings(small) for small in (True, False)}
@@ -221,7 +256,8 @@ class Shapes:
         self.tool_calls = self._tool_calls()
         self.workflows = self._workflows()
         self._valid = self._valid_requests()
-        self.cases: Strategy[Case] = self._cases()
+        #: Requests of every method but those ``skip`` names (as :attr:`Method.name`).
+        self.cases: Strategy[Case] = self._cases([method for method in METHODS if method.name not in skip])
 
     # -- scalars -------------------------------------------------------------------------------------
 
@@ -359,15 +395,18 @@ class Shapes:
     # -- valid requests, and one field of them made hostile ------------------------------------------
 
     def _tool_calls(self) -> Strategy[common_pb2.ToolCall]:
-        """Returns calls of a tool Execute offers: with arguments it accepts, or with one of them (or an
-        extra one) replaced by a hostile JSON value."""
+        """Returns calls of a tool Execute offers: with arguments it accepts, with one of them (or an extra
+        one) replaced by a hostile JSON value, or with arguments that ask the tool for too much."""
         names = sorted(self._known.tools) or ["core.echo"]
 
         @st.composite
         def call(draw: st.DrawFn) -> common_pb2.ToolCall:
             name = draw(st.sampled_from(names))
             arguments: dict[str, JSON] = dict(self._examples.get(name, {}))
-            if draw(st.booleans()):
+            how = draw(st.sampled_from(("valid", "hostile value", "too much")))
+            if how == "too much" and name in self._hostile:
+                arguments = draw(st.sampled_from(self._hostile[name]))
+            elif how == "hostile value":
                 properties = [*sorted(self._known.tools.get(name, {}).get("properties", {})), "extra"]
                 arguments[draw(st.sampled_from(properties))] = draw(self._json[False])
             return common_pb2.ToolCall(tool=name, arguments=to_struct(arguments))
@@ -574,9 +613,9 @@ class Shapes:
             branches.append(st.builds(_deep_tree, st.sampled_from(trees), st.sampled_from(DEEP)))
         return st.one_of(branches)
 
-    def _cases(self) -> Strategy[Case]:
+    def _cases(self, methods: Sequence[Method]) -> Strategy[Case]:
         makers: dict[str, dict[str, Strategy[bytes]]] = {}
-        for method in METHODS:
+        for method in methods:
             makers[method.path] = {
                 "random": self.message(method.input).map(lambda message: message.SerializeToString()),
                 "mutated": self.mutated(method).map(lambda message: message.SerializeToString()),
@@ -585,7 +624,7 @@ class Shapes:
 
         @st.composite
         def case(draw: st.DrawFn) -> Case:
-            method = draw(st.sampled_from(METHODS))
+            method = draw(st.sampled_from(methods))
             kind = draw(st.sampled_from(("random", "mutated", "mutated", "raw")))
             payload = draw(makers[method.path][kind])
             assume(len(payload) <= MAX_PAYLOAD)

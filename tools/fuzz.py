@@ -24,6 +24,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="the hypothesis seed; random when not given")
     parser.add_argument("--seconds", type=float, default=3600.0, help="the time limit")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    parser.add_argument(
+        "--skip", action="append", default=[], metavar="SERVICE/METHOD", help="send this method nothing (repeatable)"
+    )
     parser.add_argument("--memory-mib", type=int, default=MEMORY_BOUND >> 20, help="each tier's memory bound")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
@@ -36,6 +39,7 @@ def main() -> int:
                 seconds=args.seconds,
                 memory_bound=args.memory_mib << 20,
                 concurrency=args.concurrency,
+                skip=frozenset(args.skip),
             )
         )
     print(report.summary())

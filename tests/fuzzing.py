@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -59,20 +60,27 @@ class Failure:
 
     def describe(self) -> str:
         """Returns the failure with a request that reproduces it."""
-        method = _BY_PATH[self.case.method]
-        try:
-            decoded = message_factory.GetMessageClass(method.input).FromString(self.case.payload)
-            shown = text_format.MessageToString(decoded, as_one_line=True)
-        except Exception as error:  # the bytes are malformed on purpose; say how
-            shown = f"<does not decode: {error}>"
-        payload = self.case.payload
-        data = payload.hex() if len(payload) <= 2048 else f"{payload[:512].hex()}… ({len(payload)} bytes)"
         return (
             f"{self.code} x{self.count} {self.details[:300]!r}\n"
             f"    on: {', '.join(sorted(self.methods))}\n"
-            f"    first: {method.name} on {self.case.tier} ({self.case.kind}): {shown[:600]}\n"
-            f"    replay: await replay(target, {method.path!r}, bytes.fromhex({data!r}))"
+            f"    first: {show(self.case)}"
         )
+
+
+def show(case: Case) -> str:
+    """Returns a request as its method, tier and fields, and the bytes that replay it."""
+    method = _BY_PATH[case.method]
+    try:
+        decoded = message_factory.GetMessageClass(method.input).FromString(case.payload)
+        shown = text_format.MessageToString(decoded, as_one_line=True)
+    except Exception as error:  # the bytes are malformed on purpose; say how
+        shown = f"<does not decode: {error}>"
+    payload = case.payload
+    data = payload.hex() if len(payload) <= 2048 else f"{payload[:512].hex()}… ({len(payload)} bytes)"
+    return (
+        f"{method.name} on {case.tier} ({case.kind}): {shown[:600]}\n"
+        f"    replay: await replay(target, {method.path!r}, bytes.fromhex({data!r}))"
+    )
 
 
 @dataclass
@@ -84,8 +92,11 @@ class Tally:
     by_code: Counter[str] = field(default_factory=Counter)
     by_method: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     failures: dict[tuple[str, str], Failure] = field(default_factory=dict)
+    seconds: float = 0.0
     timed_out: bool = False
     stopped: str = ""
+    #: The requests still in flight when the run was ended early.
+    unfinished: list[Case] = field(default_factory=list)
 
     def add(self, case: Case, code: str, details: str) -> None:
         self.calls += 1
@@ -97,13 +108,12 @@ class Tally:
             failure.methods.add(_BY_PATH[case.method].name)
 
     def summary(self) -> str:
-        lines = [
-            f"{self.calls} calls (seed {self.seed}): " + ", ".join(f"{c}={n}" for c, n in self.by_code.most_common())
-        ]
+        codes = ", ".join(f"{code}={count}" for code, count in self.by_code.most_common())
+        lines = [f"{self.calls} calls in {self.seconds:.0f} s (seed {self.seed}): {codes}"]
         width = max((len(name) for name in self.by_method), default=0)
         for name in sorted(self.by_method):
-            codes = self.by_method[name]
-            lines.append(f"  {name:<{width}}  " + " ".join(f"{c}={n}" for c, n in codes.most_common()))
+            by_code = self.by_method[name].most_common()
+            lines.append(f"  {name:<{width}}  " + " ".join(f"{code}={count}" for code, count in by_code))
         if self.timed_out:
             lines.append("  the time limit ended the run")
         if self.stopped:
@@ -181,6 +191,7 @@ async def fuzz(
     the requests is drawn with hypothesis seed ``seed * 100_000 + i``."""
     tally = Tally(seed)
     loop = asyncio.get_running_loop()
+    began = loop.time()
     queue: asyncio.Queue[Case | None] = asyncio.Queue(maxsize=2 * CHUNK)
     channels = {tier: grpc.aio.insecure_channel(target) for tier, target in targets.items()}
     # spawn, not fork: the gRPC runtime of this process has threads a fork would not carry over.
@@ -198,9 +209,13 @@ async def fuzz(
         for _ in range(concurrency):
             await queue.put(None)
 
+    in_flight: dict[int, Case] = {}
+
     async def work() -> None:
         while (case := await queue.get()) is not None:
+            in_flight[id(case)] = case
             tally.add(case, *await _send(channels[case.tier], case.method, case.payload, timeout))
+            del in_flight[id(case)]
 
     async def watch(event: asyncio.Event) -> None:
         await event.wait()
@@ -217,39 +232,52 @@ async def fuzz(
                     if watcher is not None:
                         watcher.cancel()
             except* _Stopped:
-                tally.stopped = "a tier went over its memory bound"
+                tally.stopped = "a tier went past its memory bound"
     except TimeoutError:
         tally.timed_out = True
     finally:
+        tally.seconds = loop.time() - began
+        tally.unfinished = list(in_flight.values())
         for channel in channels.values():
             await channel.close()
         await loop.run_in_executor(None, lambda: pool.shutdown(cancel_futures=True))
     return tally
 
 
-def rss_bytes(pid: int) -> int:
-    """Returns the resident memory of process ``pid`` and its descendants; 0 once it has exited."""
-    total, pending = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """Returns process ``pid`` and its descendants that are alive."""
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+            found.append(current)
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Returns the resident memory of process ``pid`` and its descendants; 0 once it has exited."""
+    total = 0
+    for current in process_tree(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending.extend(int(child) for child in (task / "children").read_text().split())
     return total
 
 
 class MemoryWatch:
-    """Samples each tier's memory (:func:`rss_bytes`) until cancelled; keeps the peaks and sets
-    :attr:`over` when a tier goes past ``bound``."""
+    """Samples each tier's memory (:func:`rss_bytes`) until cancelled and keeps the peaks. A tier that
+    goes past ``bound`` is killed at once, with its worker processes (so that it cannot take the
+    machine's memory), and :attr:`over` is set."""
 
-    def __init__(self, pids: Mapping[str, int], bound: int, *, interval: float = 0.5) -> None:
+    def __init__(self, pids: Mapping[str, int], bound: int, *, interval: float = 0.25) -> None:
         self._pids = dict(pids)
         self.bound = bound
         self._interval = interval
         self.peaks: dict[str, int] = dict.fromkeys(pids, 0)
+        self.killed: set[str] = set()
         self.over = asyncio.Event()
 
     async def run(self) -> None:
@@ -257,7 +285,11 @@ class MemoryWatch:
             sizes = await asyncio.to_thread(lambda: {tier: rss_bytes(pid) for tier, pid in self._pids.items()})
             for tier, size in sizes.items():
                 self.peaks[tier] = max(self.peaks[tier], size)
-                if size > self.bound:
+                if size > self.bound and tier not in self.killed:
+                    for pid in process_tree(self._pids[tier]):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    self.killed.add(tier)
                     self.over.set()
             await asyncio.sleep(self._interval)
 
@@ -383,6 +415,7 @@ class Report:
     bound: int
     problems: dict[str, str]
     errors: dict[str, Counter[str]]
+    killed: set[str] = field(default_factory=set)
 
     @property
     def failed(self) -> bool:
@@ -396,6 +429,13 @@ class Report:
             "peak memory: "
             + ", ".join(f"{tier} {size / (1 << 20):.0f} MiB" for tier, size in self.peaks.items())
             + f" (bound {self.bound / (1 << 20):.0f} MiB)"
+        )
+        lines.extend(f"{tier} went past the bound and was killed" for tier in sorted(self.killed))
+        unwell = self.killed | set(self.problems)
+        lines.extend(
+            f"in flight on {case.tier} at the end: {show(case)}"
+            for case in self.tally.unfinished
+            if case.tier in unwell
         )
         lines.extend(f"afterwards, {tier}: {problem}" for tier, problem in self.problems.items())
         for tier, errors in self.errors.items():
@@ -445,4 +485,4 @@ async def session(
             errors = {tier: logged_errors(process.lines) for tier, process in tiers.items()}
     finally:
         http.close()
-    return Report(tally, watch.peaks, memory_bound, problems, errors)
+    return Report(tally, watch.peaks, memory_bound, problems, errors, watch.killed)

@@ -132,6 +132,8 @@ async def wait_for(predicate: Callable[[], bool], *, attempts: int = 500) -> Non
 
 TIERSTACK = [sys.executable, "-m", "tierstack.cli"]
 READY = re.compile(r"serving on (\S+)")
+#: The longest line of a tier's log that is kept.
+MAX_LINE = 16 << 10
 
 
 @dataclass
@@ -144,9 +146,16 @@ class Process:
     reader: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
+        """Collects stderr until the tier exits; a line longer than :data:`MAX_LINE` is kept cut short,
+        so that no line, however long, stops the reading and leaves the tier blocked on a full pipe."""
         assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.lines.append(raw.decode())
+        partial = b""
+        while chunk := await self.process.stderr.read(1 << 16):
+            *complete, rest = (partial + chunk).split(b"\n")
+            self.lines.extend(line[:MAX_LINE].decode(errors="replace") + "\n" for line in complete)
+            partial = rest[:MAX_LINE]
+        if partial:
+            self.lines.append(partial.decode(errors="replace"))
 
 
 async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:

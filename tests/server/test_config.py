@@ -13,11 +13,14 @@ def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
         "TIERSTACK_ALERT_MIN_CALLS": "3",
         "TIERSTACK_EXECUTE_METRICS_PORT": "off",
         "TIERSTACK_MODEL_FALLBACKS": "small, local",
+        "TIERSTACK_WORKER_PROCESSES": "3",
+        "TIERSTACK_WORKER_MEMORY_MB": "256",
     }
     settings = Settings.from_env("execute", env)
     assert settings.alert_thresholds == Thresholds(response_time_seconds=0.5, memory_bytes=1000, min_calls=3)
     assert settings.metrics_port is None
     assert settings.model_fallbacks == ("small", "local")
+    assert (settings.worker_processes, settings.worker_memory_mb) == (3, 256)
     assert Settings.from_env("coordinate", {}).metrics_port == 9451
 
 

@@ -2,7 +2,8 @@
 
 Both servers run in their own processes under uvloop; one client process drives both with the same
 request bytes, at concurrency 1 and 16, and prints requests/s, p50 and p99 with the ratios. Then
-batches, and the interceptors' own cost per call beside the no-op call it is part of.
+batches, and the interceptors' own cost per call beside the no-op call it is part of; last, what the
+hop to a worker process adds to a trivial template or query.
 
 Usage: ``python -m tools.bench.bench_execute [--requests N] [--json FILE]``.
 """
@@ -25,13 +26,17 @@ import uvloop
 
 from tierstack.client import ExecutorClient
 from tierstack.client.values import to_struct
+from tierstack.server import Settings
+from tierstack.server.execute import ExecuteService
+from tierstack.server.execute.registry import WorkerFunction
+from tierstack.server.execute.workers import capped_value
 from tierstack.server.interceptor import ServerInterceptor, UnaryClientInterceptor
 from tierstack.server.metrics import MethodMetrics
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tools.bench.echo_server import METHOD as ECHO_METHOD
 from tools.bench.processes import serving
 from tools.bench.results import Results
-from tools.bench.timing import timed
+from tools.bench.timing import interleaved, timed
 
 HERE = Path(__file__).resolve().parent
 READY = re.compile(rb"serving on (\S+)")
@@ -138,6 +143,7 @@ async def main(requests: int, results: Results) -> None:
             f"{len(payload)}-byte request, {requests} calls a row in {ROUNDS} alternating rounds (medians).",
         )
         await batches(client, echo_call, payload, results)
+    await worker_hop(results, calls=max(requests // 10, 100))
     await interceptor_overhead(single["tierstack"].p50_ms, results)
 
 
@@ -252,6 +258,46 @@ async def interceptor_overhead(call_p50_ms: float, results: Results, calls: int 
         ],
         f"Measured in process over {calls:,} calls in 5 alternating rounds; the no-op call's p50 at "
         f"concurrency 1 is {call_p50_ms:.3f} ms (goal: under 5 %).",
+    )
+
+
+async def worker_hop(results: Results, calls: int) -> None:
+    """Times trivial text.template and json.query calls run in process against the same calls run
+    in Execute's worker pool: what the hop to a killable worker process adds to a call."""
+    service = ExecuteService(Settings(worker_processes=1))
+    await service.workers.start()  # the pool alone: no server, no stores
+    context = service.executor.context(common_pb2.RequestContext(correlation_id="bench"))
+    limit = Settings().max_output_bytes
+    calls_by_tool = {
+        "text.template": {"template": "Hello {{ who }}", "variables": {"who": "Ada"}},
+        "json.query": {"data": {"people": [{"name": "Ada"}, {"name": "Alan"}]}, "expression": "people[].name"},
+    }
+
+    async def both_ways(function: WorkerFunction, arguments: dict[str, Any]) -> dict[str, list[float]]:
+        async def in_process() -> object:
+            return capped_value(function(arguments, context), limit)
+
+        async def in_pool() -> object:
+            return await service.workers.run(function, arguments, context, timeout=30.0)
+
+        return await interleaved({"in process": in_process, "in the pool": in_pool}, calls)
+
+    rows = []
+    try:
+        for name, arguments in calls_by_tool.items():
+            tool = service.registry.get(name)
+            assert tool is not None and tool.function is not None
+            samples = await both_ways(tool.function, arguments)
+            local, pooled = (statistics.median(samples[key]) * 1e3 for key in ("in process", "in the pool"))
+            rows.append((name, f"{local:.3f}", f"{pooled:.3f}", f"{pooled - local:.3f}"))
+            results.samples(f"execute: {name} in the worker pool", samples["in the pool"])
+    finally:
+        await service.close()
+    results.table(
+        "Execute: the cost of running a tool call in a worker process",
+        ("tool", "p50 in process, ms", "p50 in the pool, ms", "added by the hop, ms"),
+        rows,
+        f"A trivial call, {calls} times each way in alternating order, one worker, no gRPC.",
     )
 
 

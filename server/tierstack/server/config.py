@@ -67,6 +67,9 @@ class Settings:
             tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
         retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
             0 keeps them forever.
+        worker_processes: How many worker processes run the tool calls that burn CPU or memory
+            (templates, JSON queries, sync Python tools) at once; the CPU count by default.
+        worker_memory_mb: The address space each of those workers may use, in MiB.
     """
 
     host: str = "127.0.0.1"
@@ -103,6 +106,8 @@ class Settings:
     max_output_bytes: int = 1 << 20
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     retention_seconds: float = 7 * 24 * 3600.0
+    worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_memory_mb: int = 512
 
     @property
     def max_total_output_bytes(self) -> int:
@@ -165,6 +170,8 @@ class Settings:
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
             retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
+            worker_processes=int(env.get("TIERSTACK_WORKER_PROCESSES", defaults.worker_processes)),
+            worker_memory_mb=int(env.get("TIERSTACK_WORKER_MEMORY_MB", defaults.worker_memory_mb)),
             approval_timeout_seconds=float(
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),

@@ -172,7 +172,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - start
         if isinstance(error, DomainError | TierstackError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
-        elif error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
+        elif error is not None and not isinstance(
+            error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError | NotImplementedError
+        ):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.in_flight[method] -= 1
         self._metrics.record(method, _code_name(context, error), elapsed)
@@ -201,6 +203,8 @@ class _Observed:
         try:
             if isinstance(error, DomainError | TierstackError):
                 await self._context.abort_with_status(to_grpc_status(error))
+            elif isinstance(error, NotImplementedError):  # a generated servicer's method nobody wrote
+                await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "the server does not offer this method")
             elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:

@@ -38,7 +38,7 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
         self._cross_tier = cross_tier
 
     async def _gather(self, tiers: Sequence[common_pb2.Tier.ValueType], method_filter: str) -> list[pb.TierMetrics]:
-        if not tiers or list(tiers) == [self._tier]:
+        if not tiers or set(tiers) == {self._tier}:
             return [self._snapshot(method_filter)]
         if self._cross_tier is None:
             raise InvalidArgumentError(

@@ -35,7 +35,7 @@ async def test_text_template_renders_in_a_sandbox(stack: Stack) -> None:
     unsafe = await stack.executor.execute_tool(
         tool_request("text.template", template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
     )
-    assert unsafe.result.error.reason == "TEMPLATE_ERROR"
+    assert unsafe.result.error.reason == "TEMPLATE_UNSAFE"
 
 
 async def test_bad_arguments_name_the_field(stack: Stack) -> None:

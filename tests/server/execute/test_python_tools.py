@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import threading
@@ -15,7 +16,7 @@ from tests.helpers import start_tier
 from tierstack.client import ExecutorClient, InvalidArgumentError
 from tierstack.client.values import from_value, to_struct
 from tierstack.server import Settings
-from tierstack.server.execute import ExecuteService, schema_of, tool
+from tierstack.server.execute import ExecuteService, Tool, schema_of, tool
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -35,14 +36,24 @@ def test_schemas_follow_the_type_hints() -> None:
         schema_of(dict[int, str])
 
 
-loop_threads: list[int] = []
-
-
 @tool("demo.scale")
 def scale(values: list[float], factor: float = 2.0, mode: Literal["up", "down"] = "up") -> list[float]:
     """Scales numbers."""
-    loop_threads.append(threading.get_ident())
     return [v * factor if mode == "up" else v / factor for v in values]
+
+
+@tool("demo.where")
+def where() -> list[int]:
+    """Says which process and thread it runs in."""
+    return [os.getpid(), threading.get_ident()]
+
+
+def nested_tool() -> Tool:
+    @tool("demo.nested")
+    def where_nested() -> list[int]:
+        return [os.getpid(), threading.get_ident()]
+
+    return where_nested
 
 
 @tool()
@@ -69,7 +80,7 @@ async def test_python_tools_run_through_the_server() -> None:
     server = await start_tier("execute", Settings())
     service = server.service
     assert isinstance(service, ExecuteService)
-    for found in (scale, greet):
+    for found in (scale, greet, where, nested_tool()):
         service.registry.register(found)
     try:
         async with ExecutorClient(server.target) as client:
@@ -90,9 +101,13 @@ async def test_python_tools_run_through_the_server() -> None:
             }
             sources = {t.name: t.source for t in (await client.list_tools()).tools}
             assert sources["demo.scale"] == executor_service_pb2.TOOL_SOURCE_PYTHON
+            # Sync functions run off the event loop: in a worker process, or, when a worker could
+            # not find them by name, in a thread.
+            assert (await call("demo.where"))[0] != os.getpid()
+            pid, thread = await call("demo.nested")
+            assert pid == os.getpid() and thread != threading.get_ident()
     finally:
         await server.stop()
-    assert loop_threads and threading.get_ident() not in loop_threads, "sync tools run off the event loop"
 
 
 @pytest.fixture

@@ -197,14 +197,15 @@ async def test_the_local_model_drives_a_conversation_without_network() -> None:
 calls: Counter[str] = Counter()
 
 
+# Coroutines, so that they run in this process, where the test counts their calls.
 @tool("test.pure", pure=True)
-def pure(n: int) -> int:
+async def pure(n: int) -> int:
     calls["pure"] += 1
     return n * n
 
 
 @tool("test.shaky", critical=True)
-def shaky(key: str) -> str:
+async def shaky(key: str) -> str:
     calls[key] += 1
     if calls[key] < 3:
         raise ToolError("SHAKY", f"try {calls[key]}")

@@ -15,17 +15,22 @@ from urllib.parse import urlsplit
 import httpx
 import jinja2
 import jmespath
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
 from tierstack.server.errors import quoted
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
+from tierstack.server.execute.workers import output_limit, too_large
 
-_JINJA = SandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
+# Immutable: a template cannot change the values it is given (no ``x.pop()``, no ``d.update()``).
+_JINJA = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
 
 
+# The templates and expressions below run in worker processes (see workers.py), so these caches of
+# compiled ones live in each worker.
 @lru_cache(maxsize=256)
 def _template(source: str) -> jinja2.Template:
     return _JINJA.from_string(source)
@@ -47,14 +52,25 @@ async def _sleep(arguments: dict[str, Any], context: ToolContext) -> JSON:
     return seconds
 
 
-async def _render(arguments: dict[str, Any], context: ToolContext) -> JSON:
+def _render(arguments: dict[str, Any], context: ToolContext) -> JSON:
+    """Renders a template in a worker, piece by piece, stopping once the text passes the output cap."""
+    limit = output_limit()
+    parts = []
+    size = 0
     try:
-        return _template(arguments["template"]).render(**arguments.get("variables", {}))
+        for part in _template(arguments["template"]).generate(**arguments.get("variables", {})):
+            size += len(part)
+            if size > limit:
+                raise too_large(limit)
+            parts.append(part)
+    except SecurityError as exc:
+        raise ToolError("TEMPLATE_UNSAFE", f"the sandbox refused the template: {exc}") from exc
     except jinja2.TemplateError as exc:
         raise ToolError("TEMPLATE_ERROR", str(exc)) from exc
+    return "".join(parts)
 
 
-async def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
+def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
     try:
         result: JSON = _expression(arguments["expression"]).search(arguments.get("data"))
     except JMESPathError as exc:
@@ -284,7 +300,7 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
                 "required": ["template"],
                 "additionalProperties": False,
             },
-            handler=_render,
+            function=_render,
         )
     )
     registry.register(
@@ -297,7 +313,7 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
                 "required": ["expression"],
                 "additionalProperties": False,
             },
-            handler=_query,
+            function=_query,
         )
     )
     registry.register(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
+from google.protobuf import struct_pb2
 
 from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import (
@@ -28,6 +29,7 @@ from tierstack.server.ai import (
     ModelTool,
     Scope,
 )
+from tierstack.server.boundary import MAX_JSON_DEPTH, message_depth
 from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.config import Settings
 from tierstack.server.errors import (
@@ -44,6 +46,7 @@ from tierstack.server.execute.registry import Tool, ToolContext, ToolError, Tool
 from tierstack.server.execute.store import ExecutionStore, MemoryExecutionStore
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
+from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -100,8 +103,10 @@ class _EventSequence:
 
 class Executor:
     """Runs tools from a registry. Arguments are checked against each tool's schema before any
-    call runs, so a malformed step fails as a whole without side effects. A tool call's or a step's
-    output over ``max_output_bytes`` (in its wire form) fails it with ``OUTPUT_TOO_LARGE``."""
+    call runs, so a malformed step fails as a whole without side effects. Tools with a worker
+    function run in ``workers``, where their deadline can stop them; without a pool they fail. A tool
+    call's or a step's output over ``max_output_bytes`` (in its wire form) fails it with
+    ``OUTPUT_TOO_LARGE``, one nested deeper than the boundary allows with ``OUTPUT_TOO_DEEP``."""
 
     def __init__(
         self,
@@ -113,9 +118,11 @@ class Executor:
         model: ModelProvider | None = None,
         store: ExecutionStore | None = None,
         max_output_bytes: int = Settings.max_output_bytes,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.registry = registry
         self.max_output_bytes = max_output_bytes
+        self.workers = workers
         self.workspaces = workspaces
         self.store = store if store is not None else MemoryExecutionStore()
         self.approvals = Approvals(self.store, timeout=approval_timeout)
@@ -151,14 +158,17 @@ class Executor:
         start = time.perf_counter()
         tokens_before = context.meter.tokens
         result = common_pb2.ToolResult(tool=tool.name)
+        seconds = tool.timeout_seconds if timeout is None else timeout
         try:
             with span(f"tool {tool.name}"):
-                async with asyncio.timeout(tool.timeout_seconds if timeout is None else timeout):
-                    output = await tool.handler(dict(arguments), context)
-            value = to_value(output)
+                async with asyncio.timeout(seconds):
+                    value = await self._output(tool, dict(arguments), context, seconds)
             if (size := value.ByteSize()) > self.max_output_bytes:
                 what = f"the output of {tool.name}"
                 result.error.CopyFrom(output_too_large(_TIER, what, size, self.max_output_bytes, tool=tool.name))
+            elif message_depth(value) > MAX_JSON_DEPTH:
+                message = f"the output of {tool.name} nests deeper than {MAX_JSON_DEPTH} levels"
+                result.error.CopyFrom(_error("OUTPUT_TOO_DEEP", message, tool=tool.name))
             else:
                 result.output.CopyFrom(value)
         except ToolError as exc:
@@ -174,6 +184,18 @@ class Executor:
         result.tokens = context.meter.tokens - tokens_before
         self.monitor.record(tool.name, elapsed, result.error if result.HasField("error") else None)
         return result
+
+    async def _output(
+        self, tool: Tool, arguments: dict[str, Any], context: ToolContext, seconds: float
+    ) -> struct_pb2.Value:
+        """Runs a tool where it belongs: its function in a worker process that ``seconds`` stop, its
+        handler on the event loop."""
+        if tool.function is None:
+            assert tool.handler is not None  # a Tool has one or the other
+            return to_value(await tool.handler(arguments, context))
+        if self.workers is None:
+            raise ToolError("WORKERS_UNAVAILABLE", f"{tool.name} runs in worker processes; this executor has none")
+        return await self.workers.run(tool.function, arguments, context, timeout=seconds)
 
     async def execute_tool(self, request: executor_service_pb2.ExecuteToolRequest) -> common_pb2.ToolResult:
         """Checks and runs one tool call.

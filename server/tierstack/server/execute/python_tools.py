@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
 import logging
 import types
@@ -14,7 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from tierstack.client.values import JSON
-from tierstack.server.execute.registry import Tool, ToolContext, ToolRegistry, ToolSource
+from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolHandler, ToolRegistry, ToolSource
 
 _log = logging.getLogger(__name__)
 
@@ -58,6 +59,56 @@ def schema_of(hint: Any) -> dict[str, Any]:
     raise TypeError(f"{hint!r} has no JSON Schema form")
 
 
+class PythonFunction:
+    """A module-level sync function as a tool's worker function: it pickles as its module and
+    qualified name, and a worker finds it there (behind the Tool that ``@tool`` bound the name to).
+
+    Args:
+        module: The function's module.
+        qualname: Its qualified name in the module.
+        context_parameter: The name of its ToolContext parameter, if it has one.
+        function: The function itself, when known; else it is looked up on the first call.
+    """
+
+    def __init__(
+        self, module: str, qualname: str, context_parameter: str | None, function: Callable[..., Any] | None = None
+    ) -> None:
+        self._module = module
+        self._qualname = qualname
+        self._context_parameter = context_parameter
+        self._function = function
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PythonFunction, (self._module, self._qualname, self._context_parameter)
+
+    def _found(self) -> Callable[..., Any]:
+        if self._function is None:
+            try:
+                found: Any = importlib.import_module(self._module)
+                for part in self._qualname.split("."):
+                    found = getattr(found, part)
+            except (ImportError, AttributeError):
+                found = None
+            if isinstance(found, Tool) and isinstance(found.function, PythonFunction):
+                found = found.function._function
+            if not callable(found) or getattr(found, "__qualname__", None) != self._qualname:
+                raise ToolError(
+                    "TOOL_NOT_FOUND",
+                    f"a worker process cannot find {self._qualname} in {self._module}; define it at module level",
+                )
+            self._function = found
+        return self._function
+
+    def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
+        result: JSON = self._found()(**_keywords(arguments, context, self._context_parameter))
+        return result
+
+
+def _keywords(arguments: dict[str, Any], context: ToolContext, context_parameter: str | None) -> dict[str, Any]:
+    """Returns a call's keyword arguments: its arguments, and its context if the function takes it."""
+    return {**arguments, context_parameter: context} if context_parameter else arguments
+
+
 def tool(
     name: str | None = None,
     *,
@@ -73,7 +124,14 @@ def tool(
     The function's keyword parameters become the tool's arguments, their type hints its JSON Schema,
     parameters without a default the required ones; a parameter annotated :class:`ToolContext`
     receives the call's context instead. The name defaults to the function's, the description to its
-    docstring. A sync function runs in a worker thread, off the event loop.
+    docstring.
+
+    A coroutine function runs on the event loop. A sync function defined at a module's top level
+    runs in a worker process, where the call's deadline can stop it (the worker is killed) and the
+    worker memory cap holds; the worker imports its module and finds it by its qualified name. It
+    gets the call's context as a copy: tokens it adds to ``context.meter`` are not counted. A sync
+    function the worker cannot find by name (one defined inside another function, say) runs in a
+    thread instead: off the event loop, but a deadline only stops waiting for it, not the function.
 
     Example::
 
@@ -99,26 +157,32 @@ def tool(
                 required.append(parameter.name)
         schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
-        def keywords(arguments: dict[str, Any], context: ToolContext) -> dict[str, Any]:
-            return {**arguments, context_parameter: context} if context_parameter else arguments
-
+        handler: ToolHandler | None = None
+        in_worker: PythonFunction | None = None
         if inspect.iscoroutinefunction(function):
 
-            async def handler(arguments: dict[str, Any], context: ToolContext) -> JSON:
-                result: JSON = await function(**keywords(arguments, context))
+            async def run_on_loop(arguments: dict[str, Any], context: ToolContext) -> JSON:
+                result: JSON = await function(**_keywords(arguments, context, context_parameter))
                 return result
 
+            handler = run_on_loop
+        elif "<" in function.__qualname__:  # <locals>, <lambda>: no name a worker could find it by
+
+            async def run_in_thread(arguments: dict[str, Any], context: ToolContext) -> JSON:
+                call = functools.partial(function, **_keywords(arguments, context, context_parameter))
+                result: JSON = await asyncio.to_thread(call)
+                return result
+
+            handler = run_in_thread
         else:
-
-            async def handler(arguments: dict[str, Any], context: ToolContext) -> JSON:
-                result: JSON = await asyncio.to_thread(functools.partial(function, **keywords(arguments, context)))
-                return result
+            in_worker = PythonFunction(function.__module__, function.__qualname__, context_parameter, function)
 
         return Tool(
             name=name or function.__name__,
             description=description or inspect.getdoc(function) or "",
             parameters=schema,
             handler=handler,
+            function=in_worker,
             source=ToolSource.PYTHON,
             timeout_seconds=timeout_seconds,
             credits=credits,

@@ -59,6 +59,9 @@ class ToolContext:
 
 
 ToolHandler = Callable[[dict[str, Any], ToolContext], Awaitable[JSON]]
+#: A synchronous tool function, run in a worker process: picklable (a module-level function, or an
+#: object that pickles as a reference to one).
+WorkerFunction = Callable[[dict[str, Any], ToolContext], JSON]
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -92,7 +95,10 @@ class Tool:
         name: The name calls refer to, such as ``json.query``.
         description: What the tool does, for people and models.
         parameters: The JSON Schema of the arguments object.
-        handler: Runs the tool with arguments that already passed the schema, and its context.
+        handler: Runs the tool on the event loop with arguments that already passed the schema, and
+            its context.
+        function: Runs the tool in a worker process instead, where its deadline can stop it: for
+            work that burns CPU or memory. A tool has a handler or a function, never both.
         source: Where the tool comes from.
         timeout_seconds: The default deadline of one call.
         credits: What one call costs against a step's ``max_credits``.
@@ -104,7 +110,8 @@ class Tool:
     name: str
     description: str
     parameters: Mapping[str, Any]
-    handler: ToolHandler
+    handler: ToolHandler | None = None
+    function: WorkerFunction | None = None
     source: ToolSource = ToolSource.BUILTIN
     timeout_seconds: float = 30.0
     credits: float = 0.0
@@ -115,6 +122,8 @@ class Tool:
     _accepts: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if (self.handler is None) == (self.function is None):
+            raise ValueError(f"the tool {self.name!r} needs a handler or a function, not both or neither")
         Draft202012Validator.check_schema(self.parameters)
         object.__setattr__(self, "_validator", Draft202012Validator(self.parameters))
         # Compiled to Python code: every call is checked on the fast path; only a call that fails

@@ -18,6 +18,7 @@ from tierstack.server.execute.mcp_tools import McpMounts, McpServer
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.execute.store import SqliteExecutionStore
+from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.execute.workspaces import remove_stale
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.server.retention import Sweeper
@@ -116,7 +117,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
 
 
 class ExecuteService:
-    """Tier 3 as a server component: the registry of built-in tools and the executor over it."""
+    """Tier 3 as a server component: the registry of built-in tools, the executor over it and the
+    worker processes its CPU-heavy tools run in."""
 
     tier = common_pb2.TIER_EXECUTE
     service_names: tuple[str, ...] = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
@@ -129,6 +131,11 @@ class ExecuteService:
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
         self._store = SqliteExecutionStore(settings.data_dir / "executions.sqlite3")
+        self.workers = WorkerPool(
+            workers=settings.worker_processes,
+            memory_mb=settings.worker_memory_mb,
+            max_output_bytes=settings.max_output_bytes,
+        )
         self.executor = Executor(
             self.registry,
             max_concurrent_tools=settings.max_concurrent_tools,
@@ -137,6 +144,7 @@ class ExecuteService:
             model=self.ai,
             store=self._store,
             max_output_bytes=settings.max_output_bytes,
+            workers=self.workers,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
         self._retention = Sweeper("workspaces and executions", settings.retention_seconds, self._forget)
@@ -170,9 +178,10 @@ class ExecuteService:
         )
 
     async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
-        """Opens the execution store, mounts the configured MCP servers' tools and starts removing
-        workspaces once their retention has passed."""
+        """Opens the execution store, starts the tool worker processes, mounts the configured MCP
+        servers' tools and starts removing workspaces once their retention has passed."""
         await self._store.open()
+        await self.workers.start()
         await self._mcp.start(self.registry)
         self._retention.start()
 
@@ -185,3 +194,4 @@ class ExecuteService:
         await self._store.close()
         await self._http.aclose()
         await self.ai.close()
+        await self.workers.close()

@@ -239,6 +239,7 @@ async def chaos(
                 await processes[name].kill()
                 report.kills[name] += 1
                 if name == "execute":
+                    await asyncio.sleep(0.2)  # the calls it made before it died reach the endpoint
                     finished = await _finished(data_dir / "execute" / "executions.sqlite3")
                     done = {f"/hit/{tags.get(e.split('/')[0], '?')}/{e.split('/')[1]}" for e in finished}
                     with endpoint.lock:

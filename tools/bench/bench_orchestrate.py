@@ -68,6 +68,9 @@ class NoOpSteps:
         if not hold_until:
             self.gate.set()
 
+    async def cancel_execution(self, execution_id: str) -> bool:
+        return False  # its steps end at once: nothing is ever in flight to stop
+
     async def execute(
         self, request: executor_service_pb2.ExecuteRequest
     ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:

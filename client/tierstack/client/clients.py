@@ -109,6 +109,15 @@ class ExecutorClient(_Client):
         """Runs one step and yields its events."""
         return self._stream(self._stub.Execute(request, **self._options(timeout, None)))
 
+    async def cancel_execution(self, execution_id: str, *, timeout: float | None = None) -> bool:
+        """Cancels a step in flight (Execute keeps running one whose caller left); returns whether
+        it was in flight."""
+        with translate_errors():
+            response = await self._stub.CancelExecution(
+                executor_pb2.CancelExecutionRequest(execution_id=execution_id), **self._options(timeout, self.timeout)
+            )
+        return response.cancelled
+
     async def execute_tool(
         self, request: executor_pb2.ExecuteToolRequest, *, timeout: float | None = None
     ) -> executor_pb2.ExecuteToolResponse:

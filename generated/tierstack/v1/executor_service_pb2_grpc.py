@@ -40,6 +40,11 @@ class ExecutorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/tierstack.v1.ExecutorService/CancelExecution',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
         self.ExecuteTool = channel.unary_unary(
                 '/tierstack.v1.ExecutorService/ExecuteTool',
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteToolRequest.SerializeToString,
@@ -77,7 +82,18 @@ class ExecutorServiceServicer:
     """
 
     def Execute(self, request, context):
-        """Runs one step and streams its events until it completes or fails.
+        """Runs one step and streams its events until it completes or fails. A step with an execution id
+        is not stopped by its caller leaving: it runs to its end and is kept, so that a call with the same
+        id (after a dropped stream, or from a restarted orchestrator) joins it or replays it;
+        CancelExecution stops it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExecution(self, request, context):
+        """Cancels a step in flight: its tool calls stop, its callers' streams end, and it is not kept, so
+        that the same execution id runs it again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +149,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionResponse.SerializeToString,
             ),
             'ExecuteTool': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteTool,
@@ -193,6 +214,33 @@ class ExecutorService:
             '/tierstack.v1.ExecutorService/Execute',
             tierstack_dot_v1_dot_executor__service__pb2.ExecuteRequest.SerializeToString,
             tierstack_dot_v1_dot_executor__service__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.ExecutorService/CancelExecution',
+            tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.CancelExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,15 @@ class ExecutorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorServiceAsyncStub: ...
     Execute: _grpc.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteRequest, _executor_service_pb2.ExecuteResponse]
-    """Runs one step and streams its events until it completes or fails."""
+    """Runs one step and streams its events until it completes or fails. A step with an execution id
+    is not stopped by its caller leaving: it runs to its end and is kept, so that a call with the same
+    id (after a dropped stream, or from a restarted orchestrator) joins it or replays it;
+    CancelExecution stops it.
+    """
+    CancelExecution: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.CancelExecutionRequest, _executor_service_pb2.CancelExecutionResponse]
+    """Cancels a step in flight: its tool calls stop, its callers' streams end, and it is not kept, so
+    that the same execution id runs it again.
+    """
     ExecuteTool: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ExecuteToolRequest, _executor_service_pb2.ExecuteToolResponse]
     """Runs one tool call and returns its result."""
     ExecuteTools: _grpc.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteToolsRequest, _executor_service_pb2.ExecuteToolsResponse]
@@ -56,7 +64,15 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteRequest, _executor_service_pb2.ExecuteResponse]  # type: ignore[assignment]
-    """Runs one step and streams its events until it completes or fails."""
+    """Runs one step and streams its events until it completes or fails. A step with an execution id
+    is not stopped by its caller leaving: it runs to its end and is kept, so that a call with the same
+    id (after a dropped stream, or from a restarted orchestrator) joins it or replays it;
+    CancelExecution stops it.
+    """
+    CancelExecution: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.CancelExecutionRequest, _executor_service_pb2.CancelExecutionResponse]  # type: ignore[assignment]
+    """Cancels a step in flight: its tool calls stop, its callers' streams end, and it is not kept, so
+    that the same execution id runs it again.
+    """
     ExecuteTool: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ExecuteToolRequest, _executor_service_pb2.ExecuteToolResponse]  # type: ignore[assignment]
     """Runs one tool call and returns its result."""
     ExecuteTools: _aio.UnaryStreamMultiCallable[_executor_service_pb2.ExecuteToolsRequest, _executor_service_pb2.ExecuteToolsResponse]  # type: ignore[assignment]
@@ -81,7 +97,21 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _executor_service_pb2.ExecuteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteResponse]]:
-        """Runs one step and streams its events until it completes or fails."""
+        """Runs one step and streams its events until it completes or fails. A step with an execution id
+        is not stopped by its caller leaving: it runs to its end and is kept, so that a call with the same
+        id (after a dropped stream, or from a restarted orchestrator) joins it or replays it;
+        CancelExecution stops it.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelExecution(
+        self,
+        request: _executor_service_pb2.CancelExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.CancelExecutionResponse, _abc.Awaitable[_executor_service_pb2.CancelExecutionResponse]]:
+        """Cancels a step in flight: its tool calls stop, its callers' streams end, and it is not kept, so
+        that the same execution id runs it again.
+        """
 
     @_abc_1.abstractmethod
     def ExecuteTool(

@@ -315,6 +315,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "tierstack.v1.ExecuteToolRequest": {"timeout": Span(_DAY)},
     "tierstack.v1.ExecuteToolsRequest": {"calls": Items(1000), "max_concurrency": Whole(1000), "timeout": Span(_DAY)},
+    "tierstack.v1.CancelExecutionRequest": {"execution_id": Text(1024, least=1)},
     "tierstack.v1.ApproveToolCallRequest": {"approval_id": REQUIRED_ID, "approver": NAME},
     "tierstack.v1.RejectToolCallRequest": {"approval_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.GetToolStatsRequest": {"slow_threshold": Span(_DAY)},

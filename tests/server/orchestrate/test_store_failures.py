@@ -115,30 +115,32 @@ async def test_a_failing_store_turns_the_server_not_serving_until_it_is_back_and
 async def test_new_steps_wait_while_the_store_falls_behind_and_nothing_is_dropped(tmp_path: Path) -> None:
     store = FlakyStore(SqliteRunStore(tmp_path / "runs.sqlite3"))
     await store.open()
-    manager = RunManager(store, Executor(registry(Tools())), flush_interval=0.001, max_queued_events=4)
+    tools = Tools()
+    manager = RunManager(store, Executor(registry(tools)), flush_interval=0.001, max_queued_events=4)
     await manager.open()
     try:
-        steps = [step(f"s{index}", value=index) for index in range(10)]
+        steps = [step(f"s{index}", depends_on=("gate",), value=index) for index in range(10)]
         run, _ = await manager.start_run(
-            workflow=workflow(*steps),
+            workflow=workflow(step("gate", "test.hold", id="gate"), *steps),
             inputs=pb.StartRunRequest().inputs,
             limits=common_pb2.ResourceLimits(),
             context=common_pb2.RequestContext(),
         )
-        await wait_for(lambda: manager.log.stats.events > 0)  # the run has started
+        await wait_for(lambda: ("start", "gate") in tools.log)  # the run has started and waits at its gate
         store.held.clear()  # the store stops answering
+        tools.gate.set()
         await wait_for(lambda: manager.log.queued >= 4)
         for _ in range(50):
             await asyncio.sleep(0)
         live = await manager.get_run(run.run_id)
         started = [s for s in live.steps if s.state != pb.STEP_STATE_PENDING]
-        assert len(started) < 10, "steps went on starting while the store fell behind"
+        assert len(started) < 11, "steps went on starting while the store fell behind"
         store.held.set()
         events = [event async for event in manager.watch(run.run_id)]
         assert events[-1].HasField("run_completed")
         stored = await store.events(run.run_id, after_sequence=0)
         assert [e.sequence for e in stored] == list(range(1, len(stored) + 1))
-        assert [e.WhichOneof("payload") for e in stored].count("step_completed") == 10
+        assert [e.WhichOneof("payload") for e in stored].count("step_completed") == 11
     finally:
         await manager.close()
         await store.close()

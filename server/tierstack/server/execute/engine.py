@@ -67,6 +67,8 @@ CONVERSE = "You carry out one task. Call the tools you are offered when they hel
 ANALYSE = "Analyse the task: what is asked, what information is needed, and which tools could provide it."
 PLAN = "Plan the task: call every tool the plan needs, with its arguments, in order."
 REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
+#: How many executions may be in flight at once; more are refused until some end.
+MAX_FLIGHTS = 10_000
 #: How many tool kits (the tools a model-driven step offers, prepared for the model) are kept.
 TOOLKIT_CACHE_SIZE = 256
 
@@ -253,37 +255,68 @@ class Executor:
 
         The execution id is an idempotency key: a step that ran to its end under the same id (kept in
         the execution store, across restarts) is not run again, its events are replayed; a call with
-        the id of an execution still running joins it and sees the same events. The step's end is
-        stored before it is sent.
+        the id of an execution still running joins it and sees the same events. Such a step runs in a
+        task of the executor's own, so its caller leaving (a dropped stream, an orchestrator that
+        died) does not stop it; :meth:`cancel_execution` does. The step's end is stored before it is
+        sent. A step without an id belongs to its caller, who stops it by leaving.
 
         Raises:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
+            ResourceExhaustedError: ``MAX_FLIGHTS`` executions are in flight already.
         """
         key = request.execution_id
-        flight = self._flights.get(key) if key else None
-        if flight is not None:
-            async for event in flight.follow():
+        if not key:
+            async for event in self._run(request):
                 yield event
             return
-        flight = _Flight()
-        if key:
-            self._flights[key] = flight
+        flight = self._flights.get(key)
+        if flight is None:
+            if len(self._flights) >= MAX_FLIGHTS:
+                raise ResourceExhaustedError(
+                    [Violation("execution_id", f"{MAX_FLIGHTS} executions are in flight; try again later")],
+                    reason="TOO_MANY_EXECUTIONS",
+                )
+            flight = self._flights[key] = _Flight()
+            flight.task = asyncio.create_task(self._fly(request, flight), name="tierstack-execution")
+        async for event in flight.follow():
+            yield event
+
+    async def _fly(self, request: executor_service_pb2.ExecuteRequest, flight: _Flight) -> None:
+        """Runs (or replays) one execution into its flight, and keeps its end."""
+        key = request.execution_id
         try:
-            stored = await self.store.finished(key) if key else None
-            events = _replay(stored) if stored is not None else self._driven(request, flight)
-            async for event in events:
-                flight.add(event)
-                yield event
-        finally:
+            stored = await self.store.finished(key)
+            if stored is not None:
+                for event in stored:
+                    flight.add(event)
+            else:
+                async for event in self._run(request):
+                    if event.WhichOneof("payload") in ("completed", "failed"):
+                        await self.store.finish(key, [*flight.events, event])
+                    flight.add(event)
             flight.end()
-            if key and self._flights.get(key) is flight:
+        except Exception as exc:  # a bad request (or a failing store): each caller gets it
+            flight.end(exc)
+        finally:
+            flight.end()  # cancelled: the callers' streams end without the step's end
+            if self._flights.get(key) is flight:
                 del self._flights[key]
 
-    async def _driven(self, request: executor_service_pb2.ExecuteRequest, flight: _Flight) -> Events:
-        async for event in self._run(request):
-            if request.execution_id and event.WhichOneof("payload") in ("completed", "failed"):
-                await self.store.finish(request.execution_id, [*flight.events, event])
-            yield event
+    async def cancel_execution(self, execution_id: str) -> bool:
+        """Cancels an execution in flight: its tool calls stop, its callers' streams end, and it is
+        not kept, so that the same id runs it again; returns whether one was in flight."""
+        flight = self._flights.get(execution_id)
+        if flight is None or flight.task is None or flight.task.done():
+            return False
+        flight.task.cancel()
+        return True
+
+    async def close(self) -> None:
+        """Cancels the executions in flight and waits for them to stop (they run again when asked for)."""
+        tasks = [flight.task for flight in self._flights.values() if flight.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, request: executor_service_pb2.ExecuteRequest) -> Events:
         calls = []
@@ -394,24 +427,32 @@ def _memo_key(tool: Tool, arguments: dict[str, Any]) -> tuple[str, str]:
 
 
 class _Flight:
-    """An execution in flight: the events it has sent so far, for the calls that join it."""
+    """An execution in flight: the events it has sent so far, for every call that follows it."""
 
     def __init__(self) -> None:
         self.events: list[executor_service_pb2.ExecutionEvent] = []
+        self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._ended = False
+        self._error: Exception | None = None
 
     def add(self, event: executor_service_pb2.ExecutionEvent) -> None:
         self.events.append(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def end(self) -> None:
-        self._ended = True
-        self._changed.set()
+    def end(self, error: Exception | None = None) -> None:
+        """Ends the flight (the first end counts), with the error its callers get, if any."""
+        if not self._ended:
+            self._ended, self._error = True, error
+            self._changed.set()
 
     async def follow(self) -> Events:
-        """Yields every event, those sent already first, until the execution ends."""
+        """Yields every event, those sent already first, until the execution ends.
+
+        Raises:
+            Exception: The error the execution ended with.
+        """
         index = 0
         while True:
             changed = self._changed
@@ -419,13 +460,10 @@ class _Flight:
                 yield self.events[index]
                 index += 1
             if self._ended:
+                if self._error is not None:
+                    raise self._error
                 return
             await changed.wait()
-
-
-async def _replay(events: list[executor_service_pb2.ExecutionEvent]) -> Events:
-    for event in events:
-        yield event
 
 
 class _Step:

@@ -46,6 +46,12 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         async for event in self._executor.execute(request):
             yield executor_service_pb2.ExecuteResponse(event=event)
 
+    async def CancelExecution(
+        self, request: executor_service_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> executor_service_pb2.CancelExecutionResponse:
+        cancelled = await self._executor.cancel_execution(request.execution_id)
+        return executor_service_pb2.CancelExecutionResponse(cancelled=cancelled)
+
     async def ExecuteTool(
         self, request: executor_service_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.ExecuteToolResponse:
@@ -190,6 +196,7 @@ class ExecuteService:
 
     async def close(self) -> None:
         await self._retention.close()
+        await self.executor.close()
         await self._mcp.close()
         await self._store.close()
         await self._http.aclose()

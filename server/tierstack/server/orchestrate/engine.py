@@ -44,6 +44,7 @@ from tierstack.server.errors import (
     Violation,
     error_detail,
     error_detail_of_call,
+    message_of_call,
     output_too_large,
 )
 from tierstack.server.lifecycle import Fence, IllegalTransitionError
@@ -119,11 +120,17 @@ def _max_depth(limits: common_pb2.ResourceLimits | None) -> int:
 
 
 class StepRunner(Protocol):
-    """Runs one step in Tier 3 and yields its events (the Execute client satisfies it)."""
+    """Runs steps in Tier 3 (the Execute client satisfies it, and so does the executor in process)."""
 
     def execute(
         self, request: executor_service_pb2.ExecuteRequest
-    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]: ...
+    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+        """Runs one step and yields its events; a step with an execution id outlives its caller."""
+        ...
+
+    async def cancel_execution(self, execution_id: str) -> bool:
+        """Stops a step in flight; returns whether it was."""
+        ...
 
 
 ToolCatalog = Callable[[], Awaitable[Collection[str]]]
@@ -216,6 +223,7 @@ class RunManager:
         self._tools = tools
         self._parallelism = parallelism
         self._live: dict[str, _LiveRun] = {}
+        self._cancelling: set[asyncio.Task[None]] = set()  # steps in flight at Tier 3 being stopped
         self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
         self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
@@ -305,6 +313,7 @@ class RunManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._cancelling, return_exceptions=True)
         await self.log.close()
 
     async def check(self, workflow: pb.Workflow, limits: common_pb2.ResourceLimits | None = None) -> WorkflowSpec:
@@ -888,7 +897,7 @@ class RunManager:
         for failures in itertools.count():
             lost: common_pb2.ErrorDetail | None = None
             try:
-                async for event in self._runner.execute(request):
+                async for event in self._stopping_at_tier_3(request):
                     if event.sequence <= seen:
                         continue
                     seen = event.sequence
@@ -921,6 +930,28 @@ class RunManager:
                 _log.warning("step %s of run %s: %s; asking again", path, live.run.run_id, lost.message)
             await asyncio.sleep(wait)
         return output, usage or common_pb2.ResourceUsage(), error
+
+    async def _stopping_at_tier_3(
+        self, request: executor_service_pb2.ExecuteRequest
+    ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
+        """Yields a step's events from Tier 3, and when the step is cancelled here (the run pauses or is
+        cancelled), stops it there too: Tier 3 finishes a step whose caller merely went away. A step
+        left by a stopping server runs on, to be replayed when its run resumes."""
+        try:
+            async for event in self._runner.execute(request):
+                yield event
+        except asyncio.CancelledError:
+            if not self._closing:
+                task = asyncio.create_task(self._cancel_at_tier_3(request.execution_id))
+                self._cancelling.add(task)
+                task.add_done_callback(self._cancelling.discard)
+            raise
+
+    async def _cancel_at_tier_3(self, execution_id: str) -> None:
+        try:
+            await self._runner.cancel_execution(execution_id)
+        except TierstackError as exc:  # it ends with its own time limit, then
+            _log.info("could not stop step %s at Tier 3: %s", execution_id, message_of_call(exc))
 
 
 def _lost_call(error: TierstackError) -> bool:

@@ -21,6 +21,7 @@ import functools
 import random
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import uvloop
 
 from tierstack.client.values import to_struct
+from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.coordinate import AgentSpec, Need, NgramIndex, form_team
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.workflow import WorkflowSpec, check_workflow
@@ -159,10 +161,44 @@ def team_formation(repeat: int, capacity: int, results: Results) -> None:
     )
 
 
+def team_extremes(repeat: int, capacity: int, results: Results) -> None:
+    """The largest team the boundary admits (200 agents, 200 subtasks) in the shapes that cost the
+    most: every agent fits every subtask, and each subtask fits only its own agent."""
+    size = MAX_TEAM
+    shapes = {
+        "every agent fits every subtask": (
+            [AgentSpec(id=f"a{i}", capabilities=frozenset({"x"}), max_concurrent_tasks=capacity) for i in range(size)],
+            [Need(id=f"s{i}", required_capabilities=frozenset({"x"})) for i in range(size)],
+        ),
+        "each subtask fits only its own agent": (
+            [
+                AgentSpec(id=f"a{i}", capabilities=frozenset({f"c{i}"}), max_concurrent_tasks=capacity)
+                for i in range(size)
+            ],
+            [Need(id=f"s{i}", required_capabilities=frozenset({f"c{i}"})) for i in range(size)],
+        ),
+    }
+    rows = []
+    for shape, (agents, needs) in shapes.items():
+        tracemalloc.start()
+        team = form_team(agents, needs)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        took = median_ms(functools.partial(form_team, agents, needs), repeat)
+        rows.append((shape, f"{took:.1f}", f"{peak:.1f}", str(len(team.assignments))))
+    results.table(
+        f"Team formation at the boundary's largest team: {size} agents x {size} subtasks, capacity {capacity:,}",
+        ("shape", "form_team ms", "peak MiB", "assigned"),
+        rows,
+        "Each agent gets at most as many slots as subtasks fit it, so memory is bounded by the team's size.",
+    )
+
+
 async def main(repeat: int, capacity: int, results: Results) -> None:
     workflow_checks(repeat, results)
     await goal_search(repeat, results)
     team_formation(repeat, capacity, results)
+    team_extremes(repeat, capacity, results)
 
 
 if __name__ == "__main__":

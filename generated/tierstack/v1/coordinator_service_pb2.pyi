@@ -650,7 +650,7 @@ class CoordinateRequest(_message.Message):
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
         """Lists the agents available to the goal.
-        Bounds: at most 1,000 items.
+        Bounds: at most 200 items.
         """
 
     @_builtins.property
@@ -722,7 +722,7 @@ class DecomposeGoalRequest(_message.Message):
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
         """Lists the agents available, so the subtasks fit what they can do.
-        Bounds: at most 1,000 items.
+        Bounds: at most 200 items.
         """
 
     def __init__(
@@ -783,13 +783,13 @@ class FormTeamRequest(_message.Message):
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
         """Lists the agents available.
-        Bounds: at most 1,000 items.
+        Bounds: at most 200 items.
         """
 
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
         """Lists the subtasks to assign.
-        Bounds: at most 1,000 items.
+        Bounds: at most 200 items.
         """
 
     def __init__(

@@ -288,7 +288,10 @@ _RUN_REQUEST: dict[str, Rule] = {
     "workflow": Wire(MAX_WORKFLOW_BYTES),
     "inputs": Json(MAX_INPUT_BYTES),
 }
-_AGENTS = Items(1000)
+#: The most agents and subtasks one team is formed from: the assignment's memory grows with
+#: subtasks times agents times subtasks at worst.
+MAX_TEAM = 200
+_AGENTS = Items(MAX_TEAM)
 _TIER = Declared(common_pb2.Tier.DESCRIPTOR)
 _VIEW = Declared(orchestrator_service_pb2.RunView.DESCRIPTOR)
 _RUN_CONTROL: dict[str, Rule] = {"run_id": REQUIRED_ID, "reason": REASON}
@@ -389,7 +392,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "tierstack.v1.CoordinateRequest": {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)},
     "tierstack.v1.DecomposeGoalRequest": {"goal": GOAL, "agents": _AGENTS},
-    "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(1000)},
+    "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(MAX_TEAM)},
     # Every tier
     "tierstack.v1.GetMetricsRequest": {"method_filter": NAME, "tiers": Items(3, each=_TIER)},
     "tierstack.v1.WatchMetricsRequest": {

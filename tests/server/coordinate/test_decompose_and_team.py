@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tracemalloc
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tierstack.server.ai import Scope
+from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.coordinate import AgentSpec, LocalProvider, Need, SubtaskSpec, form_team
 from tierstack.server.errors import InvalidArgumentError
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -167,3 +169,28 @@ def test_many_agents_with_huge_capacities_share_the_work_evenly() -> None:
     team = form_team(agents, [Need(id=f"s{i}", required_capabilities=frozenset({"x"})) for i in range(300)])
     assert sorted(agent for _, agent, _ in team.assignments) == sorted(a.id for a in agents)  # one each
     assert {score for _, _, score in team.assignments} == {1.0 - 0.5 / (2**31 - 1)}
+
+
+def test_the_largest_team_allowed_stays_small_in_memory_whatever_its_shape() -> None:
+    size, capacity = MAX_TEAM, 1_000_000  # the boundary's largest team and capacity
+    shapes = [
+        ([frozenset({"x"})] * size, [frozenset({"x"})] * size),  # every agent fits every subtask
+        ([frozenset({f"c{i}"}) for i in range(size)], [frozenset({f"c{i}"}) for i in range(size)]),  # one each
+    ]
+    for kinds, needs in shapes:
+        agents = [
+            AgentSpec(id=f"a{i}", capabilities=kind, max_concurrent_tasks=capacity) for i, kind in enumerate(kinds)
+        ]
+        tracemalloc.start()
+        team = form_team(agents, [Need(id=f"s{i}", required_capabilities=need) for i, need in enumerate(needs)])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(team.assignments) == size and not team.unassigned
+        assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB for one team"
+
+
+def test_a_goal_of_more_subtasks_than_a_team_may_take_is_refused() -> None:
+    goal = " and ".join(f"count item {index}" for index in range(MAX_TEAM + 1))
+    with pytest.raises(InvalidArgumentError) as caught:
+        asyncio.run(LocalProvider().decompose(goal, [], Scope()))
+    assert caught.value.violations[0].field == "goal"

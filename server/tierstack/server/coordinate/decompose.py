@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tierstack.client.values import JSON
 from tierstack.server.ai import Scope
+from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.errors import InvalidArgumentError, Violation
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -112,11 +113,17 @@ class LocalProvider:
         """Returns the subtasks of ``goal`` (the rules need neither the agents nor a budget).
 
         Raises:
-            InvalidArgumentError: The goal is empty or holds nothing to do.
+            InvalidArgumentError: The goal is empty, holds nothing to do, or splits into more subtasks
+                than one team may take.
         """
         stages = _stages(goal)
         if not stages:
             raise InvalidArgumentError([Violation("goal", "states nothing to do")])
+        parts = sum(len(stage) for stage in stages)
+        if parts > MAX_TEAM:
+            raise InvalidArgumentError(
+                [Violation("goal", f"splits into {parts} subtasks; a goal may have at most {MAX_TEAM}")]
+            )
         subtasks: list[SubtaskSpec] = []
         previous: tuple[str, ...] = ()
         for index, stage in enumerate(stages):

@@ -44,21 +44,12 @@ def form_team(agents: Sequence[AgentSpec], needs: Sequence[Need]) -> Team:
     as none), maximising the total score: a pairing scores 1 minus half the agent's utilisation
     after taking it, so work spreads to the least loaded capable agents. Solved exactly with the
     Hungarian method (``scipy.optimize.linear_sum_assignment``) over one column per free agent slot
-    that an optimal assignment may use: at most as many per agent as there are subtasks, and for each
-    subtask only its best fitting ones. Time and memory grow with agents times subtasks (and the
-    Hungarian method's with subtasks cubed and the agents tied for a best slot), whatever the
-    capacities.
+    that an optimal assignment may use: at most as many per agent as there are subtasks it fits, and
+    for each subtask only its best fitting ones. Memory grows with subtasks times agents times
+    subtasks at worst, whatever the capacities: the boundary bounds both (200 each).
     """
-    capacity = np.array([max(agent.max_concurrent_tasks, 1) for agent in agents], dtype=float)
-    load = np.array([max(agent.current_load, 0) for agent in agents], dtype=float)
-    # No agent takes more subtasks than there are, so later slots would never be chosen: each slot
-    # scoring less than the one before, the first ones keep the assignment optimal.
-    free = np.clip(np.minimum(capacity - load, len(needs)), 0, None).astype(np.int64)
-    if not needs or not free.sum():
+    if not needs or not agents:
         return Team((), tuple(need.id for need in needs))
-    owner = np.repeat(np.arange(len(agents)), free)  # by slot: its agent
-    taken = load[owner] + np.arange(len(owner)) - np.repeat(np.cumsum(free) - free, free)
-    scores = 1.0 - 0.5 * (taken + 1) / capacity[owner]
     # Which agents can take which subtasks, as matrices over the capabilities: an agent fits a
     # subtask when the subtask requires no capability the agent lacks.
     names = {name: index for index, name in enumerate({c for need in needs for c in need.required_capabilities})}
@@ -69,6 +60,17 @@ def form_team(agents: Sequence[AgentSpec], needs: Sequence[Need]) -> Team:
     for row, agent in enumerate(agents):
         lacking[row, [names[c] for c in agent.capabilities if c in names]] = 0
     agents_fitting = required @ lacking.T == 0  # subtasks by agents
+    capacity = np.array([max(agent.max_concurrent_tasks, 1) for agent in agents], dtype=float)
+    load = np.array([max(agent.current_load, 0) for agent in agents], dtype=float)
+    # No agent takes more subtasks than fit it, so later slots would never be chosen: each slot
+    # scoring less than the one before, the first ones keep the assignment optimal. So there are at
+    # most agents times subtasks slots, whatever the capacities.
+    free = np.clip(np.minimum(capacity - load, agents_fitting.sum(axis=0)), 0, None).astype(np.int64)
+    if not free.sum():
+        return Team((), tuple(need.id for need in needs))
+    owner = np.repeat(np.arange(len(agents)), free)  # by slot: its agent
+    taken = load[owner] + np.arange(len(owner)) - np.repeat(np.cumsum(free) - free, free)
+    scores = 1.0 - 0.5 * (taken + 1) / capacity[owner]
     # A subtask on a slot worse than its n best fitting ones (n subtasks) could move to one of those
     # left free and score more: only those slots can be in an optimal assignment, and they are the
     # first slots of their agents. So columns grow with subtasks squared, hardly with agents.

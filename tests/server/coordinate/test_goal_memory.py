@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
+import tracemalloc
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,3 +154,16 @@ async def test_unreadable_lines_are_skipped_with_a_warning(tmp_path: Path, caplo
         await memory.load()
     assert len(memory) == 1 and await recalled(memory, "write the weekly report") == "the report"
     assert "skipped 7 unreadable lines of goals.jsonl (the first: line 1)" in caplog.text
+
+
+async def test_goals_of_the_longest_kind_in_an_odd_alphabet_keep_the_index_small() -> None:
+    generator = random.Random(3)
+    goals = ["".join(chr(generator.randrange(0x4E00, 0x9FFF)) for _ in range(16_384)) for _ in range(300)]
+    index = NgramIndex()
+    tracemalloc.start()
+    await index.add([(f"g{number}", goal) for number, goal in enumerate(goals)])
+    found = await index.similar(goals[7])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert found[0] == ("g7", pytest.approx(1.0))
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB for 300 goals"

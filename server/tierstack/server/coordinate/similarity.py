@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
@@ -107,12 +108,31 @@ def _best(rows: _Rows, scores: np.ndarray, limit: int) -> list[tuple[str, float]
     return [(rows.keys[row], float(scores[row])) for row in ranked.tolist()]
 
 
+#: How much of a goal's text is compared: its first characters. A goal of the longest kind costs the
+#: index no more than this.
+INDEXED_CHARACTERS = 512
+#: How many columns n-grams are hashed into: the index's width, whatever the vocabulary of its goals.
+COLUMNS = 1 << 18
+
+
+def _columns(text: str, n: int) -> Counter[int]:
+    """Returns the n-gram counts of a goal's compared prefix, by the column each n-gram hashes to (a
+    stable hash: the same text gets the same columns in every process)."""
+    grams = _grams(text[:INDEXED_CHARACTERS], n)
+    columns: Counter[int] = Counter()
+    for gram, count in grams.items():
+        columns[zlib.crc32(gram.encode()) & (COLUMNS - 1)] += count
+    return columns
+
+
 class NgramIndex:
     """Character n-gram TF-IDF with cosine similarity; IDF is computed over the stored goals.
 
-    Each goal's n-gram counts are kept once, as a row of a sparse matrix over the n-grams seen; a
-    search weighs them by the current IDF and scores every goal with one sparse product (and their
-    norms with another), so it costs time linear in the stored n-grams, with no Python work per goal.
+    Each goal's n-gram counts (of its first ``INDEXED_CHARACTERS`` characters, hashed into
+    ``COLUMNS`` columns, so that neither long goals nor an odd alphabet can grow the index) are kept
+    once, as a row of a sparse matrix; a search weighs them by the current IDF and scores every goal
+    with one sparse product (and their norms with another), so it costs time linear in the stored
+    n-grams, with no Python work per goal. Memory is at most about 16 bytes per indexed character.
 
     Args:
         n: The n-gram length.
@@ -121,26 +141,21 @@ class NgramIndex:
     def __init__(self, *, n: int = 3) -> None:
         self._n = n
         self._rows = _Rows()
-        self._vocabulary: dict[str, int] = {}  # n-gram to column
-        self._frequency = _Growing(np.int64)  # by column: how many live goals have the n-gram
+        self._frequency = np.zeros(COLUMNS, dtype=np.int64)  # by column: how many live goals have it
         self._row_starts = _Growing(np.int64)  # by row, then one past the last: CSR ``indptr``
         self._row_starts.extend([0])
         self._columns = _Growing(np.int64)  # CSR ``indices``
-        self._counts = _Growing(np.float64)  # CSR ``data``: each n-gram's count in its goal
+        self._counts = _Growing(np.float64)  # CSR ``data``: each column's count in its goal
 
     async def add(self, entries: Sequence[tuple[str, str]]) -> None:
         for key, text in entries:
             self._forget(key)
-            grams = _grams(text, self._n)
-            fresh = [gram for gram in grams if gram not in self._vocabulary]
-            for gram in fresh:
-                self._vocabulary[gram] = len(self._vocabulary)
-            self._frequency.extend(np.zeros(len(fresh)))
-            columns = np.fromiter((self._vocabulary[gram] for gram in grams), dtype=np.int64, count=len(grams))
-            self._frequency.values[columns] += 1
+            found = _columns(text, self._n)
+            columns = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
+            self._frequency[columns] += 1
             self._rows.append(key)
             self._columns.extend(columns)
-            self._counts.extend(list(grams.values()))
+            self._counts.extend(list(found.values()))
             self._row_starts.extend([self._columns.size])
         if self._rows.crowded:
             self._compact()
@@ -155,22 +170,18 @@ class NgramIndex:
         row = self._rows.release(key)
         if row is not None:
             start, end = self._row_starts.values[row : row + 2]
-            self._frequency.values[self._columns.values[start:end]] -= 1
+            self._frequency[self._columns.values[start:end]] -= 1
             self._counts.values[start:end] = 0  # a dead row scores 0 until it is compacted away
 
     def _compact(self) -> None:
-        """Drops the dead rows and the n-grams no live goal has."""
+        """Drops the dead rows."""
         alive = self._rows.alive.copy()
         lengths = np.diff(self._row_starts.values)
         keep = np.repeat(alive, lengths)
         self._rows.compact()
-        used = self._frequency.values > 0
-        renumbered = np.cumsum(used) - 1
-        self._vocabulary = {gram: int(renumbered[column]) for gram, column in self._vocabulary.items() if used[column]}
-        frequency, columns, counts = self._frequency.values[used], self._columns.values[keep], self._counts.values[keep]
-        self._frequency, self._columns, self._counts = _Growing(np.int64), _Growing(np.int64), _Growing(np.float64)
-        self._frequency.extend(frequency)
-        self._columns.extend(renumbered[columns])
+        columns, counts = self._columns.values[keep], self._counts.values[keep]
+        self._columns, self._counts = _Growing(np.int64), _Growing(np.float64)
+        self._columns.extend(columns)
         self._counts.extend(counts)
         self._row_starts = _Growing(np.int64)
         self._row_starts.extend(np.concatenate([[0], np.cumsum(lengths[alive])]))
@@ -181,22 +192,17 @@ class NgramIndex:
             return []
         # Smoothed IDF with one added (as scikit-learn does), so that with few stored goals a
         # near-duplicate is not pushed apart by the handful of n-grams it adds.
-        idf = np.log((1 + documents) / (1 + self._frequency.values)) + 1
-        unseen_idf = math.log(1 + documents) + 1
-        query = np.zeros(len(idf))
-        query_square = 0.0
-        for gram, count in _grams(text, self._n).items():
-            column = self._vocabulary.get(gram)
-            if column is None:
-                query_square += (count * unseen_idf) ** 2
-            else:
-                query[column] = count * idf[column]
-                query_square += query[column] ** 2
-        shape = (len(self._rows.keys), len(idf))
+        idf = np.log((1 + documents) / (1 + self._frequency)) + 1
+        found = _columns(text, self._n)
+        columns = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
+        weights = np.fromiter(found.values(), dtype=np.float64, count=len(found)) * idf[columns]
+        shape = (len(self._rows.keys), COLUMNS)
         counts = sparse.csr_array((self._counts.values, self._columns.values, self._row_starts.values), shape=shape)
         squares = sparse.csr_array((self._counts.values**2, self._columns.values, self._row_starts.values), shape=shape)
-        dots = counts @ (query * idf)
-        norms = np.sqrt(squares @ (idf * idf)) * math.sqrt(query_square)
+        query = np.zeros(COLUMNS)
+        query[columns] = weights * idf[columns]
+        dots = counts @ query
+        norms = np.sqrt(squares @ (idf * idf)) * math.sqrt(float(weights @ weights))
         scores = np.minimum(dots / np.where(norms == 0, 1.0, norms), 1.0)
         return _best(self._rows, scores, limit)
 

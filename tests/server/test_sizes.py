@@ -166,4 +166,6 @@ async def test_a_goal_whose_outputs_are_too_large_together_fails(data_dir: Path,
 def test_the_message_size_comes_from_the_environment() -> None:
     settings = Settings.from_env("execute", {"TIERSTACK_MAX_MESSAGE_BYTES": str(32 * MiB)})
     assert settings == dataclasses.replace(Settings.from_env("execute", {}), max_message_bytes=32 * MiB)
-    assert settings.max_total_output_bytes == 16 * MiB
+    assert settings.max_total_output_bytes == 3 * MiB  # readable by a client with gRPC's default limit
+    small = Settings.from_env("execute", {"TIERSTACK_MAX_MESSAGE_BYTES": str(2 * MiB)})
+    assert small.max_total_output_bytes == MiB

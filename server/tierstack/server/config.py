@@ -112,8 +112,9 @@ class Settings:
     @property
     def max_total_output_bytes(self) -> int:
         """The largest outputs of one run or one goal together, in bytes of their wire form: half the
-        largest message, so that the event carrying them fits one message with room to spare."""
-        return self.max_message_bytes // 2
+        largest message, and at most 3 MiB, so that the event carrying them fits one message with room
+        to spare, even for a client that keeps gRPC's default limit of 4 MiB."""
+        return min(self.max_message_bytes // 2, 3 << 20)
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:

@@ -20,6 +20,17 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     return repr(text[:limit] + "…") if len(text) > limit else repr(text)
 
 
+#: The longest text of a tool's own failure that a result carries.
+BRIEF_LIMIT = 300
+
+
+def brief(text: str) -> str:
+    """Returns the first line of a failure's text, cut to ``BRIEF_LIMIT`` characters: a tool's or a
+    library's message may quote whole inputs (a template, an expression) or span many lines."""
+    line = text.strip().split("\n", 1)[0]
+    return line if len(line) <= BRIEF_LIMIT else line[: BRIEF_LIMIT - 1] + "…"
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     """Names one field of a request that is wrong and says why."""

@@ -116,6 +116,9 @@ async def test_a_stored_run_that_cannot_resume_is_failed_and_the_server_starts(t
         await store.close()
     async with open_stack(Settings(data_dir=tmp_path)) as stack:
         bad = await stack.orchestrator.get_run("bad")
+        torn = await stack.orchestrator.get_run("torn")  # readable again, failed
+        listed = {run.run_id for run in (await stack.orchestrator.list_runs()).runs}
+        await stack.orchestrator.delete_run("torn")
         async for _ in stack.orchestrator.watch_run("good"):
             pass
         good = await stack.orchestrator.get_run("good")
@@ -123,3 +126,5 @@ async def test_a_stored_run_that_cannot_resume_is_failed_and_the_server_starts(t
     assert bad.error.reason == "RUN_NOT_RESUMABLE"
     assert "limits.max_parallelism" in bad.error.message
     assert good.state == pb.RUN_STATE_COMPLETED
+    assert (torn.state, torn.error.reason) == (pb.RUN_STATE_FAILED, "RUN_NOT_RESUMABLE")
+    assert listed == {"bad", "good", "torn"}

@@ -21,7 +21,7 @@ from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
-from tierstack.server.errors import quoted
+from tierstack.server.errors import brief, quoted
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.workers import output_limit, too_large
 
@@ -64,9 +64,9 @@ def _render(arguments: dict[str, Any], context: ToolContext) -> JSON:
                 raise too_large(limit)
             parts.append(part)
     except SecurityError as exc:
-        raise ToolError("TEMPLATE_UNSAFE", f"the sandbox refused the template: {exc}") from exc
+        raise ToolError("TEMPLATE_UNSAFE", f"the sandbox refused the template: {brief(str(exc))}") from exc
     except jinja2.TemplateError as exc:
-        raise ToolError("TEMPLATE_ERROR", str(exc)) from exc
+        raise ToolError("TEMPLATE_ERROR", f"the template is not valid: {brief(str(exc))}") from exc
     return "".join(parts)
 
 
@@ -74,7 +74,7 @@ def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
     try:
         result: JSON = _expression(arguments["expression"]).search(arguments.get("data"))
     except JMESPathError as exc:
-        raise ToolError("INVALID_EXPRESSION", str(exc)) from exc
+        raise ToolError("INVALID_EXPRESSION", f"the expression is not valid: {brief(str(exc))}") from exc
     return result
 
 
@@ -131,7 +131,7 @@ class HttpRequester:
         except httpx.TimeoutException as exc:
             raise ToolError("HTTP_TIMEOUT", f"{request.method} {quoted(url)} timed out") from exc
         except httpx.HTTPError as exc:
-            raise ToolError("HTTP_ERROR", f"{request.method} {quoted(url)} failed: {exc}") from exc
+            raise ToolError("HTTP_ERROR", f"{request.method} {quoted(url)} failed: {brief(str(exc))}") from exc
         text = body.decode(response.encoding or "utf-8", errors="replace")
         result: dict[str, JSON] = {
             "status": response.status_code,

@@ -37,6 +37,7 @@ from tierstack.server.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
     Violation,
+    brief,
     error_detail,
     output_too_large,
 )
@@ -160,7 +161,9 @@ class Executor:
         start = time.perf_counter()
         tokens_before = context.meter.tokens
         result = common_pb2.ToolResult(tool=tool.name)
-        seconds = tool.timeout_seconds if timeout is None else timeout
+        # A caller may ask for less time than the tool's own limit, never for more: a day-long
+        # timeout on a spinning template would hold a worker for the day.
+        seconds = tool.timeout_seconds if timeout is None else min(timeout, tool.timeout_seconds)
         try:
             with span(f"tool {tool.name}"):
                 async with asyncio.timeout(seconds):
@@ -174,7 +177,7 @@ class Executor:
             else:
                 result.output.CopyFrom(value)
         except ToolError as exc:
-            result.error.CopyFrom(_error(exc.reason, exc.message, tool=tool.name))
+            result.error.CopyFrom(_error(exc.reason, brief(exc.message), tool=tool.name))
         except TimeoutError:
             result.error.CopyFrom(_error("TOOL_TIMEOUT", f"{tool.name} did not finish in time", tool=tool.name))
         except Exception:

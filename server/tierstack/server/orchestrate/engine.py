@@ -273,7 +273,10 @@ class RunManager:
             except Exception as exc:
                 self._live.pop(stored.run.run_id, None)
                 _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
-                await self._fail_unresumable(stored, fence, history, exc)
+                try:
+                    await self._fail_unresumable(stored, fence, history, exc)
+                except Exception as failure:  # the store fails too: the next start tries again
+                    _log.error("run %s could not be marked failed (%s)", stored.run.run_id, type(failure).__name__)
         self._retention.start()
 
     async def _fail_unresumable(

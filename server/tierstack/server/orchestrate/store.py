@@ -281,6 +281,20 @@ _SOURCES = {
 }
 
 
+def _unreadable(run_id: str) -> tuple[int, bytes, int]:
+    """Returns the state, record and end time that replace a run whose record cannot be read."""
+    run = Run(run_id=run_id, state=orchestrator_service_pb2.RUN_STATE_FAILED)
+    run.error.CopyFrom(
+        common_pb2.ErrorDetail(
+            reason="RUN_NOT_RESUMABLE",
+            message="the run cannot be resumed: its stored record cannot be read back",
+            tier=common_pb2.TIER_ORCHESTRATE,
+        )
+    )
+    run.end_time.GetCurrentTime()
+    return run.state, run.SerializeToString(), run.end_time.ToNanoseconds()
+
+
 def _fenced(fences: Mapping[str, Fence], run_id: str) -> tuple[str, int]:
     fence = fences[run_id]
     return fence.owner, fence.epoch
@@ -468,7 +482,8 @@ class SqliteRunStore(RunStore):
 
     async def unfinished_runs(self) -> list[StoredRun]:
         """Returns every run that is pending or running, oldest first; a run whose stored record
-        cannot be read is marked failed (and logged) rather than returned."""
+        cannot be read is replaced by a failed one (reason RUN_NOT_RESUMABLE), so that it can still
+        be read, listed and deleted, and logged, rather than returned."""
         marks = ", ".join("?" * len(_UNFINISHED))
         query = f"SELECT run_id, run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
         async with self._conn.execute(query, _UNFINISHED) as rows:
@@ -479,11 +494,13 @@ class SqliteRunStore(RunStore):
                 except DecodeError:
                     unreadable.append(run_id)
         if unreadable:
-            _log.warning("%d stored runs cannot be read and are marked failed: %s", len(unreadable), unreadable)
+            _log.warning(
+                "%d stored runs cannot be read and are marked failed, such as %s", len(unreadable), unreadable[:5]
+            )
             async with self._turn:
                 await self._conn.executemany(
-                    "UPDATE runs SET state = ? WHERE run_id = ?",
-                    [(orchestrator_service_pb2.RUN_STATE_FAILED, run_id) for run_id in unreadable],
+                    "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
+                    [(*_unreadable(run_id), run_id) for run_id in unreadable],
                 )
                 await self._conn.commit()
         return found

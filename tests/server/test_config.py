@@ -24,9 +24,9 @@ def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
     assert Settings.from_env("coordinate", {}).metrics_port == 9451
 
 
-def test_retention_and_the_replay_cache_budget_come_from_the_environment() -> None:
-    env = {"TIERSTACK_RETENTION_SECONDS": "0"}
+def test_retention_and_the_execution_store_budget_come_from_the_environment() -> None:
+    env = {"TIERSTACK_RETENTION_SECONDS": "0", "TIERSTACK_EXECUTION_STORE_BYTES": "4096"}
     settings = Settings.from_env("orchestrate", env)
-    assert settings.retention_seconds == 0.0
+    assert (settings.retention_seconds, settings.execution_store_bytes) == (0.0, 4096)
     defaults = Settings.from_env("orchestrate", {})
-    assert defaults.retention_seconds == 7 * 24 * 3600
+    assert (defaults.retention_seconds, defaults.execution_store_bytes) == (7 * 24 * 3600, 1 << 30)

@@ -65,6 +65,8 @@ class Settings:
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
         max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
             tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
+        execution_store_bytes: How many bytes of finished executions' events Execute keeps to replay
+            a step asked for again; past it, those finished longest ago are forgotten.
         retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
             0 keeps them forever.
         worker_processes: How many worker processes run the tool calls that burn CPU or memory
@@ -106,6 +108,7 @@ class Settings:
     max_output_bytes: int = 1 << 20
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     retention_seconds: float = 7 * 24 * 3600.0
+    execution_store_bytes: int = 1 << 30
     worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     worker_memory_mb: int = 512
 
@@ -171,6 +174,7 @@ class Settings:
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
             retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
+            execution_store_bytes=int(env.get("TIERSTACK_EXECUTION_STORE_BYTES", defaults.execution_store_bytes)),
             worker_processes=int(env.get("TIERSTACK_WORKER_PROCESSES", defaults.worker_processes)),
             worker_memory_mb=int(env.get("TIERSTACK_WORKER_MEMORY_MB", defaults.worker_memory_mb)),
             approval_timeout_seconds=float(

@@ -37,6 +37,12 @@ CHECK_INLINE_BYTES = 64 << 10
 INTERNAL_MESSAGE = "the server failed unexpectedly while answering; its log has the details"
 
 
+def _unwritten(error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Says whether a handler is a generated servicer's method nobody wrote: it sets UNIMPLEMENTED
+    and raises NotImplementedError (any other NotImplementedError is a failure like others)."""
+    return isinstance(error, NotImplementedError) and context.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 class _Malformed:
     """Stands for a request whose bytes are not a message of its type."""
 
@@ -172,8 +178,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - start
         if isinstance(error, DomainError | TierstackError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
-        elif error is not None and not isinstance(
-            error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError | NotImplementedError
+        elif (
+            error is not None
+            and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError)
+            and not _unwritten(error, context)
         ):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.in_flight[method] -= 1
@@ -203,7 +211,7 @@ class _Observed:
         try:
             if isinstance(error, DomainError | TierstackError):
                 await self._context.abort_with_status(to_grpc_status(error))
-            elif isinstance(error, NotImplementedError):  # a generated servicer's method nobody wrote
+            elif _unwritten(error, self._context):
                 await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "the server does not offer this method")
             elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

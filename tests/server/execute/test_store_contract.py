@@ -91,3 +91,23 @@ async def test_sqlite_keeps_executions_and_approvals_across_a_reopen(tmp_path: P
         assert waiting is not None and not waiting.decided
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_finished_executions_are_bounded_in_bytes(backend: str, tmp_path: Path) -> None:
+    budget = 4096
+    store: ExecutionStore = (
+        MemoryExecutionStore(max_bytes=budget)
+        if backend == "memory"
+        else SqliteExecutionStore(tmp_path / "executions.sqlite3", max_bytes=budget)
+    )
+    await store.open()
+    try:
+        for index in range(200):  # far more than the budget holds
+            await store.finish(f"e{index}", _events(f"e{index}", "x"))
+        assert await store.finished("e0") is None  # the first finished are forgotten
+        assert await store.finished("e199") is not None
+        kept = [index for index in range(200) if await store.finished(f"e{index}") is not None]
+        assert 0 < len(kept) < 200 and kept == list(range(200 - len(kept), 200))
+    finally:
+        await store.close()

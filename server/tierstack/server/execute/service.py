@@ -136,7 +136,9 @@ class ExecuteService:
         register_builtin_tools(self.registry, self._http, self.ai)
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
-        self._store = SqliteExecutionStore(settings.data_dir / "executions.sqlite3")
+        self._store = SqliteExecutionStore(
+            settings.data_dir / "executions.sqlite3", max_bytes=settings.execution_store_bytes
+        )
         self.workers = WorkerPool(
             workers=settings.worker_processes,
             memory_mb=settings.worker_memory_mb,

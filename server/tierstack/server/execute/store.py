@@ -57,8 +57,13 @@ def _unpack(blob: bytes) -> list[ExecutionEvent]:
     return events
 
 
+#: How many bytes of finished executions' events a store keeps unless told otherwise.
+DEFAULT_MAX_BYTES = 1 << 30
+
+
 class ExecutionStore(abc.ABC):
-    """Keeps finished executions and waiting approvals."""
+    """Keeps finished executions and waiting approvals. The finished executions are bounded in bytes:
+    past the budget, those finished longest ago are forgotten (asked for again, they run again)."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -74,7 +79,8 @@ class ExecutionStore(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
-        """Keeps a finished execution's events; the first one kept for an id stays."""
+        """Keeps a finished execution's events (the first one kept for an id stays), forgetting
+        those finished longest ago while the events kept are over the byte budget."""
 
     @abc.abstractmethod
     async def open_approval(self, approval: Approval) -> Approval:
@@ -97,10 +103,16 @@ class ExecutionStore(abc.ABC):
 
 
 class MemoryExecutionStore(ExecutionStore):
-    """Keeps executions in this process only; for tests and throwaway servers."""
+    """Keeps executions in this process only; for tests and throwaway servers.
 
-    def __init__(self) -> None:
-        self._finished: dict[str, tuple[int, bytes]] = {}
+    Args:
+        max_bytes: The most bytes of finished executions' events kept.
+    """
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._finished: dict[str, tuple[int, bytes]] = {}  # in the order they finished
         self._approvals: dict[str, Approval] = {}
 
     async def open(self) -> None:
@@ -114,7 +126,13 @@ class MemoryExecutionStore(ExecutionStore):
         return None if found is None else _unpack(found[1])
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
-        self._finished.setdefault(execution_id, (time.time_ns(), _pack(events)))
+        if execution_id in self._finished:
+            return
+        packed = self._finished[execution_id] = (time.time_ns(), _pack(events))
+        self._bytes += len(packed[1])
+        while self._bytes > self._max_bytes:
+            oldest = next(iter(self._finished))
+            self._bytes -= len(self._finished.pop(oldest)[1])
 
     async def open_approval(self, approval: Approval) -> Approval:
         for kept in self._approvals.values():
@@ -136,7 +154,7 @@ class MemoryExecutionStore(ExecutionStore):
     async def forget_before(self, ns: int) -> int:
         old = [key for key, (finish_ns, _) in self._finished.items() if finish_ns < ns]
         for key in old:
-            del self._finished[key]
+            self._bytes -= len(self._finished.pop(key)[1])
         for key in [key for key, approval in self._approvals.items() if approval.expire_ns < ns]:
             del self._approvals[key]
         return len(old)
@@ -183,10 +201,13 @@ class SqliteExecutionStore(ExecutionStore):
 
     Args:
         path: The database file; its folder is created when missing.
+        max_bytes: The most bytes of finished executions' events kept.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._path = path
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._db: aiosqlite.Connection | None = None
 
     @property
@@ -202,6 +223,12 @@ class SqliteExecutionStore(ExecutionStore):
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.executescript(_SCHEMA)
         await self._db.commit()
+        self._bytes = await self._kept_bytes()
+
+    async def _kept_bytes(self) -> int:
+        async with self._conn.execute("SELECT COALESCE(SUM(LENGTH(events)), 0) FROM executions") as rows:
+            row = await rows.fetchone()
+        return int(row[0]) if row else 0
 
     async def close(self) -> None:
         if self._db is not None:
@@ -214,10 +241,23 @@ class SqliteExecutionStore(ExecutionStore):
         return None if row is None else _unpack(row[0])
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
-        await self._conn.execute(
+        packed = _pack(events)
+        cursor = await self._conn.execute(
             "INSERT INTO executions (execution_id, finish_ns, events) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            (execution_id, time.time_ns(), _pack(events)),
+            (execution_id, time.time_ns(), packed),
         )
+        self._bytes += len(packed) if cursor.rowcount == 1 else 0
+        while self._bytes > self._max_bytes:
+            query = "SELECT execution_id, LENGTH(events) FROM executions ORDER BY finish_ns LIMIT 64"
+            async with self._conn.execute(query) as rows:
+                oldest = await rows.fetchall()
+            if not oldest:
+                break
+            for forgotten, size in oldest:
+                if self._bytes <= self._max_bytes:
+                    break
+                await self._conn.execute("DELETE FROM executions WHERE execution_id = ?", (forgotten,))
+                self._bytes -= size
         await self._conn.commit()
 
     async def open_approval(self, approval: Approval) -> Approval:
@@ -257,4 +297,5 @@ class SqliteExecutionStore(ExecutionStore):
         cursor = await self._conn.execute("DELETE FROM executions WHERE finish_ns < ?", (ns,))
         await self._conn.execute("DELETE FROM approvals WHERE expire_ns < ?", (ns,))
         await self._conn.commit()
+        self._bytes = await self._kept_bytes()
         return cursor.rowcount

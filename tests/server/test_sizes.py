@@ -40,7 +40,9 @@ def body(output: Any) -> Any:
 @pytest.fixture
 async def roomy(data_dir: Path) -> AsyncIterator[Stack]:
     """A stack whose output cap lets the 5 MB body through, within the default message size."""
-    async with open_stack(Settings(data_dir=data_dir, max_output_bytes=8 * MiB)) as opened:
+    async with open_stack(
+        Settings(data_dir=data_dir, max_output_bytes=8 * MiB, max_run_output_bytes=8 * MiB)
+    ) as opened:
         yield opened
 
 
@@ -169,3 +171,5 @@ def test_the_message_size_comes_from_the_environment() -> None:
     assert settings.max_total_output_bytes == 3 * MiB  # readable by a client with gRPC's default limit
     small = Settings.from_env("execute", {"TIERSTACK_MAX_MESSAGE_BYTES": str(2 * MiB)})
     assert small.max_total_output_bytes == MiB
+    roomy = Settings.from_env("execute", {"TIERSTACK_MAX_RUN_OUTPUT_BYTES": str(8 * MiB)})
+    assert roomy.max_total_output_bytes == 8 * MiB

@@ -65,6 +65,9 @@ class Settings:
         max_output_bytes: The largest output of one tool call or one step, in bytes of its wire form.
         max_message_bytes: The largest gRPC message this server receives or sends, and its calls to the
             tier below; the same on every tier (``TIERSTACK_MAX_MESSAGE_BYTES``, 16 MiB).
+        max_run_output_bytes: The largest outputs of one run or one goal together (3 MiB by default,
+            so that a client with gRPC's default 4 MiB limit reads every event; half the message
+            size at most).
         execution_store_bytes: How many bytes of finished executions' events Execute keeps to replay
             a step asked for again; past it, those finished longest ago are forgotten.
         retention_seconds: How long a finished run (with its events) and an unused workspace are kept;
@@ -107,6 +110,7 @@ class Settings:
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
     max_output_bytes: int = 1 << 20
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_run_output_bytes: int = 3 << 20
     retention_seconds: float = 7 * 24 * 3600.0
     execution_store_bytes: int = 1 << 30
     worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -114,10 +118,10 @@ class Settings:
 
     @property
     def max_total_output_bytes(self) -> int:
-        """The largest outputs of one run or one goal together, in bytes of their wire form: half the
-        largest message, and at most 3 MiB, so that the event carrying them fits one message with room
-        to spare, even for a client that keeps gRPC's default limit of 4 MiB."""
-        return min(self.max_message_bytes // 2, 3 << 20)
+        """The largest outputs of one run or one goal together, in bytes of their wire form:
+        ``max_run_output_bytes``, and at most half the largest message, so that the event carrying
+        them fits one message with room to spare."""
+        return min(self.max_run_output_bytes, self.max_message_bytes // 2)
 
     @classmethod
     def from_env(cls, tier: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -173,6 +177,7 @@ class Settings:
             ),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
+            max_run_output_bytes=int(env.get("TIERSTACK_MAX_RUN_OUTPUT_BYTES", defaults.max_run_output_bytes)),
             retention_seconds=float(env.get("TIERSTACK_RETENTION_SECONDS", defaults.retention_seconds)),
             execution_store_bytes=int(env.get("TIERSTACK_EXECUTION_STORE_BYTES", defaults.execution_store_bytes)),
             worker_processes=int(env.get("TIERSTACK_WORKER_PROCESSES", defaults.worker_processes)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -11,6 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tierstack.client.errors import TierstackError
+from tierstack.server.boundary import MAX_VIOLATIONS
 from tierstack.server.errors import (
     ERROR_DOMAIN,
     DomainError,
@@ -61,15 +62,16 @@ def _clip(text: str, most: int) -> str:
     return text if len(text) <= most else text[: most - 1] + "…"
 
 
-def _bad_request(violations: Iterable[_Named]) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(
-                field=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
-            )
-            for v in violations
-        ]
-    )
+def _bad_request(violations: Sequence[_Named]) -> error_details_pb2.BadRequest:
+    shown = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+        )
+        for v in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:  # the rest would not fit the trailers
+        shown[-1].description = _clip(f"{shown[-1].description} (and {len(violations) - MAX_VIOLATIONS} more)", 512)
+    return error_details_pb2.BadRequest(field_violations=shown)
 
 
 def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailure:

@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.server.orchestrate.workflows import dags, step, workflow
+from tierstack.client.values import JSON
 from tierstack.server.errors import InvalidArgumentError
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.templates import TemplateError, lookup, render
+from tierstack.server.orchestrate.templates import Budget, TemplateError, lookup, render
 from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -67,6 +68,8 @@ def test_render_keeps_types_and_interpolates_text() -> None:
             "jinja": "{{ name }} passes through",
         },
         functools.partial(lookup, scope),
+        "parameters",
+        Budget(1 << 20),
     )
     assert rendered == {
         "days": 3,
@@ -77,9 +80,22 @@ def test_render_keeps_types_and_interpolates_text() -> None:
     }
 
 
+def test_a_template_repeating_a_large_value_fails_before_it_fills_memory() -> None:
+    scope = {"inputs": {"big": "y" * 5000}}
+    with pytest.raises(TemplateError) as caught:  # 100,000 copies would be 500 MB
+        render({"v": "{{inputs.big}}" * 100_000}, functools.partial(lookup, scope), "parameters", Budget(1 << 20))
+    assert (caught.value.field, caught.value.message) == (
+        "parameters.v",
+        "the templates fill in more than 1048576 bytes",
+    )
+    whole: JSON = {f"k{index}": "{{inputs.big}}" for index in range(1000)}  # each a whole value, not text
+    with pytest.raises(TemplateError):
+        render(whole, functools.partial(lookup, scope), "parameters", Budget(1 << 20))
+
+
 def test_render_names_the_missing_path() -> None:
     with pytest.raises(TemplateError) as caught:
-        render({"x": ["{{inputs.missing.deep}}"]}, functools.partial(lookup, {"inputs": {}}))
+        render({"x": ["{{inputs.missing.deep}}"]}, functools.partial(lookup, {"inputs": {}}), "parameters", Budget(64))
     assert caught.value.field == "parameters.x[0]"
     assert "inputs.missing does not exist" in caught.value.message
 
@@ -200,3 +216,15 @@ def test_a_condition_nested_too_deeply_and_a_huge_index_are_named() -> None:
         + "9" * 5000
         + "]}}: the index at 11 is too large",
     }
+
+
+BUILDS = "a `when` condition may not build lists or objects ([a, b], {k: v}); it selects and compares"
+
+
+def test_a_condition_that_builds_lists_or_objects_is_refused() -> None:
+    exploding = "length(inputs.a" + "|[@,@,@,@][]" * 10 + ") > `0`"  # each level four times the last
+    for condition in (exploding, "{k: inputs.a}.k"):
+        found = violations(workflow(pb.WorkflowStep(id="s", tool="core.echo", when=condition)))
+        assert found == {"workflow.steps[0].when": BUILDS}
+    fine = "length(inputs.a[?ok]) > `0` && contains(inputs.tags, 'x')"
+    assert check_workflow(workflow(pb.WorkflowStep(id="s", tool="core.echo", when=fine))).steps[0].when is not None

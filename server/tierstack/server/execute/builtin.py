@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fnmatch
 import json
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,12 @@ from tierstack.server.execute.workers import output_limit, too_large
 
 # Immutable: a template cannot change the values it is given (no ``x.pop()``, no ``d.update()``).
 _JINJA = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)
+# Only plain helpers: ``lipsum``, ``cycler`` and ``joiner`` render as the server's objects (addresses).
+for _unsafe in ("lipsum", "cycler", "joiner"):
+    del _JINJA.globals[_unsafe]
+#: The most bytes and files one run's workspace may hold.
+WORKSPACE_MAX_BYTES = 256 << 20
+WORKSPACE_MAX_FILES = 10_000
 
 
 # The templates and expressions below run in worker processes (see workers.py), so these caches of
@@ -153,22 +160,52 @@ def _inside(workspace: Path, path: str) -> Path:
     return target
 
 
+def _usage(root: Path) -> tuple[int, int]:
+    """Returns the bytes and the files a workspace holds (links not followed)."""
+    size = files = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            files += 1
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(folder, name)).st_size
+    return size, files
+
+
 def _write_file(workspace: Path, path: str, content: str, append: bool) -> int:
-    target = _inside(workspace, path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("a" if append else "w", encoding="utf-8") as file:
-        return file.write(content)
+    try:
+        target = _inside(workspace, path)
+        size, files = _usage(workspace) if workspace.exists() else (0, 0)
+        added = len(content.encode())
+        if size + added > WORKSPACE_MAX_BYTES or (files >= WORKSPACE_MAX_FILES and not target.exists()):
+            raise ToolError(
+                "WORKSPACE_FULL",
+                f"the run's workspace may hold {WORKSPACE_MAX_BYTES} bytes in {WORKSPACE_MAX_FILES} files; it holds"
+                f" {size} bytes in {files} files",
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a" if append else "w", encoding="utf-8") as file:
+            return file.write(content)
+    except (OSError, ValueError) as exc:
+        raise _file_error(path, exc) from None
 
 
 def _read_file(workspace: Path, path: str, limit: int) -> str:
-    target = _inside(workspace, path)
     try:
+        target = _inside(workspace, path)
         size = target.stat().st_size
         if size > limit:
             raise ToolError("FILE_TOO_LARGE", f"{quoted(path)} has {size} bytes; max_bytes is {limit}")
         return target.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ToolError("FILE_NOT_FOUND", f"{quoted(path)} does not exist in the run's workspace") from None
+    except (OSError, ValueError) as exc:
+        raise _file_error(path, exc) from None
+
+
+def _file_error(path: str, error: OSError | ValueError) -> ToolError:
+    """Returns the failure of a file the system refused, saying why without its place on the server."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else "the path is not a file name"
+    return ToolError("FILE_ERROR", f"{quoted(path)} cannot be used: {why}")
 
 
 async def _files_write(arguments: dict[str, Any], context: ToolContext) -> JSON:
@@ -264,7 +301,7 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
             parameters={
                 "type": "object",
                 "properties": {
-                    "path": {"type": "string", "minLength": 1},
+                    "path": {"type": "string", "minLength": 1, "maxLength": 1024},
                     "content": {"type": "string"},
                     "append": {"type": "boolean"},
                 },
@@ -281,7 +318,7 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
             parameters={
                 "type": "object",
                 "properties": {
-                    "path": {"type": "string", "minLength": 1},
+                    "path": {"type": "string", "minLength": 1, "maxLength": 1024},
                     "max_bytes": {"type": "integer", "minimum": 1, "maximum": 64 << 20},
                 },
                 "required": ["path"],

@@ -11,7 +11,6 @@ import os
 import resource
 import time
 import traceback
-from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from google.protobuf import struct_pb2
 from pebble import ProcessExpired, ProcessPool
 
 from tierstack.client.values import to_value
+from tierstack.server.boundary import least_size
 from tierstack.server.errors import quoted
 from tierstack.server.execute.registry import ToolContext, ToolError, WorkerFunction
 
@@ -56,28 +56,6 @@ def too_large(limit: int) -> ToolError:
     return ToolError("OUTPUT_TOO_LARGE", f"the output exceeds {limit} bytes (TIERSTACK_MAX_OUTPUT_BYTES)")
 
 
-def _least_size(output: object, limit: int) -> int:
-    """Returns a lower bound of the wire size of ``output`` as a protobuf Value, without building
-    the message, and stops counting once it passes ``limit``: an output that refers to one list
-    many times (as JMESPath's ``[@,@]`` does) is found too large before it is ever expanded."""
-    size = 0
-    pending = [output]
-    while pending and size <= limit:
-        item = pending.pop()
-        size += 2  # a tag and a length (or a one-byte payload) at the least
-        if isinstance(item, str):
-            size += len(item)
-        elif isinstance(item, Mapping):
-            size += sum(2 + len(str(key)) for key in item)
-            if size <= limit:
-                pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            size += 2 * len(item)
-            if size <= limit:
-                pending.extend(item)
-    return size
-
-
 def capped_value(output: object, limit: int) -> struct_pb2.Value:
     """Returns ``output`` as a protobuf Value.
 
@@ -85,7 +63,7 @@ def capped_value(output: object, limit: int) -> struct_pb2.Value:
         ToolError: OUTPUT_TOO_LARGE when its wire form exceeds ``limit`` bytes.
         TypeError: ``output`` is not JSON.
     """
-    if _least_size(output, limit) > limit:
+    if least_size(output, limit) > limit:
         raise too_large(limit)
     value = to_value(output)
     if value.ByteSize() > limit:

@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 
 from tierstack.client.values import JSON, from_value
 from tierstack.server.metrics import RateMeter
-from tierstack.server.orchestrate.templates import Path, TemplateError, lookup, parse_path, render
+from tierstack.server.orchestrate.templates import Budget, Path, TemplateError, lookup, parse_path, render
 from tierstack.server.orchestrate.workflow import WorkflowSpec
 
 _NOT_DONE = object()
@@ -36,6 +36,7 @@ class RunContext:
         output_of: Returns a step's output, or None while the step has not completed.
         on_variable: Called once per variable when it is first resolved.
         meter: Counts the paths resolved (context operations).
+        max_bytes: What one rendering (a variable, the outputs, a batch of expressions) may fill in.
     """
 
     def __init__(
@@ -45,7 +46,10 @@ class RunContext:
         output_of: Callable[[str], struct_pb2.Value | None],
         on_variable: Callable[[str, JSON], None],
         meter: RateMeter | None = None,
+        *,
+        max_bytes: int,
     ) -> None:
+        self.max_bytes = max_bytes
         self._meter = meter
         self._spec = spec
         self._inputs = dict(inputs)
@@ -67,7 +71,7 @@ class RunContext:
             template = self._spec.variables.get(name)
             if template is None:
                 return _NOT_DONE
-            self._variables[name] = render(template, self.resolve, f"vars.{name}")
+            self._variables[name] = render(template, self.resolve, f"vars.{name}", Budget(self.max_bytes))
             self._on_variable(name, self._variables[name])
         return self._variables[name]
 
@@ -97,10 +101,12 @@ class RunContext:
             TemplateError: An expression is malformed or cannot be resolved.
         """
         values = []
+        budget = Budget(self.max_bytes)
         for index, expression in enumerate(expressions):
             text = expression.strip().removeprefix("{{").removesuffix("}}")
             where = f"{field}[{index}]"
             values.append(self.resolve(parse_path(text, field=where), where))
+            budget.spend(values[-1], where)
         return values
 
     def holds(self, condition: Any) -> bool:
@@ -124,7 +130,10 @@ class RunContext:
             except TemplateError:
                 return None
 
-        return {name: render(template, lenient, f"outputs.{name}") for name, template in self._spec.outputs.items()}
+        budget = Budget(self.max_bytes)
+        return {
+            name: render(template, lenient, f"outputs.{name}", budget) for name, template in self._spec.outputs.items()
+        }
 
 
 def _wrap(output: Any) -> Any:

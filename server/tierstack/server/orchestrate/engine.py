@@ -53,7 +53,7 @@ from tierstack.server.orchestrate.context import RunContext
 from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
 from tierstack.server.orchestrate.planner import Planner
 from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
-from tierstack.server.orchestrate.templates import TemplateError, render
+from tierstack.server.orchestrate.templates import Budget, TemplateError, TooLargeError, render
 from tierstack.server.orchestrate.workflow import (
     DEFAULT_MAX_DEPTH,
     StepSpec,
@@ -393,7 +393,12 @@ class RunManager:
     def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits, fence: Fence) -> _LiveRun:
         live = _LiveRun(run, spec, limits, self._parallelism, fence)
         live.context = RunContext(
-            spec, from_struct(run.inputs), live.output_of, self._variable_recorder(live), self.context_operations
+            spec,
+            from_struct(run.inputs),
+            live.output_of,
+            self._variable_recorder(live),
+            self.context_operations,
+            max_bytes=self._max_message_bytes,
         )
         self._live[run.run_id] = live
         return live
@@ -567,7 +572,12 @@ class RunManager:
             for event in await self._store.events(run_id, after_sequence=stored.run.last_sequence):
                 _replay(live, event)
             live.context = RunContext(
-                live.spec, from_struct(stored.run.inputs), live.output_of, lambda *_: None, self.context_operations
+                live.spec,
+                from_struct(stored.run.inputs),
+                live.output_of,
+                lambda *_: None,
+                self.context_operations,
+                max_bytes=self._max_message_bytes,
             )
         try:
             return live.context.resolve_all(expressions)
@@ -801,8 +811,11 @@ class RunManager:
         tool = step.tool or "workflow"
         self._append(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
         try:
-            arguments = render(step.parameters, context.resolve)
-            prompt = render(step.prompt, context.resolve, "prompt")
+            budget = Budget(self._max_message_bytes)  # what one request to Tier 3 can carry
+            arguments = render(step.parameters, context.resolve, "parameters", budget)
+            prompt = render(step.prompt, context.resolve, "prompt", budget)
+        except TooLargeError as exc:
+            return _error("REQUEST_TOO_LARGE", exc.message, field=exc.field)
         except TemplateError as exc:
             return _error("TEMPLATE_ERROR", exc.message, field=exc.field)
         assert isinstance(arguments, dict)
@@ -858,6 +871,7 @@ class RunManager:
             lambda step_id: live.output_of(prefix + step_id),
             self._variable_recorder(live),
             self.context_operations,
+            max_bytes=self._max_message_bytes,
         )
         error = await self._run_graph(live, spec, context, prefix)
         if error is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from tierstack.client.values import JSON
+from tierstack.server.boundary import least_size
 
 # The expression ends in a non-space character, so that it and the spaces after it never compete for
 # the same characters: matching stays linear in the text (a lazy group before \s* was quadratic).
@@ -108,24 +109,55 @@ def format_path(path: Path) -> str:
 Resolver = Callable[[Path, str], JSON]
 
 
-def render(value: JSON, resolve: Resolver, field: str = "parameters") -> JSON:
-    """Returns ``value`` with every template replaced by ``resolve(path, field)``.
+class TooLargeError(TemplateError):
+    """Templates would fill in more than their budget allows."""
+
+
+class Budget:
+    """The bytes one rendering may fill in: every value a template takes counts, before it is
+    copied, so a template that repeats a large output many times fails instead of filling memory.
+
+    Args:
+        most: The bytes (of the values' wire form, about) the rendering may fill in.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._left = most
+
+    def spend(self, value: JSON, field: str) -> None:
+        """Counts ``value`` against the budget.
+
+        Raises:
+            TemplateError: The budget is spent.
+        """
+        self._left -= least_size(value, self._left)
+        if self._left < 0:
+            raise TooLargeError(field, f"the templates fill in more than {self.most} bytes")
+
+
+def render(value: JSON, resolve: Resolver, field: str, budget: Budget) -> JSON:
+    """Returns ``value`` with every template replaced by ``resolve(path, field)``, filling in at most
+    what ``budget`` allows.
 
     Raises:
-        TemplateError: A template is malformed or cannot be resolved.
+        TemplateError: A template is malformed, cannot be resolved, or the budget is spent.
     """
     if isinstance(value, str):
         whole = _TEMPLATE.fullmatch(value)
         if whole is not None:
-            return resolve(parse_path(whole.group(1), field=field), field)
+            found = resolve(parse_path(whole.group(1), field=field), field)
+            budget.spend(found, field)
+            return found
 
         def interpolate(match: re.Match[str]) -> str:
             found = resolve(parse_path(match.group(1), field=field), field)
+            budget.spend(found, field)
             return found if isinstance(found, str) else json.dumps(found)
 
         return _TEMPLATE.sub(interpolate, value)
     if isinstance(value, dict):
-        return {key: render(item, resolve, f"{field}.{key}") for key, item in value.items()}
+        return {key: render(item, resolve, f"{field}.{key}", budget) for key, item in value.items()}
     if isinstance(value, list):
-        return [render(item, resolve, f"{field}[{index}]") for index, item in enumerate(value)]
+        return [render(item, resolve, f"{field}[{index}]", budget) for index, item in enumerate(value)]
     return value

@@ -15,7 +15,7 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 
 from tierstack.client.values import JSON, from_struct, from_value, to_seconds
-from tierstack.server.errors import InvalidArgumentError, Violation, quoted
+from tierstack.server.errors import InvalidArgumentError, Violation, brief, quoted
 from tierstack.server.orchestrate.templates import Path, TemplateError, templates
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
@@ -38,6 +38,24 @@ _TYPE_CHECKS: dict[int, tuple[str, Any]] = {
 _MISSING: Any = object()
 # The most step names a violation lists; the rest are counted.
 _LISTED_NAMES = 10
+
+
+# A condition is evaluated in the orchestrator, so it may only select and compare what is there: a
+# list or object it builds ([a, b], {k: v}) can copy data many times over, each level multiplying.
+_BUILDERS = frozenset({"multi_select_list", "multi_select_dict"})
+_BUILDS = "a `when` condition may not build lists or objects ([a, b], {k: v}); it selects and compares"
+
+
+def _builds(node: Any) -> bool:
+    """Says whether a parsed JMESPath expression builds lists or objects (without recursion)."""
+    pending = [node]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if item.get("type") in _BUILDERS:
+                return True
+            pending.extend(item.get("children", ()))
+    return False
 
 
 def _shown(value: JSON) -> str:
@@ -424,8 +442,11 @@ class _Checker:
         if step.when:
             try:
                 when = jmespath.compile(step.when)
+                if _builds(when.parsed):
+                    when = None
+                    self.add(f"{where}.when", _BUILDS)
             except JMESPathError as exc:
-                self.add(f"{where}.when", f"is not a JMESPath expression: {exc}")
+                self.add(f"{where}.when", f"is not a JMESPath expression: {brief(str(exc))}")
             except RecursionError:  # jmespath parses by recursive descent
                 self.add(f"{where}.when", "is not a JMESPath expression: it nests too deeply")
             reads.extend((f"{where}.when", "steps", name) for name in _STEP_REFERENCE.findall(step.when))

@@ -301,8 +301,8 @@ class FlakyStore(RunStore):
     async def unfinished_runs(self) -> list[StoredRun]:
         return await self.real.unfinished_runs()
 
-    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
-        return await self.real.events(run_id, after_sequence=after_sequence)
+    async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
+        return await self.real.events(run_id, after_sequence=after_sequence, limit=limit)
 
     async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
         return await self.real.finished_before(end_ns, limit=limit)

@@ -436,3 +436,13 @@ async def test_health_is_answered_while_a_large_workflow_is_checked(stack: Stack
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     assert not validating.done()
     assert (await validating).valid
+
+
+async def test_a_finished_run_replays_its_whole_history_page_by_page(stack: Stack) -> None:
+    wf = workflow(*(step(f"s{index}", value=index) for index in range(40)))  # more events than a page
+    streamed = [event async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    assert len(streamed) > 64
+    replayed = [event async for event in stack.orchestrator.watch_run(streamed[0].run_id)]
+    assert replayed == streamed
+    later = [event async for event in stack.orchestrator.watch_run(streamed[0].run_id, after_sequence=70)]
+    assert later == streamed[70:]

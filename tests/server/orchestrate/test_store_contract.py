@@ -56,6 +56,7 @@ async def test_write_replaces_state_and_appends_events(store: RunStore) -> None:
     assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3]
     assert [e.run_started.workflow_name for e in await store.events("r1", after_sequence=1)] == ["w2", "w3"]
     assert await store.events("missing", after_sequence=0) == []
+    assert [e.sequence for e in await store.events("r1", after_sequence=0, limit=2)] == [1, 2]
 
 
 async def test_list_runs_pages_newest_first_and_filters_by_state(store: RunStore) -> None:

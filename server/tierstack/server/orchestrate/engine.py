@@ -95,6 +95,8 @@ _DEFAULTS = Settings()
 SPEC_CACHE_BYTES = 16 << 20
 #: How many tools' recent step durations are kept for the planner's estimates.
 KEPT_TOOL_ESTIMATES = 4096
+#: How many stored events a watcher of a run not running here reads at once.
+WATCH_PAGE = 64
 #: How many runs one round of the retention sweep deletes at once.
 _DELETE_BATCH = 500
 _T = TypeVar("_T")
@@ -595,9 +597,13 @@ class RunManager:
         if live is None:
             if await self._store.get_run(run_id) is None:
                 raise NotFoundError("run", run_id)
-            for event in await self._store.events(run_id, after_sequence=after_sequence):
-                yield event
-            return
+            while True:  # a page at a time: a watcher that reads slowly holds no more than one
+                page = await self._store.events(run_id, after_sequence=after_sequence, limit=WATCH_PAGE)
+                for event in page:
+                    yield event
+                if len(page) < WATCH_PAGE:
+                    return
+                after_sequence = page[-1].sequence
         history = live.history
         index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
         while True:

@@ -97,8 +97,9 @@ class RunStore(abc.ABC):
         """Returns every run that is pending or running, oldest first."""
 
     @abc.abstractmethod
-    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
-        """Returns a run's events with a sequence number above ``after_sequence``, in order."""
+    async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
+        """Returns a run's events with a sequence number above ``after_sequence``, in order: the
+        first ``limit`` of them, or all."""
 
     @abc.abstractmethod
     async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
@@ -220,9 +221,10 @@ class MemoryRunStore(RunStore):
         unfinished.sort(key=lambda s: s.run.create_time.ToNanoseconds())
         return [StoredRun(Run.FromString(s.run.SerializeToString()), s.workflow, s.limits) for s in unfinished]
 
-    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
+    async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         stored = self._events.get(run_id, {})
-        return [RunEvent.FromString(stored[sequence]) for sequence in sorted(stored) if sequence > after_sequence]
+        sequences = [sequence for sequence in sorted(stored) if sequence > after_sequence][:limit]
+        return [RunEvent.FromString(stored[sequence]) for sequence in sequences]
 
     async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
         ended = sorted(
@@ -505,10 +507,10 @@ class SqliteRunStore(RunStore):
                 await self._conn.commit()
         return found
 
-    async def events(self, run_id: str, *, after_sequence: int) -> list[RunEvent]:
+    async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         async with self._conn.execute(
-            "SELECT event FROM events WHERE run_id = ? AND sequence > ? ORDER BY sequence",
-            (run_id, after_sequence),
+            "SELECT event FROM events WHERE run_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            (run_id, after_sequence, -1 if limit is None else limit),
         ) as rows:
             return [RunEvent.FromString(row[0]) for row in await rows.fetchall()]
 

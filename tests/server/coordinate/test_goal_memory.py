@@ -167,3 +167,13 @@ async def test_goals_of_the_longest_kind_in_an_odd_alphabet_keep_the_index_small
     tracemalloc.stop()
     assert found[0][0] == "g7" and found[0][1] == pytest.approx(1.0)
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB for 300 goals"
+
+
+async def test_goals_are_forgotten_once_their_bytes_pass_the_budget() -> None:
+    memory = GoalMemory(max_bytes=4096)
+    subtasks = [pb.Subtask(id="s", description="x" * 1000)]
+    for number in range(10):  # about 1 KiB each
+        await memory.learn(f"goal {number}", subtasks)
+    assert 1 <= len(memory) <= 4
+    assert await memory.recall("goal 9", threshold=0.99, capabilities=set()) is not None
+    assert await memory.recall("goal 0", threshold=0.99, capabilities=set()) is None

@@ -19,6 +19,8 @@ _log = logging.getLogger(__name__)
 
 #: How many goals the memory keeps unless told otherwise.
 DEFAULT_MAX_ENTRIES = 10_000
+#: How many bytes of goals and subtasks are kept unless told otherwise.
+DEFAULT_MAX_BYTES = 64 << 20
 
 Entries = dict[str, list[pb.Subtask]]
 
@@ -26,23 +28,33 @@ Entries = dict[str, list[pb.Subtask]]
 class GoalMemory:
     """Remembers decompositions, one per goal, and finds the one of the most similar past goal.
 
-    A goal learnt again replaces its entry; beyond ``max_entries`` the goals learnt longest ago are
-    forgotten. The file gets a line per decomposition learnt and is rewritten with only the live
-    entries once it holds twice as many lines, so it stays within twice the entries' size.
+    A goal learnt again replaces its entry; beyond ``max_entries``, or ``max_bytes`` of goals and
+    subtasks together, the goals learnt longest ago are forgotten. The file gets a line per
+    decomposition learnt and is rewritten with only the live entries once it holds twice as many
+    lines, so it stays within twice the entries' size.
 
     Args:
         path: The JSON-lines file that keeps them across restarts; None keeps them in memory only.
         index: How similarity is judged (character n-gram TF-IDF by default).
         max_entries: The most goals kept.
+        max_bytes: The most bytes of goals and their subtasks (in their wire form) kept.
     """
 
     def __init__(
-        self, path: Path | None = None, *, index: GoalIndex | None = None, max_entries: int = DEFAULT_MAX_ENTRIES
+        self,
+        path: Path | None = None,
+        *,
+        index: GoalIndex | None = None,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._path = path
         self._index = index if index is not None else NgramIndex()
         self._max_entries = max(max_entries, 1)
+        self._max_bytes = max_bytes
         self._subtasks: Entries = {}  # oldest first
+        self._sizes: dict[str, int] = {}  # by goal: its bytes, with its subtasks'
+        self._bytes = 0
         self._lines = 0  # in the file, live or replaced
         self._writing = asyncio.Lock()  # one writer of the file at a time: appends never interleave
 
@@ -55,6 +67,10 @@ class GoalMemory:
         if self._path is None:
             return
         self._subtasks, self._lines = await asyncio.to_thread(_read, self._path, self._max_entries)
+        for goal, subtasks in self._subtasks.items():
+            self._sizes[goal] = _size(goal, subtasks)
+        self._bytes = sum(self._sizes.values())
+        self._trim()
         try:
             await self._index.add([(goal, goal) for goal in self._subtasks])
         except ModelError as exc:  # recall finds nothing until the goals are indexed at the next start
@@ -65,13 +81,11 @@ class GoalMemory:
         """Stores a goal's decomposition (a goal learnt again replaces its earlier one), forgetting
         the goals learnt longest ago beyond the most kept."""
         kept = [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
-        self._subtasks.pop(goal, None)
+        self._forget(goal)
         self._subtasks[goal] = kept
-        forgotten = []
-        while len(self._subtasks) > self._max_entries:
-            forgotten.append(oldest := next(iter(self._subtasks)))
-            del self._subtasks[oldest]
-        await self._index.remove(forgotten)
+        self._sizes[goal] = _size(goal, kept)
+        self._bytes += self._sizes[goal]
+        await self._index.remove(self._trim(keep=goal))
         try:
             await self._index.add([(goal, goal)])
         except ModelError as exc:  # the goal is kept, and indexed again at the next start
@@ -100,6 +114,22 @@ class GoalMemory:
                 return past, [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
         return None
 
+    def _forget(self, goal: str) -> None:
+        if self._subtasks.pop(goal, None) is not None:
+            self._bytes -= self._sizes.pop(goal)
+
+    def _trim(self, keep: str = "") -> list[str]:
+        """Forgets the goals learnt longest ago (but ``keep``) while too many or too large are kept;
+        returns them."""
+        forgotten = []
+        while len(self._subtasks) > self._max_entries or self._bytes > self._max_bytes:
+            oldest = next(iter(self._subtasks))
+            if oldest == keep:
+                break
+            forgotten.append(oldest)
+            self._forget(oldest)
+        return forgotten
+
     async def _compact_if_stale(self) -> None:
         """Rewrites the file with the live entries alone once it holds twice as many lines (and 64)."""
         if self._path is None or self._lines <= max(2 * len(self._subtasks), 64):
@@ -108,6 +138,10 @@ class GoalMemory:
             entries = list(self._subtasks.items())  # the stored subtasks are never changed, only replaced
             await asyncio.to_thread(_rewrite, self._path, entries)
             self._lines = len(entries)
+
+
+def _size(goal: str, subtasks: Sequence[pb.Subtask]) -> int:
+    return len(goal.encode()) + sum(subtask.ByteSize() for subtask in subtasks)
 
 
 def _line(goal: str, subtasks: Sequence[pb.Subtask]) -> str:

@@ -298,3 +298,23 @@ async def test_a_paused_run_can_be_cancelled(engine: Engine) -> None:
     assert [e.WhichOneof("payload") for e in history][-2:] == ["run_paused", "run_cancelled"]
     with pytest.raises(FailedPreconditionError):
         await engine.manager.cancel_run(run.run_id, "again")
+
+
+async def test_a_run_holds_a_bounded_amount_of_step_outputs() -> None:
+    manager = RunManager(MemoryRunStore(), Executor(registry(Tools())), flush_interval=0.001, max_held_bytes=2000)
+    await manager.open()
+    try:
+        steps = [
+            step(f"s{index}", depends_on=(f"s{index - 1}",) if index else (), value="x" * 500) for index in range(8)
+        ]
+        run, _ = await manager.start_run(
+            workflow=workflow(*steps),
+            inputs=pb.StartRunRequest().inputs,
+            limits=common_pb2.ResourceLimits(),
+            context=common_pb2.RequestContext(),
+        )
+        events = [event async for event in manager.watch(run.run_id)]
+    finally:
+        await manager.close()
+    assert events[-1].run_failed.error.reason == "OUTPUT_TOO_LARGE"
+    assert sum(event.HasField("step_completed") for event in events) == 3  # about 500 bytes each, 2,000 in all

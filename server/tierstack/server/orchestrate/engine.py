@@ -95,6 +95,8 @@ _DEFAULTS = Settings()
 SPEC_CACHE_BYTES = 16 << 20
 #: How many tools' recent step durations are kept for the planner's estimates.
 KEPT_TOOL_ESTIMATES = 4096
+#: The most bytes of step outputs one run holds (in memory while it runs, and in its stored record).
+MAX_RUN_OUTPUTS_HELD = 64 << 20
 #: How many stored events a watcher of a run not running here reads at once.
 WATCH_PAGE = 64
 #: How many runs one round of the retention sweep deletes at once.
@@ -163,6 +165,7 @@ class _LiveRun:
         self.rerun: set[str] = set()  # in flight when the last process stopped: same attempt again
         self.slots = asyncio.Semaphore(limits.max_parallelism or parallelism)
         self.usage = common_pb2.ResourceUsage()
+        self.output_bytes = sum(step.output.ByteSize() for step in run.steps)  # held by its completed steps
         self.context: RunContext
 
     def written(self, events: list[pb.RunEvent]) -> None:
@@ -187,6 +190,8 @@ class RunManager:
     Args:
         store: Where runs and events are kept; opened and closed by the caller.
         owner: Names this manager as the owner of the runs it drives; unique per process by default.
+        max_held_bytes: The most bytes of step outputs one run holds; a step that would pass it fails
+            with ``OUTPUT_TOO_LARGE``.
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
@@ -215,7 +220,9 @@ class RunManager:
         max_queued_events: int = MAX_QUEUED,
         retention: float = 0.0,
         owner: str = "",
+        max_held_bytes: int = MAX_RUN_OUTPUTS_HELD,
     ) -> None:
+        self._max_held_bytes = max_held_bytes
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._max_message_bytes = max_message_bytes
         self._store = store
@@ -425,6 +432,7 @@ class RunManager:
                 add_usage(live.usage, event.step_completed.usage)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
+        live.output_bytes = sum(state.output.ByteSize() for state in live.steps.values())
         for path, state in live.steps.items():
             if state.state == pb.STEP_STATE_RUNNING:
                 state.state = pb.STEP_STATE_PENDING
@@ -853,6 +861,10 @@ class RunManager:
         add_usage(live.usage, usage)
         if (size := output.ByteSize()) > self._max_output_bytes:
             return output_too_large(_TIER, "a step's output", size, self._max_output_bytes)
+        if live.output_bytes + size > self._max_held_bytes:
+            held = live.output_bytes + size
+            return output_too_large(_TIER, "a run's step outputs together", held, self._max_held_bytes)
+        live.output_bytes += size
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
         # Written with the next batch, and not waited for: dependents start at once. Nobody sees the

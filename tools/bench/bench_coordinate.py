@@ -62,21 +62,36 @@ class InstantProvider:
 class InstantTier2:
     """A Tier 2 whose runs finish at once, with the events a real run sends."""
 
-    async def orchestrate(self, request: orchestrator_pb.OrchestrateRequest) -> AsyncIterator[orchestrator_pb.RunEvent]:
-        step = request.workflow.steps[0].id
-        yield orchestrator_pb.RunEvent(run_id="r", run_started=orchestrator_pb.RunStarted())
-        yield orchestrator_pb.RunEvent(run_id="r", step_started=orchestrator_pb.StepStarted(step_id=step))
+    def __init__(self) -> None:
+        self._steps: dict[str, str] = {}
+
+    async def start_run(self, request: orchestrator_pb.StartRunRequest) -> orchestrator_pb.StartRunResponse:
+        run_id = f"r{len(self._steps)}"
+        self._steps[run_id] = request.workflow.steps[0].id
+        return orchestrator_pb.StartRunResponse(run=orchestrator_pb.Run(run_id=run_id), created=True)
+
+    async def watch_run(self, run_id: str, *, after_sequence: int = 0) -> AsyncIterator[orchestrator_pb.RunEvent]:
+        step = self._steps.pop(run_id)
+        yield orchestrator_pb.RunEvent(run_id=run_id, sequence=1, run_started=orchestrator_pb.RunStarted())
         yield orchestrator_pb.RunEvent(
-            run_id="r", step_completed=orchestrator_pb.StepCompleted(step_id=step, output=to_value(1))
+            run_id=run_id, sequence=2, step_started=orchestrator_pb.StepStarted(step_id=step)
         )
-        yield orchestrator_pb.RunEvent(run_id="r", run_completed=orchestrator_pb.RunCompleted())
+        completed = orchestrator_pb.StepCompleted(step_id=step, output=to_value(1))
+        yield orchestrator_pb.RunEvent(run_id=run_id, sequence=3, step_completed=completed)
+        yield orchestrator_pb.RunEvent(run_id=run_id, sequence=4, run_completed=orchestrator_pb.RunCompleted())
+
+    async def get_run(self, run_id: str) -> orchestrator_pb.Run:
+        return orchestrator_pb.Run(run_id=run_id, state=orchestrator_pb.RUN_STATE_COMPLETED)
+
+    async def cancel_run(self, run_id: str, *, reason: str = "") -> orchestrator_pb.Run:
+        return await self.get_run(run_id)
 
 
 async def coordinate_overhead(repeat: int, results: Results) -> None:
     tier2 = InstantTier2()
     # A threshold above 1 never reuses a past goal: every goal takes the provider's path.
     decomposer = Decomposer(memory=GoalMemory(), provider=InstantProvider(), threshold=1.1)
-    coordinator = Coordinator(tier2, decomposer)
+    coordinator = Coordinator(tier2, decomposer, flush_interval=0.0)  # a goal here lasts under 10 ms
     agents = [pb.Agent(id=f"a{i}", capabilities=CAPABILITIES, max_concurrent_tasks=4) for i in range(4)]
     subtasks = await InstantProvider().decompose("goal", agents, Scope())
     rounds = 0
@@ -91,7 +106,8 @@ async def coordinate_overhead(repeat: int, results: Results) -> None:
     async def bare() -> None:
         for spec in subtasks:  # listed in dependency order already
             workflow = orchestrator_pb.Workflow(steps=[orchestrator_pb.WorkflowStep(id=spec.id, tool=spec.tool)])
-            async for _ in tier2.orchestrate(orchestrator_pb.OrchestrateRequest(workflow=workflow)):
+            run = (await tier2.start_run(orchestrator_pb.StartRunRequest(workflow=workflow))).run
+            async for _ in tier2.watch_run(run.run_id):
                 pass
 
     samples = await interleaved({"coordinator": goal, "bare": bare}, repeat)

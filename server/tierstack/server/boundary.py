@@ -291,6 +291,7 @@ _RUN_REQUEST: dict[str, Rule] = {
 _AGENTS = Items(1000)
 _TIER = Declared(common_pb2.Tier.DESCRIPTOR)
 _RUN_CONTROL: dict[str, Rule] = {"run_id": REQUIRED_ID, "reason": REASON}
+_GOAL_REQUEST: dict[str, Rule] = {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)}
 
 #: The bounds of every request field, by message and field name.
 RULES: dict[str, dict[str, Rule]] = {
@@ -383,7 +384,16 @@ RULES: dict[str, dict[str, Rule]] = {
         "tool": ID,
         "parameters": JSON,
     },
-    "tierstack.v1.CoordinateRequest": {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)},
+    "tierstack.v1.CoordinateRequest": {"request_id": ID, **_GOAL_REQUEST},
+    "tierstack.v1.StartGoalRequest": {"request_id": ID, **_GOAL_REQUEST},
+    "tierstack.v1.GetGoalRequest": {"goal_id": REQUIRED_ID},
+    "tierstack.v1.WatchGoalRequest": {"goal_id": REQUIRED_ID, "after_sequence": Whole(10**15)},
+    "tierstack.v1.ListGoalsRequest": {
+        "page_size": Whole(1000),
+        "page_token": TOKEN,
+        "state": Declared(coordinator_service_pb2.GoalState.DESCRIPTOR),
+    },
+    "tierstack.v1.CancelGoalRequest": {"goal_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.DecomposeGoalRequest": {"goal": GOAL, "agents": _AGENTS},
     "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(1000)},
     # Every tier

@@ -469,6 +469,7 @@ class Coordinator:
         self.team_formation_latency.record(phases["team_formation"])
         journal.record(decomposed)
         journal.record(goal.event(team_formed=team_message(team)))
+        await journal.flush()  # the plan is stored before any of its runs starts, so a resume follows it
         progress.subtasks = list(decomposition.subtasks)
         progress.agent_of = {s: a for s, a, _ in team.assignments}
         progress.unassigned = bool(team.unassigned)

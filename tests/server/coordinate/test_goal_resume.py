@@ -1,6 +1,7 @@
 """Goals survive a SIGKILL of the Coordinate process: the restarted server takes up the goal where
 it stood, subtasks that had finished are not run again, and the run in flight is watched again,
-not started again."""
+not started again. They survive one of the Orchestrate process too: Coordinate watches its runs
+again, from the last event it saw, once Orchestrate is back."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import HttpServer, spawn_tier, spawned_stack, stop, wait_for
+from tests.helpers import HttpServer, free_port, spawn_tier, spawned_stack, start_tier, stop, wait_for
 from tierstack.client import CoordinatorClient, OrchestratorClient
 from tierstack.client.values import from_value
+from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 #: A chain with a fork: a; b and c after a; d after both; e after d; f after e.
@@ -100,3 +102,52 @@ async def test_a_goal_survives_a_sigkill_of_the_coordinator(tmp_path: Path, http
         e.subtask_started.subtask_id: e.subtask_started.run_id for e in history if e.HasField("subtask_started")
     }
     assert set(started_runs) == set(SUBTASKS) and set(started_runs.values()) == {run.run_id for run in runs}
+
+
+async def test_a_goal_watches_its_runs_again_across_a_sigkill_of_the_orchestrator(
+    tmp_path: Path, http_server: HttpServer
+) -> None:
+    for name in SUBTASKS:
+        http_server.routes[f"/chain/{name}"] = slow_echo
+    chain_template(tmp_path / "templates")
+    data = tmp_path / "data"
+    port = free_port()
+    execute = await start_tier("execute", Settings())
+    arguments = ("--port", str(port), "--execute-target", execute.target, "--data-dir", str(data))
+    orchestrate = await spawn_tier("orchestrate", *arguments, env=dict(os.environ))
+    settings = Settings(data_dir=data, templates_dir=tmp_path / "templates", orchestrate_target=f"127.0.0.1:{port}")
+    coordinate = await start_tier("coordinate", settings)
+    try:
+        async with CoordinatorClient(coordinate.target) as client:
+            agents = [pb.Agent(id="fetcher", capabilities=["http"], max_concurrent_tasks=6)]
+            request = pb.StartGoalRequest(goal=f"fetch the chain at {http_server.url}/chain", agents=agents)
+            goal_id = (await client.start_goal(request)).goal.goal_id
+            seen: list[pb.GoalEvent] = []
+            async for event in client.watch_goal(goal_id):
+                seen.append(event)
+                if sum(e.HasField("subtask_finished") for e in seen) == 3:
+                    break
+            await wait_for(lambda: "/chain/d" in http_server.hits, attempts=3000)
+            orchestrate.process.kill()
+            await stop(orchestrate)
+            orchestrate = await spawn_tier("orchestrate", *arguments, env=dict(os.environ))
+            history = [e async for e in client.watch_goal(goal_id)]
+            goal = await client.get_goal(goal_id)
+    finally:
+        await coordinate.stop()
+        await stop(orchestrate)
+        await execute.stop()
+
+    assert goal.state == pb.GOAL_STATE_COMPLETED, goal
+    assert set(goal.outputs) == set(SUBTASKS)
+    finished = Counter(e.subtask_finished.subtask_id for e in history if e.HasField("subtask_finished"))
+    assert finished == dict.fromkeys(SUBTASKS, 1)
+    started = Counter(e.subtask_started.subtask_id for e in history if e.HasField("subtask_started"))
+    assert started == dict.fromkeys(SUBTASKS, 1), "no subtask got a second run: d's run was watched again"
+    hits = Counter(http_server.hits)
+    assert all(hits[f"/chain/{name}"] == 1 for name in ("a", "b", "c", "e", "f")), hits
+    assert hits["/chain/d"] >= 1  # in flight in Tier 2 at the kill: Tier 2 decides whether it runs again
+    # d's run events reached the goal once each, across the dropped stream.
+    d_run = [e.subtask_progress.run_event for e in history if e.subtask_progress.subtask_id == "d"]
+    assert [e.sequence for e in d_run] == list(range(1, len(d_run) + 1))
+    assert any(e.HasField("run_resumed") for e in d_run)

@@ -4,15 +4,18 @@ watched from any sequence, listed, cancelled, idempotent by request id, and outl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, reply, wait_for
-from tierstack.client import FailedPreconditionError, NotFoundError
+from tests.helpers import HttpServer, Stack, open_stack, reply, start_tier, wait_for
+from tierstack.client import CoordinatorClient, FailedPreconditionError, NotFoundError
 from tierstack.client.values import from_value
+from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
@@ -169,3 +172,45 @@ async def test_one_request_id_starts_one_goal(stack: Stack, http_server: HttpSer
     assert events[-1].HasField("goal_completed")
     assert len((await stack.coordinator.list_goals()).goals) == 1
     assert http_server.hits.count("/once") == 1
+
+
+async def test_a_coordinator_that_lost_its_goal_to_another_is_refused(
+    data_dir: Path, http_server: HttpServer, held: threading.Event
+) -> None:
+    settings = Settings(data_dir=data_dir)
+    async with open_stack(settings) as stack:
+        goal_id = (
+            await stack.coordinator.start_goal(pb.StartGoalRequest(goal=goal_of(http_server), agents=AGENTS))
+        ).goal.goal_id
+        old_watch = stack.coordinator.watch_goal(goal_id)
+        started = await first(old_watch, "subtask_started")
+        # A second server on the same data takes up the unfinished goal: it is the owner now.
+        second = await start_tier(
+            "coordinate",
+            dataclasses.replace(
+                settings, orchestrate_target=stack.orchestrate.target, execute_target=stack.execute.target
+            ),
+        )
+        try:
+            async with CoordinatorClient(second.target) as client:
+                held.set()
+                history = [e async for e in client.watch_goal(goal_id)]
+                goal = await client.get_goal(goal_id)
+        finally:
+            await second.stop()
+        with pytest.raises(FailedPreconditionError) as caught:
+            async for _ in old_watch:  # the first server's next write was refused
+                pass
+        assert caught.value.reason == "STALE_OWNER"
+        assert (await stack.coordinator.get_goal(goal_id)).state == pb.GOAL_STATE_COMPLETED  # as stored
+    assert goal.state == pb.GOAL_STATE_COMPLETED
+    assert [e.sequence for e in history] == list(range(1, len(history) + 1))
+    assert [e.WhichOneof("payload") for e in history].count("goal_completed") == 1
+    assert sum(e.HasField("goal_resumed") for e in history) == 1
+    [run_id] = {
+        e.subtask_started.run_id
+        for e in history
+        if e.HasField("subtask_started") and e.subtask_started.subtask_id == "s1"
+    }
+    assert run_id == started.subtask_started.run_id, "the new owner watched the same run"
+    assert http_server.hits.count("/hold") == 1

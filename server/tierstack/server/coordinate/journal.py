@@ -144,7 +144,11 @@ class GoalJournal:
 
     async def follow(self, after_sequence: int) -> AsyncIterator[pb.GoalEvent]:
         """Yields the stored events after ``after_sequence``, then each batch as it is stored,
-        until the journal finishes."""
+        until the journal finishes.
+
+        Raises:
+            StaleOwnerError: Another owner took the goal; its events are that owner's to tell.
+        """
         history = self.history
         index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
         while True:
@@ -152,6 +156,8 @@ class GoalJournal:
             while index < len(history):
                 yield history[index]
                 index += 1
+            if self.lost is not None:
+                raise self.lost
             if self.finished:
                 return
             await changed.wait()

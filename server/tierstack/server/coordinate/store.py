@@ -102,7 +102,7 @@ def _copy(goal: Goal) -> Goal:
     return Goal.FromString(goal.SerializeToString())
 
 
-def _next_state(goal: Goal, stored_state: int, transition: str | None) -> Any:
+def _next_state(goal: Goal, stored_state: int, transition: str | None) -> pb.GoalState.ValueType:
     """Returns the state a write leaves the goal in, checking the state the writer expects."""
     if goal.state != stored_state:
         name = GOAL_LIFECYCLE.names.get(stored_state, str(stored_state))
@@ -111,7 +111,8 @@ def _next_state(goal: Goal, stored_state: int, transition: str | None) -> Any:
             " expects; the write is refused",
             metadata={"goal_id": goal.goal_id, "state": name},
         )
-    return stored_state if transition is None else GOAL_LIFECYCLE.next(goal.goal_id, stored_state, transition)
+    following = stored_state if transition is None else GOAL_LIFECYCLE.next(goal.goal_id, stored_state, transition)
+    return pb.GoalState.ValueType(following)
 
 
 def _numbered(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[GoalEvent]:
@@ -124,7 +125,7 @@ def _numbered(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[Goa
     return numbered
 
 
-def _written(goal: Goal, state: Any, after: int, numbered: list[GoalEvent]) -> Written:
+def _written(goal: Goal, state: pb.GoalState.ValueType, after: int, numbered: list[GoalEvent]) -> Written:
     held = _copy(goal)
     held.state, held.last_sequence = state, after + len(numbered)
     return Written(held, numbered)
@@ -337,28 +338,31 @@ class SqliteGoalStore(GoalStore):
             numbered = _numbered(goal.goal_id, events, last_sequence)
             record = (goal.SerializeToString(),) if transition is not None else ()
             # The compare-and-set: what was read above is checked again in the write itself.
-            cursor = await self._conn.execute(
-                f"UPDATE goals SET state = ?, last_sequence = ?{', goal = ?' if record else ''}"
-                " WHERE goal_id = ? AND owner = ? AND epoch = ? AND state = ? AND last_sequence = ?",
-                (
-                    state,
-                    last_sequence + len(numbered),
-                    *record,
-                    goal.goal_id,
-                    fence.owner,
-                    fence.epoch,
-                    stored_state,
-                    last_sequence,
-                ),
-            )
-            if cursor.rowcount != 1:
-                await self._conn.rollback()
-                raise StaleOwnerError("goal", goal.goal_id, fence)
-            await self._conn.executemany(
-                "INSERT INTO goal_events (goal_id, sequence, event) VALUES (?, ?, ?)",
-                [(goal.goal_id, event.sequence, event.SerializeToString()) for event in numbered],
-            )
-            await self._conn.commit()
+            try:
+                cursor = await self._conn.execute(
+                    f"UPDATE goals SET state = ?, last_sequence = ?{', goal = ?' if record else ''}"
+                    " WHERE goal_id = ? AND owner = ? AND epoch = ? AND state = ? AND last_sequence = ?",
+                    (
+                        state,
+                        last_sequence + len(numbered),
+                        *record,
+                        goal.goal_id,
+                        fence.owner,
+                        fence.epoch,
+                        stored_state,
+                        last_sequence,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    raise StaleOwnerError("goal", goal.goal_id, fence)
+                await self._conn.executemany(
+                    "INSERT INTO goal_events (goal_id, sequence, event) VALUES (?, ?, ?)",
+                    [(goal.goal_id, event.sequence, event.SerializeToString()) for event in numbered],
+                )
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()  # all or nothing: no later commit may carry half of this one
+                raise
         return _written(goal, state, last_sequence, numbered)
 
     async def get_goal(self, goal_id: str) -> Goal | None:

@@ -12,10 +12,11 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import HttpServer, free_port, spawn_tier, spawned_stack, start_tier, stop, wait_for
+from tests.helpers import HttpServer, free_port, open_stack, spawn_tier, spawned_stack, start_tier, stop, wait_for
 from tierstack.client import CoordinatorClient, OrchestratorClient
-from tierstack.client.values import from_value
+from tierstack.client.values import from_value, now_timestamp
 from tierstack.server import Settings
+from tierstack.server.coordinate import SqliteGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 #: A chain with a fork: a; b and c after a; d after both; e after d; f after e.
@@ -151,3 +152,37 @@ async def test_a_goal_watches_its_runs_again_across_a_sigkill_of_the_orchestrato
     d_run = [e.subtask_progress.run_event for e in history if e.subtask_progress.subtask_id == "d"]
     assert [e.sequence for e in d_run] == list(range(1, len(d_run) + 1))
     assert any(e.HasField("run_resumed") for e in d_run)
+
+
+async def test_a_stored_goal_that_cannot_resume_is_failed_and_the_server_starts(tmp_path: Path) -> None:
+    store = SqliteGoalStore(tmp_path / "goals.sqlite3")
+    await store.open()
+    try:
+        for goal_id in ("good", "unreadable-events"):
+            goal = pb.Goal(goal_id=goal_id, state=pb.GOAL_STATE_PENDING, create_time=now_timestamp())
+            goal.request.goal = "write a haiku"
+            goal.request.agents.add(id="w", capabilities=["writing"])
+            await store.create_goal(goal, "a previous server")
+        # Records that cannot be read back at all, as a damaged file could hold.
+        await store._conn.execute(
+            "INSERT INTO goal_events (goal_id, sequence, event) VALUES (?, ?, ?)",
+            ("unreadable-events", 1, b"\xff\xff\xff"),
+        )
+        await store._conn.execute("UPDATE goals SET last_sequence = 1 WHERE goal_id = 'unreadable-events'")
+        await store._conn.execute(
+            "INSERT INTO goals (goal_id, state, create_ns, owner, epoch, last_sequence, goal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ("torn", pb.GOAL_STATE_RUNNING, 1, "a previous server", 1, 0, b"\xff\xff\xff"),
+        )
+        await store._conn.commit()
+    finally:
+        await store.close()
+    async with open_stack(Settings(data_dir=tmp_path)) as stack:
+        history = [e async for e in stack.coordinator.watch_goal("good")]
+        good = await stack.coordinator.get_goal("good")
+        bad = await stack.coordinator.get_goal("unreadable-events")
+        running = await stack.coordinator.list_goals(pb.ListGoalsRequest(state=pb.GOAL_STATE_RUNNING))
+    assert good.state == pb.GOAL_STATE_COMPLETED
+    assert history[0].HasField("goal_resumed") and history[-1].HasField("goal_completed")
+    assert bad.state == pb.GOAL_STATE_FAILED and bad.error.reason == "GOAL_NOT_RESUMABLE"
+    assert not running.goals  # the torn record was marked failed, not left running

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from tierstack.client.errors import TierstackError
 from tierstack.client.values import now_timestamp, to_duration, to_seconds
@@ -258,10 +259,22 @@ class Coordinator:
 
     async def open(self) -> None:
         """Takes up every goal a previous process left pending or running: finished subtasks are not
-        run again, and runs in flight are watched again where they were."""
+        run again, and runs in flight are watched again where they were. A goal whose events cannot
+        be read back is failed (GOAL_NOT_RESUMABLE) instead, so that nothing stored keeps the server
+        from starting."""
         for goal in await self._store.unfinished_goals():
             fence = await self._store.claim(goal.goal_id, self._owner)
-            history = await self._store.events(goal.goal_id, after_sequence=0)
+            try:
+                history = await self._store.events(goal.goal_id, after_sequence=0)
+            except DecodeError:
+                _log.warning("the events of goal %s cannot be read; it is failed", goal.goal_id)
+                failure = _Goal(goal).failed(
+                    "GOAL_NOT_RESUMABLE", "the goal cannot be resumed: its events cannot be read"
+                )
+                goal.error.CopyFrom(failure.goal_failed.error)
+                goal.end_time.CopyFrom(failure.time)
+                await self._store.write(goal, fence, [failure], transition="fail")
+                continue
             self._pursue(goal, fence, history, resumed=True)
 
     def stopping(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from google.protobuf.message import DecodeError
 
 from tierstack.server.errors import NotFoundError
 from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
@@ -384,10 +385,26 @@ class SqliteGoalStore(GoalStore):
             return [_goal(row) for row in await rows.fetchall()]
 
     async def unfinished_goals(self) -> list[Goal]:
+        """Returns every goal that is pending or running, oldest first; a goal whose stored record
+        cannot be read is marked failed (and logged) rather than returned."""
         marks = ", ".join("?" * len(_UNFINISHED))
-        query = f"SELECT {_COLUMNS} FROM goals WHERE state IN ({marks}) ORDER BY create_ns"
-        async with self._lock, self._conn.execute(query, _UNFINISHED) as rows:
-            return [_goal(row) for row in await rows.fetchall()]
+        query = f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state IN ({marks}) ORDER BY create_ns"
+        async with self._lock:
+            async with self._conn.execute(query, _UNFINISHED) as rows:
+                found, unreadable = [], []
+                for goal_id, *row in await rows.fetchall():
+                    try:
+                        found.append(_goal(row))
+                    except DecodeError:
+                        unreadable.append(goal_id)
+            if unreadable:
+                _log.warning("%d stored goals cannot be read and are marked failed: %s", len(unreadable), unreadable)
+                await self._conn.executemany(
+                    "UPDATE goals SET state = ? WHERE goal_id = ?",
+                    [(pb.GOAL_STATE_FAILED, goal_id) for goal_id in unreadable],
+                )
+                await self._conn.commit()
+        return found
 
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         async with (

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import HttpServer, Stack, open_stack, reply, start_tier, wait_for
-from tierstack.client import CoordinatorClient, FailedPreconditionError, NotFoundError
+from tierstack.client import CoordinatorClient, FailedPreconditionError, NotFoundError, OrchestratorClient
 from tierstack.client.values import from_value
 from tierstack.server import Settings
+from tierstack.server.coordinate import Coordinator, Decomposer, GoalMemory, LocalProvider
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
@@ -214,3 +215,38 @@ async def test_a_coordinator_that_lost_its_goal_to_another_is_refused(
     }
     assert run_id == started.subtask_started.run_id, "the new owner watched the same run"
     assert http_server.hits.count("/hold") == 1
+
+
+class BreakingRunner:
+    """Tier 2 through the real client, except that watching a run breaks after its first event, as
+    an unexpected bug in the coordinator would."""
+
+    def __init__(self, client: OrchestratorClient) -> None:
+        self._client = client
+        self.start_run = client.start_run
+        self.get_run = client.get_run
+        self.cancel_run = client.cancel_run
+
+    async def watch_run(self, run_id: str, *, after_sequence: int = 0) -> AsyncIterator[orchestrator_pb.RunEvent]:
+        async for event in self._client.watch_run(run_id, after_sequence=after_sequence):
+            yield event
+            raise RuntimeError("a bug at /internal/path")
+
+
+async def test_an_unexpected_failure_ends_the_goal_as_internal_and_cancels_its_runs(
+    stack: Stack, http_server: HttpServer, held: threading.Event
+) -> None:
+    decomposer = Decomposer(memory=GoalMemory(), provider=LocalProvider())
+    coordinator = Coordinator(BreakingRunner(stack.orchestrator), decomposer)
+    try:
+        request = pb.CoordinateRequest(goal=goal_of(http_server), agents=AGENTS)
+        events = [event async for event in coordinator.coordinate(request)]
+    finally:
+        await coordinator.close()
+    failed = events[-1].goal_failed.error
+    assert (
+        failed.reason == "INTERNAL" and "/internal/path" not in failed.message and "RuntimeError" not in failed.message
+    )
+    [run_id] = [e.subtask_started.run_id for e in events if e.HasField("subtask_started")]
+    assert (await stack.orchestrator.get_run(run_id)).state == orchestrator_pb.RUN_STATE_CANCELLED
+    assert (await coordinator.get_goal(events[-1].goal_id)).state == pb.GOAL_STATE_FAILED

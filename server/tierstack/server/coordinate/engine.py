@@ -536,7 +536,7 @@ class _Pursuit:
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
         self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
         self._replans = progress.replans
-        self._events: asyncio.Queue[pb.GoalEvent | _Ended] = asyncio.Queue()
+        self._events: asyncio.Queue[pb.GoalEvent | _Ended | Exception] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runs: dict[str, str] = {}  # subtask id → the id of its run in flight
         self._failure: pb.GoalEvent | None = None
@@ -558,6 +558,8 @@ class _Pursuit:
                 except TimeoutError:
                     failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
                     break
+                if isinstance(item, Exception):
+                    raise item  # a subtask's driver broke: the goal fails as INTERNAL
                 if isinstance(item, pb.GoalEvent):
                     yield item
                     continue
@@ -766,6 +768,9 @@ class _Pursuit:
                     pause = min(pause * 2, _MAX_BACKOFF)
         except TierstackError as exc:
             error = error_detail_of_call(exc, common_pb2.TIER_ORCHESTRATE)
+        except Exception as exc:
+            self._events.put_nowait(exc)
+            return
         if error is None and not finished:
             error = _error("RUN_INCOMPLETE", "the run paused, or its stream ended, before it finished")
         self._events.put_nowait(_Ended(subtask.id, output, usage, error))

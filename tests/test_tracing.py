@@ -94,8 +94,8 @@ async def test_one_goal_is_one_trace_across_three_processes(
             ("tierstack-execute", "/tierstack.v1.ExecutorService/Execute"),
             ("tierstack-orchestrate", "/tierstack.v1.ExecutorService/Execute"),
             ("tierstack-orchestrate", f"step {subtask}"),
-            ("tierstack-orchestrate", "/tierstack.v1.OrchestratorService/Orchestrate"),
-            ("tierstack-coordinate", "/tierstack.v1.OrchestratorService/Orchestrate"),
+            ("tierstack-orchestrate", "/tierstack.v1.OrchestratorService/StartRun"),
+            ("tierstack-coordinate", "/tierstack.v1.OrchestratorService/StartRun"),
             ("tierstack-coordinate", f"subtask {subtask}"),
             ("tierstack-coordinate", "/tierstack.v1.CoordinatorService/Coordinate"),
         ]

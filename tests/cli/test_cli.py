@@ -8,7 +8,9 @@ import re
 import signal
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import grpc
@@ -231,5 +233,40 @@ async def test_top_shows_every_tier_live(stack: Stack, http_server: HttpServer) 
     rows = {
         m.group(1): float(m.group(2)) for m in re.finditer(r"│\s+(\w+)\s+[\d.,]+\s+([\d.,]+)\s+[\d.,]+\s+\d+", output)
     }
-    assert rows["Coordinate"] > 0 and rows["Orchestrate"] > 0 and rows["Execute"] > 0  # p50 in ms
+    assert rows["Coordinate"] > 0 and rows["StartRun"] > 0 and rows["Execute"] > 0  # p50 in ms, by method
     assert "active runs 0" in output and "RSS" in output
+
+
+async def test_goals_detach_and_are_listed_watched_shown_and_cancelled(
+    tiers: dict[str, Process], http_server: HttpServer
+) -> None:
+    release = threading.Event()
+
+    def hold(request: BaseHTTPRequestHandler) -> None:
+        release.wait(30)
+        reply(b"{}")(request)
+
+    http_server.routes["/hold"] = hold
+    target = ("--target", tiers["coordinate"].target)
+    code, output = await run_cli("goal", "write a haiku", "--agent", "w=writing", "--detach", *target)
+    assert code == 0, output
+    goal_id = output.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", goal_id), output
+    code, output = await run_cli("goals", *target, "watch", goal_id)
+    assert code == 0 and "goal completed" in output, output
+    code, output = await run_cli("goals", *target, "get", goal_id)
+    assert code == 0 and '"GOAL_STATE_COMPLETED"' in output and "write a haiku" in output, output
+    try:
+        held = f"fetch {http_server.url}/hold then write it up"
+        code, output = await run_cli("goal", held, "--agent", "r=http,writing", "--detach", *target)
+        waiting = output.strip()
+        code, output = await run_cli("goals", *target, "list")
+        assert code == 0 and waiting in output and goal_id in output, output
+        code, output = await run_cli("goals", *target, "list", "--state", "completed")
+        assert goal_id in output and waiting not in output, output
+        code, output = await run_cli("goals", *target, "cancel", waiting, "--reason", "not needed")
+        assert code == 0 and f"goal {waiting} is CANCELLED" in output, output
+        code, output = await run_cli("goals", *target, "cancel", waiting)
+        assert code == 1 and "ILLEGAL_TRANSITION" in output, output
+    finally:
+        release.set()

@@ -42,10 +42,12 @@ async def test_coordinate_reports_every_tier_with_its_domain_metrics(stack: Stac
         "similar_goal": 1,
     }
     assert coordinate.coordinate.team_formation_latency.count == 2
-    # Its calls to Orchestrate, seen from its side: one stream per subtask run, with their messages.
-    [orchestrate_calls] = [m for m in coordinate.client_methods if m.method.endswith("/Orchestrate")]
+    # Its calls to Orchestrate, seen from its side: one start and one watch stream per subtask run.
+    [started] = [m for m in coordinate.client_methods if m.method.endswith("/StartRun")]
+    assert started.counts_by_code["OK"] == 6
+    [orchestrate_calls] = [m for m in coordinate.client_methods if m.method.endswith("/WatchRun")]
     assert orchestrate_calls.counts_by_code["OK"] == 6 and orchestrate_calls.stream_messages > 6
-    served = next(m for m in orchestrate.methods if m.method.endswith("/Orchestrate"))
+    served = next(m for m in orchestrate.methods if m.method.endswith("/WatchRun"))
     assert served.latency.count == 6
     # The hop's own time: the caller waited at least as long as the callee worked, call for call.
     assert orchestrate_calls.latency.histogram.sum_seconds >= served.latency.histogram.sum_seconds

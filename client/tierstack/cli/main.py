@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -225,54 +225,103 @@ def _agent(text: str) -> coordinator_pb.Agent:
 
 
 async def _goal(args: argparse.Namespace, console: Console) -> int:
-    request = coordinator_pb.CoordinateRequest(
-        context=common_pb2.RequestContext(correlation_id=args.correlation_id or ""),
-        goal=args.goal,
-        agents=[_agent(text) for text in (args.agent or _DEFAULT_AGENTS)],
-    )
-    labels: dict[str, str] = {}
-    outcome = 1
+    agents = [_agent(text) for text in (args.agent or _DEFAULT_AGENTS)]
+    context = common_pb2.RequestContext(correlation_id=args.correlation_id or "")
     async with CoordinatorClient(args.target) as client:
-        with RunProgress(console) as view:
-            async for event in client.coordinate(request):
-                kind = event.WhichOneof("payload")
-                if kind == "goal_decomposed":
-                    table = Table("subtask", "description", "needs", "depends on", "tool", title="decomposition")
-                    for subtask in event.goal_decomposed.subtasks:
-                        labels[subtask.id] = f"{subtask.id}: {subtask.description}"
-                        table.add_row(
-                            subtask.id,
-                            subtask.description,
-                            ", ".join(subtask.required_capabilities),
-                            ", ".join(subtask.dependencies),
-                            subtask.tool,
-                        )
-                    view.console.print(table)
-                elif kind == "team_formed":
-                    for assignment in event.team_formed.assignments:
-                        view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
-                elif kind == "subtask_replanned":
-                    replanned = event.subtask_replanned
-                    view.log(
-                        f"[yellow]{replanned.subtask_id} failed ({replanned.error.reason}); re-planned: "
-                        f"{replanned.previous_agent_id} → {replanned.agent_id}[/]"
-                    )
-                elif kind == "subtask_progress":
-                    progress = event.subtask_progress
-                    view.update(progress.run_event, labels.get(progress.subtask_id, ""))
-                elif kind == "goal_completed":
-                    outputs = {k: from_value(v) for k, v in event.goal_completed.outputs.items()}
-                    view.console.print_json(data=outputs)
-                    phases = ", ".join(
-                        f"{name} {duration.ToNanoseconds() / 1e6:.1f} ms"
-                        for name, duration in sorted(event.goal_completed.phase_durations.items())
-                    )
-                    view.log(f"[green]goal completed[/] ({phases}); correlation id {event.correlation_id}")
-                    outcome = 0
-                elif kind == "goal_failed":
-                    error = event.goal_failed.error
-                    view.log(f"[red]goal failed:[/] {error.reason}: {error.message}")
-    return outcome
+        if args.detach:
+            start = coordinator_pb.StartGoalRequest(context=context, goal=args.goal, agents=agents)
+            print((await client.start_goal(start)).goal.goal_id)
+            return 0
+        request = coordinator_pb.CoordinateRequest(context=context, goal=args.goal, agents=agents)
+        return await _follow(client.coordinate(request), console)
+
+
+async def _follow(events: AsyncIterator[coordinator_pb.GoalEvent], console: Console) -> int:
+    """Shows a goal's events as they arrive; returns 0 when the goal completed, else 1."""
+    labels: dict[str, str] = {}
+    last: coordinator_pb.GoalEvent | None = None
+    with RunProgress(console) as view:
+        async for event in events:
+            _show_event(view, event, labels)
+            last = event
+    return 0 if last is not None and last.HasField("goal_completed") else 1
+
+
+def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict[str, str]) -> None:
+    kind = event.WhichOneof("payload")
+    if kind == "goal_decomposed":
+        table = Table("subtask", "description", "needs", "depends on", "tool", title="decomposition")
+        for subtask in event.goal_decomposed.subtasks:
+            labels[subtask.id] = f"{subtask.id}: {subtask.description}"
+            table.add_row(
+                subtask.id,
+                subtask.description,
+                ", ".join(subtask.required_capabilities),
+                ", ".join(subtask.dependencies),
+                subtask.tool,
+            )
+        view.console.print(table)
+    elif kind == "team_formed":
+        for assignment in event.team_formed.assignments:
+            view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
+    elif kind == "subtask_replanned":
+        replanned = event.subtask_replanned
+        view.log(
+            f"[yellow]{replanned.subtask_id} failed ({replanned.error.reason}); re-planned: "
+            f"{replanned.previous_agent_id} → {replanned.agent_id}[/]"
+        )
+    elif kind == "subtask_progress":
+        progress = event.subtask_progress
+        view.update(progress.run_event, labels.get(progress.subtask_id, ""))
+    elif kind == "goal_resumed":
+        view.log(f"[yellow]goal resumed[/] ({event.goal_resumed.reason})")
+    elif kind == "goal_completed":
+        outputs = {k: from_value(v) for k, v in event.goal_completed.outputs.items()}
+        view.console.print_json(data=outputs)
+        phases = ", ".join(
+            f"{name} {duration.ToNanoseconds() / 1e6:.1f} ms"
+            for name, duration in sorted(event.goal_completed.phase_durations.items())
+        )
+        view.log(f"[green]goal completed[/] ({phases}); correlation id {event.correlation_id}")
+    elif kind == "goal_failed":
+        error = event.goal_failed.error
+        view.log(f"[red]goal failed:[/] {error.reason}: {error.message}")
+    elif kind == "goal_cancelled":
+        view.log(f"[red]goal cancelled:[/] {event.goal_cancelled.reason}")
+
+
+def _goal_row(goal: coordinator_pb.Goal) -> tuple[str, ...]:
+    created = goal.create_time.ToDatetime().isoformat(timespec="seconds") if goal.HasField("create_time") else ""
+    state = coordinator_pb.GoalState.Name(goal.state).removeprefix("GOAL_STATE_")
+    return goal.goal_id, state, created, goal.request.goal[:60]
+
+
+async def _goals(args: argparse.Namespace, console: Console) -> int:
+    """``tierstack goals list|get|watch|cancel``: the goals a Coordinate server keeps."""
+    async with CoordinatorClient(args.target) as client:
+        if args.action == "list":
+            state = coordinator_pb.GoalState.Value(f"GOAL_STATE_{(args.state or 'unspecified').upper()}")
+            page = await client.list_goals(
+                coordinator_pb.ListGoalsRequest(page_size=args.page_size, page_token=args.page_token or "", state=state)
+            )
+            table = Table("goal", "state", "created", "goal text", title="goals")
+            for goal in page.goals:
+                table.add_row(*_goal_row(goal))
+            console.print(table)
+            if page.next_page_token:
+                console.print(f"more: --page-token {page.next_page_token}")
+            return 0
+        if args.action == "get":
+            goal = await client.get_goal(args.goal_id)
+            console.print_json(json_format.MessageToJson(goal))
+            return 0
+        if args.action == "cancel":
+            goal = await client.cancel_goal(args.goal_id, reason=args.reason or "")
+            console.print(
+                f"goal {goal.goal_id} is {coordinator_pb.GoalState.Name(goal.state).removeprefix('GOAL_STATE_')}"
+            )
+            return 0
+        return await _follow(client.watch_goal(args.goal_id, after_sequence=args.after), console)
 
 
 def _bench_report(args: argparse.Namespace) -> int:
@@ -327,7 +376,23 @@ def _parser() -> argparse.ArgumentParser:
         help="an available agent (repeatable; three by default)",
     )
     goal.add_argument("--correlation-id", help="the id tying the goal's events and logs together")
+    goal.add_argument("--detach", action="store_true", help="start the goal, print its id and return")
     goal.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
+
+    goals = commands.add_parser("goals", help="list, show, watch or cancel the goals Coordinate keeps")
+    goals.add_argument("--target", default=_default_target("coordinate"), help="the Coordinate server")
+    actions = goals.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="list goals, newest first")
+    listing.add_argument("--state", choices=["pending", "running", "completed", "failed", "cancelled"])
+    listing.add_argument("--page-size", type=int, default=50, help="goals per page (at most 1000)")
+    listing.add_argument("--page-token", help="continue a listing")
+    for action, text in (("get", "show one goal"), ("watch", "show a goal's events until it ends")):
+        chosen = actions.add_parser(action, help=text)
+        chosen.add_argument("goal_id")
+    actions.choices["watch"].add_argument("--after", type=int, default=0, help="only events after this sequence")
+    cancel = actions.add_parser("cancel", help="cancel a goal and its runs")
+    cancel.add_argument("goal_id")
+    cancel.add_argument("--reason", help="why the goal is cancelled")
 
     report = commands.add_parser(
         "bench-report", help="run the benchmarks (from a source checkout) and write a markdown table and a chart"
@@ -352,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench-report":
         return _bench_report(args)
     console = Console()
-    commands = {"run": _run, "goal": _goal, "top": _top}
+    commands = {"run": _run, "goal": _goal, "goals": _goals, "top": _top}
     try:
         return asyncio.run(commands[args.command](args, console))
     except KeyboardInterrupt:

@@ -299,8 +299,51 @@ class CoordinatorClient(_Client):
     def coordinate(
         self, request: coordinator_pb2.CoordinateRequest, *, timeout: float | None = None
     ) -> AsyncIterator[coordinator_pb2.GoalEvent]:
-        """Pursues a goal and yields its events, including those of the tiers below."""
+        """Starts a goal and yields its events, including those of the tiers below, until it ends.
+        Leaving early leaves the goal running unless the request sets ``cancel_on_disconnect``."""
         return self._stream(self._stub.Coordinate(request, **self._options(timeout, None)))
+
+    async def start_goal(
+        self, request: coordinator_pb2.StartGoalRequest, *, timeout: float | None = None
+    ) -> coordinator_pb2.StartGoalResponse:
+        """Starts a goal and returns at once; a ``request_id`` already seen returns the goal it started."""
+        with translate_errors():
+            return await self._stub.StartGoal(request, **self._options(timeout, self.timeout))
+
+    def watch_goal(
+        self, goal_id: str, *, after_sequence: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[coordinator_pb2.GoalEvent]:
+        """Yields a goal's events after ``after_sequence``: history first, then live until the goal ends."""
+        request = coordinator_pb2.WatchGoalRequest(goal_id=goal_id, after_sequence=after_sequence)
+        return self._stream(self._stub.WatchGoal(request, **self._options(timeout, None)))
+
+    async def get_goal(self, goal_id: str, *, timeout: float | None = None) -> coordinator_pb2.Goal:
+        """Returns one goal."""
+        with translate_errors():
+            response = await self._stub.GetGoal(
+                coordinator_pb2.GetGoalRequest(goal_id=goal_id), **self._options(timeout, self.timeout)
+            )
+        return response.goal
+
+    async def list_goals(
+        self, request: coordinator_pb2.ListGoalsRequest | None = None, *, timeout: float | None = None
+    ) -> coordinator_pb2.ListGoalsResponse:
+        """Returns a page of goals, newest first."""
+        with translate_errors():
+            return await self._stub.ListGoals(
+                request or coordinator_pb2.ListGoalsRequest(), **self._options(timeout, self.timeout)
+            )
+
+    async def cancel_goal(
+        self, goal_id: str, *, reason: str = "", timeout: float | None = None
+    ) -> coordinator_pb2.Goal:
+        """Cancels a goal and the runs of its subtasks, and returns it."""
+        with translate_errors():
+            response = await self._stub.CancelGoal(
+                coordinator_pb2.CancelGoalRequest(goal_id=goal_id, reason=reason),
+                **self._options(timeout, self.timeout),
+            )
+        return response.goal
 
     async def decompose_goal(
         self, request: coordinator_pb2.DecomposeGoalRequest, *, timeout: float | None = None

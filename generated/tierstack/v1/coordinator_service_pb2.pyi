@@ -80,6 +80,123 @@ DECOMPOSITION_SOURCE_MODEL: DecompositionSource.ValueType  # 3
 """Marks a decomposition produced by an AI model provider."""
 Global___DecompositionSource: _TypeAlias = DecompositionSource  # noqa: Y015
 
+class _GoalState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GoalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GoalState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GOAL_STATE_UNSPECIFIED: _GoalState.ValueType  # 0
+    """Means the state was not set."""
+    GOAL_STATE_PENDING: _GoalState.ValueType  # 1
+    """Marks a goal that is accepted but not started."""
+    GOAL_STATE_RUNNING: _GoalState.ValueType  # 2
+    """Marks a goal being pursued: decomposed, or running its subtasks."""
+    GOAL_STATE_COMPLETED: _GoalState.ValueType  # 3
+    """Marks a goal that was achieved."""
+    GOAL_STATE_FAILED: _GoalState.ValueType  # 4
+    """Marks a goal that failed."""
+    GOAL_STATE_CANCELLED: _GoalState.ValueType  # 5
+    """Marks a goal that was cancelled."""
+
+class GoalState(_GoalState, metaclass=_GoalStateEnumTypeWrapper):
+    """Gives the lifecycle state of a goal."""
+
+GOAL_STATE_UNSPECIFIED: GoalState.ValueType  # 0
+"""Means the state was not set."""
+GOAL_STATE_PENDING: GoalState.ValueType  # 1
+"""Marks a goal that is accepted but not started."""
+GOAL_STATE_RUNNING: GoalState.ValueType  # 2
+"""Marks a goal being pursued: decomposed, or running its subtasks."""
+GOAL_STATE_COMPLETED: GoalState.ValueType  # 3
+"""Marks a goal that was achieved."""
+GOAL_STATE_FAILED: GoalState.ValueType  # 4
+"""Marks a goal that failed."""
+GOAL_STATE_CANCELLED: GoalState.ValueType  # 5
+"""Marks a goal that was cancelled."""
+Global___GoalState: _TypeAlias = GoalState  # noqa: Y015
+
+@_typing.final
+class Goal(_message.Message):
+    """Describes a goal: what was asked, where it stands, and what came of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    GOAL_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    goal_id: _builtins.str
+    """Identifies the goal."""
+    state: Global___GoalState.ValueType
+    """Gives the goal's state."""
+    last_sequence: _builtins.int
+    """Gives the sequence number of the goal's last stored event."""
+    @_builtins.property
+    def request(self) -> Global___StartGoalRequest:
+        """Holds the request the goal was started with."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when the goal was created."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Records when the goal ended, once it has."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """Maps each subtask id to its output, once the goal completed."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorDetail:
+        """Describes why the goal failed, when it did."""
+
+    def __init__(
+        self,
+        *,
+        goal_id: _builtins.str = ...,
+        state: Global___GoalState.ValueType = ...,
+        request: Global___StartGoalRequest | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        last_sequence: _builtins.int = ...,
+        outputs: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        error: _common_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "goal_id", b"goal_id", "last_sequence", b"last_sequence", "outputs", b"outputs", "request", b"request", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Goal: _TypeAlias = Goal  # noqa: Y015
+
 @_typing.final
 class Agent(_message.Message):
     """Describes an agent that can take subtasks."""
@@ -250,6 +367,8 @@ class GoalEvent(_message.Message):
     GOAL_COMPLETED_FIELD_NUMBER: _builtins.int
     GOAL_FAILED_FIELD_NUMBER: _builtins.int
     SUBTASK_REPLANNED_FIELD_NUMBER: _builtins.int
+    GOAL_CANCELLED_FIELD_NUMBER: _builtins.int
+    GOAL_RESUMED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one goal, starting at 1."""
     goal_id: _builtins.str
@@ -292,6 +411,14 @@ class GoalEvent(_message.Message):
     def subtask_replanned(self) -> Global___SubtaskReplanned:
         """Reports that a failed subtask was re-planned and will be tried again."""
 
+    @_builtins.property
+    def goal_cancelled(self) -> Global___GoalCancelled:
+        """Reports that the goal was cancelled."""
+
+    @_builtins.property
+    def goal_resumed(self) -> Global___GoalResumed:
+        """Reports that a new server took the goal up where it stood, after the last one stopped."""
+
     def __init__(
         self,
         *,
@@ -307,12 +434,14 @@ class GoalEvent(_message.Message):
         goal_completed: Global___GoalCompleted | None = ...,
         goal_failed: Global___GoalFailed | None = ...,
         subtask_replanned: Global___SubtaskReplanned | None = ...,
+        goal_cancelled: Global___GoalCancelled | None = ...,
+        goal_resumed: Global___GoalResumed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_resumed", b"goal_resumed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "goal_resumed", b"goal_resumed", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed", "subtask_replanned"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed", "subtask_replanned", "goal_cancelled", "goal_resumed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -625,8 +754,56 @@ class GoalFailed(_message.Message):
 Global___GoalFailed: _TypeAlias = GoalFailed  # noqa: Y015
 
 @_typing.final
+class GoalCancelled(_message.Message):
+    """Reports that a goal was cancelled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Says why the goal was cancelled."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalCancelled: _TypeAlias = GoalCancelled  # noqa: Y015
+
+@_typing.final
+class GoalResumed(_message.Message):
+    """Reports that a goal was taken up again after the server pursuing it stopped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    FINISHED_SUBTASKS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Says why the goal was taken up again."""
+    finished_subtasks: _builtins.int
+    """Counts the subtasks that had already finished and are not run again."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        finished_subtasks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_subtasks", b"finished_subtasks", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalResumed: _TypeAlias = GoalResumed  # noqa: Y015
+
+@_typing.final
 class CoordinateRequest(_message.Message):
-    """Asks to pursue a goal."""
+    """Asks to pursue a goal and stream its events."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -635,6 +812,8 @@ class CoordinateRequest(_message.Message):
     AGENTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     MAX_REPLANS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_ON_DISCONNECT_FIELD_NUMBER: _builtins.int
     goal: _builtins.str
     """States the goal in plain language.
     Bounds: at most 16,384 characters.
@@ -643,6 +822,12 @@ class CoordinateRequest(_message.Message):
     """Caps how often failed subtasks are re-planned in all; unset allows 2.
     Bounds: from 0 to 100.
     """
+    request_id: _builtins.str
+    """Makes the call idempotent: a `request_id` already seen streams the goal it started.
+    Bounds: at most 128 characters.
+    """
+    cancel_on_disconnect: _builtins.bool
+    """Cancels the goal when the caller leaves before it ends; by default the goal goes on."""
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the goal to the request it serves."""
@@ -667,10 +852,12 @@ class CoordinateRequest(_message.Message):
         agents: _abc.Iterable[Global___Agent] | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
         max_replans: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+        cancel_on_disconnect: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "context", b"context", "limits", b"limits", "max_replans", b"max_replans"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "agents", b"agents", "context", b"context", "goal", b"goal", "limits", b"limits", "max_replans", b"max_replans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "agents", b"agents", "cancel_on_disconnect", b"cancel_on_disconnect", "context", b"context", "goal", b"goal", "limits", b"limits", "max_replans", b"max_replans", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_replans: _TypeAlias = _typing.Literal["max_replans"]  # noqa: Y015
     _WhichOneofArgType__max_replans: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans"]  # noqa: Y015
@@ -701,6 +888,314 @@ class CoordinateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CoordinateResponse: _TypeAlias = CoordinateResponse  # noqa: Y015
+
+@_typing.final
+class StartGoalRequest(_message.Message):
+    """Asks to start a goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    MAX_REPLANS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Makes the call idempotent: a `request_id` already seen returns the goal it started.
+    Bounds: at most 128 characters.
+    """
+    goal: _builtins.str
+    """States the goal in plain language.
+    Bounds: at most 16,384 characters.
+    """
+    max_replans: _builtins.int
+    """Caps how often failed subtasks are re-planned in all; unset allows 2.
+    Bounds: from 0 to 100.
+    """
+    @_builtins.property
+    def context(self) -> _common_pb2.RequestContext:
+        """Ties the goal to the request it serves."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """Lists the agents available to the goal.
+        Bounds: at most 200 items.
+        """
+
+    @_builtins.property
+    def limits(self) -> _common_pb2.ResourceLimits:
+        """Bounds the resources the goal may use; its credits, tokens and tool calls are shared among the
+        subtasks by complexity, and max_parallelism caps how many subtasks run at once.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        context: _common_pb2.RequestContext | None = ...,
+        goal: _builtins.str = ...,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        limits: _common_pb2.ResourceLimits | None = ...,
+        max_replans: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "context", b"context", "limits", b"limits", "max_replans", b"max_replans"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans", "agents", b"agents", "context", b"context", "goal", b"goal", "limits", b"limits", "max_replans", b"max_replans", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_replans: _TypeAlias = _typing.Literal["max_replans"]  # noqa: Y015
+    _WhichOneofArgType__max_replans: _TypeAlias = _typing.Literal["_max_replans", b"_max_replans"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_replans) -> _WhichOneofReturnType__max_replans | None: ...
+
+Global___StartGoalRequest: _TypeAlias = StartGoalRequest  # noqa: Y015
+
+@_typing.final
+class StartGoalResponse(_message.Message):
+    """Returns the started goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """Says whether this call created the goal (false when the `request_id` was already seen)."""
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """Describes the goal."""
+
+    def __init__(
+        self,
+        *,
+        goal: Global___Goal | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "goal", b"goal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartGoalResponse: _TypeAlias = StartGoalResponse  # noqa: Y015
+
+@_typing.final
+class GetGoalRequest(_message.Message):
+    """Asks for one goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_ID_FIELD_NUMBER: _builtins.int
+    goal_id: _builtins.str
+    """Identifies the goal.
+    Bounds: 1 to 128 characters.
+    """
+    def __init__(
+        self,
+        *,
+        goal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal_id", b"goal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGoalRequest: _TypeAlias = GetGoalRequest  # noqa: Y015
+
+@_typing.final
+class GetGoalResponse(_message.Message):
+    """Returns one goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """Describes the goal."""
+
+    def __init__(
+        self,
+        *,
+        goal: Global___Goal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGoalResponse: _TypeAlias = GetGoalResponse  # noqa: Y015
+
+@_typing.final
+class WatchGoalRequest(_message.Message):
+    """Asks for a goal's events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    goal_id: _builtins.str
+    """Identifies the goal.
+    Bounds: 1 to 128 characters.
+    """
+    after_sequence: _builtins.int
+    """Streams only events with a greater sequence number; zero streams them all.
+    Bounds: from 0 to 1,000,000,000,000,000.
+    """
+    def __init__(
+        self,
+        *,
+        goal_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "goal_id", b"goal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchGoalRequest: _TypeAlias = WatchGoalRequest  # noqa: Y015
+
+@_typing.final
+class WatchGoalResponse(_message.Message):
+    """Carries one event of the watched goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___GoalEvent:
+        """Holds the event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___GoalEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchGoalResponse: _TypeAlias = WatchGoalResponse  # noqa: Y015
+
+@_typing.final
+class ListGoalsRequest(_message.Message):
+    """Asks for a page of goals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Caps the number of goals returned; zero means 50, and more than 1000 is refused.
+    Bounds: from 0 to 1,000.
+    """
+    page_token: _builtins.str
+    """Continues a listing from the `next_page_token` of an earlier response.
+    Bounds: at most 1,024 characters.
+    """
+    state: Global___GoalState.ValueType
+    """Keeps only goals in this state; unspecified keeps all.
+    Bounds: one of the declared values.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: Global___GoalState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGoalsRequest: _TypeAlias = ListGoalsRequest  # noqa: Y015
+
+@_typing.final
+class ListGoalsResponse(_message.Message):
+    """Returns a page of goals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Continues the listing; empty on the last page."""
+    @_builtins.property
+    def goals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Goal]:
+        """Lists the goals, newest first."""
+
+    def __init__(
+        self,
+        *,
+        goals: _abc.Iterable[Global___Goal] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goals", b"goals", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGoalsResponse: _TypeAlias = ListGoalsResponse  # noqa: Y015
+
+@_typing.final
+class CancelGoalRequest(_message.Message):
+    """Asks to cancel a goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    goal_id: _builtins.str
+    """Identifies the goal.
+    Bounds: 1 to 128 characters.
+    """
+    reason: _builtins.str
+    """Says why the goal is cancelled.
+    Bounds: at most 1,024 characters.
+    """
+    def __init__(
+        self,
+        *,
+        goal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal_id", b"goal_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelGoalRequest: _TypeAlias = CancelGoalRequest  # noqa: Y015
+
+@_typing.final
+class CancelGoalResponse(_message.Message):
+    """Returns the cancelled goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """Describes the goal after the cancellation."""
+
+    def __init__(
+        self,
+        *,
+        goal: Global___Goal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelGoalResponse: _TypeAlias = CancelGoalResponse  # noqa: Y015
 
 @_typing.final
 class DecomposeGoalRequest(_message.Message):

@@ -40,6 +40,31 @@ class CoordinatorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateResponse.FromString,
                 _registered_method=True)
+        self.StartGoal = channel.unary_unary(
+                '/tierstack.v1.CoordinatorService/StartGoal',
+                request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalResponse.FromString,
+                _registered_method=True)
+        self.GetGoal = channel.unary_unary(
+                '/tierstack.v1.CoordinatorService/GetGoal',
+                request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalResponse.FromString,
+                _registered_method=True)
+        self.WatchGoal = channel.unary_stream(
+                '/tierstack.v1.CoordinatorService/WatchGoal',
+                request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalResponse.FromString,
+                _registered_method=True)
+        self.ListGoals = channel.unary_unary(
+                '/tierstack.v1.CoordinatorService/ListGoals',
+                request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsResponse.FromString,
+                _registered_method=True)
+        self.CancelGoal = channel.unary_unary(
+                '/tierstack.v1.CoordinatorService/CancelGoal',
+                request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalResponse.FromString,
+                _registered_method=True)
         self.DecomposeGoal = channel.unary_unary(
                 '/tierstack.v1.CoordinatorService/DecomposeGoal',
                 request_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.DecomposeGoalRequest.SerializeToString,
@@ -57,7 +82,45 @@ class CoordinatorServiceServicer:
     """
 
     def Coordinate(self, request, context):
-        """Pursues a goal and streams its events, including those of the tiers below, until it ends.
+        """Starts a goal and streams its events, including those of the tiers below, until it ends: the
+        one-call form of `StartGoal` and `WatchGoal`. The goal goes on when the caller leaves, unless the
+        request asks otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartGoal(self, request, context):
+        """Starts a goal and returns at once; a `request_id` already seen returns the existing goal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGoal(self, request, context):
+        """Returns one goal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchGoal(self, request, context):
+        """Streams a goal's events after a given sequence number: stored history first, then live events
+        until the goal ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGoals(self, request, context):
+        """Lists goals, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelGoal(self, request, context):
+        """Cancels a goal that has not ended, and the runs of its subtasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +147,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Coordinate,
                     request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateResponse.SerializeToString,
+            ),
+            'StartGoal': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartGoal,
+                    request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalResponse.SerializeToString,
+            ),
+            'GetGoal': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGoal,
+                    request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalResponse.SerializeToString,
+            ),
+            'WatchGoal': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchGoal,
+                    request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalResponse.SerializeToString,
+            ),
+            'ListGoals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGoals,
+                    request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsResponse.SerializeToString,
+            ),
+            'CancelGoal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelGoal,
+                    request_deserializer=tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalResponse.SerializeToString,
             ),
             'DecomposeGoal': grpc.unary_unary_rpc_method_handler(
                     servicer.DecomposeGoal,
@@ -124,6 +212,141 @@ class CoordinatorService:
             '/tierstack.v1.CoordinatorService/Coordinate',
             tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateRequest.SerializeToString,
             tierstack_dot_v1_dot_coordinator__service__pb2.CoordinateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartGoal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.CoordinatorService/StartGoal',
+            tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalRequest.SerializeToString,
+            tierstack_dot_v1_dot_coordinator__service__pb2.StartGoalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGoal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.CoordinatorService/GetGoal',
+            tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalRequest.SerializeToString,
+            tierstack_dot_v1_dot_coordinator__service__pb2.GetGoalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchGoal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierstack.v1.CoordinatorService/WatchGoal',
+            tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalRequest.SerializeToString,
+            tierstack_dot_v1_dot_coordinator__service__pb2.WatchGoalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGoals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.CoordinatorService/ListGoals',
+            tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsRequest.SerializeToString,
+            tierstack_dot_v1_dot_coordinator__service__pb2.ListGoalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelGoal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierstack.v1.CoordinatorService/CancelGoal',
+            tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalRequest.SerializeToString,
+            tierstack_dot_v1_dot_coordinator__service__pb2.CancelGoalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,22 @@ class CoordinatorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
     Coordinate: _grpc.UnaryStreamMultiCallable[_coordinator_service_pb2.CoordinateRequest, _coordinator_service_pb2.CoordinateResponse]
-    """Pursues a goal and streams its events, including those of the tiers below, until it ends."""
+    """Starts a goal and streams its events, including those of the tiers below, until it ends: the
+    one-call form of `StartGoal` and `WatchGoal`. The goal goes on when the caller leaves, unless the
+    request asks otherwise.
+    """
+    StartGoal: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.StartGoalRequest, _coordinator_service_pb2.StartGoalResponse]
+    """Starts a goal and returns at once; a `request_id` already seen returns the existing goal."""
+    GetGoal: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.GetGoalRequest, _coordinator_service_pb2.GetGoalResponse]
+    """Returns one goal."""
+    WatchGoal: _grpc.UnaryStreamMultiCallable[_coordinator_service_pb2.WatchGoalRequest, _coordinator_service_pb2.WatchGoalResponse]
+    """Streams a goal's events after a given sequence number: stored history first, then live events
+    until the goal ends.
+    """
+    ListGoals: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListGoalsRequest, _coordinator_service_pb2.ListGoalsResponse]
+    """Lists goals, newest first."""
+    CancelGoal: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.CancelGoalRequest, _coordinator_service_pb2.CancelGoalResponse]
+    """Cancels a goal that has not ended, and the runs of its subtasks."""
     DecomposeGoal: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.DecomposeGoalRequest, _coordinator_service_pb2.DecomposeGoalResponse]
     """Splits a goal into subtasks without running them."""
     FormTeam: _grpc.UnaryUnaryMultiCallable[_coordinator_service_pb2.FormTeamRequest, _coordinator_service_pb2.FormTeamResponse]
@@ -46,7 +61,22 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Coordinate: _aio.UnaryStreamMultiCallable[_coordinator_service_pb2.CoordinateRequest, _coordinator_service_pb2.CoordinateResponse]  # type: ignore[assignment]
-    """Pursues a goal and streams its events, including those of the tiers below, until it ends."""
+    """Starts a goal and streams its events, including those of the tiers below, until it ends: the
+    one-call form of `StartGoal` and `WatchGoal`. The goal goes on when the caller leaves, unless the
+    request asks otherwise.
+    """
+    StartGoal: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.StartGoalRequest, _coordinator_service_pb2.StartGoalResponse]  # type: ignore[assignment]
+    """Starts a goal and returns at once; a `request_id` already seen returns the existing goal."""
+    GetGoal: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.GetGoalRequest, _coordinator_service_pb2.GetGoalResponse]  # type: ignore[assignment]
+    """Returns one goal."""
+    WatchGoal: _aio.UnaryStreamMultiCallable[_coordinator_service_pb2.WatchGoalRequest, _coordinator_service_pb2.WatchGoalResponse]  # type: ignore[assignment]
+    """Streams a goal's events after a given sequence number: stored history first, then live events
+    until the goal ends.
+    """
+    ListGoals: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.ListGoalsRequest, _coordinator_service_pb2.ListGoalsResponse]  # type: ignore[assignment]
+    """Lists goals, newest first."""
+    CancelGoal: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.CancelGoalRequest, _coordinator_service_pb2.CancelGoalResponse]  # type: ignore[assignment]
+    """Cancels a goal that has not ended, and the runs of its subtasks."""
     DecomposeGoal: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.DecomposeGoalRequest, _coordinator_service_pb2.DecomposeGoalResponse]  # type: ignore[assignment]
     """Splits a goal into subtasks without running them."""
     FormTeam: _aio.UnaryUnaryMultiCallable[_coordinator_service_pb2.FormTeamRequest, _coordinator_service_pb2.FormTeamResponse]  # type: ignore[assignment]
@@ -61,7 +91,52 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_service_pb2.CoordinateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_service_pb2.CoordinateResponse], _abc.AsyncIterator[_coordinator_service_pb2.CoordinateResponse]]:
-        """Pursues a goal and streams its events, including those of the tiers below, until it ends."""
+        """Starts a goal and streams its events, including those of the tiers below, until it ends: the
+        one-call form of `StartGoal` and `WatchGoal`. The goal goes on when the caller leaves, unless the
+        request asks otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def StartGoal(
+        self,
+        request: _coordinator_service_pb2.StartGoalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.StartGoalResponse, _abc.Awaitable[_coordinator_service_pb2.StartGoalResponse]]:
+        """Starts a goal and returns at once; a `request_id` already seen returns the existing goal."""
+
+    @_abc_1.abstractmethod
+    def GetGoal(
+        self,
+        request: _coordinator_service_pb2.GetGoalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.GetGoalResponse, _abc.Awaitable[_coordinator_service_pb2.GetGoalResponse]]:
+        """Returns one goal."""
+
+    @_abc_1.abstractmethod
+    def WatchGoal(
+        self,
+        request: _coordinator_service_pb2.WatchGoalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_service_pb2.WatchGoalResponse], _abc.AsyncIterator[_coordinator_service_pb2.WatchGoalResponse]]:
+        """Streams a goal's events after a given sequence number: stored history first, then live events
+        until the goal ends.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGoals(
+        self,
+        request: _coordinator_service_pb2.ListGoalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.ListGoalsResponse, _abc.Awaitable[_coordinator_service_pb2.ListGoalsResponse]]:
+        """Lists goals, newest first."""
+
+    @_abc_1.abstractmethod
+    def CancelGoal(
+        self,
+        request: _coordinator_service_pb2.CancelGoalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_service_pb2.CancelGoalResponse, _abc.Awaitable[_coordinator_service_pb2.CancelGoalResponse]]:
+        """Cancels a goal that has not ended, and the runs of its subtasks."""
 
     @_abc_1.abstractmethod
     def DecomposeGoal(

@@ -319,6 +319,7 @@ _AGENTS = Items(MAX_TEAM)
 _TIER = Declared(common_pb2.Tier.DESCRIPTOR)
 _VIEW = Declared(orchestrator_service_pb2.RunView.DESCRIPTOR)
 _RUN_CONTROL: dict[str, Rule] = {"run_id": REQUIRED_ID, "reason": REASON}
+_GOAL_REQUEST: dict[str, Rule] = {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)}
 
 #: The bounds of every request field, by message and field name.
 RULES: dict[str, dict[str, Rule]] = {
@@ -414,7 +415,16 @@ RULES: dict[str, dict[str, Rule]] = {
         "tool": ID,
         "parameters": JSON,
     },
-    "tierstack.v1.CoordinateRequest": {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)},
+    "tierstack.v1.CoordinateRequest": {"request_id": ID, **_GOAL_REQUEST},
+    "tierstack.v1.StartGoalRequest": {"request_id": ID, **_GOAL_REQUEST},
+    "tierstack.v1.GetGoalRequest": {"goal_id": REQUIRED_ID},
+    "tierstack.v1.WatchGoalRequest": {"goal_id": REQUIRED_ID, "after_sequence": Whole(10**15)},
+    "tierstack.v1.ListGoalsRequest": {
+        "page_size": Whole(1000),
+        "page_token": TOKEN,
+        "state": Declared(coordinator_service_pb2.GoalState.DESCRIPTOR),
+    },
+    "tierstack.v1.CancelGoalRequest": {"goal_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.DecomposeGoalRequest": {"goal": GOAL, "agents": _AGENTS},
     "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(MAX_TEAM)},
     # Every tier

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tierstack.server.errors import FailedPreconditionError
+from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
 
@@ -81,6 +82,23 @@ class Lifecycle:
         """Says whether no event moves a resource out of ``state``."""
         return not any(source == state for source, _ in self.table)
 
+
+_G = coordinator_pb
+#: A goal is created PENDING; ``claim`` is a new owner taking it up (same state, a higher epoch).
+GOAL_LIFECYCLE = Lifecycle(
+    kind="goal",
+    names={value: _G.GoalState.Name(value).removeprefix("GOAL_STATE_") for value in _G.GoalState.values()},
+    table={
+        (_G.GOAL_STATE_PENDING, "claim"): _G.GOAL_STATE_PENDING,
+        (_G.GOAL_STATE_PENDING, "start"): _G.GOAL_STATE_RUNNING,
+        (_G.GOAL_STATE_PENDING, "fail"): _G.GOAL_STATE_FAILED,
+        (_G.GOAL_STATE_PENDING, "cancel"): _G.GOAL_STATE_CANCELLED,
+        (_G.GOAL_STATE_RUNNING, "claim"): _G.GOAL_STATE_RUNNING,
+        (_G.GOAL_STATE_RUNNING, "complete"): _G.GOAL_STATE_COMPLETED,
+        (_G.GOAL_STATE_RUNNING, "fail"): _G.GOAL_STATE_FAILED,
+        (_G.GOAL_STATE_RUNNING, "cancel"): _G.GOAL_STATE_CANCELLED,
+    },
+)
 
 _R = orchestrator_pb
 #: A run is created PENDING by its first owner; ``claim`` is a new owner taking it up after its owner

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from tierstack.client import InvalidArgumentError
 from tierstack.client.values import from_value, to_duration
 from tierstack.server import Settings
 from tierstack.server.coordinate import CoordinateService
-from tierstack.server.coordinate.engine import WorkflowRunner
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -208,49 +206,6 @@ async def test_ready_subtasks_start_by_priority(data_dir: Path, tmp_path: Path) 
     assert events[-1].HasField("goal_completed")
     started = [e.subtask_started.subtask_id for e in events if e.HasField("subtask_started")]
     assert started == ["first", "then", "later"]
-
-
-class FailingRunner:
-    """The real Orchestrate client, made to fail unexpectedly once a run has started."""
-
-    def __init__(self, real: WorkflowRunner) -> None:
-        self.real = real
-
-    async def orchestrate(self, request: orchestrator_pb.OrchestrateRequest) -> AsyncIterator[orchestrator_pb.RunEvent]:
-        async for event in self.real.orchestrate(request):
-            yield event
-            if event.HasField("run_started"):
-                raise RuntimeError("boom at /srv/secret/path")
-
-
-async def test_an_unexpected_error_ends_the_goal_with_internal_and_cancels_its_runs(
-    stack: Stack, http_server: HttpServer
-) -> None:
-    release = threading.Event()
-
-    def hold(request: BaseHTTPRequestHandler) -> None:
-        release.wait(30)
-        reply(b"{}")(request)
-
-    http_server.routes["/hold"] = hold
-    service = stack.coordinate.service
-    assert isinstance(service, CoordinateService)
-    coordinator = service.coordinator
-    coordinator._runner = FailingRunner(coordinator._runner)
-    request = pb.CoordinateRequest(goal=f"fetch {http_server.url}/hold then write it up", agents=AGENTS)
-    try:
-        events = [e async for e in stack.coordinator.coordinate(request)]
-    finally:
-        release.set()
-    failed = events[-1].goal_failed.error
-    assert failed.reason == "INTERNAL" and "boom" not in failed.message and "secret" not in failed.message
-    assert [event.sequence for event in events] == list(range(1, len(events) + 1))
-    [run_id] = [e.subtask_started.run_id for e in events if e.HasField("subtask_started")]
-    for _ in range(200):
-        if (await stack.orchestrator.get_run(run_id)).state == orchestrator_pb.RUN_STATE_CANCELLED:
-            break
-        await asyncio.sleep(0.02)
-    assert (await stack.orchestrator.get_run(run_id)).state == orchestrator_pb.RUN_STATE_CANCELLED
 
 
 async def test_an_unexpected_error_before_any_run_ends_the_goal_with_internal(stack: Stack) -> None:

@@ -10,20 +10,33 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
+import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from tierstack.client.errors import TierstackError
 from tierstack.client.values import now_timestamp, to_duration, to_seconds
 from tierstack.server.ai import Scope
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
+from tierstack.server.coordinate.decompose import check_goal
 from tierstack.server.coordinate.decomposer import Decomposer
+from tierstack.server.coordinate.journal import GoalJournal
+from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
-from tierstack.server.errors import DomainError, error_detail, error_detail_of_call, output_too_large
+from tierstack.server.errors import (
+    DomainError,
+    FailedPreconditionError,
+    NotFoundError,
+    error_detail,
+    error_detail_of_call,
+    output_too_large,
+)
+from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2
@@ -31,22 +44,34 @@ from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
 _log = logging.getLogger(__name__)
+_DEFAULTS = Settings()
 
 #: How many subtasks of one goal run at once unless its limits say otherwise.
 DEFAULT_PARALLELISM = 8
 #: How often failed subtasks of one goal are re-planned unless the request says otherwise.
 DEFAULT_MAX_REPLANS = 2
+#: The longest pause between attempts to reach Tier 2 again, in seconds.
+_MAX_BACKOFF = 2.0
+#: The failures of a call to Tier 2 that say it could not be reached, not that the call was wrong.
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
+_RUN_UNFINISHED = (orchestrator_pb.RUN_STATE_PENDING, orchestrator_pb.RUN_STATE_RUNNING)
+_T = TypeVar("_T")
 _PRIORITY_ORDER = {pb.PRIORITY_HIGH: 0, pb.PRIORITY_UNSPECIFIED: 1, pb.PRIORITY_MEDIUM: 1, pb.PRIORITY_LOW: 2}
 
 
 class WorkflowRunner(Protocol):
-    """Runs a workflow in Tier 2 and yields its events (the Orchestrate client satisfies it)."""
+    """Starts, watches and cancels Tier 2 runs (the Orchestrate client satisfies it)."""
 
-    def orchestrate(self, request: orchestrator_pb.OrchestrateRequest) -> AsyncIterator[orchestrator_pb.RunEvent]: ...
+    async def start_run(self, request: orchestrator_pb.StartRunRequest) -> orchestrator_pb.StartRunResponse: ...
+
+    def watch_run(self, run_id: str, *, after_sequence: int = 0) -> AsyncIterator[orchestrator_pb.RunEvent]: ...
+
+    async def get_run(self, run_id: str) -> orchestrator_pb.Run: ...
+
+    async def cancel_run(self, run_id: str, *, reason: str = "") -> orchestrator_pb.Run: ...
 
 
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
-_DEFAULTS = Settings()
 
 
 def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team:
@@ -83,18 +108,78 @@ class _Ended:
     error: common_pb2.ErrorDetail | None
 
 
-class _Goal:
-    """One goal in pursuit: its events, budget and subtasks."""
+@dataclass(slots=True)
+class _Attached:
+    """A subtask's run that was in flight when the last server stopped: where to watch it from."""
 
-    def __init__(self, request: pb.CoordinateRequest) -> None:
-        self.request = request
-        self.id = uuid.uuid4().hex
-        self.start = time.perf_counter()
-        seconds = to_seconds(request.limits.max_duration) if request.limits.HasField("max_duration") else None
-        self.deadline = self.start + seconds if seconds else None
+    run_id: str
+    after_sequence: int
+    limits: common_pb2.ResourceLimits
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Where a goal stood, read back from its stored events."""
+
+    subtasks: list[pb.Subtask] | None = None
+    agent_of: dict[str, str] = field(default_factory=dict)
+    unassigned: bool = False
+    outputs: dict[str, struct_pb2.Value] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    in_flight: dict[str, _Attached] = field(default_factory=dict)
+    usage: dict[str, common_pb2.ResourceUsage] = field(default_factory=dict)
+    spent: common_pb2.ResourceUsage = field(default_factory=common_pb2.ResourceUsage)
+    replans: int = 0
+
+    @classmethod
+    def of(cls, history: Sequence[pb.GoalEvent]) -> _Progress:
+        progress = cls()
+        for event in history:
+            progress._take(event)
+        return progress
+
+    def _take(self, event: pb.GoalEvent) -> None:
+        kind = event.WhichOneof("payload")
+        if kind == "goal_decomposed":
+            self.subtasks = list(event.goal_decomposed.subtasks)
+        elif kind == "team_formed":
+            self.agent_of = {a.subtask_id: a.agent_id for a in event.team_formed.assignments}
+            self.unassigned = bool(event.team_formed.unassigned_subtask_ids)
+        elif kind == "subtask_started":
+            started = event.subtask_started
+            self.attempts[started.subtask_id] = self.attempts.get(started.subtask_id, 0) + 1
+            self.in_flight[started.subtask_id] = _Attached(started.run_id, 0, started.limits)
+        elif kind == "subtask_progress":
+            run_event = event.subtask_progress.run_event
+            attached = self.in_flight.get(event.subtask_progress.subtask_id)
+            if attached is not None and attached.run_id == run_event.run_id:
+                attached.after_sequence = run_event.sequence
+                if run_event.HasField("run_completed"):
+                    self.usage[event.subtask_progress.subtask_id] = run_event.run_completed.usage
+        elif kind == "subtask_finished":
+            finished = event.subtask_finished
+            self.in_flight.pop(finished.subtask_id, None)
+            add_usage(self.spent, self.usage.pop(finished.subtask_id, common_pb2.ResourceUsage()))
+            if finished.success:
+                self.outputs[finished.subtask_id] = finished.output
+        elif kind == "subtask_replanned":
+            self.agent_of[event.subtask_replanned.subtask_id] = event.subtask_replanned.agent_id
+            self.replans = max(self.replans, event.subtask_replanned.replan)
+
+
+class _Goal:
+    """One goal in pursuit: its id, request and deadline (from its creation, so that it holds across
+    restarts)."""
+
+    def __init__(self, goal: pb.Goal) -> None:
+        self.request = goal.request
+        self.id = goal.goal_id
+        self.created = goal.create_time.ToNanoseconds() / 1e9
+        seconds = to_seconds(self.request.limits.max_duration) if self.request.limits.HasField("max_duration") else None
+        self.deadline = self.created + seconds if seconds else None
 
     def event(self, **payload: Any) -> pb.GoalEvent:
-        """Returns an event of the goal; it is numbered when it is sent."""
+        """Returns an event of the goal; the store numbers it when it is written."""
         return pb.GoalEvent(
             time=now_timestamp(),
             goal_id=self.id,
@@ -106,15 +191,47 @@ class _Goal:
         return self.event(goal_failed=pb.GoalFailed(error=_error(reason, message, **metadata)))
 
     def time_left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.perf_counter()
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.created
+
+
+@dataclass(slots=True)
+class _Live:
+    """A goal pursued by this server: its journal, its driver and why it is asked to stop."""
+
+    journal: GoalJournal
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+
+
+def start_request(request: pb.CoordinateRequest) -> pb.StartGoalRequest:
+    """Returns the StartGoal request a Coordinate request stands for."""
+    start = pb.StartGoalRequest(
+        request_id=request.request_id,
+        context=request.context,
+        goal=request.goal,
+        agents=request.agents,
+        limits=request.limits,
+    )
+    if request.HasField("max_replans"):
+        start.max_replans = request.max_replans
+    return start
 
 
 class Coordinator:
-    """Turns goals into finished work through Tier 2.
+    """Turns goals into finished work through Tier 2, keeping each goal in a store so that it outlives
+    its caller and this process.
 
     Args:
-        runner: Runs workflows (Tier 2).
+        runner: Starts and watches runs (Tier 2).
         decomposer: Splits goals into subtasks.
+        store: Where goals and their events are kept; opened and closed by the caller.
+        owner: This server's name as the owner of the goals it pursues; unique by default.
+        flush_interval: The longest a goal event waits before it is written, in seconds.
+        reconnect_backoff: The first pause before watching a run again after Tier 2 could not be
+            reached, in seconds; it doubles up to 2 s.
         max_output_bytes: The largest outputs of a goal together (in their wire form); larger ones fail
             the goal with ``OUTPUT_TOO_LARGE``.
     """
@@ -124,46 +241,234 @@ class Coordinator:
         runner: WorkflowRunner,
         decomposer: Decomposer,
         *,
+        store: GoalStore | None = None,
+        owner: str = "",
+        flush_interval: float = 0.01,
+        reconnect_backoff: float = 0.05,
         max_output_bytes: int = _DEFAULTS.max_total_output_bytes,
     ) -> None:
-        self._runner = runner
         self._max_output_bytes = max_output_bytes
+        self._runner = runner
         self.decomposer = decomposer
+        self._store = store if store is not None else MemoryGoalStore()
+        self._owner = owner or f"coordinator-{uuid.uuid4().hex}"
+        self._flush_interval = flush_interval
+        self._backoff = reconnect_backoff
+        self._live: dict[str, _Live] = {}
+        self._closing = False
         self.decomposition_latency: dict[str, LatencyHistogram] = {}
         self.team_formation_latency = LatencyHistogram()
-        self.active_goals = 0
 
-    async def coordinate(self, request: pb.CoordinateRequest) -> AsyncIterator[pb.GoalEvent]:
-        """Pursues a goal and yields its events, with every Tier 2 and Tier 3 event inside.
+    @property
+    def active_goals(self) -> int:
+        """Counts the goals this server is pursuing."""
+        return len(self._live)
+
+    async def open(self) -> None:
+        """Takes up every goal a previous process left pending or running: finished subtasks are not
+        run again, and runs in flight are watched again where they were. A goal whose events cannot
+        be read back is failed (GOAL_NOT_RESUMABLE) instead, so that nothing stored keeps the server
+        from starting."""
+        for goal in await self._store.unfinished_goals():
+            fence = await self._store.claim(goal.goal_id, self._owner)
+            try:
+                history = await self._store.events(goal.goal_id, after_sequence=0)
+            except DecodeError:
+                _log.warning("the events of goal %s cannot be read; it is failed", goal.goal_id)
+                failure = _Goal(goal).failed(
+                    "GOAL_NOT_RESUMABLE", "the goal cannot be resumed: its events cannot be read"
+                )
+                goal.error.CopyFrom(failure.goal_failed.error)
+                goal.end_time.CopyFrom(failure.time)
+                await self._store.write(goal, fence, [failure], transition="fail")
+                continue
+            self._pursue(goal, fence, history, resumed=True)
+
+    def stopping(self) -> None:
+        """Marks the process as stopping: goals stay unfinished (to resume on the next start) and
+        their runs go on."""
+        self._closing = True
+
+    async def close(self) -> None:
+        """Stops every goal's driver (the goals stay unfinished, their runs go on) and writes what
+        their journals hold."""
+        self._closing = True
+        live = list(self._live.values())
+        for goal in live:
+            if goal.task is not None:
+                goal.task.cancel()
+        await asyncio.gather(*(goal.task for goal in live if goal.task is not None), return_exceptions=True)
+
+    async def start_goal(self, request: pb.StartGoalRequest) -> tuple[pb.Goal, bool]:
+        """Stores a goal and starts pursuing it; returns it and whether this call created it (a
+        ``request_id`` already seen returns the goal it started).
 
         Raises:
             InvalidArgumentError: The goal or the agents are malformed.
-            ResourceExhaustedError: Decomposing needs a model the token budget does not allow.
-            UnavailableError: Decomposing needs a model that gave no valid answer.
         """
-        goal = _Goal(request)
-        sequence = 0
-        self.active_goals += 1
-        try:
-            try:
-                async with contextlib.aclosing(self._pursue(goal)) as events:  # a caller leaving stops the runs
-                    async for event in events:
-                        sequence += 1
-                        event.sequence = sequence
-                        yield event
-            except DomainError:
-                raise
-            except Exception:  # a fault of ours: the goal ends, its runs are cancelled (closing did it)
-                _log.exception("goal %s failed unexpectedly", goal.id)
-                failed = goal.failed("INTERNAL", "the coordinator failed while pursuing the goal")
-                failed.sequence = sequence + 1
-                yield failed
-        finally:
-            self.active_goals -= 1
+        check_goal(request.goal, [agent.id for agent in request.agents])
+        goal = pb.Goal(goal_id=uuid.uuid4().hex, state=pb.GOAL_STATE_PENDING, request=request)
+        goal.create_time.CopyFrom(now_timestamp())
+        stored, fence = await self._store.create_goal(goal, self._owner)
+        if fence is None:
+            return self._current(stored), False
+        self._pursue(stored, fence, [], resumed=False)
+        _log.info("goal %s started", goal.goal_id)
+        return stored, True
 
-    async def _pursue(self, goal: _Goal) -> AsyncGenerator[pb.GoalEvent]:
+    def _current(self, goal: pb.Goal) -> pb.Goal:
+        live = self._live.get(goal.goal_id)
+        return live.journal.goal if live is not None else goal
+
+    def _pursue(self, goal: pb.Goal, fence: Fence, history: list[pb.GoalEvent], *, resumed: bool) -> None:
+        journal = GoalJournal(
+            self._store, goal, fence, history, interval=self._flush_interval, on_lost=lambda _: self._lost(goal.goal_id)
+        )
+        live = self._live[goal.goal_id] = _Live(journal)
+        live.task = asyncio.create_task(self._drive(live, resumed=resumed), name=f"goal-{goal.goal_id}")
+
+    def _lost(self, goal_id: str) -> None:
+        """Stops the driver of a goal another owner took (unless the driver itself found out)."""
+        live = self._live.get(goal_id)
+        if live is not None and live.task is not None and live.task is not asyncio.current_task():
+            live.task.cancel()
+
+    def _request_cancel(self, live: _Live, reason: str) -> None:
+        if live.task is not None and live.cancel_reason is None:
+            live.cancel_reason = reason
+            live.task.cancel()
+
+    async def get_goal(self, goal_id: str) -> pb.Goal:
+        """Returns a goal.
+
+        Raises:
+            NotFoundError: No goal has that id.
+        """
+        live = self._live.get(goal_id)
+        if live is not None:
+            return live.journal.goal
+        goal = await self._store.get_goal(goal_id)
+        if goal is None:
+            raise NotFoundError("goal", goal_id)
+        return goal
+
+    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[pb.Goal]:
+        """Returns up to ``limit`` goals, newest first, older than the cursor ``after``."""
+        return [self._current(goal) for goal in await self._store.list_goals(limit=limit, after=after, state=state)]
+
+    async def cancel_goal(self, goal_id: str, reason: str) -> pb.Goal:
+        """Cancels a goal and the runs of its subtasks, waits until they have stopped, and returns it.
+
+        Raises:
+            NotFoundError: No goal has that id.
+            IllegalTransitionError: The goal has ended.
+        """
+        live = self._live.get(goal_id)
+        if live is None or live.task is None or live.journal.finished:
+            goal = await self.get_goal(goal_id)
+            GOAL_LIFECYCLE.next(goal_id, goal.state, "cancel")
+            raise FailedPreconditionError(
+                f"goal {goal_id} is not pursued by this server", reason="GOAL_NOT_OWNED", metadata={"goal_id": goal_id}
+            )
+        self._request_cancel(live, reason or "cancelled")
+        await asyncio.wait({live.task})
+        return live.journal.goal
+
+    async def watch(self, goal_id: str, *, after_sequence: int = 0) -> AsyncIterator[pb.GoalEvent]:
+        """Yields a goal's events after ``after_sequence``: stored history, then live events until
+        the goal ends.
+
+        Raises:
+            NotFoundError: No goal has that id.
+        """
+        live = self._live.get(goal_id)
+        if live is None:
+            if await self._store.get_goal(goal_id) is None:
+                raise NotFoundError("goal", goal_id)
+            for event in await self._store.events(goal_id, after_sequence=after_sequence):
+                yield event
+            return
+        async for event in live.journal.follow(after_sequence):
+            yield event
+
+    async def coordinate(self, request: pb.CoordinateRequest) -> AsyncIterator[pb.GoalEvent]:
+        """Starts a goal (or finds the one its ``request_id`` started) and yields its events, with
+        every Tier 2 and Tier 3 event inside, until it ends. A caller that leaves early cancels the
+        goal only when the request says ``cancel_on_disconnect``.
+
+        Raises:
+            InvalidArgumentError: The goal or the agents are malformed.
+        """
+        goal, _ = await self.start_goal(start_request(request))
+        ended = False
+        try:
+            async for event in self.watch(goal.goal_id):
+                yield event
+            ended = True
+        finally:
+            live = self._live.get(goal.goal_id)
+            if not ended and request.cancel_on_disconnect and not self._closing and live is not None:
+                self._request_cancel(live, "the caller of Coordinate went away")
+
+    async def _drive(self, live: _Live, *, resumed: bool) -> None:
+        journal = live.journal
+        goal = _Goal(journal.goal)
+        pursuit: _Pursuit | None = None
+        try:
+            progress = _Progress.of(journal.history)
+            if journal.goal.state == pb.GOAL_STATE_PENDING:
+                await journal.flush(transition="start")
+            if resumed:
+                finished = len(progress.outputs)
+                _log.info("goal %s resumed (%d subtasks finished)", goal.id, finished)
+                journal.record(
+                    goal.event(goal_resumed=pb.GoalResumed(reason="coordinator restarted", finished_subtasks=finished))
+                )
+            phases: dict[str, float] = {}
+            if progress.subtasks is None:
+                await self._decompose(goal, journal, progress, phases)
+            if progress.unassigned:
+                unassigned = [s.id for s in progress.subtasks or () if s.id not in progress.agent_of]
+                failure = goal.failed(
+                    "NO_CAPABLE_AGENT", "no agent with free capacity has the capabilities of: " + ", ".join(unassigned)
+                )
+                await self._end(journal, failure)
+                return
+            start = time.perf_counter()
+            pursuit = _Pursuit(self._runner, goal, progress, self._backoff, self._max_output_bytes)
+            async with contextlib.aclosing(pursuit.run()) as events:
+                async for event in events:
+                    if event.HasField("goal_completed") or event.HasField("goal_failed"):
+                        if event.HasField("goal_completed"):
+                            phases["execution"] = time.perf_counter() - start
+                            for name, seconds in phases.items():
+                                event.goal_completed.phase_durations[name].CopyFrom(to_duration(seconds))
+                        await self._end(journal, event)
+                        break
+                    journal.record(event)
+        except asyncio.CancelledError:
+            if journal.lost is not None or (self._closing and live.cancel_reason is None):
+                raise  # the server stops, or another owner took the goal: it stays unfinished here
+            reason = live.cancel_reason or "cancelled"
+            await self._give_up(journal, pursuit, goal.event(goal_cancelled=pb.GoalCancelled(reason=reason)))
+        except StaleOwnerError:
+            pass  # the journal said so; another owner pursues the goal
+        except DomainError as exc:  # what decomposing the goal found
+            await self._give_up(journal, pursuit, goal.failed(exc.reason, exc.message, **exc.metadata))
+        except Exception:
+            _log.exception("goal %s crashed", goal.id)
+            failure = goal.failed("INTERNAL", "the coordinator failed while pursuing the goal")
+            await self._give_up(journal, pursuit, failure)
+        finally:
+            await journal.close()
+            journal.finish()
+            self._live.pop(goal.id, None)
+            _log.info("goal %s is %s", goal.id, pb.GoalState.Name(journal.goal.state))
+
+    async def _decompose(
+        self, goal: _Goal, journal: GoalJournal, progress: _Progress, phases: dict[str, float]
+    ) -> None:
         request = goal.request
-        phases: dict[str, float] = {}
         start = time.perf_counter()
         scope = Scope(tenant=request.context.tenant_id, run=goal.id, token_budget=request.limits.max_tokens or None)
         with span("decompose goal", {"tierstack.goal_id": goal.id}):
@@ -172,81 +477,99 @@ class Coordinator:
         source = pb.DecompositionSource.Name(decomposition.source).removeprefix("DECOMPOSITION_SOURCE_").lower()
         self.decomposition_latency.setdefault(source, LatencyHistogram()).record(phases["decomposition"])
         _log.info("goal %s decomposed into %d subtasks", goal.id, len(decomposition.subtasks))
-        yield goal.event(
+        decomposed = goal.event(
             goal_decomposed=pb.GoalDecomposed(
                 subtasks=decomposition.subtasks, source=decomposition.source, producer=decomposition.producer
             )
         )
         start = time.perf_counter()
         with span("form team", {"tierstack.goal_id": goal.id}):
-            team = team_for(request.agents, decomposition.subtasks)
+            team = await asyncio.to_thread(team_for, request.agents, decomposition.subtasks)  # off the loop
         phases["team_formation"] = time.perf_counter() - start
         self.team_formation_latency.record(phases["team_formation"])
-        yield goal.event(team_formed=team_message(team))
-        if team.unassigned:
-            yield goal.failed(
-                "NO_CAPABLE_AGENT",
-                "no agent with free capacity has the capabilities of: " + ", ".join(team.unassigned),
-            )
-            return
-        start = time.perf_counter()
-        agent_of = {s: a for s, a, _ in team.assignments}
-        pursuit = _Pursuit(self._runner, goal, decomposition.subtasks, agent_of, self._max_output_bytes)
-        async with contextlib.aclosing(pursuit.run()) as events:
-            async for event in events:
-                if event.HasField("goal_completed"):
-                    phases["execution"] = time.perf_counter() - start
-                    for name, seconds in phases.items():
-                        event.goal_completed.phase_durations[name].CopyFrom(to_duration(seconds))
-                yield event
-        _log.info("goal %s %s", goal.id, "completed" if pursuit.completed else "failed")
+        journal.record(decomposed)
+        journal.record(goal.event(team_formed=team_message(team)))
+        await journal.flush()  # the plan is stored before any of its runs starts, so a resume follows it
+        progress.subtasks = list(decomposition.subtasks)
+        progress.agent_of = {s: a for s, a, _ in team.assignments}
+        progress.unassigned = bool(team.unassigned)
+
+    async def _end(self, journal: GoalJournal, event: pb.GoalEvent) -> None:
+        """Ends the goal with ``event`` (its completion, failure or cancellation), in one write."""
+        kind = event.WhichOneof("payload")
+        goal = journal.goal
+        goal.end_time.CopyFrom(event.time)
+        if kind == "goal_completed":
+            for name, output in event.goal_completed.outputs.items():
+                goal.outputs[name].CopyFrom(output)
+        elif kind == "goal_failed":
+            goal.error.CopyFrom(event.goal_failed.error)
+        transition = {"goal_completed": "complete", "goal_failed": "fail", "goal_cancelled": "cancel"}[str(kind)]
+        await asyncio.shield(journal.flush(event, transition=transition))
+
+    async def _give_up(self, journal: GoalJournal, pursuit: _Pursuit | None, event: pb.GoalEvent) -> None:
+        """Ends a goal that cannot go on: cancels its runs in flight and stores ``event``; a store that
+        refuses is logged, as nothing more can be done for the goal here."""
+        try:
+            if pursuit is not None:
+                await pursuit.cancel_runs(f"the goal ended ({event.WhichOneof('payload')})")
+            await self._end(journal, event)
+        except Exception:
+            _log.exception("goal %s could not be ended", journal.goal.goal_id)
 
 
 class _Pursuit:
     """Runs a goal's subtasks as Tier 2 runs: each once its dependencies are done, the most urgent
     first, within the goal's parallelism and budget; a failed subtask is re-planned (another capable
-    agent takes it) while the goal's re-plans last."""
+    agent takes it) while the goal's re-plans last. Subtasks a previous server finished are not run
+    again, and the runs it left in flight are watched again, not started again."""
 
     def __init__(
-        self,
-        runner: WorkflowRunner,
-        goal: _Goal,
-        subtasks: Sequence[pb.Subtask],
-        agent_of: dict[str, str],
-        max_output_bytes: int,
+        self, runner: WorkflowRunner, goal: _Goal, progress: _Progress, backoff: float, max_output_bytes: int
     ) -> None:
-        self._runner = runner
         self._max_output_bytes = max_output_bytes
+        self._runner = runner
         self._goal = goal
+        self._backoff = backoff
         request = goal.request
+        subtasks = progress.subtasks or []
         self._order = {s.id: (_PRIORITY_ORDER.get(s.priority, 1), index) for index, s in enumerate(subtasks)}
         self._all = {s.id: s for s in subtasks}
-        self._pending = dict(self._all)
-        self._agent_of = agent_of
-        self._outputs: dict[str, struct_pb2.Value] = {}
+        self._outputs = dict(progress.outputs)
+        self._attached = dict(progress.in_flight)
+        self._pending = {s.id: s for s in subtasks if s.id not in self._outputs and s.id not in self._attached}
+        self._agent_of = dict(progress.agent_of)
+        self._attempts = dict(progress.attempts)
         self._spent = common_pb2.ResourceUsage()
+        self._spent.CopyFrom(progress.spent)
         self._reserved: dict[str, common_pb2.ResourceLimits] = {}
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
         self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
-        self._replans = 0
-        # A subtask's task that fails unexpectedly puts its exception here, for run() to raise.
+        self._replans = progress.replans
         self._events: asyncio.Queue[pb.GoalEvent | _Ended | Exception] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runs: dict[str, str] = {}  # subtask id → the id of its run in flight
         self._failure: pb.GoalEvent | None = None
-        self.completed = False
 
     async def run(self) -> AsyncGenerator[pb.GoalEvent]:
         goal = self._goal
         try:
+            for subtask_id, attached in self._attached.items():
+                self._reserved[subtask_id] = attached.limits
+                self._runs[subtask_id] = attached.run_id
+                self._tasks[subtask_id] = asyncio.create_task(
+                    self._run(self._all[subtask_id], attached.limits, attached)
+                )
             failure = self._start_ready()
             while failure is None and self._tasks:
+                left = goal.time_left()
                 try:
-                    item = await asyncio.wait_for(self._events.get(), goal.time_left())
+                    item = await asyncio.wait_for(self._events.get(), None if left is None else max(left, 0.0))
                 except TimeoutError:
                     failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
                     break
                 if isinstance(item, Exception):
-                    raise item
+                    raise item  # a subtask's driver broke: the goal fails as INTERNAL
                 if isinstance(item, pb.GoalEvent):
                     yield item
                     continue
@@ -254,28 +577,41 @@ class _Pursuit:
                     yield event
                 failure = self._failure or self._start_ready()
             if failure is not None:
+                await self.cancel_runs("the goal failed")
                 yield failure
                 return
             usage = common_pb2.ResourceUsage()
             usage.CopyFrom(self._spent)
-            usage.duration.CopyFrom(to_duration(time.perf_counter() - goal.start))
+            usage.duration.CopyFrom(to_duration(goal.elapsed()))
             completed = pb.GoalCompleted(outputs=self._outputs, usage=usage)
             if (size := completed.ByteSize()) > self._max_output_bytes:
                 # Failed rather than completed: the event would not fit the messages that carry it.
                 error = output_too_large(common_pb2.TIER_COORDINATE, "a goal's outputs", size, self._max_output_bytes)
                 yield goal.event(goal_failed=pb.GoalFailed(error=error))
                 return
-            self.completed = True
             yield goal.event(goal_completed=completed)
         finally:
-            for task in self._tasks.values():
-                task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stops watching the runs in flight; they go on in Tier 2."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    async def cancel_runs(self, reason: str) -> None:
+        """Stops watching the runs in flight and cancels them (one that has ended stays as it is)."""
+        await self.stop()
+        runs, self._runs = list(self._runs.values()), {}
+        cancels = (self._runner.cancel_run(run_id, reason=reason) for run_id in runs)
+        await asyncio.gather(*cancels, return_exceptions=True)
 
     async def _ended(self, ended: _Ended) -> AsyncIterator[pb.GoalEvent]:
         """Takes in one subtask run's end: its output, its usage, or its failure and re-plan."""
         subtask_id = ended.subtask_id
         del self._tasks[subtask_id]
+        self._runs.pop(subtask_id, None)
         self._reserved.pop(subtask_id, None)
         add_usage(self._spent, ended.usage)
         if ended.error is None:
@@ -288,6 +624,8 @@ class _Pursuit:
             if spent:
                 self._failure = self._goal.failed("BUDGET_EXHAUSTED", f"the goal's {spent}")
             return
+        # The failure and what follows it (a re-plan, or the goal's failure) are yielded with no
+        # pause between them, so they are stored in one write: a resumed goal finds both or neither.
         yield self._goal.event(
             subtask_finished=pb.SubtaskFinished(subtask_id=subtask_id, success=False, error=ended.error)
         )
@@ -327,7 +665,8 @@ class _Pursuit:
                 return self._goal.failed("BUDGET_EXHAUSTED", f"the goal's {spent}", subtask=subtask.id)
             del self._pending[subtask.id]
             self._reserved[subtask.id] = limits
-            self._tasks[subtask.id] = asyncio.create_task(self._run_reporting(subtask, limits))
+            self._attempts[subtask.id] = self._attempts.get(subtask.id, 0) + 1
+            self._tasks[subtask.id] = asyncio.create_task(self._run(subtask, limits, None))
         return None
 
     def _share(self, subtask: pb.Subtask) -> tuple[common_pb2.ResourceLimits, str]:
@@ -353,15 +692,9 @@ class _Pursuit:
             setattr(limits, name, value * weight if name == "max_credits" else max(math.floor(value * weight), 1))
         return limits, ""
 
-    async def _run_reporting(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
-        """Runs one subtask; an unexpected exception goes to the goal, which it ends."""
-        try:
-            await self._run(subtask, limits)
-        except Exception as exc:
-            self._events.put_nowait(exc)
-
-    async def _run(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> None:
-        """Runs one subtask as a Tier 2 run, its dependencies' outputs as inputs, forwarding its events."""
+    def _start_request(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> orchestrator_pb.StartRunRequest:
+        """Returns the StartRun request of a subtask's current attempt; its request id names the goal,
+        the subtask and the attempt, so asking again finds the run instead of starting another."""
         goal = self._goal
         workflow = orchestrator_pb.Workflow(
             name=f"goal-{goal.id}-{subtask.id}",
@@ -372,9 +705,33 @@ class _Pursuit:
                 )
             ],
         )
-        request = orchestrator_pb.OrchestrateRequest(context=goal.request.context, workflow=workflow, limits=limits)
+        request = orchestrator_pb.StartRunRequest(
+            request_id=f"{goal.id}/{subtask.id}/{self._attempts[subtask.id]}",
+            context=goal.request.context,
+            workflow=workflow,
+            limits=limits,
+        )
         for dependency in subtask.dependencies:
             request.inputs.fields[dependency].CopyFrom(self._outputs[dependency])
+        return request
+
+    async def _reachable(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Returns what ``call`` answers, asking again (with backoff) while Tier 2 cannot be reached."""
+        pause = self._backoff
+        while True:
+            try:
+                return await call()
+            except TierstackError as exc:
+                if exc.code not in _TRANSIENT:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _MAX_BACKOFF)
+
+    async def _run(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits, attached: _Attached | None) -> None:
+        """Runs one subtask as a Tier 2 run (or watches again the run a previous server started),
+        its dependencies' outputs as inputs, forwarding its events; a dropped stream is watched again
+        from the last event seen."""
+        goal = self._goal
         output: struct_pb2.Value | None = None
         usage = common_pb2.ResourceUsage()
         error: common_pb2.ErrorDetail | None = None
@@ -382,27 +739,54 @@ class _Pursuit:
         attributes = {"tierstack.goal_id": goal.id, "tierstack.agent_id": self._agent_of[subtask.id]}
         try:
             with span(f"subtask {subtask.id}", attributes):
-                async for run_event in self._runner.orchestrate(request):
-                    kind = run_event.WhichOneof("payload")
-                    if kind == "run_started":
-                        started = pb.SubtaskStarted(
-                            subtask_id=subtask.id, agent_id=self._agent_of[subtask.id], run_id=run_event.run_id
-                        )
-                        started.limits.CopyFrom(limits)
-                        self._events.put_nowait(goal.event(subtask_started=started))
-                    self._events.put_nowait(
-                        goal.event(subtask_progress=pb.SubtaskProgress(subtask_id=subtask.id, run_event=run_event))
+                if attached is None:
+                    request = self._start_request(subtask, limits)
+                    run = (await self._reachable(lambda: self._runner.start_run(request))).run
+                    self._runs[subtask.id] = run.run_id
+                    started = pb.SubtaskStarted(
+                        subtask_id=subtask.id, agent_id=self._agent_of[subtask.id], run_id=run.run_id
                     )
-                    if kind == "step_completed":
-                        output = run_event.step_completed.output
-                    elif kind == "run_completed":
-                        usage, finished = run_event.run_completed.usage, True
-                    elif kind == "run_failed":
-                        error = run_event.run_failed.error
-                    elif kind == "run_cancelled":
-                        error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
+                    started.limits.CopyFrom(limits)
+                    self._events.put_nowait(goal.event(subtask_started=started))
+                    run_id, after = run.run_id, 0
+                else:
+                    run_id, after = attached.run_id, attached.after_sequence
+                pause = self._backoff
+                while True:
+                    try:
+                        async for run_event in self._runner.watch_run(run_id, after_sequence=after):
+                            after = run_event.sequence
+                            kind = run_event.WhichOneof("payload")
+                            self._events.put_nowait(
+                                goal.event(
+                                    subtask_progress=pb.SubtaskProgress(subtask_id=subtask.id, run_event=run_event)
+                                )
+                            )
+                            if kind == "step_completed":
+                                output = run_event.step_completed.output
+                            elif kind == "run_completed":
+                                usage, finished = run_event.run_completed.usage, True
+                            elif kind == "run_failed":
+                                error = run_event.run_failed.error
+                            elif kind == "run_cancelled":
+                                error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
+                    except TierstackError as exc:
+                        if exc.code not in _TRANSIENT:
+                            raise
+                    else:
+                        if finished or error is not None:
+                            break
+                        state = (await self._reachable(lambda: self._runner.get_run(run_id))).state
+                        if state not in _RUN_UNFINISHED:
+                            break  # paused, or ended with events this watch did not get
+                        # the stream ended while the run goes on: Tier 2 is stopping; watch again
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _MAX_BACKOFF)
         except TierstackError as exc:
             error = error_detail_of_call(exc, common_pb2.TIER_ORCHESTRATE)
+        except Exception as exc:
+            self._events.put_nowait(exc)
+            return
         if error is None and not finished:
             error = _error("RUN_INCOMPLETE", "the run paused, or its stream ended, before it finished")
         self._events.put_nowait(_Ended(subtask.id, output, usage, error))

@@ -21,10 +21,12 @@ from tierstack.server.coordinate.engine import Coordinator, team_for, team_messa
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.model_decomposer import ModelDecomposer
 from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
+from tierstack.server.coordinate.store import SqliteGoalStore
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
+from tierstack.server.pagination import decode_time_cursor, encode_time_cursor
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -43,19 +45,45 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
         async for event in self._coordinator.coordinate(request):
             yield pb.CoordinateResponse(event=event)
 
+    async def StartGoal(self, request: pb.StartGoalRequest, context: Context) -> pb.StartGoalResponse:
+        correlation.bind(request.context)
+        goal, created = await self._coordinator.start_goal(request)
+        return pb.StartGoalResponse(goal=goal, created=created)
+
+    async def GetGoal(self, request: pb.GetGoalRequest, context: Context) -> pb.GetGoalResponse:
+        return pb.GetGoalResponse(goal=await self._coordinator.get_goal(request.goal_id))
+
+    async def WatchGoal(self, request: pb.WatchGoalRequest, context: Context) -> AsyncIterator[pb.WatchGoalResponse]:
+        async for event in self._coordinator.watch(request.goal_id, after_sequence=request.after_sequence):
+            yield pb.WatchGoalResponse(event=event)
+
+    async def ListGoals(self, request: pb.ListGoalsRequest, context: Context) -> pb.ListGoalsResponse:
+        size = request.page_size or 50
+        after = decode_time_cursor(request.page_token)
+        goals = await self._coordinator.list_goals(limit=size + 1, after=after, state=request.state)
+        page = goals[:size]
+        last = page[-1] if page else None
+        more = last is not None and len(goals) > size
+        token = encode_time_cursor(last.create_time.ToNanoseconds(), last.goal_id) if last and more else ""
+        return pb.ListGoalsResponse(goals=page, next_page_token=token)
+
+    async def CancelGoal(self, request: pb.CancelGoalRequest, context: Context) -> pb.CancelGoalResponse:
+        return pb.CancelGoalResponse(goal=await self._coordinator.cancel_goal(request.goal_id, request.reason))
+
     async def DecomposeGoal(self, request: pb.DecomposeGoalRequest, context: Context) -> pb.DecomposeGoalResponse:
         correlation.bind(request.context)
         scope = Scope(tenant=request.context.tenant_id)
         return await self._coordinator.decomposer.decompose(request.goal, request.agents, scope)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
-        formed = team_message(team_for(request.agents, request.subtasks))
+        formed = team_message(await asyncio.to_thread(team_for, request.agents, request.subtasks))
         return pb.FormTeamResponse(assignments=formed.assignments, unassigned_subtask_ids=formed.unassigned_subtask_ids)
 
 
 class CoordinateService:
     """Tier 1 as a server component: the AI service, the decomposer (goal memory, templates, then the
-    model when one is configured, else the local rules), an Orchestrate client and the coordinator."""
+    model when one is configured, else the local rules), an Orchestrate client, a SQLite goal store
+    and the coordinator."""
 
     tier = common_pb2.TIER_COORDINATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,)
@@ -91,7 +119,10 @@ class CoordinateService:
         )
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
-        self.coordinator = Coordinator(self._orchestrator, decomposer, max_output_bytes=settings.max_total_output_bytes)
+        self._store = SqliteGoalStore(settings.data_dir / "goals.sqlite3")
+        self.coordinator = Coordinator(
+            self._orchestrator, decomposer, store=self._store, max_output_bytes=settings.max_total_output_bytes
+        )
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:
         """Adds the model calls, decomposition time by source, team formation time and active goals,
@@ -113,16 +144,23 @@ class CoordinateService:
         )
 
     async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
-        """Loads the goal templates (the built-in ones, then the user's) and the learnt goals."""
+        """Loads the goal templates (the built-in ones, then the user's) and the learnt goals, then
+        takes up the goals a previous process left unfinished."""
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
         self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))
         await self._memory.load()
+        await self._store.open()
+        await self.coordinator.open()
         await self.cross_tier.start()
 
     def stopping(self) -> None:
-        """Nothing to prepare: goals in flight end with their callers' streams."""
+        """Marks the coordinator as stopping: goals in flight stay unfinished, to resume on the next
+        start, and callers leaving no longer cancel goals."""
+        self.coordinator.stopping()
 
     async def close(self) -> None:
+        await self.coordinator.close()
         await self.cross_tier.close()
         await self._channel.close()
+        await self._store.close()
         await self.ai.close()

@@ -12,13 +12,13 @@ from tierstack.client import ExecutorClient
 from tierstack.client.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
-from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError, Violation
+from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.persistence import HealthReport
 from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
-from tierstack.server.pagination import decode_token, encode_token
+from tierstack.server.pagination import decode_time_cursor, encode_time_cursor
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -27,16 +27,6 @@ from tierstack.v1.executor_service_pb2 import ListToolsRequest
 Context = grpc.aio.ServicerContext[Any, Any]
 #: A response that carries the run its call acted on.
 ActedOn = TypeVar("ActedOn", pb.StartRunResponse, pb.CancelRunResponse, pb.PauseRunResponse, pb.ResumeRunResponse)
-
-
-def _cursor(token: str) -> tuple[int, str] | None:
-    cursor = decode_token(token)
-    if not cursor:
-        return None
-    created, _, run_id = cursor.partition(":")
-    if not created.isdigit() or not run_id:
-        raise InvalidArgumentError([Violation("page_token", "is not a token this server issued")])
-    return int(created), run_id
 
 
 def _basic(run: pb.Run) -> pb.Run:
@@ -121,10 +111,12 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         size = request.page_size or 50
-        runs = await self._manager.list_runs(limit=size + 1, after=_cursor(request.page_token), state=request.state)
+        runs = await self._manager.list_runs(
+            limit=size + 1, after=decode_time_cursor(request.page_token), state=request.state
+        )
         page = runs[:size]
         last = page[-1] if page else None
-        token = encode_token(f"{last.create_time.ToNanoseconds()}:{last.run_id}") if last and len(runs) > size else ""
+        token = encode_time_cursor(last.create_time.ToNanoseconds(), last.run_id) if last and len(runs) > size else ""
         if request.view != pb.RUN_VIEW_FULL:
             return pb.ListRunsResponse(runs=[_basic(run) for run in page], next_page_token=token)
         response = pb.ListRunsResponse(runs=page, next_page_token=token)

@@ -1,0 +1,163 @@
+"""One goal's events, written behind in batches under its owner's fence.
+
+Events wait in memory and are written together ``interval`` after the first of them; a transition of
+the goal itself is written at once, with whatever waits before it, in the same write. Watchers see
+an event only once it is stored, numbered by the store, so a restart never renumbers an event anyone
+saw. A write refused because another owner took the goal ends the journal: it is never retried.
+
+The run event log of Tier 2 batches many runs into one transaction that is retried whole when it
+fails; a fenced write can be refused for one goal and not its neighbours, which is why a journal
+writes one goal's batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from tierstack.server.coordinate.store import GoalStore
+from tierstack.server.lifecycle import Fence, StaleOwnerError
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+_log = logging.getLogger(__name__)
+
+
+class GoalJournal:
+    """Writes one goal's events and transitions, and lets watchers follow them.
+
+    Args:
+        store: Where the goal is kept.
+        goal: The goal as its owner holds it.
+        fence: The owner's fence.
+        history: The events already stored.
+        interval: The longest an event waits before it is written, in seconds.
+        on_lost: Called once when a write is refused because another owner holds the goal.
+    """
+
+    def __init__(
+        self,
+        store: GoalStore,
+        goal: pb.Goal,
+        fence: Fence,
+        history: list[pb.GoalEvent],
+        *,
+        interval: float,
+        on_lost: Callable[[StaleOwnerError], None],
+    ) -> None:
+        self._store = store
+        self.goal = goal
+        self.fence = fence
+        self.history = history
+        self._interval = interval
+        self._on_lost = on_lost
+        self._pending: list[pb.GoalEvent] = []
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.lost: StaleOwnerError | None = None
+        self.finished = False
+
+    def record(self, event: pb.GoalEvent) -> None:
+        """Queues an event; it is written with the next batch."""
+        if self.lost is not None:
+            return  # the goal is another owner's: its driver is being stopped
+        self._pending.append(event)
+        if self._timer is None and self._writer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+
+    def _write_soon(self) -> None:
+        self._timer = None
+        self._writer = asyncio.create_task(self._write_behind(), name=f"goal-journal-{self.goal.goal_id}")
+
+    async def _write_behind(self) -> None:
+        try:
+            await self.flush()
+        except StaleOwnerError:
+            pass  # flush told the owner
+        except Exception:
+            _log.exception("writing the events of goal %s failed; they are kept for the next batch", self.goal.goal_id)
+        finally:
+            self._writer = None
+            if self._pending and self._timer is None and self.lost is None:
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+
+    async def flush(self, event: pb.GoalEvent | None = None, *, transition: str | None = None) -> None:
+        """Writes what waits, then ``event``, in one write; with ``transition``, the goal's record
+        (as :attr:`goal` holds it) moves on in the same write.
+
+        Raises:
+            StaleOwnerError: Another owner holds the goal; nothing was written, and nothing will be.
+            IllegalTransitionError: The goal is not in the state its owner believes.
+        """
+        async with self._lock:
+            if self.lost is not None:
+                raise self.lost
+            batch = [*self._pending, *([event] if event is not None else [])]
+            self._pending.clear()
+            if not batch and transition is None:
+                return
+            try:
+                written = await self._store.write(self.goal, self.fence, batch, transition=transition)
+            except StaleOwnerError as exc:
+                self._lose(exc)
+                raise
+            except Exception:
+                if event is not None:
+                    batch.pop()  # the caller of a transition learns of the failure; the rest waits
+                self._pending[:0] = batch
+                raise
+            self.goal = written.goal
+            self.history.extend(written.events)
+            self._notify()
+
+    def _lose(self, error: StaleOwnerError) -> None:
+        _log.warning("goal %s is owned elsewhere now; this server stops pursuing it", self.goal.goal_id)
+        self.lost = error
+        self._pending.clear()
+        self._on_lost(error)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def finish(self) -> None:
+        """Marks the journal as done: watchers get what is stored and end."""
+        self.finished = True
+        self._notify()
+
+    async def close(self) -> None:
+        """Writes what waits (unless the goal is another owner's) and waits for the writer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        async with self._lock:
+            pass  # a write in flight (a shielded transition) is done
+        if self._pending and self.lost is None:
+            try:
+                await self.flush()
+            except Exception:
+                _log.exception("the last events of goal %s could not be written", self.goal.goal_id)
+
+    async def follow(self, after_sequence: int) -> AsyncIterator[pb.GoalEvent]:
+        """Yields the stored events after ``after_sequence``, then each batch as it is stored,
+        until the journal finishes.
+
+        Raises:
+            StaleOwnerError: Another owner took the goal; its events are that owner's to tell.
+        """
+        history = self.history
+        index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
+        while True:
+            changed = self._changed
+            while index < len(history):
+                yield history[index]
+                index += 1
+            if self.lost is not None:
+                raise self.lost
+            if self.finished:
+                return
+            await changed.wait()

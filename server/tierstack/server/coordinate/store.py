@@ -1,0 +1,417 @@
+"""Goal storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it.
+
+Every write names the writer's :class:`~tierstack.server.lifecycle.Fence` and the state it believes
+the goal is in; the store checks both in the same write that appends events and applies a
+transition (from :data:`~tierstack.server.lifecycle.GOAL_LIFECYCLE`), and numbers the events itself,
+after the goal's last stored sequence. So a goal has one writer at a time, its history has no gaps
+and no two events share a number, and a stale writer is told so instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from google.protobuf.message import DecodeError
+
+from tierstack.server.errors import NotFoundError
+from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+Goal = pb.Goal
+GoalEvent = pb.GoalEvent
+_log = logging.getLogger(__name__)
+_UNFINISHED = (pb.GOAL_STATE_PENDING, pb.GOAL_STATE_RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one write stored: the writer's goal in the state and at the last sequence it is now
+    stored at, and the events as numbered."""
+
+    goal: Goal
+    events: list[GoalEvent]
+
+
+class GoalStore(abc.ABC):
+    """Keeps goals, their owners and their events. Messages are stored in their protobuf wire form."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Prepares the store for use."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases the store's resources."""
+
+    @abc.abstractmethod
+    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+        """Stores a new goal (pending, with no events) owned by ``owner`` at epoch 1, and returns it
+        with its fence; when its ``request.request_id`` is already taken, stores nothing and returns
+        the goal that holds it, without a fence."""
+
+    @abc.abstractmethod
+    async def claim(self, goal_id: str, owner: str) -> Fence:
+        """Makes ``owner`` the owner of an unfinished goal at the next epoch, so that every write
+        under an earlier fence is refused from now on, and returns the new fence.
+
+        Raises:
+            NotFoundError: No goal has that id.
+            IllegalTransitionError: The goal has ended.
+        """
+
+    @abc.abstractmethod
+    async def write(
+        self, goal: Goal, fence: Fence, events: Sequence[GoalEvent], *, transition: str | None = None
+    ) -> Written:
+        """Appends ``events``, numbered from the goal's last stored sequence, and with a
+        ``transition`` replaces the goal's record by ``goal`` in the state the lifecycle gives; all
+        in one compare-and-set on the owner and epoch of ``fence`` and the state ``goal.state``.
+
+        Raises:
+            StaleOwnerError: Another owner claimed the goal since ``fence`` was issued.
+            IllegalTransitionError: The goal is not in ``goal.state``, or the lifecycle has no such
+                transition from it.
+            NotFoundError: No goal has that id.
+        """
+
+    @abc.abstractmethod
+    async def get_goal(self, goal_id: str) -> Goal | None:
+        """Returns a goal, or None."""
+
+    @abc.abstractmethod
+    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+        """Returns up to ``limit`` goals, newest first, older than the (create time in ns, goal id)
+        cursor ``after``, keeping only ``state`` unless it is 0."""
+
+    @abc.abstractmethod
+    async def unfinished_goals(self) -> list[Goal]:
+        """Returns every goal that is pending or running, oldest first."""
+
+    @abc.abstractmethod
+    async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
+        """Returns a goal's events with a sequence number above ``after_sequence``, in order."""
+
+
+def _copy(goal: Goal) -> Goal:
+    return Goal.FromString(goal.SerializeToString())
+
+
+def _next_state(goal: Goal, stored_state: int, transition: str | None) -> pb.GoalState.ValueType:
+    """Returns the state a write leaves the goal in, checking the state the writer expects."""
+    if goal.state != stored_state:
+        name = GOAL_LIFECYCLE.names.get(stored_state, str(stored_state))
+        raise IllegalTransitionError(
+            f"goal {goal.goal_id} is {name}, not {GOAL_LIFECYCLE.names.get(goal.state, goal.state)} as the writer"
+            " expects; the write is refused",
+            metadata={"goal_id": goal.goal_id, "state": name},
+        )
+    following = stored_state if transition is None else GOAL_LIFECYCLE.next(goal.goal_id, stored_state, transition)
+    return pb.GoalState.ValueType(following)
+
+
+def _numbered(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[GoalEvent]:
+    numbered = []
+    for offset, event in enumerate(events, start=1):
+        copy = GoalEvent()
+        copy.CopyFrom(event)
+        copy.goal_id, copy.sequence = goal_id, after + offset
+        numbered.append(copy)
+    return numbered
+
+
+def _written(goal: Goal, state: pb.GoalState.ValueType, after: int, numbered: list[GoalEvent]) -> Written:
+    held = _copy(goal)
+    held.state, held.last_sequence = state, after + len(numbered)
+    return Written(held, numbered)
+
+
+@dataclass(slots=True)
+class _Held:
+    goal: Goal
+    fence: Fence
+    events: list[bytes]
+
+
+class MemoryGoalStore(GoalStore):
+    """Keeps goals in this process only; for tests and throwaway goals."""
+
+    def __init__(self) -> None:
+        self._goals: dict[str, _Held] = {}
+        self._by_request: dict[str, str] = {}
+
+    async def open(self) -> None:
+        """Nothing to prepare."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+        request_id = goal.request.request_id
+        if request_id and request_id in self._by_request:
+            return _copy(self._goals[self._by_request[request_id]].goal), None
+        fence = Fence(owner, 1)
+        self._goals[goal.goal_id] = _Held(_copy(goal), fence, [])
+        if request_id:
+            self._by_request[request_id] = goal.goal_id
+        return _copy(goal), fence
+
+    def _held(self, goal_id: str) -> _Held:
+        held = self._goals.get(goal_id)
+        if held is None:
+            raise NotFoundError("goal", goal_id)
+        return held
+
+    async def claim(self, goal_id: str, owner: str) -> Fence:
+        held = self._held(goal_id)
+        GOAL_LIFECYCLE.next(goal_id, held.goal.state, "claim")
+        held.fence = Fence(owner, held.fence.epoch + 1)
+        return held.fence
+
+    async def write(
+        self, goal: Goal, fence: Fence, events: Sequence[GoalEvent], *, transition: str | None = None
+    ) -> Written:
+        held = self._held(goal.goal_id)
+        if held.fence != fence:
+            raise StaleOwnerError("goal", goal.goal_id, fence)
+        state = _next_state(goal, held.goal.state, transition)
+        last_sequence = held.goal.last_sequence
+        numbered = _numbered(goal.goal_id, events, last_sequence)
+        if transition is not None:
+            held.goal = _copy(goal)
+        held.goal.state, held.goal.last_sequence = state, last_sequence + len(numbered)
+        held.events.extend(event.SerializeToString() for event in numbered)
+        return _written(goal, state, last_sequence, numbered)
+
+    async def get_goal(self, goal_id: str) -> Goal | None:
+        held = self._goals.get(goal_id)
+        return _copy(held.goal) if held else None
+
+    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+        keyed = sorted(
+            ((h.goal.create_time.ToNanoseconds(), goal_id) for goal_id, h in self._goals.items()), reverse=True
+        )
+        found = []
+        for key in keyed:
+            goal = self._goals[key[1]].goal
+            if (after is None or key < after) and (not state or goal.state == state):
+                found.append(_copy(goal))
+                if len(found) == limit:
+                    break
+        return found
+
+    async def unfinished_goals(self) -> list[Goal]:
+        unfinished = [_copy(h.goal) for h in self._goals.values() if h.goal.state in _UNFINISHED]
+        return sorted(unfinished, key=lambda goal: goal.create_time.ToNanoseconds())
+
+    async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
+        held = self._goals.get(goal_id)
+        stored = held.events[after_sequence:] if held else []
+        return [GoalEvent.FromString(event) for event in stored]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS goals (
+    goal_id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE,
+    state INTEGER NOT NULL,
+    create_ns INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    goal BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS goals_by_time ON goals (create_ns DESC, goal_id DESC);
+CREATE TABLE IF NOT EXISTS goal_events (
+    goal_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (goal_id, sequence)
+) WITHOUT ROWID;
+"""
+_COLUMNS = "goal, state, last_sequence"
+
+
+def _goal(row: Any) -> Goal:
+    """Returns a stored goal: its record, with the state and last sequence of their own columns."""
+    record, state, last_sequence = row
+    goal = Goal.FromString(record)
+    goal.state, goal.last_sequence = state, last_sequence
+    return goal
+
+
+class SqliteGoalStore(GoalStore):
+    """Stores goals in one SQLite file (WAL, synchronous=NORMAL), off the event loop via aiosqlite.
+
+    The state, owner, epoch and last sequence are columns of their own, so that a write checks and
+    changes them in one ``UPDATE … WHERE``, as any SQL database can.
+
+    Args:
+        path: The database file; its folder is created when missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the goal store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.executescript(_SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _one(self, query: str, params: tuple[str | int, ...]) -> Goal | None:
+        async with self._conn.execute(f"SELECT {_COLUMNS} FROM goals WHERE {query}", params) as rows:
+            row = await rows.fetchone()
+        return _goal(row) if row else None
+
+    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+        async with self._lock:
+            cursor = await self._conn.execute(
+                "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal)"
+                " VALUES (?, ?, ?, ?, ?, 1, 0, ?) ON CONFLICT (request_id) DO NOTHING",
+                (
+                    goal.goal_id,
+                    goal.request.request_id or None,
+                    goal.state,
+                    goal.create_time.ToNanoseconds(),
+                    owner,
+                    goal.SerializeToString(),
+                ),
+            )
+            await self._conn.commit()
+            if cursor.rowcount == 1:
+                return goal, Fence(owner, 1)
+            held = await self._one("request_id = ?", (goal.request.request_id,))
+        assert held is not None  # the conflicting row exists: goals are never deleted
+        return held, None
+
+    async def claim(self, goal_id: str, owner: str) -> Fence:
+        async with self._lock:
+            goal = await self._one("goal_id = ?", (goal_id,))
+            if goal is None:
+                raise NotFoundError("goal", goal_id)
+            GOAL_LIFECYCLE.next(goal_id, goal.state, "claim")
+            async with self._conn.execute(
+                "UPDATE goals SET owner = ?, epoch = epoch + 1 WHERE goal_id = ? AND state = ? RETURNING epoch",
+                (owner, goal_id, goal.state),
+            ) as rows:
+                row = await rows.fetchone()
+            await self._conn.commit()
+        if row is None:  # it ended between the read and the update: claim it again to say so
+            return await self.claim(goal_id, owner)
+        return Fence(owner, int(row[0]))
+
+    async def write(
+        self, goal: Goal, fence: Fence, events: Sequence[GoalEvent], *, transition: str | None = None
+    ) -> Written:
+        async with self._lock:
+            async with self._conn.execute(
+                "SELECT state, owner, epoch, last_sequence FROM goals WHERE goal_id = ?", (goal.goal_id,)
+            ) as rows:
+                row = await rows.fetchone()
+            if row is None:
+                raise NotFoundError("goal", goal.goal_id)
+            stored_state, owner, epoch, last_sequence = row
+            if Fence(owner, epoch) != fence:
+                raise StaleOwnerError("goal", goal.goal_id, fence)
+            state = _next_state(goal, stored_state, transition)
+            numbered = _numbered(goal.goal_id, events, last_sequence)
+            record = (goal.SerializeToString(),) if transition is not None else ()
+            # The compare-and-set: what was read above is checked again in the write itself.
+            try:
+                cursor = await self._conn.execute(
+                    f"UPDATE goals SET state = ?, last_sequence = ?{', goal = ?' if record else ''}"
+                    " WHERE goal_id = ? AND owner = ? AND epoch = ? AND state = ? AND last_sequence = ?",
+                    (
+                        state,
+                        last_sequence + len(numbered),
+                        *record,
+                        goal.goal_id,
+                        fence.owner,
+                        fence.epoch,
+                        stored_state,
+                        last_sequence,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    raise StaleOwnerError("goal", goal.goal_id, fence)
+                await self._conn.executemany(
+                    "INSERT INTO goal_events (goal_id, sequence, event) VALUES (?, ?, ?)",
+                    [(goal.goal_id, event.sequence, event.SerializeToString()) for event in numbered],
+                )
+                await self._conn.commit()
+            except BaseException:
+                await self._conn.rollback()  # all or nothing: no later commit may carry half of this one
+                raise
+        return _written(goal, state, last_sequence, numbered)
+
+    async def get_goal(self, goal_id: str) -> Goal | None:
+        async with self._lock:
+            return await self._one("goal_id = ?", (goal_id,))
+
+    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+        clauses: list[str] = []
+        params: list[int | str] = []
+        if after is not None:
+            clauses.append("(create_ns, goal_id) < (?, ?)")
+            params.extend(after)
+        if state:
+            clauses.append("state = ?")
+            params.append(state)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT {_COLUMNS} FROM goals {where} ORDER BY create_ns DESC, goal_id DESC LIMIT ?"
+        async with self._lock, self._conn.execute(query, (*params, limit)) as rows:
+            return [_goal(row) for row in await rows.fetchall()]
+
+    async def unfinished_goals(self) -> list[Goal]:
+        """Returns every goal that is pending or running, oldest first; a goal whose stored record
+        cannot be read is marked failed (and logged) rather than returned."""
+        marks = ", ".join("?" * len(_UNFINISHED))
+        query = f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state IN ({marks}) ORDER BY create_ns"
+        async with self._lock:
+            async with self._conn.execute(query, _UNFINISHED) as rows:
+                found, unreadable = [], []
+                for goal_id, *row in await rows.fetchall():
+                    try:
+                        found.append(_goal(row))
+                    except DecodeError:
+                        unreadable.append(goal_id)
+            if unreadable:
+                _log.warning("%d stored goals cannot be read and are marked failed: %s", len(unreadable), unreadable)
+                await self._conn.executemany(
+                    "UPDATE goals SET state = ? WHERE goal_id = ?",
+                    [(pb.GOAL_STATE_FAILED, goal_id) for goal_id in unreadable],
+                )
+                await self._conn.commit()
+        return found
+
+    async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT event FROM goal_events WHERE goal_id = ? AND sequence > ? ORDER BY sequence",
+                (goal_id, after_sequence),
+            ) as rows,
+        ):
+            return [GoalEvent.FromString(row[0]) for row in await rows.fetchall()]

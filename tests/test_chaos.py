@@ -1,4 +1,4 @@
-"""The short chaos round of CI: 20 SIGKILLs of a random tier while workflows arrive (``python -m
+"""The short chaos round of CI: 20 SIGKILLs of a random tier while workflows and goals arrive (``python -m
 tools.chaos`` runs the long one). ``TIERSTACK_CHAOS_SEED`` replays a round."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SEED = int(os.environ.get("TIERSTACK_CHAOS_SEED", random.randrange(1 << 30)))
 
 @pytest.mark.timeout(600)
 async def test_twenty_kills_lose_nothing_and_do_nothing_twice(tmp_path: Path) -> None:
-    report = await chaos(kills=20, runs=60, seed=SEED, data_dir=tmp_path)
+    report = await chaos(kills=20, runs=60, goals=15, seed=SEED, data_dir=tmp_path)
     print(report.summary())
     assert report.clean, f"seed {SEED}: {report.summary()}"
     assert sum(report.kills.values()) == 20

@@ -1,12 +1,13 @@
-"""Chaos: workflows keep arriving while a random tier is killed with SIGKILL at a random moment and
-restarted, again and again; then every run must have completed with every output, no step may be
-recorded completed twice, every run's history must replay without a gap, and no step that Execute
-had finished may have had its side effect twice (only a step in flight when Execute died may run again).
+"""Chaos: workflows and goals keep arriving while a random tier (Coordinate, Orchestrate or Execute)
+is killed with SIGKILL at a random moment and restarted, again and again; then every run and goal
+must have completed with every output, no step may be recorded completed twice, every run's and
+goal's history must replay without a gap, and no step that Execute had finished may have had its
+side effect twice (only a step in flight when Execute died may run again).
 
 The steps call an HTTP endpoint on 127.0.0.1 that counts its calls. Everything runs on loopback and
 stops by itself.
 
-Usage: ``python -m tools.chaos [--kills 100] [--runs 200] [--seed N] [--json FILE]``.
+Usage: ``python -m tools.chaos [--kills 100] [--runs 200] [--goals 50] [--seed N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from typing import Any
 
 import aiosqlite
 
-from tierstack.client import OrchestratorClient, TierstackError
+from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
 from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.server.execute.store import unpack_events
+from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 _READY = re.compile(r"serving on (\S+)")
@@ -83,6 +86,7 @@ class _Tier:
     name: str
     port: int
     arguments: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -91,7 +95,12 @@ class _Tier:
         begin = time.perf_counter()
         command = [sys.executable, "-m", "tierstack.cli", "serve", self.name, "--port", str(self.port)]
         self.process = await asyncio.create_subprocess_exec(
-            *command, "--metrics-port", "0", *self.arguments, stderr=asyncio.subprocess.PIPE, env={**os.environ}
+            *command,
+            "--metrics-port",
+            "0",
+            *self.arguments,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env},
         )
         assert self.process.stderr is not None
         said: list[str] = []
@@ -125,6 +134,8 @@ class Report:
     restart_seconds: dict[str, list[float]] = field(default_factory=dict)
     runs: int = 0
     completed: int = 0
+    goals: int = 0
+    goals_completed: int = 0
     steps_completed_twice: int = 0
     history_gaps: int = 0
     missing_outputs: int = 0
@@ -135,8 +146,10 @@ class Report:
     @property
     def clean(self) -> bool:
         """Says whether nothing was lost or done twice."""
-        return self.completed == self.runs and not (
-            self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.side_effects_twice
+        return (
+            self.completed == self.runs
+            and self.goals_completed == self.goals
+            and not (self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.side_effects_twice)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -149,6 +162,8 @@ class Report:
             },
             "runs": self.runs,
             "completed": self.completed,
+            "goals": self.goals,
+            "goals_completed": self.goals_completed,
             "steps_completed_twice": self.steps_completed_twice,
             "history_gaps": self.history_gaps,
             "missing_outputs": self.missing_outputs,
@@ -158,14 +173,20 @@ class Report:
         }
 
 
-async def _finished(database: Path) -> set[str]:
-    """Returns the execution ids Execute has stored as finished (read while it is down)."""
-    async with aiosqlite.connect(database) as db, db.execute("SELECT execution_id FROM executions") as rows:
-        return {row[0] for row in await rows.fetchall()}
+async def _finished_paths(database: Path) -> set[str]:
+    """Returns the endpoint paths of the executions Execute has stored as finished (read while it is
+    down): each http.request call's result names the path it called."""
+    called = set()
+    async with aiosqlite.connect(database) as db, db.execute("SELECT events FROM executions") as rows:
+        for (blob,) in await rows.fetchall():
+            for event in unpack_events(blob):
+                if event.HasField("tool_call_finished"):
+                    called.add(_called(from_value(event.tool_call_finished.result.output)))
+    return {path for path in called if isinstance(path, str)}
 
 
 async def _retrying(call: Any, *args: Any) -> Any:
-    """Calls Orchestrate until it answers: it may be down for a moment."""
+    """Calls a tier until it answers: it may be down for a moment."""
     while True:
         try:
             return await call(*args)
@@ -188,8 +209,27 @@ async def _history(client: OrchestratorClient, run_id: str) -> list[pb.RunEvent]
         await asyncio.sleep(0.1)
 
 
+async def _goal_history(client: CoordinatorClient, goal_id: str) -> list[coordinator_pb.GoalEvent]:
+    """Returns a goal's whole history once it has ended, watching again after a dropped stream."""
+    while True:
+        try:
+            events = [event async for event in client.watch_goal(goal_id)]
+            if events and events[-1].WhichOneof("payload") in ("goal_completed", "goal_failed", "goal_cancelled"):
+                return events
+        except TierstackError as exc:
+            if exc.code.name not in ("UNAVAILABLE", "CANCELLED", "FAILED_PRECONDITION"):
+                raise
+        await asyncio.sleep(0.1)
+
+
 async def chaos(
-    *, kills: int, runs: int, seed: int, data_dir: Path, tiers: Sequence[str] = ("orchestrate", "execute")
+    *,
+    kills: int,
+    runs: int,
+    goals: int,
+    seed: int,
+    data_dir: Path,
+    tiers: Sequence[str] = ("coordinate", "orchestrate", "execute"),
 ) -> Report:
     """Runs one chaos round and returns what it found."""
     rng = random.Random(seed)
@@ -201,8 +241,22 @@ async def chaos(
         _free_port(),
         ("--execute-target", f"127.0.0.1:{execute.port}", "--data-dir", str(data_dir / "orchestrate")),
     )
-    processes = {"execute": execute, "orchestrate": orchestrate}
-    report = Report(runs=runs)
+    coordinate = _Tier(
+        "coordinate",
+        _free_port(),
+        (
+            "--orchestrate-target",
+            f"127.0.0.1:{orchestrate.port}",
+            "--execute-target",
+            f"127.0.0.1:{execute.port}",
+            "--data-dir",
+            str(data_dir / "coordinate"),
+        ),
+        # Each goal calls paths of its own: a similar past goal's subtasks are not reused as they are.
+        {"TIERSTACK_SIMILARITY_THRESHOLD": "2"},
+    )
+    processes = {"execute": execute, "orchestrate": orchestrate, "coordinate": coordinate}
+    report = Report(runs=runs, goals=goals)
     begin = time.perf_counter()
     workflow = pb.Workflow(
         name="chaos",
@@ -216,12 +270,28 @@ async def chaos(
             for name, deps in STEPS.items()
         ],
     )
+    agents = [coordinator_pb.Agent(id="scout", capabilities=["http", "general"], max_concurrent_tasks=4)]
     in_flight_at_a_kill: set[str] = set()  # paths called but not finished when Execute died
     tags: dict[str, str] = {}
+    goal_tags: dict[str, str] = {}
     try:
-        for tier in (execute, orchestrate):
+        for tier in (execute, orchestrate, coordinate):
             await tier.start()
-        async with OrchestratorClient(f"127.0.0.1:{orchestrate.port}") as client:
+        async with (
+            OrchestratorClient(f"127.0.0.1:{orchestrate.port}") as client,
+            CoordinatorClient(f"127.0.0.1:{coordinate.port}") as coordinator,
+        ):
+
+            async def pursue() -> None:
+                for number in range(goals):
+                    hit = f"{endpoint.url}/hit/g{number}"
+                    text = f"fetch {hit}/a and fetch {hit}/b, then fetch {hit}/c"
+                    request = coordinator_pb.StartGoalRequest(
+                        request_id=f"chaos-goal-{number}", goal=text, agents=agents
+                    )
+                    started = await _retrying(coordinator.start_goal, request)
+                    goal_tags[started.goal.goal_id] = f"g{number}"
+                    await asyncio.sleep(rng.uniform(0, 0.05))
 
             async def submit() -> None:
                 for number in range(runs):
@@ -232,7 +302,7 @@ async def chaos(
                     tags[started.run.run_id] = f"r{number}"
                     await asyncio.sleep(rng.uniform(0, 0.02))
 
-            submitting = asyncio.create_task(submit())
+            submitting = asyncio.gather(submit(), pursue())
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(0.2, 0.8))
                 name = rng.choice(list(tiers))
@@ -240,16 +310,16 @@ async def chaos(
                 report.kills[name] += 1
                 if name == "execute":
                     await asyncio.sleep(0.2)  # the calls it made before it died reach the endpoint
-                    finished = await _finished(data_dir / "execute" / "executions.sqlite3")
-                    done = {f"/hit/{tags.get(e.split('/')[0], '?')}/{e.split('/')[1]}" for e in finished}
+                    done = await _finished_paths(data_dir / "execute" / "executions.sqlite3")
                     with endpoint.lock:
                         called = set(endpoint.hits)
                     in_flight_at_a_kill |= called - done
                 report.restart_seconds.setdefault(name, []).append(await processes[name].start())
             await submitting
             histories = {run_id: await _history(client, run_id) for run_id in tags}
+            goal_histories = {goal_id: await _goal_history(coordinator, goal_id) for goal_id in goal_tags}
     finally:
-        for tier in (orchestrate, execute):
+        for tier in (coordinate, orchestrate, execute):
             await tier.stop()
         endpoint.shutdown()
         endpoint.server_close()
@@ -272,6 +342,23 @@ async def chaos(
                     report.reruns_in_flight += 1
                 else:
                     report.side_effects_twice += 1
+    for goal_id, goal_events in goal_histories.items():
+        tag = goal_tags[goal_id]
+        ended = goal_events[-1]
+        if ended.HasField("goal_completed"):
+            report.goals_completed += 1
+            paths = sorted(str(_called(from_value(value))) for value in ended.goal_completed.outputs.values())
+            report.missing_outputs += paths != [f"/hit/{tag}/{name}" for name in "abc"]
+        report.history_gaps += [e.sequence for e in goal_events] != list(range(1, len(goal_events) + 1))
+        finished = Counter(e.subtask_finished.subtask_id for e in goal_events if e.subtask_finished.success)
+        report.steps_completed_twice += sum(count > 1 for count in finished.values())
+        for name in "abc":
+            path = f"/hit/{tag}/{name}"
+            if endpoint.hits[path] > 1:
+                if path in in_flight_at_a_kill:
+                    report.reruns_in_flight += 1
+                else:
+                    report.side_effects_twice += 1
     report.seconds = time.perf_counter() - begin
     return report
 
@@ -286,12 +373,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--goals", type=int, default=50)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--json", help="also write the figures to this file")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tierstack-chaos-") as folder:
         report = asyncio.run(
-            chaos(kills=arguments.kills, runs=arguments.runs, seed=arguments.seed, data_dir=Path(folder))
+            chaos(
+                kills=arguments.kills,
+                runs=arguments.runs,
+                goals=arguments.goals,
+                seed=arguments.seed,
+                data_dir=Path(folder),
+            )
         )
     summary = json.dumps({"seed": arguments.seed, **report.summary()}, indent=2)
     print(summary)

@@ -48,7 +48,8 @@ def _pack(events: Sequence[ExecutionEvent]) -> bytes:
     return b"".join(len(data).to_bytes(4, "big") + data for data in (e.SerializeToString() for e in events))
 
 
-def _unpack(blob: bytes) -> list[ExecutionEvent]:
+def unpack_events(blob: bytes) -> list[ExecutionEvent]:
+    """Returns the events of a stored execution, from their framed form."""
     events, position = [], 0
     while position < len(blob):
         size = int.from_bytes(blob[position : position + 4], "big")
@@ -123,7 +124,7 @@ class MemoryExecutionStore(ExecutionStore):
 
     async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
         found = self._finished.get(execution_id)
-        return None if found is None else _unpack(found[1])
+        return None if found is None else unpack_events(found[1])
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
         if execution_id in self._finished:
@@ -238,7 +239,7 @@ class SqliteExecutionStore(ExecutionStore):
     async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
         async with self._conn.execute("SELECT events FROM executions WHERE execution_id = ?", (execution_id,)) as rows:
             row = await rows.fetchone()
-        return None if row is None else _unpack(row[0])
+        return None if row is None else unpack_events(row[0])
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
         packed = _pack(events)

@@ -5,9 +5,9 @@ the goal itself is written at once, with whatever waits before it, in the same w
 an event only once it is stored, numbered by the store, so a restart never renumbers an event anyone
 saw. A write refused because another owner took the goal ends the journal: it is never retried.
 
-The run event log of Tier 2 batches many runs into one transaction that is retried whole when it
-fails; a fenced write can be refused for one goal and not its neighbours, which is why a journal
-writes one goal's batches.
+Tier 2's run event log batches many runs into one transaction, numbers events in the owner and
+takes a refused run out of its batch; a journal writes one goal's batches and lets the store number
+them. The two are alike enough to become one log (not done yet).
 """
 
 from __future__ import annotations

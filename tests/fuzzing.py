@@ -295,12 +295,14 @@ class MemoryWatch:
 
 
 async def prepare(targets: Mapping[str, str], url: str) -> Known:
-    """Returns what valid requests may name: Execute's tools, and two runs Orchestrate holds (one
-    finished, one that goes on for ten minutes, for pausing, resuming and cancelling)."""
+    """Returns what valid requests may name: Execute's tools, two runs Orchestrate holds (one
+    finished, one that goes on for ten minutes, for pausing, resuming and cancelling) and a goal
+    Coordinate holds."""
     tools: dict[str, dict[str, JSON]] = {}
     async with (
         ExecutorClient(targets["execute"]) as executor,
         OrchestratorClient(targets["orchestrate"]) as orchestrator,
+        CoordinatorClient(targets["coordinate"]) as coordinator,
     ):
         token = ""
         while True:
@@ -318,7 +320,11 @@ async def prepare(targets: Mapping[str, str], url: str) -> Known:
                 orchestrator_service_pb2.StartRunRequest(workflow=_one_step(tool, arguments))
             )
             runs.append(started.run.run_id)
-    return Known(tools=tools, run_ids=tuple(runs), url=url)
+        agent = coordinator_service_pb2.Agent(id="writer", capabilities=["writing", "general"])
+        goal = await coordinator.start_goal(
+            coordinator_service_pb2.StartGoalRequest(goal="write a haiku", agents=[agent])
+        )
+    return Known(tools=tools, run_ids=tuple(runs), url=url, goal_ids=(goal.goal.goal_id,))
 
 
 def _one_step(tool: str, arguments: dict[str, JSON]) -> orchestrator_service_pb2.Workflow:

@@ -177,11 +177,13 @@ class Known:
         tools: Each tool Execute offers, by name, with the JSON Schema of its arguments.
         run_ids: Runs Orchestrate holds.
         url: An HTTP URL the ``http.request`` tool may fetch.
+        goal_ids: Goals Coordinate holds.
     """
 
     tools: Mapping[str, Mapping[str, Any]]
     run_ids: tuple[str, ...]
     url: str
+    goal_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +487,8 @@ class Shapes:
         executor, orchestrator = executor_service_pb2, orchestrator_service_pb2
         coordinator, monitor = coordinator_service_pb2, monitor_service_pb2
         runs = st.sampled_from(self._known.run_ids) if self._known.run_ids else st.just("")
+        goals = st.sampled_from(self._known.goal_ids) if self._known.goal_ids else st.just("")
+        views = st.sampled_from(list(orchestrator_service_pb2.RunView.values()))
         seconds = st.sampled_from((0.05, 0.2, 1.0)).map(to_duration)
         goal = st.sampled_from(
             (f"Summarise the page at {self._known.url}/ok", "Analyse the numbers and write a report", "hello")
@@ -521,6 +525,9 @@ class Shapes:
             ),
             ex + "GetToolStats": st.builds(executor.GetToolStatsRequest, slow_threshold=seconds),
             ex + "ListTools": st.builds(executor.ListToolsRequest, page_size=st.integers(0, 100)),
+            ex + "CancelExecution": st.builds(
+                executor.CancelExecutionRequest, execution_id=st.sampled_from(("run-1/s0/1", "x"))
+            ),
             orch + "Orchestrate": st.builds(orchestrator.OrchestrateRequest, context=context, workflow=self.workflows),
             orch + "StartRun": st.builds(
                 orchestrator.StartRunRequest,
@@ -528,12 +535,14 @@ class Shapes:
                 workflow=self.workflows,
             ),
             orch + "WatchRun": st.builds(orchestrator.WatchRunRequest, run_id=runs, after_sequence=st.integers(0, 5)),
-            orch + "GetRun": st.builds(orchestrator.GetRunRequest, run_id=runs),
+            orch + "GetRun": st.builds(orchestrator.GetRunRequest, run_id=runs, view=views),
             orch + "ListRuns": st.builds(
                 orchestrator.ListRunsRequest,
                 page_size=st.integers(0, 20),
                 state=st.sampled_from(list(orchestrator.RunState.values())),
+                view=views,
             ),
+            orch + "DeleteRun": st.builds(orchestrator.DeleteRunRequest, run_id=runs),
             orch + "CancelRun": st.builds(orchestrator.CancelRunRequest, run_id=runs, reason=st.just("fuzz")),
             orch + "PauseRun": st.builds(orchestrator.PauseRunRequest, run_id=runs, reason=st.just("fuzz")),
             orch + "ResumeRun": st.builds(orchestrator.ResumeRunRequest, run_id=runs),
@@ -552,7 +561,25 @@ class Shapes:
                 goal=goal,
                 agents=self._agents(),
                 max_replans=st.integers(0, 2),
+                request_id=st.sampled_from(("", "goal-req-1")),
+                cancel_on_disconnect=st.booleans(),
             ),
+            co + "StartGoal": st.builds(
+                coordinator.StartGoalRequest,
+                request_id=st.sampled_from(("", "goal-req-1", "goal-req-2")),
+                context=context,
+                goal=goal,
+                agents=self._agents(),
+                max_replans=st.integers(0, 2),
+            ),
+            co + "GetGoal": st.builds(coordinator.GetGoalRequest, goal_id=goals),
+            co + "WatchGoal": st.builds(coordinator.WatchGoalRequest, goal_id=goals, after_sequence=st.integers(0, 5)),
+            co + "ListGoals": st.builds(
+                coordinator.ListGoalsRequest,
+                page_size=st.integers(0, 20),
+                state=st.sampled_from(list(coordinator.GoalState.values())),
+            ),
+            co + "CancelGoal": st.builds(coordinator.CancelGoalRequest, goal_id=goals, reason=st.just("fuzz")),
             co + "DecomposeGoal": st.builds(coordinator.DecomposeGoalRequest, goal=goal, agents=self._agents()),
             co + "FormTeam": st.builds(coordinator.FormTeamRequest, agents=self._agents(), subtasks=self._subtasks()),
             "/tierstack.v1.MonitorService/GetMetrics": st.builds(monitor.GetMetricsRequest, tiers=tiers),

@@ -33,6 +33,7 @@ KNOWN = Known(
         "json.query": {"properties": {"data": {}, "expression": {}}},
     },
     run_ids=("run-a", "run-b"),
+    goal_ids=("goal-a",),
     url="http://127.0.0.1:9",
 )
 

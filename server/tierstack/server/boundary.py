@@ -10,8 +10,9 @@ fields carry the rules). The engines may assume what the table guarantees.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,8 @@ from tierstack.v1 import common_pb2, coordinator_service_pb2, orchestrator_servi
 #: wire form takes two or three message levels per JSON level, and every parser stops at 100 levels,
 #: so a value must leave room for the messages that carry it back (events inside events).
 MAX_JSON_DEPTH = 24
+#: Messages larger than this are checked in a worker thread, so that the loop goes on serving.
+CHECK_INLINE_BYTES = 64 << 10
 #: How many violations one answer lists (a status must fit the trailers); a request with more is
 #: told it has more.
 MAX_VIOLATIONS = 50
@@ -264,23 +267,6 @@ def least_size(value: object, limit: int) -> int:
     return size
 
 
-def json_depth(value: object) -> int:
-    """Returns how deeply dicts and lists nest in a plain JSON value, without recursion."""
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[object] = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
 # Shared bounds, so that one kind of field is bounded alike everywhere.
 ID = Text(128)
 REQUIRED_ID = Text(128, least=1)
@@ -465,6 +451,13 @@ def check(message: Message) -> list[Violation]:
     except _Full:
         found[-1] = Violation(found[-1].field, f"{found[-1].description} (and more problems not listed)")
     return list(found)
+
+
+async def check_off_loop(message: Message) -> list[Violation]:
+    """Returns :func:`check` of ``message``, worked out in a worker thread when the message is large."""
+    if message.ByteSize() > CHECK_INLINE_BYTES:
+        return await asyncio.to_thread(check, message)
+    return check(message)
 
 
 def _check(message: Message, prefix: str, found: list[Violation]) -> None:

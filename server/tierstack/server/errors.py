@@ -24,11 +24,15 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
 BRIEF_LIMIT = 300
 
 
+def clip(text: str, most: int) -> str:
+    """Returns ``text`` cut to ``most`` characters, an ellipsis marking a cut."""
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 def brief(text: str) -> str:
     """Returns the first line of a failure's text, cut to ``BRIEF_LIMIT`` characters: a tool's or a
     library's message may quote whole inputs (a template, an expression) or span many lines."""
-    line = text.strip().split("\n", 1)[0]
-    return line if len(line) <= BRIEF_LIMIT else line[: BRIEF_LIMIT - 1] + "…"
+    return clip(text.strip().split("\n", 1)[0], BRIEF_LIMIT)
 
 
 @dataclass(frozen=True, slots=True)

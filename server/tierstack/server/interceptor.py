@@ -31,8 +31,6 @@ UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[An
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 Deserializer = Callable[[bytes], Any]
 
-#: Requests larger than this are checked in a worker thread, so the loop goes on serving meanwhile.
-CHECK_INLINE_BYTES = 64 << 10
 #: What an unexpected failure tells the caller; the server's log has the details.
 INTERNAL_MESSAGE = "the server failed unexpectedly while answering; its log has the details"
 
@@ -78,10 +76,7 @@ async def _checked(request: Any) -> None:
         )
     if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("tierstack."):
         return  # gRPC's own services (health) bound their requests themselves
-    if request.ByteSize() > CHECK_INLINE_BYTES:
-        violations = await asyncio.to_thread(boundary.check, request)
-    else:
-        violations = boundary.check(request)
+    violations = await boundary.check_off_loop(request)
     if violations:
         raise InvalidArgumentError(violations, reason="OUT_OF_BOUNDS")
 

@@ -20,6 +20,7 @@ from tierstack.server.errors import (
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
+    clip,
     message_of_call,
 )
 
@@ -58,19 +59,17 @@ class _Named(Protocol):
     def description(self) -> str: ...
 
 
-def _clip(text: str, most: int) -> str:
-    return text if len(text) <= most else text[: most - 1] + "…"
-
-
 def _bad_request(violations: Sequence[_Named]) -> error_details_pb2.BadRequest:
     shown = [
         error_details_pb2.BadRequest.FieldViolation(
-            field=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+            field=clip(v.field, MAX_FIELD), description=clip(v.description, MAX_DESCRIPTION)
         )
         for v in violations[:MAX_VIOLATIONS]
     ]
     if len(violations) > MAX_VIOLATIONS:  # the rest would not fit the trailers
-        shown[-1].description = _clip(f"{shown[-1].description} (and {len(violations) - MAX_VIOLATIONS} more)", 512)
+        shown[-1].description = clip(
+            f"{shown[-1].description} (and {len(violations) - MAX_VIOLATIONS} more)", MAX_DESCRIPTION
+        )
     return error_details_pb2.BadRequest(field_violations=shown)
 
 
@@ -78,7 +77,7 @@ def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailu
     return error_details_pb2.QuotaFailure(
         violations=[
             error_details_pb2.QuotaFailure.Violation(
-                subject=_clip(v.field, MAX_FIELD), description=_clip(v.description, MAX_DESCRIPTION)
+                subject=clip(v.field, MAX_FIELD), description=clip(v.description, MAX_DESCRIPTION)
             )
             for v in violations
         ]
@@ -102,9 +101,7 @@ def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
         details.append(_quota_failure(error.violations))
     if isinstance(error, NotFoundError):
         details.append(
-            error_details_pb2.ResourceInfo(
-                resource_type=error.resource_type, resource_name=_clip(error.name, MAX_FIELD)
-            )
+            error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=clip(error.name, MAX_FIELD))
         )
     return _status(code_of(error), error.message, details)
 
@@ -116,6 +113,6 @@ def _status(code: int, message: str, details: list[Any]) -> grpc.Status:
         any_detail.Pack(detail)
         packed.append(any_detail)
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=_clip(message, MAX_MESSAGE), details=packed)
+        status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE), details=packed)
     )
     return status

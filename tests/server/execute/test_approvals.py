@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -91,13 +92,22 @@ async def test_approvals_whose_callers_left_are_forgotten() -> None:
     service = server.service
     assert isinstance(service, ExecuteService)
     service.registry.register(transfer)
+    opened = []
     try:
         async with ExecutorClient(server.target) as executor:
             for amount in range(20):
                 async for event in executor.execute(step(amount)):
                     if event.HasField("approval_required"):
+                        opened.append(event.approval_required.approval_id)
                         break  # the caller leaves before anyone answers
-        approvals = service.executor.approvals
-        await wait_for(lambda: len(approvals) == 0, attempts=3000)  # the store keeps them until they expire
+            approvals = service.executor.approvals
+            await wait_for(lambda: len(approvals) == 0, attempts=3000)  # nothing waits in the server
+            assert len(set(opened)) == 20
+            kept = [await service.executor.store.approval(approval_id) for approval_id in opened]
+            expiry = max(approval.expire_ns for approval in kept if approval is not None)
+            await wait_for(lambda: time.time_ns() > expiry, attempts=3000)
+            for approval_id in opened:  # once their time is up, none can be answered any more
+                with pytest.raises(NotFoundError):
+                    await executor.approve_tool_call(approval_id)
     finally:
         await server.stop()

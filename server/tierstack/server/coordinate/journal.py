@@ -21,6 +21,8 @@ from tierstack.server.lifecycle import Fence, StaleOwnerError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 _log = logging.getLogger(__name__)
+#: The longest wait before a failed write is tried again, in seconds.
+RETRY_MAX_SECONDS = 5.0
 
 
 class GoalJournal:
@@ -52,6 +54,7 @@ class GoalJournal:
         self._interval = interval
         self._on_lost = on_lost
         self._pending: list[pb.GoalEvent] = []
+        self._failures = 0  # failed writes in a row
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -76,12 +79,21 @@ class GoalJournal:
             await self.flush()
         except StaleOwnerError:
             pass  # flush told the owner
-        except Exception:
-            _log.exception("writing the events of goal %s failed; they are kept for the next batch", self.goal.goal_id)
+        except Exception as exc:
+            self._failures += 1
+            if self._failures == 1:  # told once, not on every retry while the store is down
+                _log.warning(
+                    "writing the events of goal %s failed (%s); they are kept and tried again with backoff",
+                    self.goal.goal_id,
+                    type(exc).__name__,
+                )
+        else:
+            self._failures = 0
         finally:
             self._writer = None
             if self._pending and self._timer is None and self.lost is None:
-                self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+                wait = min(RETRY_MAX_SECONDS, self._interval * 2 ** min(self._failures, 16))
+                self._timer = asyncio.get_running_loop().call_later(wait, self._write_soon)
 
     async def flush(self, event: pb.GoalEvent | None = None, *, transition: str | None = None) -> None:
         """Writes what waits, then ``event``, in one write; with ``transition``, the goal's record

@@ -102,15 +102,12 @@ WATCH_PAGE = 64
 #: How many runs one round of the retention sweep deletes at once.
 _DELETE_BATCH = 500
 _T = TypeVar("_T")
-# A workflow larger than this (in wire bytes, about a thousand steps) is checked in a worker thread,
-# so that the loop keeps serving; a smaller one is checked at once, quicker than a hop to a thread.
-_INLINE_CHECK_BYTES = 64 << 10
 
 
 def _is_large(workflow: pb.Workflow) -> bool:
     """Returns whether work that grows with the workflow belongs in a worker thread (measuring it
     costs about as much as parsing the request did)."""
-    return workflow.ByteSize() > _INLINE_CHECK_BYTES
+    return workflow.ByteSize() > boundary.CHECK_INLINE_BYTES
 
 
 async def _sized(large: bool, call: Callable[[], _T]) -> _T:
@@ -275,7 +272,8 @@ class RunManager:
             history: list[pb.RunEvent] = []
             try:
                 history = await self._store.events(stored.run.run_id, after_sequence=0)
-                violations = boundary.check(pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits))
+                stored_request = pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits)
+                violations = await boundary.check_off_loop(stored_request)
                 if violations:
                     raise InvalidArgumentError(violations)
                 await self._resume(stored, fence, history, "orchestrator restarted")

@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from tierstack.server import sqlite
 from tierstack.server.errors import NotFoundError
 from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -268,12 +269,7 @@ class SqliteGoalStore(GoalStore):
         return self._db
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self._path)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(_SCHEMA)
-        await self._db.commit()
+        self._db = await sqlite.connect(self._path, _SCHEMA)
 
     async def close(self) -> None:
         if self._db is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from tierstack.server import sqlite
 from tierstack.v1 import executor_service_pb2
 
 ExecutionEvent = executor_service_pb2.ExecutionEvent
@@ -218,12 +219,7 @@ class SqliteExecutionStore(ExecutionStore):
         return self._db
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self._path)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(_SCHEMA)
-        await self._db.commit()
+        self._db = await sqlite.connect(self._path, _SCHEMA)
         self._bytes = await self._kept_bytes()
 
     async def _kept_bytes(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from tierstack.server import sqlite
 from tierstack.server.errors import NotFoundError
 from tierstack.server.lifecycle import RUN_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
@@ -332,12 +333,7 @@ class SqliteRunStore(RunStore):
         return self._db
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self._path)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(_SCHEMA)
-        await self._db.commit()
+        self._db = await sqlite.connect(self._path, _SCHEMA)
         await self._migrate()
 
     async def _migrate(self) -> None:

@@ -121,6 +121,21 @@ def reply(body: bytes, content_type: str = "application/json", status: int = 200
     return handle
 
 
+def echo(request: BaseHTTPRequestHandler) -> None:
+    """Answers with the request's own path as JSON."""
+    reply(json.dumps({"path": request.path}).encode())(request)
+
+
+def slowly(handler: Handler, seconds: float) -> Handler:
+    """Returns ``handler`` answering only after ``seconds`` (it sleeps in the HTTP server's own thread)."""
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        time.sleep(seconds)
+        handler(request)
+
+    return handle
+
+
 async def wait_for(predicate: Callable[[], bool], *, attempts: int = 500) -> None:
     """Polls ``predicate`` on the event loop until it holds (bounded by count, not by a clock)."""
     for _ in range(attempts):

@@ -5,14 +5,22 @@ again, from the last event it saw, once Orchestrate is back."""
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import HttpServer, free_port, open_stack, spawn_tier, spawned_stack, start_tier, stop, wait_for
+from tests.helpers import (
+    HttpServer,
+    echo,
+    free_port,
+    open_stack,
+    slowly,
+    spawn_tier,
+    spawned_stack,
+    start_tier,
+    stop,
+    wait_for,
+)
 from tierstack.client import CoordinatorClient, OrchestratorClient
 from tierstack.client.values import from_value, now_timestamp
 from tierstack.server import Settings
@@ -23,14 +31,7 @@ from tierstack.v1 import coordinator_service_pb2 as pb
 SUBTASKS = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c"), "e": ("d",), "f": ("e",)}
 
 
-def slow_echo(request: BaseHTTPRequestHandler) -> None:
-    time.sleep(0.3)  # this handler runs in the HTTP server's own thread
-    body = json.dumps({"path": request.path}).encode()
-    request.send_response(200)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(body)))
-    request.end_headers()
-    request.wfile.write(body)
+slow_echo = slowly(echo, 0.3)
 
 
 def chain_template(folder: Path) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import HttpServer, start_tier
+from tests.helpers import HttpServer, reply, slowly, start_tier
 from tierstack.client import ExecutorClient
 from tierstack.client.values import JSON, from_value, to_struct
 from tierstack.server import Settings, TierServer
@@ -22,14 +20,7 @@ async def transfer(amount: float) -> JSON:
     return {"sent": amount}
 
 
-def _slow(request: BaseHTTPRequestHandler) -> None:
-    time.sleep(0.2)  # in the HTTP server's own thread: long enough for a second call to arrive
-    body = json.dumps({"ok": True}).encode()
-    request.send_response(200)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(body)))
-    request.end_headers()
-    request.wfile.write(body)
+_slow = slowly(reply(json.dumps({"ok": True}).encode()), 0.2)  # long enough for a second call to arrive
 
 
 async def _execute(data_dir: Path) -> TierServer:

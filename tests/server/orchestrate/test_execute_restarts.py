@@ -4,14 +4,11 @@ instead of running them again, and every run completes with every output."""
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import HttpServer, free_port, spawn_tier, stop, wait_for
+from tests.helpers import HttpServer, echo, free_port, slowly, spawn_tier, stop, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
 from tierstack.client.values import from_value, to_struct
@@ -22,14 +19,7 @@ RUNS = 30
 STEPS = {"a": (), "b": ("a",), "c": ("b",)}
 
 
-def slow_echo(request: BaseHTTPRequestHandler) -> None:
-    time.sleep(0.05)  # in the HTTP server's own thread
-    body = json.dumps({"path": request.path}).encode()
-    request.send_response(200)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(body)))
-    request.end_headers()
-    request.wfile.write(body)
+slow_echo = slowly(echo, 0.05)
 
 
 async def _finished_before_the_kill(path: Path) -> set[str]:

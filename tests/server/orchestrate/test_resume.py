@@ -6,16 +6,13 @@ every step's output is there at the end.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, open_stack, spawn_tier, start_tier, stop, wait_for
+from tests.helpers import HttpServer, echo, open_stack, slowly, spawn_tier, start_tier, stop, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
 from tierstack.client.values import from_value, now_timestamp, to_struct
@@ -29,14 +26,7 @@ RUNS = 6
 STEPS = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c"), "e": ("d",), "f": ("e",)}
 
 
-def slow_echo(request: BaseHTTPRequestHandler) -> None:
-    time.sleep(0.03)  # this handler runs in the HTTP server's own thread
-    body = json.dumps({"path": request.path}).encode()
-    request.send_response(200)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(body)))
-    request.end_headers()
-    request.wfile.write(body)
+slow_echo = slowly(echo, 0.03)
 
 
 @pytest.mark.parametrize("round_", range(ROUNDS))

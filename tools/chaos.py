@@ -26,13 +26,15 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from google.protobuf.message import Message
 
 from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
 from tierstack.client.values import JSON, from_value, to_struct
@@ -196,30 +198,25 @@ async def _retrying(call: Any, *args: Any) -> Any:
             await asyncio.sleep(0.1)
 
 
-async def _history(client: OrchestratorClient, run_id: str) -> list[pb.RunEvent]:
-    """Returns a run's whole history once it has ended, watching again after a dropped stream."""
+async def _history(watch: Callable[[], AsyncIterator[Message]], *, passing: Sequence[str]) -> list[Any]:
+    """Returns the whole history ``watch`` streams once its run or goal has ended, watching again
+    after a stream dropped with one of the ``passing`` status codes."""
     while True:
         try:
-            events = [event async for event in client.watch_run(run_id)]
-            if events and events[-1].WhichOneof("payload") in ("run_completed", "run_failed", "run_cancelled"):
+            events = [event async for event in watch()]
+            if events and events[-1].WhichOneof("payload") in _ENDINGS:
                 return events
         except TierstackError as exc:
-            if exc.code.name not in ("UNAVAILABLE", "CANCELLED"):
+            if exc.code.name not in passing:
                 raise
         await asyncio.sleep(0.1)
 
 
-async def _goal_history(client: CoordinatorClient, goal_id: str) -> list[coordinator_pb.GoalEvent]:
-    """Returns a goal's whole history once it has ended, watching again after a dropped stream."""
-    while True:
-        try:
-            events = [event async for event in client.watch_goal(goal_id)]
-            if events and events[-1].WhichOneof("payload") in ("goal_completed", "goal_failed", "goal_cancelled"):
-                return events
-        except TierstackError as exc:
-            if exc.code.name not in ("UNAVAILABLE", "CANCELLED", "FAILED_PRECONDITION"):
-                raise
-        await asyncio.sleep(0.1)
+#: The codes a watch drops with while a tier restarts (a goal's watch also when another owner took it
+#: up: FAILED_PRECONDITION).
+_DROPPED = ("UNAVAILABLE", "CANCELLED")
+#: The last event of a run or a goal that has ended.
+_ENDINGS = {f"{kind}_{end}" for kind in ("run", "goal") for end in ("completed", "failed", "cancelled")}
 
 
 async def chaos(
@@ -316,8 +313,13 @@ async def chaos(
                     in_flight_at_a_kill |= called - done
                 report.restart_seconds.setdefault(name, []).append(await processes[name].start())
             await submitting
-            histories = {run_id: await _history(client, run_id) for run_id in tags}
-            goal_histories = {goal_id: await _goal_history(coordinator, goal_id) for goal_id in goal_tags}
+            histories = {run_id: await _history(partial(client.watch_run, run_id), passing=_DROPPED) for run_id in tags}
+            goal_histories = {
+                goal_id: await _history(
+                    partial(coordinator.watch_goal, goal_id), passing=(*_DROPPED, "FAILED_PRECONDITION")
+                )
+                for goal_id in goal_tags
+            }
     finally:
         for tier in (coordinate, orchestrate, execute):
             await tier.stop()

@@ -141,7 +141,7 @@ class Report:
     steps_completed_twice: int = 0
     history_gaps: int = 0
     missing_outputs: int = 0
-    side_effects_twice: int = 0  # of steps Execute had finished: must be 0
+    twice: list[str] = field(default_factory=list)  # endpoints of steps Execute had finished: must be none
     reruns_in_flight: int = 0  # steps in flight when Execute died, run again: allowed
     seconds: float = 0.0
 
@@ -151,7 +151,7 @@ class Report:
         return (
             self.completed == self.runs
             and self.goals_completed == self.goals
-            and not (self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.side_effects_twice)
+            and not (self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.twice)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -169,7 +169,7 @@ class Report:
             "steps_completed_twice": self.steps_completed_twice,
             "history_gaps": self.history_gaps,
             "missing_outputs": self.missing_outputs,
-            "side_effects_twice": self.side_effects_twice,
+            "side_effects_twice": self.twice,
             "reruns_in_flight": self.reruns_in_flight,
             "seconds": round(self.seconds, 1),
         }
@@ -343,7 +343,7 @@ async def chaos(
                 if path in in_flight_at_a_kill:
                     report.reruns_in_flight += 1
                 else:
-                    report.side_effects_twice += 1
+                    report.twice.append(path)
     for goal_id, goal_events in goal_histories.items():
         tag = goal_tags[goal_id]
         ended = goal_events[-1]
@@ -360,7 +360,7 @@ async def chaos(
                 if path in in_flight_at_a_kill:
                     report.reruns_in_flight += 1
                 else:
-                    report.side_effects_twice += 1
+                    report.twice.append(path)
     report.seconds = time.perf_counter() - begin
     return report
 

@@ -364,7 +364,7 @@ class Coordinator:
             IllegalTransitionError: The goal has ended.
         """
         live = self._live.get(goal_id)
-        if live is None or live.task is None or live.journal.finished:
+        if live is None or live.task is None or live.journal.feed.ended:
             goal = await self.get_goal(goal_id)
             GOAL_LIFECYCLE.next(goal_id, goal.state, "cancel")
             raise FailedPreconditionError(
@@ -388,7 +388,7 @@ class Coordinator:
             for event in await self._store.events(goal_id, after_sequence=after_sequence):
                 yield event
             return
-        async for event in live.journal.follow(after_sequence):
+        async for event in live.journal.feed.follow(after_sequence):
             yield event
 
     async def coordinate(self, request: pb.CoordinateRequest) -> AsyncIterator[pb.GoalEvent]:
@@ -415,7 +415,7 @@ class Coordinator:
         goal = _Goal(journal.goal)
         pursuit: _Pursuit | None = None
         try:
-            progress = _Progress.of(journal.history)
+            progress = _Progress.of(journal.feed.events)
             if journal.goal.state == pb.GOAL_STATE_PENDING:
                 await journal.flush(transition="start")
             if resumed:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from tierstack.server.coordinate.store import GoalStore
+from tierstack.server.feed import Feed
 from tierstack.server.lifecycle import Fence, StaleOwnerError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -50,7 +51,8 @@ class GoalJournal:
         self._store = store
         self.goal = goal
         self.fence = fence
-        self.history = history
+        #: The stored events, for watchers; it ends when the journal does, or is lost.
+        self.feed: Feed[pb.GoalEvent] = Feed(history)
         self._interval = interval
         self._on_lost = on_lost
         self._pending: list[pb.GoalEvent] = []
@@ -58,9 +60,7 @@ class GoalJournal:
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         self.lost: StaleOwnerError | None = None
-        self.finished = False
 
     def record(self, event: pb.GoalEvent) -> None:
         """Queues an event; it is written with the next batch."""
@@ -121,23 +121,18 @@ class GoalJournal:
                 self._pending[:0] = batch
                 raise
             self.goal = written.goal
-            self.history.extend(written.events)
-            self._notify()
+            self.feed.extend(written.events)
 
     def _lose(self, error: StaleOwnerError) -> None:
         _log.warning("goal %s is owned elsewhere now; this server stops pursuing it", self.goal.goal_id)
         self.lost = error
+        self.feed.end(error)  # its events are that owner's to tell
         self._pending.clear()
         self._on_lost(error)
 
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
     def finish(self) -> None:
         """Marks the journal as done: watchers get what is stored and end."""
-        self.finished = True
-        self._notify()
+        self.feed.end()
 
     async def close(self) -> None:
         """Writes what waits (unless the goal is another owner's) and waits for the writer."""
@@ -153,23 +148,3 @@ class GoalJournal:
                 await self.flush()
             except Exception:
                 _log.exception("the last events of goal %s could not be written", self.goal.goal_id)
-
-    async def follow(self, after_sequence: int) -> AsyncIterator[pb.GoalEvent]:
-        """Yields the stored events after ``after_sequence``, then each batch as it is stored,
-        until the journal finishes.
-
-        Raises:
-            StaleOwnerError: Another owner took the goal; its events are that owner's to tell.
-        """
-        history = self.history
-        index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
-        while True:
-            changed = self._changed
-            while index < len(history):
-                yield history[index]
-                index += 1
-            if self.lost is not None:
-                raise self.lost
-            if self.finished:
-                return
-            await changed.wait()

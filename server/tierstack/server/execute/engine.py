@@ -48,6 +48,7 @@ from tierstack.server.execute.store import ExecutionStore, MemoryExecutionStore
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
 from tierstack.server.execute.workers import WorkerPool
+from tierstack.server.feed import Feed
 from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -290,13 +291,12 @@ class Executor:
         try:
             stored = await self.store.finished(key)
             if stored is not None:
-                for event in stored:
-                    flight.add(event)
+                flight.extend(stored)
             else:
                 async for event in self._run(request):
                     if event.WhichOneof("payload") in ("completed", "failed"):
                         await self.store.finish(key, [*flight.events, event])
-                    flight.add(event)
+                    flight.extend([event])
             flight.end()
         except Exception as exc:  # a bad request (or a failing store): each caller gets it
             flight.end(exc)
@@ -429,44 +429,13 @@ def _memo_key(tool: Tool, arguments: dict[str, Any]) -> tuple[str, str]:
     return tool.name, hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
 
 
-class _Flight:
-    """An execution in flight: the events it has sent so far, for every call that follows it."""
+class _Flight(Feed[executor_service_pb2.ExecutionEvent]):
+    """An execution in flight: the events it has sent so far, for every call that follows it, and
+    the task that runs it."""
 
     def __init__(self) -> None:
-        self.events: list[executor_service_pb2.ExecutionEvent] = []
+        super().__init__()
         self.task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-        self._ended = False
-        self._error: Exception | None = None
-
-    def add(self, event: executor_service_pb2.ExecutionEvent) -> None:
-        self.events.append(event)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def end(self, error: Exception | None = None) -> None:
-        """Ends the flight (the first end counts), with the error its callers get, if any."""
-        if not self._ended:
-            self._ended, self._error = True, error
-            self._changed.set()
-
-    async def follow(self) -> Events:
-        """Yields every event, those sent already first, until the execution ends.
-
-        Raises:
-            Exception: The error the execution ended with.
-        """
-        index = 0
-        while True:
-            changed = self._changed
-            while index < len(self.events):
-                yield self.events[index]
-                index += 1
-            if self._ended:
-                if self._error is not None:
-                    raise self._error
-                return
-            await changed.wait()
 
 
 class _Step:

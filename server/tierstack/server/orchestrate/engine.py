@@ -47,6 +47,7 @@ from tierstack.server.errors import (
     message_of_call,
     output_too_large,
 )
+from tierstack.server.feed import Feed
 from tierstack.server.lifecycle import Fence, IllegalTransitionError
 from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
@@ -152,12 +153,10 @@ class _LiveRun:
         self.spec = spec
         self.limits = limits
         self.fence = fence  # None for a run only read here
-        self.history: list[pb.RunEvent] = []
-        self.finished = False
+        self.feed: Feed[pb.RunEvent] = Feed()  # its stored events; it ends when the run does
         self.stop: str | None = None  # "cancel", "pause" or "lost" (another owner took it), once asked
         self.stop_reason = ""
         self.task: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()
         self.steps = {step.step_id: step for step in run.steps}
         self.rerun: set[str] = set()  # in flight when the last process stopped: same attempt again
         self.slots = asyncio.Semaphore(limits.max_parallelism or parallelism)
@@ -165,14 +164,9 @@ class _LiveRun:
         self.output_bytes = sum(step.output.ByteSize() for step in run.steps)  # held by its completed steps
         self.context: RunContext
 
-    def written(self, events: list[pb.RunEvent]) -> None:
-        self.history.extend(events)
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
-
     def lost(self) -> None:
         """Stops driving the run at once: another owner has claimed it, and writes nothing more."""
-        if self.task is not None and not self.finished:
+        if self.task is not None and not self.feed.ended:
             self.stop, self.stop_reason = "lost", "another owner claimed the run"
             self.task.cancel()
 
@@ -422,7 +416,7 @@ class RunManager:
         run = stored.run
         spec = await self.spec(stored.workflow, _max_depth(stored.limits))
         live = self._track(run, spec, stored.limits, fence)
-        live.history = history
+        live.feed.extend(history)
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
                 _replay(live, event)
@@ -461,7 +455,7 @@ class RunManager:
 
     async def _stop(self, run_id: str, kind: str, reason: str) -> pb.Run:
         live = self._live.get(run_id)
-        if live is None or live.task is None or live.finished:
+        if live is None or live.task is None or live.feed.ended:
             run = await self.get_run(run_id)
             raise FailedPreconditionError(
                 f"run {run_id} is not running ({pb.RunState.Name(run.state)})",
@@ -498,14 +492,14 @@ class RunManager:
     async def _cancel_paused(self, stored: StoredRun, fence: Fence, reason: str) -> pb.Run:
         spec = await self.spec(stored.workflow, _max_depth(stored.limits))
         live = self._track(stored.run, spec, stored.limits, fence)
-        live.history = await self._store.events(stored.run.run_id, after_sequence=0)
+        live.feed.extend(await self._store.events(stored.run.run_id, after_sequence=0))
         run = live.run
         try:
             run.state = pb.RUN_STATE_CANCELLED
             run.end_time.CopyFrom(now_timestamp())
             await self._transition(live, run_cancelled=pb.RunCancelled(reason=reason))
         finally:
-            live.finished = True
+            live.feed.end()
             self._live.pop(run.run_id, None)
         return run
 
@@ -610,16 +604,8 @@ class RunManager:
                 if len(page) < WATCH_PAGE:
                     return
                 after_sequence = page[-1].sequence
-        history = live.history
-        index = next((i for i, e in enumerate(history) if e.sequence > after_sequence), len(history))
-        while True:
-            changed = live.changed
-            while index < len(history):
-                yield history[index]
-                index += 1
-            if live.finished:
-                return
-            await changed.wait()
+        async for event in live.feed.follow(after_sequence):
+            yield event
 
     def _append(
         self, live: _LiveRun, *, urgent: bool = False, with_run: bool = False, **payload: Any
@@ -639,7 +625,7 @@ class RunManager:
         event.time.FromNanoseconds(time.time_ns())
         assert live.fence is not None, "only a run this manager owns is written"
         return self.log.record(
-            run, event, live.written, fence=live.fence, on_lost=live.lost, urgent=urgent, with_run=with_run
+            run, event, live.feed.extend, fence=live.fence, on_lost=live.lost, urgent=urgent, with_run=with_run
         )
 
     async def _transition(self, live: _LiveRun, **payload: Any) -> None:
@@ -694,8 +680,7 @@ class RunManager:
             run.error.CopyFrom(_error("INTERNAL", "the orchestrator failed while running the workflow"))
             await self._transition(live, run_failed=pb.RunFailed(error=run.error))
         finally:
-            live.finished = True
-            live.written([])
+            live.feed.end()
             self._live.pop(run.run_id, None)
             self.finished_runs[pb.RunState.Name(run.state)] += 1
             _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
@@ -1015,6 +1000,6 @@ def _replay(live: _LiveRun, event: pb.RunEvent) -> None:
 
 def _ask_stop(live: _LiveRun, kind: str, reason: str) -> None:
     """Asks a live run to cancel or pause (the first request wins)."""
-    if live.task is not None and live.stop is None and not live.finished:
+    if live.task is not None and live.stop is None and not live.feed.ended:
         live.stop, live.stop_reason = kind, reason
         live.task.cancel()

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import HttpServer, Process, reply, spawned_stack
 from tests.hostile import METHODS, Case, Known, Shapes, generate
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
-from tierstack.client.values import JSON, from_struct, from_value, to_struct
+from tierstack.core.values import JSON, from_struct, from_value, to_struct
 from tierstack.v1 import common_pb2, coordinator_service_pb2, executor_service_pb2, orchestrator_service_pb2
 
 #: Answers no request may get: they mean the server failed in a way it did not handle.

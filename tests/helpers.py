@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tierstack.core.lifecycle import Fence
 from tierstack.server import Settings, TierServer, service_for
-from tierstack.server.lifecycle import Fence
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
 
 

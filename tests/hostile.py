@@ -32,7 +32,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from tierstack.client.defaults import TIERS
-from tierstack.client.values import JSON, to_duration, to_struct, to_value
+from tierstack.core.values import JSON, to_duration, to_struct, to_value
 from tierstack.v1 import (
     common_pb2,
     coordinator_service_pb2,

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
 PACKAGES = {
     "tierstack.client": {
         "AlreadyExistsError",
-        "CancelledError",
+        "CallCancelledError",
+        "Code",
         "CoordinatorClient",
         "DeadlineExceededError",
         "ExecutorClient",
         "FailedPreconditionError",
-        "FieldViolation",
         "InternalError",
         "InvalidArgumentError",
         "MonitorClient",
         "NotFoundError",
         "OrchestratorClient",
+        "PermissionDeniedError",
         "ResourceExhaustedError",
         "TierstackError",
+        "UnauthenticatedError",
         "UnavailableError",
+        "Violation",
     },
     "tierstack.server": {
         "BindError",
@@ -36,7 +41,6 @@ PACKAGES = {
     },
     "tierstack.server.execute": {
         "ENTRY_POINT_GROUP",
-        "ExecuteService",
         "Executor",
         "Tool",
         "ToolContext",
@@ -49,7 +53,6 @@ PACKAGES = {
     "tierstack.server.orchestrate": {
         "EventLog",
         "MemoryRunStore",
-        "OrchestrateService",
         "Plan",
         "Planner",
         "RunContext",
@@ -57,14 +60,10 @@ PACKAGES = {
         "RunStore",
         "SqliteRunStore",
         "StepRunner",
-        "StepSpec",
         "StoredRun",
-        "WorkflowSpec",
-        "check_workflow",
     },
     "tierstack.server.coordinate": {
         "AgentSpec",
-        "CoordinateService",
         "Coordinator",
         "Decomposer",
         "EmbeddingIndex",
@@ -114,3 +113,35 @@ def test_all_is_the_public_surface(name: str) -> None:
     assert set(module.__all__) == PACKAGES[name]
     for public in module.__all__:
         assert getattr(module, public) is not None
+
+
+def _loaded_after(statement: str) -> set[str]:
+    """Returns the modules a fresh interpreter has loaded after running ``statement``."""
+    shown = "import sys; " + statement + "; print('\\n'.join(sys.modules))"
+    return set(subprocess.run([sys.executable, "-c", shown], check=True, capture_output=True, text=True).stdout.split())
+
+
+def test_the_core_loads_without_grpc() -> None:
+    loaded = _loaded_after(
+        "import tierstack.core.errors, tierstack.core.values, tierstack.core.workflow, "
+        "tierstack.core.lifecycle, tierstack.core.tracing"
+    )
+    assert "grpc" not in loaded
+    assert not {name for name in loaded if name.startswith(("tierstack.server", "tierstack.client"))}
+
+
+@pytest.mark.parametrize("tier", ["execute", "orchestrate", "coordinate"])
+def test_a_tier_package_does_not_load_its_servicer(tier: str) -> None:
+    loaded = _loaded_after(f"import tierstack.server.{tier}")
+    servicers = {f"tierstack.server.{name}.service" for name in ("execute", "orchestrate", "coordinate")}
+    assert not servicers & loaded
+
+
+def test_the_sdk_raises_the_servers_error_classes() -> None:
+    from tierstack import client
+    from tierstack.core import errors
+
+    for name in client.__all__:
+        if name.endswith("Error"):
+            assert getattr(client, name) is getattr(errors, name)
+    assert not hasattr(client, "CancelledError")

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from tierstack.client.values import to_duration
+from tierstack.core.errors import ResourceExhaustedError
+from tierstack.core.values import to_duration
 from tierstack.server.advice import recommend
 from tierstack.server.crosstier import WATCHER_BACKLOG, CrossTierMonitor, Thresholds
-from tierstack.server.errors import ResourceExhaustedError
 from tierstack.server.metrics import LatencyHistogram, MethodMetrics
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
 from tierstack.client import ExecutorClient, MonitorClient, UnavailableError
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import BindError, Settings, TierServer, service_for
 from tierstack.v1 import common_pb2, executor_service_pb2
 

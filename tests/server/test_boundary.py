@@ -17,10 +17,11 @@ from grpc_tools import protoc
 
 from tests.helpers import Stack, free_port, start_tier
 from tierstack.client import InvalidArgumentError, NotFoundError, OrchestratorClient, UnavailableError
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
 from tierstack.server import Settings, boundary
 from tierstack.server.boundary import RULES, Declared, Entries, Items, Json, Span, Wire
-from tierstack.server.execute import ExecuteService, tool
+from tierstack.server.execute import tool
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import (
     common_pb2,
     coordinator_service_pb2,
@@ -128,7 +129,7 @@ def _nested(depth: int) -> struct_pb2.Struct:
 
 
 def _fields(error: pytest.ExceptionInfo[InvalidArgumentError]) -> set[str]:
-    return {violation.field for violation in error.value.field_violations}
+    return {violation.field for violation in error.value.violations}
 
 
 async def _serving(target: str) -> None:

@@ -8,13 +8,13 @@ from tests.helpers import FakeOpenAI, HttpServer, start_tier
 from tests.server.orchestrate.workflows import step as step_of
 from tests.server.orchestrate.workflows import workflow
 from tierstack.client import ExecutorClient, MonitorClient
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
+from tierstack.core.workflow import check_workflow
 from tierstack.server import Settings
 from tierstack.server.ai.accounting import KEPT_NAMES
 from tierstack.server.bounded import ENTRY_OVERHEAD, ByteBudgetLRU
 from tierstack.server.execute.strategies import CONVERSATIONAL, KEPT_RECORDS, StrategySelector
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 

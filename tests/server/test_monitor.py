@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import HttpServer, Stack, open_stack, reply
 from tierstack.client import FailedPreconditionError, InvalidArgumentError, MonitorClient
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
 from tierstack.server import Settings
 from tierstack.server.crosstier import Thresholds
 from tierstack.v1 import common_pb2, executor_service_pb2
@@ -63,7 +63,7 @@ async def test_other_servers_report_only_themselves(stack: Stack) -> None:
     async with MonitorClient(stack.execute.target) as monitor:
         with pytest.raises(InvalidArgumentError) as caught:
             await monitor.get_metrics(tiers=[EXECUTE, COORDINATE])
-        assert [v.field for v in caught.value.field_violations] == ["tiers[1]"]
+        assert [v.field for v in caught.value.violations] == ["tiers[1]"]
         with pytest.raises(FailedPreconditionError):
             await monitor.get_recommendations()
         first = await anext(aiter(monitor.watch_metrics(0.1)))

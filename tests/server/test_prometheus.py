@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.helpers import free_port, open_stack
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
 from tierstack.server import Settings
 from tierstack.v1 import common_pb2, executor_service_pb2
 

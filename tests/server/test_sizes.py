@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import HttpServer, Stack, open_stack, reply
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import FailedPreconditionError, OrchestratorClient
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb

@@ -29,7 +29,7 @@ import uvloop
 from scipy.optimize import linear_sum_assignment
 
 from tests.helpers import FakeOpenAI, HttpServer
-from tierstack.client.values import to_value
+from tierstack.core.values import to_value
 from tierstack.server.ai import AIService, CompletionRequest, Message, OpenAICompatibleModel, Scope
 from tierstack.server.coordinate import (
     AgentSpec,

@@ -25,10 +25,10 @@ import grpc
 import uvloop
 
 from tierstack.client import ExecutorClient
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
 from tierstack.server import Settings
-from tierstack.server.execute import ExecuteService
 from tierstack.server.execute.registry import WorkerFunction
+from tierstack.server.execute.service import ExecuteService
 from tierstack.server.execute.workers import capped_value
 from tierstack.server.interceptor import ServerInterceptor, UnaryClientInterceptor
 from tierstack.server.metrics import MethodMetrics

@@ -28,11 +28,11 @@ from typing import Any
 
 import uvloop
 
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
+from tierstack.core.workflow import WorkflowSpec, check_workflow
 from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.coordinate import AgentSpec, Need, NgramIndex, form_team
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.workflow import WorkflowSpec, check_workflow
 from tierstack.v1 import orchestrator_service_pb2 as pb
 from tools.bench.results import Results
 from tools.bench.timing import timed

@@ -27,7 +27,7 @@ from typing import Annotated, Any, TypedDict
 import uvloop
 
 from tierstack.client import ExecutorClient, OrchestratorClient
-from tierstack.client.values import to_struct, to_value
+from tierstack.core.values import to_struct, to_value
 from tierstack.server.orchestrate import MemoryRunStore, RunManager, RunStore, SqliteRunStore
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb

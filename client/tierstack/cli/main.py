@@ -24,9 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from tierstack.cli.progress import RunProgress
-from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
+from tierstack.client import CoordinatorClient, InvalidArgumentError, OrchestratorClient, TierstackError
 from tierstack.client.defaults import TIERS, default_target
-from tierstack.client.values import from_value
+from tierstack.core.values import from_value
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -174,9 +174,9 @@ def _up(args: argparse.Namespace) -> int:
 
 def _report_error(console: Console, error: TierstackError) -> int:
     console.print(f"[red]{error.code.name}[/] {error.reason}: {error.message}")
-    for violation in error.field_violations:
+    for violation in error.violations:
         console.print(f"  {violation.field}: {violation.description}")
-    return 2 if error.field_violations else 1
+    return 2 if isinstance(error, InvalidArgumentError) else 1
 
 
 def _load_workflow(path: Path) -> orchestrator_pb.Workflow:

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tierstack.client import MonitorClient
-from tierstack.client.values import to_seconds
+from tierstack.core.values import to_seconds
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb

@@ -1,34 +1,41 @@
-"""The typed async client SDK for tierstack's three tiers and their monitors."""
+"""The typed async client SDK for tierstack's three tiers and their monitors; a failed call raises an
+error of the one tree in :mod:`tierstack.core.errors`, re-exported here."""
 
 from tierstack.client.clients import CoordinatorClient, ExecutorClient, MonitorClient, OrchestratorClient
-from tierstack.client.errors import (
+from tierstack.core.errors import (
     AlreadyExistsError,
-    CancelledError,
+    CallCancelledError,
+    Code,
     DeadlineExceededError,
     FailedPreconditionError,
-    FieldViolation,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TierstackError,
+    UnauthenticatedError,
     UnavailableError,
+    Violation,
 )
 
 __all__ = [
     "AlreadyExistsError",
-    "CancelledError",
+    "CallCancelledError",
+    "Code",
     "CoordinatorClient",
     "DeadlineExceededError",
     "ExecutorClient",
     "FailedPreconditionError",
-    "FieldViolation",
     "InternalError",
     "InvalidArgumentError",
     "MonitorClient",
     "NotFoundError",
     "OrchestratorClient",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "TierstackError",
+    "UnauthenticatedError",
     "UnavailableError",
+    "Violation",
 ]

@@ -11,7 +11,7 @@ import grpc
 
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.errors import translate_errors
-from tierstack.client.values import JSON, from_value, to_duration
+from tierstack.core.values import JSON, from_value, to_duration
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
 from tierstack.v1 import coordinator_service_pb2_grpc as coordinator_grpc

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tierstack.client.values import to_seconds
+from tierstack.core.values import to_seconds
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
-from tierstack.client.values import now_timestamp
+from tierstack.core.values import now_timestamp
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import ServerInterceptor
@@ -230,15 +230,15 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
 def service_for(tier: str, settings: Settings) -> TierService:
     """Returns the service of ``tier`` (``execute``, ``orchestrate`` or ``coordinate``)."""
     if tier == "execute":
-        from tierstack.server.execute import ExecuteService
+        from tierstack.server.execute.service import ExecuteService
 
         return ExecuteService(settings)
     if tier == "orchestrate":
-        from tierstack.server.orchestrate import OrchestrateService
+        from tierstack.server.orchestrate.service import OrchestrateService
 
         return OrchestrateService(settings)
     if tier == "coordinate":
-        from tierstack.server.coordinate import CoordinateService
+        from tierstack.server.coordinate.service import CoordinateService
 
         return CoordinateService(settings)
     raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")

@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from google.protobuf.message import Message
 
-from tierstack.server.errors import Violation
+from tierstack.core.errors import Violation
 from tierstack.v1 import common_pb2, coordinator_service_pb2, orchestrator_service_pb2
 
 #: How deeply JSON values (``Struct``, ``Value``) may nest: objects and arrays inside each other. Their
@@ -242,29 +242,6 @@ def message_depth(value: struct_pb2.Struct | struct_pb2.Value | struct_pb2.ListV
         children = item.fields.values() if isinstance(item, struct_pb2.Struct) else item.values
         stack.extend((child, depth) for child in children)
     return deepest
-
-
-def least_size(value: object, limit: int) -> int:
-    """Returns a lower bound of the wire size of a plain JSON value as a protobuf Value, without
-    building the message, and stops counting once it passes ``limit``: a value that refers to one
-    list many times (as JMESPath's ``[@,@]`` does, or a template repeating a step's output) is found
-    too large before it is ever expanded."""
-    size = 0
-    pending = [value]
-    while pending and size <= limit:
-        item = pending.pop()
-        size += 2  # a tag and a length (or a one-byte payload) at the least
-        if isinstance(item, str):
-            size += len(item)
-        elif isinstance(item, Mapping):
-            size += sum(2 + len(str(key)) for key in item)
-            if size <= limit:
-                pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            size += 2 * len(item)
-            if size <= limit:
-                pending.extend(item)
-    return size
 
 
 # Shared bounds, so that one kind of field is bounded alike everywhere.

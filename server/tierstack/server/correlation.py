@@ -6,7 +6,7 @@ import contextvars
 import logging
 import secrets
 
-from tierstack.server.tracing import TraceIdFilter
+from tierstack.core.tracing import TraceIdFilter
 from tierstack.v1 import common_pb2
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("tierstack_correlation_id", default="-")

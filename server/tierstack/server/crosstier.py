@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
-from tierstack.client.values import now_timestamp, to_seconds
+from tierstack.core.errors import ResourceExhaustedError, Violation, error_detail_of_call
+from tierstack.core.values import now_timestamp, to_seconds
 from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
-from tierstack.server.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb

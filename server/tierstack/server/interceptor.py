@@ -18,9 +18,8 @@ import grpc
 from google.protobuf.message import Message
 
 from tierstack.client.clients import message_size_options
-from tierstack.client.errors import TierstackError
+from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
-from tierstack.server.errors import DomainError, InvalidArgumentError, Violation
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
 from tierstack.server.tracing import client_interceptors
@@ -93,7 +92,7 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Checks every request against the boundary's bounds before its handler sees it, records a
     latency histogram per method and status code (a stream is timed to its end), and aborts with the
-    mapped status when a handler raises a :class:`DomainError` (INTERNAL, without its text, for any
+    mapped status when a handler raises a :class:`TierstackError` (INTERNAL, without its text, for any
     other exception)."""
 
     def __init__(self, metrics: MethodMetrics) -> None:
@@ -171,7 +170,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         start: float,
     ) -> None:
         elapsed = time.perf_counter() - start
-        if isinstance(error, DomainError | TierstackError):
+        if isinstance(error, TierstackError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
         elif (
             error is not None
@@ -204,7 +203,7 @@ class _Observed:
         self, exc_type: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> bool:
         try:
-            if isinstance(error, DomainError | TierstackError):
+            if isinstance(error, TierstackError):
                 await self._context.abort_with_status(to_grpc_status(error))
             elif _unwritten(error, self._context):
                 await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "the server does not offer this method")

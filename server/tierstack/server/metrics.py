@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tierstack.client.values import to_duration, to_seconds
+from tierstack.core.values import to_duration, to_seconds
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 # Sixteen buckets per doubling bound the error of a reported percentile to 2**(1/16) - 1, about 4.4 %.

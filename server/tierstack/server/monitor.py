@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 
-from tierstack.client.values import to_seconds
+from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError, Violation
+from tierstack.core.values import to_seconds
 from tierstack.server.crosstier import CrossTierMonitor, Snapshot
-from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError, Violation
 from tierstack.v1 import common_pb2, monitor_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as pb
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.core.errors import InvalidArgumentError, Violation
 
 
 def encode_token(cursor: str) -> str:

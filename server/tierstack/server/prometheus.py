@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from tierstack.client.values import to_seconds
+from tierstack.core.values import to_seconds
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb

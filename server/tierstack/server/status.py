@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tierstack.client.errors import TierstackError
+from tierstack.core.errors import ERROR_DOMAIN, Code, NotFoundError, TierstackError, Violation, clip, message_of
 from tierstack.server.boundary import MAX_VIOLATIONS
-from tierstack.server.errors import (
-    ERROR_DOMAIN,
-    DomainError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-    clip,
-    message_of_call,
-)
 
-__all__ = ["ERROR_DOMAIN", "code_of", "to_grpc_status"]
+__all__ = ["ERROR_DOMAIN", "to_grpc_status"]
 
 #: The longest message, violation field and violation description an answer carries: a status must
 #: fit in the trailers whatever the request held.
@@ -32,34 +21,8 @@ MAX_MESSAGE = 1024
 MAX_FIELD = 256
 MAX_DESCRIPTION = 512
 
-_CODES: tuple[tuple[type[DomainError], int], ...] = (
-    (InvalidArgumentError, code_pb2.INVALID_ARGUMENT),
-    (NotFoundError, code_pb2.NOT_FOUND),
-    (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
-    (ResourceExhaustedError, code_pb2.RESOURCE_EXHAUSTED),
-    (UnavailableError, code_pb2.UNAVAILABLE),
-)
 
-
-def code_of(error: DomainError) -> int:
-    """Returns the google.rpc code number for a domain error."""
-    for error_type, code in _CODES:
-        if isinstance(error, error_type):
-            return int(code)
-    return int(code_pb2.INTERNAL)
-
-
-class _Named(Protocol):
-    """A violation: the field (or limit) it names, and why."""
-
-    @property
-    def field(self) -> str: ...
-
-    @property
-    def description(self) -> str: ...
-
-
-def _bad_request(violations: Sequence[_Named]) -> error_details_pb2.BadRequest:
+def _bad_request(violations: Sequence[Violation]) -> error_details_pb2.BadRequest:
     shown = [
         error_details_pb2.BadRequest.FieldViolation(
             field=clip(v.field, MAX_FIELD), description=clip(v.description, MAX_DESCRIPTION)
@@ -73,7 +36,7 @@ def _bad_request(violations: Sequence[_Named]) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(field_violations=shown)
 
 
-def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailure:
+def _quota_failure(violations: Iterable[Violation]) -> error_details_pb2.QuotaFailure:
     return error_details_pb2.QuotaFailure(
         violations=[
             error_details_pb2.QuotaFailure.Violation(
@@ -84,26 +47,21 @@ def _quota_failure(violations: Iterable[_Named]) -> error_details_pb2.QuotaFailu
     )
 
 
-def to_grpc_status(error: DomainError | TierstackError) -> grpc.Status:
+def to_grpc_status(error: TierstackError) -> grpc.Status:
     """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
     fit, BadRequest field violations, QuotaFailure or ResourceInfo. A failed call to the tier below
-    keeps its code, reason, metadata and violations."""
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)]
-    if isinstance(error, TierstackError):
-        if error.field_violations:
-            details.append(_bad_request(error.field_violations))
-        if error.quota_violations:
-            details.append(_quota_failure(error.quota_violations))
-        return _status(int(error.code.value[0]), message_of_call(error), details)
-    if isinstance(error, InvalidArgumentError):
-        details.append(_bad_request(error.violations))
-    if isinstance(error, ResourceExhaustedError):
-        details.append(_quota_failure(error.violations))
-    if isinstance(error, NotFoundError):
+    keeps its code, reason, metadata and violations, not the texts gRPC wrote for it."""
+    details: list[Any] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    ]
+    if error.violations:
+        fields = error.code in (Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE)
+        details.append(_bad_request(error.violations) if fields else _quota_failure(error.violations))
+    if isinstance(error, NotFoundError) and error.resource_type:
         details.append(
             error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=clip(error.name, MAX_FIELD))
         )
-    return _status(code_of(error), error.message, details)
+    return _status(int(error.code), message_of(error), details)
 
 
 def _status(code: int, message: str, details: list[Any]) -> grpc.Status:

@@ -10,11 +10,8 @@ makes one trace across the three processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -25,10 +22,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-# The tracer of tierstack's own spans (goals, subtasks, steps, tools) once tracing is on. Off, no span
-# is made at all: even a no-op span costs about 7 µs, a tenth of a step.
-_tracer: trace.Tracer | None = None
-_NO_SPAN = contextlib.nullcontext()
+from tierstack.core import tracing as spans
 
 # gRPC's own services (health, reflection) are not traced: they are not the work.
 _TRACED = filters.negate(filters.service_prefix("grpc."))
@@ -53,8 +47,7 @@ class Tracing:
             self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
             self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             trace.set_tracer_provider(self.provider)
-            global _tracer
-            _tracer = self.provider.get_tracer("tierstack")
+            spans.use(self.provider)
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Returns the interceptor that starts a span for each call served (none when off)."""
@@ -68,13 +61,6 @@ class Tracing:
             await asyncio.to_thread(self.provider.shutdown)
 
 
-def span(name: str, attributes: Mapping[str, str | int] | None = None) -> AbstractContextManager[object]:
-    """Returns a block that is a span of the current trace when tracing is on, and nothing otherwise."""
-    if _tracer is None:
-        return _NO_SPAN
-    return _tracer.start_as_current_span(name, attributes=attributes)
-
-
 def client_interceptors() -> list[Any]:
     """Returns the interceptors that carry the trace context on calls to the tier below (none when
     tracing is off)."""
@@ -82,12 +68,3 @@ def client_interceptors() -> list[Any]:
     if not isinstance(provider, TracerProvider):
         return []
     return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
-
-
-class TraceIdFilter(logging.Filter):
-    """Adds ``trace_id`` (hex, or ``-`` outside a trace) to every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        context = trace.get_current_span().get_span_context()
-        record.trace_id = format(context.trace_id, "032x") if context.is_valid else "-"
-        return True

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import FakeOpenAI, HttpServer, start_tier
 from tierstack.client import ExecutorClient
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.server.ai import CompletionRequest, LocalModel, Message, ModelError, ModelTool, OpenAICompatibleModel
 from tierstack.v1 import common_pb2, executor_service_pb2

@@ -12,9 +12,9 @@ import pytest
 
 from tests.helpers import HttpServer, Stack, open_stack, reply
 from tierstack.client import InvalidArgumentError
-from tierstack.client.values import from_value, to_duration
+from tierstack.core.values import from_value, to_duration
 from tierstack.server import Settings
-from tierstack.server.coordinate import CoordinateService
+from tierstack.server.coordinate.service import CoordinateService
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -145,10 +145,10 @@ async def test_bad_goal_requests_name_the_fields(stack: Stack) -> None:
         await stack.coordinator.decompose_goal(
             pb.DecomposeGoalRequest(goal="  ", agents=[pb.Agent(id="a"), pb.Agent(id="a")])
         )
-    assert {v.field for v in caught.value.field_violations} == {"goal", "agents[1].id"}
+    assert {v.field for v in caught.value.violations} == {"goal", "agents[1].id"}
     with pytest.raises(InvalidArgumentError) as caught:
         _ = [e async for e in stack.coordinator.coordinate(pb.CoordinateRequest(goal="write a poem"))]
-    assert [v.field for v in caught.value.field_violations] == ["agents"]
+    assert [v.field for v in caught.value.violations] == ["agents"]
 
 
 async def test_decompose_and_form_team_without_running(stack: Stack) -> None:

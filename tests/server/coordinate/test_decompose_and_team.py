@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tierstack.core.errors import InvalidArgumentError
 from tierstack.server.ai import Scope
 from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.coordinate import AgentSpec, LocalProvider, Need, SubtaskSpec, form_team
-from tierstack.server.errors import InvalidArgumentError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import start_tier
 from tierstack.client import CoordinatorClient
-from tierstack.client.values import from_struct
+from tierstack.core.values import from_struct
 from tierstack.server import Settings
 from tierstack.server.coordinate import GoalMemory, NgramIndex, load_templates
 from tierstack.v1 import coordinator_service_pb2 as pb

@@ -22,7 +22,7 @@ from tests.helpers import (
     wait_for,
 )
 from tierstack.client import CoordinatorClient, OrchestratorClient
-from tierstack.client.values import from_value, now_timestamp
+from tierstack.core.values import from_value, now_timestamp
 from tierstack.server import Settings
 from tierstack.server.coordinate import SqliteGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb

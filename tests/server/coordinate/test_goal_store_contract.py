@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore, SqliteGoalStore
-from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import HttpServer, Stack, open_stack, reply, start_tier, wait_for
 from tierstack.client import CoordinatorClient, FailedPreconditionError, NotFoundError, OrchestratorClient
-from tierstack.client.values import from_value
+from tierstack.core.values import from_value
 from tierstack.server import Settings
 from tierstack.server.coordinate import Coordinator, Decomposer, GoalMemory, LocalProvider
 from tierstack.v1 import coordinator_service_pb2 as pb

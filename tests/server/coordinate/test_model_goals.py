@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import FakeOpenAI, HttpServer, open_stack
 from tierstack.client import MonitorClient, UnavailableError
-from tierstack.client.values import from_value
+from tierstack.core.values import from_value
 from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1.common_pb2 import TIER_COORDINATE as COORDINATE

@@ -9,9 +9,10 @@ import pytest
 
 from tests.helpers import start_tier, wait_for
 from tierstack.client import ExecutorClient, FailedPreconditionError, NotFoundError
-from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server import Settings
-from tierstack.server.execute import ExecuteService, tool
+from tierstack.server.execute import tool
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 

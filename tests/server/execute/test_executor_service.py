@@ -10,8 +10,9 @@ import pytest
 
 from tests.helpers import HttpServer, Stack, reply
 from tierstack.client import InvalidArgumentError, ResourceExhaustedError
-from tierstack.client.values import from_value, to_struct
-from tierstack.server.execute import ExecuteService, Tool, ToolContext
+from tierstack.core.values import from_value, to_struct
+from tierstack.server.execute import Tool, ToolContext
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -44,14 +45,14 @@ async def test_bad_arguments_name_the_field(stack: Stack) -> None:
     error = caught.value
     assert error.reason == "INVALID_TOOL_ARGUMENTS"
     assert error.domain == "tierstack.dev"
-    assert [v.field for v in error.field_violations] == ["call.arguments.expression"]
+    assert [v.field for v in error.violations] == ["call.arguments.expression"]
 
 
 async def test_unknown_tool_is_invalid_argument(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.executor.execute_tool(tool_request("no.such.tool"))
     assert caught.value.reason == "UNKNOWN_TOOL"
-    assert caught.value.field_violations[0].field == "call.tool"
+    assert caught.value.violations[0].field == "call.tool"
     # The server keeps serving after rejecting a request.
     response = await stack.executor.execute_tool(tool_request("core.echo", value=1))
     assert from_value(response.result.output) == 1
@@ -146,7 +147,7 @@ async def test_execute_rejects_a_bad_call_before_running_any(stack: Stack) -> No
     )
     with pytest.raises(InvalidArgumentError) as caught:
         _ = [event async for event in stack.executor.execute(request)]
-    assert caught.value.field_violations[0].field == "tool_calls[1].arguments"
+    assert caught.value.violations[0].field == "tool_calls[1].arguments"
 
 
 async def test_list_tools_pages_through_every_tool(stack: Stack) -> None:
@@ -166,7 +167,7 @@ async def test_list_tools_pages_through_every_tool(stack: Stack) -> None:
 async def test_list_tools_rejects_a_negative_page_size(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.executor.list_tools(executor_service_pb2.ListToolsRequest(page_size=-1))
-    assert caught.value.field_violations[0].field == "page_size"
+    assert caught.value.violations[0].field == "page_size"
 
 
 async def test_sleep_waits_and_honours_the_call_timeout(stack: Stack) -> None:
@@ -193,7 +194,7 @@ async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) ->
     with pytest.raises(ResourceExhaustedError) as caught:
         _ = [event async for event in stack.executor.execute(request)]
     assert caught.value.reason == "STEP_BUDGET_EXCEEDED"
-    assert [(v.field, v.description) for v in caught.value.quota_violations] == [
+    assert [(v.field, v.description) for v in caught.value.violations] == [
         ("max_tool_calls", "the step makes 3 tool calls; it may make 2"),
         ("max_credits", "the step's calls cost 1.2 credits; it may spend 1"),
     ]

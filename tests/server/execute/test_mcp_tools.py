@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import free_port, start_tier
 from tierstack.client import ExecutorClient, InvalidArgumentError
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -69,7 +69,7 @@ async def exercise(settings: Settings) -> None:
             assert failed.error.reason == "MCP_TOOL_ERROR" and "shout" in failed.error.message
             with pytest.raises(InvalidArgumentError) as caught:
                 await client.execute_tool(call("demo.add", a="two", b=3))
-            assert caught.value.field_violations[0].field == "call.arguments.a"
+            assert caught.value.violations[0].field == "call.arguments.a"
     finally:
         await server.stop()
 

@@ -10,9 +10,10 @@ import pytest
 
 from tests.helpers import Stack, start_tier, wait_for
 from tierstack.client import DeadlineExceededError, ExecutorClient, InvalidArgumentError
-from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server import Settings, TierServer
-from tierstack.server.execute import ExecuteService, Tool, ToolContext, ToolSource
+from tierstack.server.execute import Tool, ToolContext, ToolSource
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -125,7 +126,7 @@ async def test_a_bad_call_rejects_the_batch_before_anything_runs(stack: Stack, p
     request = executor_service_pb2.ExecuteToolsRequest(calls=calls(("test.hold", {"n": 1}), ("nope", {})))
     with pytest.raises(InvalidArgumentError) as caught:
         _ = [event async for event in stack.executor.execute_tools(request)]
-    assert caught.value.field_violations[0].field == "calls[1].tool"
+    assert caught.value.violations[0].field == "calls[1].tool"
     assert probe.most == 0
 
 

@@ -14,9 +14,10 @@ import pytest
 
 from tests.helpers import start_tier
 from tierstack.client import ExecutorClient, InvalidArgumentError
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
-from tierstack.server.execute import ExecuteService, Tool, schema_of, tool
+from tierstack.server.execute import Tool, schema_of, tool
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 
@@ -95,7 +96,7 @@ async def test_python_tools_run_through_the_server() -> None:
             assert await call("greet", name="Ada", excited=True) == "Hello Ada!"
             with pytest.raises(InvalidArgumentError) as caught:
                 await call("demo.scale", values=["x"], mode="sideways")
-            assert {v.field for v in caught.value.field_violations} == {
+            assert {v.field for v in caught.value.violations} == {
                 "call.arguments.values[0]",
                 "call.arguments.mode",
             }

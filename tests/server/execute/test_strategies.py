@@ -13,11 +13,12 @@ import pytest
 from tests.helpers import FakeOpenAI, HttpServer, start_tier
 from tierstack.client import ExecutorClient
 from tierstack.client import InvalidArgumentError as InvalidArgumentRpcError
-from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.core.errors import InvalidArgumentError
+from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server import Settings, TierServer
-from tierstack.server.errors import InvalidArgumentError
-from tierstack.server.execute import ExecuteService, Executor, ToolError, ToolRegistry, tool
+from tierstack.server.execute import Executor, ToolError, ToolRegistry, tool
 from tierstack.server.execute.engine import TOOLKIT_CACHE_SIZE, Toolkit
+from tierstack.server.execute.service import ExecuteService
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, REASONING, StrategySelector
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -191,7 +192,7 @@ async def test_the_local_model_drives_a_conversation_without_network() -> None:
         await server.stop()
     assert events[0].started.strategy == CONVERSATIONAL
     assert from_value(events[-2].output.value) == f"{prompt}\n- 42"
-    assert caught.value.field_violations[0].field == "tool_calls"
+    assert caught.value.violations[0].field == "tool_calls"
 
 
 calls: Counter[str] = Counter()

@@ -19,8 +19,9 @@ from pebble.pool.process import WORKERS_NAME
 
 from tests.helpers import Stack, wait_for
 from tests.server.orchestrate.workflows import step, workflow
-from tierstack.client.values import from_value, to_struct
-from tierstack.server.execute import ExecuteService, Tool, tool
+from tierstack.core.values import from_value, to_struct
+from tierstack.server.execute import Tool, tool
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

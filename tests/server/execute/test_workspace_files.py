@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.helpers import Stack
 from tests.server.orchestrate.workflows import step, workflow
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.helpers import wait_for
 from tests.server.orchestrate.workflows import dags, step, workflow
-from tierstack.client.values import JSON, from_value, to_struct, to_value
-from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError
+from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError
+from tierstack.core.values import JSON, from_value, to_struct, to_value
 from tierstack.server.execute import Executor, Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 from tierstack.server.orchestrate import MemoryRunStore, RunManager
 from tierstack.v1 import common_pb2

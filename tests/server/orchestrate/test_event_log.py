@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import FlakyStore, wait_for
 from tests.server.orchestrate.workflows import event, new_run
-from tierstack.server.lifecycle import Fence
+from tierstack.core.lifecycle import Fence
 from tierstack.server.orchestrate import EventLog, MemoryRunStore, SqliteRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.helpers import HttpServer, echo, free_port, slowly, spawn_tier, stop, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server.execute.store import SqliteExecutionStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

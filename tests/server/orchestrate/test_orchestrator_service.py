@@ -23,7 +23,7 @@ from tierstack.client import (
     OrchestratorClient,
     UnavailableError,
 )
-from tierstack.client.values import from_value, to_struct
+from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -98,7 +98,7 @@ async def test_a_malformed_workflow_is_rejected_with_field_details(stack: Stack)
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf))
     assert caught.value.reason == "INVALID_WORKFLOW"
-    assert {(v.field, v.description) for v in caught.value.field_violations} == {
+    assert {(v.field, v.description) for v in caught.value.violations} == {
         ("workflow.steps[2].depends_on[0]", "unknown step 'nope'"),
         ("workflow.steps", "dependency cycle: a -> b -> a"),
     }
@@ -174,7 +174,7 @@ async def test_list_runs_pages_newest_first(stack: Stack) -> None:
     assert seen == list(reversed(run_ids))
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.list_runs(pb.ListRunsRequest(page_token="not-a-token"))
-    assert caught.value.field_violations[0].field == "page_token"
+    assert caught.value.violations[0].field == "page_token"
 
 
 async def test_cancel_run_stops_the_tool_in_flight(stack: Stack, http_server: HttpServer) -> None:
@@ -299,7 +299,7 @@ async def test_two_resumes_at_once_drive_the_run_once(stack: Stack, http_server:
 async def test_unknown_tools_are_rejected_before_the_run(stack: Stack) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(step("a", "no.such.tool"))))
-    assert [(v.field, v.description) for v in caught.value.field_violations] == [
+    assert [(v.field, v.description) for v in caught.value.violations] == [
         ("workflow.steps[0].tool", "unknown tool 'no.such.tool'; ListTools names the registered tools")
     ]
 
@@ -339,7 +339,7 @@ def test_random_workflows_are_accepted_or_invalid_never_internal(tmp_path: Path,
                 try:
                     await client.start_run(pb.StartRunRequest(workflow=wf))
                 except InvalidArgumentError as exc:
-                    assert exc.field_violations, "an INVALID_ARGUMENT names its fields"
+                    assert exc.violations, "an INVALID_ARGUMENT names its fields"
                     return
                 ids = [s.id for s in wf.steps]
                 # Accepted: then it was well formed.
@@ -417,7 +417,7 @@ async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
     no_prompt = pb.WorkflowStep(id="ask", tool="core.echo", strategy=common_pb2.STRATEGY_REASONING)
     with pytest.raises(InvalidArgumentError) as caught:
         await stack.orchestrator.start_run(pb.StartRunRequest(workflow=workflow(no_prompt)))
-    assert [v.field for v in caught.value.field_violations] == ["workflow.steps[0].prompt"]
+    assert [v.field for v in caught.value.violations] == ["workflow.steps[0].prompt"]
 
 
 async def test_health_is_answered_while_a_large_workflow_is_checked(stack: Stack) -> None:

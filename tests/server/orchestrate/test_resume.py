@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import HttpServer, echo, open_stack, slowly, spawn_tier, start_tier, stop, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
-from tierstack.client.values import from_value, now_timestamp, to_struct
+from tierstack.core.values import from_value, now_timestamp, to_struct
 from tierstack.server import Settings
 from tierstack.server.orchestrate import SqliteRunStore, StoredRun
 from tierstack.v1 import common_pb2

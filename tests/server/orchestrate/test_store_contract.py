@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.server.orchestrate.workflows import event, new_run
-from tierstack.server.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.core.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server.orchestrate import MemoryRunStore, RunStore, SqliteRunStore, StoredRun
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

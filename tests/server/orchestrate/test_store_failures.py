@@ -17,10 +17,11 @@ from tests.helpers import FlakyStore, start_tier, wait_for
 from tests.server.orchestrate.test_engine import Tools, registry
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import MonitorClient, OrchestratorClient
-from tierstack.client.values import to_seconds
+from tierstack.core.values import to_seconds
 from tierstack.server import Settings, TierServer
 from tierstack.server.execute import Executor
-from tierstack.server.orchestrate import OrchestrateService, RunManager, SqliteRunStore
+from tierstack.server.orchestrate import RunManager, SqliteRunStore
+from tierstack.server.orchestrate.service import OrchestrateService
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb

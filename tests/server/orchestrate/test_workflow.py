@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.server.orchestrate.workflows import dags, step, workflow
-from tierstack.client.values import JSON
-from tierstack.server.errors import InvalidArgumentError
+from tierstack.core.errors import InvalidArgumentError
+from tierstack.core.templates import Budget, TemplateError, lookup, render
+from tierstack.core.values import JSON
+from tierstack.core.workflow import check_workflow
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.templates import Budget, TemplateError, lookup, render
-from tierstack.server.orchestrate.workflow import check_workflow
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 

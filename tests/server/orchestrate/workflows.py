@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tierstack.client.values import now_timestamp, to_struct
+from tierstack.core.values import now_timestamp, to_struct
 from tierstack.server.orchestrate import StoredRun
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb

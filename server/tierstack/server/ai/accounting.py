@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
+from tierstack.core.errors import quoted
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError
-from tierstack.server.errors import quoted
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
 
 #: How many runs the ledger keeps totals for; the least recently charged are forgotten first.

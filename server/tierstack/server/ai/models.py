@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from tierstack.client.values import JSON
+from tierstack.core.values import JSON
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, WorkflowRunner
 from tierstack.server.coordinate.journal import GoalJournal
 from tierstack.server.coordinate.memory import GoalMemory
-from tierstack.server.coordinate.service import CoordinateService
 from tierstack.server.coordinate.similarity import EmbeddingIndex, GoalIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore, SqliteGoalStore, Written
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
@@ -13,7 +12,6 @@ from tierstack.server.coordinate.templates import GoalTemplate, load_templates
 
 __all__ = [
     "AgentSpec",
-    "CoordinateService",
     "Coordinator",
     "Decomposer",
     "EmbeddingIndex",

@@ -14,10 +14,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tierstack.client.values import JSON
+from tierstack.core.errors import InvalidArgumentError, Violation
+from tierstack.core.values import JSON
 from tierstack.server.ai import Scope
 from tierstack.server.boundary import MAX_TEAM
-from tierstack.server.errors import InvalidArgumentError, Violation
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 _STAGE_BREAK = re.compile(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from tierstack.client.values import to_struct
+from tierstack.core.values import to_struct
 from tierstack.server.ai import Scope
 from tierstack.server.coordinate.decompose import SubtaskSpec, check_goal
 from tierstack.server.coordinate.memory import GoalMemory

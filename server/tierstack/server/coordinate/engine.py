@@ -14,12 +14,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from tierstack.client.errors import TierstackError
-from tierstack.client.values import now_timestamp, to_duration, to_seconds
+from tierstack.core.errors import (
+    Code,
+    FailedPreconditionError,
+    NotFoundError,
+    TierstackError,
+    error_detail,
+    error_detail_of_call,
+    output_too_large,
+)
+from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.core.tracing import span
+from tierstack.core.values import now_timestamp, to_duration, to_seconds
 from tierstack.server.ai import Scope
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
@@ -28,17 +37,7 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.journal import GoalJournal
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
-from tierstack.server.errors import (
-    DomainError,
-    FailedPreconditionError,
-    NotFoundError,
-    error_detail,
-    error_detail_of_call,
-    output_too_large,
-)
-from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server.metrics import LatencyHistogram
-from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
@@ -53,7 +52,7 @@ DEFAULT_MAX_REPLANS = 2
 #: The longest pause between attempts to reach Tier 2 again, in seconds.
 _MAX_BACKOFF = 2.0
 #: The failures of a call to Tier 2 that say it could not be reached, not that the call was wrong.
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
+_TRANSIENT = frozenset({Code.UNAVAILABLE})
 _RUN_UNFINISHED = (orchestrator_pb.RUN_STATE_PENDING, orchestrator_pb.RUN_STATE_RUNNING)
 _T = TypeVar("_T")
 _PRIORITY_ORDER = {pb.PRIORITY_HIGH: 0, pb.PRIORITY_UNSPECIFIED: 1, pb.PRIORITY_MEDIUM: 1, pb.PRIORITY_LOW: 2}
@@ -453,7 +452,7 @@ class Coordinator:
             await self._give_up(journal, pursuit, goal.event(goal_cancelled=pb.GoalCancelled(reason=reason)))
         except StaleOwnerError:
             pass  # the journal said so; another owner pursues the goal
-        except DomainError as exc:  # what decomposing the goal found
+        except TierstackError as exc:  # what decomposing the goal found
             await self._give_up(journal, pursuit, goal.failed(exc.reason, exc.message, **exc.metadata))
         except Exception:
             _log.exception("goal %s crashed", goal.id)

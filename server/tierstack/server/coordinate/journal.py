@@ -16,9 +16,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from tierstack.core.lifecycle import Fence, StaleOwnerError
 from tierstack.server.coordinate.store import GoalStore
 from tierstack.server.feed import Feed
-from tierstack.server.lifecycle import Fence, StaleOwnerError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 _log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Any
 
 import jsonschema
 
+from tierstack.core.errors import ResourceExhaustedError, UnavailableError, Violation
 from tierstack.server.ai import AIService, CompletionRequest, Message, ModelError, Scope
 from tierstack.server.coordinate.decompose import SubtaskSpec
-from tierstack.server.errors import ResourceExhaustedError, UnavailableError, Violation
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 #: How many answers the model may give before the decomposition fails.

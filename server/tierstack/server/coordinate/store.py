@@ -1,8 +1,8 @@
 """Goal storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it.
 
-Every write names the writer's :class:`~tierstack.server.lifecycle.Fence` and the state it believes
+Every write names the writer's :class:`~tierstack.core.lifecycle.Fence` and the state it believes
 the goal is in; the store checks both in the same write that appends events and applies a
-transition (from :data:`~tierstack.server.lifecycle.GOAL_LIFECYCLE`), and numbers the events itself,
+transition (from :data:`~tierstack.core.lifecycle.GOAL_LIFECYCLE`), and numbers the events itself,
 after the goal's last stored sequence. So a goal has one writer at a time, its history has no gaps
 and no two events share a number, and a stale writer is told so instead of being ignored.
 """
@@ -20,9 +20,9 @@ from typing import Any
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from tierstack.core.errors import NotFoundError
+from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server import sqlite
-from tierstack.server.errors import NotFoundError
-from tierstack.server.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 Goal = pb.Goal

@@ -13,7 +13,7 @@ import time
 
 from google.protobuf import struct_pb2
 
-from tierstack.server.errors import NotFoundError
+from tierstack.core.errors import NotFoundError
 from tierstack.server.execute.store import Approval, ExecutionStore
 
 

@@ -20,9 +20,9 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jmespath.exceptions import JMESPathError
 
-from tierstack.client.values import JSON
+from tierstack.core.errors import brief, quoted
+from tierstack.core.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
-from tierstack.server.errors import brief, quoted
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.workers import output_limit, too_large
 

@@ -18,7 +18,17 @@ from typing import Any
 from cachetools import LRUCache
 from google.protobuf import struct_pb2
 
-from tierstack.client.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
+from tierstack.core.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    Violation,
+    brief,
+    error_detail,
+    output_too_large,
+)
+from tierstack.core.tracing import span
+from tierstack.core.values import from_struct, from_value, now_timestamp, to_duration, to_seconds, to_struct, to_value
 from tierstack.server.ai import (
     Completion,
     CompletionRequest,
@@ -32,15 +42,6 @@ from tierstack.server.ai import (
 from tierstack.server.boundary import MAX_JSON_DEPTH, message_depth
 from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.config import Settings
-from tierstack.server.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    ResourceExhaustedError,
-    Violation,
-    brief,
-    error_detail,
-    output_too_large,
-)
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
@@ -49,7 +50,6 @@ from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, R
 from tierstack.server.execute.strategies import name as strategy_name
 from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.feed import Feed
-from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 
 _log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tierstack.client.values import JSON
+from tierstack.core.values import JSON
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 
 _log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any
 
-from tierstack.client.values import JSON
+from tierstack.core.values import JSON
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolHandler, ToolRegistry, ToolSource
 
 _log = logging.getLogger(__name__)

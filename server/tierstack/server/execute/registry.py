@@ -13,8 +13,8 @@ from typing import Any
 import fastjsonschema
 from jsonschema import Draft202012Validator
 
-from tierstack.client.values import JSON
-from tierstack.server.errors import InvalidArgumentError, Violation
+from tierstack.core.errors import InvalidArgumentError, Violation
+from tierstack.core.values import JSON
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from tierstack.client.values import to_duration, to_struct
+from tierstack.core.values import to_duration, to_struct
 from tierstack.server import correlation
 from tierstack.server.ai import AIService
 from tierstack.server.config import Settings

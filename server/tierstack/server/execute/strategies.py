@@ -8,7 +8,7 @@ from typing import TypeAlias
 
 from cachetools import LRUCache
 
-from tierstack.client.values import JSON
+from tierstack.core.values import JSON
 from tierstack.v1 import common_pb2
 
 DETERMINISTIC = common_pb2.STRATEGY_DETERMINISTIC

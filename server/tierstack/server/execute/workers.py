@@ -18,9 +18,8 @@ from typing import Any
 from google.protobuf import struct_pb2
 from pebble import ProcessExpired, ProcessPool
 
-from tierstack.client.values import to_value
-from tierstack.server.boundary import least_size
-from tierstack.server.errors import quoted
+from tierstack.core.errors import quoted
+from tierstack.core.values import least_size, to_value
 from tierstack.server.execute.registry import ToolContext, ToolError, WorkerFunction
 
 _log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ _log = logging.getLogger(__name__)
 # milliseconds. Plain fork would copy a server process that runs gRPC's threads, which is unsafe;
 # spawn would start a new interpreter and import everything again for every replacement.
 _START = multiprocessing.get_context("forkserver")
-_PRELOAD = ["tierstack.server.execute"]
+_PRELOAD = ["tierstack.server.execute.builtin"]
 
 
 @dataclass(frozen=True, slots=True)

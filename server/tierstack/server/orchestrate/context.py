@@ -8,10 +8,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from tierstack.client.values import JSON, from_value
+from tierstack.core.templates import Budget, Path, TemplateError, lookup, parse_path, render
+from tierstack.core.values import JSON, from_value
+from tierstack.core.workflow import WorkflowSpec
 from tierstack.server.metrics import RateMeter
-from tierstack.server.orchestrate.templates import Budget, Path, TemplateError, lookup, parse_path, render
-from tierstack.server.orchestrate.workflow import WorkflowSpec
 
 _NOT_DONE = object()
 

@@ -21,8 +21,22 @@ from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from jmespath.exceptions import JMESPathError
 
-from tierstack.client.errors import TierstackError
-from tierstack.client.values import (
+from tierstack.core.errors import (
+    ERROR_DOMAIN,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    TierstackError,
+    Violation,
+    error_detail,
+    error_detail_of_call,
+    message_of,
+    output_too_large,
+)
+from tierstack.core.lifecycle import Fence, IllegalTransitionError
+from tierstack.core.templates import Budget, TemplateError, TooLargeError, render
+from tierstack.core.tracing import span
+from tierstack.core.values import (
     JSON,
     from_struct,
     from_value,
@@ -32,30 +46,7 @@ from tierstack.client.values import (
     to_struct,
     to_value,
 )
-from tierstack.server import boundary
-from tierstack.server.bounded import ByteBudgetLRU
-from tierstack.server.budget import add_usage, left_of, spent_message
-from tierstack.server.config import Settings
-from tierstack.server.errors import (
-    ERROR_DOMAIN,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    Violation,
-    error_detail,
-    error_detail_of_call,
-    message_of_call,
-    output_too_large,
-)
-from tierstack.server.feed import Feed
-from tierstack.server.lifecycle import Fence, IllegalTransitionError
-from tierstack.server.metrics import LatencyHistogram, RateMeter
-from tierstack.server.orchestrate.context import RunContext
-from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
-from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
-from tierstack.server.orchestrate.templates import Budget, TemplateError, TooLargeError, render
-from tierstack.server.orchestrate.workflow import (
+from tierstack.core.workflow import (
     DEFAULT_MAX_DEPTH,
     StepSpec,
     WorkflowSpec,
@@ -63,8 +54,17 @@ from tierstack.server.orchestrate.workflow import (
     content_hash,
     unknown_tools,
 )
+from tierstack.server import boundary
+from tierstack.server.bounded import ByteBudgetLRU
+from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.config import Settings
+from tierstack.server.feed import Feed
+from tierstack.server.metrics import LatencyHistogram, RateMeter
+from tierstack.server.orchestrate.context import RunContext
+from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
+from tierstack.server.orchestrate.planner import Planner
+from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
 from tierstack.server.retention import Sweeper
-from tierstack.server.tracing import span
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -969,7 +969,7 @@ class RunManager:
         try:
             await self._runner.cancel_execution(execution_id)
         except TierstackError as exc:  # it ends with its own time limit, then
-            _log.info("could not stop step %s at Tier 3: %s", execution_id, message_of_call(exc))
+            _log.info("could not stop step %s at Tier 3: %s", execution_id, message_of(exc))
 
 
 def _lost_call(error: TierstackError) -> bool:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tierstack.server.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.core.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore
 

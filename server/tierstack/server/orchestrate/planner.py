@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tierstack.core.workflow import StepSpec, WorkflowSpec
 from tierstack.server.bounded import ByteBudgetLRU
-from tierstack.server.orchestrate.workflow import StepSpec, WorkflowSpec
 
 
 @dataclass(frozen=True, slots=True)

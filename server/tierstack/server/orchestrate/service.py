@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 import grpc
 
 from tierstack.client import ExecutorClient
-from tierstack.client.values import to_duration, to_value
+from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError
+from tierstack.core.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
-from tierstack.server.errors import FailedPreconditionError, InvalidArgumentError
 from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager

@@ -1,9 +1,9 @@
 """Run storage: one interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it.
 
-Every run has one owner at a time, named with its epoch by a :class:`~tierstack.server.lifecycle.Fence`:
+Every run has one owner at a time, named with its epoch by a :class:`~tierstack.core.lifecycle.Fence`:
 its creator, or whoever claimed it since (an orchestrator resuming it after a restart, a caller
 resuming it after a pause). Every write names the writer's fence; the store checks it, and that the
-run's state follows the stored one in :data:`~tierstack.server.lifecycle.RUN_LIFECYCLE`, in the same
+run's state follows the stored one in :data:`~tierstack.core.lifecycle.RUN_LIFECYCLE`, in the same
 transaction that writes, so a stale or concurrent writer is refused instead of overwriting the run
 or having its events silently dropped.
 """
@@ -21,9 +21,9 @@ from typing import Any
 import aiosqlite
 from google.protobuf.message import DecodeError
 
+from tierstack.core.errors import NotFoundError
+from tierstack.core.lifecycle import RUN_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server import sqlite
-from tierstack.server.errors import NotFoundError
-from tierstack.server.lifecycle import RUN_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run

@@ -13,8 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from tierstack.client.values import JSON
-from tierstack.server.boundary import least_size
+from tierstack.core.values import JSON, least_size
 
 # The expression ends in a non-space character, so that it and the spaces after it never compete for
 # the same characters: matching stays linear in the text (a lazy group before \s* was quadratic).

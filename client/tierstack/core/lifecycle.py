@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tierstack.server.errors import FailedPreconditionError
+from tierstack.core.errors import FailedPreconditionError
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 

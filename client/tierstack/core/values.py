@@ -85,3 +85,26 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     """Returns the current time as a protobuf Timestamp."""
     nanos = time.time_ns()
     return timestamp_pb2.Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
+
+
+def least_size(value: object, limit: int) -> int:
+    """Returns a lower bound of the wire size of a plain JSON value as a protobuf Value, without
+    building the message, and stops counting once it passes ``limit``: a value that refers to one
+    list many times (as JMESPath's ``[@,@]`` does, or a template repeating a step's output) is found
+    too large before it is ever expanded."""
+    size = 0
+    pending = [value]
+    while pending and size <= limit:
+        item = pending.pop()
+        size += 2  # a tag and a length (or a one-byte payload) at the least
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, Mapping):
+            size += sum(2 + len(str(key)) for key in item)
+            if size <= limit:
+                pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            size += 2 * len(item)
+            if size <= limit:
+                pending.extend(item)
+    return size

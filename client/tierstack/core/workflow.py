@@ -14,9 +14,9 @@ from typing import Any
 import jmespath
 from jmespath.exceptions import JMESPathError
 
-from tierstack.client.values import JSON, from_struct, from_value, to_seconds
-from tierstack.server.errors import InvalidArgumentError, Violation, brief, quoted
-from tierstack.server.orchestrate.templates import Path, TemplateError, templates
+from tierstack.core.errors import InvalidArgumentError, Violation, brief, quoted
+from tierstack.core.templates import Path, TemplateError, templates
+from tierstack.core.values import JSON, from_struct, from_value, to_seconds
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 pb = orchestrator_service_pb2

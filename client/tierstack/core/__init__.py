@@ -1,0 +1,3 @@
+"""What the tiers and the SDK share, without gRPC: JSON values (``values``), the one error tree
+(``errors``), workflow specs and their templates (``workflow``, ``templates``), the run and goal state
+machines (``lifecycle``) and spans of the work (``tracing``)."""

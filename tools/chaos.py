@@ -37,7 +37,7 @@ import aiosqlite
 from google.protobuf.message import Message
 
 from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
-from tierstack.client.values import JSON, from_value, to_struct
+from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server.execute.store import unpack_events
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -305,13 +305,16 @@ async def chaos(
                 name = rng.choice(list(tiers))
                 await processes[name].kill()
                 report.kills[name] += 1
-                if name == "execute":
-                    await asyncio.sleep(0.2)  # the calls it made before it died reach the endpoint
+                done: set[str] = set()
+                if name == "execute":  # a dead Execute stores nothing more
                     done = await _finished_paths(data_dir / "execute" / "executions.sqlite3")
+                report.restart_seconds.setdefault(name, []).append(await processes[name].start())
+                if name == "execute":
+                    # Until the new Execute serves, every call reaching the endpoint is one the dead
+                    # one made (however late the endpoint reads it); the new one calls only once asked.
                     with endpoint.lock:
                         called = set(endpoint.hits)
                     in_flight_at_a_kill |= called - done
-                report.restart_seconds.setdefault(name, []).append(await processes[name].start())
             await submitting
             histories = {run_id: await _history(partial(client.watch_run, run_id), passing=_DROPPED) for run_id in tags}
             goal_histories = {

@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import HttpServer, Stack, free_port, open_stack
 from tierstack.server import Settings
+from tools.postgres import LocalPostgres
 
 
 @pytest.fixture
@@ -24,6 +25,21 @@ def data_dir(tmp_path: Path) -> Path:
 async def stack(data_dir: Path) -> AsyncIterator[Stack]:
     async with open_stack(Settings(data_dir=data_dir)) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server of the test session's own (started on first use); each test that
+    needs a database asks it for an empty one (``new_database()``)."""
+    with LocalPostgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Where a test's tiers keep runs, goals and executions (``TIERSTACK_STORE_URL``): SQLite in their
+    data folder, or an empty PostgreSQL database of the session's server."""
+    return "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_server").new_database())
 
 
 @pytest.fixture

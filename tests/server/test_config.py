@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from tierstack.server import Settings
 from tierstack.server.crosstier import Thresholds
 
@@ -30,3 +34,14 @@ def test_retention_and_the_execution_store_budget_come_from_the_environment() ->
     assert (settings.retention_seconds, settings.execution_store_bytes) == (0.0, 4096)
     defaults = Settings.from_env("orchestrate", {})
     assert (defaults.retention_seconds, defaults.execution_store_bytes) == (7 * 24 * 3600, 1 << 30)
+
+
+def test_the_store_url_names_sqlite_folders_or_a_postgresql_database() -> None:
+    assert Settings.from_env("orchestrate", {"TIERSTACK_DATA_DIR": "d"}).sqlite_dir == Path("d")
+    relative = Settings.from_env("orchestrate", {"TIERSTACK_STORE_URL": "sqlite:///state/here"})
+    assert (relative.sqlite_dir, relative.postgres_url) == (Path("state/here"), None)
+    assert Settings(store_url="sqlite:////var/lib/ts").sqlite_dir == Path("/var/lib/ts")
+    url = "postgresql://user@db.internal:5432/tierstack"
+    assert Settings.from_env("execute", {"TIERSTACK_STORE_URL": url}).postgres_url == url
+    with pytest.raises(ValueError, match="TIERSTACK_STORE_URL"):
+        Settings(store_url="mysql://somewhere")

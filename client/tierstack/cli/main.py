@@ -340,6 +340,17 @@ async def _top(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Brings the stores' schema up to date (servers also do so when they start)."""
+    from tierstack.server import Settings, stores
+
+    settings = Settings.from_env("orchestrate")
+    if args.store is not None:
+        settings = replace(settings, store_url=args.store)
+    print(asyncio.run(stores.migrate(settings)))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierstack", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -358,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
         "--orchestrate-target", help="where Coordinate reaches Orchestrate (TIERSTACK_ORCHESTRATE_TARGET)"
     )
     serve.add_argument("--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)")
+
+    migrate = commands.add_parser("migrate", help="bring the stores' schema up to date")
+    migrate.add_argument("--store", help="the store's URL (TIERSTACK_STORE_URL; SQLite in .tierstack by default)")
 
     up = commands.add_parser("up", help="run all three tiers as separate processes until Ctrl-C")
     up.add_argument("--data-dir", type=Path, help="where run state is kept (default .tierstack)")
@@ -416,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _up(args)
     if args.command == "bench-report":
         return _bench_report(args)
+    if args.command == "migrate":
+        return _migrate(args)
     console = Console()
     commands = {"run": _run, "goal": _goal, "goals": _goals, "top": _top}
     try:

@@ -19,6 +19,8 @@ from tierstack.server.crosstier import Thresholds
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
 
+_STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -31,7 +33,12 @@ class Settings:
             none.
         execute_target: Where Orchestrate reaches Execute.
         orchestrate_target: Where Coordinate reaches Orchestrate.
-        data_dir: Where Orchestrate keeps its SQLite run store.
+        data_dir: Where the tiers keep their files: workspaces, the goal memory, and the SQLite stores
+            unless ``store_url`` names another place.
+        store_url: Where runs, goals and Execute's executions are stored (``TIERSTACK_STORE_URL``):
+            ``sqlite:///<folder>`` for SQLite files in that folder (``sqlite:////`` for an absolute
+            one), or ``postgresql://…`` for one PostgreSQL database that any number of replicas
+            share; empty is SQLite in ``data_dir``.
         http_allowed_hosts: Host patterns (fnmatch) the ``http.request`` tool may reach.
         grace_seconds: How long in-flight calls may finish when the server stops.
         slow_tool_seconds: Tools whose average latency is above this are reported as slow.
@@ -83,6 +90,7 @@ class Settings:
     execute_target: str = default_target("execute")
     orchestrate_target: str = default_target("orchestrate")
     data_dir: Path = Path(".tierstack")
+    store_url: str = ""
     http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
     grace_seconds: float = 5.0
     slow_tool_seconds: float = 1.0
@@ -116,6 +124,24 @@ class Settings:
     worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     worker_memory_mb: int = 512
 
+    def __post_init__(self) -> None:
+        if self.store_url and not self.store_url.startswith(_STORE_SCHEMES):
+            # The URL is not quoted: it may carry a password.
+            raise ValueError(f"TIERSTACK_STORE_URL must start with one of {', '.join(_STORE_SCHEMES)}")
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL database of the stores, or None for SQLite."""
+        return self.store_url if self.store_url.startswith(("postgresql://", "postgres://")) else None
+
+    @property
+    def sqlite_dir(self) -> Path:
+        """The folder of the SQLite stores (when ``postgres_url`` is None): as in SQLAlchemy's URLs,
+        ``sqlite:///relative/folder`` or ``sqlite:////absolute/folder``."""
+        if self.store_url.startswith("sqlite:///"):
+            return Path(self.store_url.removeprefix("sqlite:///"))
+        return self.data_dir
+
     @property
     def max_total_output_bytes(self) -> int:
         """The largest outputs of one run or one goal together, in bytes of their wire form:
@@ -138,6 +164,7 @@ class Settings:
             execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),
             orchestrate_target=env.get("TIERSTACK_ORCHESTRATE_TARGET", defaults.orchestrate_target),
             data_dir=Path(env.get("TIERSTACK_DATA_DIR", str(defaults.data_dir))),
+            store_url=env.get("TIERSTACK_STORE_URL", defaults.store_url),
             http_allowed_hosts=(
                 tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
             ),

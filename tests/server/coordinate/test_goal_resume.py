@@ -46,11 +46,13 @@ def chain_template(folder: Path) -> None:
     )
 
 
-async def test_a_goal_survives_a_sigkill_of_the_coordinator(tmp_path: Path, http_server: HttpServer) -> None:
+async def test_a_goal_survives_a_sigkill_of_the_coordinator(
+    tmp_path: Path, http_server: HttpServer, store_url: str
+) -> None:
     for name in SUBTASKS:
         http_server.routes[f"/chain/{name}"] = slow_echo
     chain_template(tmp_path / "templates")
-    env = {**os.environ, "TIERSTACK_TEMPLATES_DIR": str(tmp_path / "templates")}
+    env = {**os.environ, "TIERSTACK_TEMPLATES_DIR": str(tmp_path / "templates"), "TIERSTACK_STORE_URL": store_url}
     data = tmp_path / "data"
     agents = [pb.Agent(id="fetcher", capabilities=["http"], max_concurrent_tasks=6)]
     async with spawned_stack(data, env) as started:

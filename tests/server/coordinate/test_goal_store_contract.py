@@ -1,137 +1,33 @@
-"""One contract every GoalStore backend passes (memory and SQLite): idempotent creation, events
-numbered by the store without gaps, transitions by the lifecycle table, and fencing: a write from an
-owner that lost the goal is refused, never dropped in silence."""
+"""The goal store contract (``tierstack.server.conformance.goals``) on memory, SQLite and PostgreSQL,
+and what SQLite alone must do (keep everything across a reopen)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError
+from tierstack.server.conformance.goals import *  # noqa: F403 (the suite's tests, run here)
+from tierstack.server.conformance.goals import new_goal, note
+from tierstack.server.coordinate.postgres_store import PostgresGoalStore
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore, SqliteGoalStore
-from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[GoalStore]:
-    backend: GoalStore = MemoryGoalStore() if request.param == "memory" else SqliteGoalStore(tmp_path / "g.sqlite3")
+    backend: GoalStore
+    if request.param == "memory":
+        backend = MemoryGoalStore()
+    elif request.param == "sqlite":
+        backend = SqliteGoalStore(tmp_path / "goals.sqlite3")
+    else:
+        backend = PostgresGoalStore(request.getfixturevalue("postgres_server").new_database())
     await backend.open()
     yield backend
     await backend.close()
-
-
-def new_goal(goal_id: str, *, request_id: str = "", created_ns: int = 1_000) -> pb.Goal:
-    goal = pb.Goal(goal_id=goal_id, state=pb.GOAL_STATE_PENDING, request=pb.StartGoalRequest(request_id=request_id))
-    goal.request.goal = f"goal {goal_id}"
-    goal.create_time.FromNanoseconds(created_ns)
-    return goal
-
-
-def note(text: str) -> pb.GoalEvent:
-    return pb.GoalEvent(goal_failed=pb.GoalFailed(error=common_pb2.ErrorDetail(message=text)))
-
-
-async def test_a_request_id_holds_one_goal(store: GoalStore) -> None:
-    first, fence = await store.create_goal(new_goal("g1", request_id="req"), "a")
-    again, none = await store.create_goal(new_goal("g2", request_id="req"), "b")
-    assert (first.goal_id, again.goal_id) == ("g1", "g1")
-    assert fence == Fence("a", 1) and none is None
-    assert await store.get_goal("g2") is None
-    assert (await store.create_goal(new_goal("g3"), "a"))[0].goal_id == "g3"
-    assert (await store.create_goal(new_goal("g4"), "a"))[0].goal_id == "g4"  # no request id: no conflict
-
-
-async def test_the_store_numbers_events_without_gaps(store: GoalStore) -> None:
-    goal, fence = await store.create_goal(new_goal("g1"), "a")
-    assert fence is not None
-    written = await store.write(goal, fence, [note("one"), note("two")], transition="start")
-    assert [e.sequence for e in written.events] == [1, 2]
-    assert {e.goal_id for e in written.events} == {"g1"}
-    assert (written.goal.state, written.goal.last_sequence) == (pb.GOAL_STATE_RUNNING, 2)
-    again = await store.write(written.goal, fence, [note("three")])
-    assert [e.sequence for e in again.events] == [3]
-    assert [e.goal_failed.error.message for e in await store.events("g1", after_sequence=1)] == ["two", "three"]
-    stored = await store.get_goal("g1")
-    assert stored is not None and (stored.state, stored.last_sequence) == (pb.GOAL_STATE_RUNNING, 3)
-    assert await store.events("missing", after_sequence=0) == []
-
-
-async def test_concurrent_writes_of_one_owner_get_distinct_numbers(store: GoalStore) -> None:
-    goal, fence = await store.create_goal(new_goal("g1"), "a")
-    assert fence is not None
-    await asyncio.gather(*(store.write(goal, fence, [note(str(n)), note(str(n))]) for n in range(20)))
-    events = await store.events("g1", after_sequence=0)
-    assert [e.sequence for e in events] == list(range(1, 41))
-    # each write's events are adjacent: no write interleaved with another
-    assert all(events[i].goal_failed == events[i + 1].goal_failed for i in range(0, 40, 2))
-
-
-async def test_a_transition_stores_the_record_and_follows_the_table(store: GoalStore) -> None:
-    goal, fence = await store.create_goal(new_goal("g1"), "a")
-    assert fence is not None
-    goal = (await store.write(goal, fence, [], transition="start")).goal
-    goal.outputs["s1"].string_value = "done"
-    done = await store.write(goal, fence, [pb.GoalEvent(goal_completed=pb.GoalCompleted())], transition="complete")
-    assert done.goal.state == pb.GOAL_STATE_COMPLETED
-    stored = await store.get_goal("g1")
-    assert stored is not None and stored.outputs["s1"].string_value == "done"
-    with pytest.raises(IllegalTransitionError) as caught:
-        await store.write(done.goal, fence, [note("late")], transition="cancel")
-    assert caught.value.reason == "ILLEGAL_TRANSITION" and "COMPLETED" in caught.value.message
-    with pytest.raises(IllegalTransitionError):
-        await store.claim("g1", "b")  # an ended goal has no owner to take over from
-    assert [e.sequence for e in await store.events("g1", after_sequence=0)] == [1]
-
-
-async def test_a_writer_that_believes_another_state_is_refused(store: GoalStore) -> None:
-    goal, fence = await store.create_goal(new_goal("g1"), "a")
-    assert fence is not None
-    await store.write(goal, fence, [], transition="start")
-    with pytest.raises(IllegalTransitionError):
-        await store.write(goal, fence, [note("stale")])  # goal still says PENDING
-    assert await store.events("g1", after_sequence=0) == []
-
-
-async def test_a_stale_owner_is_refused_and_the_new_owner_continues(store: GoalStore) -> None:
-    goal, old = await store.create_goal(new_goal("g1"), "a")
-    assert old is not None
-    goal = (await store.write(goal, old, [note("by a")], transition="start")).goal
-    new = await store.claim("g1", "b")
-    assert new == Fence("b", 2)
-    with pytest.raises(StaleOwnerError) as caught:
-        await store.write(goal, old, [note("a again")])
-    assert caught.value.reason == "STALE_OWNER"
-    with pytest.raises(StaleOwnerError):
-        await store.write(goal, old, [pb.GoalEvent(goal_cancelled=pb.GoalCancelled())], transition="cancel")
-    with pytest.raises(StaleOwnerError):
-        await store.write(goal, Fence("a", 2), [note("same epoch, wrong owner")])
-    written = await store.write(goal, new, [note("by b")])
-    assert [e.sequence for e in written.events] == [2]
-    messages = [e.goal_failed.error.message for e in await store.events("g1", after_sequence=0)]
-    assert messages == ["by a", "by b"]
-    stored = await store.get_goal("g1")
-    assert stored is not None and stored.state == pb.GOAL_STATE_RUNNING
-    assert await store.claim("g1", "a") == Fence("a", 3)  # a claim always raises the epoch
-
-
-async def test_list_goals_pages_newest_first_and_filters_by_state(store: GoalStore) -> None:
-    for index in range(5):
-        goal, fence = await store.create_goal(new_goal(f"g{index}", created_ns=1_000 + index), "a")
-        assert fence is not None
-        if index % 2:
-            await store.write(goal, fence, [], transition="cancel")
-    first = await store.list_goals(limit=2, after=None, state=0)
-    assert [g.goal_id for g in first] == ["g4", "g3"]
-    last = first[-1]
-    rest = await store.list_goals(limit=10, after=(last.create_time.ToNanoseconds(), last.goal_id), state=0)
-    assert [g.goal_id for g in rest] == ["g2", "g1", "g0"]
-    cancelled = await store.list_goals(limit=10, after=None, state=pb.GOAL_STATE_CANCELLED)
-    assert [g.goal_id for g in cancelled] == ["g3", "g1"]
-    assert [g.goal_id for g in await store.unfinished_goals()] == ["g0", "g2", "g4"]
 
 
 async def test_sqlite_keeps_goals_owners_and_events_across_a_reopen(tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ async def transfer(amount: float) -> JSON:
 _slow = slowly(reply(json.dumps({"ok": True}).encode()), 0.2)  # long enough for a second call to arrive
 
 
-async def _execute(data_dir: Path) -> TierServer:
-    server = await start_tier("execute", Settings(data_dir=data_dir, approval_timeout_seconds=60))
+async def _execute(data_dir: Path, store_url: str = "") -> TierServer:
+    server = await start_tier("execute", Settings(data_dir=data_dir, store_url=store_url, approval_timeout_seconds=60))
     service = server.service
     assert isinstance(service, ExecuteService)
     service.registry.register(transfer)
@@ -40,15 +40,18 @@ async def _events(client: ExecutorClient, request: executor_service_pb2.ExecuteR
     return [event.WhichOneof("payload") or "" async for event in client.execute(request)]
 
 
-async def test_a_finished_execution_is_replayed_after_a_restart(data_dir: Path, http_server: HttpServer) -> None:
+async def test_a_finished_execution_is_replayed_after_a_restart(
+    tmp_path: Path, http_server: HttpServer, store_url: str
+) -> None:
     http_server.routes["/charge"] = _slow
     call = common_pb2.ToolCall(tool="http.request", arguments=to_struct({"url": f"{http_server.url}/charge"}))
     request = _step("run1/a/1", call)
-    first = await _execute(data_dir)
+    first = await _execute(tmp_path / "first", store_url)
     async with ExecutorClient(first.target) as client:
         before = await _events(client, request)
     await first.stop()
-    second = await _execute(data_dir)
+    # On PostgreSQL another replica, with a folder of its own, replays it just as well.
+    second = await _execute(tmp_path / ("first" if not store_url else "second"), store_url)
     try:
         async with ExecutorClient(second.target) as client:
             after = [event async for event in client.execute(request)]
@@ -75,17 +78,17 @@ async def test_a_call_for_an_execution_in_flight_joins_it(data_dir: Path, http_s
     assert http_server.hits == ["/charge"]
 
 
-async def test_an_approval_keeps_waiting_across_a_restart(data_dir: Path) -> None:
+async def test_an_approval_keeps_waiting_across_a_restart(tmp_path: Path, store_url: str) -> None:
     call = common_pb2.ToolCall(tool="bank.transfer", arguments=to_struct({"amount": 5}))
     request = _step("run3/pay/1", call)
-    first = await _execute(data_dir)
+    first = await _execute(tmp_path / "first", store_url)
     async with ExecutorClient(first.target) as client:
         async for event in client.execute(request):
             if event.HasField("approval_required"):
                 waiting = event.approval_required
                 break
     await first.stop()
-    second = await _execute(data_dir)
+    second = await _execute(tmp_path / ("first" if not store_url else "second"), store_url)
     try:
         async with ExecutorClient(second.target) as client:
             outcome = []

@@ -1,87 +1,50 @@
-"""One contract every ExecutionStore backend passes: memory and SQLite."""
+"""The execution store contract (``tierstack.server.conformance.executions``) on memory, SQLite and
+PostgreSQL, its byte budget, and what SQLite alone must do (keep everything across a reopen)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tierstack.server.execute.store import Approval, ExecutionStore, MemoryExecutionStore, SqliteExecutionStore
-from tierstack.v1 import executor_service_pb2 as pb
+from tierstack.server.conformance.executions import *  # noqa: F403 (the suite's tests, run here)
+from tierstack.server.conformance.executions import approval, finished_events
+from tierstack.server.execute.postgres_store import PostgresExecutionStore
+from tierstack.server.execute.store import (
+    DEFAULT_MAX_BYTES,
+    ExecutionStore,
+    MemoryExecutionStore,
+    SqliteExecutionStore,
+)
+
+BACKENDS = ["memory", "sqlite", "postgresql"]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def _backend(request: pytest.FixtureRequest, tmp_path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ExecutionStore:
+    """Returns a store of the backend the test is parametrized with."""
+    backend: str = request.param
+    if backend == "memory":
+        return MemoryExecutionStore(max_bytes=max_bytes)
+    if backend == "sqlite":
+        return SqliteExecutionStore(tmp_path / "executions.sqlite3", max_bytes=max_bytes)
+    return PostgresExecutionStore(request.getfixturevalue("postgres_server").new_database(), max_bytes=max_bytes)
+
+
+@pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ExecutionStore]:
-    backend: ExecutionStore = (
-        MemoryExecutionStore() if request.param == "memory" else SqliteExecutionStore(tmp_path / "executions.sqlite3")
-    )
+    backend = _backend(request, tmp_path)
     await backend.open()
     yield backend
     await backend.close()
-
-
-def _events(execution_id: str, output: str) -> list[pb.ExecutionEvent]:
-    return [
-        pb.ExecutionEvent(sequence=1, execution_id=execution_id, started=pb.ExecutionStarted(step_id="a")),
-        pb.ExecutionEvent(sequence=2, execution_id=execution_id, output=pb.ExecutionOutput()),
-        pb.ExecutionEvent(sequence=3, execution_id=execution_id, completed=pb.ExecutionCompleted()),
-    ][: 3 if output else 1]
-
-
-def _approval(approval_id: str, index: int = 0, *, expire_ns: int = 0) -> Approval:
-    return Approval(
-        approval_id=approval_id,
-        execution_id="run/a/1",
-        index=index,
-        tool="files.write",
-        arguments=b"\x0a\x00",
-        expire_ns=expire_ns or time.time_ns() + 60 * 10**9,
-    )
-
-
-async def test_a_finished_execution_is_kept_once(store: ExecutionStore) -> None:
-    assert await store.finished("e1") is None
-    await store.finish("e1", _events("e1", "first"))
-    await store.finish("e1", _events("e1", ""))  # a second finish under the same id changes nothing
-    kept = await store.finished("e1")
-    assert kept is not None
-    assert [e.WhichOneof("payload") for e in kept] == ["started", "output", "completed"]
-    assert kept[0].execution_id == "e1"
-
-
-async def test_an_approval_is_opened_once_per_call_and_answered_once(store: ExecutionStore) -> None:
-    first = await store.open_approval(_approval("p1"))
-    again = await store.open_approval(_approval("p2"))  # the same call, asked again after a restart
-    assert again.approval_id == first.approval_id == "p1"
-    assert (await store.open_approval(_approval("p3", index=1))).approval_id == "p3"
-    answered = await store.decide("p1", "not today")
-    assert answered is not None and answered.decided and answered.rejection == "not today"
-    assert await store.decide("p1", None) is None  # answered already
-    assert await store.decide("missing", None) is None
-    approved = await store.decide("p3", None)
-    assert approved is not None and approved.decided and approved.rejection == ""
-    kept = await store.approval("p1")
-    assert kept is not None and kept.arguments == b"\x0a\x00"
-
-
-async def test_old_executions_and_expired_approvals_are_forgotten(store: ExecutionStore) -> None:
-    await store.finish("old", _events("old", "x"))
-    await store.open_approval(_approval("gone", expire_ns=1))
-    cut = time.time_ns()
-    await store.finish("new", _events("new", "x"))
-    assert await store.forget_before(cut) == 1
-    assert await store.finished("old") is None and await store.finished("new") is not None
-    assert await store.approval("gone") is None
 
 
 async def test_sqlite_keeps_executions_and_approvals_across_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "executions.sqlite3"
     first = SqliteExecutionStore(path)
     await first.open()
-    await first.finish("e1", _events("e1", "x"))
-    await first.open_approval(_approval("p1"))
+    await first.finish("e1", finished_events("e1", "x"))
+    await first.open_approval(approval("p1"))
     await first.close()
     second = SqliteExecutionStore(path)
     await second.open()
@@ -93,21 +56,20 @@ async def test_sqlite_keeps_executions_and_approvals_across_a_reopen(tmp_path: P
         await second.close()
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite"])
-async def test_finished_executions_are_bounded_in_bytes(backend: str, tmp_path: Path) -> None:
-    budget = 4096
-    store: ExecutionStore = (
-        MemoryExecutionStore(max_bytes=budget)
-        if backend == "memory"
-        else SqliteExecutionStore(tmp_path / "executions.sqlite3", max_bytes=budget)
-    )
-    await store.open()
-    try:
-        for index in range(200):  # far more than the budget holds
-            await store.finish(f"e{index}", _events(f"e{index}", "x"))
-        assert await store.finished("e0") is None  # the first finished are forgotten
-        assert await store.finished("e199") is not None
-        kept = [index for index in range(200) if await store.finished(f"e{index}") is not None]
-        assert 0 < len(kept) < 200 and kept == list(range(200 - len(kept), 200))
-    finally:
-        await store.close()
+@pytest.fixture(params=BACKENDS)
+async def small_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ExecutionStore]:
+    """A store whose budget holds far fewer executions than the test finishes."""
+    backend = _backend(request, tmp_path, max_bytes=4096)
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+async def test_finished_executions_are_bounded_in_bytes(small_store: ExecutionStore) -> None:
+    store = small_store
+    for index in range(200):
+        await store.finish(f"e{index}", finished_events(f"e{index}", "x"))
+    assert await store.finished("e0") is None  # the first finished are forgotten
+    assert await store.finished("e199") is not None
+    kept = [index for index in range(200) if await store.finished(f"e{index}") is not None]
+    assert 0 < len(kept) < 200 and kept == list(range(200 - len(kept), 200))

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import FlakyStore, wait_for
-from tests.server.orchestrate.workflows import event, new_run
 from tierstack.core.lifecycle import Fence
+from tierstack.server.conformance.runs import event, new_run
 from tierstack.server.orchestrate import EventLog, MemoryRunStore, SqliteRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 

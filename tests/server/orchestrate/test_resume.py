@@ -30,7 +30,9 @@ slow_echo = slowly(echo, 0.03)
 
 
 @pytest.mark.parametrize("round_", range(ROUNDS))
-async def test_runs_survive_a_sigkill_of_the_orchestrator(round_: int, tmp_path: Path, http_server: HttpServer) -> None:
+async def test_runs_survive_a_sigkill_of_the_orchestrator(
+    round_: int, tmp_path: Path, http_server: HttpServer, store_url: str
+) -> None:
     paths = [f"/hit/r{run}/{name}" for run in range(RUNS) for name in STEPS]
     for path in paths:
         http_server.routes[path] = slow_echo
@@ -40,7 +42,7 @@ async def test_runs_survive_a_sigkill_of_the_orchestrator(round_: int, tmp_path:
             for name, deps in STEPS.items()
         )
     )
-    env = {**os.environ}
+    env = {**os.environ, "TIERSTACK_STORE_URL": store_url}
     execute = await start_tier("execute", Settings())
     arguments = ("--execute-target", execute.target, "--data-dir", str(tmp_path))
     try:

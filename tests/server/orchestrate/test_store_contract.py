@@ -1,82 +1,34 @@
-"""One contract every RunStore backend passes: memory and SQLite."""
+"""The run store contract (``tierstack.server.conformance.runs``) on memory, SQLite and PostgreSQL,
+and what SQLite alone must do (keep everything across a reopen, upgrade an old file)."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.server.orchestrate.workflows import event, new_run
-from tierstack.core.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
-from tierstack.server.orchestrate import MemoryRunStore, RunStore, SqliteRunStore, StoredRun
+from tierstack.core.lifecycle import Fence, StaleOwnerError
+from tierstack.server.conformance.runs import *  # noqa: F403 (the suite's tests, run here)
+from tierstack.server.conformance.runs import OWNER, created, ended, event, new_run
+from tierstack.server.orchestrate import MemoryRunStore, RunStore, SqliteRunStore
+from tierstack.server.orchestrate.postgres_store import PostgresRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
-OWNER = "test"
 
-
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunStore]:
-    backend: RunStore = MemoryRunStore() if request.param == "memory" else SqliteRunStore(tmp_path / "runs.sqlite3")
+    backend: RunStore
+    if request.param == "memory":
+        backend = MemoryRunStore()
+    elif request.param == "sqlite":
+        backend = SqliteRunStore(tmp_path / "runs.sqlite3")
+    else:
+        backend = PostgresRunStore(request.getfixturevalue("postgres_server").new_database())
     await backend.open()
     yield backend
     await backend.close()
-
-
-async def created(store: RunStore, stored: StoredRun) -> Fence:
-    """Creates a run and returns its fence."""
-    _, fence = await store.create_run(stored, OWNER)
-    assert fence == Fence(OWNER, 1)
-    return fence
-
-
-async def test_a_request_id_holds_one_run(store: RunStore) -> None:
-    first, fence = await store.create_run(new_run("r1", request_id="req"), OWNER)
-    again, none = await store.create_run(new_run("r2", request_id="req"), "another")
-    assert first.run_id == again.run_id == "r1"
-    assert (fence, none) == (Fence(OWNER, 1), None)
-    assert await store.get_run("r2") is None
-    assert (await store.create_run(new_run("r3"), OWNER))[0].run_id == "r3"
-    assert (await store.create_run(new_run("r4"), OWNER))[0].run_id == "r4"
-
-
-async def test_write_replaces_state_and_appends_events(store: RunStore) -> None:
-    fences = {"r1": await created(store, new_run("r1"))}
-    run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING, last_sequence=2)
-    batch = [event("r1", 1), event("r1", 2)]
-    await store.write([run], batch, fences)
-    await store.write([], [event("r1", 3)], fences)
-    stored = await store.get_stored("r1")
-    assert stored is not None
-    assert stored.run.state == pb.RUN_STATE_RUNNING
-    assert stored.limits.max_parallelism == 3
-    assert [s.id for s in stored.workflow.steps] == ["a"]
-    assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3]
-    assert [e.run_started.workflow_name for e in await store.events("r1", after_sequence=1)] == ["w2", "w3"]
-    assert await store.events("missing", after_sequence=0) == []
-    assert [e.sequence for e in await store.events("r1", after_sequence=0, limit=2)] == [1, 2]
-
-
-async def test_list_runs_pages_newest_first_and_filters_by_state(store: RunStore) -> None:
-    for index in range(5):
-        state = pb.RUN_STATE_COMPLETED if index % 2 else pb.RUN_STATE_RUNNING
-        await created(store, new_run(f"r{index}", created_ns=1_000 + index, state=state))
-    first = await store.list_runs(limit=2, after=None, state=0)
-    assert [r.run_id for r in first] == ["r4", "r3"]
-    last = first[-1]
-    rest = await store.list_runs(limit=10, after=(last.create_time.ToNanoseconds(), last.run_id), state=0)
-    assert [r.run_id for r in rest] == ["r2", "r1", "r0"]
-    completed = await store.list_runs(limit=10, after=None, state=pb.RUN_STATE_COMPLETED)
-    assert [r.run_id for r in completed] == ["r3", "r1"]
-
-
-async def test_unfinished_runs_are_pending_or_running_oldest_first(store: RunStore) -> None:
-    states = [pb.RUN_STATE_RUNNING, pb.RUN_STATE_PAUSED, pb.RUN_STATE_PENDING, pb.RUN_STATE_FAILED]
-    for index, state in enumerate(states):
-        await created(store, new_run(f"r{index}", created_ns=1_000 + index, state=state))
-    assert [s.run.run_id for s in await store.unfinished_runs()] == ["r0", "r2"]
 
 
 async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
@@ -97,42 +49,6 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
         assert [e.sequence for e in await second.events("r1", after_sequence=0)] == [1]
     finally:
         await second.close()
-
-
-def ended(run_id: str, state: int, end_ns: int | None) -> pb.Run:
-    run = pb.Run(run_id=run_id, state=state)  # type: ignore[arg-type]
-    if end_ns is not None:
-        run.end_time.FromNanoseconds(end_ns)
-    return run
-
-
-async def test_finished_runs_are_found_by_end_time_and_deleted_with_their_events(store: RunStore) -> None:
-    fences = {}
-    for index in range(6):
-        stored = new_run(f"r{index}", request_id=f"req{index}", created_ns=500 + index, state=pb.RUN_STATE_RUNNING)
-        fences[f"r{index}"] = await created(store, stored)
-    await store.write(
-        [
-            ended("r0", pb.RUN_STATE_COMPLETED, 3_000),
-            ended("r1", pb.RUN_STATE_FAILED, 1_000),
-            ended("r2", pb.RUN_STATE_CANCELLED, 2_000),
-            ended("r3", pb.RUN_STATE_RUNNING, None),
-            ended("r4", pb.RUN_STATE_PAUSED, None),
-            ended("r5", pb.RUN_STATE_FAILED, None),  # no end time kept: its creation counts
-        ],
-        [event("r1", 1), event("r1", 2), event("r0", 1)],
-        fences,
-    )
-    assert await store.finished_before(2_500, limit=10) == ["r5", "r1", "r2"]
-    assert await store.finished_before(2_500, limit=2) == ["r5", "r1"]
-    assert await store.finished_before(10_000, limit=10) == ["r5", "r1", "r2", "r0"]
-    await store.delete_runs(["r1", "r5", "missing"])
-    assert await store.get_run("r1") is None and await store.events("r1", after_sequence=0) == []
-    assert [e.sequence for e in await store.events("r0", after_sequence=0)] == [1]
-    assert [r.run_id for r in await store.list_runs(limit=10, after=None, state=0)] == ["r4", "r3", "r2", "r0"]
-    # The request id of a deleted run is free again.
-    assert (await store.create_run(new_run("r6", request_id="req1"), OWNER))[0].run_id == "r6"
-    assert (await store.create_run(new_run("r7", request_id="req0"), OWNER))[0].run_id == "r0"
 
 
 async def test_sqlite_upgrades_a_database_of_the_first_schema(tmp_path: Path) -> None:
@@ -181,48 +97,3 @@ CREATE TABLE events (
     PRIMARY KEY (run_id, sequence)
 ) WITHOUT ROWID;
 """
-
-
-async def test_a_claim_moves_the_run_on_and_fences_out_the_previous_owner(store: RunStore) -> None:
-    first = await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
-    await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_PAUSED)], [event("r1", 1)], {"r1": first})
-    stored, second = await store.claim("r1", "resumer", "resume")
-    assert (stored.run.state, second) == (pb.RUN_STATE_RUNNING, Fence("resumer", 2))
-    assert (await store.get_run("r1")).state == pb.RUN_STATE_RUNNING  # type: ignore[union-attr]
-    with pytest.raises(StaleOwnerError) as stale:  # the first owner's events are refused, not dropped
-        await store.write([], [event("r1", 2)], {"r1": first})
-    assert stale.value.metadata["run_id"] == "r1"
-    with pytest.raises(IllegalTransitionError):  # it is running: a second resume cannot happen
-        await store.claim("r1", "another", "resume")
-    await store.write([], [event("r1", 2)], {"r1": second})
-    assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2]
-
-
-async def test_a_stale_write_leaves_the_whole_batch_unwritten(store: RunStore) -> None:
-    fences = {"a": await created(store, new_run("a", state=pb.RUN_STATE_RUNNING))}
-    fences["b"] = await created(store, new_run("b", state=pb.RUN_STATE_RUNNING))
-    await store.claim("b", "thief", "claim")
-    with pytest.raises(StaleOwnerError):
-        await store.write([pb.Run(run_id="a", state=pb.RUN_STATE_COMPLETED)], [event("a", 1), event("b", 1)], fences)
-    assert (await store.get_run("a")).state == pb.RUN_STATE_RUNNING  # type: ignore[union-attr]
-    assert await store.events("a", after_sequence=0) == [] and await store.events("b", after_sequence=0) == []
-
-
-async def test_a_record_must_follow_the_lifecycle(store: RunStore) -> None:
-    fences = {"r1": await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))}
-    await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_COMPLETED)], [], fences)
-    with pytest.raises(IllegalTransitionError):  # a completed run never changes again
-        await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)], [], fences)
-    with pytest.raises(IllegalTransitionError):
-        await store.claim("r1", "another", "claim")
-
-
-async def test_concurrent_claims_of_a_paused_run_have_one_winner(store: RunStore) -> None:
-    fence = await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
-    await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_PAUSED)], [], {"r1": fence})
-    outcomes = await asyncio.gather(
-        *(store.claim("r1", f"owner{index}", "resume") for index in range(8)), return_exceptions=True
-    )
-    winners = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
-    assert len(winners) == 1
-    assert all(isinstance(outcome, IllegalTransitionError) for outcome in outcomes if outcome not in winners)

@@ -6,9 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tierstack.core.values import now_timestamp, to_struct
-from tierstack.server.orchestrate import StoredRun
-from tierstack.v1 import common_pb2
+from tierstack.core.values import to_struct
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 
@@ -20,16 +18,6 @@ def step(
 
 def workflow(*steps: pb.WorkflowStep, name: str = "test") -> pb.Workflow:
     return pb.Workflow(name=name, steps=steps)
-
-
-def new_run(run_id: str, *, request_id: str = "", created_ns: int = 0, state: int = pb.RUN_STATE_PENDING) -> StoredRun:
-    run = pb.Run(run_id=run_id, request_id=request_id, state=state)  # type: ignore[arg-type]
-    run.create_time.FromNanoseconds(created_ns or now_timestamp().ToNanoseconds())
-    return StoredRun(run, workflow(step("a")), common_pb2.ResourceLimits(max_parallelism=3))
-
-
-def event(run_id: str, sequence: int) -> pb.RunEvent:
-    return pb.RunEvent(run_id=run_id, sequence=sequence, run_started=pb.RunStarted(workflow_name=f"w{sequence}"))
 
 
 @st.composite

@@ -20,8 +20,9 @@ from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.engine import Coordinator, team_for, team_message
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.model_decomposer import ModelDecomposer
+from tierstack.server.coordinate.postgres_store import PostgresGoalStore
 from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
-from tierstack.server.coordinate.store import SqliteGoalStore
+from tierstack.server.coordinate.store import GoalStore, SqliteGoalStore
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import tier_channel
@@ -119,7 +120,11 @@ class CoordinateService:
         )
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
-        self._store = SqliteGoalStore(settings.data_dir / "goals.sqlite3")
+        self._store: GoalStore = (
+            PostgresGoalStore(settings.postgres_url)
+            if settings.postgres_url
+            else SqliteGoalStore.in_folder(settings.sqlite_dir)
+        )
         self.coordinator = Coordinator(
             self._orchestrator, decomposer, store=self._store, max_output_bytes=settings.max_total_output_bytes
         )

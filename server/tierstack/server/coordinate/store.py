@@ -28,7 +28,7 @@ from tierstack.v1 import coordinator_service_pb2 as pb
 Goal = pb.Goal
 GoalEvent = pb.GoalEvent
 _log = logging.getLogger(__name__)
-_UNFINISHED = (pb.GOAL_STATE_PENDING, pb.GOAL_STATE_RUNNING)
+UNFINISHED = (pb.GOAL_STATE_PENDING, pb.GOAL_STATE_RUNNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ def _copy(goal: Goal) -> Goal:
     return Goal.FromString(goal.SerializeToString())
 
 
-def _next_state(goal: Goal, stored_state: int, transition: str | None) -> pb.GoalState.ValueType:
+def next_state(goal: Goal, stored_state: int, transition: str | None) -> pb.GoalState.ValueType:
     """Returns the state a write leaves the goal in, checking the state the writer expects."""
     if goal.state != stored_state:
         name = GOAL_LIFECYCLE.names.get(stored_state, str(stored_state))
@@ -117,7 +117,7 @@ def _next_state(goal: Goal, stored_state: int, transition: str | None) -> pb.Goa
     return pb.GoalState.ValueType(following)
 
 
-def _numbered(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[GoalEvent]:
+def number_events(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[GoalEvent]:
     numbered = []
     for offset, event in enumerate(events, start=1):
         copy = GoalEvent()
@@ -127,7 +127,7 @@ def _numbered(goal_id: str, events: Sequence[GoalEvent], after: int) -> list[Goa
     return numbered
 
 
-def _written(goal: Goal, state: pb.GoalState.ValueType, after: int, numbered: list[GoalEvent]) -> Written:
+def written(goal: Goal, state: pb.GoalState.ValueType, after: int, numbered: list[GoalEvent]) -> Written:
     held = _copy(goal)
     held.state, held.last_sequence = state, after + len(numbered)
     return Written(held, numbered)
@@ -181,14 +181,14 @@ class MemoryGoalStore(GoalStore):
         held = self._held(goal.goal_id)
         if held.fence != fence:
             raise StaleOwnerError("goal", goal.goal_id, fence)
-        state = _next_state(goal, held.goal.state, transition)
+        state = next_state(goal, held.goal.state, transition)
         last_sequence = held.goal.last_sequence
-        numbered = _numbered(goal.goal_id, events, last_sequence)
+        numbered = number_events(goal.goal_id, events, last_sequence)
         if transition is not None:
             held.goal = _copy(goal)
         held.goal.state, held.goal.last_sequence = state, last_sequence + len(numbered)
         held.events.extend(event.SerializeToString() for event in numbered)
-        return _written(goal, state, last_sequence, numbered)
+        return written(goal, state, last_sequence, numbered)
 
     async def get_goal(self, goal_id: str) -> Goal | None:
         held = self._goals.get(goal_id)
@@ -208,7 +208,7 @@ class MemoryGoalStore(GoalStore):
         return found
 
     async def unfinished_goals(self) -> list[Goal]:
-        unfinished = [_copy(h.goal) for h in self._goals.values() if h.goal.state in _UNFINISHED]
+        unfinished = [_copy(h.goal) for h in self._goals.values() if h.goal.state in UNFINISHED]
         return sorted(unfinished, key=lambda goal: goal.create_time.ToNanoseconds())
 
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
@@ -239,7 +239,7 @@ CREATE TABLE IF NOT EXISTS goal_events (
 _COLUMNS = "goal, state, last_sequence"
 
 
-def _goal(row: Any) -> Goal:
+def stored_goal(row: Any) -> Goal:
     """Returns a stored goal: its record, with the state and last sequence of their own columns."""
     record, state, last_sequence = row
     goal = Goal.FromString(record)
@@ -256,6 +256,14 @@ class SqliteGoalStore(GoalStore):
     Args:
         path: The database file; its folder is created when missing.
     """
+
+    #: The store's file in the folder of the SQLite stores.
+    FILE = "goals.sqlite3"
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> SqliteGoalStore:
+        """Returns the store of its file in ``folder``."""
+        return cls(folder / cls.FILE)
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -279,7 +287,7 @@ class SqliteGoalStore(GoalStore):
     async def _one(self, query: str, params: tuple[str | int, ...]) -> Goal | None:
         async with self._conn.execute(f"SELECT {_COLUMNS} FROM goals WHERE {query}", params) as rows:
             row = await rows.fetchone()
-        return _goal(row) if row else None
+        return stored_goal(row) if row else None
 
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         async with self._lock:
@@ -331,8 +339,8 @@ class SqliteGoalStore(GoalStore):
             stored_state, owner, epoch, last_sequence = row
             if Fence(owner, epoch) != fence:
                 raise StaleOwnerError("goal", goal.goal_id, fence)
-            state = _next_state(goal, stored_state, transition)
-            numbered = _numbered(goal.goal_id, events, last_sequence)
+            state = next_state(goal, stored_state, transition)
+            numbered = number_events(goal.goal_id, events, last_sequence)
             record = (goal.SerializeToString(),) if transition is not None else ()
             # The compare-and-set: what was read above is checked again in the write itself.
             try:
@@ -360,7 +368,7 @@ class SqliteGoalStore(GoalStore):
             except BaseException:
                 await self._conn.rollback()  # all or nothing: no later commit may carry half of this one
                 raise
-        return _written(goal, state, last_sequence, numbered)
+        return written(goal, state, last_sequence, numbered)
 
     async def get_goal(self, goal_id: str) -> Goal | None:
         async with self._lock:
@@ -378,19 +386,19 @@ class SqliteGoalStore(GoalStore):
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         query = f"SELECT {_COLUMNS} FROM goals {where} ORDER BY create_ns DESC, goal_id DESC LIMIT ?"
         async with self._lock, self._conn.execute(query, (*params, limit)) as rows:
-            return [_goal(row) for row in await rows.fetchall()]
+            return [stored_goal(row) for row in await rows.fetchall()]
 
     async def unfinished_goals(self) -> list[Goal]:
         """Returns every goal that is pending or running, oldest first; a goal whose stored record
         cannot be read is marked failed (and logged) rather than returned."""
-        marks = ", ".join("?" * len(_UNFINISHED))
+        marks = ", ".join("?" * len(UNFINISHED))
         query = f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state IN ({marks}) ORDER BY create_ns"
         async with self._lock:
-            async with self._conn.execute(query, _UNFINISHED) as rows:
+            async with self._conn.execute(query, UNFINISHED) as rows:
                 found, unreadable = [], []
                 for goal_id, *row in await rows.fetchall():
                     try:
-                        found.append(_goal(row))
+                        found.append(stored_goal(row))
                     except DecodeError:
                         unreadable.append(goal_id)
             if unreadable:

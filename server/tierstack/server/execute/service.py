@@ -15,9 +15,10 @@ from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
 from tierstack.server.execute.mcp_tools import McpMounts, McpServer
+from tierstack.server.execute.postgres_store import PostgresExecutionStore
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
-from tierstack.server.execute.store import SqliteExecutionStore
+from tierstack.server.execute.store import ExecutionStore, SqliteExecutionStore
 from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.execute.workspaces import remove_stale
 from tierstack.server.pagination import decode_token, encode_token
@@ -136,8 +137,11 @@ class ExecuteService:
         register_builtin_tools(self.registry, self._http, self.ai)
         self._mcp = McpMounts(McpServer.parse(settings.mcp_servers))
         register_entry_point_tools(self.registry)
-        self._store = SqliteExecutionStore(
-            settings.data_dir / "executions.sqlite3", max_bytes=settings.execution_store_bytes
+        budget = settings.execution_store_bytes
+        self._store: ExecutionStore = (
+            PostgresExecutionStore(settings.postgres_url, max_bytes=budget)
+            if settings.postgres_url
+            else SqliteExecutionStore.in_folder(settings.sqlite_dir, max_bytes=budget)
         )
         self.workers = WorkerPool(
             workers=settings.worker_processes,

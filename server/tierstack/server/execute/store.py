@@ -44,7 +44,7 @@ class Approval:
     rejection: str = ""
 
 
-def _pack(events: Sequence[ExecutionEvent]) -> bytes:
+def pack_events(events: Sequence[ExecutionEvent]) -> bytes:
     """Frames events as (4-byte length, message) pairs."""
     return b"".join(len(data).to_bytes(4, "big") + data for data in (e.SerializeToString() for e in events))
 
@@ -130,7 +130,7 @@ class MemoryExecutionStore(ExecutionStore):
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
         if execution_id in self._finished:
             return
-        packed = self._finished[execution_id] = (time.time_ns(), _pack(events))
+        packed = self._finished[execution_id] = (time.time_ns(), pack_events(events))
         self._bytes += len(packed[1])
         while self._bytes > self._max_bytes:
             oldest = next(iter(self._finished))
@@ -181,10 +181,10 @@ CREATE TABLE IF NOT EXISTS approvals (
     UNIQUE (execution_id, call_index)
 );
 """
-_APPROVAL_COLUMNS = "approval_id, execution_id, call_index, tool, arguments, expire_ns, decided, rejection"
+APPROVAL_COLUMNS = "approval_id, execution_id, call_index, tool, arguments, expire_ns, decided, rejection"
 
 
-def _approval(row: aiosqlite.Row | tuple[object, ...]) -> Approval:
+def approval_of_row(row: aiosqlite.Row | tuple[object, ...]) -> Approval:
     approval_id, execution_id, index, tool, arguments, expire_ns, decided, rejection = row
     return Approval(
         approval_id=str(approval_id),
@@ -205,6 +205,14 @@ class SqliteExecutionStore(ExecutionStore):
         path: The database file; its folder is created when missing.
         max_bytes: The most bytes of finished executions' events kept.
     """
+
+    #: The store's file in the folder of the SQLite stores.
+    FILE = "executions.sqlite3"
+
+    @classmethod
+    def in_folder(cls, folder: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SqliteExecutionStore:
+        """Returns the store of its file in ``folder``."""
+        return cls(folder / cls.FILE, max_bytes=max_bytes)
 
     def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._path = path
@@ -238,7 +246,7 @@ class SqliteExecutionStore(ExecutionStore):
         return None if row is None else unpack_events(row[0])
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
-        packed = _pack(events)
+        packed = pack_events(events)
         cursor = await self._conn.execute(
             "INSERT INTO executions (execution_id, finish_ns, events) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (execution_id, time.time_ns(), packed),
@@ -259,7 +267,7 @@ class SqliteExecutionStore(ExecutionStore):
 
     async def open_approval(self, approval: Approval) -> Approval:
         await self._conn.execute(
-            f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, '') ON CONFLICT DO NOTHING",
+            f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, '') ON CONFLICT DO NOTHING",
             (
                 approval.approval_id,
                 approval.execution_id,
@@ -270,17 +278,17 @@ class SqliteExecutionStore(ExecutionStore):
             ),
         )
         await self._conn.commit()
-        query = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE execution_id = ? AND call_index = ?"
+        query = f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE execution_id = ? AND call_index = ?"
         async with self._conn.execute(query, (approval.execution_id, approval.index)) as rows:
             row = await rows.fetchone()
         assert row is not None  # just written, or kept from before
-        return _approval(row)
+        return approval_of_row(row)
 
     async def approval(self, approval_id: str) -> Approval | None:
-        query = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE approval_id = ?"
+        query = f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE approval_id = ?"
         async with self._conn.execute(query, (approval_id,)) as rows:
             row = await rows.fetchone()
-        return None if row is None else _approval(row)
+        return None if row is None else approval_of_row(row)
 
     async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
         cursor = await self._conn.execute(

@@ -17,6 +17,7 @@ from tierstack.server.interceptor import tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.persistence import HealthReport
+from tierstack.server.orchestrate.postgres_store import PostgresRunStore
 from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
 from tierstack.server.pagination import decode_time_cursor, encode_time_cursor
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
@@ -200,14 +201,17 @@ class OrchestrateService:
 
     Args:
         settings: The server's settings.
-        store: Where runs are kept; a SQLite file in the data folder unless given.
+        store: Where runs are kept; the one ``settings.store_url`` names unless given.
     """
 
     tier = common_pb2.TIER_ORCHESTRATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,)
 
     def __init__(self, settings: Settings, *, store: RunStore | None = None) -> None:
-        self._store = store if store is not None else SqliteRunStore(settings.data_dir / "runs.sqlite3")
+        if store is None:
+            url = settings.postgres_url
+            store = PostgresRunStore(url) if url else SqliteRunStore.in_folder(settings.sqlite_dir)
+        self._store = store
         self.client_metrics = MethodMetrics()
         self._max_message_bytes = settings.max_message_bytes
         self._channel = tier_channel(

@@ -113,7 +113,7 @@ class RunStore(abc.ABC):
         ignored."""
 
 
-_UNFINISHED = (orchestrator_service_pb2.RUN_STATE_PENDING, orchestrator_service_pb2.RUN_STATE_RUNNING)
+UNFINISHED = (orchestrator_service_pb2.RUN_STATE_PENDING, orchestrator_service_pb2.RUN_STATE_RUNNING)
 #: The states a run ends in; a run in one of them never changes again.
 FINISHED = (
     orchestrator_service_pb2.RUN_STATE_COMPLETED,
@@ -122,7 +122,7 @@ FINISHED = (
 )
 
 
-def _check_follows(run: Run, stored_state: int) -> None:
+def check_follows(run: Run, stored_state: int) -> None:
     """Refuses a record whose state cannot follow the stored one.
 
     Raises:
@@ -137,7 +137,7 @@ def _check_follows(run: Run, stored_state: int) -> None:
         )
 
 
-def _end_ns(run: Run) -> int | None:
+def ended_ns(run: Run) -> int | None:
     """Returns when a finished run ended (when it was created, if that was not recorded); None
     for a run that has not."""
     if run.state not in FINISHED:
@@ -186,7 +186,7 @@ class MemoryRunStore(RunStore):
             if self._fences.get(run_id) != fences.get(run_id):
                 raise StaleOwnerError("run", run_id, fences[run_id])
         for run in runs:
-            _check_follows(run, self._runs[run.run_id].run.state)
+            check_follows(run, self._runs[run.run_id].run.state)
         for event in events:
             if event.sequence in self._events[event.run_id]:
                 raise ValueError(f"run {event.run_id} has an event {event.sequence} already")
@@ -218,7 +218,7 @@ class MemoryRunStore(RunStore):
         return found
 
     async def unfinished_runs(self) -> list[StoredRun]:
-        unfinished = [s for s in self._runs.values() if s.run.state in _UNFINISHED]
+        unfinished = [s for s in self._runs.values() if s.run.state in UNFINISHED]
         unfinished.sort(key=lambda s: s.run.create_time.ToNanoseconds())
         return [StoredRun(Run.FromString(s.run.SerializeToString()), s.workflow, s.limits) for s in unfinished]
 
@@ -231,7 +231,7 @@ class MemoryRunStore(RunStore):
         ended = sorted(
             (ended, run_id)
             for run_id, s in self._runs.items()
-            if (ended := _end_ns(s.run)) is not None and ended < end_ns
+            if (ended := ended_ns(s.run)) is not None and ended < end_ns
         )
         return [run_id for _, run_id in ended[:limit]]
 
@@ -278,13 +278,13 @@ _MIGRATIONS = (
 
 
 # For each state, the states a run may be in for a write to leave it there, as a bit mask.
-_SOURCES = {
+SOURCES = {
     target: sum(1 << source for source in RUN_LIFECYCLE.names if RUN_LIFECYCLE.follows(source, target))
     for target in RUN_LIFECYCLE.names
 }
 
 
-def _unreadable(run_id: str) -> tuple[int, bytes, int]:
+def unreadable_run(run_id: str) -> tuple[int, bytes, int]:
     """Returns the state, record and end time that replace a run whose record cannot be read."""
     run = Run(run_id=run_id, state=orchestrator_service_pb2.RUN_STATE_FAILED)
     run.error.CopyFrom(
@@ -303,7 +303,7 @@ def _fenced(fences: Mapping[str, Fence], run_id: str) -> tuple[str, int]:
     return fence.owner, fence.epoch
 
 
-def _stored(row: Any) -> StoredRun:
+def stored_run(row: Any) -> StoredRun:
     run, workflow, limits = row
     return StoredRun(
         Run.FromString(run),
@@ -318,6 +318,14 @@ class SqliteRunStore(RunStore):
     Args:
         path: The database file; its folder is created when missing.
     """
+
+    #: The store's file in the folder of the SQLite stores.
+    FILE = "runs.sqlite3"
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> SqliteRunStore:
+        """Returns the store of its file in ``folder``."""
+        return cls(folder / cls.FILE)
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -348,7 +356,7 @@ class SqliteRunStore(RunStore):
     async def _fill_end_times(self) -> None:
         marks = ", ".join("?" * len(FINISHED))
         async with self._conn.execute(f"SELECT run FROM runs WHERE state IN ({marks})", FINISHED) as rows:
-            ended = [(_end_ns(run), run.run_id) for run in (Run.FromString(row[0]) for row in await rows.fetchall())]
+            ended = [(ended_ns(run), run.run_id) for run in (Run.FromString(row[0]) for row in await rows.fetchall())]
         await self._conn.executemany("UPDATE runs SET end_ns = ? WHERE run_id = ?", ended)
         await self._conn.commit()
 
@@ -390,12 +398,12 @@ class SqliteRunStore(RunStore):
                 row = await rows.fetchone()
             if row is None:
                 raise NotFoundError("run", run_id)
-            stored = _stored(row[:3])
+            stored = stored_run(row[:3])
             stored.run.state = RUN_LIFECYCLE.next(run_id, stored.run.state, transition)  # type: ignore[assignment]
             fence = Fence(owner, row[3] + 1)
             await self._conn.execute(
                 "UPDATE runs SET state = ?, run = ?, end_ns = ?, owner = ?, epoch = ? WHERE run_id = ?",
-                (stored.run.state, stored.run.SerializeToString(), _end_ns(stored.run), owner, fence.epoch, run_id),
+                (stored.run.state, stored.run.SerializeToString(), ended_ns(stored.run), owner, fence.epoch, run_id),
             )
             await self._conn.commit()
         return stored, fence
@@ -413,10 +421,10 @@ class SqliteRunStore(RunStore):
                         (
                             run.state,
                             run.SerializeToString(),
-                            _end_ns(run),
+                            ended_ns(run),
                             run.run_id,
                             *_fenced(fences, run.run_id),
-                            _SOURCES[run.state],
+                            SOURCES[run.state],
                         )
                         for run in runs
                     ],
@@ -451,7 +459,7 @@ class SqliteRunStore(RunStore):
             if row is None or Fence(row[0], row[1]) != fences[run_id]:
                 raise StaleOwnerError("run", run_id, fences[run_id])
             if run_id in records:
-                _check_follows(records[run_id], row[2])
+                check_follows(records[run_id], row[2])
         raise AssertionError("a write was refused for no reason found")
 
     async def get_run(self, run_id: str) -> Run | None:
@@ -462,7 +470,7 @@ class SqliteRunStore(RunStore):
     async def get_stored(self, run_id: str) -> StoredRun | None:
         async with self._conn.execute("SELECT run, workflow, limits FROM runs WHERE run_id = ?", (run_id,)) as rows:
             row = await rows.fetchone()
-        return _stored(row) if row else None
+        return stored_run(row) if row else None
 
     async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
         clauses: list[str] = []
@@ -482,13 +490,13 @@ class SqliteRunStore(RunStore):
         """Returns every run that is pending or running, oldest first; a run whose stored record
         cannot be read is replaced by a failed one (reason RUN_NOT_RESUMABLE), so that it can still
         be read, listed and deleted, and logged, rather than returned."""
-        marks = ", ".join("?" * len(_UNFINISHED))
+        marks = ", ".join("?" * len(UNFINISHED))
         query = f"SELECT run_id, run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
-        async with self._conn.execute(query, _UNFINISHED) as rows:
+        async with self._conn.execute(query, UNFINISHED) as rows:
             found, unreadable = [], []
             for run_id, *row in await rows.fetchall():
                 try:
-                    found.append(_stored(row))
+                    found.append(stored_run(row))
                 except DecodeError:
                     unreadable.append(run_id)
         if unreadable:
@@ -498,7 +506,7 @@ class SqliteRunStore(RunStore):
             async with self._turn:
                 await self._conn.executemany(
                     "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
-                    [(*_unreadable(run_id), run_id) for run_id in unreadable],
+                    [(*unreadable_run(run_id), run_id) for run_id in unreadable],
                 )
                 await self._conn.commit()
         return found

@@ -1,0 +1,141 @@
+"""Goals in PostgreSQL (asyncpg): the store several Coordinate replicas share.
+
+A write locks the goal's row (``FOR UPDATE``) for its transaction, checks the fence, the expected
+state and the lifecycle, numbers the events after the stored last sequence and writes them with the
+record, so concurrent writers and claims take turns on that row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from tierstack.core.errors import NotFoundError
+from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.server import postgres
+from tierstack.server.coordinate.store import (
+    UNFINISHED,
+    Goal,
+    GoalEvent,
+    GoalStore,
+    Written,
+    next_state,
+    number_events,
+    stored_goal,
+    written,
+)
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+_log = logging.getLogger(__name__)
+_COLUMNS = "goal, state, last_sequence"
+
+
+class PostgresGoalStore(postgres.Pooled, GoalStore):
+    """Stores goals and their events in a PostgreSQL database.
+
+    Args:
+        url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
+    """
+
+    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+        created = await self._db.fetchval(
+            "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal)"
+            " VALUES ($1, $2, $3, $4, $5, 1, 0, $6) ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
+            goal.goal_id,
+            goal.request.request_id or None,
+            goal.state,
+            goal.create_time.ToNanoseconds(),
+            owner,
+            goal.SerializeToString(),
+        )
+        if created is not None:
+            return goal, Fence(owner, 1)
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE request_id = $1", goal.request.request_id)
+        assert row is not None  # the conflicting row exists: goals are never deleted
+        return stored_goal(tuple(row)), None
+
+    async def claim(self, goal_id: str, owner: str) -> Fence:
+        async with self._db.acquire() as connection, connection.transaction():
+            state = await connection.fetchval("SELECT state FROM goals WHERE goal_id = $1 FOR UPDATE", goal_id)
+            if state is None:
+                raise NotFoundError("goal", goal_id)
+            GOAL_LIFECYCLE.next(goal_id, state, "claim")
+            epoch = await connection.fetchval(
+                "UPDATE goals SET owner = $1, epoch = epoch + 1 WHERE goal_id = $2 RETURNING epoch", owner, goal_id
+            )
+        return Fence(owner, int(epoch))
+
+    async def write(
+        self, goal: Goal, fence: Fence, events: Sequence[GoalEvent], *, transition: str | None = None
+    ) -> Written:
+        async with self._db.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "SELECT state, owner, epoch, last_sequence FROM goals WHERE goal_id = $1 FOR UPDATE", goal.goal_id
+            )
+            if row is None:
+                raise NotFoundError("goal", goal.goal_id)
+            if Fence(row["owner"], row["epoch"]) != fence:
+                raise StaleOwnerError("goal", goal.goal_id, fence)
+            state = next_state(goal, row["state"], transition)
+            last_sequence = row["last_sequence"]
+            events = number_events(goal.goal_id, events, last_sequence)
+            await connection.execute(
+                "UPDATE goals SET state = $1, last_sequence = $2, goal = COALESCE($3, goal) WHERE goal_id = $4",
+                state,
+                last_sequence + len(events),
+                goal.SerializeToString() if transition is not None else None,
+                goal.goal_id,
+            )
+            await connection.execute(
+                "INSERT INTO goal_events (goal_id, sequence, event)"
+                " SELECT $1, * FROM unnest($2::bigint[], $3::bytea[])",
+                goal.goal_id,
+                [event.sequence for event in events],
+                [event.SerializeToString() for event in events],
+            )
+        return written(goal, state, last_sequence, events)
+
+    async def get_goal(self, goal_id: str) -> Goal | None:
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE goal_id = $1", goal_id)
+        return stored_goal(tuple(row)) if row is not None else None
+
+    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+        after_ns, after_id = after if after is not None else (None, None)
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM goals WHERE ($1::bigint IS NULL OR (create_ns, goal_id) < ($1, $2))"
+            " AND ($3 = 0 OR state = $3) ORDER BY create_ns DESC, goal_id DESC LIMIT $4",
+            after_ns,
+            after_id,
+            state,
+            limit,
+        )
+        return [stored_goal(tuple(row)) for row in rows]
+
+    async def unfinished_goals(self) -> list[Goal]:
+        """Returns every goal that is pending or running, oldest first; a goal whose stored record
+        cannot be read is marked failed (and logged) rather than returned."""
+        rows = await self._db.fetch(
+            f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state = ANY($1::int[]) ORDER BY create_ns", list(UNFINISHED)
+        )
+        found, unreadable = [], []
+        for goal_id, *row in rows:
+            try:
+                found.append(stored_goal(tuple(row)))
+            except DecodeError:
+                unreadable.append(goal_id)
+        if unreadable:
+            _log.warning("%d stored goals cannot be read and are marked failed: %s", len(unreadable), unreadable)
+            await self._db.execute(
+                "UPDATE goals SET state = $1 WHERE goal_id = ANY($2::text[])", pb.GOAL_STATE_FAILED, unreadable
+            )
+        return found
+
+    async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
+        rows = await self._db.fetch(
+            "SELECT event FROM goal_events WHERE goal_id = $1 AND sequence > $2 ORDER BY sequence",
+            goal_id,
+            after_sequence,
+        )
+        return [GoalEvent.FromString(row["event"]) for row in rows]

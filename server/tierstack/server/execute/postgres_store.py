@@ -1,0 +1,106 @@
+"""Finished executions and approvals in PostgreSQL (asyncpg), shared by Execute replicas: an
+execution one replica finished is replayed by any, and an approval one opened is answered on any."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tierstack.server import postgres
+from tierstack.server.execute.store import (
+    APPROVAL_COLUMNS,
+    DEFAULT_MAX_BYTES,
+    Approval,
+    ExecutionEvent,
+    ExecutionStore,
+    approval_of_row,
+    pack_events,
+    unpack_events,
+)
+
+# The byte budget is kept by a trim that every replica runs once it has added a sixteenth of it, so
+# the table holds at most the budget and a sixteenth per replica.
+_TRIM_SHARE = 16
+
+
+class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
+    """Keeps finished executions and approvals in a PostgreSQL database.
+
+    Args:
+        url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
+        max_bytes: The most bytes of finished executions' events kept.
+    """
+
+    def __init__(self, url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(url)
+        self._max_bytes = max_bytes
+        self._added = 0  # bytes this replica stored since its last trim
+
+    async def open(self) -> None:
+        await super().open()
+        await self._trim()
+
+    async def _trim(self) -> None:
+        """Forgets the executions finished longest ago while those kept are over the byte budget."""
+        self._added = 0
+        await self._db.execute(
+            "DELETE FROM executions WHERE execution_id IN (SELECT execution_id FROM (SELECT execution_id,"
+            " SUM(octet_length(events)) OVER (ORDER BY finish_ns DESC, execution_id) AS kept FROM executions)"
+            " AS newest_first WHERE kept > $1)",
+            self._max_bytes,
+        )
+
+    async def finished(self, execution_id: str) -> list[ExecutionEvent] | None:
+        events = await self._db.fetchval("SELECT events FROM executions WHERE execution_id = $1", execution_id)
+        return None if events is None else unpack_events(events)
+
+    async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
+        packed = pack_events(events)
+        stored = await self._db.fetchval(
+            "INSERT INTO executions (execution_id, finish_ns, events) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING octet_length(events)",
+            execution_id,
+            time.time_ns(),
+            packed,
+        )
+        self._added += stored or 0
+        if self._added * _TRIM_SHARE > self._max_bytes:
+            await self._trim()
+
+    async def open_approval(self, approval: Approval) -> Approval:
+        await self._db.execute(
+            f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, false, '')"
+            " ON CONFLICT DO NOTHING",
+            approval.approval_id,
+            approval.execution_id,
+            approval.index,
+            approval.tool,
+            approval.arguments,
+            approval.expire_ns,
+        )
+        row = await self._db.fetchrow(
+            f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE execution_id = $1 AND call_index = $2",
+            approval.execution_id,
+            approval.index,
+        )
+        assert row is not None  # just written, or kept from before
+        return approval_of_row(tuple(row))
+
+    async def approval(self, approval_id: str) -> Approval | None:
+        row = await self._db.fetchrow(f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE approval_id = $1", approval_id)
+        return None if row is None else approval_of_row(tuple(row))
+
+    async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
+        row = await self._db.fetchrow(
+            f"UPDATE approvals SET decided = true, rejection = $1 WHERE approval_id = $2 AND NOT decided"
+            f" RETURNING {APPROVAL_COLUMNS}",
+            rejection or "",
+            approval_id,
+        )
+        return None if row is None else approval_of_row(tuple(row))
+
+    async def forget_before(self, ns: int) -> int:
+        async with self._db.acquire() as connection, connection.transaction():
+            forgotten = await connection.fetch("DELETE FROM executions WHERE finish_ns < $1 RETURNING 1", ns)
+            await connection.execute("DELETE FROM approvals WHERE expire_ns < $1", ns)
+        return len(forgotten)

@@ -1,0 +1,198 @@
+"""Runs in PostgreSQL (asyncpg): the store several Orchestrate replicas share.
+
+Each write is one transaction whose statements check the writers' fences and the lifecycle in their
+``WHERE`` clauses, so a concurrent claim (which takes the run's row lock) waits for it or refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from google.protobuf.message import DecodeError
+
+from tierstack.core.errors import NotFoundError
+from tierstack.core.lifecycle import RUN_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.server import postgres
+from tierstack.server.orchestrate.store import (
+    SOURCES,
+    UNFINISHED,
+    Run,
+    RunEvent,
+    RunStore,
+    StoredRun,
+    check_follows,
+    ended_ns,
+    stored_run,
+    unreadable_run,
+)
+
+_log = logging.getLogger(__name__)
+
+
+class PostgresRunStore(postgres.Pooled, RunStore):
+    """Stores runs and their events in a PostgreSQL database.
+
+    Args:
+        url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
+    """
+
+    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+        run = stored.run
+        while True:
+            created = await self._db.fetchval(
+                "INSERT INTO runs (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits)"
+                " VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
+                run.run_id,
+                run.request_id or None,
+                run.state,
+                run.create_time.ToNanoseconds(),
+                owner,
+                run.SerializeToString(),
+                stored.workflow.SerializeToString(),
+                stored.limits.SerializeToString(),
+            )
+            if created is not None:
+                return run, Fence(owner, 1)
+            held = await self._db.fetchval("SELECT run FROM runs WHERE request_id = $1", run.request_id)
+            if held is not None:  # else the run holding the request id was deleted in between
+                return Run.FromString(held), None
+
+    async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
+        async with self._db.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "SELECT run, workflow, limits, epoch FROM runs WHERE run_id = $1 FOR UPDATE", run_id
+            )
+            if row is None:
+                raise NotFoundError("run", run_id)
+            stored = stored_run((row["run"], row["workflow"], row["limits"]))
+            stored.run.state = RUN_LIFECYCLE.next(run_id, stored.run.state, transition)  # type: ignore[assignment]
+            fence = Fence(owner, row["epoch"] + 1)
+            await connection.execute(
+                "UPDATE runs SET state = $1, run = $2, end_ns = $3, owner = $4, epoch = $5 WHERE run_id = $6",
+                stored.run.state,
+                stored.run.SerializeToString(),
+                ended_ns(stored.run),
+                owner,
+                fence.epoch,
+                run_id,
+            )
+        return stored, fence
+
+    async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
+        recorded = [run.run_id for run in runs]
+        others = sorted({event.run_id for event in events} - set(recorded))
+        async with self._db.acquire() as connection, connection.transaction():
+            changed = await connection.fetch(
+                "UPDATE runs AS r SET state = w.state, run = w.run, end_ns = w.end_ns"
+                " FROM unnest($1::text[], $2::int[], $3::bytea[], $4::bigint[], $5::text[], $6::bigint[], $7::int[])"
+                " AS w (run_id, state, run, end_ns, owner, epoch, sources)"
+                " WHERE r.run_id = w.run_id AND r.owner = w.owner AND r.epoch = w.epoch"
+                " AND (w.sources >> r.state) & 1 = 1 RETURNING r.run_id",
+                recorded,
+                [run.state for run in runs],
+                [run.SerializeToString() for run in runs],
+                [ended_ns(run) for run in runs],
+                [fences[run.run_id].owner for run in runs],
+                [fences[run.run_id].epoch for run in runs],
+                [SOURCES[run.state] for run in runs],
+            )
+            # A run whose events alone are written: the same fence check, holding its row until commit.
+            kept = await connection.fetch(
+                "SELECT r.run_id FROM runs AS r JOIN unnest($1::text[], $2::text[], $3::bigint[])"
+                " AS w (run_id, owner, epoch) ON r.run_id = w.run_id AND r.owner = w.owner AND r.epoch = w.epoch"
+                " FOR SHARE OF r",
+                others,
+                [fences[run_id].owner for run_id in others],
+                [fences[run_id].epoch for run_id in others],
+            )
+            if len(changed) + len(kept) != len(recorded) + len(others):
+                await self._refuse(connection, runs, others, fences)
+            await connection.execute(
+                "INSERT INTO run_events (run_id, sequence, event)"
+                " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])",
+                [event.run_id for event in events],
+                [event.sequence for event in events],
+                [event.SerializeToString() for event in events],
+            )
+
+    async def _refuse(
+        self, connection: postgres.Connection, runs: Sequence[Run], others: Sequence[str], fences: Mapping[str, Fence]
+    ) -> None:
+        """Finds the run a write may not change and raises why (the transaction rolls back).
+
+        Raises:
+            StaleOwnerError: A fence is stale.
+            IllegalTransitionError: A record's state cannot follow the stored one.
+        """
+        records = {run.run_id: run for run in runs}
+        for run_id in [*records, *others]:
+            row = await connection.fetchrow("SELECT owner, epoch, state FROM runs WHERE run_id = $1", run_id)
+            if row is None or Fence(row["owner"], row["epoch"]) != fences[run_id]:
+                raise StaleOwnerError("run", run_id, fences[run_id])
+            if run_id in records:
+                check_follows(records[run_id], row["state"])
+        raise AssertionError("a write was refused for no reason found")
+
+    async def get_run(self, run_id: str) -> Run | None:
+        record = await self._db.fetchval("SELECT run FROM runs WHERE run_id = $1", run_id)
+        return Run.FromString(record) if record is not None else None
+
+    async def get_stored(self, run_id: str) -> StoredRun | None:
+        row = await self._db.fetchrow("SELECT run, workflow, limits FROM runs WHERE run_id = $1", run_id)
+        return stored_run(tuple(row)) if row is not None else None
+
+    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+        after_ns, after_id = after if after is not None else (None, None)
+        rows = await self._db.fetch(
+            "SELECT run FROM runs WHERE ($1::bigint IS NULL OR (create_ns, run_id) < ($1, $2))"
+            " AND ($3 = 0 OR state = $3) ORDER BY create_ns DESC, run_id DESC LIMIT $4",
+            after_ns,
+            after_id,
+            state,
+            limit,
+        )
+        return [Run.FromString(row["run"]) for row in rows]
+
+    async def unfinished_runs(self) -> list[StoredRun]:
+        """Returns every run that is pending or running, oldest first; a run whose stored record
+        cannot be read is replaced by a failed one (reason RUN_NOT_RESUMABLE), as in SQLite."""
+        rows = await self._db.fetch(
+            "SELECT run_id, run, workflow, limits FROM runs WHERE state = ANY($1::int[]) ORDER BY create_ns",
+            list(UNFINISHED),
+        )
+        found, unreadable = [], []
+        for row in rows:
+            try:
+                found.append(stored_run((row["run"], row["workflow"], row["limits"])))
+            except DecodeError:
+                unreadable.append(row["run_id"])
+        if unreadable:
+            _log.warning(
+                "%d stored runs cannot be read and are marked failed, such as %s", len(unreadable), unreadable[:5]
+            )
+            await self._db.executemany(
+                "UPDATE runs SET state = $1, run = $2, end_ns = $3 WHERE run_id = $4",
+                [(*unreadable_run(run_id), run_id) for run_id in unreadable],
+            )
+        return found
+
+    async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
+        rows = await self._db.fetch(
+            "SELECT event FROM run_events WHERE run_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
+            run_id,
+            after_sequence,
+            limit,
+        )
+        return [RunEvent.FromString(row["event"]) for row in rows]
+
+    async def finished_before(self, end_ns: int, *, limit: int) -> list[str]:
+        rows = await self._db.fetch(
+            "SELECT run_id FROM runs WHERE end_ns IS NOT NULL AND end_ns < $1 ORDER BY end_ns LIMIT $2", end_ns, limit
+        )
+        return [row["run_id"] for row in rows]
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> None:
+        async with self._db.acquire() as connection, connection.transaction():
+            await connection.execute("DELETE FROM run_events WHERE run_id = ANY($1::text[])", list(run_ids))
+            await connection.execute("DELETE FROM runs WHERE run_id = ANY($1::text[])", list(run_ids))

@@ -1,0 +1,65 @@
+"""The PostgreSQL store's schema: migrations applied once however many replicas start together, an
+older database brought up to date, and ``tierstack migrate``."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import asyncpg
+
+from tierstack.server import postgres
+from tierstack.server.conformance.runs import event, new_run
+from tierstack.server.orchestrate.postgres_store import PostgresRunStore
+from tierstack.v1 import orchestrator_service_pb2 as pb
+from tools.postgres import LocalPostgres
+
+
+async def _versions(url: str) -> list[int]:
+    connection = await asyncpg.connect(url)
+    try:
+        return [row["version"] for row in await connection.fetch("SELECT version FROM tierstack_schema ORDER BY 1")]
+    finally:
+        await connection.close()
+
+
+async def test_replicas_starting_together_migrate_the_database_once(postgres_server: LocalPostgres) -> None:
+    url = postgres_server.new_database()
+    pools = await asyncio.gather(*(postgres.connect(url, max_size=1) for _ in range(6)))
+    for pool in pools:
+        await pool.close()
+    assert await _versions(url) == list(range(1, len(postgres.MIGRATIONS) + 1))
+
+
+async def test_a_database_of_every_earlier_schema_is_brought_up_to_date(postgres_server: LocalPostgres) -> None:
+    for earlier in range(len(postgres.MIGRATIONS)):
+        url = postgres_server.new_database()
+        connection = await asyncpg.connect(url)
+        try:
+            assert await postgres.migrate(connection, to=earlier) == earlier
+        finally:
+            await connection.close()
+        store = PostgresRunStore(url)
+        await store.open()
+        try:
+            _, fence = await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), "owner")
+            assert fence is not None
+            await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_COMPLETED)], [event("r1", 1)], {"r1": fence})
+            assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1]
+        finally:
+            await store.close()
+        assert await _versions(url) == list(range(1, len(postgres.MIGRATIONS) + 1))
+
+
+async def test_tierstack_migrate_brings_a_postgresql_store_up_to_date(postgres_server: LocalPostgres) -> None:
+    url = postgres_server.new_database()
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tierstack.cli", "migrate", "--store", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"schema version {len(postgres.MIGRATIONS)}" in done.stdout
+    assert await _versions(url) == list(range(1, len(postgres.MIGRATIONS) + 1))

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -280,6 +280,7 @@ class FlakyStore(RunStore):
 
     def __init__(self, real: RunStore) -> None:
         self.real = real
+        self.shared, self.lease_seconds = real.shared, real.lease_seconds
         self.failing = False
         self.failures = 0
         self.held = asyncio.Event()
@@ -313,8 +314,19 @@ class FlakyStore(RunStore):
     async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
         return await self.real.list_runs(limit=limit, after=after, state=state)
 
-    async def unfinished_runs(self) -> list[StoredRun]:
-        return await self.real.unfinished_runs()
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False
+    ) -> list[tuple[StoredRun, Fence]]:
+        return await self.real.take_over(owner, limit=limit, at_start=at_start)
+
+    async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
+        return await self.real.renew(owner, run_ids)
+
+    async def request_control(self, run_id: str, kind: str, reason: str) -> None:
+        await self.real.request_control(run_id, kind, reason)
+
+    async def take_controls(self, owner: str) -> list[tuple[str, str, str]]:
+        return await self.real.take_controls(owner)
 
     async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         return await self.real.events(run_id, after_sequence=after_sequence, limit=limit)

@@ -116,17 +116,27 @@ class _Child:
         self._reader.join(timeout=5.0)
 
 
+#: Replica ``k`` of a tier started by ``up`` listens on the tier's ports plus ``k`` times this.
+_REPLICA_PORT_STEP = 100
+
+
 def _up(args: argparse.Namespace) -> int:
-    """Starts the three tiers as child processes, each once the tier below serves, and stops them
-    all on Ctrl-C or SIGTERM, or when one of them exits."""
+    """Starts the three tiers as child processes (``--replicas`` of each), each tier once the tier
+    below serves, and stops them all on Ctrl-C or SIGTERM, or when one of them exits."""
     from tierstack.server.config import Settings
 
     console = Console(stderr=True)
-    ports = {tier: Settings.from_env(tier).port for tier in TIERS}
+    store = args.store or os.environ.get("TIERSTACK_STORE_URL", "")
+    if args.replicas > 1 and not store.startswith(("postgresql://", "postgres://")):
+        console.print("[red]error:[/] replicas share their store: --replicas needs --store postgresql://…")
+        return 2
+    replicas = range(args.replicas)
+    ports = {tier: [Settings.from_env(tier).port + _REPLICA_PORT_STEP * k for k in replicas] for tier in TIERS}
     env = {
-        "TIERSTACK_EXECUTE_TARGET": f"127.0.0.1:{ports['execute']}",
-        "TIERSTACK_ORCHESTRATE_TARGET": f"127.0.0.1:{ports['orchestrate']}",
+        "TIERSTACK_EXECUTE_TARGET": ",".join(f"127.0.0.1:{port}" for port in ports["execute"]),
+        "TIERSTACK_ORCHESTRATE_TARGET": ",".join(f"127.0.0.1:{port}" for port in ports["orchestrate"]),
         **os.environ,
+        **({"TIERSTACK_STORE_URL": store} if store else {}),
     }
     command = [sys.executable, "-m", "tierstack.cli", "serve"]
     extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
@@ -139,17 +149,27 @@ def _up(args: argparse.Namespace) -> int:
     status = 0
     try:
         for tier in reversed(TIERS):  # bottom up: each tier's callee serves before it starts
-            child = children[tier] = _Child(tier, [*command, tier, *extra], env)
-            # Its own line, not a health check on the port: another server may hold the port.
-            if not child.serving(_START_SECONDS):
-                if child.process.poll() is None:
-                    console.print(f"[red]{tier} did not start serving within {_START_SECONDS:g} s; stopping the stack")
-                else:
-                    console.print(
-                        f"[red]{tier} failed to start:[/] {escape(child.reason())}; stopping the stack", soft_wrap=True
-                    )
-                return 1
-        listening = ", ".join(f"{tier} :{port}" for tier, port in ports.items())
+            for k in replicas:
+                name = tier if args.replicas == 1 else f"{tier}-{k}"
+                own = ["--port", str(ports[tier][k])]
+                if args.replicas > 1:  # each replica its own metrics port and its own name as an owner
+                    metrics = Settings.from_env(tier).metrics_port
+                    own += ["--metrics-port", str(metrics + _REPLICA_PORT_STEP * k if metrics else 0)]
+                replica_env = {**env, "TIERSTACK_REPLICA_ID": name} if args.replicas > 1 else env
+                child = children[name] = _Child(name, [*command, tier, *own, *extra], replica_env)
+                # Its own line, not a health check on the port: another server may hold the port.
+                if not child.serving(_START_SECONDS):
+                    if child.process.poll() is None:
+                        console.print(
+                            f"[red]{name} did not start serving within {_START_SECONDS:g} s; stopping the stack"
+                        )
+                    else:
+                        console.print(
+                            f"[red]{name} failed to start:[/] {escape(child.reason())}; stopping the stack",
+                            soft_wrap=True,
+                        )
+                    return 1
+        listening = ", ".join(f"{tier} :{','.join(map(str, tier_ports))}" for tier, tier_ports in ports.items())
         console.print(f"tierstack is up: {listening} (Ctrl-C stops it)")
         while status == 0:
             for tier, child in children.items():
@@ -375,6 +395,15 @@ def _parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run all three tiers as separate processes until Ctrl-C")
     up.add_argument("--data-dir", type=Path, help="where run state is kept (default .tierstack)")
+    up.add_argument("--store", help="the store's URL (TIERSTACK_STORE_URL; SQLite in the data folder by default)")
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        choices=range(1, 10),
+        metavar="N",
+        help="replicas of each tier, on the tiers' ports plus 100 times k (needs a PostgreSQL --store)",
+    )
 
     run = commands.add_parser("run", help="run a workflow file (YAML or JSON) and show its progress")
     run.add_argument("workflow", type=Path)

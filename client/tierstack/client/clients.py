@@ -3,6 +3,7 @@ given one, applies a default deadline to unary calls, and raises :class:`Tiersta
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -25,19 +26,39 @@ from tierstack.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 Metadata = Sequence[tuple[str, str]]
 
 
-def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Returns the channel options that let messages of up to ``max_message_bytes`` pass both ways."""
-    return [
+# Calls to replicas are spread over those whose health service says SERVING, by gRPC itself.
+_BALANCED = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
+
+
+def open_channel(target: str, *, max_message_bytes: int, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+    """Returns a channel to ``target`` that sends and receives messages of up to ``max_message_bytes``.
+
+    ``target`` is one ``host:port``; several, comma-separated (IP addresses: ``10.0.0.1:50052,10.0.0.2:50052``);
+    or any gRPC name, such as ``dns:///orchestrate.internal:50052`` for every address a DNS name has.
+    Calls to several replicas are balanced round-robin over those whose health check answers SERVING.
+    """
+    several = "," in target and ":///" not in target
+    if several and not target.startswith(("ipv4:", "ipv6:")):
+        target = ("ipv6:" if "[" in target else "ipv4:") + target
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # Connections of its own. Channels alike in one process otherwise share gRPC's connections;
+        # then a stream opened on one while another cancels its stream sometimes never started (a
+        # watch of a goal taken over hung in 1 of 5 tries with two Coordinates in one process).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
+    if several or target.startswith("dns:"):
+        options.append(("grpc.service_config", _BALANCED))
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 class _Client:
     """Owns (or borrows) a channel and carries the call defaults shared by every client.
 
     Args:
-        target: The server address, such as ``127.0.0.1:50053``; ignored when ``channel`` is given.
+        target: The server address, such as ``127.0.0.1:50053``, or several replicas' (see
+            :func:`open_channel`); ignored when ``channel`` is given.
         channel: A channel to share; the client then leaves closing it to its owner.
         timeout: The default deadline of unary calls, in seconds; streams have none unless given.
         metadata: Metadata sent with every call.
@@ -57,11 +78,7 @@ class _Client:
         if channel is None and not target:
             raise ValueError("give a target or a channel")
         self._owns_channel = channel is None
-        self.channel = (
-            channel
-            if channel is not None
-            else grpc.aio.insecure_channel(target, options=message_size_options(max_message_bytes))
-        )
+        self.channel = channel if channel is not None else open_channel(target, max_message_bytes=max_message_bytes)
         self.timeout = timeout
         self.metadata = tuple(metadata)
 

@@ -9,12 +9,21 @@ believes a state the resource left is refused with a clear error instead of over
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tierstack.core.errors import FailedPreconditionError
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
+
+#: How long a claim holds a resource without being renewed, unless a store is told otherwise.
+DEFAULT_LEASE_SECONDS = 10.0
+
+
+def lease_end(seconds: float) -> int:
+    """Returns when a lease taken now for ``seconds`` ends, in ns since the epoch."""
+    return time.time_ns() + int(seconds * 1e9)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,11 @@ class Settings:
             ``sqlite:///<folder>`` for SQLite files in that folder (``sqlite:////`` for an absolute
             one), or ``postgresql://…`` for one PostgreSQL database that any number of replicas
             share; empty is SQLite in ``data_dir``.
+        lease_seconds: How long a replica holds a run or a goal without renewing its lease; another
+            replica takes over the runs and goals of one that has not renewed for this long.
+        replica_id: Names this replica as the owner of what it drives (``TIERSTACK_REPLICA_ID``), so
+            that, restarted under the same name, it resumes its own runs at once instead of after
+            their leases; unique among the replicas that run at once. A new random name by default.
         http_allowed_hosts: Host patterns (fnmatch) the ``http.request`` tool may reach.
         grace_seconds: How long in-flight calls may finish when the server stops.
         slow_tool_seconds: Tools whose average latency is above this are reported as slow.
@@ -91,6 +96,8 @@ class Settings:
     orchestrate_target: str = default_target("orchestrate")
     data_dir: Path = Path(".tierstack")
     store_url: str = ""
+    lease_seconds: float = 10.0
+    replica_id: str = ""
     http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
     grace_seconds: float = 5.0
     slow_tool_seconds: float = 1.0
@@ -128,6 +135,10 @@ class Settings:
         if self.store_url and not self.store_url.startswith(_STORE_SCHEMES):
             # The URL is not quoted: it may carry a password.
             raise ValueError(f"TIERSTACK_STORE_URL must start with one of {', '.join(_STORE_SCHEMES)}")
+        if not 0.1 <= self.lease_seconds <= 3600:
+            raise ValueError("TIERSTACK_LEASE_SECONDS must be between 0.1 and 3600")
+        if len(self.replica_id) > 128:
+            raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
 
     @property
     def postgres_url(self) -> str | None:
@@ -165,6 +176,8 @@ class Settings:
             orchestrate_target=env.get("TIERSTACK_ORCHESTRATE_TARGET", defaults.orchestrate_target),
             data_dir=Path(env.get("TIERSTACK_DATA_DIR", str(defaults.data_dir))),
             store_url=env.get("TIERSTACK_STORE_URL", defaults.store_url),
+            lease_seconds=float(env.get("TIERSTACK_LEASE_SECONDS", defaults.lease_seconds)),
+            replica_id=env.get("TIERSTACK_REPLICA_ID", defaults.replica_id),
             http_allowed_hosts=(
                 tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
             ),

@@ -17,7 +17,7 @@ from typing import Any, cast
 import grpc
 from google.protobuf.message import Message
 
-from tierstack.client.clients import message_size_options
+from tierstack.client.clients import open_channel
 from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
 from tierstack.server.metrics import MethodMetrics
@@ -269,8 +269,8 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
 def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int) -> grpc.aio.Channel:
     """Returns a channel to the tier below whose calls are measured into ``metrics``, carry the trace
     context, and send and receive messages of up to ``max_message_bytes``."""
-    return grpc.aio.insecure_channel(
+    return open_channel(
         target,
-        options=message_size_options(max_message_bytes),
+        max_message_bytes=max_message_bytes,
         interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
     )

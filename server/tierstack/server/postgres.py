@@ -4,6 +4,8 @@ runs, the goals and Execute's executions alike)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -75,7 +77,46 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (execution_id, call_index)
     );
     """,
+    # 2: the end of the owner's lease on a run (ns since the epoch), and requests for a run's owner.
+    """
+    ALTER TABLE runs ADD COLUMN lease_ns bigint NOT NULL DEFAULT 0;
+    CREATE INDEX runs_by_lease ON runs (lease_ns) WHERE state IN (1, 2);
+    CREATE INDEX runs_by_owner ON runs (owner) WHERE state IN (1, 2);
+    CREATE TABLE run_controls (
+        run_id text PRIMARY KEY,
+        kind text NOT NULL,
+        reason text NOT NULL
+    );
+    """,
+    # 3: the same for goals: leases, and requests to cancel one.
+    """
+    ALTER TABLE goals ADD COLUMN lease_ns bigint NOT NULL DEFAULT 0;
+    CREATE INDEX goals_by_lease ON goals (lease_ns) WHERE state IN (1, 2);
+    CREATE INDEX goals_by_owner ON goals (owner) WHERE state IN (1, 2);
+    CREATE TABLE goal_cancels (
+        goal_id text PRIMARY KEY,
+        reason text NOT NULL
+    );
+    """,
+    # 4: which Execute replica runs an execution now, under a lease.
+    """
+    CREATE TABLE execution_flights (
+        execution_id text PRIMARY KEY,
+        owner text NOT NULL,
+        lease_ns bigint NOT NULL
+    );
+    """,
 )
+
+#: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one
+#: clock, so that clocks of the replicas' hosts that disagree cannot let one take live work over.
+NOW_NS = "(extract(epoch from clock_timestamp()) * 1000000000)::bigint"
+
+
+def lease_from_now(seconds: float) -> str:
+    """Returns the SQL for the end of a lease taken now for ``seconds``, by the database's clock."""
+    return f"({NOW_NS} + {int(seconds * 1e9)})"
+
 
 # Replicas starting together migrate one at a time: the others wait on this lock, then find
 # nothing left to do.
@@ -113,15 +154,17 @@ async def connect(url: str, *, max_size: int = 10) -> asyncpg.Pool:
 
 class Pooled:
     """The pool of a store kept in PostgreSQL: opened (the schema migrated) by ``open``, released by
-    ``close``.
+    ``close``; with a ``channel``, also the notifications on it (see :class:`Changes`).
 
     Args:
         url: The database's ``postgresql://`` URL.
+        channel: The channel whose notifications the store's waiters hear, if any.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, channel: str | None = None) -> None:
         self._url = url
         self._pool: asyncpg.Pool | None = None
+        self._changes = Changes(url, channel) if channel is not None else None
 
     @property
     def _db(self) -> asyncpg.Pool:
@@ -130,11 +173,70 @@ class Pooled:
         return self._pool
 
     async def open(self) -> None:
-        """Connects, bringing the schema up to date."""
+        """Connects, bringing the schema up to date, and listens."""
         self._pool = await connect(self._url)
+        try:
+            if self._changes is not None:
+                await self._changes.open()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        """Closes the pool's connections."""
+        """Stops listening and closes the pool's connections."""
+        if self._changes is not None:
+            await self._changes.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    async def _heard(self, key: str, timeout: float) -> None:
+        """Returns once ``key`` is named on the channel, or after ``timeout`` seconds."""
+        assert self._changes is not None, "a store with a channel"
+        await self._changes.wait(key, timeout)
+
+
+class Changes:
+    """The notifications of one channel (``LISTEN``), each naming what changed (a run, a goal), for
+    the tasks that wait on it. A notification missed (the listening connection lost, or one sent just
+    before a task began to wait) costs that task its ``timeout``, never an event: the waiter reads the
+    store again either way.
+
+    Args:
+        url: The database's URL.
+        channel: The channel's name.
+    """
+
+    def __init__(self, url: str, channel: str) -> None:
+        self._url = url
+        self._channel = channel
+        self._connection: asyncpg.Connection[Any] | None = None
+        self._waiting: dict[str, set[asyncio.Event]] = {}  # one entry per waiting task, removed as it ends
+
+    async def open(self) -> None:
+        """Starts listening, on a connection of its own."""
+        self._connection = await asyncpg.connect(self._url)
+        await self._connection.add_listener(self._channel, self._heard)
+
+    async def close(self) -> None:
+        """Stops listening."""
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    def _heard(self, connection: Connection, pid: int, channel: str, payload: object) -> None:
+        for waiter in self._waiting.get(str(payload), ()):
+            waiter.set()
+
+    async def wait(self, key: str, timeout: float) -> None:
+        """Returns once ``key`` is named on the channel, or after ``timeout`` seconds."""
+        waiter = asyncio.Event()
+        waiters = self._waiting.setdefault(key, set())
+        waiters.add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), timeout)
+        finally:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiting[key]

@@ -42,8 +42,9 @@ async def test_sqlite_keeps_goals_owners_and_events_across_a_reopen(tmp_path: Pa
     await second.open()
     try:
         assert (await second.create_goal(new_goal("g2", request_id="req"), "b"))[0].goal_id == "g1"
-        assert [g.goal_id for g in await second.unfinished_goals()] == ["g1"]
-        assert await second.claim("g1", "b") == Fence("b", 2)
+        assert [(g.goal_id, f) for g, f in await second.take_over("b", limit=None, at_start=True)] == [
+            ("g1", Fence("b", 2))
+        ]
         assert [e.sequence for e in await second.events("g1", after_sequence=0)] == [1]
     finally:
         await second.close()

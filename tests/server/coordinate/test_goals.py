@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,20 +23,6 @@ AGENTS = [
     pb.Agent(id="researcher", capabilities=["http", "general"], max_concurrent_tasks=2),
     pb.Agent(id="writer", capabilities=["writing"], max_concurrent_tasks=2),
 ]
-
-
-@pytest.fixture
-def held(http_server: HttpServer) -> Iterator[threading.Event]:
-    """A route, /hold, that answers once the returned event is set."""
-    release = threading.Event()
-
-    def hold(request: BaseHTTPRequestHandler) -> None:
-        release.wait(30)
-        reply(b'{"held": true}')(request)
-
-    http_server.routes["/hold"] = hold
-    yield release
-    release.set()
 
 
 def goal_of(http_server: HttpServer, path: str = "/hold") -> str:

@@ -42,7 +42,8 @@ async def test_runs_survive_a_sigkill_of_the_orchestrator(
             for name, deps in STEPS.items()
         )
     )
-    env = {**os.environ, "TIERSTACK_STORE_URL": store_url}
+    # Restarted under the same replica name, it resumes its runs at once, not once their leases pass.
+    env = {**os.environ, "TIERSTACK_STORE_URL": store_url, "TIERSTACK_REPLICA_ID": "orchestrate-1"}
     execute = await start_tier("execute", Settings())
     arguments = ("--execute-target", execute.target, "--data-dir", str(tmp_path))
     try:

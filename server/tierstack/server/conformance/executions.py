@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from tierstack.server.execute.store import Approval, ExecutionStore
@@ -10,6 +11,7 @@ from tierstack.v1 import executor_service_pb2 as pb
 __all__ = [
     "test_a_finished_execution_is_kept_once",
     "test_an_approval_is_opened_once_per_call_and_answered_once",
+    "test_an_execution_runs_on_one_replica_at_a_time",
     "test_old_executions_and_expired_approvals_are_forgotten",
 ]
 
@@ -66,3 +68,20 @@ async def test_old_executions_and_expired_approvals_are_forgotten(store: Executi
     assert await store.forget_before(cut) == 1
     assert await store.finished("old") is None and await store.finished("new") is not None
     assert await store.approval("gone") is None
+
+
+async def test_an_execution_runs_on_one_replica_at_a_time(store: ExecutionStore) -> None:
+    assert await store.begin("e1", "a")
+    assert await store.begin("e1", "a")  # its runner asks again: still its own
+    if not store.shared:
+        return  # one process keeps its executions in flight itself
+    assert not await store.begin("e1", "b")
+    store.lease_seconds = 0.2
+    await store.hold(["e1"], "a")
+    await asyncio.sleep(0.3)
+    assert await store.begin("e1", "b")  # a's lease passed: b runs it
+    await store.finish("e1", finished_events("e1", "x"))
+    assert not await store.begin("e1", "c")  # finished: replayed, never run again
+    assert await store.begin("e2", "a")
+    await store.release("e2", "a")
+    assert await store.begin("e2", "b")  # given up: runs again elsewhere

@@ -14,10 +14,13 @@ from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 __all__ = [
+    "test_a_goal_whose_lease_passed_is_taken_over_and_its_owner_fenced_out",
     "test_a_request_id_holds_one_goal",
+    "test_a_request_to_cancel_a_goal_waits_for_its_owner",
     "test_a_stale_owner_is_refused_and_the_new_owner_continues",
     "test_a_transition_stores_the_record_and_follows_the_table",
     "test_a_writer_that_believes_another_state_is_refused",
+    "test_concurrent_take_overs_share_the_goals_out",
     "test_concurrent_writes_of_one_owner_get_distinct_numbers",
     "test_list_goals_pages_newest_first_and_filters_by_state",
     "test_the_store_numbers_events_without_gaps",
@@ -131,4 +134,42 @@ async def test_list_goals_pages_newest_first_and_filters_by_state(store: GoalSto
     assert [g.goal_id for g in rest] == ["g2", "g1", "g0"]
     cancelled = await store.list_goals(limit=10, after=None, state=pb.GOAL_STATE_CANCELLED)
     assert [g.goal_id for g in cancelled] == ["g3", "g1"]
-    assert [g.goal_id for g in await store.unfinished_goals()] == ["g0", "g2", "g4"]
+    taken = await store.take_over("starter", limit=None, at_start=True)
+    # A shared store waits for the leases of the goals' owner; a store of one process knows it is gone.
+    assert [goal.goal_id for goal, _ in taken] == ([] if store.shared else ["g0", "g2", "g4"])
+
+
+async def test_a_goal_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(store: GoalStore) -> None:
+    store.lease_seconds = 0.2
+    goal, fence = await store.create_goal(new_goal("g1"), "first")
+    assert fence is not None
+    await store.create_goal(new_goal("g2", created_ns=2_000), "first")
+    assert await store.renew("first", ["g1", "g2", "unknown"]) == {"g1", "g2"}
+    assert await store.take_over("survivor", limit=None) == []
+    await asyncio.sleep(0.3)
+    taken = await store.take_over("survivor", limit=None)
+    assert [(g.goal_id, f) for g, f in taken] == [("g1", Fence("survivor", 2)), ("g2", Fence("survivor", 2))]
+    assert await store.renew("first", ["g1", "g2"]) == set()
+    with pytest.raises(StaleOwnerError):
+        await store.write(goal, fence, [note("late")])
+    assert await store.take_over("starter", limit=None, at_start=True) == (
+        [] if store.shared else [(g, Fence("starter", 3)) for g, _ in taken]
+    )
+
+
+async def test_concurrent_take_overs_share_the_goals_out(store: GoalStore) -> None:
+    store.lease_seconds = 0.1
+    for index in range(20):
+        await store.create_goal(new_goal(f"g{index}", created_ns=1_000 + index), "gone")
+    await asyncio.sleep(0.2)
+    batches = await asyncio.gather(*(store.take_over(f"replica{n}", limit=None) for n in range(4)))
+    assert sorted(goal.goal_id for batch in batches for goal, _ in batch) == sorted(f"g{i}" for i in range(20))
+
+
+async def test_a_request_to_cancel_a_goal_waits_for_its_owner(store: GoalStore) -> None:
+    await store.create_goal(new_goal("g1"), "owner")
+    await store.request_cancel("unknown", "nothing to cancel")  # leaves nothing behind
+    await store.request_cancel("g1", "not needed")
+    assert await store.take_cancels("another") == []
+    assert await store.take_cancels("owner") == [("g1", "not needed")]
+    assert await store.take_cancels("owner") == []

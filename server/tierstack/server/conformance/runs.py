@@ -17,11 +17,14 @@ __all__ = [
     "test_a_claim_moves_the_run_on_and_fences_out_the_previous_owner",
     "test_a_record_must_follow_the_lifecycle",
     "test_a_request_id_holds_one_run",
+    "test_a_request_to_stop_a_run_waits_for_its_owner",
+    "test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out",
     "test_a_stale_write_leaves_the_whole_batch_unwritten",
+    "test_a_starting_owner_takes_over_the_runs_no_live_owner_holds",
     "test_concurrent_claims_of_a_paused_run_have_one_winner",
+    "test_concurrent_take_overs_share_the_runs_out",
     "test_finished_runs_are_found_by_end_time_and_deleted_with_their_events",
     "test_list_runs_pages_newest_first_and_filters_by_state",
-    "test_unfinished_runs_are_pending_or_running_oldest_first",
     "test_write_replaces_state_and_appends_events",
 ]
 
@@ -89,11 +92,57 @@ async def test_list_runs_pages_newest_first_and_filters_by_state(store: RunStore
     assert [r.run_id for r in completed] == ["r3", "r1"]
 
 
-async def test_unfinished_runs_are_pending_or_running_oldest_first(store: RunStore) -> None:
+async def test_a_starting_owner_takes_over_the_runs_no_live_owner_holds(store: RunStore) -> None:
     states = [pb.RUN_STATE_RUNNING, pb.RUN_STATE_PAUSED, pb.RUN_STATE_PENDING, pb.RUN_STATE_FAILED]
     for index, state in enumerate(states):
-        await created(store, new_run(f"r{index}", created_ns=1_000 + index, state=state))
-    assert [s.run.run_id for s in await store.unfinished_runs()] == ["r0", "r2"]
+        await store.create_run(new_run(f"r{index}", created_ns=1_000 + index, state=state), "earlier")
+    await store.create_run(new_run("mine", created_ns=2_000, state=pb.RUN_STATE_RUNNING), "starter")
+    taken = await store.take_over("starter", limit=None, at_start=True)
+    # A shared store waits for the earlier owner's lease; a store of one process knows it is gone.
+    expected = ["mine"] if store.shared else ["r0", "r2", "mine"]
+    assert [stored.run.run_id for stored, _ in taken] == expected
+    assert all(fence == Fence("starter", 2) for _, fence in taken)
+    assert await store.take_over("another", limit=None) == []  # every lease is alive
+
+
+async def test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(store: RunStore) -> None:
+    store.lease_seconds = 0.2
+    first = await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
+    await created(store, new_run("r2", state=pb.RUN_STATE_RUNNING))
+    assert await store.renew(OWNER, ["r1", "r2", "unknown"]) == {"r1", "r2"}
+    assert await store.take_over("survivor", limit=None) == []
+    await asyncio.sleep(0.3)
+    assert len(await store.take_over("survivor", limit=1)) == 1  # oldest first, at most the limit
+    [(stored, fence)] = await store.take_over("survivor", limit=10)
+    assert (stored.run.run_id, fence) == ("r2", Fence("survivor", 2))
+    assert await store.renew(OWNER, ["r1", "r2"]) == set()  # its owner learns it holds nothing now
+    assert await store.renew("survivor", ["r1", "r2"]) == {"r1", "r2"}
+    await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_COMPLETED)], [], {"r1": Fence("survivor", 2)})
+    assert await store.renew("survivor", ["r1"]) == {"r1"}  # held still, finished: its owner may tell
+    await asyncio.sleep(0.3)
+    taken = await store.take_over("third", limit=None)  # r2's lease passed too; r1, finished, is never taken
+    assert [stored.run.run_id for stored, _ in taken] == ["r2"]
+    with pytest.raises(StaleOwnerError):
+        await store.write([], [event("r1", 1)], {"r1": first})
+
+
+async def test_concurrent_take_overs_share_the_runs_out(store: RunStore) -> None:
+    store.lease_seconds = 0.1
+    for index in range(20):
+        await created(store, new_run(f"r{index}", created_ns=1_000 + index, state=pb.RUN_STATE_RUNNING))
+    await asyncio.sleep(0.2)
+    batches = await asyncio.gather(*(store.take_over(f"replica{n}", limit=None) for n in range(4)))
+    taken = [stored.run.run_id for batch in batches for stored, _ in batch]
+    assert sorted(taken) == sorted(f"r{index}" for index in range(20))  # each exactly once
+
+
+async def test_a_request_to_stop_a_run_waits_for_its_owner(store: RunStore) -> None:
+    await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
+    await store.request_control("r1", "pause", "first")
+    await store.request_control("r1", "cancel", "changed my mind")  # replaces the first
+    assert await store.take_controls("another") == []
+    assert await store.take_controls(OWNER) == [("r1", "cancel", "changed my mind")]
+    assert await store.take_controls(OWNER) == []
 
 
 def ended(run_id: str, state: int, end_ns: int | None) -> pb.Run:

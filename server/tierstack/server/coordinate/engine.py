@@ -19,11 +19,12 @@ from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import (
     Code,
-    FailedPreconditionError,
     NotFoundError,
     TierstackError,
+    UnavailableError,
     error_detail,
     error_detail_of_call,
+    message_of,
     output_too_large,
 )
 from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
@@ -35,7 +36,7 @@ from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import check_goal
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.journal import GoalJournal
-from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
+from tierstack.server.coordinate.store import UNFINISHED, GoalStore, MemoryGoalStore
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
@@ -53,6 +54,11 @@ DEFAULT_MAX_REPLANS = 2
 _MAX_BACKOFF = 2.0
 #: The failures of a call to Tier 2 that say it could not be reached, not that the call was wrong.
 _TRANSIENT = frozenset({Code.UNAVAILABLE})
+# How long a watcher of a goal another replica pursues waits before it reads the store again, unless
+# told of a change first.
+_WATCH_WAIT = 0.5
+#: The most goals one replica takes over at a time from replicas whose leases passed.
+_TAKE_OVER_BATCH = 100
 _RUN_UNFINISHED = (orchestrator_pb.RUN_STATE_PENDING, orchestrator_pb.RUN_STATE_RUNNING)
 _T = TypeVar("_T")
 _PRIORITY_ORDER = {pb.PRIORITY_HIGH: 0, pb.PRIORITY_UNSPECIFIED: 1, pb.PRIORITY_MEDIUM: 1, pb.PRIORITY_LOW: 2}
@@ -255,6 +261,7 @@ class Coordinator:
         self._backoff = reconnect_backoff
         self._live: dict[str, _Live] = {}
         self._closing = False
+        self._keeper: asyncio.Task[None] | None = None
         self.decomposition_latency: dict[str, LatencyHistogram] = {}
         self.team_formation_latency = LatencyHistogram()
 
@@ -264,24 +271,64 @@ class Coordinator:
         return len(self._live)
 
     async def open(self) -> None:
-        """Takes up every goal a previous process left pending or running: finished subtasks are not
-        run again, and runs in flight are watched again where they were. A goal whose events cannot
-        be read back is failed (GOAL_NOT_RESUMABLE) instead, so that nothing stored keeps the server
-        from starting."""
-        for goal in await self._store.unfinished_goals():
-            fence = await self._store.claim(goal.goal_id, self._owner)
+        """Takes up the goals no live owner holds: every goal an earlier process left pending or running
+        on a store of one process, those whose owner's lease has passed on a shared one. Finished
+        subtasks are not run again, and runs in flight are watched again where they were. A goal whose
+        events cannot be read back is failed (GOAL_NOT_RESUMABLE) instead, so that nothing stored keeps
+        the server from starting. Then keeps its goals' leases and takes over those of owners that died."""
+        for goal, fence in await self._store.take_over(self._owner, limit=None, at_start=True):
+            await self._adopt(goal, fence)
+        self._keeper = asyncio.create_task(self._keep(), name="goal leases")
+
+    async def _adopt(self, goal: pb.Goal, fence: Fence) -> None:
+        """Pursues a goal this server has just taken over from its stored events."""
+        try:
+            history = await self._store.events(goal.goal_id, after_sequence=0)
+        except DecodeError:
+            _log.warning("the events of goal %s cannot be read; it is failed", goal.goal_id)
+            failure = _Goal(goal).failed("GOAL_NOT_RESUMABLE", "the goal cannot be resumed: its events cannot be read")
+            goal.error.CopyFrom(failure.goal_failed.error)
+            goal.end_time.CopyFrom(failure.time)
+            await self._store.write(goal, fence, [failure], transition="fail")
+            return
+        self._pursue(goal, fence, history, resumed=True)
+
+    async def _keep(self) -> None:
+        """Renews the leases of the goals pursued here, stops pursuing those another owner took (and
+        all of them once the store has refused renewals for most of a lease, before another replica
+        may take them), passes on the requests to cancel them made on other replicas, and takes over
+        the goals whose owner's lease has passed; a third of a lease apart, or at once when a request
+        arrives."""
+        interval = self._store.lease_seconds / 3
+        renewed = time.monotonic()
+        while True:
+            await self._store.wait_changed(f"owner:{self._owner}", interval)
+            pursued = dict(self._live)
             try:
-                history = await self._store.events(goal.goal_id, after_sequence=0)
-            except DecodeError:
-                _log.warning("the events of goal %s cannot be read; it is failed", goal.goal_id)
-                failure = _Goal(goal).failed(
-                    "GOAL_NOT_RESUMABLE", "the goal cannot be resumed: its events cannot be read"
-                )
-                goal.error.CopyFrom(failure.goal_failed.error)
-                goal.end_time.CopyFrom(failure.time)
-                await self._store.write(goal, fence, [failure], transition="fail")
-                continue
-            self._pursue(goal, fence, history, resumed=True)
+                held = await self._store.renew(self._owner, list(pursued))
+            except Exception as exc:
+                if time.monotonic() - renewed > 2 * interval:
+                    _log.warning("the goal store cannot renew this server's leases (%s)", type(exc).__name__)
+                    held = set()  # another replica may take them over at any moment: stop first
+                else:
+                    continue
+            else:
+                renewed = time.monotonic()
+            for goal_id, live in pursued.items():  # goals claimed here since are other objects
+                if goal_id not in held and self._live.get(goal_id) is live and live.journal.lost is None:
+                    live.journal.lose(StaleOwnerError("goal", goal_id, live.journal.fence))
+            try:
+                for goal_id, reason in await self._store.take_cancels(self._owner):
+                    if (target := self._live.get(goal_id)) is not None:
+                        self._request_cancel(target, reason)
+                for goal, fence in await self._store.take_over(self._owner, limit=_TAKE_OVER_BATCH):
+                    _log.info("goal %s taken over: its owner's lease had passed", goal.goal_id)
+                    try:
+                        await self._adopt(goal, fence)
+                    except Exception as exc:  # its lease runs out: it is taken over again later
+                        _log.warning("goal %s could not be taken up (%s)", goal.goal_id, type(exc).__name__)
+            except Exception as exc:
+                _log.warning("the goal store cannot pass on requests or take over goals (%s)", type(exc).__name__)
 
     def stopping(self) -> None:
         """Marks the process as stopping: goals stay unfinished (to resume on the next start) and
@@ -292,6 +339,9 @@ class Coordinator:
         """Stops every goal's driver (the goals stay unfinished, their runs go on) and writes what
         their journals hold."""
         self._closing = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         live = list(self._live.values())
         for goal in live:
             if goal.task is not None:
@@ -308,6 +358,10 @@ class Coordinator:
         check_goal(request.goal, [agent.id for agent in request.agents])
         goal = pb.Goal(goal_id=uuid.uuid4().hex, state=pb.GOAL_STATE_PENDING, request=request)
         goal.create_time.CopyFrom(now_timestamp())
+        # Once stored, a goal is pursued even if this call is cancelled meanwhile.
+        return await asyncio.shield(self._create(goal))
+
+    async def _create(self, goal: pb.Goal) -> tuple[pb.Goal, bool]:
         stored, fence = await self._store.create_goal(goal, self._owner)
         if fence is None:
             return self._current(stored), False
@@ -321,15 +375,15 @@ class Coordinator:
 
     def _pursue(self, goal: pb.Goal, fence: Fence, history: list[pb.GoalEvent], *, resumed: bool) -> None:
         journal = GoalJournal(
-            self._store, goal, fence, history, interval=self._flush_interval, on_lost=lambda _: self._lost(goal.goal_id)
+            self._store, goal, fence, history, interval=self._flush_interval, on_lost=lambda _: self._lost(live)
         )
         live = self._live[goal.goal_id] = _Live(journal)
         live.task = asyncio.create_task(self._drive(live, resumed=resumed), name=f"goal-{goal.goal_id}")
 
-    def _lost(self, goal_id: str) -> None:
+    @staticmethod
+    def _lost(live: _Live) -> None:
         """Stops the driver of a goal another owner took (unless the driver itself found out)."""
-        live = self._live.get(goal_id)
-        if live is not None and live.task is not None and live.task is not asyncio.current_task():
+        if live.task is not None and live.task is not asyncio.current_task():
             live.task.cancel()
 
     def _request_cancel(self, live: _Live, reason: str) -> None:
@@ -366,12 +420,28 @@ class Coordinator:
         if live is None or live.task is None or live.journal.feed.ended:
             goal = await self.get_goal(goal_id)
             GOAL_LIFECYCLE.next(goal_id, goal.state, "cancel")
-            raise FailedPreconditionError(
-                f"goal {goal_id} is not pursued by this server", reason="GOAL_NOT_OWNED", metadata={"goal_id": goal_id}
-            )
+            await self._store.request_cancel(goal_id, reason or "cancelled")  # for the replica pursuing it
+            return await self._until_ended(goal_id)
         self._request_cancel(live, reason or "cancelled")
         await asyncio.wait({live.task})
         return live.journal.goal
+
+    async def _until_ended(self, goal_id: str) -> pb.Goal:
+        """Waits until a goal another replica pursues has ended, and returns it.
+
+        Raises:
+            UnavailableError: It goes on after three leases: neither its owner nor a replica taking it
+                over has acted on the request (which stays in the store for whoever pursues it next).
+        """
+        deadline = time.monotonic() + 3 * self._store.lease_seconds
+        while (goal := await self.get_goal(goal_id)).state in UNFINISHED:
+            if time.monotonic() > deadline:
+                raise UnavailableError(
+                    f"goal {goal_id} is pursued by another replica, which has not acted on the request yet",
+                    metadata={"goal_id": goal_id},
+                )
+            await self._store.wait_changed(goal_id, _WATCH_WAIT)
+        return goal
 
     async def watch(self, goal_id: str, *, after_sequence: int = 0) -> AsyncIterator[pb.GoalEvent]:
         """Yields a goal's events after ``after_sequence``: stored history, then live events until
@@ -384,9 +454,14 @@ class Coordinator:
         if live is None:
             if await self._store.get_goal(goal_id) is None:
                 raise NotFoundError("goal", goal_id)
-            for event in await self._store.events(goal_id, after_sequence=after_sequence):
-                yield event
-            return
+            while (live := self._live.get(goal_id)) is None:  # another replica pursues it, or none
+                goal = await self._store.get_goal(goal_id)  # read first: events stored with its end come after
+                for event in await self._store.events(goal_id, after_sequence=after_sequence):
+                    after_sequence = event.sequence
+                    yield event
+                if goal is None or goal.state not in UNFINISHED:
+                    return
+                await self._store.wait_changed(goal_id, _WATCH_WAIT)
         async for event in live.journal.feed.follow(after_sequence):
             yield event
 
@@ -453,7 +528,7 @@ class Coordinator:
         except StaleOwnerError:
             pass  # the journal said so; another owner pursues the goal
         except TierstackError as exc:  # what decomposing the goal found
-            await self._give_up(journal, pursuit, goal.failed(exc.reason, exc.message, **exc.metadata))
+            await self._give_up(journal, pursuit, goal.failed(exc.reason, message_of(exc), **exc.metadata))
         except Exception:
             _log.exception("goal %s crashed", goal.id)
             failure = goal.failed("INTERNAL", "the coordinator failed while pursuing the goal")
@@ -461,7 +536,8 @@ class Coordinator:
         finally:
             await journal.close()
             journal.finish()
-            self._live.pop(goal.id, None)
+            if self._live.get(goal.id) is live:  # unless taken up here again since
+                del self._live[goal.id]
             _log.info("goal %s is %s", goal.id, pb.GoalState.Name(journal.goal.state))
 
     async def _decompose(

@@ -113,7 +113,7 @@ class GoalJournal:
             try:
                 written = await self._store.write(self.goal, self.fence, batch, transition=transition)
             except StaleOwnerError as exc:
-                self._lose(exc)
+                self.lose(exc)
                 raise
             except Exception:
                 if event is not None:
@@ -123,7 +123,8 @@ class GoalJournal:
             self.goal = written.goal
             self.feed.extend(written.events)
 
-    def _lose(self, error: StaleOwnerError) -> None:
+    def lose(self, error: StaleOwnerError) -> None:
+        """Stops the journal for good: another owner holds the goal, and its events are theirs to tell."""
         _log.warning("goal %s is owned elsewhere now; this server stops pursuing it", self.goal.goal_id)
         self.lost = error
         self.feed.end(error)  # its events are that owner's to tell

@@ -7,13 +7,12 @@ record, so concurrent writers and claims take turns on that row.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import NotFoundError
-from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS, GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server import postgres
 from tierstack.server.coordinate.store import (
     UNFINISHED,
@@ -24,25 +23,40 @@ from tierstack.server.coordinate.store import (
     next_state,
     number_events,
     stored_goal,
+    warn_unreadable,
     written,
 )
 from tierstack.v1 import coordinator_service_pb2 as pb
 
-_log = logging.getLogger(__name__)
 _COLUMNS = "goal, state, last_sequence"
 
 
+#: The channel that names each goal whose events or state changed, and each owner a request awaits.
+CHANGES = "tierstack_goals"
+
+
 class PostgresGoalStore(postgres.Pooled, GoalStore):
-    """Stores goals and their events in a PostgreSQL database.
+    """Stores goals and their events in a PostgreSQL database, which replicas share.
 
     Args:
         url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
+        lease_seconds: How long a claim holds a goal without being renewed.
     """
+
+    shared = True
+
+    def __init__(self, url: str, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        super().__init__(url, CHANGES)
+        self.lease_seconds = lease_seconds
+
+    async def wait_changed(self, key: str, timeout: float) -> None:
+        await self._heard(key, timeout)
 
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         created = await self._db.fetchval(
-            "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal)"
-            " VALUES ($1, $2, $3, $4, $5, 1, 0, $6) ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
+            "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns)"
+            f" VALUES ($1, $2, $3, $4, $5, 1, 0, $6, {postgres.lease_from_now(self.lease_seconds)})"
+            " ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
             goal.goal_id,
             goal.request.request_id or None,
             goal.state,
@@ -63,7 +77,10 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
                 raise NotFoundError("goal", goal_id)
             GOAL_LIFECYCLE.next(goal_id, state, "claim")
             epoch = await connection.fetchval(
-                "UPDATE goals SET owner = $1, epoch = epoch + 1 WHERE goal_id = $2 RETURNING epoch", owner, goal_id
+                "UPDATE goals SET owner = $1, epoch = epoch + 1,"
+                f" lease_ns = {postgres.lease_from_now(self.lease_seconds)} WHERE goal_id = $2 RETURNING epoch",
+                owner,
+                goal_id,
             )
         return Fence(owner, int(epoch))
 
@@ -95,6 +112,7 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
                 [event.sequence for event in events],
                 [event.SerializeToString() for event in events],
             )
+            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, goal.goal_id)  # heard at commit
         return written(goal, state, last_sequence, events)
 
     async def get_goal(self, goal_id: str) -> Goal | None:
@@ -113,24 +131,65 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
         )
         return [stored_goal(tuple(row)) for row in rows]
 
-    async def unfinished_goals(self) -> list[Goal]:
-        """Returns every goal that is pending or running, oldest first; a goal whose stored record
-        cannot be read is marked failed (and logged) rather than returned."""
-        rows = await self._db.fetch(
-            f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state = ANY($1::int[]) ORDER BY create_ns", list(UNFINISHED)
-        )
-        found, unreadable = [], []
-        for goal_id, *row in rows:
-            try:
-                found.append(stored_goal(tuple(row)))
-            except DecodeError:
-                unreadable.append(goal_id)
-        if unreadable:
-            _log.warning("%d stored goals cannot be read and are marked failed: %s", len(unreadable), unreadable)
-            await self._db.execute(
+    async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
+        async with self._db.acquire() as connection, connection.transaction():
+            # Rows another replica is taking over at this moment are skipped, not waited for.
+            rows = await connection.fetch(
+                f"SELECT goal_id, epoch, {_COLUMNS} FROM goals WHERE state = ANY($1::int[])"
+                f" AND (lease_ns < {postgres.NOW_NS} OR owner = $2) ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
+                list(UNFINISHED),
+                owner if at_start else None,
+                limit,
+            )
+            taken, unreadable = [], []
+            for goal_id, epoch, *row in rows:
+                try:
+                    taken.append((stored_goal(tuple(row)), Fence(owner, epoch + 1)))
+                except DecodeError:
+                    unreadable.append(goal_id)
+            await connection.execute(
+                "UPDATE goals SET owner = $1, epoch = epoch + 1,"
+                f" lease_ns = {postgres.lease_from_now(self.lease_seconds)} WHERE goal_id = ANY($2::text[])",
+                owner,
+                [goal.goal_id for goal, _ in taken],
+            )
+            await connection.execute(
                 "UPDATE goals SET state = $1 WHERE goal_id = ANY($2::text[])", pb.GOAL_STATE_FAILED, unreadable
             )
-        return found
+        warn_unreadable(unreadable)
+        return taken
+
+    async def renew(self, owner: str, goal_ids: Collection[str]) -> set[str]:
+        rows = await self._db.fetch(
+            "UPDATE goals SET lease_ns = CASE WHEN state = ANY($1::int[])"
+            f" THEN {postgres.lease_from_now(self.lease_seconds)} ELSE lease_ns END"
+            " WHERE goal_id IN (SELECT goal_id FROM goals WHERE goal_id = ANY($2::text[]) AND owner = $3"
+            " ORDER BY goal_id FOR UPDATE) RETURNING goal_id",
+            list(UNFINISHED),
+            list(goal_ids),
+            owner,
+        )
+        return {row["goal_id"] for row in rows}
+
+    async def request_cancel(self, goal_id: str, reason: str) -> None:
+        async with self._db.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "INSERT INTO goal_cancels (goal_id, reason) SELECT goal_id, $2 FROM goals WHERE goal_id = $1"
+                " ON CONFLICT (goal_id) DO UPDATE SET reason = excluded.reason",
+                goal_id,
+                reason,
+            )
+            await connection.execute(
+                "SELECT pg_notify($1, 'owner:' || owner) FROM goals WHERE goal_id = $2", CHANGES, goal_id
+            )
+
+    async def take_cancels(self, owner: str) -> list[tuple[str, str]]:
+        rows = await self._db.fetch(
+            "DELETE FROM goal_cancels AS c USING goals AS g WHERE c.goal_id = g.goal_id AND g.owner = $1"
+            " RETURNING c.goal_id, c.reason",
+            owner,
+        )
+        return [(row["goal_id"], row["reason"]) for row in rows]
 
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         rows = await self._db.fetch(

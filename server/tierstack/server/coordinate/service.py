@@ -120,13 +120,18 @@ class CoordinateService:
         )
         provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
         decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
+        lease = settings.lease_seconds
         self._store: GoalStore = (
-            PostgresGoalStore(settings.postgres_url)
+            PostgresGoalStore(settings.postgres_url, lease_seconds=lease)
             if settings.postgres_url
-            else SqliteGoalStore.in_folder(settings.sqlite_dir)
+            else SqliteGoalStore.in_folder(settings.sqlite_dir, lease_seconds=lease)
         )
         self.coordinator = Coordinator(
-            self._orchestrator, decomposer, store=self._store, max_output_bytes=settings.max_total_output_bytes
+            self._orchestrator,
+            decomposer,
+            store=self._store,
+            owner=settings.replica_id,
+            max_output_bytes=settings.max_total_output_bytes,
         )
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:

@@ -5,6 +5,10 @@ the goal is in; the store checks both in the same write that appends events and 
 transition (from :data:`~tierstack.core.lifecycle.GOAL_LIFECYCLE`), and numbers the events itself,
 after the goal's last stored sequence. So a goal has one writer at a time, its history has no gaps
 and no two events share a number, and a stale writer is told so instead of being ignored.
+
+An owner holds its goals under a lease that it renews; a goal whose lease has passed is taken over
+by another owner, as runs are (see ``tierstack.server.orchestrate.store``), and a request to cancel a
+goal waits in the store for its owner.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,14 @@ import aiosqlite
 from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import NotFoundError
-from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.core.lifecycle import (
+    DEFAULT_LEASE_SECONDS,
+    GOAL_LIFECYCLE,
+    Fence,
+    IllegalTransitionError,
+    StaleOwnerError,
+    lease_end,
+)
 from tierstack.server import sqlite
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -41,7 +53,15 @@ class Written:
 
 
 class GoalStore(abc.ABC):
-    """Keeps goals, their owners and their events. Messages are stored in their protobuf wire form."""
+    """Keeps goals, their owners and their events. Messages are stored in their protobuf wire form.
+
+    Attributes:
+        shared: Whether several processes may use the store at once.
+        lease_seconds: How long a claim holds a goal without being renewed.
+    """
+
+    shared = False
+    lease_seconds = DEFAULT_LEASE_SECONDS
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -92,12 +112,38 @@ class GoalStore(abc.ABC):
         cursor ``after``, keeping only ``state`` unless it is 0."""
 
     @abc.abstractmethod
-    async def unfinished_goals(self) -> list[Goal]:
-        """Returns every goal that is pending or running, oldest first."""
+    async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
+        """Claims for ``owner`` (with a new lease) up to ``limit`` (None: all) pending or running goals
+        that no live owner holds, oldest first, and returns them with their fences: those whose lease
+        has passed and, ``at_start``, those held under ``owner``'s own name or, on a store that is not
+        shared, every one. A goal whose stored record cannot be read is failed instead."""
+
+    @abc.abstractmethod
+    async def renew(self, owner: str, goal_ids: Collection[str]) -> set[str]:
+        """Extends the lease of those of ``goal_ids`` that ``owner`` holds and that are pending or
+        running, and returns every one of them that ``owner`` still holds, whatever its state."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, goal_id: str, reason: str) -> None:
+        """Leaves a request to cancel a goal (and why) for its owner; nothing for an unknown goal."""
+
+    @abc.abstractmethod
+    async def take_cancels(self, owner: str) -> list[tuple[str, str]]:
+        """Removes and returns the requests left for the goals ``owner`` holds, as (goal id, reason)."""
+
+    async def wait_changed(self, key: str, timeout: float) -> None:
+        """Returns once the goal ``key`` (or, as ``owner:<name>``, the requests for an owner) may have
+        changed, or after ``timeout`` seconds; a store that can tell (PostgreSQL) returns early."""
+        await asyncio.sleep(timeout)
 
     @abc.abstractmethod
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         """Returns a goal's events with a sequence number above ``after_sequence``, in order."""
+
+
+def warn_unreadable(goal_ids: Sequence[str]) -> None:
+    if goal_ids:
+        _log.warning("%d stored goals cannot be read and are marked failed: %s", len(goal_ids), goal_ids[:5])
 
 
 def _copy(goal: Goal) -> Goal:
@@ -138,12 +184,15 @@ class _Held:
     goal: Goal
     fence: Fence
     events: list[bytes]
+    lease_ns: int
+    cancel: str | None = None
 
 
 class MemoryGoalStore(GoalStore):
     """Keeps goals in this process only; for tests and throwaway goals."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        self.lease_seconds = lease_seconds
         self._goals: dict[str, _Held] = {}
         self._by_request: dict[str, str] = {}
 
@@ -158,7 +207,7 @@ class MemoryGoalStore(GoalStore):
         if request_id and request_id in self._by_request:
             return _copy(self._goals[self._by_request[request_id]].goal), None
         fence = Fence(owner, 1)
-        self._goals[goal.goal_id] = _Held(_copy(goal), fence, [])
+        self._goals[goal.goal_id] = _Held(_copy(goal), fence, [], lease_end(self.lease_seconds))
         if request_id:
             self._by_request[request_id] = goal.goal_id
         return _copy(goal), fence
@@ -173,6 +222,7 @@ class MemoryGoalStore(GoalStore):
         held = self._held(goal_id)
         GOAL_LIFECYCLE.next(goal_id, held.goal.state, "claim")
         held.fence = Fence(owner, held.fence.epoch + 1)
+        held.lease_ns = lease_end(self.lease_seconds)
         return held.fence
 
     async def write(
@@ -207,9 +257,35 @@ class MemoryGoalStore(GoalStore):
                     break
         return found
 
-    async def unfinished_goals(self) -> list[Goal]:
-        unfinished = [_copy(h.goal) for h in self._goals.values() if h.goal.state in UNFINISHED]
-        return sorted(unfinished, key=lambda goal: goal.create_time.ToNanoseconds())
+    async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
+        now = time.time_ns()
+        free = [
+            held
+            for held in self._goals.values()
+            if held.goal.state in UNFINISHED
+            and (held.lease_ns < now or (at_start and (held.fence.owner == owner or not self.shared)))
+        ]
+        free.sort(key=lambda held: held.goal.create_time.ToNanoseconds())
+        return [(_copy(held.goal), await self.claim(held.goal.goal_id, owner)) for held in free[:limit]]
+
+    async def renew(self, owner: str, goal_ids: Collection[str]) -> set[str]:
+        held = {goal_id for goal_id in goal_ids if goal_id in self._goals and self._goals[goal_id].fence.owner == owner}
+        for goal_id in held:
+            if self._goals[goal_id].goal.state in UNFINISHED:
+                self._goals[goal_id].lease_ns = lease_end(self.lease_seconds)
+        return held
+
+    async def request_cancel(self, goal_id: str, reason: str) -> None:
+        if goal_id in self._goals:
+            self._goals[goal_id].cancel = reason
+
+    async def take_cancels(self, owner: str) -> list[tuple[str, str]]:
+        taken = []
+        for goal_id, held in self._goals.items():
+            if held.fence.owner == owner and held.cancel is not None:
+                taken.append((goal_id, held.cancel))
+                held.cancel = None
+        return taken
 
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         held = self._goals.get(goal_id)
@@ -236,6 +312,14 @@ CREATE TABLE IF NOT EXISTS goal_events (
     PRIMARY KEY (goal_id, sequence)
 ) WITHOUT ROWID;
 """
+# Numbered migrations from the first schema.
+_MIGRATIONS = (
+    # 1: the end of the owner's lease (ns since the epoch), and requests to cancel a goal.
+    """
+    ALTER TABLE goals ADD COLUMN lease_ns INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS goal_cancels (goal_id TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
+    """,
+)
 _COLUMNS = "goal, state, last_sequence"
 
 
@@ -261,12 +345,13 @@ class SqliteGoalStore(GoalStore):
     FILE = "goals.sqlite3"
 
     @classmethod
-    def in_folder(cls, folder: Path) -> SqliteGoalStore:
+    def in_folder(cls, folder: Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> SqliteGoalStore:
         """Returns the store of its file in ``folder``."""
-        return cls(folder / cls.FILE)
+        return cls(folder / cls.FILE, lease_seconds=lease_seconds)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self._path = path
+        self.lease_seconds = lease_seconds
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the one connection
 
@@ -277,7 +362,7 @@ class SqliteGoalStore(GoalStore):
         return self._db
 
     async def open(self) -> None:
-        self._db = await sqlite.connect(self._path, _SCHEMA)
+        self._db, _ = await sqlite.connect(self._path, _SCHEMA, _MIGRATIONS)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -292,8 +377,8 @@ class SqliteGoalStore(GoalStore):
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         async with self._lock:
             cursor = await self._conn.execute(
-                "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal)"
-                " VALUES (?, ?, ?, ?, ?, 1, 0, ?) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns)"
+                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (
                     goal.goal_id,
                     goal.request.request_id or None,
@@ -301,6 +386,7 @@ class SqliteGoalStore(GoalStore):
                     goal.create_time.ToNanoseconds(),
                     owner,
                     goal.SerializeToString(),
+                    lease_end(self.lease_seconds),
                 ),
             )
             await self._conn.commit()
@@ -317,8 +403,9 @@ class SqliteGoalStore(GoalStore):
                 raise NotFoundError("goal", goal_id)
             GOAL_LIFECYCLE.next(goal_id, goal.state, "claim")
             async with self._conn.execute(
-                "UPDATE goals SET owner = ?, epoch = epoch + 1 WHERE goal_id = ? AND state = ? RETURNING epoch",
-                (owner, goal_id, goal.state),
+                "UPDATE goals SET owner = ?, epoch = epoch + 1, lease_ns = ? WHERE goal_id = ? AND state = ?"
+                " RETURNING epoch",
+                (owner, lease_end(self.lease_seconds), goal_id, goal.state),
             ) as rows:
                 row = await rows.fetchone()
             await self._conn.commit()
@@ -388,27 +475,68 @@ class SqliteGoalStore(GoalStore):
         async with self._lock, self._conn.execute(query, (*params, limit)) as rows:
             return [stored_goal(row) for row in await rows.fetchall()]
 
-    async def unfinished_goals(self) -> list[Goal]:
-        """Returns every goal that is pending or running, oldest first; a goal whose stored record
-        cannot be read is marked failed (and logged) rather than returned."""
+    async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
         marks = ", ".join("?" * len(UNFINISHED))
-        query = f"SELECT goal_id, {_COLUMNS} FROM goals WHERE state IN ({marks}) ORDER BY create_ns"
+        query = (
+            f"SELECT goal_id, epoch, {_COLUMNS} FROM goals WHERE state IN ({marks})"
+            " AND (lease_ns < ? OR ?) ORDER BY create_ns LIMIT ?"
+        )
         async with self._lock:
-            async with self._conn.execute(query, UNFINISHED) as rows:
-                found, unreadable = [], []
-                for goal_id, *row in await rows.fetchall():
-                    try:
-                        found.append(stored_goal(row))
-                    except DecodeError:
-                        unreadable.append(goal_id)
-            if unreadable:
-                _log.warning("%d stored goals cannot be read and are marked failed: %s", len(unreadable), unreadable)
-                await self._conn.executemany(
-                    "UPDATE goals SET state = ? WHERE goal_id = ?",
-                    [(pb.GOAL_STATE_FAILED, goal_id) for goal_id in unreadable],
-                )
-                await self._conn.commit()
-        return found
+            parameters = (*UNFINISHED, time.time_ns(), at_start, -1 if limit is None else limit)
+            async with self._conn.execute(query, parameters) as rows:
+                found = await rows.fetchall()
+            taken, unreadable = [], []
+            for goal_id, epoch, *row in found:
+                try:
+                    taken.append((stored_goal(row), Fence(owner, epoch + 1)))
+                except DecodeError:
+                    unreadable.append(goal_id)
+            lease = lease_end(self.lease_seconds)
+            await self._conn.executemany(
+                "UPDATE goals SET owner = ?, epoch = ?, lease_ns = ? WHERE goal_id = ?",
+                [(owner, fence.epoch, lease, goal.goal_id) for goal, fence in taken],
+            )
+            await self._conn.executemany(
+                "UPDATE goals SET state = ? WHERE goal_id = ?",
+                [(pb.GOAL_STATE_FAILED, goal_id) for goal_id in unreadable],
+            )
+            await self._conn.commit()
+        warn_unreadable(unreadable)
+        return taken
+
+    async def renew(self, owner: str, goal_ids: Collection[str]) -> set[str]:
+        marks = ", ".join("?" * len(UNFINISHED))
+        held: set[str] = set()
+        async with self._lock:
+            for goal_id in goal_ids:
+                async with self._conn.execute(
+                    f"UPDATE goals SET lease_ns = CASE WHEN state IN ({marks}) THEN ? ELSE lease_ns END"
+                    " WHERE goal_id = ? AND owner = ? RETURNING goal_id",
+                    (*UNFINISHED, lease_end(self.lease_seconds), goal_id, owner),
+                ) as rows:
+                    held.update(row[0] for row in await rows.fetchall())
+            await self._conn.commit()
+        return held
+
+    async def request_cancel(self, goal_id: str, reason: str) -> None:
+        async with self._lock:
+            await self._conn.execute(
+                "INSERT INTO goal_cancels (goal_id, reason) SELECT goal_id, ? FROM goals WHERE goal_id = ?"
+                " ON CONFLICT (goal_id) DO UPDATE SET reason = excluded.reason",
+                (reason, goal_id),
+            )
+            await self._conn.commit()
+
+    async def take_cancels(self, owner: str) -> list[tuple[str, str]]:
+        async with self._lock:
+            async with self._conn.execute(
+                "DELETE FROM goal_cancels WHERE goal_id IN (SELECT goal_id FROM goals WHERE owner = ?)"
+                " RETURNING goal_id, reason",
+                (owner,),
+            ) as rows:
+                taken = [(str(goal_id), str(reason)) for goal_id, reason in await rows.fetchall()]
+            await self._conn.commit()
+        return taken
 
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         async with (

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -71,6 +73,9 @@ PLAN = "Plan the task: call every tool the plan needs, with its arguments, in or
 REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
 #: How many executions may be in flight at once; more are refused until some end.
 MAX_FLIGHTS = 10_000
+# How long a call for an execution another replica runs waits before it looks again, unless told
+# that it finished first.
+_ELSEWHERE_WAIT = 0.5
 #: How many tool kits (the tools a model-driven step offers, prepared for the model) are kept.
 TOOLKIT_CACHE_SIZE = 256
 
@@ -123,8 +128,10 @@ class Executor:
         store: ExecutionStore | None = None,
         max_output_bytes: int = Settings.max_output_bytes,
         workers: WorkerPool | None = None,
+        owner: str = "",
     ) -> None:
         self.registry = registry
+        self.owner = owner or f"execute-{uuid.uuid4().hex}"
         self.max_output_bytes = max_output_bytes
         self.workers = workers
         self.workspaces = workspaces
@@ -286,17 +293,27 @@ class Executor:
             yield event
 
     async def _fly(self, request: executor_service_pb2.ExecuteRequest, flight: _Flight) -> None:
-        """Runs (or replays) one execution into its flight, and keeps its end."""
+        """Runs (or replays) one execution into its flight, and keeps its end. On a store replicas
+        share, an execution another replica runs now is not run here: its end is replayed once
+        stored (or, should that replica die, it is run here once its claim's lease has passed)."""
         key = request.execution_id
+        claimed = False
         try:
             stored = await self.store.finished(key)
+            while stored is None and not (claimed := await self.store.begin(key, self.owner)):
+                await self.store.wait_finished(key, _ELSEWHERE_WAIT)
+                stored = await self.store.finished(key)
+            if claimed and stored is None:
+                stored = await self.store.finished(key)  # finished elsewhere as it was claimed here
             if stored is not None:
                 flight.extend(stored)
             else:
-                async for event in self._run(request):
-                    if event.WhichOneof("payload") in ("completed", "failed"):
-                        await self.store.finish(key, [*flight.events, event])
-                    flight.extend([event])
+                async with self._holding(key):
+                    async for event in self._run(request):
+                        if event.WhichOneof("payload") in ("completed", "failed"):
+                            await self.store.finish(key, [*flight.events, event])
+                            claimed = False  # finishing gave the claim up
+                        flight.extend([event])
             flight.end()
         except Exception as exc:  # a bad request (or a failing store): each caller gets it
             flight.end(exc)
@@ -304,6 +321,31 @@ class Executor:
             flight.end()  # cancelled: the callers' streams end without the step's end
             if self._flights.get(key) is flight:
                 del self._flights[key]
+            if claimed:  # stopped without its end: free to run again, here or elsewhere
+                await asyncio.shield(self._release(key))
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, execution_id: str) -> AsyncIterator[None]:
+        """Keeps this replica's claim of an execution alive while the block runs it."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.store.lease_seconds / 3)
+                with contextlib.suppress(Exception):  # the next renewal tries again
+                    await self.store.hold([execution_id], self.owner)
+
+        renewing = asyncio.create_task(renew(), name="tierstack-execution-claim")
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _release(self, execution_id: str) -> None:
+        try:
+            await self.store.release(execution_id, self.owner)
+        except Exception as exc:  # its lease passes instead
+            _log.warning("the claim of execution %s could not be given up (%s)", execution_id, type(exc).__name__)
 
     async def cancel_execution(self, execution_id: str) -> bool:
         """Cancels an execution in flight: its tool calls stop, its callers' streams end, and it is

@@ -1,11 +1,14 @@
-"""Finished executions and approvals in PostgreSQL (asyncpg), shared by Execute replicas: an
-execution one replica finished is replayed by any, and an approval one opened is answered on any."""
+"""Finished executions, the executions replicas run now, and approvals in PostgreSQL (asyncpg),
+shared by Execute replicas: an execution one replica finished is replayed by any, and one that a
+replica runs is not run by another meanwhile (the other replays its end). An approval is kept here
+across restarts; it is answered on the replica whose step waits for it."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
+from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS
 from tierstack.server import postgres
 from tierstack.server.execute.store import (
     APPROVAL_COLUMNS,
@@ -23,22 +26,66 @@ from tierstack.server.execute.store import (
 _TRIM_SHARE = 16
 
 
+#: The channel that names each execution as it finishes.
+CHANGES = "tierstack_executions"
+
+
 class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
-    """Keeps finished executions and approvals in a PostgreSQL database.
+    """Keeps finished executions, the executions replicas run now, and approvals in a PostgreSQL
+    database.
 
     Args:
         url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
         max_bytes: The most bytes of finished executions' events kept.
+        lease_seconds: How long a replica holds an execution it runs without renewing.
     """
 
-    def __init__(self, url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        super().__init__(url)
+    shared = True
+
+    def __init__(
+        self, url: str, *, max_bytes: int = DEFAULT_MAX_BYTES, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> None:
+        super().__init__(url, CHANGES)
         self._max_bytes = max_bytes
+        self.lease_seconds = lease_seconds
         self._added = 0  # bytes this replica stored since its last trim
 
     async def open(self) -> None:
         await super().open()
-        await self._trim()
+        try:
+            await self._trim()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def begin(self, execution_id: str, owner: str) -> bool:
+        claimed = await self._db.fetchval(
+            "INSERT INTO execution_flights (execution_id, owner, lease_ns)"
+            f" SELECT $1, $2, {postgres.lease_from_now(self.lease_seconds)}"
+            " WHERE NOT EXISTS (SELECT 1 FROM executions WHERE execution_id = $1)"
+            " ON CONFLICT (execution_id) DO UPDATE SET owner = excluded.owner, lease_ns = excluded.lease_ns"
+            f" WHERE execution_flights.lease_ns < {postgres.NOW_NS} OR execution_flights.owner = excluded.owner"
+            " RETURNING 1",
+            execution_id,
+            owner,
+        )
+        return claimed is not None
+
+    async def hold(self, execution_ids: Collection[str], owner: str) -> None:
+        await self._db.execute(
+            f"UPDATE execution_flights SET lease_ns = {postgres.lease_from_now(self.lease_seconds)}"
+            " WHERE execution_id = ANY($1::text[]) AND owner = $2",
+            list(execution_ids),
+            owner,
+        )
+
+    async def release(self, execution_id: str, owner: str) -> None:
+        await self._db.execute(
+            "DELETE FROM execution_flights WHERE execution_id = $1 AND owner = $2", execution_id, owner
+        )
+
+    async def wait_finished(self, execution_id: str, timeout: float) -> None:
+        await self._heard(execution_id, timeout)
 
     async def _trim(self) -> None:
         """Forgets the executions finished longest ago while those kept are over the byte budget."""
@@ -56,13 +103,16 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
 
     async def finish(self, execution_id: str, events: Sequence[ExecutionEvent]) -> None:
         packed = pack_events(events)
-        stored = await self._db.fetchval(
-            "INSERT INTO executions (execution_id, finish_ns, events) VALUES ($1, $2, $3)"
-            " ON CONFLICT DO NOTHING RETURNING octet_length(events)",
-            execution_id,
-            time.time_ns(),
-            packed,
-        )
+        async with self._db.acquire() as connection, connection.transaction():
+            stored = await connection.fetchval(
+                "INSERT INTO executions (execution_id, finish_ns, events) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING octet_length(events)",
+                execution_id,
+                time.time_ns(),
+                packed,
+            )
+            await connection.execute("DELETE FROM execution_flights WHERE execution_id = $1", execution_id)
+            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, execution_id)  # heard at commit
         self._added += stored or 0
         if self._added * _TRIM_SHARE > self._max_bytes:
             await self._trim()

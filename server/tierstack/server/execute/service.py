@@ -139,7 +139,7 @@ class ExecuteService:
         register_entry_point_tools(self.registry)
         budget = settings.execution_store_bytes
         self._store: ExecutionStore = (
-            PostgresExecutionStore(settings.postgres_url, max_bytes=budget)
+            PostgresExecutionStore(settings.postgres_url, max_bytes=budget, lease_seconds=settings.lease_seconds)
             if settings.postgres_url
             else SqliteExecutionStore.in_folder(settings.sqlite_dir, max_bytes=budget)
         )
@@ -157,6 +157,7 @@ class ExecuteService:
             store=self._store,
             max_output_bytes=settings.max_output_bytes,
             workers=self.workers,
+            owner=settings.replica_id,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
         self._retention = Sweeper("workspaces and executions", settings.retention_seconds, self._forget)

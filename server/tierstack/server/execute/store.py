@@ -5,13 +5,15 @@ interface, with an in-memory backend and SQLite (aiosqlite, WAL) behind it."""
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosqlite
 
+from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS
 from tierstack.server import sqlite
 from tierstack.v1 import executor_service_pb2
 
@@ -65,7 +67,19 @@ DEFAULT_MAX_BYTES = 1 << 30
 
 class ExecutionStore(abc.ABC):
     """Keeps finished executions and waiting approvals. The finished executions are bounded in bytes:
-    past the budget, those finished longest ago are forgotten (asked for again, they run again)."""
+    past the budget, those finished longest ago are forgotten (asked for again, they run again).
+
+    A store that several Execute replicas share also knows which replica runs an execution now
+    (``begin``, under a lease its runner keeps with ``hold``), so that one asked for on two replicas
+    runs on one; a store of one process leaves that to the process, and these methods do nothing.
+
+    Attributes:
+        shared: Whether several processes may use the store at once.
+        lease_seconds: How long a replica holds an execution it runs without renewing.
+    """
+
+    shared = False
+    lease_seconds = DEFAULT_LEASE_SECONDS
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -97,6 +111,22 @@ class ExecutionStore(abc.ABC):
     async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
         """Answers a waiting approval (None approves, else why it is rejected) and returns it as
         answered; returns None when no approval by that id waits (never opened, or answered)."""
+
+    async def begin(self, execution_id: str, owner: str) -> bool:
+        """Claims an execution for ``owner`` to run; False when another replica runs it now, or it has
+        finished (its end is then for :meth:`finished`)."""
+        return True
+
+    async def hold(self, execution_ids: Collection[str], owner: str) -> None:  # noqa: B027 (one process: nothing)
+        """Renews ``owner``'s claims of the executions it runs."""
+
+    async def release(self, execution_id: str, owner: str) -> None:  # noqa: B027 (one process: nothing)
+        """Gives up ``owner``'s claim of an execution that stopped without an end (it runs again
+        when asked for)."""
+
+    async def wait_finished(self, execution_id: str, timeout: float) -> None:
+        """Returns once the execution may have finished on another replica, or after ``timeout``."""
+        await asyncio.sleep(timeout)
 
     @abc.abstractmethod
     async def forget_before(self, ns: int) -> int:
@@ -227,7 +257,7 @@ class SqliteExecutionStore(ExecutionStore):
         return self._db
 
     async def open(self) -> None:
-        self._db = await sqlite.connect(self._path, _SCHEMA)
+        self._db, _ = await sqlite.connect(self._path, _SCHEMA)
         self._bytes = await self._kept_bytes()
 
     async def _kept_bytes(self) -> int:

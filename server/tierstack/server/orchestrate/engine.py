@@ -27,6 +27,7 @@ from tierstack.core.errors import (
     InvalidArgumentError,
     NotFoundError,
     TierstackError,
+    UnavailableError,
     Violation,
     error_detail,
     error_detail_of_call,
@@ -63,7 +64,7 @@ from tierstack.server.metrics import LatencyHistogram, RateMeter
 from tierstack.server.orchestrate.context import RunContext
 from tierstack.server.orchestrate.persistence import MAX_QUEUED, EventLog
 from tierstack.server.orchestrate.planner import Planner
-from tierstack.server.orchestrate.store import FINISHED, RunStore, StoredRun
+from tierstack.server.orchestrate.store import FINISHED, UNFINISHED, RunStore, StoredRun
 from tierstack.server.retention import Sweeper
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -100,6 +101,11 @@ KEPT_TOOL_ESTIMATES = 4096
 MAX_RUN_OUTPUTS_HELD = 64 << 20
 #: How many stored events a watcher of a run not running here reads at once.
 WATCH_PAGE = 64
+# How long a watcher of a run another replica drives waits before it reads the store again, unless
+# told of a change first.
+_WATCH_WAIT = 0.5
+#: The most runs one replica takes over at a time from replicas whose leases passed.
+_TAKE_OVER_BATCH = 100
 #: How many runs one round of the retention sweep deletes at once.
 _DELETE_BATCH = 500
 _T = TypeVar("_T")
@@ -226,6 +232,7 @@ class RunManager:
         self._cancelling: set[asyncio.Task[None]] = set()  # steps in flight at Tier 3 being stopped
         self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
+        self._keeper: asyncio.Task[None] | None = None
         self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
         self._retention = Sweeper("runs", retention, self._delete_finished)
         self.planner = Planner(self._estimate)
@@ -254,31 +261,68 @@ class RunManager:
         return len(self._live)
 
     async def open(self) -> None:
-        """Resumes every run a previous process left pending or running. A run that cannot be resumed
-        (what was stored no longer passes the checks, or cannot be read) is failed with the reason
-        RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from starting. Then starts
-        deleting finished runs once their retention has passed."""
-        for unfinished in await self._store.unfinished_runs():
-            try:
-                stored, fence = await self._store.claim(unfinished.run.run_id, self.owner, "claim")
-            except (NotFoundError, IllegalTransitionError):
-                continue  # deleted, or taken up and finished by another owner meanwhile
-            history: list[pb.RunEvent] = []
-            try:
-                history = await self._store.events(stored.run.run_id, after_sequence=0)
-                stored_request = pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits)
-                violations = await boundary.check_off_loop(stored_request)
-                if violations:
-                    raise InvalidArgumentError(violations)
-                await self._resume(stored, fence, history, "orchestrator restarted")
-            except Exception as exc:
-                self._live.pop(stored.run.run_id, None)
-                _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
-                try:
-                    await self._fail_unresumable(stored, fence, history, exc)
-                except Exception as failure:  # the store fails too: the next start tries again
-                    _log.error("run %s could not be marked failed (%s)", stored.run.run_id, type(failure).__name__)
+        """Resumes the runs no live owner holds: every run an earlier process left pending or running
+        on a store of one process, those whose owner's lease has passed on a shared one. A run that
+        cannot be resumed (what was stored no longer passes the checks, or cannot be read) is failed
+        with the reason RUN_NOT_RESUMABLE instead, so that nothing stored keeps the server from
+        starting. Then keeps its runs' leases, takes over runs whose owner died, and deletes finished
+        runs once their retention has passed."""
+        for stored, fence in await self._store.take_over(self.owner, limit=None, at_start=True):
+            await self._adopt(stored, fence)
+        self._keeper = asyncio.create_task(self._keep(), name="run leases")
         self._retention.start()
+
+    async def _adopt(self, stored: StoredRun, fence: Fence) -> None:
+        """Drives a run this manager has just taken over from its last stored state."""
+        history: list[pb.RunEvent] = []
+        try:
+            history = await self._store.events(stored.run.run_id, after_sequence=0)
+            stored_request = pb.StartRunRequest(workflow=stored.workflow, limits=stored.limits)
+            violations = await boundary.check_off_loop(stored_request)
+            if violations:
+                raise InvalidArgumentError(violations)
+            await self._resume(stored, fence, history, "orchestrator restarted")
+        except Exception as exc:
+            self._live.pop(stored.run.run_id, None)
+            _log.warning("run %s cannot be resumed; it is failed", stored.run.run_id, exc_info=exc)
+            try:
+                await self._fail_unresumable(stored, fence, history, exc)
+            except Exception as failure:  # the store fails too: the next start tries again
+                _log.error("run %s could not be marked failed (%s)", stored.run.run_id, type(failure).__name__)
+
+    async def _keep(self) -> None:
+        """Renews the leases of the runs driven here, stops driving those another owner took (and all
+        of them once the store has refused renewals for most of a lease, before another replica may
+        take them), passes on the requests to stop them made on other replicas, and takes over the
+        runs whose owner's lease has passed; a third of a lease apart, or at once when a request
+        arrives."""
+        interval = self._store.lease_seconds / 3
+        renewed = time.monotonic()
+        while True:
+            await self._store.wait_changed(f"owner:{self.owner}", interval)
+            driven = dict(self._live)
+            try:
+                held = await self._store.renew(self.owner, list(driven))
+            except Exception as exc:
+                if time.monotonic() - renewed > 2 * interval:
+                    _log.warning("the run store cannot renew this server's leases (%s)", type(exc).__name__)
+                    held = set()  # another replica may take them over at any moment: stop first
+                else:
+                    continue
+            else:
+                renewed = time.monotonic()
+            for run_id, live in driven.items():  # runs claimed here since are other objects
+                if run_id not in held and self._live.get(run_id) is live:
+                    live.lost()
+            try:
+                for run_id, kind, reason in await self._store.take_controls(self.owner):
+                    if (target := self._live.get(run_id)) is not None:
+                        _ask_stop(target, kind, reason)
+                for stored, fence in await self._store.take_over(self.owner, limit=_TAKE_OVER_BATCH):
+                    _log.info("run %s taken over: its owner's lease had passed", stored.run.run_id)
+                    await self._adopt(stored, fence)
+            except Exception as exc:
+                _log.warning("the run store cannot pass on requests or take over runs (%s)", type(exc).__name__)
 
     async def _fail_unresumable(
         self, stored: StoredRun, fence: Fence, history: list[pb.RunEvent], cause: Exception
@@ -313,6 +357,9 @@ class RunManager:
         what the log holds."""
         self._closing = True
         await self._retention.close()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
@@ -383,6 +430,12 @@ class RunManager:
             inputs=to_struct(bound),
             steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
         )
+        # Once stored, a run is driven even if this call is cancelled meanwhile (its caller went away).
+        return await asyncio.shield(self._create(run, spec, workflow, limits))
+
+    async def _create(
+        self, run: pb.Run, spec: WorkflowSpec, workflow: pb.Workflow, limits: common_pb2.ResourceLimits
+    ) -> tuple[pb.Run, bool]:
         stored, fence = await self._store.create_run(StoredRun(run, workflow, limits), self.owner)
         if fence is None:
             return stored, False
@@ -390,6 +443,11 @@ class RunManager:
         live.task = asyncio.create_task(self._drive(live, resumed=None), name=f"run-{run.run_id}")
         _log.info("run %s of %s started (%d steps)", run.run_id, spec.name, len(live.steps))
         return run, True
+
+    def _forget(self, live: _LiveRun) -> None:
+        """Stops tracking a run that ended here, unless this manager has taken it up again since."""
+        if self._live.get(live.run.run_id) is live:
+            del self._live[live.run.run_id]
 
     def _track(self, run: pb.Run, spec: WorkflowSpec, limits: common_pb2.ResourceLimits, fence: Fence) -> _LiveRun:
         live = _LiveRun(run, spec, limits, self._parallelism, fence)
@@ -457,6 +515,12 @@ class RunManager:
         live = self._live.get(run_id)
         if live is None or live.task is None or live.feed.ended:
             run = await self.get_run(run_id)
+            if live is None and run.state in UNFINISHED:  # another replica drives it
+                await self._store.request_control(run_id, kind, reason)
+                stopped = await self._until_stopped(run_id)
+                if kind == "cancel" and stopped.state == pb.RUN_STATE_PAUSED:  # paused meanwhile
+                    return await self.cancel_run(run_id, reason)
+                return stopped
             raise FailedPreconditionError(
                 f"run {run_id} is not running ({pb.RunState.Name(run.state)})",
                 reason="RUN_NOT_RUNNING",
@@ -465,6 +529,23 @@ class RunManager:
         _ask_stop(live, kind, reason)
         await asyncio.wait({live.task})
         return live.run
+
+    async def _until_stopped(self, run_id: str) -> pb.Run:
+        """Waits until a run another replica drives is no longer pending or running, and returns it.
+
+        Raises:
+            UnavailableError: It goes on after three leases: neither its owner nor a replica taking it
+                over has acted on the request (which stays in the store for whoever drives it next).
+        """
+        deadline = time.monotonic() + 3 * self._store.lease_seconds
+        while (run := await self.get_run(run_id)).state in UNFINISHED:
+            if time.monotonic() > deadline:
+                raise UnavailableError(
+                    f"run {run_id} is driven by another replica, which has not acted on the request yet",
+                    metadata={"run_id": run_id},
+                )
+            await self._store.wait_changed(run_id, _WATCH_WAIT)
+        return run
 
     def request_cancel(self, run_id: str, reason: str) -> None:
         """Asks a live run to stop, without waiting; does nothing for a run not executing here."""
@@ -500,7 +581,7 @@ class RunManager:
             await self._transition(live, run_cancelled=pb.RunCancelled(reason=reason))
         finally:
             live.feed.end()
-            self._live.pop(run.run_id, None)
+            self._forget(live)
         return run
 
     async def delete_run(self, run_id: str) -> None:
@@ -547,6 +628,10 @@ class RunManager:
             NotFoundError: No run has that id.
             FailedPreconditionError: The run is not paused.
         """
+        # Once claimed, a run is driven even if this call is cancelled meanwhile.
+        return await asyncio.shield(self._resume_paused(run_id))
+
+    async def _resume_paused(self, run_id: str) -> pb.Run:
         try:  # one compare-and-set in the store: of two resumes at once, one wins
             stored, fence = await self._store.claim(run_id, self.owner, "resume")
         except IllegalTransitionError:
@@ -597,15 +682,31 @@ class RunManager:
         if live is None:
             if await self._store.get_run(run_id) is None:
                 raise NotFoundError("run", run_id)
-            while True:  # a page at a time: a watcher that reads slowly holds no more than one
-                page = await self._store.events(run_id, after_sequence=after_sequence, limit=WATCH_PAGE)
-                for event in page:
-                    yield event
-                if len(page) < WATCH_PAGE:
-                    return
-                after_sequence = page[-1].sequence
+            async for event in self._stored_events(run_id, after_sequence):
+                after_sequence = event.sequence
+                yield event
+            live = self._live.get(run_id)  # taken over here meanwhile
+            if live is None:
+                return
         async for event in live.feed.follow(after_sequence):
             yield event
+
+    async def _stored_events(self, run_id: str, after_sequence: int) -> AsyncIterator[pb.RunEvent]:
+        """Yields the stored events of a run not driven here, a page at a time (a watcher that reads
+        slowly holds no more than one), and those stored later while another replica drives it, until
+        it ends or pauses, or this manager takes it over."""
+        while run_id not in self._live:
+            run = await self._store.get_run(run_id)  # read first: events stored with its end come after
+            page = await self._store.events(run_id, after_sequence=after_sequence, limit=WATCH_PAGE)
+            for event in page:
+                yield event
+            if page:
+                after_sequence = page[-1].sequence
+            if len(page) == WATCH_PAGE:
+                continue
+            if run is None or run.state not in UNFINISHED:
+                return
+            await self._store.wait_changed(run_id, _WATCH_WAIT)
 
     def _append(
         self, live: _LiveRun, *, urgent: bool = False, with_run: bool = False, **payload: Any
@@ -681,7 +782,7 @@ class RunManager:
             await self._transition(live, run_failed=pb.RunFailed(error=run.error))
         finally:
             live.feed.end()
-            self._live.pop(run.run_id, None)
+            self._forget(live)
             self.finished_runs[pb.RunState.Name(run.state)] += 1
             _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
 

@@ -6,13 +6,12 @@ Each write is one transaction whose statements check the writers' fences and the
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import NotFoundError
-from tierstack.core.lifecycle import RUN_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS, RUN_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server import postgres
 from tierstack.server.orchestrate.store import (
     SOURCES,
@@ -25,24 +24,37 @@ from tierstack.server.orchestrate.store import (
     ended_ns,
     stored_run,
     unreadable_run,
+    warn_unreadable,
 )
 
-_log = logging.getLogger(__name__)
+#: The channel that names each run whose events or state changed, as its transaction commits.
+CHANGES = "tierstack_runs"
 
 
 class PostgresRunStore(postgres.Pooled, RunStore):
-    """Stores runs and their events in a PostgreSQL database.
+    """Stores runs and their events in a PostgreSQL database, which replicas share.
 
     Args:
         url: The database's ``postgresql://`` URL; its schema is migrated when the store opens.
+        lease_seconds: How long a claim holds a run without being renewed.
     """
+
+    shared = True
+
+    def __init__(self, url: str, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        super().__init__(url, CHANGES)
+        self.lease_seconds = lease_seconds
+
+    async def wait_changed(self, run_id: str, timeout: float) -> None:
+        await self._heard(run_id, timeout)
 
     async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
         run = stored.run
         while True:
             created = await self._db.fetchval(
-                "INSERT INTO runs (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits)"
-                " VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
+                "INSERT INTO runs (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, lease_ns)"
+                f" VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, {postgres.lease_from_now(self.lease_seconds)})"
+                " ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
                 run.run_id,
                 run.request_id or None,
                 run.state,
@@ -69,7 +81,8 @@ class PostgresRunStore(postgres.Pooled, RunStore):
             stored.run.state = RUN_LIFECYCLE.next(run_id, stored.run.state, transition)  # type: ignore[assignment]
             fence = Fence(owner, row["epoch"] + 1)
             await connection.execute(
-                "UPDATE runs SET state = $1, run = $2, end_ns = $3, owner = $4, epoch = $5 WHERE run_id = $6",
+                "UPDATE runs SET state = $1, run = $2, end_ns = $3, owner = $4, epoch = $5,"
+                f" lease_ns = {postgres.lease_from_now(self.lease_seconds)} WHERE run_id = $6",
                 stored.run.state,
                 stored.run.SerializeToString(),
                 ended_ns(stored.run),
@@ -77,12 +90,18 @@ class PostgresRunStore(postgres.Pooled, RunStore):
                 fence.epoch,
                 run_id,
             )
+            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, run_id)
         return stored, fence
 
     async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
         recorded = [run.run_id for run in runs]
         others = sorted({event.run_id for event in events} - set(recorded))
         async with self._db.acquire() as connection, connection.transaction():
+            # Rows locked in one order, whatever the batch's: two writers (or a renewal) never wait
+            # on each other in a circle.
+            await connection.execute(
+                "SELECT 1 FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR UPDATE", [*recorded, *others]
+            )
             changed = await connection.fetch(
                 "UPDATE runs AS r SET state = w.state, run = w.run, end_ns = w.end_ns"
                 " FROM unnest($1::text[], $2::int[], $3::bytea[], $4::bigint[], $5::text[], $6::bigint[], $7::int[])"
@@ -114,6 +133,12 @@ class PostgresRunStore(postgres.Pooled, RunStore):
                 [event.run_id for event in events],
                 [event.sequence for event in events],
                 [event.SerializeToString() for event in events],
+            )
+            # Watchers on other replicas hear of it once this commits.
+            await connection.execute(
+                "SELECT pg_notify($1, run_id) FROM unnest($2::text[]) AS changed (run_id)",
+                CHANGES,
+                sorted({*recorded, *others}),
             )
 
     async def _refuse(
@@ -154,28 +179,72 @@ class PostgresRunStore(postgres.Pooled, RunStore):
         )
         return [Run.FromString(row["run"]) for row in rows]
 
-    async def unfinished_runs(self) -> list[StoredRun]:
-        """Returns every run that is pending or running, oldest first; a run whose stored record
-        cannot be read is replaced by a failed one (reason RUN_NOT_RESUMABLE), as in SQLite."""
-        rows = await self._db.fetch(
-            "SELECT run_id, run, workflow, limits FROM runs WHERE state = ANY($1::int[]) ORDER BY create_ns",
-            list(UNFINISHED),
-        )
-        found, unreadable = [], []
-        for row in rows:
-            try:
-                found.append(stored_run((row["run"], row["workflow"], row["limits"])))
-            except DecodeError:
-                unreadable.append(row["run_id"])
-        if unreadable:
-            _log.warning(
-                "%d stored runs cannot be read and are marked failed, such as %s", len(unreadable), unreadable[:5]
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False
+    ) -> list[tuple[StoredRun, Fence]]:
+        async with self._db.acquire() as connection, connection.transaction():
+            # Rows another replica is taking over at this moment are skipped, not waited for.
+            rows = await connection.fetch(
+                "SELECT run_id, run, workflow, limits, epoch FROM runs WHERE state = ANY($1::int[])"
+                f" AND (lease_ns < {postgres.NOW_NS} OR owner = $2) ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
+                list(UNFINISHED),
+                owner if at_start else None,
+                limit,
             )
-            await self._db.executemany(
+            taken, unreadable = [], []
+            for row in rows:
+                try:
+                    stored = stored_run((row["run"], row["workflow"], row["limits"]))
+                except DecodeError:
+                    unreadable.append(row["run_id"])
+                else:
+                    taken.append((stored, Fence(owner, row["epoch"] + 1)))
+            await connection.execute(
+                "UPDATE runs AS r SET owner = $1, epoch = r.epoch + 1,"
+                f" lease_ns = {postgres.lease_from_now(self.lease_seconds)} WHERE r.run_id = ANY($2::text[])",
+                owner,
+                [stored.run.run_id for stored, _ in taken],
+            )
+            await connection.executemany(
                 "UPDATE runs SET state = $1, run = $2, end_ns = $3 WHERE run_id = $4",
                 [(*unreadable_run(run_id), run_id) for run_id in unreadable],
             )
-        return found
+        warn_unreadable(unreadable)
+        return taken
+
+    async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
+        rows = await self._db.fetch(
+            "UPDATE runs SET lease_ns = CASE WHEN state = ANY($1::int[])"
+            f" THEN {postgres.lease_from_now(self.lease_seconds)} ELSE lease_ns END"
+            " WHERE run_id IN (SELECT run_id FROM runs WHERE run_id = ANY($2::text[]) AND owner = $3"
+            " ORDER BY run_id FOR UPDATE) RETURNING run_id",
+            list(UNFINISHED),
+            list(run_ids),
+            owner,
+        )
+        return {row["run_id"] for row in rows}
+
+    async def request_control(self, run_id: str, kind: str, reason: str) -> None:
+        async with self._db.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "INSERT INTO run_controls (run_id, kind, reason) VALUES ($1, $2, $3)"
+                " ON CONFLICT (run_id) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
+                run_id,
+                kind,
+                reason,
+            )
+            # Wakes the owner's keeper, which takes the request at once.
+            await connection.execute(
+                "SELECT pg_notify($1, 'owner:' || owner) FROM runs WHERE run_id = $2", CHANGES, run_id
+            )
+
+    async def take_controls(self, owner: str) -> list[tuple[str, str, str]]:
+        rows = await self._db.fetch(
+            "DELETE FROM run_controls AS c USING runs AS r WHERE c.run_id = r.run_id AND r.owner = $1"
+            " RETURNING c.run_id, c.kind, c.reason",
+            owner,
+        )
+        return [(row["run_id"], row["kind"], row["reason"]) for row in rows]
 
     async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         rows = await self._db.fetch(
@@ -194,5 +263,6 @@ class PostgresRunStore(postgres.Pooled, RunStore):
 
     async def delete_runs(self, run_ids: Sequence[str]) -> None:
         async with self._db.acquire() as connection, connection.transaction():
+            await connection.execute("DELETE FROM run_controls WHERE run_id = ANY($1::text[])", list(run_ids))
             await connection.execute("DELETE FROM run_events WHERE run_id = ANY($1::text[])", list(run_ids))
             await connection.execute("DELETE FROM runs WHERE run_id = ANY($1::text[])", list(run_ids))

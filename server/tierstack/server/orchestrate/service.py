@@ -210,7 +210,12 @@ class OrchestrateService:
     def __init__(self, settings: Settings, *, store: RunStore | None = None) -> None:
         if store is None:
             url = settings.postgres_url
-            store = PostgresRunStore(url) if url else SqliteRunStore.in_folder(settings.sqlite_dir)
+            lease = settings.lease_seconds
+            store = (
+                PostgresRunStore(url, lease_seconds=lease)
+                if url
+                else SqliteRunStore.in_folder(settings.sqlite_dir, lease_seconds=lease)
+            )
         self._store = store
         self.client_metrics = MethodMetrics()
         self._max_message_bytes = settings.max_message_bytes
@@ -226,6 +231,7 @@ class OrchestrateService:
             max_total_output_bytes=settings.max_total_output_bytes,
             max_message_bytes=settings.max_message_bytes,
             retention=settings.retention_seconds,
+            owner=settings.replica_id,
         )
 
     cross_tier = None

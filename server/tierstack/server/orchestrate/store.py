@@ -6,6 +6,13 @@ resuming it after a pause). Every write names the writer's fence; the store chec
 run's state follows the stored one in :data:`~tierstack.core.lifecycle.RUN_LIFECYCLE`, in the same
 transaction that writes, so a stale or concurrent writer is refused instead of overwriting the run
 or having its events silently dropped.
+
+An owner holds its runs under a lease that it renews (``renew``) while it lives; a run whose lease has
+passed is taken over by another owner (``take_over``), which fences the first out. A store that
+several processes share (PostgreSQL) respects leases from the start; one that a single process uses
+(memory, SQLite) lets a starting process take over every unfinished run, since any other owner can
+only have been an earlier process. Requests to stop a run (``request_control``) wait in the store
+for its owner, wherever they were made.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,14 @@ import aiosqlite
 from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import NotFoundError
-from tierstack.core.lifecycle import RUN_LIFECYCLE, Fence, IllegalTransitionError, StaleOwnerError
+from tierstack.core.lifecycle import (
+    DEFAULT_LEASE_SECONDS,
+    RUN_LIFECYCLE,
+    Fence,
+    IllegalTransitionError,
+    StaleOwnerError,
+    lease_end,
+)
 from tierstack.server import sqlite
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
@@ -41,7 +56,15 @@ class StoredRun:
 
 
 class RunStore(abc.ABC):
-    """Keeps runs and their events. Messages are stored in their protobuf wire form."""
+    """Keeps runs and their events. Messages are stored in their protobuf wire form.
+
+    Attributes:
+        shared: Whether several processes may use the store at once.
+        lease_seconds: How long a claim holds a run without being renewed.
+    """
+
+    shared = False
+    lease_seconds = DEFAULT_LEASE_SECONDS
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -94,8 +117,34 @@ class RunStore(abc.ABC):
         cursor ``after``, keeping only ``state`` unless it is 0."""
 
     @abc.abstractmethod
-    async def unfinished_runs(self) -> list[StoredRun]:
-        """Returns every run that is pending or running, oldest first."""
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False
+    ) -> list[tuple[StoredRun, Fence]]:
+        """Claims for ``owner`` (the ``claim`` transition, with a new lease) up to ``limit`` (None: all)
+        pending or running runs that no live owner holds, oldest first, and returns them with their fences: those
+        whose lease has passed and, ``at_start``, those held under ``owner``'s own name (an earlier life
+        of the same replica) or, on a store that is not shared, every one. A run whose stored record
+        cannot be read is failed (RUN_NOT_RESUMABLE) instead, so that it can still be read, listed and
+        deleted."""
+
+    @abc.abstractmethod
+    async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
+        """Extends the lease of those of ``run_ids`` that ``owner`` holds and that are pending or
+        running, and returns every one of them that ``owner`` still holds, whatever its state."""
+
+    @abc.abstractmethod
+    async def request_control(self, run_id: str, kind: str, reason: str) -> None:
+        """Leaves a request (``cancel`` or ``pause``, and why) for the owner of a run; a later request
+        replaces an earlier one that was not taken yet."""
+
+    @abc.abstractmethod
+    async def take_controls(self, owner: str) -> list[tuple[str, str, str]]:
+        """Removes and returns the requests left for the runs ``owner`` holds, as (run id, kind, reason)."""
+
+    async def wait_changed(self, run_id: str, timeout: float) -> None:
+        """Returns once the run may have changed (new events, a new state), or after ``timeout`` seconds.
+        A store that can tell (PostgreSQL, by notifications) returns early."""
+        await asyncio.sleep(timeout)
 
     @abc.abstractmethod
     async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
@@ -148,9 +197,12 @@ def ended_ns(run: Run) -> int | None:
 class MemoryRunStore(RunStore):
     """Keeps runs in this process only; for tests and throwaway runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        self.lease_seconds = lease_seconds
         self._runs: dict[str, StoredRun] = {}
         self._fences: dict[str, Fence] = {}
+        self._leases: dict[str, int] = {}
+        self._controls: dict[str, tuple[str, str]] = {}
         self._by_request: dict[str, str] = {}
         self._events: dict[str, dict[int, bytes]] = {}
 
@@ -168,6 +220,7 @@ class MemoryRunStore(RunStore):
             Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits
         )
         self._fences[stored.run.run_id] = fence = Fence(owner, 1)
+        self._leases[stored.run.run_id] = lease_end(self.lease_seconds)
         self._events[stored.run.run_id] = {}
         if request_id:
             self._by_request[request_id] = stored.run.run_id
@@ -179,6 +232,7 @@ class MemoryRunStore(RunStore):
             raise NotFoundError("run", run_id)
         kept.run.state = RUN_LIFECYCLE.next(run_id, kept.run.state, transition)  # type: ignore[assignment]
         self._fences[run_id] = fence = Fence(owner, self._fences[run_id].epoch + 1)
+        self._leases[run_id] = lease_end(self.lease_seconds)
         return StoredRun(Run.FromString(kept.run.SerializeToString()), kept.workflow, kept.limits), fence
 
     async def write(self, runs: Sequence[Run], events: Sequence[RunEvent], fences: Mapping[str, Fence]) -> None:
@@ -217,10 +271,31 @@ class MemoryRunStore(RunStore):
                     break
         return found
 
-    async def unfinished_runs(self) -> list[StoredRun]:
-        unfinished = [s for s in self._runs.values() if s.run.state in UNFINISHED]
-        unfinished.sort(key=lambda s: s.run.create_time.ToNanoseconds())
-        return [StoredRun(Run.FromString(s.run.SerializeToString()), s.workflow, s.limits) for s in unfinished]
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False
+    ) -> list[tuple[StoredRun, Fence]]:
+        now = time.time_ns()
+        free = [
+            kept
+            for run_id, kept in self._runs.items()
+            if kept.run.state in UNFINISHED
+            and (self._leases[run_id] < now or (at_start and (self._fences[run_id].owner == owner or not self.shared)))
+        ]
+        free.sort(key=lambda kept: kept.run.create_time.ToNanoseconds())
+        return [await self.claim(kept.run.run_id, owner, "claim") for kept in free[:limit]]
+
+    async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
+        held = {run_id for run_id in run_ids if run_id in self._fences and self._fences[run_id].owner == owner}
+        lease = lease_end(self.lease_seconds)
+        self._leases.update({run_id: lease for run_id in held if self._runs[run_id].run.state in UNFINISHED})
+        return held
+
+    async def request_control(self, run_id: str, kind: str, reason: str) -> None:
+        self._controls[run_id] = (kind, reason)
+
+    async def take_controls(self, owner: str) -> list[tuple[str, str, str]]:
+        taken = [run_id for run_id in self._controls if run_id in self._fences and self._fences[run_id].owner == owner]
+        return [(run_id, *self._controls.pop(run_id)) for run_id in taken]
 
     async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         stored = self._events.get(run_id, {})
@@ -240,6 +315,8 @@ class MemoryRunStore(RunStore):
         for run_id in deleted:
             self._runs.pop(run_id, None)
             self._fences.pop(run_id, None)
+            self._leases.pop(run_id, None)
+            self._controls.pop(run_id, None)
             self._events.pop(run_id, None)
         self._by_request = {request: run_id for request, run_id in self._by_request.items() if run_id not in deleted}
 
@@ -262,7 +339,7 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, sequence)
 ) WITHOUT ROWID;
 """
-# Numbered migrations from the first schema; ``PRAGMA user_version`` counts those applied.
+# Numbered migrations from the first schema.
 _MIGRATIONS = (
     # 1: the end time of finished runs (filled in below for those stored before), for retention.
     """
@@ -273,6 +350,15 @@ _MIGRATIONS = (
     """
     ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3: the end of the owner's lease (ns since the epoch), and requests for the owner of a run.
+    """
+    ALTER TABLE runs ADD COLUMN lease_ns INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS run_controls (
+        run_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -296,6 +382,11 @@ def unreadable_run(run_id: str) -> tuple[int, bytes, int]:
     )
     run.end_time.GetCurrentTime()
     return run.state, run.SerializeToString(), run.end_time.ToNanoseconds()
+
+
+def warn_unreadable(run_ids: Sequence[str]) -> None:
+    if run_ids:
+        _log.warning("%d stored runs cannot be read and are marked failed, such as %s", len(run_ids), run_ids[:5])
 
 
 def _fenced(fences: Mapping[str, Fence], run_id: str) -> tuple[str, int]:
@@ -323,12 +414,13 @@ class SqliteRunStore(RunStore):
     FILE = "runs.sqlite3"
 
     @classmethod
-    def in_folder(cls, folder: Path) -> SqliteRunStore:
+    def in_folder(cls, folder: Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> SqliteRunStore:
         """Returns the store of its file in ``folder``."""
-        return cls(folder / cls.FILE)
+        return cls(folder / cls.FILE, lease_seconds=lease_seconds)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self._path = path
+        self.lease_seconds = lease_seconds
         self._db: aiosqlite.Connection | None = None
         # One connection serves every caller: a compare-and-set (a read, then a write) must not
         # interleave with another caller's statements, so transactions take turns.
@@ -341,17 +433,9 @@ class SqliteRunStore(RunStore):
         return self._db
 
     async def open(self) -> None:
-        self._db = await sqlite.connect(self._path, _SCHEMA)
-        await self._migrate()
-
-    async def _migrate(self) -> None:
-        async with self._conn.execute("PRAGMA user_version") as rows:
-            row = await rows.fetchone()
-        version = row[0] if row else 0
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            await self._conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
-            if number == 1:
-                await self._fill_end_times()
+        self._db, version = await sqlite.connect(self._path, _SCHEMA, _MIGRATIONS)
+        if version < 1:
+            await self._fill_end_times()
 
     async def _fill_end_times(self) -> None:
         marks = ", ".join("?" * len(FINISHED))
@@ -369,8 +453,8 @@ class SqliteRunStore(RunStore):
         run = stored.run
         async with self._turn:
             cursor = await self._conn.execute(
-                "INSERT INTO runs (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO runs (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch, lease_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT (request_id) DO NOTHING",
                 (
                     run.run_id,
                     run.request_id or None,
@@ -380,6 +464,7 @@ class SqliteRunStore(RunStore):
                     stored.workflow.SerializeToString(),
                     stored.limits.SerializeToString(),
                     owner,
+                    lease_end(self.lease_seconds),
                 ),
             )
             await self._conn.commit()
@@ -402,8 +487,16 @@ class SqliteRunStore(RunStore):
             stored.run.state = RUN_LIFECYCLE.next(run_id, stored.run.state, transition)  # type: ignore[assignment]
             fence = Fence(owner, row[3] + 1)
             await self._conn.execute(
-                "UPDATE runs SET state = ?, run = ?, end_ns = ?, owner = ?, epoch = ? WHERE run_id = ?",
-                (stored.run.state, stored.run.SerializeToString(), ended_ns(stored.run), owner, fence.epoch, run_id),
+                "UPDATE runs SET state = ?, run = ?, end_ns = ?, owner = ?, epoch = ?, lease_ns = ? WHERE run_id = ?",
+                (
+                    stored.run.state,
+                    stored.run.SerializeToString(),
+                    ended_ns(stored.run),
+                    owner,
+                    fence.epoch,
+                    lease_end(self.lease_seconds),
+                    run_id,
+                ),
             )
             await self._conn.commit()
         return stored, fence
@@ -486,30 +579,70 @@ class SqliteRunStore(RunStore):
         async with self._conn.execute(query, (*params, limit)) as rows:
             return [Run.FromString(row[0]) for row in await rows.fetchall()]
 
-    async def unfinished_runs(self) -> list[StoredRun]:
-        """Returns every run that is pending or running, oldest first; a run whose stored record
-        cannot be read is replaced by a failed one (reason RUN_NOT_RESUMABLE), so that it can still
-        be read, listed and deleted, and logged, rather than returned."""
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False
+    ) -> list[tuple[StoredRun, Fence]]:
         marks = ", ".join("?" * len(UNFINISHED))
-        query = f"SELECT run_id, run, workflow, limits FROM runs WHERE state IN ({marks}) ORDER BY create_ns"
-        async with self._conn.execute(query, UNFINISHED) as rows:
-            found, unreadable = [], []
-            for run_id, *row in await rows.fetchall():
+        query = (
+            f"SELECT run_id, run, workflow, limits, epoch FROM runs WHERE state IN ({marks})"
+            " AND (lease_ns < ? OR ?) ORDER BY create_ns LIMIT ?"
+        )
+        async with self._turn:
+            parameters = (*UNFINISHED, time.time_ns(), at_start, -1 if limit is None else limit)
+            async with self._conn.execute(query, parameters) as rows:
+                found = await rows.fetchall()
+            taken, unreadable = [], []
+            for run_id, *row, epoch in found:
                 try:
-                    found.append(stored_run(row))
+                    taken.append((stored_run(row), Fence(owner, epoch + 1)))
                 except DecodeError:
                     unreadable.append(run_id)
-        if unreadable:
-            _log.warning(
-                "%d stored runs cannot be read and are marked failed, such as %s", len(unreadable), unreadable[:5]
+            lease = lease_end(self.lease_seconds)
+            await self._conn.executemany(
+                "UPDATE runs SET owner = ?, epoch = ?, lease_ns = ? WHERE run_id = ?",
+                [(owner, fence.epoch, lease, stored.run.run_id) for stored, fence in taken],
             )
-            async with self._turn:
-                await self._conn.executemany(
-                    "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
-                    [(*unreadable_run(run_id), run_id) for run_id in unreadable],
-                )
-                await self._conn.commit()
-        return found
+            await self._conn.executemany(
+                "UPDATE runs SET state = ?, run = ?, end_ns = ? WHERE run_id = ?",
+                [(*unreadable_run(run_id), run_id) for run_id in unreadable],
+            )
+            await self._conn.commit()
+        warn_unreadable(unreadable)
+        return taken
+
+    async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
+        marks = ", ".join("?" * len(UNFINISHED))
+        held: set[str] = set()
+        async with self._turn:
+            for run_id in run_ids:
+                async with self._conn.execute(
+                    f"UPDATE runs SET lease_ns = CASE WHEN state IN ({marks}) THEN ? ELSE lease_ns END"
+                    " WHERE run_id = ? AND owner = ? RETURNING run_id",
+                    (*UNFINISHED, lease_end(self.lease_seconds), run_id, owner),
+                ) as rows:
+                    held.update(row[0] for row in await rows.fetchall())
+            await self._conn.commit()
+        return held
+
+    async def request_control(self, run_id: str, kind: str, reason: str) -> None:
+        async with self._turn:
+            await self._conn.execute(
+                "INSERT INTO run_controls (run_id, kind, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (run_id) DO UPDATE SET kind = excluded.kind, reason = excluded.reason",
+                (run_id, kind, reason),
+            )
+            await self._conn.commit()
+
+    async def take_controls(self, owner: str) -> list[tuple[str, str, str]]:
+        async with self._turn:
+            async with self._conn.execute(
+                "DELETE FROM run_controls WHERE run_id IN (SELECT run_id FROM runs WHERE owner = ?)"
+                " RETURNING run_id, kind, reason",
+                (owner,),
+            ) as rows:
+                taken = [(str(run_id), str(kind), str(reason)) for run_id, kind, reason in await rows.fetchall()]
+            await self._conn.commit()
+        return taken
 
     async def events(self, run_id: str, *, after_sequence: int, limit: int | None = None) -> list[RunEvent]:
         async with self._conn.execute(
@@ -527,6 +660,7 @@ class SqliteRunStore(RunStore):
     async def delete_runs(self, run_ids: Sequence[str]) -> None:
         parameters = [(run_id,) for run_id in run_ids]
         async with self._turn:
+            await self._conn.executemany("DELETE FROM run_controls WHERE run_id = ?", parameters)
             await self._conn.executemany("DELETE FROM events WHERE run_id = ?", parameters)
             await self._conn.executemany("DELETE FROM runs WHERE run_id = ?", parameters)
             await self._conn.commit()

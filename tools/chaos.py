@@ -7,13 +7,18 @@ side effect twice (only a step in flight when Execute died may run again).
 The steps call an HTTP endpoint on 127.0.0.1 that counts its calls. Everything runs on loopback and
 stops by itself.
 
-Usage: ``python -m tools.chaos [--kills 100] [--runs 200] [--goals 50] [--seed N] [--json FILE]``.
+With ``--replicas N`` every tier runs N times on one PostgreSQL database (a server of the round's
+own): a killed replica's runs and goals are taken over by whichever replica finds its lease passed,
+and the clients balance their calls over the replicas that serve.
+
+Usage: ``python -m tools.chaos [--kills 100] [--runs 200] [--goals 50] [--replicas N] [--seed N] [--json FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import asyncpg
 from google.protobuf.message import Message
 
 from tierstack.client import CoordinatorClient, OrchestratorClient, TierstackError
@@ -41,6 +47,7 @@ from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server.execute.store import unpack_events
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
 from tierstack.v1 import orchestrator_service_pb2 as pb
+from tools.postgres import LocalPostgres
 
 _READY = re.compile(r"serving on (\S+)")
 STEPS = {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c")}
@@ -91,6 +98,8 @@ class _Tier:
     env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
+    #: What each life of the process logged, kept for a round that fails.
+    logs: list[str] = field(default_factory=list)
 
     async def start(self) -> float:
         """Starts the tier and returns how long it took to serve, in seconds."""
@@ -112,20 +121,25 @@ class _Tier:
                 break
         else:
             raise RuntimeError(f"{self.name} exited before serving:\n{''.join(said[-20:])}")
+        self._said = said
         self._drain = asyncio.create_task(self.process.stderr.read())
         return time.perf_counter() - begin
+
+    async def _ended(self) -> None:
+        rest = await self._drain
+        self.logs.append("".join(self._said) + rest.decode(errors="replace"))
 
     async def kill(self) -> None:
         assert self.process is not None
         self.process.kill()
         await self.process.wait()
-        await self._drain
+        await self._ended()
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             await self.process.wait()
-            await self._drain
+            await self._ended()
 
 
 @dataclass
@@ -142,6 +156,8 @@ class Report:
     history_gaps: int = 0
     missing_outputs: int = 0
     twice: list[str] = field(default_factory=list)  # endpoints of steps Execute had finished: must be none
+    not_completed: list[str] = field(default_factory=list)  # each run or goal that ended otherwise, and how
+    crashes: list[str] = field(default_factory=list)  # the tracebacks the tiers logged: must be none
     reruns_in_flight: int = 0  # steps in flight when Execute died, run again: allowed
     seconds: float = 0.0
 
@@ -152,6 +168,7 @@ class Report:
             self.completed == self.runs
             and self.goals_completed == self.goals
             and not (self.steps_completed_twice or self.history_gaps or self.missing_outputs or self.twice)
+            and not self.crashes
         )
 
     def summary(self) -> dict[str, Any]:
@@ -170,20 +187,31 @@ class Report:
             "history_gaps": self.history_gaps,
             "missing_outputs": self.missing_outputs,
             "side_effects_twice": self.twice,
+            "not_completed": self.not_completed,
+            "crashes": self.crashes,
             "reruns_in_flight": self.reruns_in_flight,
             "seconds": round(self.seconds, 1),
         }
 
 
-async def _finished_paths(database: Path) -> set[str]:
-    """Returns the endpoint paths of the executions Execute has stored as finished (read while it is
-    down): each http.request call's result names the path it called."""
+async def _finished_paths(data_dir: Path, store_url: str) -> set[str]:
+    """Returns the endpoint paths of the executions Execute has stored as finished (read while the
+    killed one is down): each http.request call's result names the path it called."""
+    if store_url:
+        connection = await asyncpg.connect(store_url)
+        try:
+            blobs = [row["events"] for row in await connection.fetch("SELECT events FROM executions")]
+        finally:
+            await connection.close()
+    else:
+        database = data_dir / "execute" / "executions.sqlite3"
+        async with aiosqlite.connect(database) as db, db.execute("SELECT events FROM executions") as rows:
+            blobs = [row[0] for row in await rows.fetchall()]
     called = set()
-    async with aiosqlite.connect(database) as db, db.execute("SELECT events FROM executions") as rows:
-        for (blob,) in await rows.fetchall():
-            for event in unpack_events(blob):
-                if event.HasField("tool_call_finished"):
-                    called.add(_called(from_value(event.tool_call_finished.result.output)))
+    for blob in blobs:
+        for event in unpack_events(blob):
+            if event.HasField("tool_call_finished"):
+                called.add(_called(from_value(event.tool_call_finished.result.output)))
     return {path for path in called if isinstance(path, str)}
 
 
@@ -227,32 +255,40 @@ async def chaos(
     seed: int,
     data_dir: Path,
     tiers: Sequence[str] = ("coordinate", "orchestrate", "execute"),
+    replicas: int = 1,
+    store_url: str = "",
 ) -> Report:
-    """Runs one chaos round and returns what it found."""
+    """Runs one chaos round and returns what it found: ``replicas`` of each tier, on the PostgreSQL
+    database ``store_url`` (needed for more than one), or on SQLite files in ``data_dir``."""
     rng = random.Random(seed)
     endpoint = _Endpoint()
     threading.Thread(target=endpoint.serve_forever, daemon=True).start()
-    execute = _Tier("execute", _free_port(), ("--data-dir", str(data_dir / "execute")))
-    orchestrate = _Tier(
-        "orchestrate",
-        _free_port(),
-        ("--execute-target", f"127.0.0.1:{execute.port}", "--data-dir", str(data_dir / "orchestrate")),
-    )
-    coordinate = _Tier(
-        "coordinate",
-        _free_port(),
-        (
-            "--orchestrate-target",
-            f"127.0.0.1:{orchestrate.port}",
-            "--execute-target",
-            f"127.0.0.1:{execute.port}",
-            "--data-dir",
-            str(data_dir / "coordinate"),
-        ),
-        # Each goal calls paths of its own: a similar past goal's subtasks are not reused as they are.
-        {"TIERSTACK_SIMILARITY_THRESHOLD": "2"},
-    )
-    processes = {"execute": execute, "orchestrate": orchestrate, "coordinate": coordinate}
+    # Replicas share the store and Execute's workspaces; a replica killed comes back under a new name,
+    # so its runs and goals are taken over once their leases pass, by whichever replica is first.
+    shared = {"TIERSTACK_STORE_URL": store_url, "TIERSTACK_LEASE_SECONDS": "2"} if store_url else {}
+    ports = {tier: [_free_port() for _ in range(replicas)] for tier in ("execute", "orchestrate", "coordinate")}
+    targets = {tier: ",".join(f"127.0.0.1:{port}" for port in tier_ports) for tier, tier_ports in ports.items()}
+    arguments = {
+        "execute": ("--data-dir", str(data_dir / "execute")),
+        "orchestrate": ("--execute-target", targets["execute"], "--data-dir", str(data_dir / "orchestrate")),
+        "coordinate": ("--orchestrate-target", targets["orchestrate"], "--execute-target", targets["execute"]),
+    }
+    processes: dict[str, list[_Tier]] = {
+        tier: [
+            _Tier(
+                tier,
+                port,
+                # Each Coordinate learns in a goal memory of its own.
+                (*arguments[tier], "--data-dir", str(data_dir / f"{tier}-{k}"))
+                if tier == "coordinate"
+                else arguments[tier],
+                # Each goal calls paths of its own: a similar past goal's subtasks are not reused as they are.
+                {**shared, "TIERSTACK_SIMILARITY_THRESHOLD": "2"},
+            )
+            for k, port in enumerate(tier_ports)
+        ]
+        for tier, tier_ports in ports.items()
+    }
     report = Report(runs=runs, goals=goals)
     begin = time.perf_counter()
     workflow = pb.Workflow(
@@ -272,11 +308,12 @@ async def chaos(
     tags: dict[str, str] = {}
     goal_tags: dict[str, str] = {}
     try:
-        for tier in (execute, orchestrate, coordinate):
-            await tier.start()
+        for tier in ("execute", "orchestrate", "coordinate"):
+            for replica in processes[tier]:
+                await replica.start()
         async with (
-            OrchestratorClient(f"127.0.0.1:{orchestrate.port}") as client,
-            CoordinatorClient(f"127.0.0.1:{coordinate.port}") as coordinator,
+            OrchestratorClient(targets["orchestrate"]) as client,
+            CoordinatorClient(targets["coordinate"]) as coordinator,
         ):
 
             async def pursue() -> None:
@@ -303,12 +340,13 @@ async def chaos(
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(0.2, 0.8))
                 name = rng.choice(list(tiers))
-                await processes[name].kill()
+                victim = rng.choice(processes[name])
+                await victim.kill()
                 report.kills[name] += 1
                 done: set[str] = set()
-                if name == "execute":  # a dead Execute stores nothing more
-                    done = await _finished_paths(data_dir / "execute" / "executions.sqlite3")
-                report.restart_seconds.setdefault(name, []).append(await processes[name].start())
+                if name == "execute":  # a dead Execute stores nothing more (and another may go on)
+                    done = await _finished_paths(data_dir, store_url)
+                report.restart_seconds.setdefault(name, []).append(await victim.start())
                 if name == "execute":
                     # Until the new Execute serves, every call reaching the endpoint is one the dead
                     # one made (however late the endpoint reads it); the new one calls only once asked.
@@ -324,13 +362,16 @@ async def chaos(
                 for goal_id in goal_tags
             }
     finally:
-        for tier in (coordinate, orchestrate, execute):
-            await tier.stop()
+        for tier in ("coordinate", "orchestrate", "execute"):
+            for replica in processes[tier]:
+                await replica.stop()
         endpoint.shutdown()
         endpoint.server_close()
     for run_id, history in histories.items():
         tag = tags[run_id]
         last = history[-1]
+        if not last.HasField("run_completed"):
+            report.not_completed.append(f"{tag}: {_ending(last)}")
         if last.HasField("run_completed"):
             report.completed += 1
             outputs = {name: from_value(value) for name, value in last.run_completed.outputs.items()}
@@ -350,6 +391,8 @@ async def chaos(
     for goal_id, goal_events in goal_histories.items():
         tag = goal_tags[goal_id]
         ended = goal_events[-1]
+        if not ended.HasField("goal_completed"):
+            report.not_completed.append(f"{tag}: {_ending(ended)}")
         if ended.HasField("goal_completed"):
             report.goals_completed += 1
             paths = sorted(str(_called(from_value(value))) for value in ended.goal_completed.outputs.values())
@@ -364,8 +407,30 @@ async def chaos(
                     report.reruns_in_flight += 1
                 else:
                     report.twice.append(path)
+    for tier, replicas_of_tier in processes.items():
+        for replica in replicas_of_tier:
+            for log in replica.logs:
+                report.crashes.extend(f"{tier}: {trace}" for trace in _tracebacks(log))
     report.seconds = time.perf_counter() - begin
     return report
+
+
+def _tracebacks(log: str) -> list[str]:
+    """Returns each traceback in a tier's log, from the record that logged it to the exception."""
+    lines = log.splitlines()
+    found = []
+    for number, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            end = next((n for n in range(number + 1, len(lines)) if not lines[n].startswith((" ", "\t"))), number)
+            found.append("\n".join(lines[max(0, number - 1) : end + 1])[-3000:])
+    return found
+
+
+def _ending(event: Any) -> str:
+    """Says how a run or a goal that did not complete ended: its last event's kind and error."""
+    kind = event.WhichOneof("payload")
+    error = getattr(getattr(event, kind), "error", None)
+    return f"{kind} {error.reason}: {error.message}" if error is not None else str(kind)
 
 
 def _called(output: JSON) -> object:
@@ -379,10 +444,12 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--goals", type=int, default=50)
+    parser.add_argument("--replicas", type=int, default=1, help="of each tier, on a PostgreSQL of the round's own")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--json", help="also write the figures to this file")
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tierstack-chaos-") as folder:
+    with tempfile.TemporaryDirectory(prefix="tierstack-chaos-") as folder, contextlib.ExitStack() as stack:
+        store_url = stack.enter_context(LocalPostgres()).url if arguments.replicas > 1 else ""
         report = asyncio.run(
             chaos(
                 kills=arguments.kills,
@@ -390,6 +457,8 @@ def main() -> int:
                 goals=arguments.goals,
                 seed=arguments.seed,
                 data_dir=Path(folder),
+                replicas=arguments.replicas,
+                store_url=store_url,
             )
         )
     summary = json.dumps({"seed": arguments.seed, **report.summary()}, indent=2)

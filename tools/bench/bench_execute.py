@@ -91,8 +91,8 @@ async def main(requests: int, results: Results) -> None:
     )
     payload = request.SerializeToString()
     async with (
-        serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as execute_target,
-        serving(sys.executable, str(HERE / "echo_server.py")) as echo_target,
+        serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as (execute_target, _),
+        serving(sys.executable, str(HERE / "echo_server.py")) as (echo_target, _),
         ExecutorClient(execute_target) as client,
         grpc.aio.insecure_channel(echo_target) as channel,
     ):

@@ -192,7 +192,7 @@ async def in_process(repeat: int, results: Results) -> None:
 async def durable_over_grpc(repeat: int, results: Results) -> None:
     with tempfile.TemporaryDirectory() as data:
         async with (
-            serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as execute_target,
+            serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as (execute_target, _),
             serving(
                 sys.executable,
                 "-m",
@@ -205,7 +205,7 @@ async def durable_over_grpc(repeat: int, results: Results) -> None:
                 execute_target,
                 "--data-dir",
                 data,
-            ) as orchestrate_target,
+            ) as (orchestrate_target, _),
             OrchestratorClient(orchestrate_target) as client,
             ExecutorClient(execute_target) as executor,
         ):

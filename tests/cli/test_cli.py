@@ -32,6 +32,7 @@ from tests.helpers import (
 from tierstack.client import CoordinatorClient, ExecutorClient
 from tierstack.server import Settings
 from tierstack.v1 import coordinator_service_pb2 as pb
+from tools.postgres import LocalPostgres
 
 
 @pytest.fixture
@@ -126,6 +127,31 @@ async def test_up_runs_the_stack_until_interrupted(tmp_path: Path) -> None:
             request = pb.CoordinateRequest(goal="write a haiku", agents=[pb.Agent(id="w", capabilities=["writing"])])
             events = [event async for event in client.coordinate(request)]
         assert events[-1].HasField("goal_completed")
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = await up.wait()
+    assert code == 0
+
+
+async def test_up_runs_replicas_of_every_tier_on_postgresql(tmp_path: Path, postgres_server: LocalPostgres) -> None:
+    ports = {tier: free_port() for tier in ("execute", "orchestrate", "coordinate")}
+    env = {**os.environ, **{f"TIERSTACK_{tier.upper()}_PORT": str(port) for tier, port in ports.items()}}
+    env.update({f"TIERSTACK_{tier.upper()}_METRICS_PORT": "0" for tier in ports})
+    store = postgres_server.new_database()
+    arguments = ("up", "--data-dir", str(tmp_path), "--store", store, "--replicas", "2")
+    up = await asyncio.create_subprocess_exec(*TIERSTACK, *arguments, env=env, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        replicas = [f"127.0.0.1:{ports['coordinate'] + 100 * k}" for k in range(2)]
+        for target in replicas:
+            async with grpc.aio.insecure_channel(target) as channel:
+                check = health_pb2.HealthCheckRequest()
+                await health_pb2_grpc.HealthStub(channel).Check(check, wait_for_ready=True, timeout=60)
+        async with CoordinatorClient(",".join(replicas)) as client:  # balanced over both
+            request = pb.CoordinateRequest(goal="write a haiku", agents=[pb.Agent(id="w", capabilities=["writing"])])
+            for _ in range(2):
+                events = [event async for event in client.coordinate(request)]
+                assert events[-1].HasField("goal_completed")
+            assert len((await client.list_goals()).goals) == 2  # one store behind both
     finally:
         up.send_signal(signal.SIGINT)
         code = await up.wait()

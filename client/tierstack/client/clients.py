@@ -43,10 +43,6 @@ def open_channel(target: str, *, max_message_bytes: int, interceptors: Sequence[
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        # Connections of its own. Channels alike in one process otherwise share gRPC's connections;
-        # then a stream opened on one while another cancels its stream sometimes never started (a
-        # watch of a goal taken over hung in 1 of 5 tries with two Coordinates in one process).
-        ("grpc.use_local_subchannel_pool", 1),
     ]
     if several or target.startswith("dns:"):
         options.append(("grpc.service_config", _BALANCED))

@@ -297,10 +297,11 @@ class Executor:
         share, an execution another replica runs now is not run here: its end is replayed once
         stored (or, should that replica die, it is run here once its claim's lease has passed)."""
         key = request.execution_id
+        shared = self.store.shared  # one process: its flights are the only runners
         claimed = False
         try:
             stored = await self.store.finished(key)
-            while stored is None and not (claimed := await self.store.begin(key, self.owner)):
+            while shared and stored is None and not (claimed := await self.store.begin(key, self.owner)):
                 await self.store.wait_finished(key, _ELSEWHERE_WAIT)
                 stored = await self.store.finished(key)
             if claimed and stored is None:
@@ -308,7 +309,7 @@ class Executor:
             if stored is not None:
                 flight.extend(stored)
             else:
-                async with self._holding(key):
+                async with self._holding(key) if claimed else contextlib.nullcontext():
                     async for event in self._run(request):
                         if event.WhichOneof("payload") in ("completed", "failed"):
                             await self.store.finish(key, [*flight.events, event])

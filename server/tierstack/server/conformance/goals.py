@@ -140,13 +140,13 @@ async def test_list_goals_pages_newest_first_and_filters_by_state(store: GoalSto
 
 
 async def test_a_goal_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(store: GoalStore) -> None:
-    store.lease_seconds = 0.2
+    store.lease_seconds = 0.5  # long enough that no lease passes between two statements
     goal, fence = await store.create_goal(new_goal("g1"), "first")
     assert fence is not None
     await store.create_goal(new_goal("g2", created_ns=2_000), "first")
     assert await store.renew("first", ["g1", "g2", "unknown"]) == {"g1", "g2"}
     assert await store.take_over("survivor", limit=None) == []
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.7)
     taken = await store.take_over("survivor", limit=None)
     assert [(g.goal_id, f) for g, f in taken] == [("g1", Fence("survivor", 2)), ("g2", Fence("survivor", 2))]
     assert await store.renew("first", ["g1", "g2"]) == set()

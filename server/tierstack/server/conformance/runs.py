@@ -106,12 +106,12 @@ async def test_a_starting_owner_takes_over_the_runs_no_live_owner_holds(store: R
 
 
 async def test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(store: RunStore) -> None:
-    store.lease_seconds = 0.2
+    store.lease_seconds = 0.5  # long enough that no lease passes between two statements
     first = await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
     await created(store, new_run("r2", state=pb.RUN_STATE_RUNNING))
     assert await store.renew(OWNER, ["r1", "r2", "unknown"]) == {"r1", "r2"}
     assert await store.take_over("survivor", limit=None) == []
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.7)
     assert len(await store.take_over("survivor", limit=1)) == 1  # oldest first, at most the limit
     [(stored, fence)] = await store.take_over("survivor", limit=10)
     assert (stored.run.run_id, fence) == ("r2", Fence("survivor", 2))
@@ -119,7 +119,7 @@ async def test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(s
     assert await store.renew("survivor", ["r1", "r2"]) == {"r1", "r2"}
     await store.write([pb.Run(run_id="r1", state=pb.RUN_STATE_COMPLETED)], [], {"r1": Fence("survivor", 2)})
     assert await store.renew("survivor", ["r1"]) == {"r1"}  # held still, finished: its owner may tell
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.7)
     taken = await store.take_over("third", limit=None)  # r2's lease passed too; r1, finished, is never taken
     assert [stored.run.run_id for stored, _ in taken] == ["r2"]
     with pytest.raises(StaleOwnerError):

@@ -841,6 +841,9 @@ class _Pursuit:
                                 output = run_event.step_completed.output
                             elif kind == "run_completed":
                                 usage, finished = run_event.run_completed.usage, True
+                                # A watch taken up again after the step completed saw no step_completed.
+                                if output is None and subtask.id in run_event.run_completed.outputs:
+                                    output = run_event.run_completed.outputs[subtask.id]
                             elif kind == "run_failed":
                                 error = run_event.run_failed.error
                             elif kind == "run_cancelled":

@@ -1,5 +1,6 @@
 """The PostgreSQL store's schema: migrations applied once however many replicas start together, an
-older database brought up to date, and ``tierstack migrate``."""
+older database brought up to date, and ``tierstack migrate``; and a listener that outlives its
+connection."""
 
 from __future__ import annotations
 
@@ -63,3 +64,32 @@ async def test_tierstack_migrate_brings_a_postgresql_store_up_to_date(postgres_s
     )
     assert f"schema version {len(postgres.MIGRATIONS)}" in done.stdout
     assert await _versions(url) == list(range(1, len(postgres.MIGRATIONS) + 1))
+
+
+async def _listening(connection: asyncpg.Connection, channel: str) -> set[int]:
+    rows = await connection.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()", f'LISTEN "{channel}"'
+    )
+    return {row["pid"] for row in rows}
+
+
+async def test_a_listener_whose_connection_is_lost_listens_again(postgres_server: LocalPostgres) -> None:
+    url = postgres_server.new_database()
+    changes = postgres.Changes(url, "test_changes")
+    admin = await asyncpg.connect(url)
+    await changes.open()
+    try:
+        (first,) = await _listening(admin, "test_changes")
+        await admin.execute("SELECT pg_terminate_backend($1)", first)  # as a restart or a network cut would
+        for _ in range(200):
+            if (again := await _listening(admin, "test_changes")) - {first}:
+                break
+            await asyncio.sleep(0.05)
+        assert again and first not in again
+        waiting = asyncio.create_task(changes.wait("run-1", 30))
+        await asyncio.sleep(0)
+        await admin.execute("SELECT pg_notify('test_changes', 'run-1')")
+        assert await waiting  # heard, not timed out
+    finally:
+        await changes.close()
+        await admin.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -13,6 +14,11 @@ from asyncpg.pool import PoolConnectionProxy
 
 #: A connection of its own or one lent by a pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+_log = logging.getLogger(__name__)
+# How long a lost listening connection waits before it is made again, at first and at most, in seconds.
+_RECONNECT_FIRST = 0.1
+_RECONNECT_MOST = 5.0
 
 #: The schema of the whole database, one migration after another; ``tierstack_schema`` records
 #: which were applied. A migration is never edited once released: a change is a new one.
@@ -106,6 +112,15 @@ MIGRATIONS: tuple[str, ...] = (
         lease_ns bigint NOT NULL
     );
     """,
+    # 5: how many times replicas were asked to stop an execution (kept until it finishes).
+    """
+    CREATE TABLE execution_cancels (
+        execution_id text PRIMARY KEY,
+        requests bigint NOT NULL,
+        request_ns bigint NOT NULL
+    );
+    CREATE INDEX execution_cancels_by_time ON execution_cancels (request_ns);
+    """,
 )
 
 #: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one
@@ -198,9 +213,10 @@ class Pooled:
 
 class Changes:
     """The notifications of one channel (``LISTEN``), each naming what changed (a run, a goal), for
-    the tasks that wait on it. A notification missed (the listening connection lost, or one sent just
-    before a task began to wait) costs that task its ``timeout``, never an event: the waiter reads the
-    store again either way.
+    the tasks that wait on it. A notification missed (one sent while the listening connection was
+    lost, or just before a task began to wait) costs that task its ``timeout``, never an event: the
+    waiter reads the store again either way. A lost connection wakes every waiter (what changed
+    meanwhile cannot be known) and is made again, sooner the first tries, then every few seconds.
 
     Args:
         url: The database's URL.
@@ -211,31 +227,64 @@ class Changes:
         self._url = url
         self._channel = channel
         self._connection: asyncpg.Connection[Any] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
         self._waiting: dict[str, set[asyncio.Event]] = {}  # one entry per waiting task, removed as it ends
 
     async def open(self) -> None:
         """Starts listening, on a connection of its own."""
-        self._connection = await asyncpg.connect(self._url)
-        await self._connection.add_listener(self._channel, self._heard)
+        connection = await asyncpg.connect(self._url)
+        try:
+            await connection.add_listener(self._channel, self._heard)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.add_termination_listener(self._lost)
+        self._connection = connection
 
     async def close(self) -> None:
         """Stops listening."""
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+            self._reconnecting = None
         if self._connection is not None:
+            self._connection.remove_termination_listener(self._lost)
             await self._connection.close()
             self._connection = None
+
+    def _lost(self, connection: Connection) -> None:
+        self._connection = None
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                waiter.set()
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="tierstack-listen")
+
+    async def _reconnect(self) -> None:
+        delay = _RECONNECT_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.open()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                _log.warning("listening for %s: cannot reconnect yet (%s)", self._channel, type(exc).__name__)
+                delay = min(delay * 2, _RECONNECT_MOST)
+            else:
+                return
 
     def _heard(self, connection: Connection, pid: int, channel: str, payload: object) -> None:
         for waiter in self._waiting.get(str(payload), ()):
             waiter.set()
 
-    async def wait(self, key: str, timeout: float) -> None:
-        """Returns once ``key`` is named on the channel, or after ``timeout`` seconds."""
+    async def wait(self, key: str, timeout: float) -> bool:
+        """Returns once ``key`` is named on the channel (or the connection is lost): True; or after
+        ``timeout`` seconds: False."""
         waiter = asyncio.Event()
         waiters = self._waiting.setdefault(key, set())
         waiters.add(waiter)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), timeout)
+            return waiter.is_set()
         finally:
             waiters.discard(waiter)
             if not waiters:

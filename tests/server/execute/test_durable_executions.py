@@ -1,5 +1,6 @@
 """Execute survives itself: a finished execution is replayed after a restart, an approval keeps
-waiting across one, and a second call for an execution in flight joins it instead of running it twice."""
+waiting across one, and a second call for an execution in flight joins it instead of running it
+twice; with replicas, an approval is answered and an execution cancelled on any of them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tierstack.server import Settings, TierServer
 from tierstack.server.execute import tool
 from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
+from tools.postgres import LocalPostgres
 
 
 @tool("bank.transfer", needs_approval=True)
@@ -102,3 +104,56 @@ async def test_an_approval_keeps_waiting_across_a_restart(tmp_path: Path, store_
     finally:
         await second.stop()
     assert outcome == [{"sent": 5}]
+
+
+@tool("test.block")
+async def block() -> JSON:
+    await asyncio.Event().wait()  # until cancelled
+    return None
+
+
+async def _replicas(tmp_path: Path, postgres_server: LocalPostgres) -> tuple[TierServer, TierServer]:
+    url = postgres_server.new_database()
+    first, second = await asyncio.gather(_execute(tmp_path / "first", url), _execute(tmp_path / "second", url))
+    for server in (first, second):
+        service = server.service
+        assert isinstance(service, ExecuteService)
+        service.registry.register(block)
+    return first, second
+
+
+async def test_an_approval_is_answered_on_the_replica_that_does_not_run_the_step(
+    tmp_path: Path, postgres_server: LocalPostgres
+) -> None:
+    request = _step("run4/pay/1", common_pb2.ToolCall(tool="bank.transfer", arguments=to_struct({"amount": 7})))
+    first, second = await _replicas(tmp_path, postgres_server)
+    try:
+        async with ExecutorClient(first.target) as runner, ExecutorClient(second.target) as other:
+            outcome = []
+            async with asyncio.timeout(30):  # the approval itself would wait 60 s for an answer it missed
+                async for event in runner.execute(request):
+                    if event.HasField("approval_required"):
+                        await other.approve_tool_call(event.approval_required.approval_id, approver="ada")
+                    elif event.HasField("output"):
+                        outcome.append(from_value(event.output.value))
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
+    assert outcome == [{"sent": 7}]
+
+
+async def test_an_execution_is_cancelled_through_the_replica_that_does_not_run_it(
+    tmp_path: Path, postgres_server: LocalPostgres
+) -> None:
+    request = _step("run5/wait/1", common_pb2.ToolCall(tool="test.block"))
+    first, second = await _replicas(tmp_path, postgres_server)
+    try:
+        async with ExecutorClient(first.target) as runner, ExecutorClient(second.target) as other:
+            seen = []
+            async for event in runner.execute(request):
+                seen.append(event.WhichOneof("payload"))
+                if event.HasField("tool_call_started"):
+                    assert await other.cancel_execution(request.execution_id)
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
+    assert "tool_call_started" in seen
+    assert not {"completed", "failed"} & set(seen)  # stopped, not finished

@@ -11,6 +11,7 @@ from tierstack.v1 import executor_service_pb2 as pb
 __all__ = [
     "test_a_finished_execution_is_kept_once",
     "test_an_approval_is_opened_once_per_call_and_answered_once",
+    "test_an_execution_asked_to_stop_counts_the_requests_until_it_finishes",
     "test_an_execution_runs_on_one_replica_at_a_time",
     "test_old_executions_and_expired_approvals_are_forgotten",
 ]
@@ -50,10 +51,15 @@ async def test_an_approval_is_opened_once_per_call_and_answered_once(store: Exec
     again = await store.open_approval(approval("p2"))  # the same call, asked again after a restart
     assert again.approval_id == first.approval_id == "p1"
     assert (await store.open_approval(approval("p3", index=1))).approval_id == "p3"
+    heard = asyncio.create_task(store.wait_changed("p1", 30))
+    await asyncio.sleep(0.05)
     answered = await store.decide("p1", "not today")
+    if store.shared:
+        await asyncio.wait_for(heard, 10)  # the replica whose call waits hears the answer
     assert answered is not None and answered.decided and answered.rejection == "not today"
     assert await store.decide("p1", None) is None  # answered already
     assert await store.decide("missing", None) is None
+    heard.cancel()
     approved = await store.decide("p3", None)
     assert approved is not None and approved.decided and approved.rejection == ""
     kept = await store.approval("p1")
@@ -85,3 +91,22 @@ async def test_an_execution_runs_on_one_replica_at_a_time(store: ExecutionStore)
     assert await store.begin("e2", "a")
     await store.release("e2", "a")
     assert await store.begin("e2", "b")  # given up: runs again elsewhere
+
+
+async def test_an_execution_asked_to_stop_counts_the_requests_until_it_finishes(store: ExecutionStore) -> None:
+    assert not await store.request_cancel("nobody-runs-it")
+    assert await store.cancels("nobody-runs-it") == 0  # nothing recorded for an execution never claimed
+    if not store.shared:
+        return  # one process stops its executions itself
+    assert await store.begin("e1", "a")
+    heard = asyncio.create_task(store.wait_changed("e1", 30))
+    await asyncio.sleep(0.05)
+    assert await store.request_cancel("e1")  # a replica runs it
+    await asyncio.wait_for(heard, 10)  # its runner hears of it (unheard, it would wait 30 s)
+    assert await store.request_cancel("e1")
+    assert await store.cancels("e1") == 2
+    await store.finish("e1", finished_events("e1", "x"))
+    assert await store.cancels("e1") == 0  # finished: nothing left to stop
+    assert await store.begin("e2", "a")
+    await store.release("e2", "a")
+    assert not await store.request_cancel("e2")  # given up: nobody runs it now

@@ -2,7 +2,8 @@
 
 Approvals live in the execution store, so a call keeps waiting across a restart of the server: the
 step, asked for again under the same execution id, finds the approval it opened before (same id,
-same expiry) and waits for it, or takes the answer given meanwhile.
+same expiry) and waits for it, or takes the answer given meanwhile. On a store replicas share, any
+replica takes the answer; the one whose step waits hears of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from google.protobuf import struct_pb2
 
 from tierstack.core.errors import NotFoundError
 from tierstack.server.execute.store import Approval, ExecutionStore
+
+# How long a call waiting on a store replicas share goes without reading its approval again, should
+# the notification of its answer be lost.
+_LOOK_AGAIN = 1.0
 
 
 class Approvals:
@@ -48,19 +53,28 @@ class Approvals:
         )
 
     async def decision(self, approval: Approval) -> str | None:
-        """Waits for the answer until the approval expires: None when approved, else why the call
-        was rejected."""
-        answered = self._answers.setdefault(approval.approval_id, asyncio.get_running_loop().create_future())
+        """Waits for the answer (given here or, on a store replicas share, on any replica) until the
+        approval expires: None when approved, else why the call was rejected."""
+        approval_id = approval.approval_id
+        answered = self._answers.setdefault(approval_id, asyncio.get_running_loop().create_future())
         try:
-            kept = await self._store.approval(approval.approval_id)
-            if kept is not None and not kept.decided:
-                try:
-                    await asyncio.wait_for(asyncio.shield(answered), max(kept.expire_ns - time.time_ns(), 0) / 1e9)
-                except TimeoutError:
-                    await self._store.decide(approval.approval_id, f"nobody answered within {self.timeout:g} s")
-                kept = await self._store.approval(approval.approval_id)
+            kept = await self._store.approval(approval_id)
+            while kept is not None and not kept.decided:
+                left = max(kept.expire_ns - time.time_ns(), 0) / 1e9
+                if not left:
+                    await self._store.decide(approval_id, f"nobody answered within {self.timeout:g} s")
+                elif not self._store.shared:
+                    await asyncio.wait([answered], timeout=left)
+                else:  # answered elsewhere: heard by NOTIFY, or read at the next look should that be lost
+                    heard = asyncio.ensure_future(self._store.wait_changed(approval_id, min(left, _LOOK_AGAIN)))
+                    try:
+                        await asyncio.wait([answered, heard], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        heard.cancel()
+                        await asyncio.gather(heard, return_exceptions=True)
+                kept = await self._store.approval(approval_id)
         finally:
-            self._answers.pop(approval.approval_id, None)
+            self._answers.pop(approval_id, None)
         if kept is None:
             return "the approval was forgotten before anyone answered"
         return kept.rejection or None

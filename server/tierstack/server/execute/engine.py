@@ -300,16 +300,19 @@ class Executor:
         shared = self.store.shared  # one process: its flights are the only runners
         claimed = False
         try:
+            stops = await self.store.cancels(key) if shared else 0  # asked for after these: stop
             stored = await self.store.finished(key)
             while shared and stored is None and not (claimed := await self.store.begin(key, self.owner)):
-                await self.store.wait_finished(key, _ELSEWHERE_WAIT)
+                await self.store.wait_changed(key, _ELSEWHERE_WAIT)
+                if await self.store.cancels(key) > stops:
+                    return  # stopped where it ran: the callers' streams end without its end
                 stored = await self.store.finished(key)
             if claimed and stored is None:
                 stored = await self.store.finished(key)  # finished elsewhere as it was claimed here
             if stored is not None:
                 flight.extend(stored)
             else:
-                async with self._holding(key) if claimed else contextlib.nullcontext():
+                async with self._holding(key, stops) if claimed else contextlib.nullcontext():
                     async for event in self._run(request):
                         if event.WhichOneof("payload") in ("completed", "failed"):
                             await self.store.finish(key, [*flight.events, event])
@@ -326,21 +329,32 @@ class Executor:
                 await asyncio.shield(self._release(key))
 
     @contextlib.asynccontextmanager
-    async def _holding(self, execution_id: str) -> AsyncIterator[None]:
-        """Keeps this replica's claim of an execution alive while the block runs it."""
+    async def _holding(self, execution_id: str, stops: int) -> AsyncIterator[None]:
+        """Keeps this replica's claim of an execution alive while the block runs it, and cancels the
+        block once a replica is asked to stop the execution (more than ``stops`` times in all)."""
+        running = asyncio.current_task()
+        assert running is not None  # called from a flight's task
+        loop = asyncio.get_running_loop()
+        every = self.store.lease_seconds / 3
 
-        async def renew() -> None:
+        async def guard() -> None:
+            renew_at = loop.time() + every
             while True:
-                await asyncio.sleep(self.store.lease_seconds / 3)
-                with contextlib.suppress(Exception):  # the next renewal tries again
-                    await self.store.hold([execution_id], self.owner)
+                await self.store.wait_changed(execution_id, max(renew_at - loop.time(), 0.0))
+                with contextlib.suppress(Exception):  # the next round tries again
+                    if await self.store.cancels(execution_id) > stops:
+                        running.cancel()
+                        return
+                    if loop.time() >= renew_at:
+                        renew_at = loop.time() + every
+                        await self.store.hold([execution_id], self.owner)
 
-        renewing = asyncio.create_task(renew(), name="tierstack-execution-claim")
+        guarding = asyncio.create_task(guard(), name="tierstack-execution-claim")
         try:
             yield
         finally:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            guarding.cancel()
+            await asyncio.gather(guarding, return_exceptions=True)
 
     async def _release(self, execution_id: str) -> None:
         try:
@@ -349,13 +363,16 @@ class Executor:
             _log.warning("the claim of execution %s could not be given up (%s)", execution_id, type(exc).__name__)
 
     async def cancel_execution(self, execution_id: str) -> bool:
-        """Cancels an execution in flight: its tool calls stop, its callers' streams end, and it is
-        not kept, so that the same id runs it again; returns whether one was in flight."""
+        """Cancels an execution in flight, here or (on a store replicas share) on the replica that
+        runs it: its tool calls stop, its callers' streams end, and it is not kept, so that the same
+        id runs it again; returns whether one was in flight."""
         flight = self._flights.get(execution_id)
-        if flight is None or flight.task is None or flight.task.done():
-            return False
-        flight.task.cancel()
-        return True
+        task = flight.task if flight is not None else None
+        here = task is not None and not task.done()
+        if task is not None and here:
+            task.cancel()
+        elsewhere = self.store.shared and await self.store.request_cancel(execution_id)
+        return here or elsewhere
 
     async def close(self) -> None:
         """Cancels the executions in flight and waits for them to stop (they run again when asked for)."""

@@ -1,7 +1,8 @@
 """Finished executions, the executions replicas run now, and approvals in PostgreSQL (asyncpg),
 shared by Execute replicas: an execution one replica finished is replayed by any, and one that a
-replica runs is not run by another meanwhile (the other replays its end). An approval is kept here
-across restarts; it is answered on the replica whose step waits for it."""
+replica runs is not run by another meanwhile (the other replays its end). An execution is stopped,
+and an approval answered, on any replica: the replica whose step it concerns hears of it by
+``NOTIFY`` and reads it here."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from tierstack.server.execute.store import (
 _TRIM_SHARE = 16
 
 
-#: The channel that names each execution as it finishes.
+#: The channel that names each execution as it finishes or is asked to stop, and each approval as
+#: it is answered.
 CHANGES = "tierstack_executions"
 
 
@@ -84,8 +86,30 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
             "DELETE FROM execution_flights WHERE execution_id = $1 AND owner = $2", execution_id, owner
         )
 
-    async def wait_finished(self, execution_id: str, timeout: float) -> None:
-        await self._heard(execution_id, timeout)
+    async def wait_changed(self, key: str, timeout: float) -> None:
+        await self._heard(key, timeout)
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        # Recorded only for an execution some replica has claimed (so the table holds no more rows
+        # than executions run); heard by its runner and its followers at commit.
+        async with self._db.acquire() as connection, connection.transaction():
+            running = await connection.fetchval(
+                "INSERT INTO execution_cancels (execution_id, requests, request_ns)"
+                " SELECT execution_id, 1, $2 FROM execution_flights WHERE execution_id = $1"
+                " ON CONFLICT (execution_id) DO UPDATE"
+                " SET requests = execution_cancels.requests + 1, request_ns = excluded.request_ns"
+                f" RETURNING (SELECT lease_ns >= {postgres.NOW_NS} FROM execution_flights WHERE execution_id = $1)",
+                execution_id,
+                time.time_ns(),
+            )
+            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, execution_id)
+        return bool(running)
+
+    async def cancels(self, execution_id: str) -> int:
+        requests = await self._db.fetchval(
+            "SELECT requests FROM execution_cancels WHERE execution_id = $1", execution_id
+        )
+        return int(requests or 0)
 
     async def _trim(self) -> None:
         """Forgets the executions finished longest ago while those kept are over the byte budget."""
@@ -112,6 +136,7 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
                 packed,
             )
             await connection.execute("DELETE FROM execution_flights WHERE execution_id = $1", execution_id)
+            await connection.execute("DELETE FROM execution_cancels WHERE execution_id = $1", execution_id)
             await connection.execute("SELECT pg_notify($1, $2)", CHANGES, execution_id)  # heard at commit
         self._added += stored or 0
         if self._added * _TRIM_SHARE > self._max_bytes:
@@ -141,16 +166,20 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
         return None if row is None else approval_of_row(tuple(row))
 
     async def decide(self, approval_id: str, rejection: str | None) -> Approval | None:
-        row = await self._db.fetchrow(
-            f"UPDATE approvals SET decided = true, rejection = $1 WHERE approval_id = $2 AND NOT decided"
-            f" RETURNING {APPROVAL_COLUMNS}",
-            rejection or "",
-            approval_id,
-        )
+        async with self._db.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                f"UPDATE approvals SET decided = true, rejection = $1 WHERE approval_id = $2 AND NOT decided"
+                f" RETURNING {APPROVAL_COLUMNS}",
+                rejection or "",
+                approval_id,
+            )
+            if row is not None:  # heard at commit by the replica whose step waits for it
+                await connection.execute("SELECT pg_notify($1, $2)", CHANGES, approval_id)
         return None if row is None else approval_of_row(tuple(row))
 
     async def forget_before(self, ns: int) -> int:
         async with self._db.acquire() as connection, connection.transaction():
             forgotten = await connection.fetch("DELETE FROM executions WHERE finish_ns < $1 RETURNING 1", ns)
             await connection.execute("DELETE FROM approvals WHERE expire_ns < $1", ns)
+            await connection.execute("DELETE FROM execution_cancels WHERE request_ns < $1", ns)
         return len(forgotten)

@@ -124,14 +124,25 @@ class ExecutionStore(abc.ABC):
         """Gives up ``owner``'s claim of an execution that stopped without an end (it runs again
         when asked for)."""
 
-    async def wait_finished(self, execution_id: str, timeout: float) -> None:
-        """Returns once the execution may have finished on another replica, or after ``timeout``."""
+    async def wait_changed(self, key: str, timeout: float) -> None:
+        """Returns once the execution or approval ``key`` may have changed on another replica (an
+        execution finished or was asked to stop, an approval answered), or after ``timeout``."""
         await asyncio.sleep(timeout)
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        """Asks every replica that runs or follows an execution to stop it (each learns it from
+        :meth:`cancels`); returns whether a replica runs it now. A store of one process leaves
+        that to the process: it records nothing and returns False."""
+        return False
+
+    async def cancels(self, execution_id: str) -> int:
+        """Returns how many times replicas were asked to stop an execution, so far."""
+        return 0
 
     @abc.abstractmethod
     async def forget_before(self, ns: int) -> int:
-        """Forgets the executions finished and the approvals expired before ``ns`` (ns since the
-        epoch); returns how many executions were forgotten."""
+        """Forgets the executions finished, the approvals expired and the requests to stop executions
+        made before ``ns`` (ns since the epoch); returns how many executions were forgotten."""
 
 
 class MemoryExecutionStore(ExecutionStore):

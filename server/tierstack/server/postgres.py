@@ -121,6 +121,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX execution_cancels_by_time ON execution_cancels (request_ns);
     """,
+    # 6: the goal memory (Coordinate): each goal's decomposition, by a digest of the goal, in the
+    # order learnt.
+    """
+    CREATE TABLE goal_memory (
+        goal_key bytea PRIMARY KEY,
+        position bigint NOT NULL UNIQUE,
+        goal text NOT NULL,
+        subtasks bytea NOT NULL
+    );
+    """,
 )
 
 #: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from tierstack.client import CoordinatorClient
 from tierstack.core.values import from_struct
 from tierstack.server import Settings
 from tierstack.server.coordinate import GoalMemory, NgramIndex, load_templates
+from tierstack.server.coordinate.store import Learnt, SqliteGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 AGENTS = [
@@ -33,12 +34,16 @@ async def test_character_ngrams_tell_near_goals_from_others() -> None:
 
 
 async def test_memory_survives_a_restart_and_respects_capabilities(tmp_path: Path) -> None:
-    path = tmp_path / "goals.jsonl"
-    first = GoalMemory(path)
+    store = SqliteGoalStore(tmp_path / "goals.sqlite3")
+    await store.open()
     subtasks = [pb.Subtask(id="s1", description="write it", required_capabilities=["writing"])]
-    await first.learn("write the weekly report", subtasks)
-    second = GoalMemory(path)
+    await GoalMemory(store).learn("write the weekly report", subtasks)
+    await store.close()
+    store = SqliteGoalStore(tmp_path / "goals.sqlite3")
+    await store.open()
+    second = GoalMemory(store)
     await second.load()
+    await store.close()
     recalled = await second.recall("write the weekly report!", threshold=0.85, capabilities={"writing"})
     assert recalled is not None and recalled[0] == "write the weekly report"
     assert [s.id for s in recalled[1]] == ["s1"]
@@ -94,7 +99,17 @@ GOAL = "analyze the quarterly numbers and compare teams, then write a memo"
 LIKE_GOAL = "analyze the quarterly numbers and compare the teams, then write a memo"
 
 
-async def test_goal_memory_keeps_one_line_per_goal_and_forgets_the_oldest(tmp_path: Path) -> None:
+async def _learnt(settings: Settings) -> list[Learnt]:
+    """Returns what the goal memory of a Coordinate server keeps in its store now."""
+    store = SqliteGoalStore.in_folder(settings.sqlite_dir)
+    await store.open()
+    try:
+        return await store.learnt(after=0, limit=100)
+    finally:
+        await store.close()
+
+
+async def test_goal_memory_keeps_one_entry_per_goal_and_forgets_the_oldest(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", goal_memory_entries=2)
     server = await start_tier("coordinate", settings)
     try:
@@ -106,8 +121,7 @@ async def test_goal_memory_keeps_one_line_per_goal_and_forgets_the_oldest(tmp_pa
             assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_MODEL
             assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
             assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
-            lines = (settings.data_dir / "goals.jsonl").read_text().splitlines()
-            assert [json.loads(line)["goal"] for line in lines] == [GOAL]  # recalled twice, written once
+            assert [entry.goal for entry in await _learnt(settings)] == [GOAL]  # recalled twice, learnt once
             assert await source("collect the sales data, then draw a chart") == pb.DECOMPOSITION_SOURCE_MODEL
             assert await source("research the market and write a brief") == pb.DECOMPOSITION_SOURCE_MODEL
             assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_MODEL  # forgotten: two newer goals
@@ -117,9 +131,14 @@ async def test_goal_memory_keeps_one_line_per_goal_and_forgets_the_oldest(tmp_pa
 
 async def test_unreadable_goal_memory_does_not_stop_coordinate(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    path = settings.data_dir / "goals.jsonl"
-    await GoalMemory(path).learn(GOAL, [pb.Subtask(id="s1", description="from the file")])
-    path.write_bytes(b"\xff{not json\n" + path.read_bytes() + b'{"goal": ["no"]}\n{"goal": "cut off')
+    store = SqliteGoalStore.in_folder(settings.sqlite_dir)
+    await store.open()
+    memory = GoalMemory(store)
+    await memory.learn("write the weekly report", [pb.Subtask(id="s1", description="unreadable")])
+    await memory.learn(GOAL, [pb.Subtask(id="s1", description="from the store")])
+    await store.close()
+    with sqlite3.connect(settings.sqlite_dir / SqliteGoalStore.FILE) as db:  # as a disk error would leave it
+        db.execute("UPDATE goal_memory SET subtasks = x'ff0aff' WHERE goal = 'write the weekly report'")
     server = await start_tier("coordinate", settings)
     try:
         async with CoordinatorClient(server.target) as client:
@@ -127,4 +146,4 @@ async def test_unreadable_goal_memory_does_not_stop_coordinate(tmp_path: Path) -
     finally:
         await server.stop()
     assert again.source == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
-    assert [s.description for s in again.subtasks] == ["from the file"]
+    assert [s.description for s in again.subtasks] == ["from the store"]

@@ -1,5 +1,6 @@
-"""The goal similarity indexes and the goal memory, as plain Python: scores against a direct
-computation, removal, the cap on entries, de-duplication and the compaction of the file."""
+"""The goal similarity indexes and the goal memory: scores against a direct computation, removal,
+the cap on entries, what a store keeps across a reopen, unreadable entries, and replicas that learn
+from each other through a shared store."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import logging
 import math
 import random
+import sqlite3
 import tracemalloc
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tierstack.server.coordinate import EmbeddingIndex, GoalMemory, NgramIndex
+from tierstack.server.coordinate.postgres_store import PostgresGoalStore
+from tierstack.server.coordinate.store import SqliteGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
+from tools.postgres import LocalPostgres
 
 
 def tf_idf_scores(goals: dict[str, str], query: str) -> dict[str, float]:
@@ -101,59 +106,72 @@ async def recalled(memory: GoalMemory, goal: str) -> str | None:
     return None if found is None else found[1][0].description
 
 
+async def _sqlite(path: Path) -> SqliteGoalStore:
+    store = SqliteGoalStore(path)
+    await store.open()
+    return store
+
+
 async def test_the_goals_learnt_longest_ago_are_forgotten(tmp_path: Path) -> None:
-    path = tmp_path / "goals.jsonl"
-    memory = GoalMemory(path, max_entries=3)
+    store = await _sqlite(tmp_path / "goals.sqlite3")
+    memory = GoalMemory(store, max_entries=3)
     for number in range(5):
         await memory.learn(f"write the report on topic {number}", plan(f"report {number}"))
     await memory.learn("write the report on topic 2", plan("report 2, again"))  # now the newest
     await memory.learn("write the report on topic 5", plan("report 5"))
-    for reloaded in (memory, GoalMemory(path, max_entries=3)):
+    expected = [None, None, "report 2, again", None, "report 4", "report 5"]
+    assert len(memory) == 3
+    assert [await recalled(memory, f"write the report on topic {n}") for n in range(6)] == expected
+    await store.close()
+    reopened = await _sqlite(tmp_path / "goals.sqlite3")
+    try:
+        reloaded = GoalMemory(reopened, max_entries=3)
         await reloaded.load()
         assert len(reloaded) == 3
-        assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(6)] == [
-            None,
-            None,
-            "report 2, again",
-            None,
-            "report 4",
-            "report 5",
-        ]
+        assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(6)] == expected
+    finally:
+        await reopened.close()
 
 
-async def test_the_file_is_compacted_and_keeps_the_latest_decompositions(tmp_path: Path) -> None:
-    path = tmp_path / "goals.jsonl"
-    memory = GoalMemory(path)
-    for round_ in range(500):
-        await memory.learn(f"write the report on topic {round_ % 3}", plan(f"version {round_}"))
-    assert len(path.read_text().splitlines()) <= 64
-    reloaded = GoalMemory(path)
-    await reloaded.load()
-    assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(3)] == [
-        "version 498",
-        "version 499",
-        "version 497",
-    ]
+async def test_an_unreadable_decomposition_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "goals.sqlite3"
+    store = await _sqlite(path)
+    memory = GoalMemory(store)
+    await memory.learn("write the weekly report", plan("the report"))
+    await memory.learn("write the monthly report", plan("another report"))
+    await store.close()
+    with sqlite3.connect(path) as db:  # as a disk error or a hand edit would leave it
+        db.execute("UPDATE goal_memory SET subtasks = x'ff0aff' WHERE goal = 'write the monthly report'")
+    reopened = await _sqlite(path)
+    try:
+        memory = GoalMemory(reopened)
+        with caplog.at_level(logging.WARNING):
+            await memory.load()
+        assert len(memory) == 1 and await recalled(memory, "write the weekly report") == "the report"
+    finally:
+        await reopened.close()
+    assert "1 stored decompositions cannot be read" in caplog.text
 
 
-async def test_unreadable_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "goals.jsonl"
-    await GoalMemory(path).learn("write the weekly report", plan("the report"))
-    good = path.read_bytes()
-    path.write_bytes(
-        b"not json\n"
-        + good
-        + b'["a list"]\n{"goal": 7, "subtasks": []}\n{"goal": "x", "subtasks": [{"id": 5}]}\n'
-        + b"\xff\xfe broken bytes\n"
-        + b"[" * 100_000
-        + b"\n"
-        + b'{"goal": "truncated'
-    )
-    memory = GoalMemory(path)
-    with caplog.at_level(logging.WARNING):
-        await memory.load()
-    assert len(memory) == 1 and await recalled(memory, "write the weekly report") == "the report"
-    assert "skipped 7 unreadable lines of goals.jsonl (the first: line 1)" in caplog.text
+async def test_replicas_sharing_a_store_recall_what_each_other_learnt(postgres_server: LocalPostgres) -> None:
+    url = postgres_server.new_database()
+    stores = [PostgresGoalStore(url), PostgresGoalStore(url)]
+    for store in stores:
+        await store.open()
+    try:
+        first, second = (GoalMemory(store) for store in stores)
+        await second.load()
+        await first.learn("write the weekly report", plan("the report"))
+        assert await recalled(second, "write the weekly report") == "the report"
+        await first.learn("write the weekly report", plan("the report, better"))
+        assert await recalled(second, "write the weekly report") == "the report, better"
+        await second.learn("write the monthly report", plan("the monthly one"))
+        assert await recalled(first, "write the monthly report") == "the monthly one"
+    finally:
+        for store in stores:
+            await store.close()
 
 
 async def test_goals_of_the_longest_kind_in_an_odd_alphabet_keep_the_index_small() -> None:

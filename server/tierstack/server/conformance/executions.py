@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tierstack.server.execute.store import Approval, ExecutionStore
+from tierstack.server.execute.store import Approval, ExecutionStore, stop_key
 from tierstack.v1 import executor_service_pb2 as pb
 
 __all__ = [
@@ -99,7 +99,7 @@ async def test_an_execution_asked_to_stop_counts_the_requests_until_it_finishes(
     if not store.shared:
         return  # one process stops its executions itself
     assert await store.begin("e1", "a")
-    heard = asyncio.create_task(store.wait_changed("e1", 30))
+    heard = asyncio.create_task(store.wait_changed(stop_key("e1"), 30))
     await asyncio.sleep(0.05)
     assert await store.request_cancel("e1")  # a replica runs it
     await asyncio.wait_for(heard, 10)  # its runner hears of it (unheard, it would wait 30 s)

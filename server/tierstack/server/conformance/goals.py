@@ -1,6 +1,6 @@
 """The contract every GoalStore backend keeps, as pytest tests that take a ``store`` fixture: idempotent
-creation, events numbered by the store without gaps, transitions by the lifecycle table, and fencing:
-a write from an owner that lost the goal is refused, never dropped in silence."""
+creation, events numbered by the store without gaps, transitions by the lifecycle table, fencing (a
+write from an owner that lost the goal is refused, never dropped in silence), and the goal memory."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ __all__ = [
     "test_concurrent_take_overs_share_the_goals_out",
     "test_concurrent_writes_of_one_owner_get_distinct_numbers",
     "test_list_goals_pages_newest_first_and_filters_by_state",
+    "test_the_goal_memory_keeps_the_newest_decomposition_of_each_goal",
     "test_the_store_numbers_events_without_gaps",
 ]
 
@@ -173,3 +174,28 @@ async def test_a_request_to_cancel_a_goal_waits_for_its_owner(store: GoalStore) 
     assert await store.take_cancels("another") == []
     assert await store.take_cancels("owner") == [("g1", "not needed")]
     assert await store.take_cancels("owner") == []
+
+
+async def test_the_goal_memory_keeps_the_newest_decomposition_of_each_goal(store: GoalStore) -> None:
+    def plan(text: str) -> list[pb.Subtask]:
+        return [pb.Subtask(id="s1", description=text, required_capabilities=["writing"])]
+
+    long_goal = "write " + "the longest goal " * 4_000  # far past what a database index takes as a key
+    for goal in ("a", "b", long_goal, "c"):
+        await store.learn(goal, plan(f"plan {goal[:5]}"), keep=3)
+    await store.learn("b", plan("plan b, again"), keep=3)  # replaces b's and makes it the newest
+    learnt = await store.learnt(after=0, limit=10)
+    assert [(entry.goal[:5], entry.subtasks[0].description) for entry in learnt] == [
+        ("write", "plan write"),
+        ("c", "plan c"),
+        ("b", "plan b, again"),
+    ]  # "a", learnt longest ago, is forgotten beyond the newest 3
+    assert learnt[0].goal == long_goal and list(learnt[0].subtasks[0].required_capabilities) == ["writing"]
+    positions = [entry.position for entry in learnt]
+    assert positions == sorted(positions)
+    assert await store.learnt(after=positions[0], limit=1) == learnt[1:2]  # paged from a position
+    assert await store.learnt(after=positions[-1], limit=10) == []
+    await asyncio.gather(*(store.learn(f"goal {n}", plan(f"plan {n}"), keep=100) for n in range(20)))
+    together = await store.learnt(after=positions[-1], limit=100)
+    assert sorted(entry.goal for entry in together) == sorted(f"goal {n}" for n in range(20))
+    assert len({entry.position for entry in together}) == 20

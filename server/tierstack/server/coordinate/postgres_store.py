@@ -19,9 +19,13 @@ from tierstack.server.coordinate.store import (
     Goal,
     GoalEvent,
     GoalStore,
+    Learnt,
     Written,
+    learnt_rows,
+    memory_key,
     next_state,
     number_events,
+    pack_subtasks,
     stored_goal,
     warn_unreadable,
     written,
@@ -30,6 +34,9 @@ from tierstack.v1 import coordinator_service_pb2 as pb
 
 _COLUMNS = "goal, state, last_sequence"
 
+
+# Held by the replica that learns a decomposition, for its transaction.
+_LEARN_LOCK = 0x6C6561726E  # "learn"
 
 #: The channel that names each goal whose events or state changed, and each owner a request awaits.
 CHANGES = "tierstack_goals"
@@ -198,3 +205,30 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
             after_sequence,
         )
         return [GoalEvent.FromString(row["event"]) for row in rows]
+
+    async def learn(self, goal: str, subtasks: Sequence[pb.Subtask], *, keep: int) -> None:
+        async with self._db.acquire() as connection, connection.transaction():
+            # One learner at a time: positions are then committed in the order they are given, so a
+            # replica reading past the last position it read misses none.
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", _LEARN_LOCK)
+            await connection.execute(
+                "INSERT INTO goal_memory (goal_key, position, goal, subtasks)"
+                " VALUES ($1, (SELECT COALESCE(MAX(position), 0) + 1 FROM goal_memory), $2, $3)"
+                " ON CONFLICT (goal_key) DO UPDATE SET position = excluded.position, subtasks = excluded.subtasks",
+                memory_key(goal),
+                goal,
+                pack_subtasks(subtasks),
+            )
+            await connection.execute(
+                "DELETE FROM goal_memory WHERE position <="
+                " (SELECT position FROM goal_memory ORDER BY position DESC LIMIT 1 OFFSET $1)",
+                keep,
+            )
+
+    async def learnt(self, *, after: int, limit: int) -> list[Learnt]:
+        rows = await self._db.fetch(
+            "SELECT position, goal, subtasks FROM goal_memory WHERE position > $1 ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return learnt_rows([tuple(row) for row in rows])

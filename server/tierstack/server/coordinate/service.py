@@ -83,8 +83,8 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
 
 class CoordinateService:
     """Tier 1 as a server component: the AI service, the decomposer (goal memory, templates, then the
-    model when one is configured, else the local rules), an Orchestrate client, a SQLite goal store
-    and the coordinator."""
+    model when one is configured, else the local rules), an Orchestrate client, the goal store (which
+    keeps the goal memory too) and the coordinator."""
 
     tier = common_pb2.TIER_COORDINATE
     service_names: tuple[str, ...] = (pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,)
@@ -115,17 +115,15 @@ class CoordinateService:
             if settings.embedding_model
             else NgramIndex()
         )
-        self._memory = GoalMemory(
-            settings.data_dir / "goals.jsonl", index=index, max_entries=settings.goal_memory_entries
-        )
-        provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
-        decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         lease = settings.lease_seconds
         self._store: GoalStore = (
             PostgresGoalStore(settings.postgres_url, lease_seconds=lease)
             if settings.postgres_url
             else SqliteGoalStore.in_folder(settings.sqlite_dir, lease_seconds=lease)
         )
+        self._memory = GoalMemory(self._store, index=index, max_entries=settings.goal_memory_entries)
+        provider = ModelDecomposer(self.ai) if settings.model != LOCAL else LocalProvider()
+        decomposer = Decomposer(memory=self._memory, provider=provider, threshold=settings.similarity_threshold)
         self.coordinator = Coordinator(
             self._orchestrator,
             decomposer,
@@ -158,8 +156,8 @@ class CoordinateService:
         takes up the goals a previous process left unfinished."""
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]
         self.coordinator.decomposer.templates = tuple(await asyncio.to_thread(load_templates, folders))
-        await self._memory.load()
         await self._store.open()
+        await self._memory.load()
         await self.coordinator.open()
         await self.cross_tier.start()
 

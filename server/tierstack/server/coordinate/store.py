@@ -9,12 +9,16 @@ and no two events share a number, and a stale writer is told so instead of being
 An owner holds its goals under a lease that it renews; a goal whose lease has passed is taken over
 by another owner, as runs are (see ``tierstack.server.orchestrate.store``), and a request to cancel a
 goal waits in the store for its owner.
+
+The store also holds the goal memory (see ``tierstack.server.coordinate.memory``), so that the
+replicas sharing a store learn from each other's goals.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Sequence
@@ -52,8 +56,48 @@ class Written:
     events: list[GoalEvent]
 
 
+@dataclass(frozen=True, slots=True)
+class Learnt:
+    """A goal's decomposition, as the goal memory keeps it.
+
+    Attributes:
+        position: Its place in the order decompositions were learnt (a goal learnt again moves last).
+        goal: The goal's text.
+        subtasks: The goal's subtasks.
+    """
+
+    position: int
+    goal: str
+    subtasks: list[pb.Subtask]
+
+
+def memory_key(goal: str) -> bytes:
+    """Returns the key a goal's decomposition is stored under: a digest, so that keys stay small
+    however long goals are."""
+    return hashlib.sha256(goal.encode()).digest()
+
+
+def pack_subtasks(subtasks: Sequence[pb.Subtask]) -> bytes:
+    return pb.GoalDecomposed(subtasks=subtasks).SerializeToString()
+
+
+def learnt_rows(rows: Sequence[tuple[Any, Any, Any]]) -> list[Learnt]:
+    """Returns the decompositions of stored rows (position, goal, packed subtasks), leaving out with a
+    warning those that cannot be read."""
+    learnt, unreadable = [], 0
+    for position, goal, packed in rows:
+        try:
+            learnt.append(Learnt(int(position), str(goal), list(pb.GoalDecomposed.FromString(packed).subtasks)))
+        except DecodeError:
+            unreadable += 1
+    if unreadable:
+        _log.warning("goal memory: %d stored decompositions cannot be read and are left out", unreadable)
+    return learnt
+
+
 class GoalStore(abc.ABC):
-    """Keeps goals, their owners and their events. Messages are stored in their protobuf wire form.
+    """Keeps goals, their owners and their events, and the goal memory (the decompositions learnt).
+    Messages are stored in their protobuf wire form.
 
     Attributes:
         shared: Whether several processes may use the store at once.
@@ -140,6 +184,17 @@ class GoalStore(abc.ABC):
     async def events(self, goal_id: str, *, after_sequence: int) -> list[GoalEvent]:
         """Returns a goal's events with a sequence number above ``after_sequence``, in order."""
 
+    @abc.abstractmethod
+    async def learn(self, goal: str, subtasks: Sequence[pb.Subtask], *, keep: int) -> None:
+        """Keeps a goal's decomposition in the goal memory, in place of the goal's earlier one, and
+        forgets those learnt longest ago beyond the newest ``keep``. Replicas learn one at a time, so
+        positions are given in the order the decompositions are stored."""
+
+    @abc.abstractmethod
+    async def learnt(self, *, after: int, limit: int) -> list[Learnt]:
+        """Returns up to ``limit`` decompositions of the goal memory learnt after position ``after``,
+        in the order learnt; one stored unreadably is left out with a warning."""
+
 
 def warn_unreadable(goal_ids: Sequence[str]) -> None:
     if goal_ids:
@@ -195,6 +250,8 @@ class MemoryGoalStore(GoalStore):
         self.lease_seconds = lease_seconds
         self._goals: dict[str, _Held] = {}
         self._by_request: dict[str, str] = {}
+        self._learnt: dict[str, tuple[int, bytes]] = {}  # by goal, in the order learnt
+        self._position = 0
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -292,6 +349,17 @@ class MemoryGoalStore(GoalStore):
         stored = held.events[after_sequence:] if held else []
         return [GoalEvent.FromString(event) for event in stored]
 
+    async def learn(self, goal: str, subtasks: Sequence[pb.Subtask], *, keep: int) -> None:
+        self._learnt.pop(goal, None)
+        self._position += 1
+        self._learnt[goal] = (self._position, pack_subtasks(subtasks))
+        while len(self._learnt) > keep:
+            del self._learnt[next(iter(self._learnt))]
+
+    async def learnt(self, *, after: int, limit: int) -> list[Learnt]:
+        rows = [(position, goal, packed) for goal, (position, packed) in self._learnt.items() if position > after]
+        return learnt_rows(rows[:limit])
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS goals (
@@ -318,6 +386,15 @@ _MIGRATIONS = (
     """
     ALTER TABLE goals ADD COLUMN lease_ns INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE IF NOT EXISTS goal_cancels (goal_id TEXT PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
+    """,
+    # 2: the goal memory: each goal's decomposition, by a digest of the goal, in the order learnt.
+    """
+    CREATE TABLE IF NOT EXISTS goal_memory (
+        goal_key BLOB PRIMARY KEY,
+        position INTEGER NOT NULL UNIQUE,
+        goal TEXT NOT NULL,
+        subtasks BLOB NOT NULL
+    );
     """,
 )
 _COLUMNS = "goal, state, last_sequence"
@@ -547,3 +624,28 @@ class SqliteGoalStore(GoalStore):
             ) as rows,
         ):
             return [GoalEvent.FromString(row[0]) for row in await rows.fetchall()]
+
+    async def learn(self, goal: str, subtasks: Sequence[pb.Subtask], *, keep: int) -> None:
+        async with self._lock:
+            await self._conn.execute(
+                "INSERT INTO goal_memory (goal_key, position, goal, subtasks)"
+                " VALUES (?, (SELECT COALESCE(MAX(position), 0) + 1 FROM goal_memory), ?, ?)"
+                " ON CONFLICT (goal_key) DO UPDATE SET position = excluded.position, subtasks = excluded.subtasks",
+                (memory_key(goal), goal, pack_subtasks(subtasks)),
+            )
+            await self._conn.execute(
+                "DELETE FROM goal_memory WHERE position <="
+                " (SELECT position FROM goal_memory ORDER BY position DESC LIMIT 1 OFFSET ?)",
+                (keep,),
+            )
+            await self._conn.commit()
+
+    async def learnt(self, *, after: int, limit: int) -> list[Learnt]:
+        async with (
+            self._lock,
+            self._conn.execute(
+                "SELECT position, goal, subtasks FROM goal_memory WHERE position > ? ORDER BY position LIMIT ?",
+                (after, limit),
+            ) as rows,
+        ):
+            return learnt_rows([tuple(row) for row in await rows.fetchall()])

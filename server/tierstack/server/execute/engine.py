@@ -47,7 +47,7 @@ from tierstack.server.config import Settings
 from tierstack.server.execute.approvals import Approvals
 from tierstack.server.execute.monitor import ToolMonitor
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
-from tierstack.server.execute.store import ExecutionStore, MemoryExecutionStore
+from tierstack.server.execute.store import ExecutionStore, MemoryExecutionStore, stop_key
 from tierstack.server.execute.strategies import CONVERSATIONAL, DETERMINISTIC, Routine, StrategySelector
 from tierstack.server.execute.strategies import name as strategy_name
 from tierstack.server.execute.workers import WorkerPool
@@ -331,16 +331,22 @@ class Executor:
     @contextlib.asynccontextmanager
     async def _holding(self, execution_id: str, stops: int) -> AsyncIterator[None]:
         """Keeps this replica's claim of an execution alive while the block runs it, and cancels the
-        block once a replica is asked to stop the execution (more than ``stops`` times in all)."""
+        block once a replica is asked to stop the execution (more than ``stops`` times in all). The
+        guard that does so is stopped only while it waits, never in the middle of a query."""
         running = asyncio.current_task()
         assert running is not None  # called from a flight's task
         loop = asyncio.get_running_loop()
         every = self.store.lease_seconds / 3
+        done = False
+        waiting = False
 
         async def guard() -> None:
+            nonlocal waiting
             renew_at = loop.time() + every
-            while True:
-                await self.store.wait_changed(execution_id, max(renew_at - loop.time(), 0.0))
+            while not done:
+                waiting = True
+                await self.store.wait_changed(stop_key(execution_id), max(renew_at - loop.time(), 0.0))
+                waiting = False
                 with contextlib.suppress(Exception):  # the next round tries again
                     if await self.store.cancels(execution_id) > stops:
                         running.cancel()
@@ -353,7 +359,9 @@ class Executor:
         try:
             yield
         finally:
-            guarding.cancel()
+            done = True
+            if waiting:
+                guarding.cancel()
             await asyncio.gather(guarding, return_exceptions=True)
 
     async def _release(self, execution_id: str) -> None:

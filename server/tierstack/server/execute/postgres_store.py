@@ -19,6 +19,7 @@ from tierstack.server.execute.store import (
     ExecutionStore,
     approval_of_row,
     pack_events,
+    stop_key,
     unpack_events,
 )
 
@@ -102,7 +103,7 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
                 execution_id,
                 time.time_ns(),
             )
-            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, execution_id)
+            await connection.execute("SELECT pg_notify($1, $2)", CHANGES, stop_key(execution_id))
         return bool(running)
 
     async def cancels(self, execution_id: str) -> int:

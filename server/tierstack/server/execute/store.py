@@ -46,6 +46,12 @@ class Approval:
     rejection: str = ""
 
 
+def stop_key(execution_id: str) -> str:
+    """Returns the key that :meth:`ExecutionStore.wait_changed` names when replicas are asked to stop
+    an execution (its id alone names its end)."""
+    return f"{execution_id}:stop"
+
+
 def pack_events(events: Sequence[ExecutionEvent]) -> bytes:
     """Frames events as (4-byte length, message) pairs."""
     return b"".join(len(data).to_bytes(4, "big") + data for data in (e.SerializeToString() for e in events))
@@ -125,13 +131,15 @@ class ExecutionStore(abc.ABC):
         when asked for)."""
 
     async def wait_changed(self, key: str, timeout: float) -> None:
-        """Returns once the execution or approval ``key`` may have changed on another replica (an
-        execution finished or was asked to stop, an approval answered), or after ``timeout``."""
+        """Returns once ``key`` may have changed on another replica (an execution, named by its id,
+        finished; one named by :func:`stop_key` was asked to stop; an approval was answered), or
+        after ``timeout``."""
         await asyncio.sleep(timeout)
 
     async def request_cancel(self, execution_id: str) -> bool:
         """Asks every replica that runs or follows an execution to stop it (each learns it from
-        :meth:`cancels`); returns whether a replica runs it now. A store of one process leaves
+        :meth:`cancels`, its runner woken by :func:`stop_key`, its followers as they look again);
+        returns whether a replica runs it now. A store of one process leaves
         that to the process: it records nothing and returns False."""
         return False
 

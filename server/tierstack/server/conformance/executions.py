@@ -52,7 +52,7 @@ async def test_an_approval_is_opened_once_per_call_and_answered_once(store: Exec
     assert again.approval_id == first.approval_id == "p1"
     assert (await store.open_approval(approval("p3", index=1))).approval_id == "p3"
     heard = asyncio.create_task(store.wait_changed("p1", 30))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the waiter is listening once its task has run to its first wait
     answered = await store.decide("p1", "not today")
     if store.shared:
         await asyncio.wait_for(heard, 10)  # the replica whose call waits hears the answer
@@ -100,7 +100,7 @@ async def test_an_execution_asked_to_stop_counts_the_requests_until_it_finishes(
         return  # one process stops its executions itself
     assert await store.begin("e1", "a")
     heard = asyncio.create_task(store.wait_changed(stop_key("e1"), 30))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the waiter is listening once its task has run to its first wait
     assert await store.request_cancel("e1")  # a replica runs it
     await asyncio.wait_for(heard, 10)  # its runner hears of it (unheard, it would wait 30 s)
     assert await store.request_cancel("e1")

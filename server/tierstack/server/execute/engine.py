@@ -375,10 +375,10 @@ class Executor:
         runs it: its tool calls stop, its callers' streams end, and it is not kept, so that the same
         id runs it again; returns whether one was in flight."""
         flight = self._flights.get(execution_id)
-        task = flight.task if flight is not None else None
-        here = task is not None and not task.done()
-        if task is not None and here:
-            task.cancel()
+        here = False
+        if flight is not None and flight.task is not None and not flight.task.done():
+            flight.task.cancel()
+            here = True
         elsewhere = self.store.shared and await self.store.request_cancel(execution_id)
         return here or elsewhere
 

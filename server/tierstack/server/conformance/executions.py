@@ -110,3 +110,8 @@ async def test_an_execution_asked_to_stop_counts_the_requests_until_it_finishes(
     assert await store.begin("e2", "a")
     await store.release("e2", "a")
     assert not await store.request_cancel("e2")  # given up: nobody runs it now
+    assert await store.begin("e3", "a")
+    assert await store.request_cancel("e3")
+    await store.release("e3", "a")
+    assert await store.begin("e3", "b")
+    assert await store.cancels("e3") == 0  # claimed again: it starts afresh

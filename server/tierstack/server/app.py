@@ -20,6 +20,7 @@ from tierstack.server.interceptor import ServerInterceptor
 from tierstack.server.metrics import MethodMetrics, process_metrics
 from tierstack.server.monitor import MonitorServicer
 from tierstack.server.prometheus import MetricsEndpoint
+from tierstack.server.tls import ServerTls
 from tierstack.server.tracing import Tracing
 from tierstack.v1 import common_pb2, monitor_service_pb2, monitor_service_pb2_grpc
 
@@ -72,6 +73,8 @@ class TierServer:
             after :meth:`start`), None serves none.
         interceptors: Server interceptors that run before tierstack's own (tracing, say).
         max_message_bytes: The largest message the server receives or sends.
+        tls: The server's certificate and whether callers must present one (mutual TLS); None
+            listens in plaintext.
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class TierServer:
         metrics_port: int | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: ServerTls | None = None,
     ):
         self.service = service
+        self._tls = tls
         self._max_message_bytes = max_message_bytes
         self._interceptors = tuple(interceptors)
         self._requested_metrics_port = metrics_port
@@ -142,7 +147,8 @@ class TierServer:
         await self._server.start()
         self._announced = True
         await self._report_health(self._serving)
-        _log.info("tierstack %s serving on %s", common_pb2.Tier.Name(service.tier), self.target)
+        security = "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_auth else "TLS"
+        _log.info("tierstack %s serving on %s (%s)", common_pb2.Tier.Name(service.tier), self.target, security)
         return self.port
 
     async def _report_health(self, serving: bool) -> None:
@@ -164,7 +170,10 @@ class TierServer:
         assert self._server is not None
         address = f"{self._host}:{self._requested_port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self._tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self._tls.credentials())
         except RuntimeError:  # grpc says no more than that it failed to bind
             raise BindError(
                 f"cannot listen on {address}: the port is taken or the address is not this host's"
@@ -218,6 +227,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         metrics_port=settings.metrics_port,
         interceptors=tracing.server_interceptors(),
         max_message_bytes=settings.max_message_bytes,
+        tls=settings.tls,
     )
     try:
         await server.start()

@@ -15,7 +15,9 @@ from tierstack.client.defaults import (
     TIERS,
     default_target,
 )
+from tierstack.client.tls import Tls
 from tierstack.server.crosstier import Thresholds
+from tierstack.server.tls import ServerTls, is_loopback
 
 __all__ = ["DEFAULT_PORTS", "TIERS", "Settings"]
 
@@ -27,7 +29,11 @@ class Settings:
     """Everything a tierstack server needs to start.
 
     Attributes:
-        host: The address to bind.
+        host: The address to bind; an address other than loopback needs ``tls`` or ``insecure``.
+        tls: The server's certificate, mutual TLS for its callers, and the TLS of its calls to the
+            tiers below (``TIERSTACK_TLS_*``); None serves and calls in plaintext.
+        insecure: Lets a server listen in plaintext on an address other than loopback
+            (``TIERSTACK_INSECURE=1``, ``--insecure``).
         port: The port to bind; 0 picks a free one.
         metrics_port: The port of the Prometheus endpoint (``/metrics``); 0 picks a free one, None serves
             none.
@@ -90,6 +96,8 @@ class Settings:
     """
 
     host: str = "127.0.0.1"
+    tls: ServerTls | None = None
+    insecure: bool = False
     port: int = 0
     metrics_port: int | None = None
     execute_target: str = default_target("execute")
@@ -139,6 +147,16 @@ class Settings:
             raise ValueError("TIERSTACK_LEASE_SECONDS must be between 0.1 and 3600")
         if len(self.replica_id) > 128:
             raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
+        if self.tls is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"a server on {self.host[:64]} needs TLS (TIERSTACK_TLS_CERT and TIERSTACK_TLS_KEY), or "
+                "--insecure to serve anyone who reaches it in plaintext"
+            )
+
+    @property
+    def tls_below(self) -> Tls | None:
+        """The TLS of this server's calls to the tiers below; None for plaintext."""
+        return self.tls.below() if self.tls is not None else None
 
     @property
     def postgres_url(self) -> str | None:
@@ -170,6 +188,8 @@ class Settings:
         metrics_port = env.get(f"TIERSTACK_{tier.upper()}_METRICS_PORT", str(DEFAULT_METRICS_PORTS[tier]))
         return cls(
             host=env.get("TIERSTACK_HOST", defaults.host),
+            tls=ServerTls.from_env(env),
+            insecure=env.get("TIERSTACK_INSECURE", "").lower() in ("1", "true", "yes"),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
             metrics_port=None if metrics_port.lower() in ("", "off") else int(metrics_port),
             execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),

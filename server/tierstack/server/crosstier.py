@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
-from tierstack.client import MonitorClient, TierstackError
+from tierstack.client import MonitorClient, TierstackError, Tls
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.core.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.core.values import now_timestamp, to_seconds
@@ -106,6 +106,7 @@ class CrossTierMonitor:
         thresholds: When alerts are raised.
         advice: When recommendations are given.
         max_message_bytes: The largest message the peers' metrics may come in.
+        tls: The TLS of the calls to the peers; plaintext when None.
     """
 
     def __init__(
@@ -117,11 +118,12 @@ class CrossTierMonitor:
         thresholds: Thresholds = Thresholds(),
         advice: AdviceThresholds = DEFAULT_ADVICE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: Tls | None = None,
     ) -> None:
         self._advice = advice
         self.tier = tier
         self._clients = {
-            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes)
+            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes, tls=tls)
             for peer, target in peers.items()
         }
         self._local: Snapshot | None = None

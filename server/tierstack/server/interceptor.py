@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from tierstack.client.clients import open_channel
+from tierstack.client.tls import Tls
 from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
 from tierstack.server.metrics import MethodMetrics
@@ -266,11 +267,12 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
                 yield response
 
 
-def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int) -> grpc.aio.Channel:
+def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int, tls: Tls | None) -> grpc.aio.Channel:
     """Returns a channel to the tier below whose calls are measured into ``metrics``, carry the trace
-    context, and send and receive messages of up to ``max_message_bytes``."""
+    context, send and receive messages of up to ``max_message_bytes``, over TLS when ``tls`` is given."""
     return open_channel(
         target,
         max_message_bytes=max_message_bytes,
+        tls=tls,
         interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
     )

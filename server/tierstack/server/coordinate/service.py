@@ -93,7 +93,10 @@ class CoordinateService:
         self._settings = settings
         self.client_metrics = MethodMetrics()
         self._channel = tier_channel(
-            settings.orchestrate_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+            settings.orchestrate_target,
+            self.client_metrics,
+            max_message_bytes=settings.max_message_bytes,
+            tls=settings.tls_below,
         )
         self._orchestrator = OrchestratorClient(channel=self._channel)
         self.cross_tier = CrossTierMonitor(
@@ -106,6 +109,7 @@ class CoordinateService:
             thresholds=settings.alert_thresholds,
             advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
             max_message_bytes=settings.max_message_bytes,
+            tls=settings.tls_below,
         )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")

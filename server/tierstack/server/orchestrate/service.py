@@ -220,7 +220,10 @@ class OrchestrateService:
         self.client_metrics = MethodMetrics()
         self._max_message_bytes = settings.max_message_bytes
         self._channel = tier_channel(
-            settings.execute_target, self.client_metrics, max_message_bytes=settings.max_message_bytes
+            settings.execute_target,
+            self.client_metrics,
+            max_message_bytes=settings.max_message_bytes,
+            tls=settings.tls_below,
         )
         self._executor = ExecutorClient(channel=self._channel)
         self.manager = RunManager(

@@ -25,6 +25,7 @@ from typing import Any
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient, Tls
 from tierstack.core.lifecycle import Fence
 from tierstack.server import Settings, TierServer, service_for
+from tierstack.server.auth import guard_for
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
 
 
@@ -48,6 +49,7 @@ async def start_tier(tier: str, settings: Settings) -> TierServer:
         metrics_port=settings.metrics_port,
         max_message_bytes=settings.max_message_bytes,
         tls=settings.tls,
+        guard=guard_for(settings),
     )
     await server.start()
     return server
@@ -160,6 +162,8 @@ def grpcurl(target: str, *args: str, security: Sequence[str] = ("-plaintext",)) 
     done = subprocess.run([GRPCURL, *security, *args[:-1], target, *args[-1:]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
 READY = re.compile(r"serving on (\S+)")
 #: The longest line of a tier's log that is kept.
 MAX_LINE = 16 << 10

@@ -1,7 +1,8 @@
-"""What TLS and mutual TLS cost per call, against plaintext, in one run.
+"""What TLS, mutual TLS and API keys cost per call, against plaintext, in one run.
 
-Three Execute servers run in their own processes under uvloop: plaintext, TLS, and mutual TLS (with
-certificates made for the run). One client process calls each with the same no-op tool call, in
+Four Execute servers run in their own processes under uvloop: plaintext, plaintext with API keys
+checked (``TIERSTACK_AUTH=keys``, the key read from the store on every call), TLS, and mutual TLS
+(with certificates made for the run). One client process calls each with the same no-op tool call, in
 alternating rounds, on a channel it keeps (the steady state of a tier calling the tier below), at
 concurrency 1 and 16; then on a new channel per call (a handshake each time, the worst case).
 
@@ -22,12 +23,13 @@ import uvloop
 
 from tierstack.client import ExecutorClient, Tls
 from tierstack.core.values import to_struct
+from tierstack.server.auth import Role, SqliteKeyStore, issue
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tools.bench.bench_execute import ROUNDS, Result, measure, median
 from tools.bench.processes import serving
 from tools.bench.results import Results
 
-SECURITY = ("plaintext", "TLS", "mutual TLS")
+SECURITY = ("plaintext", "API key", "TLS", "mutual TLS")
 
 
 def certificates(folder: Path) -> tuple[dict[str, str], Tls, Tls]:
@@ -48,6 +50,18 @@ def certificates(folder: Path) -> tuple[dict[str, str], Tls, Tls]:
     )
 
 
+async def api_key(folder: Path) -> str:
+    """Keeps a key of the RUN role in the SQLite key store in ``folder`` and returns it."""
+    store = SqliteKeyStore.in_folder(folder)
+    await store.open()
+    try:
+        issued = issue("bench", Role.RUN)
+        await store.add(issued)
+    finally:
+        await store.close()
+    return issued.token
+
+
 def chain(cert: trustme.LeafCert) -> bytes:
     return b"".join(blob.bytes() for blob in cert.cert_chain_pems)
 
@@ -58,12 +72,15 @@ async def main(requests: int, results: Results) -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         env, server_only, mutual = certificates(Path(folder))
+        token = await api_key(Path(folder))
         environments = {
             "plaintext": {},
+            "API key": {"TIERSTACK_AUTH": "keys", "TIERSTACK_AUTH_CACHE_SECONDS": "0"},
             "TLS": env,
             "mutual TLS": {**env, "TIERSTACK_TLS_CLIENT_AUTH": "1"},
         }
-        callers: dict[str, Tls | None] = {"plaintext": None, "TLS": server_only, "mutual TLS": mutual}
+        callers: dict[str, Tls | None] = {"plaintext": None, "API key": None, "TLS": server_only, "mutual TLS": mutual}
+        keys = {name: token if name == "API key" else "" for name in SECURITY}
         async with AsyncExitStack() as stack:
             targets = {}
             for name in SECURITY:
@@ -71,12 +88,14 @@ async def main(requests: int, results: Results) -> None:
                 extra = {**environments[name], "TIERSTACK_EXECUTE_METRICS_PORT": "off", "TIERSTACK_DATA_DIR": folder}
                 targets[name], _ = await stack.enter_async_context(serving(*command, env=extra))
             clients = {
-                name: await stack.enter_async_context(ExecutorClient(targets[name], tls=callers[name]))
+                name: await stack.enter_async_context(
+                    ExecutorClient(targets[name], tls=callers[name], api_key=keys[name])
+                )
                 for name in SECURITY
             }
 
             async def fresh(name: str) -> None:
-                async with ExecutorClient(targets[name], tls=callers[name]) as client:
+                async with ExecutorClient(targets[name], tls=callers[name], api_key=keys[name]) as client:
                     await client.execute_tool(request)
 
             def kept(name: str) -> Callable[[], Awaitable[object]]:
@@ -119,7 +138,7 @@ async def main(requests: int, results: Results) -> None:
                             "ms",
                         )
     results.table(
-        "Execute: a no-op tool call in plaintext, over TLS and over mutual TLS",
+        "Execute: a no-op tool call in plaintext, with an API key, over TLS and over mutual TLS",
         ("channel", "concurrency", "security", "req/s", "p50 ms", "p99 ms", "p50 vs plaintext", "cost vs plaintext"),
         rows,
         f"{requests} calls a kept-channel row in {ROUNDS} alternating rounds (medians); "

@@ -232,7 +232,7 @@ async def _run(args: argparse.Namespace, console: Console) -> int:
     request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow))
     request.inputs.update(_parse_inputs(args.input))
     final: orchestrator_pb.RunEvent | None = None
-    async with OrchestratorClient(args.target, tls=args.tls) as client:
+    async with OrchestratorClient(args.target, tls=args.tls, api_key=args.api_key) as client:
         with RunProgress(console) as view:
             async for event in client.orchestrate(request):
                 view.update(event)
@@ -255,7 +255,7 @@ def _agent(text: str) -> coordinator_pb.Agent:
 async def _goal(args: argparse.Namespace, console: Console) -> int:
     agents = [_agent(text) for text in (args.agent or _DEFAULT_AGENTS)]
     context = common_pb2.RequestContext(correlation_id=args.correlation_id or "")
-    async with CoordinatorClient(args.target, tls=args.tls) as client:
+    async with CoordinatorClient(args.target, tls=args.tls, api_key=args.api_key) as client:
         if args.detach:
             start = coordinator_pb.StartGoalRequest(context=context, goal=args.goal, agents=agents)
             print((await client.start_goal(start)).goal.goal_id)
@@ -326,7 +326,7 @@ def _goal_row(goal: coordinator_pb.Goal) -> tuple[str, ...]:
 
 async def _goals(args: argparse.Namespace, console: Console) -> int:
     """``tierstack goals list|get|watch|cancel``: the goals a Coordinate server keeps."""
-    async with CoordinatorClient(args.target, tls=args.tls) as client:
+    async with CoordinatorClient(args.target, tls=args.tls, api_key=args.api_key) as client:
         if args.action == "list":
             state = coordinator_pb.GoalState.Value(f"GOAL_STATE_{(args.state or 'unspecified').upper()}")
             page = await client.list_goals(
@@ -364,7 +364,9 @@ def _bench_report(args: argparse.Namespace) -> int:
 async def _top(args: argparse.Namespace, console: Console) -> int:
     from tierstack.cli.top import top
 
-    await top(args.target, interval=args.interval, frames=args.frames, console=console, tls=args.tls)
+    await top(
+        args.target, interval=args.interval, frames=args.frames, console=console, tls=args.tls, api_key=args.api_key
+    )
     return 0
 
 
@@ -377,6 +379,58 @@ def _migrate(args: argparse.Namespace) -> int:
         settings = replace(settings, store_url=args.store)
     print(asyncio.run(stores.migrate(settings)))
     return 0
+
+
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _keys(args: argparse.Namespace, console: Console) -> int:
+    """``tierstack keys create|list|revoke``: the API keys in the store (see TIERSTACK_AUTH)."""
+    from tierstack.server import Settings
+    from tierstack.server.auth import Role, issue, key_store
+
+    settings = Settings.from_env("orchestrate")
+    if args.store is not None:
+        settings = replace(settings, store_url=args.store)
+    if args.action == "create" and not _TENANT.fullmatch(args.tenant):
+        console.print(
+            "[red]error:[/] a tenant is 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+        return 2
+
+    async def act() -> int:
+        store = key_store(settings)
+        await store.open()
+        try:
+            if args.action == "create":
+                issued = issue(args.tenant, Role[args.role.upper()], args.name or "")
+                await store.add(issued)
+                print(issued.token)  # plain, for scripts: the only time the key is shown
+                Console(stderr=True).print(
+                    f"key {issued.key.key_id} for {args.tenant} ({args.role}); keep it, it is not shown again"
+                )
+                return 0
+            if args.action == "revoke":
+                if await store.revoke(args.key_id):
+                    console.print(f"key {args.key_id} revoked")
+                    return 0
+                console.print(f"[red]error:[/] no live key {escape(args.key_id[:32])}")
+                return 1
+            table = Table("key", "tenant", "role", "name", "created", "revoked", title="API keys")
+            after = ""
+            while page := await store.keys(after=after):
+                for key in page:
+                    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.create_ns / 1e9))
+                    table.add_row(
+                        key.key_id, key.tenant, key.role.name.lower(), key.name, created, "yes" if key.revoked else ""
+                    )
+                after = page[-1].key_id
+            console.print(table)
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(act())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -403,6 +457,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)")
 
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (TIERSTACK_AUTH=keys)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="make a key and print it (it is shown this once)")
+    create.add_argument("--tenant", required=True, help="the tenant whose work the key reaches")
+    create.add_argument("--role", choices=["read", "run", "admin", "tier"], default="run", help="what it may do")
+    create.add_argument("--name", help="what the key is for")
+    key_actions.add_parser("list", help="list the keys (never their secrets)")
+    revoke = key_actions.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    for key_action in key_actions.choices.values():
+        key_action.add_argument(
+            "--store", help="the store's URL (TIERSTACK_STORE_URL; SQLite in .tierstack by default)"
+        )
     migrate = commands.add_parser("migrate", help="bring the stores' schema up to date")
     migrate.add_argument("--store", help="the store's URL (TIERSTACK_STORE_URL; SQLite in .tierstack by default)")
 
@@ -474,10 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_report(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "keys":
+        return _keys(args, Console())
     console = Console()
     commands = {"run": _run, "goal": _goal, "goals": _goals, "top": _top}
     try:
         args.tls = Tls.from_env()  # the files are read before the loop runs
+        args.api_key = os.environ.get("TIERSTACK_API_KEY", "")
         return asyncio.run(commands[args.command](args, console))
     except KeyboardInterrupt:
         return 0 if args.command == "top" else 130  # Ctrl-C is how top ends

@@ -98,11 +98,13 @@ def frame(current: pb.WatchMetricsResponse, previous: pb.WatchMetricsResponse | 
     return Group(*panels, _alerts(current.active_alerts))
 
 
-async def top(target: str, *, interval: float, frames: int, console: Console, tls: Tls | None = None) -> None:
+async def top(
+    target: str, *, interval: float, frames: int, console: Console, tls: Tls | None = None, api_key: str = ""
+) -> None:
     """Shows the live view until interrupted, or for ``frames`` snapshots when it is not zero."""
     previous: pb.WatchMetricsResponse | None = None
     shown = 0
-    async with MonitorClient(target, tls=tls) as monitor:
+    async with MonitorClient(target, tls=tls, api_key=api_key) as monitor:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             async for snapshot in monitor.watch_metrics(interval, tiers=TIERS):
                 live.update(frame(snapshot, previous), refresh=True)

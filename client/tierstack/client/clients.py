@@ -69,6 +69,8 @@ class _Client:
         max_message_bytes: The largest message the channel the client opens sends or receives; the
             servers' default unless told otherwise (ignored when ``channel`` is given).
         tls: TLS for the channel the client opens (see :class:`Tls`); plaintext when None.
+        api_key: The API key sent with every call (``authorization: Bearer …``), for servers with
+            authentication on.
     """
 
     def __init__(
@@ -80,15 +82,18 @@ class _Client:
         metadata: Metadata = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
+        api_key: str = "",
     ) -> None:
         if channel is None and not target:
             raise ValueError("give a target or a channel")
+        if api_key and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+            raise ValueError("an API key is printable ASCII without spaces")
         self._owns_channel = channel is None
         self.channel = (
             channel if channel is not None else open_channel(target, max_message_bytes=max_message_bytes, tls=tls)
         )
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = (*metadata, *((("authorization", f"Bearer {api_key}"),) if api_key else ()))
 
     async def close(self) -> None:
         """Closes the channel if this client opened it."""

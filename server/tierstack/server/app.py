@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.core.values import now_timestamp
+from tierstack.server.auth import Guard, guard_for
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import ServerInterceptor
@@ -75,6 +76,8 @@ class TierServer:
         max_message_bytes: The largest message the server receives or sends.
         tls: The server's certificate and whether callers must present one (mutual TLS); None
             listens in plaintext.
+        guard: Checks every call's credential and role (opened and closed with the server); None
+            lets anyone call.
     """
 
     def __init__(
@@ -88,9 +91,11 @@ class TierServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: ServerTls | None = None,
+        guard: Guard | None = None,
     ):
         self.service = service
         self._tls = tls
+        self._guard = guard
         self._max_message_bytes = max_message_bytes
         self._interceptors = tuple(interceptors)
         self._requested_metrics_port = metrics_port
@@ -122,7 +127,7 @@ class TierServer:
         """
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            interceptors=[*self._interceptors, ServerInterceptor(self.metrics)],
+            interceptors=[*self._interceptors, ServerInterceptor(self.metrics, self._guard)],
             options=[
                 # Off, so that a second server on a taken port fails instead of sharing it.
                 ("grpc.so_reuseport", 0),
@@ -131,6 +136,8 @@ class TierServer:
             ],
         )
         self._bind()  # before the tier starts: a server that cannot listen must not resume runs
+        if self._guard is not None:
+            await self._guard.open()
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
@@ -208,6 +215,8 @@ class TierServer:
             await self._server.stop(self._grace)
         if self._endpoint is not None:
             await self._endpoint.stop()
+        if self._guard is not None:
+            await self._guard.close()
         await self.service.close()
         _log.info("tierstack %s stopped", common_pb2.Tier.Name(self.service.tier))
 
@@ -228,6 +237,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         interceptors=tracing.server_interceptors(),
         max_message_bytes=settings.max_message_bytes,
         tls=settings.tls,
+        guard=guard_for(settings),
     )
     try:
         await server.start()

@@ -34,6 +34,14 @@ class Settings:
             tiers below (``TIERSTACK_TLS_*``); None serves and calls in plaintext.
         insecure: Lets a server listen in plaintext on an address other than loopback
             (``TIERSTACK_INSECURE=1``, ``--insecure``).
+        auth: Every call but health checks needs an API key of the store, with the role its RPC
+            needs (``TIERSTACK_AUTH=keys``); off by default.
+        tier_key: The API key (of the TIER role) this server presents to the tiers below when auth is
+            on (``TIERSTACK_TIER_KEY``); it names the tenant and caller each call is for.
+        open_reflection: Lets anyone use reflection (grpcurl) when auth is on
+            (``TIERSTACK_REFLECTION=open``); else reflection needs a key.
+        auth_cache_seconds: How long a server trusts a key it read from the store; a revoked key stops
+            working within this.
         port: The port to bind; 0 picks a free one.
         metrics_port: The port of the Prometheus endpoint (``/metrics``); 0 picks a free one, None serves
             none.
@@ -98,6 +106,10 @@ class Settings:
     host: str = "127.0.0.1"
     tls: ServerTls | None = None
     insecure: bool = False
+    auth: bool = False
+    tier_key: str = field(default="", repr=False)
+    open_reflection: bool = False
+    auth_cache_seconds: float = 5.0
     port: int = 0
     metrics_port: int | None = None
     execute_target: str = default_target("execute")
@@ -113,7 +125,7 @@ class Settings:
     approval_timeout_seconds: float = 300.0
     model_base_url: str = ""
     model: str = "local"
-    model_api_key: str = ""
+    model_api_key: str = field(default="", repr=False)
     model_fallbacks: tuple[str, ...] = ()
     model_timeout_seconds: float = 60.0
     model_retries: int = 2
@@ -190,6 +202,10 @@ class Settings:
             host=env.get("TIERSTACK_HOST", defaults.host),
             tls=ServerTls.from_env(env),
             insecure=env.get("TIERSTACK_INSECURE", "").lower() in ("1", "true", "yes"),
+            auth=_auth(env.get("TIERSTACK_AUTH", "off")),
+            tier_key=env.get("TIERSTACK_TIER_KEY", defaults.tier_key),
+            open_reflection=env.get("TIERSTACK_REFLECTION", "").lower() == "open",
+            auth_cache_seconds=float(env.get("TIERSTACK_AUTH_CACHE_SECONDS", defaults.auth_cache_seconds)),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
             metrics_port=None if metrics_port.lower() in ("", "off") else int(metrics_port),
             execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),
@@ -246,3 +262,10 @@ class Settings:
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),
         )
+
+
+def _auth(value: str) -> bool:
+    """Reads ``TIERSTACK_AUTH``: ``keys`` turns authentication on, ``off`` (or empty) leaves it off."""
+    if value.lower() not in ("", "off", "keys"):
+        raise ValueError("TIERSTACK_AUTH must be off or keys")
+    return value.lower() == "keys"

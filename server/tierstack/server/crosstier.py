@@ -8,7 +8,7 @@ import contextlib
 import logging
 import statistics
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from tierstack.client import MonitorClient, TierstackError, Tls
@@ -107,6 +107,7 @@ class CrossTierMonitor:
         advice: When recommendations are given.
         max_message_bytes: The largest message the peers' metrics may come in.
         tls: The TLS of the calls to the peers; plaintext when None.
+        metadata: Sent with every call to the peers (the tier's key).
     """
 
     def __init__(
@@ -119,11 +120,12 @@ class CrossTierMonitor:
         advice: AdviceThresholds = DEFAULT_ADVICE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._advice = advice
         self.tier = tier
         self._clients = {
-            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes, tls=tls)
+            peer: MonitorClient(target, timeout=5.0, max_message_bytes=max_message_bytes, tls=tls, metadata=metadata)
             for peer, target in peers.items()
         }
         self._local: Snapshot | None = None

@@ -21,6 +21,8 @@ from tierstack.client.clients import open_channel
 from tierstack.client.tls import Tls
 from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
+from tierstack.server.auth.guard import Guard, act_as, on_behalf
+from tierstack.server.auth.guard import current as current_principal
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
 from tierstack.server.tracing import client_interceptors
@@ -96,8 +98,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     mapped status when a handler raises a :class:`TierstackError` (INTERNAL, without its text, for any
     other exception)."""
 
-    def __init__(self, metrics: MethodMetrics) -> None:
+    def __init__(self, metrics: MethodMetrics, guard: Guard | None = None) -> None:
         self._metrics = metrics
+        self._guard = guard
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -136,6 +139,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None and self._guard is not None:  # reflection
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_bidi(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
 
     def _observe(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Observed:
@@ -143,19 +152,35 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         becomes the mapped status."""
         return _Observed(self, method, context)
 
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Checks the caller's credential and role (when auth is on) and makes them current."""
+        if self._guard is not None:
+            act_as(await self._guard.check(method, tuple(context.invocation_metadata() or ())))
+
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._observe(method, context):
+                await self._admit(method, context)
                 await _checked(request)
                 return await behavior(request, context)
 
         return unary
+
+    def _wrap_bidi(self, method: str, behavior: Any) -> Any:
+        async def bidi(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async with self._observe(method, context):
+                await self._admit(method, context)
+                async for response in behavior(requests, context):
+                    yield response
+
+        return bidi
 
     def _wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
         messages = self._metrics.stream_messages
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with self._observe(method, context):
+                await self._admit(method, context)
                 await _checked(request)
                 async for response in behavior(request, context):
                     messages[method] += 1
@@ -267,12 +292,45 @@ class StreamClientInterceptor(_ClientMeasures, grpc.aio.UnaryStreamClientInterce
                 yield response
 
 
-def tier_channel(target: str, metrics: MethodMetrics, *, max_message_bytes: int, tls: Tls | None) -> grpc.aio.Channel:
+class _OnBehalf:
+    """Adds the tier's key to each call to the tier below, and the tenant and caller it is for (two
+    classes: gRPC takes an interceptor for one kind of call only)."""
+
+    def __init__(self, tier_key: str) -> None:
+        self._key = tier_key
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *on_behalf(current_principal(), self._key))
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _UnaryOnBehalf(_OnBehalf, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamOnBehalf(_OnBehalf, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+def tier_channel(
+    target: str, metrics: MethodMetrics, *, max_message_bytes: int, tls: Tls | None, tier_key: str = ""
+) -> grpc.aio.Channel:
     """Returns a channel to the tier below whose calls are measured into ``metrics``, carry the trace
-    context, send and receive messages of up to ``max_message_bytes``, over TLS when ``tls`` is given."""
-    return open_channel(
-        target,
-        max_message_bytes=max_message_bytes,
-        tls=tls,
-        interceptors=[*client_interceptors(), UnaryClientInterceptor(metrics), StreamClientInterceptor(metrics)],
-    )
+    context (and, given ``tier_key``, the key and the caller they are for), send and receive messages
+    of up to ``max_message_bytes``, over TLS when ``tls`` is given."""
+    interceptors: list[Any] = [
+        *client_interceptors(),
+        UnaryClientInterceptor(metrics),
+        StreamClientInterceptor(metrics),
+    ]
+    if tier_key:
+        interceptors[:0] = [_UnaryOnBehalf(tier_key), _StreamOnBehalf(tier_key)]
+    return open_channel(target, max_message_bytes=max_message_bytes, tls=tls, interceptors=interceptors)

@@ -131,6 +131,18 @@ MIGRATIONS: tuple[str, ...] = (
         subtasks bytea NOT NULL
     );
     """,
+    # 7: API keys: each key's tenant and role, and a digest of its secret.
+    """
+    CREATE TABLE api_keys (
+        key_id text PRIMARY KEY,
+        tenant text NOT NULL,
+        role integer NOT NULL,
+        name text NOT NULL,
+        create_ns bigint NOT NULL,
+        revoked boolean NOT NULL DEFAULT false,
+        digest bytea NOT NULL
+    );
+    """,
 )
 
 #: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one

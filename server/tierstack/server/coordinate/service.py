@@ -14,6 +14,7 @@ from tierstack.server import correlation
 from tierstack.server.advice import AdviceThresholds
 from tierstack.server.ai import AIService, Scope
 from tierstack.server.ai.service import LOCAL
+from tierstack.server.auth.guard import on_behalf
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import LocalProvider
 from tierstack.server.coordinate.decomposer import Decomposer
@@ -97,6 +98,7 @@ class CoordinateService:
             self.client_metrics,
             max_message_bytes=settings.max_message_bytes,
             tls=settings.tls_below,
+            tier_key=settings.tier_key,
         )
         self._orchestrator = OrchestratorClient(channel=self._channel)
         self.cross_tier = CrossTierMonitor(
@@ -110,6 +112,7 @@ class CoordinateService:
             advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
             max_message_bytes=settings.max_message_bytes,
             tls=settings.tls_below,
+            metadata=on_behalf(None, settings.tier_key) if settings.tier_key else (),
         )
         if settings.embedding_model and not settings.model_base_url:
             raise ValueError("TIERSTACK_EMBEDDING_MODEL needs TIERSTACK_MODEL_BASE_URL: the model API that embeds")

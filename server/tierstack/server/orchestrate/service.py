@@ -224,6 +224,7 @@ class OrchestrateService:
             self.client_metrics,
             max_message_bytes=settings.max_message_bytes,
             tls=settings.tls_below,
+            tier_key=settings.tier_key,
         )
         self._executor = ExecutorClient(channel=self._channel)
         self.manager = RunManager(

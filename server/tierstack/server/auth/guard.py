@@ -1,0 +1,169 @@
+"""Who calls, and whether they may: the credential in a call's metadata checked against the key
+store, the role each RPC needs, and the caller a tier acts for on its calls to the tier below."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cachetools
+
+from tierstack.core.errors import PermissionDeniedError, UnauthenticatedError
+from tierstack.server.auth.keys import ApiKey, KeyStore, Role, matches, parse
+
+#: Metadata keys: the credential, and who a tier calls for.
+AUTHORIZATION = "authorization"
+TENANT = "x-tierstack-tenant"
+CALLER = "x-tierstack-caller"
+#: The longest tenant or caller name a tier may pass on.
+MAX_NAME = 128
+
+_SERVICES = "/tierstack.v1."
+#: What grpcurl lists and describes services through.
+REFLECTION = frozenset(
+    {
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+#: The role each RPC needs; an RPC not named here needs ADMIN (a new RPC is closed until named).
+REQUIRED: dict[str, Role] = {
+    **{
+        f"{_SERVICES}CoordinatorService/{name}": Role.READ for name in ("GetGoal", "WatchGoal", "ListGoals", "FormTeam")
+    },
+    **{
+        f"{_SERVICES}CoordinatorService/{name}": Role.RUN
+        for name in ("Coordinate", "StartGoal", "CancelGoal", "DecomposeGoal")
+    },
+    **{
+        f"{_SERVICES}OrchestratorService/{name}": Role.READ
+        for name in ("WatchRun", "GetRun", "ListRuns", "ResolveVariables", "PlanWorkflow", "ValidateWorkflow")
+    },
+    **{
+        f"{_SERVICES}OrchestratorService/{name}": Role.RUN
+        for name in ("Orchestrate", "StartRun", "CancelRun", "DeleteRun", "PauseRun", "ResumeRun")
+    },
+    **{f"{_SERVICES}ExecutorService/{name}": Role.READ for name in ("GetToolStats", "ListTools")},
+    **{
+        f"{_SERVICES}ExecutorService/{name}": Role.RUN
+        for name in ("Execute", "CancelExecution", "ExecuteTool", "ExecuteTools", "ApproveToolCall", "RejectToolCall")
+    },
+    **dict.fromkeys(REFLECTION, Role.READ),
+    # Every tenant's figures: the monitor is for operators.
+    **{
+        f"{_SERVICES}MonitorService/{name}": Role.ADMIN
+        for name in ("GetMetrics", "WatchMetrics", "WatchAlerts", "GetRecommendations")
+    },
+}
+#: Load balancers and orchestrators probe health without a credential.
+OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+#: Stands for a key the cache does not hold (None is a key the store does not know).
+_UNREAD: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a call is for: the tenant, the caller within it, and what the credential may do."""
+
+    tenant: str
+    subject: str
+    role: Role
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("tierstack_principal", default=None)
+
+
+def current() -> Principal | None:
+    """Returns who the running call (and the tasks it started) is for; None when auth is off."""
+    return _current.get()
+
+
+def act_as(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    """Makes ``principal`` current for this task and the tasks it starts."""
+    return _current.set(principal)
+
+
+def on_behalf(principal: Principal | None, tier_key: str) -> list[tuple[str, str]]:
+    """Returns the metadata of a call to the tier below: the tier's key, and who it calls for."""
+    metadata = [(AUTHORIZATION, f"Bearer {tier_key}")]
+    if principal is not None:
+        metadata += [(TENANT, principal.tenant), (CALLER, principal.subject)]
+    return metadata
+
+
+class Guard:
+    """Checks each call's credential (``authorization: Bearer tsk_…``, an API key) and the role its
+    RPC needs. A key of the TIER role (a tier calling the tier below) acts for the tenant and caller
+    its call names.
+
+    Args:
+        keys: The store of API keys, opened and closed with the guard.
+        open_reflection: Lets anyone list and describe the services (grpcurl); else it needs a key.
+        cache_seconds: How long a key read from the store is trusted before it is read again: a
+            revoked key stops working within this. 0 reads the store on every call.
+        cache_entries: The most keys remembered (known or not).
+    """
+
+    def __init__(
+        self, keys: KeyStore, *, open_reflection: bool = False, cache_seconds: float = 5.0, cache_entries: int = 10_000
+    ) -> None:
+        self._keys = keys
+        self._open = OPEN | REFLECTION if open_reflection else OPEN
+        self._cache: cachetools.TTLCache[str, tuple[ApiKey, bytes] | None] | None = (
+            cachetools.TTLCache(cache_entries, cache_seconds) if cache_seconds > 0 else None
+        )
+
+    async def open(self) -> None:
+        await self._keys.open()
+
+    async def close(self) -> None:
+        await self._keys.close()
+
+    async def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Principal | None:
+        """Returns who calls ``method`` (None for a method open to all).
+
+        Raises:
+            UnauthenticatedError: No credential, or one that is not a live key.
+            PermissionDeniedError: The key's role may not call ``method``.
+        """
+        if method in self._open:
+            return None
+        values = dict(metadata or ())
+        credential = values.get(AUTHORIZATION)
+        if not isinstance(credential, str) or not credential.startswith("Bearer "):
+            raise UnauthenticatedError(
+                "this call needs a credential: authorization: Bearer <key>", reason="NO_CREDENTIAL"
+            )
+        key = await self._key(credential.removeprefix("Bearer ").strip())
+        if key is None:
+            raise UnauthenticatedError("the credential is not a valid key", reason="BAD_CREDENTIAL")
+        needed = REQUIRED.get(method, Role.ADMIN)
+        if key.role < needed:
+            raise PermissionDeniedError(
+                f"the {key.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
+                reason="ROLE_TOO_LOW",
+            )
+        if key.role is Role.TIER and isinstance(values.get(TENANT), str):
+            tenant, caller = str(values[TENANT]), str(values.get(CALLER, ""))
+            if len(tenant) <= MAX_NAME and len(caller) <= MAX_NAME:
+                return Principal(tenant, caller, Role.TIER)
+        return Principal(key.tenant, key.key_id, key.role)
+
+    async def _key(self, token: str) -> ApiKey | None:
+        """Returns the live key ``token`` is, else None."""
+        parsed = parse(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        found: tuple[ApiKey, bytes] | None = self._cache.get(key_id, _UNREAD) if self._cache is not None else _UNREAD
+        if found is _UNREAD:
+            found = await self._keys.find(key_id)
+            if self._cache is not None:
+                self._cache[key_id] = found
+        if found is None or found[0].revoked or not matches(secret, found[1]):
+            return None
+        return found[0]

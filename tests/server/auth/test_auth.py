@@ -1,0 +1,170 @@
+"""Authentication through the real servers: every RPC of every tier against no credential, a key
+that is not one, and each role; keys made and revoked by the command line; the tiers' own calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import TIERSTACK, Stack, grpcurl, open_stack
+from tierstack.client import CoordinatorClient, OrchestratorClient, UnauthenticatedError
+from tierstack.server import Settings
+from tierstack.server.auth import Role, SqliteKeyStore, issue
+from tierstack.server.auth.guard import REQUIRED
+from tierstack.v1 import (
+    coordinator_service_pb2,
+    executor_service_pb2,
+    monitor_service_pb2,
+    orchestrator_service_pb2,
+)
+from tierstack.v1 import coordinator_service_pb2 as pb
+
+GOAL = "analyze the logs and count the errors, then write a summary"
+AGENTS = [
+    pb.Agent(id=name, capabilities=[capability, "general"], max_concurrent_tasks=4)
+    for name, capability in (("researcher", "http"), ("analyst", "analysis"), ("writer", "writing"))
+]
+SERVICES = {
+    "execute": executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"],
+    "orchestrate": orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
+    "coordinate": coordinator_service_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
+}
+MONITOR = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"]
+REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+@dataclass
+class Secured:
+    stack: Stack
+    data_dir: Path
+    tokens: dict[str, str]  # by role name, each of tenant acme
+
+
+async def keys(data_dir: Path) -> dict[str, str]:
+    """Makes a tier key (tenant system) and a key of each role for tenant acme in the stack's store."""
+    store = SqliteKeyStore.in_folder(data_dir)
+    await store.open()
+    tokens = {}
+    try:
+        for role in Role:
+            issued = issue("system" if role is Role.TIER else "acme", role, role.name.lower())
+            await store.add(issued)
+            tokens[role.name.lower()] = issued.token
+    finally:
+        await store.close()
+    return tokens
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Secured]:
+    tokens = await keys(tmp_path)
+    settings = Settings(data_dir=tmp_path, auth=True, tier_key=tokens["tier"], auth_cache_seconds=0)
+    async with open_stack(settings) as stack:
+        yield Secured(stack, tmp_path, tokens)
+
+
+async def answer(channel: grpc.aio.Channel, method: str, streaming: bool, token: str | None) -> grpc.StatusCode:
+    """Calls ``method`` with an empty request and returns the status it ends with (OK for a stream
+    that sends a first message)."""
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+    try:
+        if streaming:
+            streamed: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(method)
+            call = streamed(b"", metadata=metadata, timeout=5)
+            async for _ in call:
+                break
+            call.cancel()
+        else:
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+            await unary(b"", metadata=metadata, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_every_rpc_answers_each_credential_by_the_role_it_needs(secured: Secured) -> None:
+    stack = secured.stack
+    servers = {"execute": stack.execute, "orchestrate": stack.orchestrate, "coordinate": stack.coordinate}
+    credentials = {
+        "none": None,
+        "not a key": "tsk_0000000000000000_" + "A" * 43,
+        **{role: secured.tokens[role] for role in ("read", "run", "admin")},
+    }
+    wrong: list[str] = []
+    for tier, server in servers.items():
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            for service in (SERVICES[tier], MONITOR):
+                for method in service.methods:
+                    path = f"/{service.full_name}/{method.name}"
+                    needed = REQUIRED[path]
+                    for name, token in credentials.items():
+                        code = await answer(channel, path, method.server_streaming, token)
+                        if name in ("none", "not a key"):
+                            expected_refusal: grpc.StatusCode | None = grpc.StatusCode.UNAUTHENTICATED
+                        else:
+                            expected_refusal = (
+                                grpc.StatusCode.PERMISSION_DENIED if Role[name.upper()] < needed else None
+                            )
+                        if expected_refusal is not None and code != expected_refusal:
+                            wrong.append(f"{tier} {method.name} with {name}: {code.name}, not {expected_refusal.name}")
+                        if expected_refusal is None and code in REFUSED:
+                            wrong.append(f"{tier} {method.name} with {name}: refused {code.name}")
+            # Health stays open to probes.
+            health = health_pb2_grpc.HealthStub(channel)
+            response = await health.Check(health_pb2.HealthCheckRequest())
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_a_goal_crosses_the_tiers_on_their_own_key_for_its_caller(secured: Secured) -> None:
+    target = secured.stack.coordinate.target
+    async with CoordinatorClient(target, api_key=secured.tokens["run"]) as client:
+        events = [event async for event in client.coordinate(pb.CoordinateRequest(goal=GOAL, agents=AGENTS))]
+    assert events[-1].WhichOneof("payload") == "goal_completed", events[-1]
+
+
+async def test_a_refused_credential_is_not_echoed(secured: Secured) -> None:
+    token = "tsk_0123456789abcdef_" + "B" * 43
+    async with OrchestratorClient(secured.stack.orchestrate.target, api_key=token) as client:
+        with pytest.raises(UnauthenticatedError) as refused:
+            await client.list_runs()
+    assert "B" * 8 not in str(refused.value) and "0123456789abcdef" not in str(refused.value)
+
+
+async def test_reflection_needs_a_key_unless_opened(secured: Secured) -> None:
+    target = secured.stack.execute.target
+    with pytest.raises(AssertionError, match="Unauthenticated"):
+        await asyncio.to_thread(grpcurl, target, "list")
+    header = ["-plaintext", "-H", f"authorization: Bearer {secured.tokens['read']}"]
+    listed = await asyncio.to_thread(grpcurl, target, "list", security=header)
+    assert "tierstack.v1.ExecutorService" in listed.split()
+
+
+async def test_keys_made_and_revoked_by_the_command_line(secured: Secured) -> None:
+    env = {**os.environ, "COLUMNS": "200"}
+    store = ["--store", f"sqlite:///{secured.data_dir}"]
+
+    async def cli(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            *TIERSTACK, "keys", *args, *store, stdout=asyncio.subprocess.PIPE, env=env
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()
+        return output.decode()
+
+    token = (await cli("create", "--tenant", "beta", "--role", "read", "--name", "dashboard")).strip()
+    key_id = token.split("_")[1]
+    listed = await cli("list")
+    assert key_id in listed and "beta" in listed and token.split("_")[2] not in listed  # never the secret
+    async with OrchestratorClient(secured.stack.orchestrate.target, api_key=token) as client:
+        await client.list_runs()
+        await cli("revoke", key_id)
+        with pytest.raises(UnauthenticatedError):
+            await client.list_runs()

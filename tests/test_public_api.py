@@ -49,6 +49,7 @@ PACKAGES = {
         "Principal",
         "Role",
         "SqliteKeyStore",
+        "TokenVerifier",
         "current",
         "guard_for",
         "issue",

@@ -457,7 +457,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", type=Path, help="where run state is kept (TIERSTACK_DATA_DIR, default .tierstack)")
 
-    keys = commands.add_parser("keys", help="create, list and revoke API keys (TIERSTACK_AUTH=keys)")
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (TIERSTACK_AUTH=on)")
     key_actions = keys.add_subparsers(dest="action", required=True)
     create = key_actions.add_parser("create", help="make a key and print it (it is shown this once)")
     create.add_argument("--tenant", required=True, help="the tenant whose work the key reaches")

@@ -34,8 +34,15 @@ class Settings:
             tiers below (``TIERSTACK_TLS_*``); None serves and calls in plaintext.
         insecure: Lets a server listen in plaintext on an address other than loopback
             (``TIERSTACK_INSECURE=1``, ``--insecure``).
-        auth: Every call but health checks needs an API key of the store, with the role its RPC
-            needs (``TIERSTACK_AUTH=keys``); off by default.
+        auth: Every call but health checks needs a credential (an API key of the store, or a JSON Web
+            Token when ``jwks_url`` is set) with the role its RPC needs (``TIERSTACK_AUTH=on``); off
+            by default.
+        jwks_url: Where the identity provider serves the JWKS that signs JSON Web Tokens
+            (``TIERSTACK_JWKS_URL``); empty accepts API keys alone.
+        jwt_issuer: The ``iss`` of every token (``TIERSTACK_JWT_ISSUER``), needed with ``jwks_url``.
+        jwt_audience: The ``aud`` of every token (``TIERSTACK_JWT_AUDIENCE``), needed with ``jwks_url``.
+        jwks_refresh_seconds: How often at most the JWKS is read again when a token does not verify
+            against it (the provider may have rotated its keys).
         tier_key: The API key (of the TIER role) this server presents to the tiers below when auth is
             on (``TIERSTACK_TIER_KEY``); it names the tenant and caller each call is for.
         open_reflection: Lets anyone use reflection (grpcurl) when auth is on
@@ -107,6 +114,10 @@ class Settings:
     tls: ServerTls | None = None
     insecure: bool = False
     auth: bool = False
+    jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwks_refresh_seconds: float = 30.0
     tier_key: str = field(default="", repr=False)
     open_reflection: bool = False
     auth_cache_seconds: float = 5.0
@@ -159,6 +170,8 @@ class Settings:
             raise ValueError("TIERSTACK_LEASE_SECONDS must be between 0.1 and 3600")
         if len(self.replica_id) > 128:
             raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
+        if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError("TIERSTACK_JWKS_URL needs TIERSTACK_JWT_ISSUER and TIERSTACK_JWT_AUDIENCE")
         if self.tls is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(
                 f"a server on {self.host[:64]} needs TLS (TIERSTACK_TLS_CERT and TIERSTACK_TLS_KEY), or "
@@ -203,6 +216,10 @@ class Settings:
             tls=ServerTls.from_env(env),
             insecure=env.get("TIERSTACK_INSECURE", "").lower() in ("1", "true", "yes"),
             auth=_auth(env.get("TIERSTACK_AUTH", "off")),
+            jwks_url=env.get("TIERSTACK_JWKS_URL", ""),
+            jwt_issuer=env.get("TIERSTACK_JWT_ISSUER", ""),
+            jwt_audience=env.get("TIERSTACK_JWT_AUDIENCE", ""),
+            jwks_refresh_seconds=float(env.get("TIERSTACK_JWKS_REFRESH_SECONDS", defaults.jwks_refresh_seconds)),
             tier_key=env.get("TIERSTACK_TIER_KEY", defaults.tier_key),
             open_reflection=env.get("TIERSTACK_REFLECTION", "").lower() == "open",
             auth_cache_seconds=float(env.get("TIERSTACK_AUTH_CACHE_SECONDS", defaults.auth_cache_seconds)),
@@ -265,7 +282,7 @@ class Settings:
 
 
 def _auth(value: str) -> bool:
-    """Reads ``TIERSTACK_AUTH``: ``keys`` turns authentication on, ``off`` (or empty) leaves it off."""
-    if value.lower() not in ("", "off", "keys"):
-        raise ValueError("TIERSTACK_AUTH must be off or keys")
-    return value.lower() == "keys"
+    """Reads ``TIERSTACK_AUTH``: ``on`` turns authentication on, ``off`` (or empty) leaves it off."""
+    if value.lower() not in ("", "off", "on"):
+        raise ValueError("TIERSTACK_AUTH must be off or on")
+    return value.lower() == "on"

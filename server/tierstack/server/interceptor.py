@@ -21,8 +21,9 @@ from tierstack.client.clients import open_channel
 from tierstack.client.tls import Tls
 from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
-from tierstack.server.auth.guard import Guard, act_as, on_behalf
-from tierstack.server.auth.guard import current as current_principal
+from tierstack.server.auth.guard import Guard, on_behalf
+from tierstack.server.auth.principal import act_as
+from tierstack.server.auth.principal import current as current_principal
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
 from tierstack.server.tracing import client_interceptors

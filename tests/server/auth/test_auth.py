@@ -4,7 +4,9 @@ that is not one, and each role; keys made and revoked by the command line; the t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
-from tests.helpers import TIERSTACK, Stack, grpcurl, open_stack
-from tierstack.client import CoordinatorClient, OrchestratorClient, UnauthenticatedError
+from tests.helpers import TIERSTACK, HttpServer, Stack, grpcurl, open_stack, reply
+from tierstack.client import (
+    CoordinatorClient,
+    OrchestratorClient,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from tierstack.server import Settings
 from tierstack.server.auth import Role, SqliteKeyStore, issue
 from tierstack.server.auth.guard import REQUIRED
@@ -168,3 +177,77 @@ async def test_keys_made_and_revoked_by_the_command_line(secured: Secured) -> No
         await cli("revoke", key_id)
         with pytest.raises(UnauthenticatedError):
             await client.list_runs()
+
+
+class IdentityProvider:
+    """Signs tokens with RSA keys and serves their JWKS from a real HTTP server."""
+
+    ISSUER = "https://id.example.com"
+    AUDIENCE = "tierstack"
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.url = f"{server.url}/jwks.json"
+        self.keys: list[RSAKey] = []
+        self.rotate()
+
+    def rotate(self) -> None:
+        """Signs with a new key from now on, and serves it beside the old ones."""
+        self.keys.append(RSAKey.generate_key(2048, parameters={"kid": f"k{len(self.keys)}"}))
+        jwks = {"keys": [key.as_dict(private=False) for key in self.keys]}
+        self.server.routes["/jwks.json"] = reply(json.dumps(jwks).encode())
+
+    def token(self, *, key: RSAKey | None = None, **claims: object) -> str:
+        signer = key or self.keys[-1]
+        payload = {
+            "iss": self.ISSUER,
+            "aud": self.AUDIENCE,
+            "sub": "alice",
+            "tenant": "acme",
+            "role": "read",
+            "exp": int(time.time()) + 600,
+            **claims,
+        }
+        return jwt.encode({"alg": "RS256", "kid": signer.kid}, payload, signer)
+
+
+async def test_tokens_signed_by_the_providers_jwks_are_credentials(tmp_path: Path, http_server: HttpServer) -> None:
+    provider = IdentityProvider(http_server)
+    tokens = await keys(tmp_path)
+    settings = Settings(
+        data_dir=tmp_path,
+        auth=True,
+        tier_key=tokens["tier"],
+        jwks_url=provider.url,
+        jwt_issuer=provider.ISSUER,
+        jwt_audience=provider.AUDIENCE,
+        jwks_refresh_seconds=0,
+    )
+    async with open_stack(settings) as stack:
+        target = stack.orchestrate.target
+
+        async def list_runs(token: str) -> None:
+            async with OrchestratorClient(target, api_key=token) as client:
+                await client.list_runs()
+
+        await list_runs(provider.token())
+        with pytest.raises(PermissionDeniedError):  # a read token may not start work
+            async with OrchestratorClient(target, api_key=provider.token()) as client:
+                await client.cancel_run("r1")
+        stranger = RSAKey.generate_key(2048, parameters={"kid": "k0"})
+        refused = {
+            "expired": provider.token(exp=int(time.time()) - 5),
+            "another audience": provider.token(aud="another"),
+            "another issuer": provider.token(iss="https://evil.example.com"),
+            "a key the provider does not serve": provider.token(key=stranger),
+            "no tenant": provider.token(tenant=""),
+            "the tier role": provider.token(role="tier"),
+            "garbage": "x.y.z",
+        }
+        for why, token in refused.items():
+            with pytest.raises(UnauthenticatedError):
+                await list_runs(token)
+            assert why
+        provider.rotate()  # a token of the new key makes the server read the JWKS again
+        await list_runs(provider.token())
+        assert http_server.hits.count("/jwks.json") >= 2

@@ -3,8 +3,10 @@ and the caller a tier acts for on its calls below."""
 
 from __future__ import annotations
 
-from tierstack.server.auth.guard import Guard, Principal, current
+from tierstack.server.auth.guard import Guard
 from tierstack.server.auth.keys import ApiKey, KeyStore, MemoryKeyStore, Role, SqliteKeyStore, issue
+from tierstack.server.auth.principal import Principal, current
+from tierstack.server.auth.tokens import TokenVerifier
 from tierstack.server.config import Settings
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "Principal",
     "Role",
     "SqliteKeyStore",
+    "TokenVerifier",
     "current",
     "guard_for",
     "issue",
@@ -35,6 +38,19 @@ def guard_for(settings: Settings) -> Guard | None:
     """Returns the guard of a server with ``settings`` (not yet open), or None when auth is off."""
     if not settings.auth:
         return None
+    tokens = (
+        TokenVerifier(
+            settings.jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            refresh_seconds=settings.jwks_refresh_seconds,
+        )
+        if settings.jwks_url
+        else None
+    )
     return Guard(
-        key_store(settings), open_reflection=settings.open_reflection, cache_seconds=settings.auth_cache_seconds
+        key_store(settings),
+        tokens=tokens,
+        open_reflection=settings.open_reflection,
+        cache_seconds=settings.auth_cache_seconds,
     )

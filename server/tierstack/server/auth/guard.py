@@ -3,22 +3,20 @@ store, the role each RPC needs, and the caller a tier acts for on its calls to t
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cachetools
 
 from tierstack.core.errors import PermissionDeniedError, UnauthenticatedError
 from tierstack.server.auth.keys import ApiKey, KeyStore, Role, matches, parse
+from tierstack.server.auth.principal import MAX_NAME, Principal
+from tierstack.server.auth.tokens import TokenVerifier
 
 #: Metadata keys: the credential, and who a tier calls for.
 AUTHORIZATION = "authorization"
 TENANT = "x-tierstack-tenant"
 CALLER = "x-tierstack-caller"
-#: The longest tenant or caller name a tier may pass on.
-MAX_NAME = 128
 
 _SERVICES = "/tierstack.v1."
 #: What grpcurl lists and describes services through.
@@ -65,28 +63,6 @@ OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 _UNREAD: Any = object()
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who a call is for: the tenant, the caller within it, and what the credential may do."""
-
-    tenant: str
-    subject: str
-    role: Role
-
-
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("tierstack_principal", default=None)
-
-
-def current() -> Principal | None:
-    """Returns who the running call (and the tasks it started) is for; None when auth is off."""
-    return _current.get()
-
-
-def act_as(principal: Principal | None) -> contextvars.Token[Principal | None]:
-    """Makes ``principal`` current for this task and the tasks it starts."""
-    return _current.set(principal)
-
-
 def on_behalf(principal: Principal | None, tier_key: str) -> list[tuple[str, str]]:
     """Returns the metadata of a call to the tier below: the tier's key, and who it calls for."""
     metadata = [(AUTHORIZATION, f"Bearer {tier_key}")]
@@ -96,12 +72,13 @@ def on_behalf(principal: Principal | None, tier_key: str) -> list[tuple[str, str
 
 
 class Guard:
-    """Checks each call's credential (``authorization: Bearer tsk_…``, an API key) and the role its
-    RPC needs. A key of the TIER role (a tier calling the tier below) acts for the tenant and caller
-    its call names.
+    """Checks each call's credential (``authorization: Bearer …``: an API key ``tsk_…``, or a JSON Web
+    Token when ``tokens`` is given) and the role its RPC needs. A key of the TIER role (a tier calling
+    the tier below) acts for the tenant and caller its call names.
 
     Args:
         keys: The store of API keys, opened and closed with the guard.
+        tokens: Verifies JSON Web Tokens, opened and closed with the guard; None accepts keys alone.
         open_reflection: Lets anyone list and describe the services (grpcurl); else it needs a key.
         cache_seconds: How long a key read from the store is trusted before it is read again: a
             revoked key stops working within this. 0 reads the store on every call.
@@ -109,9 +86,16 @@ class Guard:
     """
 
     def __init__(
-        self, keys: KeyStore, *, open_reflection: bool = False, cache_seconds: float = 5.0, cache_entries: int = 10_000
+        self,
+        keys: KeyStore,
+        *,
+        tokens: TokenVerifier | None = None,
+        open_reflection: bool = False,
+        cache_seconds: float = 5.0,
+        cache_entries: int = 10_000,
     ) -> None:
         self._keys = keys
+        self._tokens = tokens
         self._open = OPEN | REFLECTION if open_reflection else OPEN
         self._cache: cachetools.TTLCache[str, tuple[ApiKey, bytes] | None] | None = (
             cachetools.TTLCache(cache_entries, cache_seconds) if cache_seconds > 0 else None
@@ -119,16 +103,20 @@ class Guard:
 
     async def open(self) -> None:
         await self._keys.open()
+        if self._tokens is not None:
+            await self._tokens.open()
 
     async def close(self) -> None:
+        if self._tokens is not None:
+            await self._tokens.close()
         await self._keys.close()
 
     async def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Principal | None:
         """Returns who calls ``method`` (None for a method open to all).
 
         Raises:
-            UnauthenticatedError: No credential, or one that is not a live key.
-            PermissionDeniedError: The key's role may not call ``method``.
+            UnauthenticatedError: No credential, or one that is not a live key or a valid token.
+            PermissionDeniedError: The credential's role may not call ``method``.
         """
         if method in self._open:
             return None
@@ -138,20 +126,27 @@ class Guard:
             raise UnauthenticatedError(
                 "this call needs a credential: authorization: Bearer <key>", reason="NO_CREDENTIAL"
             )
-        key = await self._key(credential.removeprefix("Bearer ").strip())
-        if key is None:
-            raise UnauthenticatedError("the credential is not a valid key", reason="BAD_CREDENTIAL")
+        principal = await self._principal(credential.removeprefix("Bearer ").strip())
+        if principal is None:
+            raise UnauthenticatedError("the credential is not a valid key or token", reason="BAD_CREDENTIAL")
         needed = REQUIRED.get(method, Role.ADMIN)
-        if key.role < needed:
+        if principal.role < needed:
             raise PermissionDeniedError(
-                f"the {key.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
+                f"the {principal.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
                 reason="ROLE_TOO_LOW",
             )
-        if key.role is Role.TIER and isinstance(values.get(TENANT), str):
+        if principal.role is Role.TIER and isinstance(values.get(TENANT), str):
             tenant, caller = str(values[TENANT]), str(values.get(CALLER, ""))
             if len(tenant) <= MAX_NAME and len(caller) <= MAX_NAME:
                 return Principal(tenant, caller, Role.TIER)
-        return Principal(key.tenant, key.key_id, key.role)
+        return principal
+
+    async def _principal(self, credential: str) -> Principal | None:
+        """Returns who a credential is: an API key's tenant and role, or a token's; None if neither."""
+        if credential.startswith("tsk_") or self._tokens is None:
+            key = await self._key(credential)
+            return None if key is None else Principal(key.tenant, key.key_id, key.role)
+        return await self._tokens.principal(credential)
 
     async def _key(self, token: str) -> ApiKey | None:
         """Returns the live key ``token`` is, else None."""

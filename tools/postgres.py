@@ -84,11 +84,22 @@ class LocalPostgres:
         if self._as_postgres:
             shutil.chown(self._folder, "postgres")
         self._run("initdb", "-D", str(self._data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8")
+        self._serve()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, USER)
+
+    def _serve(self) -> None:
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._folder} -c max_connections=200"
         if not self._durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self._data), "-o", options, "-l", str(self._folder / "log"), "-w", "start")
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, USER)
+
+    def crash(self) -> None:
+        """Stops the server at once, as a crash would, keeping its files for :meth:`restart`."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", "immediate", "-w", "stop")
+
+    def restart(self) -> None:
+        """Starts the server again on its port after :meth:`crash`; returns when it accepts connections."""
+        self._serve()
 
     def stop(self) -> None:
         """Stops the server at once and removes its files."""

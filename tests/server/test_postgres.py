@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import asyncpg
+import pytest
 
-from tierstack.server import postgres
+from tests.helpers import start_tier
+from tierstack.client import NotFoundError, OrchestratorClient, UnavailableError
+from tierstack.server import Settings, postgres
 from tierstack.server.conformance.runs import event, new_run
 from tierstack.server.orchestrate.postgres_store import PostgresRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -93,3 +96,22 @@ async def test_a_listener_whose_connection_is_lost_listens_again(postgres_server
     finally:
         await changes.close()
         await admin.close()
+
+
+async def test_a_tier_whose_database_is_down_answers_unavailable_and_serves_on_once_it_is_back() -> None:
+    with LocalPostgres(durable=True) as database:  # what was committed survives the crash
+        server = await start_tier("orchestrate", Settings(store_url=database.url))
+        try:
+            async with OrchestratorClient(server.target, timeout=10) as client:
+                with pytest.raises(NotFoundError):
+                    await client.get_run("r1")
+                await asyncio.to_thread(database.crash)
+                for _ in range(3):  # the pool's broken connections, then refused new ones
+                    with pytest.raises(UnavailableError) as down:
+                        await client.get_run("r1")
+                    assert "store" in down.value.message and str(database.port) not in down.value.message
+                await asyncio.to_thread(database.restart)
+                with pytest.raises(NotFoundError):
+                    await client.get_run("r1")
+        finally:
+            await server.stop()

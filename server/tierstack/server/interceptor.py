@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, cast
 
+import asyncpg
 import grpc
 from google.protobuf.message import Message
 
@@ -36,6 +37,16 @@ Deserializer = Callable[[bytes], Any]
 
 #: What an unexpected failure tells the caller; the server's log has the details.
 INTERNAL_MESSAGE = "the server failed unexpectedly while answering; its log has the details"
+#: Failures to reach the store (a database restarting, a network cut): the call may be tried again,
+#: here or on another replica, so they answer UNAVAILABLE.
+OUT_OF_REACH = (
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+UNAVAILABLE_MESSAGE = "the server cannot reach its store just now; try again"
 
 
 def _unwritten(error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
@@ -199,6 +210,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - start
         if isinstance(error, TierstackError):
             _log.info("%s failed: %s (%s)", method, error.message, error.reason)
+        elif isinstance(error, OUT_OF_REACH):
+            _log.warning("%s failed: the store is out of reach (%s)", method, type(error).__name__)
         elif (
             error is not None
             and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError)
@@ -234,6 +247,8 @@ class _Observed:
                 await self._context.abort_with_status(to_grpc_status(error))
             elif _unwritten(error, self._context):
                 await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "the server does not offer this method")
+            elif isinstance(error, OUT_OF_REACH):
+                await self._context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
             elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:

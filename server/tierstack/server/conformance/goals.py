@@ -163,6 +163,7 @@ async def test_concurrent_take_overs_share_the_goals_out(store: GoalStore) -> No
     for index in range(20):
         await store.create_goal(new_goal(f"g{index}", created_ns=1_000 + index), "gone")
     await asyncio.sleep(0.2)
+    store.lease_seconds = 60  # taken over for long: no lease may pass while the others take theirs
     batches = await asyncio.gather(*(store.take_over(f"replica{n}", limit=None) for n in range(4)))
     assert sorted(goal.goal_id for batch in batches for goal, _ in batch) == sorted(f"g{i}" for i in range(20))
 

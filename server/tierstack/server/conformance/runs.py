@@ -131,6 +131,7 @@ async def test_concurrent_take_overs_share_the_runs_out(store: RunStore) -> None
     for index in range(20):
         await created(store, new_run(f"r{index}", created_ns=1_000 + index, state=pb.RUN_STATE_RUNNING))
     await asyncio.sleep(0.2)
+    store.lease_seconds = 60  # taken over for long: no lease may pass while the others take theirs
     batches = await asyncio.gather(*(store.take_over(f"replica{n}", limit=None) for n in range(4)))
     taken = [stored.run.run_id for batch in batches for stored, _ in batch]
     assert sorted(taken) == sorted(f"r{index}" for index in range(20))  # each exactly once

@@ -346,12 +346,14 @@ class Executor:
                 waiting = True
                 await self.store.wait_changed(stop_key(execution_id), max(renew_at - loop.time(), 0.0))
                 waiting = False
+                due = loop.time() >= renew_at
+                if due:  # moved on first, so that a failing store is asked again a round later
+                    renew_at = loop.time() + every
                 with contextlib.suppress(Exception):  # the next round tries again
                     if await self.store.cancels(execution_id):
                         running.cancel()
                         return
-                    if loop.time() >= renew_at:
-                        renew_at = loop.time() + every
+                    if due:
                         await self.store.hold([execution_id], self.owner)
 
         guarding = asyncio.create_task(guard(), name="tierstack-execution-claim")

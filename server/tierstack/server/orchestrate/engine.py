@@ -298,11 +298,13 @@ class RunManager:
         arrives."""
         interval = self._store.lease_seconds / 3
         renewed = time.monotonic()
+        waiting: list[tuple[str, str, str, float]] = []  # requests for runs not driven yet, and until when
         while True:
-            await self._store.wait_changed(f"owner:{self.owner}", interval)
+            await self._store.wait_changed(f"owner:{self.owner}", 0.25 if waiting else interval)
             driven = dict(self._live)
-            try:
-                held = await self._store.renew(self.owner, list(driven))
+            started = time.monotonic()
+            try:  # a renewal that hangs (the database unreachable) counts as refused
+                held = await asyncio.wait_for(self._store.renew(self.owner, list(driven)), interval)
             except Exception as exc:
                 if time.monotonic() - renewed > 2 * interval:
                     _log.warning("the run store cannot renew this server's leases (%s)", type(exc).__name__)
@@ -310,14 +312,24 @@ class RunManager:
                 else:
                     continue
             else:
-                renewed = time.monotonic()
+                renewed = started  # the leases run from when the renewal began
             for run_id, live in driven.items():  # runs claimed here since are other objects
                 if run_id not in held and self._live.get(run_id) is live:
                     live.lost()
             try:
-                for run_id, kind, reason in await self._store.take_controls(self.owner):
+                # A request for a run claimed here but not yet driven (resuming: its history is being
+                # read) waits for it up to a lease, instead of being lost.
+                taken = [
+                    (run_id, kind, reason, time.monotonic() + self._store.lease_seconds)
+                    for run_id, kind, reason in await self._store.take_controls(self.owner)
+                ]
+                still: list[tuple[str, str, str, float]] = []
+                for run_id, kind, reason, until in [*waiting, *taken]:
                     if (target := self._live.get(run_id)) is not None:
                         _ask_stop(target, kind, reason)
+                    elif until > time.monotonic():
+                        still.append((run_id, kind, reason, until))
+                waiting = still
                 for stored, fence in await self._store.take_over(self.owner, limit=_TAKE_OVER_BATCH):
                     _log.info("run %s taken over: its owner's lease had passed", stored.run.run_id)
                     await self._adopt(stored, fence)
@@ -1016,7 +1028,7 @@ class RunManager:
         for failures in itertools.count():
             lost: common_pb2.ErrorDetail | None = None
             try:
-                async for event in self._stopping_at_tier_3(request):
+                async for event in self._stopping_at_tier_3(live, request):
                     if event.sequence <= seen:
                         continue
                     seen = event.sequence
@@ -1051,16 +1063,17 @@ class RunManager:
         return output, usage or common_pb2.ResourceUsage(), error
 
     async def _stopping_at_tier_3(
-        self, request: executor_service_pb2.ExecuteRequest
+        self, live: _LiveRun, request: executor_service_pb2.ExecuteRequest
     ) -> AsyncIterator[executor_service_pb2.ExecutionEvent]:
         """Yields a step's events from Tier 3, and when the step is cancelled here (the run pauses or is
         cancelled), stops it there too: Tier 3 finishes a step whose caller merely went away. A step
-        left by a stopping server runs on, to be replayed when its run resumes."""
+        left by a stopping server, or by one whose run another replica took over (and joins the step
+        under the same execution id), runs on."""
         try:
             async for event in self._runner.execute(request):
                 yield event
         except asyncio.CancelledError:
-            if not self._closing:
+            if not self._closing and live.stop != "lost":
                 task = asyncio.create_task(self._cancel_at_tier_3(request.execution_id))
                 self._cancelling.add(task)
                 task.add_done_callback(self._cancelling.discard)

@@ -22,6 +22,7 @@ from tierstack.client.clients import open_channel
 from tierstack.client.tls import Tls
 from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
+from tierstack.server.auth import audit
 from tierstack.server.auth.guard import Guard, on_behalf
 from tierstack.server.auth.principal import act_as
 from tierstack.server.auth.principal import current as current_principal
@@ -171,7 +172,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with self._observe(method, context):
+            async with self._observe(method, context) as observed:
+                observed.audit(request)  # refused calls too
                 await self._admit(method, context)
                 await _checked(request)
                 return await behavior(request, context)
@@ -191,7 +193,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         messages = self._metrics.stream_messages
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async with self._observe(method, context):
+            async with self._observe(method, context) as observed:
+                observed.audit(request)  # refused calls too
                 await self._admit(method, context)
                 await _checked(request)
                 async for response in behavior(request, context):
@@ -206,6 +209,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext[Any, Any],
         error: BaseException | None,
         start: float,
+        resource: str | None,
     ) -> None:
         elapsed = time.perf_counter() - start
         if isinstance(error, TierstackError):
@@ -219,13 +223,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         ):
             _log.exception("%s raised an unexpected error", method, exc_info=error)
         self._metrics.in_flight[method] -= 1
-        self._metrics.record(method, _code_name(context, error), elapsed)
+        code = _code_name(context, error)
+        self._metrics.record(method, code, elapsed)
+        if resource is not None:
+            audit.record(method, resource, code)
 
 
 class _Observed:
     """The block of one call: timed, with its errors mapped (a plain class: this runs on every call)."""
 
-    __slots__ = ("_context", "_interceptor", "_method", "_start")
+    __slots__ = ("_context", "_interceptor", "_method", "_resource", "_start")
 
     def __init__(
         self, interceptor: ServerInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -234,10 +241,16 @@ class _Observed:
         self._method = method
         self._context = context
         self._start = time.perf_counter()
+        self._resource: str | None = None  # what an audited call acts on
         interceptor._metrics.in_flight[method] += 1
 
-    async def __aenter__(self) -> None:
-        return None
+    def audit(self, request: Any) -> None:
+        """Logs the call in the audit log when it ends, if its method changes state."""
+        if self._method in audit.AUDITED:
+            self._resource = audit.resource_of(request)
+
+    async def __aenter__(self) -> _Observed:
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
@@ -252,7 +265,7 @@ class _Observed:
             elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
-            self._interceptor._finish(self._method, self._context, error, self._start)
+            self._interceptor._finish(self._method, self._context, error, self._start, self._resource)
         return False
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from joserfc.jwk import RSAKey
 from tests.helpers import TIERSTACK, HttpServer, Stack, grpcurl, open_stack, reply
 from tierstack.client import (
     CoordinatorClient,
+    NotFoundError,
     OrchestratorClient,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -251,3 +253,24 @@ async def test_tokens_signed_by_the_providers_jwks_are_credentials(tmp_path: Pat
         provider.rotate()  # a token of the new key makes the server read the JWKS again
         await list_runs(provider.token())
         assert http_server.hits.count("/jwks.json") >= 2
+
+
+async def test_state_changing_calls_are_audited_without_credentials(
+    secured: Secured, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    run_key = secured.tokens["run"]
+    async with CoordinatorClient(secured.stack.coordinate.target, api_key=run_key) as client:
+        with pytest.raises(NotFoundError):
+            await client.cancel_goal("g-1\nforged line")
+        await client.list_goals(pb.ListGoalsRequest())  # a read: not audited
+    async with CoordinatorClient(secured.stack.coordinate.target) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            await anonymous.cancel_goal("g-2")
+    audited = [record for record in caplog.records if record.name == "tierstack.audit"]
+    assert [(r.tenant, r.caller, r.method.rpartition("/")[2], r.resource, r.code) for r in audited] == [  # type: ignore[attr-defined]
+        ("acme", run_key.split("_")[1], "CancelGoal", "g-1?forged?line", "NOT_FOUND"),
+        ("-", "-", "CancelGoal", "g-2", "UNAUTHENTICATED"),
+    ]
+    logged = caplog.text
+    assert all(token.split("_")[2] not in logged for token in secured.tokens.values())

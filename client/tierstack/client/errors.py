@@ -28,6 +28,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
     metadata: dict[str, str] = {}
     violations: list[Violation] = []
     resource = error_details_pb2.ResourceInfo()
+    retry = error_details_pb2.RetryInfo()
     try:
         status = rpc_status.from_call(error)
     except ValueError:
@@ -42,12 +43,27 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
             violations.extend(Violation(v.field, v.description) for v in bad_request.field_violations)
         elif detail.Unpack(quota_failure):
             violations.extend(Violation(v.subject, v.description) for v in quota_failure.violations)
+        elif detail.Unpack(retry):
+            pass
         else:
             detail.Unpack(resource)
     message = error.details() or ""
     error_type = BY_CODE.get(code, InternalError)
-    if error_type in (InvalidArgumentError, ResourceExhaustedError):
-        return error_type(violations, message=message, code=code, reason=reason, domain=domain, metadata=metadata)
+    if error_type is ResourceExhaustedError:
+        retry_after = retry.retry_delay.ToTimedelta().total_seconds() if retry.HasField("retry_delay") else None
+        return ResourceExhaustedError(
+            violations,
+            message=message,
+            retry_after=retry_after,
+            code=code,
+            reason=reason,
+            domain=domain,
+            metadata=metadata,
+        )
+    if error_type is InvalidArgumentError:
+        return InvalidArgumentError(
+            violations, message=message, code=code, reason=reason, domain=domain, metadata=metadata
+        )
     if error_type is NotFoundError:
         return NotFoundError(
             resource.resource_type,

@@ -149,12 +149,21 @@ class FailedPreconditionError(TierstackError):
 
 
 class ResourceExhaustedError(TierstackError):
-    """A budget or quota would be exceeded; :attr:`violations` names each limit and why."""
+    """A budget or quota would be exceeded; :attr:`violations` names each limit and why, and
+    :attr:`retry_after` (seconds) when the call may succeed if made again later."""
 
     default_code = Code.RESOURCE_EXHAUSTED
 
-    def __init__(self, violations: Sequence[Violation], *, message: str | None = None, **details: Any):
+    def __init__(
+        self,
+        violations: Sequence[Violation],
+        *,
+        message: str | None = None,
+        retry_after: float | None = None,
+        **details: Any,
+    ):
         super().__init__(message or _summary(violations), violations=violations, **details)
+        self.retry_after = retry_after
 
 
 class DeadlineExceededError(TierstackError):

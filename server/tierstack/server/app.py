@@ -78,6 +78,7 @@ class TierServer:
             listens in plaintext.
         guard: Checks every call's credential and role (opened and closed with the server); None
             lets anyone call.
+        max_concurrent_streams: How many calls one connection may have open at once.
     """
 
     def __init__(
@@ -92,7 +93,9 @@ class TierServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: ServerTls | None = None,
         guard: Guard | None = None,
+        max_concurrent_streams: int = 1000,
     ):
+        self._max_streams = max_concurrent_streams
         self.service = service
         self._tls = tls
         self._guard = guard
@@ -133,6 +136,13 @@ class TierServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
+                ("grpc.max_concurrent_streams", self._max_streams),
+                # Idle connections are pinged so dead peers are found; a client may ping at most every
+                # 10 s without calls in flight, and one that pings faster is cut off.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         self._bind()  # before the tier starts: a server that cannot listen must not resume runs
@@ -238,6 +248,7 @@ async def serve_until_signalled(tier: str, settings: Settings) -> None:
         max_message_bytes=settings.max_message_bytes,
         tls=settings.tls,
         guard=guard_for(settings),
+        max_concurrent_streams=settings.max_concurrent_streams,
     )
     try:
         await server.start()

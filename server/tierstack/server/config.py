@@ -49,6 +49,9 @@ class Settings:
             (``TIERSTACK_REFLECTION=open``); else reflection needs a key.
         auth_cache_seconds: How long a server trusts a key it read from the store; a revoked key stops
             working within this.
+        tenant_requests_per_second: How many calls a second each tenant may make to this server when
+            auth is on (``TIERSTACK_TENANT_REQUESTS_PER_SECOND``); 0 for no limit.
+        max_concurrent_streams: How many calls one connection may have open at once.
         port: The port to bind; 0 picks a free one.
         metrics_port: The port of the Prometheus endpoint (``/metrics``); 0 picks a free one, None serves
             none.
@@ -121,6 +124,8 @@ class Settings:
     tier_key: str = field(default="", repr=False)
     open_reflection: bool = False
     auth_cache_seconds: float = 5.0
+    tenant_requests_per_second: float = 0.0
+    max_concurrent_streams: int = 1000
     port: int = 0
     metrics_port: int | None = None
     execute_target: str = default_target("execute")
@@ -170,6 +175,10 @@ class Settings:
             raise ValueError("TIERSTACK_LEASE_SECONDS must be between 0.1 and 3600")
         if len(self.replica_id) > 128:
             raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
+        if self.tenant_requests_per_second < 0 or self.max_concurrent_streams < 1:
+            raise ValueError(
+                "TIERSTACK_TENANT_REQUESTS_PER_SECOND is 0 or more, TIERSTACK_MAX_CONCURRENT_STREAMS 1 or more"
+            )
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("TIERSTACK_JWKS_URL needs TIERSTACK_JWT_ISSUER and TIERSTACK_JWT_AUDIENCE")
         if self.tls is None and not self.insecure and not is_loopback(self.host):
@@ -223,6 +232,10 @@ class Settings:
             tier_key=env.get("TIERSTACK_TIER_KEY", defaults.tier_key),
             open_reflection=env.get("TIERSTACK_REFLECTION", "").lower() == "open",
             auth_cache_seconds=float(env.get("TIERSTACK_AUTH_CACHE_SECONDS", defaults.auth_cache_seconds)),
+            tenant_requests_per_second=float(
+                env.get("TIERSTACK_TENANT_REQUESTS_PER_SECOND", defaults.tenant_requests_per_second)
+            ),
+            max_concurrent_streams=int(env.get("TIERSTACK_MAX_CONCURRENT_STREAMS", defaults.max_concurrent_streams)),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
             metrics_port=None if metrics_port.lower() in ("", "off") else int(metrics_port),
             execute_target=env.get("TIERSTACK_EXECUTE_TARGET", defaults.execute_target),

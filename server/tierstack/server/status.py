@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tierstack.core.errors import ERROR_DOMAIN, Code, NotFoundError, TierstackError, Violation, clip, message_of
+from tierstack.core.errors import (
+    ERROR_DOMAIN,
+    Code,
+    NotFoundError,
+    ResourceExhaustedError,
+    TierstackError,
+    Violation,
+    clip,
+    message_of,
+)
 from tierstack.server.boundary import MAX_VIOLATIONS
 
 __all__ = ["ERROR_DOMAIN", "to_grpc_status"]
@@ -49,7 +59,7 @@ def _quota_failure(violations: Iterable[Violation]) -> error_details_pb2.QuotaFa
 
 def to_grpc_status(error: TierstackError) -> grpc.Status:
     """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
-    fit, BadRequest field violations, QuotaFailure or ResourceInfo. A failed call to the tier below
+    fit, BadRequest field violations, QuotaFailure, RetryInfo or ResourceInfo. A failed call to the tier below
     keeps its code, reason, metadata and violations, not the texts gRPC wrote for it."""
     details: list[Any] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
@@ -57,6 +67,10 @@ def to_grpc_status(error: TierstackError) -> grpc.Status:
     if error.violations:
         fields = error.code in (Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE)
         details.append(_bad_request(error.violations) if fields else _quota_failure(error.violations))
+    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=error.retry_after))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, NotFoundError) and error.resource_type:
         details.append(
             error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=clip(error.name, MAX_FIELD))

@@ -24,6 +24,7 @@ from tierstack.client import (
     NotFoundError,
     OrchestratorClient,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from tierstack.server import Settings
@@ -274,3 +275,26 @@ async def test_state_changing_calls_are_audited_without_credentials(
     ]
     logged = caplog.text
     assert all(token.split("_")[2] not in logged for token in secured.tokens.values())
+
+
+async def test_a_tenant_over_its_calls_a_second_is_told_when_to_try_again(tmp_path: Path) -> None:
+    tokens = await keys(tmp_path)
+    store = SqliteKeyStore.in_folder(tmp_path)
+    await store.open()
+    other = issue("beta", Role.READ)
+    await store.add(other)
+    await store.close()
+    settings = Settings(data_dir=tmp_path, auth=True, tier_key=tokens["tier"], tenant_requests_per_second=0.2)
+    async with open_stack(settings) as stack:
+        target = stack.orchestrate.target
+        async with (
+            OrchestratorClient(target, api_key=tokens["read"]) as acme,
+            OrchestratorClient(target, api_key=other.token) as beta,
+        ):
+            await acme.list_runs()  # a call every 5 s, in bursts of one
+            with pytest.raises(ResourceExhaustedError) as limited:
+                await acme.list_runs()
+            assert limited.value.reason == "RATE_LIMITED"
+            assert limited.value.retry_after is not None and 0 < limited.value.retry_after <= 5
+            assert [v.field for v in limited.value.violations] == ["requests_per_second"]
+            await beta.list_runs()  # another tenant's calls are its own

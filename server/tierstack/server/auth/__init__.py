@@ -6,6 +6,7 @@ from __future__ import annotations
 from tierstack.server.auth.guard import Guard
 from tierstack.server.auth.keys import ApiKey, KeyStore, MemoryKeyStore, Role, SqliteKeyStore, issue
 from tierstack.server.auth.principal import Principal, current
+from tierstack.server.auth.quota import RateLimiter
 from tierstack.server.auth.tokens import TokenVerifier
 from tierstack.server.config import Settings
 
@@ -51,6 +52,7 @@ def guard_for(settings: Settings) -> Guard | None:
     return Guard(
         key_store(settings),
         tokens=tokens,
+        limiter=RateLimiter(settings.tenant_requests_per_second) if settings.tenant_requests_per_second else None,
         open_reflection=settings.open_reflection,
         cache_seconds=settings.auth_cache_seconds,
     )

@@ -11,6 +11,7 @@ import cachetools
 from tierstack.core.errors import PermissionDeniedError, UnauthenticatedError
 from tierstack.server.auth.keys import ApiKey, KeyStore, Role, matches, parse
 from tierstack.server.auth.principal import MAX_NAME, Principal
+from tierstack.server.auth.quota import RateLimiter
 from tierstack.server.auth.tokens import TokenVerifier
 
 #: Metadata keys: the credential, and who a tier calls for.
@@ -79,6 +80,8 @@ class Guard:
     Args:
         keys: The store of API keys, opened and closed with the guard.
         tokens: Verifies JSON Web Tokens, opened and closed with the guard; None accepts keys alone.
+        limiter: Holds each tenant to its calls a second (not the tiers' own calls for it); None
+            leaves them unlimited.
         open_reflection: Lets anyone list and describe the services (grpcurl); else it needs a key.
         cache_seconds: How long a key read from the store is trusted before it is read again: a
             revoked key stops working within this. 0 reads the store on every call.
@@ -90,12 +93,14 @@ class Guard:
         keys: KeyStore,
         *,
         tokens: TokenVerifier | None = None,
+        limiter: RateLimiter | None = None,
         open_reflection: bool = False,
         cache_seconds: float = 5.0,
         cache_entries: int = 10_000,
     ) -> None:
         self._keys = keys
         self._tokens = tokens
+        self._limiter = limiter
         self._open = OPEN | REFLECTION if open_reflection else OPEN
         self._cache: cachetools.TTLCache[str, tuple[ApiKey, bytes] | None] | None = (
             cachetools.TTLCache(cache_entries, cache_seconds) if cache_seconds > 0 else None
@@ -117,6 +122,7 @@ class Guard:
         Raises:
             UnauthenticatedError: No credential, or one that is not a live key or a valid token.
             PermissionDeniedError: The credential's role may not call ``method``.
+            ResourceExhaustedError: The tenant made more calls a second than it may.
         """
         if method in self._open:
             return None
@@ -135,10 +141,13 @@ class Guard:
                 f"the {principal.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
                 reason="ROLE_TOO_LOW",
             )
-        if principal.role is Role.TIER and isinstance(values.get(TENANT), str):
-            tenant, caller = str(values[TENANT]), str(values.get(CALLER, ""))
-            if len(tenant) <= MAX_NAME and len(caller) <= MAX_NAME:
+        if principal.role is Role.TIER:
+            tenant, caller = values.get(TENANT), values.get(CALLER, "")
+            if isinstance(tenant, str) and isinstance(caller, str) and len(tenant) <= MAX_NAME >= len(caller):
                 return Principal(tenant, caller, Role.TIER)
+            return principal
+        if self._limiter is not None:
+            self._limiter.take(principal.tenant)
         return principal
 
     async def _principal(self, credential: str) -> Principal | None:

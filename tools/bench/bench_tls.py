@@ -2,9 +2,10 @@
 
 Four Execute servers run in their own processes under uvloop: plaintext, plaintext with API keys
 checked (``TIERSTACK_AUTH=on``: the key's digest checked on every call, the key read from the store
-every 5 s), TLS, and mutual TLS (with certificates made for the run). One client process calls each with the same no-op tool call, in
-alternating rounds, on a channel it keeps (the steady state of a tier calling the tier below), at
-concurrency 1 and 16; then on a new channel per call (a handshake each time, the worst case).
+every 5 s), TLS, and mutual TLS (with certificates made for the run). One client process calls each
+with the same no-op tool call, in alternating rounds, on a channel it keeps (the steady state of a
+tier calling the tier below), at concurrency 1 and 16; then on a new channel per call (a handshake
+each time, the worst case).
 
 Usage: ``python -m tools.bench.bench_tls [--requests N] [--json FILE]``.
 """

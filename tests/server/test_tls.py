@@ -150,6 +150,13 @@ async def test_a_server_off_loopback_refuses_plaintext_unless_told_insecure(tmp_
     with pytest.raises(ValueError, match="needs TLS"):
         Settings(host="0.0.0.0")
     assert Settings(host="0.0.0.0", insecure=True).host == "0.0.0.0"
+    # Calls to another machine carry keys: they need TLS too.
+    for target in ("10.0.0.5:50053", "dns:///execute.internal:50053", "127.0.0.1:50053,10.0.0.6:50053"):
+        with pytest.raises(ValueError, match="TIERSTACK_EXECUTE_TARGET is another machine"):
+            Settings(execute_target=target)
+        assert Settings(execute_target=target, insecure=True).execute_target == target
+    for local in ("[::1]:50053", "localhost:50053", "dns:///localhost:50053", "127.0.0.1:1,127.0.0.1:2"):
+        assert Settings(execute_target=local).execute_target == local
     served = await asyncio.create_subprocess_exec(
         *TIERSTACK,
         "serve",

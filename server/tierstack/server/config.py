@@ -131,7 +131,7 @@ class Settings:
     execute_target: str = default_target("execute")
     orchestrate_target: str = default_target("orchestrate")
     data_dir: Path = Path(".tierstack")
-    store_url: str = ""
+    store_url: str = field(default="", repr=False)  # it may carry a password
     lease_seconds: float = 10.0
     replica_id: str = ""
     http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
@@ -147,7 +147,7 @@ class Settings:
     model_retries: int = 2
     model_cache_entries: int = 4096
     model_cache_ttl_seconds: float = 3600.0
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)
     model_batch_size: int = 10
     model_batch_window_seconds: float = 0.1
     model_prices: str = ""
@@ -186,6 +186,12 @@ class Settings:
                 f"a server on {self.host[:64]} needs TLS (TIERSTACK_TLS_CERT and TIERSTACK_TLS_KEY), or "
                 "--insecure to serve anyone who reaches it in plaintext"
             )
+        for name, target in (("EXECUTE", self.execute_target), ("ORCHESTRATE", self.orchestrate_target)):
+            if self.tls is None and not self.insecure and not all(map(is_loopback, target_hosts(target))):
+                raise ValueError(
+                    f"TIERSTACK_{name}_TARGET is another machine: calls to it need TLS (TIERSTACK_TLS_*), or "
+                    "--insecure to send them, and any key, in plaintext"
+                )
 
     @property
     def tls_below(self) -> Tls | None:
@@ -292,6 +298,12 @@ class Settings:
                 env.get("TIERSTACK_APPROVAL_TIMEOUT_SECONDS", defaults.approval_timeout_seconds)
             ),
         )
+
+
+def target_hosts(target: str) -> list[str]:
+    """Returns the hosts a channel target names (``host:port``, several, or a gRPC name)."""
+    named = target.split(":///", 1)[-1].removeprefix("ipv4:").removeprefix("ipv6:")
+    return [address.rpartition(":")[0] or address for address in named.split(",")]
 
 
 def _auth(value: str) -> bool:

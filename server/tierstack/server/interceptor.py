@@ -24,7 +24,6 @@ from tierstack.core.errors import InvalidArgumentError, TierstackError, Violatio
 from tierstack.server import boundary
 from tierstack.server.auth import audit
 from tierstack.server.auth.guard import Guard, on_behalf
-from tierstack.server.auth.principal import act_as
 from tierstack.server.auth.principal import current as current_principal
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
@@ -168,7 +167,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Checks the caller's credential and role (when auth is on) and makes them current."""
         if self._guard is not None:
-            act_as(await self._guard.check(method, tuple(context.invocation_metadata() or ())))
+            await self._guard.check(method, tuple(context.invocation_metadata() or ()))
 
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -268,10 +268,14 @@ async def test_state_changing_calls_are_audited_without_credentials(
     async with CoordinatorClient(secured.stack.coordinate.target) as anonymous:
         with pytest.raises(UnauthenticatedError):
             await anonymous.cancel_goal("g-2")
+    async with CoordinatorClient(secured.stack.coordinate.target, api_key=secured.tokens["read"]) as reader:
+        with pytest.raises(PermissionDeniedError):
+            await reader.cancel_goal("g-3")
     audited = [record for record in caplog.records if record.name == "tierstack.audit"]
     assert [(r.tenant, r.caller, r.method.rpartition("/")[2], r.resource, r.code) for r in audited] == [  # type: ignore[attr-defined]
         ("acme", run_key.split("_")[1], "CancelGoal", "g-1?forged?line", "NOT_FOUND"),
         ("-", "-", "CancelGoal", "g-2", "UNAUTHENTICATED"),
+        ("acme", secured.tokens["read"].split("_")[1], "CancelGoal", "g-3", "PERMISSION_DENIED"),
     ]
     logged = caplog.text
     assert all(token.split("_")[2] not in logged for token in secured.tokens.values())

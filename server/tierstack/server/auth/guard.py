@@ -10,7 +10,7 @@ import cachetools
 
 from tierstack.core.errors import PermissionDeniedError, UnauthenticatedError
 from tierstack.server.auth.keys import ApiKey, KeyStore, Role, matches, parse
-from tierstack.server.auth.principal import MAX_NAME, Principal
+from tierstack.server.auth.principal import MAX_NAME, Principal, act_as
 from tierstack.server.auth.quota import RateLimiter
 from tierstack.server.auth.tokens import TokenVerifier
 
@@ -116,8 +116,9 @@ class Guard:
             await self._tokens.close()
         await self._keys.close()
 
-    async def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Principal | None:
-        """Returns who calls ``method`` (None for a method open to all).
+    async def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> None:
+        """Makes who calls ``method`` current for the call (see :func:`principal.current`), unless
+        the method is open to all.
 
         Raises:
             UnauthenticatedError: No credential, or one that is not a live key or a valid token.
@@ -125,7 +126,7 @@ class Guard:
             ResourceExhaustedError: The tenant made more calls a second than it may.
         """
         if method in self._open:
-            return None
+            return
         values = dict(metadata or ())
         credential = values.get(AUTHORIZATION)
         if not isinstance(credential, str) or not credential.startswith("Bearer "):
@@ -135,6 +136,7 @@ class Guard:
         principal = await self._principal(credential.removeprefix("Bearer ").strip())
         if principal is None:
             raise UnauthenticatedError("the credential is not a valid key or token", reason="BAD_CREDENTIAL")
+        act_as(principal)  # a call refused from here on is still logged as its caller's
         needed = REQUIRED.get(method, Role.ADMIN)
         if principal.role < needed:
             raise PermissionDeniedError(
@@ -144,11 +146,9 @@ class Guard:
         if principal.role is Role.TIER:
             tenant, caller = values.get(TENANT), values.get(CALLER, "")
             if isinstance(tenant, str) and isinstance(caller, str) and len(tenant) <= MAX_NAME >= len(caller):
-                return Principal(tenant, caller, Role.TIER)
-            return principal
-        if self._limiter is not None:
+                act_as(Principal(tenant, caller, Role.TIER))
+        elif self._limiter is not None:
             self._limiter.take(principal.tenant)
-        return principal
 
     async def _principal(self, credential: str) -> Principal | None:
         """Returns who a credential is: an API key's tenant and role, or a token's; None if neither."""

@@ -124,8 +124,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._handlers.get(method)
         if wrapped is None:
             handler = await continuation(handler_call_details)
-            if handler is None:
-                return None
+            if handler is None or (handler.stream_unary is not None and self._guard is not None):
+                return None  # nor a kind of call that no check here covers (UNIMPLEMENTED)
             wrapped = self._handlers[method] = self._wrap(method, handler)
         return wrapped
 

@@ -304,9 +304,8 @@ class Coordinator:
         while True:
             await self._store.wait_changed(f"owner:{self._owner}", interval)
             pursued = dict(self._live)
-            started = time.monotonic()
-            try:  # a renewal that hangs (the database unreachable) counts as refused
-                held = await asyncio.wait_for(self._store.renew(self._owner, list(pursued)), interval)
+            try:
+                held = await self._store.renew(self._owner, list(pursued))
             except Exception as exc:
                 if time.monotonic() - renewed > 2 * interval:
                     _log.warning("the goal store cannot renew this server's leases (%s)", type(exc).__name__)
@@ -314,7 +313,7 @@ class Coordinator:
                 else:
                     continue
             else:
-                renewed = started  # the leases run from when the renewal began
+                renewed = time.monotonic()
             for goal_id, live in pursued.items():  # goals claimed here since are other objects
                 if goal_id not in held and self._live.get(goal_id) is live and live.journal.lost is None:
                     live.journal.lose(StaleOwnerError("goal", goal_id, live.journal.fence))

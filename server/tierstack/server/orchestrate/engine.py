@@ -302,9 +302,8 @@ class RunManager:
         while True:
             await self._store.wait_changed(f"owner:{self.owner}", 0.25 if waiting else interval)
             driven = dict(self._live)
-            started = time.monotonic()
-            try:  # a renewal that hangs (the database unreachable) counts as refused
-                held = await asyncio.wait_for(self._store.renew(self.owner, list(driven)), interval)
+            try:
+                held = await self._store.renew(self.owner, list(driven))
             except Exception as exc:
                 if time.monotonic() - renewed > 2 * interval:
                     _log.warning("the run store cannot renew this server's leases (%s)", type(exc).__name__)
@@ -312,7 +311,7 @@ class RunManager:
                 else:
                     continue
             else:
-                renewed = started  # the leases run from when the renewal began
+                renewed = time.monotonic()
             for run_id, live in driven.items():  # runs claimed here since are other objects
                 if run_id not in held and self._live.get(run_id) is live:
                     live.lost()

@@ -40,8 +40,7 @@ INTERNAL_MESSAGE = "the server failed unexpectedly while answering; its log has 
 #: Failures to reach the store (a database restarting, a network cut): the call may be tried again,
 #: here or on another replica, so they answer UNAVAILABLE.
 OUT_OF_REACH = (
-    ConnectionError,
-    TimeoutError,
+    ConnectionRefusedError,  # a new connection to the database refused: nothing was done
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,

@@ -323,14 +323,16 @@ class FlakyStore(RunStore):
             raise sqlite3.OperationalError("disk I/O error")
         await self.real.write(runs, events, fences)
 
-    async def get_run(self, run_id: str) -> Run | None:
-        return await self.real.get_run(run_id)
+    async def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        return await self.real.get_run(run_id, tenant=tenant)
 
-    async def get_stored(self, run_id: str) -> StoredRun | None:
-        return await self.real.get_stored(run_id)
+    async def get_stored(self, run_id: str, *, tenant: str | None = None) -> StoredRun | None:
+        return await self.real.get_stored(run_id, tenant=tenant)
 
-    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
-        return await self.real.list_runs(limit=limit, after=after, state=state)
+    async def list_runs(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Run]:
+        return await self.real.list_runs(limit=limit, after=after, state=state, tenant=tenant)
 
     async def take_over(
         self, owner: str, *, limit: int | None, at_start: bool = False

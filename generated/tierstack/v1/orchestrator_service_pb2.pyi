@@ -506,6 +506,8 @@ class Run(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run."""
     workflow_name: _builtins.str
@@ -518,6 +520,14 @@ class Run(_message.Message):
     """Holds the idempotency key the run was started with, if any."""
     last_sequence: _builtins.int
     """Gives the sequence number of the run's last event."""
+    tenant_id: _builtins.str
+    """Names the tenant the run belongs to: the one the starting caller's credential names (with auth
+    off, the one its request context named). Only callers of this tenant see the run.
+    """
+    user_id: _builtins.str
+    """Names the caller who started the run: the credential's subject (with auth off, the request
+    context's user).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRun]:
         """Lists the run's steps and their state."""
@@ -557,10 +567,12 @@ class Run(_message.Message):
         last_sequence: _builtins.int = ...,
         inputs: _struct_pb2.Struct | None = ...,
         outputs: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "tenant_id", b"tenant_id", "user_id", b"user_id", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,6 +25,7 @@ from tierstack.server import boundary
 from tierstack.server.auth import audit
 from tierstack.server.auth.guard import Guard, on_behalf
 from tierstack.server.auth.principal import current as current_principal
+from tierstack.server.auth.principal import stamp
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import to_grpc_status
 from tierstack.server.tracing import client_interceptors
@@ -174,6 +175,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 observed.audit(request)  # refused calls too
                 await self._admit(method, context)
                 await _checked(request)
+                stamp(request)
                 return await behavior(request, context)
 
         return unary
@@ -195,6 +197,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 observed.audit(request)  # refused calls too
                 await self._admit(method, context)
                 await _checked(request)
+                stamp(request)
                 async for response in behavior(request, context):
                     messages[method] += 1
                     yield response

@@ -143,6 +143,14 @@ MIGRATIONS: tuple[str, ...] = (
         digest bytea NOT NULL
     );
     """,
+    # 8: the tenant each run and goal belongs to (a request id is unique within its tenant: the
+    # column holds it namespaced by the tenant), listed a tenant at a time.
+    """
+    ALTER TABLE runs ADD COLUMN tenant text NOT NULL DEFAULT '';
+    CREATE INDEX runs_by_tenant ON runs (tenant, create_ns DESC, run_id DESC);
+    ALTER TABLE goals ADD COLUMN tenant text NOT NULL DEFAULT '';
+    CREATE INDEX goals_by_tenant ON goals (tenant, create_ns DESC, goal_id DESC);
+    """,
 )
 
 #: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one

@@ -145,7 +145,7 @@ class Guard:
             )
         if principal.role is Role.TIER:
             tenant, caller = values.get(TENANT), values.get(CALLER, "")
-            if isinstance(tenant, str) and isinstance(caller, str) and len(tenant) <= MAX_NAME >= len(caller):
+            if isinstance(tenant, str) and isinstance(caller, str) and 0 < len(tenant) <= MAX_NAME >= len(caller):
                 act_as(Principal(tenant, caller, Role.TIER))
         elif self._limiter is not None:
             self._limiter.take(principal.tenant)

@@ -23,15 +23,18 @@ __all__ = [
     "test_a_starting_owner_takes_over_the_runs_no_live_owner_holds",
     "test_concurrent_claims_of_a_paused_run_have_one_winner",
     "test_concurrent_take_overs_share_the_runs_out",
+    "test_each_tenant_sees_its_own_runs_and_request_ids",
     "test_finished_runs_are_found_by_end_time_and_deleted_with_their_events",
     "test_list_runs_pages_newest_first_and_filters_by_state",
     "test_write_replaces_state_and_appends_events",
 ]
 
 
-def new_run(run_id: str, *, request_id: str = "", created_ns: int = 0, state: int = pb.RUN_STATE_PENDING) -> StoredRun:
+def new_run(
+    run_id: str, *, request_id: str = "", created_ns: int = 0, state: int = pb.RUN_STATE_PENDING, tenant: str = ""
+) -> StoredRun:
     """Returns a new run of a one-step workflow."""
-    run = pb.Run(run_id=run_id, request_id=request_id, state=state)  # type: ignore[arg-type]
+    run = pb.Run(run_id=run_id, request_id=request_id, state=state, tenant_id=tenant)  # type: ignore[arg-type]
     run.create_time.FromNanoseconds(created_ns or now_timestamp().ToNanoseconds())
     step = pb.WorkflowStep(id="a", tool="core.echo")
     return StoredRun(run, pb.Workflow(name="test", steps=[step]), common_pb2.ResourceLimits(max_parallelism=3))
@@ -60,6 +63,23 @@ async def test_a_request_id_holds_one_run(store: RunStore) -> None:
     assert await store.get_run("r2") is None
     assert (await store.create_run(new_run("r3"), OWNER))[0].run_id == "r3"
     assert (await store.create_run(new_run("r4"), OWNER))[0].run_id == "r4"
+
+
+async def test_each_tenant_sees_its_own_runs_and_request_ids(store: RunStore) -> None:
+    acme, _ = await store.create_run(new_run("a1", request_id="req", created_ns=1_000, tenant="acme"), OWNER)
+    globex, fence = await store.create_run(new_run("g1", request_id="req", created_ns=2_000, tenant="globex"), OWNER)
+    assert (acme.run_id, globex.run_id, fence) == ("a1", "g1", Fence(OWNER, 1))  # one request id, two tenants
+    again, none = await store.create_run(new_run("a2", request_id="req", tenant="acme"), OWNER)
+    assert (again.run_id, none) == ("a1", None)
+    # A tenant name that is another's with an id's start is still another tenant.
+    tricky, _ = await store.create_run(new_run("t1", request_id="q", tenant="acme:1"), OWNER)
+    assert tricky.run_id == "t1"
+    assert await store.get_run("a1", tenant="globex") is None
+    assert await store.get_stored("a1", tenant="globex") is None
+    found = await store.get_run("a1", tenant="acme")
+    assert found is not None and found.tenant_id == "acme"
+    assert [r.run_id for r in await store.list_runs(limit=10, after=None, state=0, tenant="globex")] == ["g1"]
+    assert {r.run_id for r in await store.list_runs(limit=10, after=None, state=0)} == {"a1", "g1", "t1"}
 
 
 async def test_write_replaces_state_and_appends_events(store: RunStore) -> None:

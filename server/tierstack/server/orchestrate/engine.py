@@ -56,6 +56,8 @@ from tierstack.core.workflow import (
     unknown_tools,
 )
 from tierstack.server import boundary
+from tierstack.server.auth.keys import Role
+from tierstack.server.auth.principal import Principal, act_as, tenant_scope
 from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
@@ -438,6 +440,8 @@ class RunManager:
             create_time=now_timestamp(),
             correlation_id=context.correlation_id,
             request_id=request_id,
+            tenant_id=context.tenant_id,
+            user_id=context.user_id,
             inputs=to_struct(bound),
             steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
         )
@@ -504,25 +508,27 @@ class RunManager:
         return live
 
     async def get_run(self, run_id: str) -> pb.Run:
-        """Returns a run.
+        """Returns a run of the calling tenant; every call that names a run looks it up here first.
 
         Raises:
-            NotFoundError: No run has that id.
+            NotFoundError: No run of the calling tenant (any, with auth off) has that id.
         """
+        tenant = tenant_scope()
         live = self._live.get(run_id)
-        if live is not None:
+        if live is not None and tenant in (None, live.run.tenant_id):
             return live.run
-        run = await self._store.get_run(run_id)
+        run = await self._store.get_run(run_id, tenant=tenant)
         if run is None:
             raise NotFoundError("run", run_id)
         return run
 
     async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[pb.Run]:
-        """Returns up to ``limit`` runs, newest first, older than the cursor ``after``."""
-        runs = await self._store.list_runs(limit=limit, after=after, state=state)
+        """Returns up to ``limit`` runs of the calling tenant, newest first, older than the cursor ``after``."""
+        runs = await self._store.list_runs(limit=limit, after=after, state=state, tenant=tenant_scope())
         return [self._live[run.run_id].run if run.run_id in self._live else run for run in runs]
 
     async def _stop(self, run_id: str, kind: str, reason: str) -> pb.Run:
+        await self.get_run(run_id)
         live = self._live.get(run_id)
         if live is None or live.task is None or live.feed.ended:
             run = await self.get_run(run_id)
@@ -571,6 +577,7 @@ class RunManager:
             NotFoundError: No run has that id.
             FailedPreconditionError: The run has ended.
         """
+        await self.get_run(run_id)
         if run_id not in self._live:
             stored = await self._store.get_stored(run_id)
             if stored is not None and stored.run.state == pb.RUN_STATE_PAUSED:
@@ -639,6 +646,7 @@ class RunManager:
             NotFoundError: No run has that id.
             FailedPreconditionError: The run is not paused.
         """
+        await self.get_run(run_id)
         # Once claimed, a run is driven even if this call is cancelled meanwhile.
         return await asyncio.shield(self._resume_paused(run_id))
 
@@ -660,6 +668,7 @@ class RunManager:
             NotFoundError: No run has that id.
             InvalidArgumentError: An expression is malformed or names nothing that exists yet.
         """
+        await self.get_run(run_id)
         live = self._live.get(run_id)
         if live is None:
             stored = await self._store.get_stored(run_id)
@@ -689,10 +698,9 @@ class RunManager:
         Raises:
             NotFoundError: No run has that id.
         """
+        await self.get_run(run_id)
         live = self._live.get(run_id)
         if live is None:
-            if await self._store.get_run(run_id) is None:
-                raise NotFoundError("run", run_id)
             async for event in self._stored_events(run_id, after_sequence):
                 after_sequence = event.sequence
                 yield event
@@ -746,6 +754,8 @@ class RunManager:
 
     async def _drive(self, live: _LiveRun, *, resumed: str | None) -> None:
         run = live.run
+        if run.tenant_id:  # the run's calls to Tier 3 are for its tenant and starter, whoever resumed it
+            act_as(Principal(run.tenant_id, run.user_id, Role.RUN))
         try:
             run.state = pb.RUN_STATE_RUNNING
             if resumed is None:
@@ -1000,7 +1010,10 @@ class RunManager:
         """Runs one tool step in Tier 3, forwarding its events; the execution id is the idempotency key."""
         request = executor_service_pb2.ExecuteRequest(
             context=common_pb2.RequestContext(
-                correlation_id=live.run.correlation_id, parent_execution_id=live.run.run_id
+                correlation_id=live.run.correlation_id,
+                tenant_id=live.run.tenant_id,
+                user_id=live.run.user_id,
+                parent_execution_id=live.run.run_id,
             ),
             execution_id=f"{live.run.run_id}/{path}/{attempt}",
             step_id=path,

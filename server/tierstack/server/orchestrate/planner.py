@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tierstack.core.workflow import StepSpec, WorkflowSpec
+from tierstack.server.auth.principal import scoped
 from tierstack.server.bounded import ByteBudgetLRU
 
 
@@ -67,14 +68,15 @@ class Planner:
 
     def plan(self, spec: WorkflowSpec) -> tuple[Plan, bool]:
         """Returns the plan of ``spec`` and whether its batches came from the cache."""
-        batches = self._cache.get(spec.content_hash)
+        key = scoped(spec.content_hash)  # whether a plan was cached tells of a tenant's own workflows only
+        batches = self._cache.get(key)
         cached = batches is not None
         if cached:
             self.hits += 1
         else:
             self.misses += 1
         if batches is None:
-            batches = self._cache[spec.content_hash] = _batches(spec)
+            batches = self._cache[key] = _batches(spec)
         finish: dict[str, float] = {}
         via: dict[str, str | None] = {}
         for batch in batches:

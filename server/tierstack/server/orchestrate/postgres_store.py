@@ -22,6 +22,7 @@ from tierstack.server.orchestrate.store import (
     StoredRun,
     check_follows,
     ended_ns,
+    request_key,
     stored_run,
     unreadable_run,
     warn_unreadable,
@@ -52,21 +53,23 @@ class PostgresRunStore(postgres.Pooled, RunStore):
         run = stored.run
         while True:
             created = await self._db.fetchval(
-                "INSERT INTO runs (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, lease_ns)"
-                f" VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, {postgres.lease_from_now(self.lease_seconds)})"
+                "INSERT INTO runs"
+                " (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, tenant, lease_ns)"
+                f" VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $9, {postgres.lease_from_now(self.lease_seconds)})"
                 " ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
                 run.run_id,
-                run.request_id or None,
+                request_key(run),
                 run.state,
                 run.create_time.ToNanoseconds(),
                 owner,
                 run.SerializeToString(),
                 stored.workflow.SerializeToString(),
                 stored.limits.SerializeToString(),
+                run.tenant_id,
             )
             if created is not None:
                 return run, Fence(owner, 1)
-            held = await self._db.fetchval("SELECT run FROM runs WHERE request_id = $1", run.request_id)
+            held = await self._db.fetchval("SELECT run FROM runs WHERE request_id = $1", request_key(run))
             if held is not None:  # else the run holding the request id was deleted in between
                 return Run.FromString(held), None
 
@@ -159,23 +162,31 @@ class PostgresRunStore(postgres.Pooled, RunStore):
                 check_follows(records[run_id], row["state"])
         raise AssertionError("a write was refused for no reason found")
 
-    async def get_run(self, run_id: str) -> Run | None:
-        record = await self._db.fetchval("SELECT run FROM runs WHERE run_id = $1", run_id)
+    async def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        record = await self._db.fetchval(
+            "SELECT run FROM runs WHERE run_id = $1 AND tenant = coalesce($2, tenant)", run_id, tenant
+        )
         return Run.FromString(record) if record is not None else None
 
-    async def get_stored(self, run_id: str) -> StoredRun | None:
-        row = await self._db.fetchrow("SELECT run, workflow, limits FROM runs WHERE run_id = $1", run_id)
+    async def get_stored(self, run_id: str, *, tenant: str | None = None) -> StoredRun | None:
+        row = await self._db.fetchrow(
+            "SELECT run, workflow, limits FROM runs WHERE run_id = $1 AND tenant = coalesce($2, tenant)", run_id, tenant
+        )
         return stored_run(tuple(row)) if row is not None else None
 
-    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+    async def list_runs(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Run]:
         after_ns, after_id = after if after is not None else (None, None)
         rows = await self._db.fetch(
             "SELECT run FROM runs WHERE ($1::bigint IS NULL OR (create_ns, run_id) < ($1, $2))"
-            " AND ($3 = 0 OR state = $3) ORDER BY create_ns DESC, run_id DESC LIMIT $4",
+            " AND ($3 = 0 OR state = $3) AND tenant = coalesce($5, tenant)"
+            " ORDER BY create_ns DESC, run_id DESC LIMIT $4",
             after_ns,
             after_id,
             state,
             limit,
+            tenant,
         )
         return [Run.FromString(row["run"]) for row in rows]
 

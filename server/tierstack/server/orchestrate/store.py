@@ -39,6 +39,7 @@ from tierstack.core.lifecycle import (
     lease_end,
 )
 from tierstack.server import sqlite
+from tierstack.server.auth.principal import namespaced
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run
@@ -77,8 +78,8 @@ class RunStore(abc.ABC):
     @abc.abstractmethod
     async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
         """Stores a new run owned by ``owner`` at epoch 1 and returns it with its fence; when its
-        ``request_id`` is already taken, stores nothing and returns the run that holds it, without a
-        fence."""
+        ``request_id`` is already taken in its tenant, stores nothing and returns the run that holds
+        it, without a fence."""
 
     @abc.abstractmethod
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
@@ -104,17 +105,20 @@ class RunStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get_run(self, run_id: str) -> Run | None:
-        """Returns a run, or None."""
+    async def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        """Returns a run (of ``tenant`` only, unless it is None), or None."""
 
     @abc.abstractmethod
-    async def get_stored(self, run_id: str) -> StoredRun | None:
-        """Returns a run with its workflow and limits, or None."""
+    async def get_stored(self, run_id: str, *, tenant: str | None = None) -> StoredRun | None:
+        """Returns a run (of ``tenant`` only, unless it is None) with its workflow and limits, or None."""
 
     @abc.abstractmethod
-    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+    async def list_runs(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Run]:
         """Returns up to ``limit`` runs, newest first, older than the (create time in ns, run id)
-        cursor ``after``, keeping only ``state`` unless it is 0."""
+        cursor ``after``, keeping only ``state`` unless it is 0, and only ``tenant``'s unless it is
+        None."""
 
     @abc.abstractmethod
     async def take_over(
@@ -186,6 +190,11 @@ def check_follows(run: Run, stored_state: int) -> None:
         )
 
 
+def request_key(run: Run) -> str | None:
+    """Returns what makes a run's request id unique: the id within the run's tenant (None without one)."""
+    return namespaced(run.tenant_id, run.request_id) if run.request_id else None
+
+
 def ended_ns(run: Run) -> int | None:
     """Returns when a finished run ended (when it was created, if that was not recorded); None
     for a run that has not."""
@@ -213,7 +222,7 @@ class MemoryRunStore(RunStore):
         """Nothing to release."""
 
     async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
-        request_id = stored.run.request_id
+        request_id = request_key(stored.run)
         if request_id and request_id in self._by_request:
             return Run.FromString(self._runs[self._by_request[request_id]].run.SerializeToString()), None
         self._runs[stored.run.run_id] = StoredRun(
@@ -250,22 +259,24 @@ class MemoryRunStore(RunStore):
         for event in events:
             self._events[event.run_id][event.sequence] = event.SerializeToString()
 
-    async def get_run(self, run_id: str) -> Run | None:
-        stored = await self.get_stored(run_id)
+    async def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        stored = await self.get_stored(run_id, tenant=tenant)
         return stored.run if stored else None
 
-    async def get_stored(self, run_id: str) -> StoredRun | None:
+    async def get_stored(self, run_id: str, *, tenant: str | None = None) -> StoredRun | None:
         stored = self._runs.get(run_id)
-        if stored is None:
+        if stored is None or tenant not in (None, stored.run.tenant_id):
             return None
         return StoredRun(Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits)
 
-    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+    async def list_runs(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Run]:
         keyed = sorted(((s.run.create_time.ToNanoseconds(), run_id) for run_id, s in self._runs.items()), reverse=True)
         found = []
         for key in keyed:
             run = self._runs[key[1]].run
-            if (after is None or key < after) and (not state or run.state == state):
+            if (after is None or key < after) and (not state or run.state == state) and tenant in (None, run.tenant_id):
                 found.append(Run.FromString(run.SerializeToString()))
                 if len(found) == limit:
                     break
@@ -360,6 +371,12 @@ _MIGRATIONS = (
         reason TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 4: the tenant each run belongs to (its request id is unique within the tenant: the column holds
+    # it namespaced by the tenant), listed a tenant at a time.
+    """
+    ALTER TABLE runs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    CREATE INDEX IF NOT EXISTS runs_by_tenant ON runs (tenant, create_ns DESC, run_id DESC);
+    """,
 )
 
 
@@ -453,11 +470,12 @@ class SqliteRunStore(RunStore):
         run = stored.run
         async with self._turn:
             cursor = await self._conn.execute(
-                "INSERT INTO runs (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch, lease_ns)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO runs"
+                " (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch, lease_ns, tenant)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (
                     run.run_id,
-                    run.request_id or None,
+                    request_key(run),
                     run.state,
                     run.create_time.ToNanoseconds(),
                     run.SerializeToString(),
@@ -465,12 +483,13 @@ class SqliteRunStore(RunStore):
                     stored.limits.SerializeToString(),
                     owner,
                     lease_end(self.lease_seconds),
+                    run.tenant_id,
                 ),
             )
             await self._conn.commit()
             if cursor.rowcount == 1:
                 return run, Fence(owner, 1)
-            async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (run.request_id,)) as rows:
+            async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (request_key(run),)) as rows:
                 row = await rows.fetchone()
         if row is None:  # the run holding the request id was deleted in between: try again
             return await self.create_run(stored, owner)
@@ -555,19 +574,28 @@ class SqliteRunStore(RunStore):
                 check_follows(records[run_id], row[2])
         raise AssertionError("a write was refused for no reason found")
 
-    async def get_run(self, run_id: str) -> Run | None:
-        async with self._conn.execute("SELECT run FROM runs WHERE run_id = ?", (run_id,)) as rows:
+    async def get_run(self, run_id: str, *, tenant: str | None = None) -> Run | None:
+        async with self._conn.execute(
+            "SELECT run FROM runs WHERE run_id = ? AND tenant = coalesce(?, tenant)", (run_id, tenant)
+        ) as rows:
             row = await rows.fetchone()
         return Run.FromString(row[0]) if row else None
 
-    async def get_stored(self, run_id: str) -> StoredRun | None:
-        async with self._conn.execute("SELECT run, workflow, limits FROM runs WHERE run_id = ?", (run_id,)) as rows:
+    async def get_stored(self, run_id: str, *, tenant: str | None = None) -> StoredRun | None:
+        async with self._conn.execute(
+            "SELECT run, workflow, limits FROM runs WHERE run_id = ? AND tenant = coalesce(?, tenant)", (run_id, tenant)
+        ) as rows:
             row = await rows.fetchone()
         return stored_run(row) if row else None
 
-    async def list_runs(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Run]:
+    async def list_runs(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Run]:
         clauses: list[str] = []
         params: list[int | str] = []
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
         if after is not None:
             clauses.append("(create_ns, run_id) < (?, ?)")
             params.extend(after)

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tierstack.server.auth import Role
+from tierstack.server.auth.principal import Principal, act_as
 from tierstack.server.coordinate import EmbeddingIndex, GoalMemory, NgramIndex
 from tierstack.server.coordinate.postgres_store import PostgresGoalStore
 from tierstack.server.coordinate.store import SqliteGoalStore
@@ -195,3 +197,17 @@ async def test_goals_are_forgotten_once_their_bytes_pass_the_budget() -> None:
     assert 1 <= len(memory) <= 4
     assert await memory.recall("goal 9", threshold=0.99, capabilities=set()) is not None
     assert await memory.recall("goal 0", threshold=0.99, capabilities=set()) is None
+
+
+async def test_each_tenant_recalls_only_the_goals_it_learnt() -> None:
+    memory = GoalMemory()
+    subtasks = [pb.Subtask(id="s1", description="pull the Q2 sales", required_capabilities=["http"])]
+    act_as(Principal("acme", "ada", Role.RUN))
+    await memory.learn("compare the Q2 sales of every region", subtasks)
+    act_as(Principal("globex", "bob", Role.RUN))
+    assert await memory.recall("compare the Q2 sales of every region", threshold=0.5, capabilities={"http"}) is None
+    act_as(Principal("acme", "eve", Role.RUN))
+    recalled = await memory.recall("compare the Q2 sales of each region", threshold=0.5, capabilities={"http"})
+    assert recalled is not None
+    assert recalled[0] == "compare the Q2 sales of every region"  # the goal as written, not its key
+    assert [s.id for s in recalled[1]] == ["s1"]

@@ -22,14 +22,16 @@ __all__ = [
     "test_a_writer_that_believes_another_state_is_refused",
     "test_concurrent_take_overs_share_the_goals_out",
     "test_concurrent_writes_of_one_owner_get_distinct_numbers",
+    "test_each_tenant_sees_its_own_goals_and_request_ids",
     "test_list_goals_pages_newest_first_and_filters_by_state",
     "test_the_goal_memory_keeps_the_newest_decomposition_of_each_goal",
     "test_the_store_numbers_events_without_gaps",
 ]
 
 
-def new_goal(goal_id: str, *, request_id: str = "", created_ns: int = 1_000) -> pb.Goal:
+def new_goal(goal_id: str, *, request_id: str = "", created_ns: int = 1_000, tenant: str = "") -> pb.Goal:
     goal = pb.Goal(goal_id=goal_id, state=pb.GOAL_STATE_PENDING, request=pb.StartGoalRequest(request_id=request_id))
+    goal.request.context.tenant_id = tenant
     goal.request.goal = f"goal {goal_id}"
     goal.create_time.FromNanoseconds(created_ns)
     return goal
@@ -47,6 +49,19 @@ async def test_a_request_id_holds_one_goal(store: GoalStore) -> None:
     assert await store.get_goal("g2") is None
     assert (await store.create_goal(new_goal("g3"), "a"))[0].goal_id == "g3"
     assert (await store.create_goal(new_goal("g4"), "a"))[0].goal_id == "g4"  # no request id: no conflict
+
+
+async def test_each_tenant_sees_its_own_goals_and_request_ids(store: GoalStore) -> None:
+    acme, _ = await store.create_goal(new_goal("a1", request_id="req", created_ns=1_000, tenant="acme"), "o")
+    globex, fence = await store.create_goal(new_goal("g1", request_id="req", created_ns=2_000, tenant="globex"), "o")
+    assert (acme.goal_id, globex.goal_id, fence) == ("a1", "g1", Fence("o", 1))
+    again, none = await store.create_goal(new_goal("a2", request_id="req", tenant="acme"), "o")
+    assert (again.goal_id, none) == ("a1", None)
+    assert await store.get_goal("a1", tenant="globex") is None
+    found = await store.get_goal("a1", tenant="acme")
+    assert found is not None and found.request.context.tenant_id == "acme"
+    assert [g.goal_id for g in await store.list_goals(limit=10, after=None, state=0, tenant="globex")] == ["g1"]
+    assert [g.goal_id for g in await store.list_goals(limit=10, after=None, state=0)] == ["g1", "a1"]
 
 
 async def test_the_store_numbers_events_without_gaps(store: GoalStore) -> None:

@@ -31,12 +31,14 @@ from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.core.tracing import span
 from tierstack.core.values import now_timestamp, to_duration, to_seconds
 from tierstack.server.ai import Scope
+from tierstack.server.auth.keys import Role
+from tierstack.server.auth.principal import Principal, act_as, tenant_scope
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import check_goal
 from tierstack.server.coordinate.decomposer import Decomposer
 from tierstack.server.coordinate.journal import GoalJournal
-from tierstack.server.coordinate.store import UNFINISHED, GoalStore, MemoryGoalStore
+from tierstack.server.coordinate.store import UNFINISHED, GoalStore, MemoryGoalStore, tenant_of
 from tierstack.server.coordinate.team import AgentSpec, Need, Team, form_team
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import common_pb2
@@ -392,22 +394,24 @@ class Coordinator:
             live.task.cancel()
 
     async def get_goal(self, goal_id: str) -> pb.Goal:
-        """Returns a goal.
+        """Returns a goal of the calling tenant; every call that names a goal looks it up here first.
 
         Raises:
-            NotFoundError: No goal has that id.
+            NotFoundError: No goal of the calling tenant (any, with auth off) has that id.
         """
+        tenant = tenant_scope()
         live = self._live.get(goal_id)
-        if live is not None:
+        if live is not None and tenant in (None, tenant_of(live.journal.goal)):
             return live.journal.goal
-        goal = await self._store.get_goal(goal_id)
+        goal = await self._store.get_goal(goal_id, tenant=tenant)
         if goal is None:
             raise NotFoundError("goal", goal_id)
         return goal
 
     async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[pb.Goal]:
-        """Returns up to ``limit`` goals, newest first, older than the cursor ``after``."""
-        return [self._current(goal) for goal in await self._store.list_goals(limit=limit, after=after, state=state)]
+        """Returns up to ``limit`` goals of the calling tenant, newest first, older than the cursor ``after``."""
+        goals = await self._store.list_goals(limit=limit, after=after, state=state, tenant=tenant_scope())
+        return [self._current(goal) for goal in goals]
 
     async def cancel_goal(self, goal_id: str, reason: str) -> pb.Goal:
         """Cancels a goal and the runs of its subtasks, waits until they have stopped, and returns it.
@@ -416,6 +420,7 @@ class Coordinator:
             NotFoundError: No goal has that id.
             IllegalTransitionError: The goal has ended.
         """
+        await self.get_goal(goal_id)
         live = self._live.get(goal_id)
         if live is None or live.task is None or live.journal.feed.ended:
             goal = await self.get_goal(goal_id)
@@ -450,10 +455,9 @@ class Coordinator:
         Raises:
             NotFoundError: No goal has that id.
         """
+        await self.get_goal(goal_id)
         live = self._live.get(goal_id)
         if live is None:
-            if await self._store.get_goal(goal_id) is None:
-                raise NotFoundError("goal", goal_id)
             while (live := self._live.get(goal_id)) is None:  # another replica pursues it, or none
                 goal = await self._store.get_goal(goal_id)  # read first: events stored with its end come after
                 for event in await self._store.events(goal_id, after_sequence=after_sequence):
@@ -486,6 +490,9 @@ class Coordinator:
 
     async def _drive(self, live: _Live, *, resumed: bool) -> None:
         journal = live.journal
+        context = journal.goal.request.context
+        if context.tenant_id:  # the goal's calls to Tier 2 are for its tenant and caller, whoever resumed it
+            act_as(Principal(context.tenant_id, context.user_id, Role.RUN))
         goal = _Goal(journal.goal)
         pursuit: _Pursuit | None = None
         try:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from tierstack.server.ai import ModelError
+from tierstack.server.auth.principal import in_scope, scoped, unnamespaced
 from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -19,11 +20,15 @@ DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 64 << 20
 # How many decompositions are read from the store at once.
 _PAGE = 500
+# How many of the most similar past goals (of every tenant) are looked at for the calling tenant's.
+_CANDIDATES = 32
 
 
 class GoalMemory:
     """Remembers decompositions, one per goal, and finds the one of the most similar past goal.
 
+    Each tenant learns and recalls its own goals only: a goal is kept under a key namespaced by the
+    tenant of the call (see :func:`~tierstack.server.auth.principal.scoped`) and indexed by its text.
     The decompositions are kept in the goal store, which keeps the newest ``max_entries`` (a goal
     learnt again replaces its entry and counts as newest); this process holds them indexed, within
     ``max_bytes`` of goals and subtasks together, forgetting those learnt longest ago. On a store
@@ -65,20 +70,21 @@ class GoalMemory:
         """Stores a goal's decomposition (a goal learnt again replaces its earlier one), forgetting
         the goals learnt longest ago beyond the most kept."""
         kept = [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
-        await self._store.learn(goal, kept, keep=self._max_entries)
-        self._hold(goal, kept)
-        await self._index.remove(self._trim(keep=goal))
-        await self._add_to_index([goal])
+        key = scoped(goal)
+        await self._store.learn(key, kept, keep=self._max_entries)
+        self._hold(key, kept)
+        await self._index.remove(self._trim(keep=key))
+        await self._add_to_index([key])
 
     async def recall(
         self, goal: str, *, threshold: float, capabilities: set[str]
     ) -> tuple[str, list[pb.Subtask]] | None:
-        """Returns the most similar past goal (at least ``threshold``) whose subtasks need only the
-        given capabilities, with copies of its subtasks; None when there is none."""
+        """Returns the calling tenant's most similar past goal (at least ``threshold``) whose subtasks
+        need only the given capabilities, with copies of its subtasks; None when there is none."""
         if self._store.shared:
             await self._read_learnt()
         try:
-            similar = await self._index.similar(goal)
+            similar = await self._index.similar(goal, limit=_CANDIDATES)
         except ModelError as exc:  # decomposition goes on without past goals
             _log.warning("goal memory: no similarity search: %s", exc.message)
             return None
@@ -86,8 +92,12 @@ class GoalMemory:
             if score < threshold:
                 break
             subtasks = self._subtasks.get(past)  # None: forgotten while its indexing awaited the model
-            if subtasks is not None and all(set(s.required_capabilities) <= capabilities for s in subtasks):
-                return past, [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
+            if (
+                subtasks is not None
+                and in_scope(past)
+                and all(set(s.required_capabilities) <= capabilities for s in subtasks)
+            ):
+                return unnamespaced(past), [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
         return None
 
     async def _read_learnt(self) -> None:
@@ -104,13 +114,13 @@ class GoalMemory:
             await self._index.remove(self._trim())
             await self._add_to_index([goal for goal in fresh if goal in self._subtasks])
 
-    async def _add_to_index(self, goals: list[str]) -> None:
-        if not goals:
+    async def _add_to_index(self, keys: list[str]) -> None:
+        if not keys:
             return
         try:
-            await self._index.add([(goal, goal) for goal in goals])
+            await self._index.add([(key, unnamespaced(key)) for key in keys])
         except ModelError as exc:  # the goals are kept, and indexed again at the next start
-            _log.warning("goal memory: could not index %d goals: %s", len(goals), exc.message)
+            _log.warning("goal memory: could not index %d goals: %s", len(keys), exc.message)
 
     def _hold(self, goal: str, subtasks: list[pb.Subtask]) -> None:
         """Holds a decomposition as the newest."""

@@ -26,7 +26,9 @@ from tierstack.server.coordinate.store import (
     next_state,
     number_events,
     pack_subtasks,
+    request_key,
     stored_goal,
+    tenant_of,
     warn_unreadable,
     written,
 )
@@ -61,19 +63,21 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
 
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         created = await self._db.fetchval(
-            "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns)"
-            f" VALUES ($1, $2, $3, $4, $5, 1, 0, $6, {postgres.lease_from_now(self.lease_seconds)})"
+            "INSERT INTO goals"
+            " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, tenant, lease_ns)"
+            f" VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $7, {postgres.lease_from_now(self.lease_seconds)})"
             " ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
             goal.goal_id,
-            goal.request.request_id or None,
+            request_key(goal),
             goal.state,
             goal.create_time.ToNanoseconds(),
             owner,
             goal.SerializeToString(),
+            tenant_of(goal),
         )
         if created is not None:
             return goal, Fence(owner, 1)
-        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE request_id = $1", goal.request.request_id)
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE request_id = $1", request_key(goal))
         assert row is not None  # the conflicting row exists: goals are never deleted
         return stored_goal(tuple(row)), None
 
@@ -122,19 +126,25 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
             await connection.execute("SELECT pg_notify($1, $2)", CHANGES, goal.goal_id)  # heard at commit
         return written(goal, state, last_sequence, events)
 
-    async def get_goal(self, goal_id: str) -> Goal | None:
-        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE goal_id = $1", goal_id)
+    async def get_goal(self, goal_id: str, *, tenant: str | None = None) -> Goal | None:
+        row = await self._db.fetchrow(
+            f"SELECT {_COLUMNS} FROM goals WHERE goal_id = $1 AND tenant = coalesce($2, tenant)", goal_id, tenant
+        )
         return stored_goal(tuple(row)) if row is not None else None
 
-    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+    async def list_goals(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Goal]:
         after_ns, after_id = after if after is not None else (None, None)
         rows = await self._db.fetch(
             f"SELECT {_COLUMNS} FROM goals WHERE ($1::bigint IS NULL OR (create_ns, goal_id) < ($1, $2))"
-            " AND ($3 = 0 OR state = $3) ORDER BY create_ns DESC, goal_id DESC LIMIT $4",
+            " AND ($3 = 0 OR state = $3) AND tenant = coalesce($5, tenant)"
+            " ORDER BY create_ns DESC, goal_id DESC LIMIT $4",
             after_ns,
             after_id,
             state,
             limit,
+            tenant,
         )
         return [stored_goal(tuple(row)) for row in rows]
 

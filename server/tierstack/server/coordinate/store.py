@@ -39,6 +39,7 @@ from tierstack.core.lifecycle import (
     lease_end,
 )
 from tierstack.server import sqlite
+from tierstack.server.auth.principal import namespaced
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 Goal = pb.Goal
@@ -75,6 +76,17 @@ def memory_key(goal: str) -> bytes:
     """Returns the key a goal's decomposition is stored under: a digest, so that keys stay small
     however long goals are."""
     return hashlib.sha256(goal.encode()).digest()
+
+
+def tenant_of(goal: Goal) -> str:
+    """Returns the tenant a goal belongs to: the one its request was made for."""
+    return goal.request.context.tenant_id
+
+
+def request_key(goal: Goal) -> str | None:
+    """Returns what makes a goal's request id unique: the id within the goal's tenant (None without one)."""
+    request_id = goal.request.request_id
+    return namespaced(tenant_of(goal), request_id) if request_id else None
 
 
 def pack_subtasks(subtasks: Sequence[pb.Subtask]) -> bytes:
@@ -118,8 +130,8 @@ class GoalStore(abc.ABC):
     @abc.abstractmethod
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         """Stores a new goal (pending, with no events) owned by ``owner`` at epoch 1, and returns it
-        with its fence; when its ``request.request_id`` is already taken, stores nothing and returns
-        the goal that holds it, without a fence."""
+        with its fence; when its ``request.request_id`` is already taken in its tenant, stores nothing
+        and returns the goal that holds it, without a fence."""
 
     @abc.abstractmethod
     async def claim(self, goal_id: str, owner: str) -> Fence:
@@ -147,13 +159,16 @@ class GoalStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get_goal(self, goal_id: str) -> Goal | None:
-        """Returns a goal, or None."""
+    async def get_goal(self, goal_id: str, *, tenant: str | None = None) -> Goal | None:
+        """Returns a goal (of ``tenant`` only, unless it is None), or None."""
 
     @abc.abstractmethod
-    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+    async def list_goals(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Goal]:
         """Returns up to ``limit`` goals, newest first, older than the (create time in ns, goal id)
-        cursor ``after``, keeping only ``state`` unless it is 0."""
+        cursor ``after``, keeping only ``state`` unless it is 0, and only ``tenant``'s unless it is
+        None."""
 
     @abc.abstractmethod
     async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
@@ -260,7 +275,7 @@ class MemoryGoalStore(GoalStore):
         """Nothing to release."""
 
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
-        request_id = goal.request.request_id
+        request_id = request_key(goal)
         if request_id and request_id in self._by_request:
             return _copy(self._goals[self._by_request[request_id]].goal), None
         fence = Fence(owner, 1)
@@ -297,18 +312,24 @@ class MemoryGoalStore(GoalStore):
         held.events.extend(event.SerializeToString() for event in numbered)
         return written(goal, state, last_sequence, numbered)
 
-    async def get_goal(self, goal_id: str) -> Goal | None:
+    async def get_goal(self, goal_id: str, *, tenant: str | None = None) -> Goal | None:
         held = self._goals.get(goal_id)
-        return _copy(held.goal) if held else None
+        return _copy(held.goal) if held and tenant in (None, tenant_of(held.goal)) else None
 
-    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+    async def list_goals(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Goal]:
         keyed = sorted(
             ((h.goal.create_time.ToNanoseconds(), goal_id) for goal_id, h in self._goals.items()), reverse=True
         )
         found = []
         for key in keyed:
             goal = self._goals[key[1]].goal
-            if (after is None or key < after) and (not state or goal.state == state):
+            if (
+                (after is None or key < after)
+                and (not state or goal.state == state)
+                and tenant in (None, tenant_of(goal))
+            ):
                 found.append(_copy(goal))
                 if len(found) == limit:
                     break
@@ -396,6 +417,12 @@ _MIGRATIONS = (
         subtasks BLOB NOT NULL
     );
     """,
+    # 3: the tenant each goal belongs to (its request id is unique within the tenant: the column
+    # holds it namespaced by the tenant), listed a tenant at a time.
+    """
+    ALTER TABLE goals ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    CREATE INDEX IF NOT EXISTS goals_by_tenant ON goals (tenant, create_ns DESC, goal_id DESC);
+    """,
 )
 _COLUMNS = "goal, state, last_sequence"
 
@@ -454,22 +481,24 @@ class SqliteGoalStore(GoalStore):
     async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
         async with self._lock:
             cursor = await self._conn.execute(
-                "INSERT INTO goals (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns)"
-                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO goals"
+                " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns, tenant)"
+                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (
                     goal.goal_id,
-                    goal.request.request_id or None,
+                    request_key(goal),
                     goal.state,
                     goal.create_time.ToNanoseconds(),
                     owner,
                     goal.SerializeToString(),
                     lease_end(self.lease_seconds),
+                    tenant_of(goal),
                 ),
             )
             await self._conn.commit()
             if cursor.rowcount == 1:
                 return goal, Fence(owner, 1)
-            held = await self._one("request_id = ?", (goal.request.request_id,))
+            held = await self._one("request_id = ?", (request_key(goal) or "",))
         assert held is not None  # the conflicting row exists: goals are never deleted
         return held, None
 
@@ -534,13 +563,20 @@ class SqliteGoalStore(GoalStore):
                 raise
         return written(goal, state, last_sequence, numbered)
 
-    async def get_goal(self, goal_id: str) -> Goal | None:
+    async def get_goal(self, goal_id: str, *, tenant: str | None = None) -> Goal | None:
         async with self._lock:
-            return await self._one("goal_id = ?", (goal_id,))
+            if tenant is None:
+                return await self._one("goal_id = ?", (goal_id,))
+            return await self._one("goal_id = ? AND tenant = ?", (goal_id, tenant))
 
-    async def list_goals(self, *, limit: int, after: tuple[int, str] | None, state: int) -> list[Goal]:
+    async def list_goals(
+        self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None
+    ) -> list[Goal]:
         clauses: list[str] = []
         params: list[int | str] = []
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
         if after is not None:
             clauses.append("(create_ns, goal_id) < (?, ?)")
             params.extend(after)

@@ -15,6 +15,7 @@ import time
 from google.protobuf import struct_pb2
 
 from tierstack.core.errors import NotFoundError
+from tierstack.server.auth.principal import in_scope
 from tierstack.server.execute.store import Approval, ExecutionStore
 
 # How long a call waiting on a store replicas share goes without reading its approval again, should
@@ -81,7 +82,8 @@ class Approvals:
 
     async def _answer(self, approval_id: str, rejection: str | None) -> str:
         kept = await self._store.approval(approval_id)
-        expired = kept is None or kept.expire_ns < time.time_ns()
+        # Another tenant's approval is as unknown as one never opened.
+        expired = kept is None or kept.expire_ns < time.time_ns() or not in_scope(kept.execution_id)
         answered = None if expired else await self._store.decide(approval_id, rejection)
         if answered is None:
             raise NotFoundError("approval", approval_id)

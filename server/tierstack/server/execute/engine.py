@@ -41,6 +41,9 @@ from tierstack.server.ai import (
     ModelTool,
     Scope,
 )
+from tierstack.server.auth.keys import Role
+from tierstack.server.auth.principal import current as current_principal
+from tierstack.server.auth.principal import namespaced, scoped
 from tierstack.server.boundary import MAX_JSON_DEPTH, message_depth
 from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.config import Settings
@@ -156,7 +159,7 @@ class Executor:
         """Returns what the calls of a request know of it; the calls of one run share a workspace."""
         return ToolContext(
             correlation_id=request.correlation_id,
-            workspace_key=request.parent_execution_id or request.correlation_id,
+            workspace_key=workspace_key(request),
             workspaces=self.workspaces,
             tenant=request.tenant_id,
             token_budget=(limits.max_tokens or None) if limits is not None else None,
@@ -275,11 +278,11 @@ class Executor:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
             ResourceExhaustedError: ``MAX_FLIGHTS`` executions are in flight already.
         """
-        key = request.execution_id
-        if not key:
+        if not request.execution_id:
             async for event in self._run(request):
                 yield event
             return
+        key = scoped(request.execution_id)  # one tenant's ids never meet another's
         flight = self._flights.get(key)
         if flight is None:
             if len(self._flights) >= MAX_FLIGHTS:
@@ -288,15 +291,14 @@ class Executor:
                     reason="TOO_MANY_EXECUTIONS",
                 )
             flight = self._flights[key] = _Flight()
-            flight.task = asyncio.create_task(self._fly(request, flight), name="tierstack-execution")
+            flight.task = asyncio.create_task(self._fly(request, key, flight), name="tierstack-execution")
         async for event in flight.follow():
             yield event
 
-    async def _fly(self, request: executor_service_pb2.ExecuteRequest, flight: _Flight) -> None:
+    async def _fly(self, request: executor_service_pb2.ExecuteRequest, key: str, flight: _Flight) -> None:
         """Runs (or replays) one execution into its flight, and keeps its end. On a store replicas
         share, an execution another replica runs now is not run here: its end is replayed once
         stored (or, should that replica die, it is run here once its claim's lease has passed)."""
-        key = request.execution_id
         shared = self.store.shared  # one process: its flights are the only runners
         claimed = False
         try:
@@ -374,7 +376,8 @@ class Executor:
     async def cancel_execution(self, execution_id: str) -> bool:
         """Cancels an execution in flight, here or (on a store replicas share) on the replica that
         runs it: its tool calls stop, its callers' streams end, and it is not kept, so that the same
-        id runs it again; returns whether one was in flight."""
+        id runs it again; returns whether one was in flight (of the calling tenant's)."""
+        execution_id = scoped(execution_id)
         flight = self._flights.get(execution_id)
         here = False
         if flight is not None and flight.task is not None and not flight.task.done():
@@ -493,9 +496,23 @@ class Executor:
         self._memo[_memo_key(tool, arguments)] = (time.monotonic() + MEMO_SECONDS, result)
 
 
+def workspace_key(request: common_pb2.RequestContext) -> str:
+    """Names the workspace of a request's calls. With auth on, the server derives it: the steps of a
+    run (which a tier calls for) share the run's, any other caller's calls share one per correlation
+    id, always within the caller's tenant, so no caller reaches a run's or another tenant's files by
+    naming them. With auth off: the run the request names, else its correlation id."""
+    principal = current_principal()
+    if principal is None:
+        return request.parent_execution_id or request.correlation_id
+    if principal.role is Role.TIER and request.parent_execution_id:
+        return namespaced(principal.tenant, f"run/{request.parent_execution_id}")
+    return namespaced(principal.tenant, f"call/{request.correlation_id}")
+
+
 def _memo_key(tool: Tool, arguments: dict[str, Any]) -> tuple[str, str]:
-    """Returns the key of a pure call: the tool and a digest of its arguments (so keys stay small)."""
-    return tool.name, hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
+    """Returns the key of a pure call: the tool (in the caller's tenant) and a digest of its arguments
+    (so keys stay small)."""
+    return scoped(tool.name), hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
 
 
 class _Flight(Feed[executor_service_pb2.ExecutionEvent]):
@@ -518,7 +535,7 @@ class _Step:
         self.context = executor.context(request.context, request.limits)
         self.event = _EventSequence(request.execution_id, request.context.correlation_id)
         # Names the step's approvals: an execution asked for again finds the ones it opened before.
-        self.approval_key = request.execution_id or secrets.token_hex(16)
+        self.approval_key = scoped(request.execution_id or secrets.token_hex(16))
         self.start = time.perf_counter()
         self.deadline = None if max_seconds is None else self.start + max_seconds
         self.usage = common_pb2.ResourceUsage()

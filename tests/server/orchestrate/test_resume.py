@@ -1,11 +1,13 @@
 """Runs survive a SIGKILL of the Orchestrate process: the restarted server resumes them, no step runs
 twice (Execute finishes the steps whose caller died, and replays or joins them when asked again), and
-every step's output is there at the end.
+every step's output is there at the end. Every second round has auth on: the resumed runs call Tier 3
+for their own tenant, so that their steps' idempotency keys are the same as before the kill.
 
 ``TIERSTACK_RESUME_ROUNDS`` sets how many times the scenario runs (2 by default)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import OrchestratorClient
 from tierstack.core.values import from_value, now_timestamp, to_struct
 from tierstack.server import Settings
+from tierstack.server.auth import Role, issue, key_store
 from tierstack.server.orchestrate import SqliteRunStore, StoredRun
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
@@ -44,11 +47,23 @@ async def test_runs_survive_a_sigkill_of_the_orchestrator(
     )
     # Restarted under the same replica name, it resumes its runs at once, not once their leases pass.
     env = {**os.environ, "TIERSTACK_STORE_URL": store_url, "TIERSTACK_REPLICA_ID": "orchestrate-1"}
-    execute = await start_tier("execute", Settings())
+    settings = Settings(data_dir=tmp_path, store_url=store_url)
+    api_key = ""
+    if round_ % 2:
+        keys = key_store(settings)
+        await keys.open()
+        tier, caller = issue("system", Role.TIER), issue("acme", Role.RUN)
+        for issued in (tier, caller):
+            await keys.add(issued)
+        await keys.close()
+        settings = dataclasses.replace(settings, auth=True, tier_key=tier.token)
+        env |= {"TIERSTACK_AUTH": "on", "TIERSTACK_TIER_KEY": tier.token}
+        api_key = caller.token
+    execute = await start_tier("execute", settings)
     arguments = ("--execute-target", execute.target, "--data-dir", str(tmp_path))
     try:
         first = await spawn_tier("orchestrate", *arguments, env=env)
-        async with OrchestratorClient(first.target) as client:
+        async with OrchestratorClient(first.target, api_key=api_key) as client:
             run_ids = [
                 (await client.start_run(pb.StartRunRequest(workflow=wf, inputs=to_struct({"tag": f"r{n}"})))).run.run_id
                 for n in range(RUNS)
@@ -59,7 +74,7 @@ async def test_runs_survive_a_sigkill_of_the_orchestrator(
 
         second = await spawn_tier("orchestrate", *arguments, env=env)
         try:
-            async with OrchestratorClient(second.target) as client:
+            async with OrchestratorClient(second.target, api_key=api_key) as client:
                 histories = {run_id: [e async for e in client.watch_run(run_id)] for run_id in run_ids}
                 runs = {run_id: await client.get_run(run_id) for run_id in run_ids}
         finally:

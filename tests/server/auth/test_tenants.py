@@ -212,7 +212,16 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
         # The same execution id from another tenant runs its own step, never replays acme's.
         assert await output(globex, "globex") == "globex"
         assert await output(acme, "ignored") == "acme"  # acme's own replay
-        assert not await globex.cancel_execution("step-1")
+
+        # Another tenant cannot stop an execution in flight by naming its id.
+        nap = executor_service_pb2.ExecuteRequest(
+            execution_id="nap-1",
+            tool_calls=[common_pb2.ToolCall(tool="core.sleep", arguments=to_struct({"seconds": 0.5}))],
+        )
+        stream = aiter(acme.execute(nap))
+        assert (await anext(stream)).WhichOneof("payload") == "started"
+        assert not await globex.cancel_execution("nap-1")
+        assert [event.WhichOneof("payload") async for event in stream][-1] == "completed"
 
         # A call waiting for approval can be answered by its own tenant only.
         pay = executor_service_pb2.ExecuteRequest(

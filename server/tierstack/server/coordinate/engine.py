@@ -420,10 +420,9 @@ class Coordinator:
             NotFoundError: No goal has that id.
             IllegalTransitionError: The goal has ended.
         """
-        await self.get_goal(goal_id)
+        goal = await self.get_goal(goal_id)
         live = self._live.get(goal_id)
         if live is None or live.task is None or live.journal.feed.ended:
-            goal = await self.get_goal(goal_id)
             GOAL_LIFECYCLE.next(goal_id, goal.state, "cancel")
             await self._store.request_cancel(goal_id, reason or "cancelled")  # for the replica pursuing it
             return await self._until_ended(goal_id)

@@ -473,7 +473,7 @@ class SqliteGoalStore(GoalStore):
             await self._db.close()
             self._db = None
 
-    async def _one(self, query: str, params: tuple[str | int, ...]) -> Goal | None:
+    async def _one(self, query: str, params: tuple[str | int | None, ...]) -> Goal | None:
         async with self._conn.execute(f"SELECT {_COLUMNS} FROM goals WHERE {query}", params) as rows:
             row = await rows.fetchone()
         return stored_goal(row) if row else None
@@ -498,7 +498,7 @@ class SqliteGoalStore(GoalStore):
             await self._conn.commit()
             if cursor.rowcount == 1:
                 return goal, Fence(owner, 1)
-            held = await self._one("request_id = ?", (request_key(goal) or "",))
+            held = await self._one("request_id = ?", (request_key(goal),))
         assert held is not None  # the conflicting row exists: goals are never deleted
         return held, None
 
@@ -565,9 +565,7 @@ class SqliteGoalStore(GoalStore):
 
     async def get_goal(self, goal_id: str, *, tenant: str | None = None) -> Goal | None:
         async with self._lock:
-            if tenant is None:
-                return await self._one("goal_id = ?", (goal_id,))
-            return await self._one("goal_id = ? AND tenant = ?", (goal_id, tenant))
+            return await self._one("goal_id = ? AND tenant = coalesce(?, tenant)", (goal_id, tenant))
 
     async def list_goals(
         self, *, limit: int, after: tuple[int, str] | None, state: int, tenant: str | None = None

@@ -528,10 +528,9 @@ class RunManager:
         return [self._live[run.run_id].run if run.run_id in self._live else run for run in runs]
 
     async def _stop(self, run_id: str, kind: str, reason: str) -> pb.Run:
-        await self.get_run(run_id)
+        run = await self.get_run(run_id)
         live = self._live.get(run_id)
         if live is None or live.task is None or live.feed.ended:
-            run = await self.get_run(run_id)
             if live is None and run.state in UNFINISHED:  # another replica drives it
                 await self._store.request_control(run_id, kind, reason)
                 stopped = await self._until_stopped(run_id)
@@ -577,9 +576,8 @@ class RunManager:
             NotFoundError: No run has that id.
             FailedPreconditionError: The run has ended.
         """
-        await self.get_run(run_id)
-        if run_id not in self._live:
-            stored = await self._store.get_stored(run_id)
+        if run_id not in self._live:  # another tenant's run is not found here, nor by _stop
+            stored = await self._store.get_stored(run_id, tenant=tenant_scope())
             if stored is not None and stored.run.state == pb.RUN_STATE_PAUSED:
                 try:
                     stored, fence = await self._store.claim(run_id, self.owner, "cancel")
@@ -668,10 +666,11 @@ class RunManager:
             NotFoundError: No run has that id.
             InvalidArgumentError: An expression is malformed or names nothing that exists yet.
         """
-        await self.get_run(run_id)
         live = self._live.get(run_id)
-        if live is None:
-            stored = await self._store.get_stored(run_id)
+        if live is not None:
+            await self.get_run(run_id)  # of the calling tenant
+        else:
+            stored = await self._store.get_stored(run_id, tenant=tenant_scope())
             if stored is None:
                 raise NotFoundError("run", run_id)
             spec = await self.spec(stored.workflow, _max_depth(stored.limits))

@@ -41,7 +41,14 @@ class Stack:
     coordinator: CoordinatorClient
 
 
-async def start_tier(tier: str, settings: Settings) -> TierServer:
+#: The networks the tools of the tests' tiers may call (their HTTP servers are on loopback, which the
+#: tools may not reach by default); a test of the default passes ``loopback_tools=False``.
+TEST_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+async def start_tier(tier: str, settings: Settings, *, loopback_tools: bool = True) -> TierServer:
+    if loopback_tools and not settings.http_allowed_networks:
+        settings = dataclasses.replace(settings, http_allowed_networks=TEST_NETWORKS)
     server = TierServer(
         service_for(tier, settings),
         port=0,
@@ -193,7 +200,16 @@ class Process:
 
 async def spawn_tier(tier: str, *args: str, env: dict[str, str]) -> Process:
     process = await asyncio.create_subprocess_exec(
-        *TIERSTACK, "serve", tier, "--port", "0", "--metrics-port", "0", *args, stderr=asyncio.subprocess.PIPE, env=env
+        *TIERSTACK,
+        "serve",
+        tier,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={"TIERSTACK_HTTP_ALLOWED_NETWORKS": ",".join(TEST_NETWORKS), **env},
     )
     tracked = Process(process)
     tracked.reader = asyncio.create_task(tracked.read())
@@ -310,8 +326,8 @@ class FlakyStore(RunStore):
     async def close(self) -> None:
         await self.real.close()
 
-    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
-        return await self.real.create_run(stored, owner)
+    async def create_run(self, stored: StoredRun, owner: str, *, most: int = 0) -> tuple[Run, Fence | None]:
+        return await self.real.create_run(stored, owner, most=most)
 
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
         return await self.real.claim(run_id, owner, transition)

@@ -283,7 +283,8 @@ async def chaos(
                 if tier == "coordinate"
                 else arguments[tier],
                 # Each goal calls paths of its own: a similar past goal's subtasks are not reused as they are.
-                {**shared, "TIERSTACK_SIMILARITY_THRESHOLD": "2"},
+                # The tools call the endpoint on loopback, which they may reach only when allowed.
+                {**shared, "TIERSTACK_SIMILARITY_THRESHOLD": "2", "TIERSTACK_HTTP_ALLOWED_NETWORKS": "127.0.0.0/8"},
             )
             for k, port in enumerate(tier_ports)
         ]

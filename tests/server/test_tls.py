@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import trustme
 from tests.helpers import TIERSTACK, Stack, grpcurl, open_stack, spawned_stack, stop
 from tierstack.client import CoordinatorClient, MonitorClient, Tls, UnavailableError
 from tierstack.server import ServerTls, Settings
+from tierstack.server.auth import Role, SqliteKeyStore, issue
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as pb
 
@@ -90,14 +92,25 @@ async def test_mutual_tls_serves_only_callers_with_a_certificate_of_its_authorit
                     await client.list_goals(pb.ListGoalsRequest())
 
 
-async def test_grpcurl_calls_a_mutual_tls_server_with_a_certificate(ca: trustme.CA, tmp_path: Path) -> None:
+async def test_grpcurl_calls_a_mutual_tls_server_with_a_certificate_and_a_key(
+    ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
-    caller = ca.issue_cert("grpcurl")
+    caller = ca.issue_cert("grpcurl.example.com")
     ca.cert_pem.write_to_path(files["ca"])
     files["cert"].write_bytes(chain(caller))
     caller.private_key_pem.write_to_path(files["key"])
-    async with open_stack(Settings(tls=server_tls(ca, client_auth=True)), client_tls=caller_tls(ca)) as stack:
+    store = SqliteKeyStore.in_folder(tmp_path)
+    await store.open()
+    tier, runner = issue("system", Role.TIER, "tiers"), issue("acme", Role.RUN, "grpcurl")
+    for issued in (tier, runner):
+        await store.add(issued)
+    await store.close()
+    settings = Settings(data_dir=tmp_path, tls=server_tls(ca, client_auth=True), auth=True, tier_key=tier.token)
+    caplog.set_level(logging.INFO, logger="tierstack.audit")
+    async with open_stack(settings, client_tls=caller_tls(ca)) as stack:
         security = ["-cacert", str(files["ca"]), "-cert", str(files["cert"]), "-key", str(files["key"])]
+        security += ["-H", f"authorization: Bearer {runner.token}"]
         listed = await asyncio.to_thread(grpcurl, stack.execute.target, "list", security=security)
         assert "tierstack.v1.ExecutorService" in listed.split()
         echo = await asyncio.to_thread(
@@ -109,6 +122,9 @@ async def test_grpcurl_calls_a_mutual_tls_server_with_a_certificate(ca: trustme.
             security=security,
         )
         assert json.loads(echo)["result"]["output"] == "over mTLS"
+    # The audit log names the caller by its key and by the certificate the CA vouched for.
+    audited = [record for record in caplog.records if record.name == "tierstack.audit"]
+    assert [(r.tenant, r.caller, r.peer) for r in audited] == [("acme", runner.key.key_id, "grpcurl.example.com")]  # type: ignore[attr-defined]
 
 
 async def test_three_processes_and_the_cli_speak_mutual_tls_from_the_environment(

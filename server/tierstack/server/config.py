@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class Settings:
             working within this.
         tenant_requests_per_second: How many calls a second each tenant may make to this server when
             auth is on (``TIERSTACK_TENANT_REQUESTS_PER_SECOND``); 0 for no limit.
+        tenant_concurrent_runs: How many unfinished runs (paused ones too) each tenant may have in
+            Orchestrate's store (``TIERSTACK_TENANT_CONCURRENT_RUNS``); 0 for no limit.
+        tenant_concurrent_goals: How many unfinished goals each tenant may have in Coordinate's store
+            (``TIERSTACK_TENANT_CONCURRENT_GOALS``); 0 for no limit.
         max_concurrent_streams: How many calls one connection may have open at once.
         port: The port to bind; 0 picks a free one.
         metrics_port: The port of the Prometheus endpoint (``/metrics``); 0 picks a free one, None serves
@@ -69,6 +74,9 @@ class Settings:
             that, restarted under the same name, it resumes its own runs at once instead of after
             their leases; unique among the replicas that run at once. A new random name by default.
         http_allowed_hosts: Host patterns (fnmatch) the ``http.request`` tool may reach.
+        http_allowed_networks: The networks (CIDR) beyond the public internet that ``http.request`` may
+            reach: by default it refuses any loopback, private, link-local or otherwise non-public
+            address a host resolves to. The tiers' own ports on such addresses stay refused.
         grace_seconds: How long in-flight calls may finish when the server stops.
         slow_tool_seconds: Tools whose average latency is above this are reported as slow.
         max_concurrent_tools: How many tool calls of ``ExecuteTools`` batches run at once per server.
@@ -125,6 +133,8 @@ class Settings:
     open_reflection: bool = False
     auth_cache_seconds: float = 5.0
     tenant_requests_per_second: float = 0.0
+    tenant_concurrent_runs: int = 0
+    tenant_concurrent_goals: int = 0
     max_concurrent_streams: int = 1000
     port: int = 0
     metrics_port: int | None = None
@@ -134,7 +144,8 @@ class Settings:
     store_url: str = field(default="", repr=False)  # it may carry a password
     lease_seconds: float = 10.0
     replica_id: str = ""
-    http_allowed_hosts: tuple[str, ...] = field(default=("127.0.0.1", "localhost", "::1"))
+    http_allowed_hosts: tuple[str, ...] = ("*",)
+    http_allowed_networks: tuple[str, ...] = ()
     grace_seconds: float = 5.0
     slow_tool_seconds: float = 1.0
     max_concurrent_tools: int = 64
@@ -175,10 +186,15 @@ class Settings:
             raise ValueError("TIERSTACK_LEASE_SECONDS must be between 0.1 and 3600")
         if len(self.replica_id) > 128:
             raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
-        if self.tenant_requests_per_second < 0 or self.max_concurrent_streams < 1:
-            raise ValueError(
-                "TIERSTACK_TENANT_REQUESTS_PER_SECOND is 0 or more, TIERSTACK_MAX_CONCURRENT_STREAMS 1 or more"
-            )
+        if min(self.tenant_requests_per_second, self.tenant_concurrent_runs, self.tenant_concurrent_goals) < 0:
+            raise ValueError("TIERSTACK_TENANT_* quotas are 0 (no limit) or more")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("TIERSTACK_MAX_CONCURRENT_STREAMS is 1 or more")
+        for network in self.http_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"TIERSTACK_HTTP_ALLOWED_NETWORKS: {network[:64]!r} is not a network") from None
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("TIERSTACK_JWKS_URL needs TIERSTACK_JWT_ISSUER and TIERSTACK_JWT_AUDIENCE")
         if self.tls is None and not self.insecure and not is_loopback(self.host):
@@ -197,6 +213,15 @@ class Settings:
     def tls_below(self) -> Tls | None:
         """The TLS of this server's calls to the tiers below; None for plaintext."""
         return self.tls.below() if self.tls is not None else None
+
+    @property
+    def tier_ports(self) -> frozenset[int]:
+        """The ports the tiers listen on here (the defaults, this server's and its targets'), which tools
+        never reach on a local address."""
+        targets = (self.execute_target, self.orchestrate_target)
+        ports = {*DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values(), self.port, self.metrics_port or 0}
+        ports.update(int(port) for target in targets for port in target_ports(target))
+        return frozenset(ports - {0})
 
     @property
     def postgres_url(self) -> str | None:
@@ -223,8 +248,6 @@ class Settings:
         """Reads ``TIERSTACK_*`` variables; a tier's port comes from ``TIERSTACK_<TIER>_PORT``."""
         env = os.environ if env is None else env
         defaults = cls()
-        hosts = env.get("TIERSTACK_HTTP_ALLOWED_HOSTS")
-        fallbacks = env.get("TIERSTACK_MODEL_FALLBACKS", "")
         metrics_port = env.get(f"TIERSTACK_{tier.upper()}_METRICS_PORT", str(DEFAULT_METRICS_PORTS[tier]))
         return cls(
             host=env.get("TIERSTACK_HOST", defaults.host),
@@ -241,6 +264,8 @@ class Settings:
             tenant_requests_per_second=float(
                 env.get("TIERSTACK_TENANT_REQUESTS_PER_SECOND", defaults.tenant_requests_per_second)
             ),
+            tenant_concurrent_runs=int(env.get("TIERSTACK_TENANT_CONCURRENT_RUNS", defaults.tenant_concurrent_runs)),
+            tenant_concurrent_goals=int(env.get("TIERSTACK_TENANT_CONCURRENT_GOALS", defaults.tenant_concurrent_goals)),
             max_concurrent_streams=int(env.get("TIERSTACK_MAX_CONCURRENT_STREAMS", defaults.max_concurrent_streams)),
             port=int(env.get(f"TIERSTACK_{tier.upper()}_PORT", DEFAULT_PORTS[tier])),
             metrics_port=None if metrics_port.lower() in ("", "off") else int(metrics_port),
@@ -250,16 +275,15 @@ class Settings:
             store_url=env.get("TIERSTACK_STORE_URL", defaults.store_url),
             lease_seconds=float(env.get("TIERSTACK_LEASE_SECONDS", defaults.lease_seconds)),
             replica_id=env.get("TIERSTACK_REPLICA_ID", defaults.replica_id),
-            http_allowed_hosts=(
-                tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else defaults.http_allowed_hosts
-            ),
+            http_allowed_hosts=_listed(env.get("TIERSTACK_HTTP_ALLOWED_HOSTS")) or defaults.http_allowed_hosts,
+            http_allowed_networks=_listed(env.get("TIERSTACK_HTTP_ALLOWED_NETWORKS")),
             grace_seconds=float(env.get("TIERSTACK_GRACE_SECONDS", defaults.grace_seconds)),
             slow_tool_seconds=float(env.get("TIERSTACK_SLOW_TOOL_SECONDS", defaults.slow_tool_seconds)),
             max_concurrent_tools=int(env.get("TIERSTACK_MAX_CONCURRENT_TOOLS", defaults.max_concurrent_tools)),
             model_base_url=env.get("TIERSTACK_MODEL_BASE_URL", defaults.model_base_url),
             model=env.get("TIERSTACK_MODEL", defaults.model),
             model_api_key=env.get("TIERSTACK_MODEL_API_KEY", defaults.model_api_key),
-            model_fallbacks=tuple(m.strip() for m in fallbacks.split(",") if m.strip()),
+            model_fallbacks=_listed(env.get("TIERSTACK_MODEL_FALLBACKS")),
             model_timeout_seconds=float(env.get("TIERSTACK_MODEL_TIMEOUT_SECONDS", defaults.model_timeout_seconds)),
             model_retries=int(env.get("TIERSTACK_MODEL_RETRIES", defaults.model_retries)),
             model_cache_entries=int(env.get("TIERSTACK_MODEL_CACHE_ENTRIES", defaults.model_cache_entries)),
@@ -302,8 +326,22 @@ class Settings:
 
 def target_hosts(target: str) -> list[str]:
     """Returns the hosts a channel target names (``host:port``, several, or a gRPC name)."""
+    return [address.rpartition(":")[0] or address for address in _addresses(target)]
+
+
+def target_ports(target: str) -> list[str]:
+    """Returns the ports a channel target names, where it names them."""
+    return [port for address in _addresses(target) if (port := address.rpartition(":")[2]).isdigit()]
+
+
+def _addresses(target: str) -> list[str]:
     named = target.split(":///", 1)[-1].removeprefix("ipv4:").removeprefix("ipv6:")
-    return [address.rpartition(":")[0] or address for address in named.split(",")]
+    return named.split(",")
+
+
+def _listed(value: str | None) -> tuple[str, ...]:
+    """Reads a comma-separated setting."""
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
 def _auth(value: str) -> bool:

@@ -210,7 +210,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext[Any, Any],
         error: BaseException | None,
         start: float,
-        resource: str | None,
+        audited: tuple[str, str] | None,
     ) -> None:
         elapsed = time.perf_counter() - start
         if isinstance(error, TierstackError):
@@ -226,14 +226,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._metrics.in_flight[method] -= 1
         code = _code_name(context, error)
         self._metrics.record(method, code, elapsed)
-        if resource is not None:
-            audit.record(method, resource, code)
+        if audited is not None:
+            audit.record(method, *audited, code)
 
 
 class _Observed:
     """The block of one call: timed, with its errors mapped (a plain class: this runs on every call)."""
 
-    __slots__ = ("_context", "_interceptor", "_method", "_resource", "_start")
+    __slots__ = ("_audited", "_context", "_interceptor", "_method", "_start")
 
     def __init__(
         self, interceptor: ServerInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -242,13 +242,13 @@ class _Observed:
         self._method = method
         self._context = context
         self._start = time.perf_counter()
-        self._resource: str | None = None  # what an audited call acts on
+        self._audited: tuple[str, str] | None = None  # what an audited call acts on, and its peer
         interceptor._metrics.in_flight[method] += 1
 
     def audit(self, request: Any) -> None:
         """Logs the call in the audit log when it ends, if its method changes state."""
-        if self._method in audit.AUDITED:
-            self._resource = audit.resource_of(request)
+        if self._method in audit.AUDITED:  # the peer is read now: once the call has ended it is gone
+            self._audited = (audit.resource_of(request), audit.peer_of(self._context))
 
     async def __aenter__(self) -> _Observed:
         return self
@@ -266,7 +266,7 @@ class _Observed:
             elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
-            self._interceptor._finish(self._method, self._context, error, self._start, self._resource)
+            self._interceptor._finish(self._method, self._context, error, self._start, self._audited)
         return False
 
 

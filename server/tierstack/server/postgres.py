@@ -151,6 +151,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE goals ADD COLUMN tenant text NOT NULL DEFAULT '';
     CREATE INDEX goals_by_tenant ON goals (tenant, create_ns DESC, goal_id DESC);
     """,
+    # 9: each tenant's unfinished runs and goals, counted against its quotas.
+    """
+    CREATE INDEX runs_unfinished_by_tenant ON runs (tenant) WHERE end_ns IS NULL;
+    CREATE INDEX goals_unfinished_by_tenant ON goals (tenant) WHERE state IN (1, 2);
+    """,
 )
 
 #: Now, in ns since the epoch, by the database's clock: leases are taken and compared by this one

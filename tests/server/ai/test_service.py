@@ -63,6 +63,22 @@ async def test_a_repeated_request_is_answered_from_the_cache(build: Build, fake:
     assert len(fake.requests) == 4
 
 
+async def test_a_tenant_is_never_answered_from_another_tenants_call(build: Build, fake: FakeOpenAI) -> None:
+    service = build()
+    acme, globex = Scope(tenant="acme"), Scope(tenant="globex")
+    await service.complete(ask("our merger plan", scope=acme))
+    assert (await service.complete(ask("our merger plan", scope=acme))).cached
+    # The same question from another tenant is asked again: a cached answer would tell it that acme asked.
+    assert not (await service.complete(ask("our merger plan", scope=globex))).cached
+    await asyncio.gather(*(service.complete(ask("at once", scope=scope)) for scope in (acme, globex)))
+    assert [request["messages"][-1]["content"] for request in fake.requests] == [
+        "our merger plan",
+        "our merger plan",
+        "at once",
+        "at once",
+    ]
+
+
 async def test_the_memory_cache_forgets_the_least_recently_used(build: Build, fake: FakeOpenAI) -> None:
     service = build(cache=ResponseCache(max_entries=2))
     for text in ("a", "b", "a", "c"):  # "a" was used after "b", so "b" is the one forgotten

@@ -5,6 +5,7 @@ from the credential, across every hop."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from tierstack.client import (
     NotFoundError,
     OrchestratorClient,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from tierstack.core.values import JSON, from_value, to_struct
@@ -48,6 +50,13 @@ class Tenants:
 
 @pytest.fixture
 async def tenants(tmp_path: Path) -> AsyncIterator[Tenants]:
+    async with open_tenants(tmp_path) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_tenants(tmp_path: Path, **settings: Any) -> AsyncIterator[Tenants]:
+    """Starts a stack with auth on and keys of every role for tenants acme and globex."""
     store = SqliteKeyStore.in_folder(tmp_path)
     await store.open()
     keys, key_ids = {}, {}
@@ -60,8 +69,8 @@ async def tenants(tmp_path: Path) -> AsyncIterator[Tenants]:
             key_ids[f"{tenant} {role.name.lower()}"] = issued.key.key_id
     finally:
         await store.close()
-    settings = Settings(data_dir=tmp_path, auth=True, tier_key=keys["system tier"], auth_cache_seconds=0)
-    async with open_stack(settings) as stack:
+    configured = Settings(data_dir=tmp_path, auth=True, tier_key=keys["system tier"], auth_cache_seconds=0, **settings)
+    async with open_stack(configured) as stack:
         service = stack.execute.service
         assert isinstance(service, ExecuteService)
         service.registry.register(transfer)
@@ -266,3 +275,32 @@ async def test_another_tenants_goal_answers_not_found(tenants: Tenants) -> None:
         async with OrchestratorClient(tenants.stack.orchestrate.target, api_key=tenants.keys["acme read"]) as runs:
             listed = (await runs.list_runs()).runs
         assert listed and {run.tenant_id for run in listed} == {"acme"}
+
+
+async def test_a_tenant_runs_at_most_its_quota_of_runs_at_once(tmp_path: Path) -> None:
+    async with open_tenants(tmp_path, tenant_concurrent_runs=2) as tenants:
+        target = tenants.stack.orchestrate.target
+        async with (
+            OrchestratorClient(target, api_key=tenants.keys["acme run"]) as acme,
+            OrchestratorClient(target, api_key=tenants.keys["globex run"]) as globex,
+        ):
+            first, second = [
+                (await acme.start_run(pb.StartRunRequest(request_id=f"r{n}", workflow=writes_then_waits(60)))).run
+                for n in (1, 2)
+            ]
+            with pytest.raises(ResourceExhaustedError) as caught:
+                await acme.start_run(pb.StartRunRequest(request_id="r3", workflow=writes_then_waits(0)))
+            refused = caught.value
+            assert refused.reason == "TOO_MANY_RUNS" and refused.retry_after
+            assert [v.field for v in refused.violations] == ["concurrent_runs"]
+            # A retry of a run already started is no new run; another tenant has a quota of its own.
+            again = await acme.start_run(pb.StartRunRequest(request_id="r1", workflow=writes_then_waits(60)))
+            assert not again.created and again.run.run_id == first.run_id
+            assert (await globex.start_run(pb.StartRunRequest(workflow=writes_then_waits(0)))).created
+            # A paused run still holds its place (it may resume); a cancelled one frees it.
+            await acme.pause_run(second.run_id)
+            with pytest.raises(ResourceExhaustedError):
+                await acme.start_run(pb.StartRunRequest(request_id="r3", workflow=writes_then_waits(0)))
+            await acme.cancel_run(first.run_id)
+            third = await acme.start_run(pb.StartRunRequest(request_id="r3", workflow=writes_then_waits(0)))
+            assert third.created

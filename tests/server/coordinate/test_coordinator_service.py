@@ -77,12 +77,12 @@ async def test_a_failing_subtask_is_replanned_then_fails_the_goal(stack: Stack) 
     request = pb.CoordinateRequest(goal="fetch http://example.invalid/x then write it up", agents=[*AGENTS, scout])
     events = [event async for event in stack.coordinator.coordinate(request)]
     finished = [e.subtask_finished for e in events if e.HasField("subtask_finished")]
-    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [("s1", False, "HOST_NOT_ALLOWED")] * 3
+    assert [(f.subtask_id, f.success, f.error.reason) for f in finished] == [("s1", False, "HOST_NOT_FOUND")] * 3
     replanned = [e.subtask_replanned for e in events if e.HasField("subtask_replanned")]
     first_agent = next(e.subtask_started.agent_id for e in events if e.HasField("subtask_started"))
     assert [(r.replan, r.previous_agent_id) for r in replanned] == [(1, first_agent), (2, replanned[0].agent_id)]
     assert {first_agent, replanned[0].agent_id} == {"researcher", "scout"}  # another capable agent tries
-    assert events[-1].goal_failed.error.reason == "HOST_NOT_ALLOWED"
+    assert events[-1].goal_failed.error.reason == "HOST_NOT_FOUND"
     assert events[-1].goal_failed.error.metadata["subtask"] == "s1"
     runs = {e.subtask_started.run_id for e in events if e.HasField("subtask_started")}
     assert len(runs) == 3  # each attempt is a Tier 2 run of its own

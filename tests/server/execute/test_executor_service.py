@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, reply
-from tierstack.client import InvalidArgumentError, ResourceExhaustedError
+from tests.helpers import HttpServer, Stack, free_port, reply, start_tier
+from tierstack.client import ExecutorClient, InvalidArgumentError, ResourceExhaustedError
 from tierstack.core.values import from_value, to_struct
+from tierstack.server import Settings
 from tierstack.server.execute import Tool, ToolContext
 from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
@@ -67,9 +69,53 @@ async def test_http_request_reads_an_allowed_host(stack: Stack, http_server: Htt
     assert output["json"] == {"temperature": 21}
 
 
-async def test_http_request_refuses_hosts_off_the_allow_list(stack: Stack) -> None:
-    response = await stack.executor.execute_tool(tool_request("http.request", url="http://example.com/"))
+async def test_http_request_refuses_hosts_off_the_allow_list(data_dir: Path, http_server: HttpServer) -> None:
+    server = await start_tier("execute", Settings(data_dir=data_dir, http_allowed_hosts=("*.example.com",)))
+    try:
+        async with ExecutorClient(server.target) as client:
+            response = await client.execute_tool(tool_request("http.request", url=f"{http_server.url}/"))
+    finally:
+        await server.stop()
     assert response.result.error.reason == "HOST_NOT_ALLOWED"
+    assert not http_server.hits
+
+
+async def test_http_request_reaches_no_local_address_unless_allowed(data_dir: Path, http_server: HttpServer) -> None:
+    """By default the tool refuses every address a host resolves to that is not public, whatever its
+    name; an operator allows networks, but never the tiers' own ports."""
+    http_server.routes["/host"] = lambda request: reply(request.headers["Host"].encode(), "text/plain")(request)
+    port = http_server.url.rpartition(":")[2]
+    refused = [
+        http_server.url,
+        f"http://localhost:{port}/host",  # a name allowed, its address not
+        f"http://2130706433:{port}/host",  # 127.0.0.1 written as a number
+        f"http://[::ffff:127.0.0.1]:{port}/host",
+        f"http://0.0.0.0:{port}/host",
+    ]
+    metrics_port = free_port()
+    default = await start_tier("execute", Settings(data_dir=data_dir), loopback_tools=False)
+    allowed = await start_tier("execute", Settings(data_dir=data_dir, metrics_port=metrics_port))
+    try:
+        async with ExecutorClient(default.target) as first, ExecutorClient(allowed.target) as second:
+            for url in refused:
+                response = await first.execute_tool(tool_request("http.request", url=url))
+                assert response.result.error.reason == "ADDRESS_NOT_ALLOWED", url
+                if "localhost" in url:  # the error names the host as the caller wrote it, not what it resolved to
+                    assert "127.0.0.1" not in response.result.error.message
+            assert not http_server.hits
+            # Allowed: the call goes to the address that was checked, under the name it was given, whatever
+            # Host header the caller sets (another host on that address would be off the allow-list).
+            response = await second.execute_tool(
+                tool_request("http.request", url=f"http://localhost:{port}/host", headers={"Host": "admin.internal"})
+            )
+            assert from_value(response.result.output)["body"] == f"localhost:{port}"  # type: ignore[index,call-overload]
+            for own in (f"http://127.0.0.1:{metrics_port}/metrics", "http://localhost:50053/"):
+                response = await second.execute_tool(tool_request("http.request", url=own))
+                assert response.result.error.reason == "ADDRESS_NOT_ALLOWED", own
+    finally:
+        await default.stop()
+        await allowed.stop()
+    assert http_server.hits == ["/host"]
 
 
 async def test_http_request_caps_the_response_size(stack: Stack, http_server: HttpServer) -> None:

@@ -125,7 +125,7 @@ async def test_a_spinning_template_is_stopped_at_its_deadline_while_other_calls_
     assert finished == ["echo", "spin"]
     assert from_value(echoed.output) == 1
     assert spun.error.reason == "TOOL_TIMEOUT"
-    await wait_for(lambda: pid not in workers())  # killed, and the pool starts another
+    await wait_for(lambda: pid not in workers(), attempts=3000)  # killed, and the pool starts another
     rendered = await stack.executor.execute_tool(request("text.template", template="{{ 6 * 7 }}"))
     assert from_value(rendered.result.output) == "42"
 
@@ -202,7 +202,7 @@ async def test_a_spinning_python_tool_is_stopped_and_its_worker_replaced(
     pid = await spinning_worker()
     assert await serves(stack, health)
     assert (await spinning).result.error.reason == "TOOL_TIMEOUT"  # its own timeout: one second
-    await wait_for(lambda: pid not in workers())
+    await wait_for(lambda: pid not in workers(), attempts=3000)
     worker = from_value((await stack.executor.execute_tool(request("test.where"))).result.output)
     assert worker in workers() and worker != os.getpid()
 

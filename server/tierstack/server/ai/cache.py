@@ -27,8 +27,10 @@ L2_RETRY_SECONDS = 5.0
 
 
 def request_key(request: CompletionRequest) -> str:
-    """Returns the cache key of a request: a SHA-256 of what shapes the answer (not of its scope)."""
+    """Returns the cache key of a request: a SHA-256 of what shapes the answer and of its tenant (a
+    tenant answered from another's call would learn what that one asked), not of the rest of its scope."""
     shape = {
+        "tenant": request.scope.tenant,
         "model": request.model,
         "messages": [dataclasses.asdict(message) for message in request.messages],
         "tools": [[tool.name, tool.description, tool.parameters] for tool in request.tools],

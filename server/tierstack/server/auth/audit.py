@@ -1,10 +1,13 @@
-"""The audit log: one line per state-changing call, naming the tenant, the caller, the method, the
-resource and the outcome; never a credential (the metadata is not read here)."""
+"""The audit log: one line per state-changing call, naming the tenant, the caller, the peer's
+certificate (mutual TLS), the method, the resource and the outcome; never a credential (the metadata
+is not read here)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+import grpc
 
 from tierstack.server.auth.guard import REQUIRED
 from tierstack.server.auth.keys import Role
@@ -35,16 +38,31 @@ def resource_of(request: Any) -> str:
     return "-"
 
 
-def record(method: str, resource: str, code: str) -> None:
-    """Logs one audited call by the caller current for this task."""
+def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Returns who the caller's certificate, checked against the CA under mutual TLS, says it is (its
+    first subject alternative name, else its common name), or ``-`` without one."""
+    first = next(iter(context.peer_identities() or ()), b"")
+    return _plain(first.decode(errors="replace"))
+
+
+def record(method: str, resource: str, peer: str, code: str) -> None:
+    """Logs one audited call by the caller current for this task, from ``peer`` (see :func:`peer_of`)."""
     principal = current()
     tenant, caller = (_plain(principal.tenant), _plain(principal.subject)) if principal is not None else ("-", "-")
     _log.info(
-        "audit tenant=%s caller=%s method=%s resource=%s code=%s",
+        "audit tenant=%s caller=%s peer=%s method=%s resource=%s code=%s",
         tenant,
         caller,
+        peer,
         method.rpartition("/")[2],
         resource,
         code,
-        extra={"tenant": tenant, "caller": caller, "method": method, "resource": resource, "code": code},
+        extra={
+            "tenant": tenant,
+            "caller": caller,
+            "peer": peer,
+            "method": method,
+            "resource": resource,
+            "code": code,
+        },
     )

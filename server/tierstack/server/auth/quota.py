@@ -1,4 +1,4 @@
-"""Requests per second per tenant: a token bucket for each, in a bounded map."""
+"""Quotas per tenant: requests per second (a token bucket for each, in a bounded map) and unfinished work."""
 
 from __future__ import annotations
 
@@ -40,3 +40,16 @@ class RateLimiter:
                 retry_after=(1 - tokens) / self._rate,
             )
         self._buckets[tenant] = (tokens - 1, now)
+
+
+#: When a caller refused for too much unfinished work is told to try again: work ends at its own pace.
+RETRY_UNFINISHED_SECONDS = 1.0
+
+
+def too_many_unfinished(kind: str, limit: int) -> ResourceExhaustedError:
+    """Returns the error of a tenant that has ``limit`` unfinished ``kind`` (``runs``, ``goals``) already."""
+    return ResourceExhaustedError(
+        [Violation(f"concurrent_{kind}", f"a tenant may have {limit} unfinished {kind} at once")],
+        reason=f"TOO_MANY_{kind.upper()}",
+        retry_after=RETRY_UNFINISHED_SECONDS,
+    )

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from tierstack.core.errors import ResourceExhaustedError
 from tierstack.core.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.server.coordinate.store import GoalStore
 from tierstack.v1 import common_pb2
@@ -18,6 +19,7 @@ __all__ = [
     "test_a_request_id_holds_one_goal",
     "test_a_request_to_cancel_a_goal_waits_for_its_owner",
     "test_a_stale_owner_is_refused_and_the_new_owner_continues",
+    "test_a_tenant_has_at_most_its_quota_of_unfinished_goals",
     "test_a_transition_stores_the_record_and_follows_the_table",
     "test_a_writer_that_believes_another_state_is_refused",
     "test_concurrent_take_overs_share_the_goals_out",
@@ -49,6 +51,24 @@ async def test_a_request_id_holds_one_goal(store: GoalStore) -> None:
     assert await store.get_goal("g2") is None
     assert (await store.create_goal(new_goal("g3"), "a"))[0].goal_id == "g3"
     assert (await store.create_goal(new_goal("g4"), "a"))[0].goal_id == "g4"  # no request id: no conflict
+
+
+async def test_a_tenant_has_at_most_its_quota_of_unfinished_goals(store: GoalStore) -> None:
+    async def start(goal_id: str, tenant: str = "acme", request_id: str = "") -> pb.Goal | None:
+        try:
+            goal, _ = await store.create_goal(new_goal(goal_id, tenant=tenant, request_id=request_id), "o", most=2)
+        except ResourceExhaustedError as error:
+            assert error.reason == "TOO_MANY_GOALS" and error.retry_after
+            return None
+        return goal
+
+    started = await asyncio.gather(*(start(f"g{index}", request_id=f"q{index}") for index in range(6)))
+    accepted = [goal for goal in started if goal is not None]
+    assert len(accepted) == 2
+    assert (await start("again", request_id=accepted[0].request.request_id)) == accepted[0]
+    assert await start("other", tenant="globex") is not None
+    await store.write(accepted[0], Fence("o", 1), [], transition="cancel")
+    assert await start("next") is not None and await start("more") is None
 
 
 async def test_each_tenant_sees_its_own_goals_and_request_ids(store: GoalStore) -> None:

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from tierstack.core.errors import ResourceExhaustedError
 from tierstack.core.lifecycle import Fence, IllegalTransitionError, StaleOwnerError
 from tierstack.core.values import now_timestamp
 from tierstack.server.orchestrate.store import RunStore, StoredRun
@@ -21,6 +22,7 @@ __all__ = [
     "test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out",
     "test_a_stale_write_leaves_the_whole_batch_unwritten",
     "test_a_starting_owner_takes_over_the_runs_no_live_owner_holds",
+    "test_a_tenant_has_at_most_its_quota_of_unfinished_runs",
     "test_concurrent_claims_of_a_paused_run_have_one_winner",
     "test_concurrent_take_overs_share_the_runs_out",
     "test_each_tenant_sees_its_own_runs_and_request_ids",
@@ -63,6 +65,29 @@ async def test_a_request_id_holds_one_run(store: RunStore) -> None:
     assert await store.get_run("r2") is None
     assert (await store.create_run(new_run("r3"), OWNER))[0].run_id == "r3"
     assert (await store.create_run(new_run("r4"), OWNER))[0].run_id == "r4"
+
+
+async def test_a_tenant_has_at_most_its_quota_of_unfinished_runs(store: RunStore) -> None:
+    async def start(run_id: str, tenant: str = "acme", request_id: str = "") -> str:
+        try:
+            stored = new_run(run_id, tenant=tenant, request_id=request_id, state=pb.RUN_STATE_RUNNING)
+            run, _ = await store.create_run(stored, OWNER, most=3)
+        except ResourceExhaustedError as error:
+            assert error.reason == "TOO_MANY_RUNS" and error.retry_after
+            return "refused"
+        return run.run_id
+
+    started = await asyncio.gather(*(start(f"r{index}", request_id=f"q{index}") for index in range(8)))
+    assert sorted(started).count("refused") == 5  # at once, and still no more than 3
+    accepted = [run_id for run_id in started if run_id != "refused"]
+    assert await start("again", request_id=f"q{accepted[0][1:]}") == accepted[0]  # a retry is not new work
+    assert await start("other", tenant="globex") == "other"
+    fence = Fence(OWNER, 1)
+    for run_id, state in ((accepted[0], pb.RUN_STATE_CANCELLED), (accepted[1], pb.RUN_STATE_PAUSED)):
+        await store.write([pb.Run(run_id=run_id, state=state, tenant_id="acme")], [], {run_id: fence})
+    assert await start("next") == "next"  # a finished run frees its place, a paused one keeps it
+    assert await start("more") == "refused"
+    assert (await store.create_run(new_run("unlimited", tenant="acme"), OWNER))[0].run_id == "unlimited"
 
 
 async def test_each_tenant_sees_its_own_runs_and_request_ids(store: RunStore) -> None:

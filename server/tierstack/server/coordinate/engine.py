@@ -241,6 +241,8 @@ class Coordinator:
             reached, in seconds; it doubles up to 2 s.
         max_output_bytes: The largest outputs of a goal together (in their wire form); larger ones fail
             the goal with ``OUTPUT_TOO_LARGE``.
+        tenant_goals: The most unfinished goals a tenant may have; more are refused with
+            ``TOO_MANY_GOALS``. 0 for no limit.
     """
 
     def __init__(
@@ -253,8 +255,10 @@ class Coordinator:
         flush_interval: float = 0.01,
         reconnect_backoff: float = 0.05,
         max_output_bytes: int = _DEFAULTS.max_total_output_bytes,
+        tenant_goals: int = 0,
     ) -> None:
         self._max_output_bytes = max_output_bytes
+        self._tenant_goals = tenant_goals
         self._runner = runner
         self.decomposer = decomposer
         self._store = store if store is not None else MemoryGoalStore()
@@ -364,7 +368,7 @@ class Coordinator:
         return await asyncio.shield(self._create(goal))
 
     async def _create(self, goal: pb.Goal) -> tuple[pb.Goal, bool]:
-        stored, fence = await self._store.create_goal(goal, self._owner)
+        stored, fence = await self._store.create_goal(goal, self._owner, most=self._tenant_goals)
         if fence is None:
             return self._current(stored), False
         self._pursue(stored, fence, [], resumed=False)

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from tierstack.core.errors import NotFoundError
 from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS, GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server import postgres
+from tierstack.server.auth.quota import too_many_unfinished
 from tierstack.server.coordinate.store import (
     UNFINISHED,
     Goal,
@@ -23,6 +24,7 @@ from tierstack.server.coordinate.store import (
     Written,
     learnt_rows,
     memory_key,
+    new_row,
     next_state,
     number_events,
     pack_subtasks,
@@ -61,24 +63,26 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
     async def wait_changed(self, key: str, timeout: float) -> None:
         await self._heard(key, timeout)
 
-    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
-        created = await self._db.fetchval(
-            "INSERT INTO goals"
-            " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, tenant, lease_ns)"
-            f" VALUES ($1, $2, $3, $4, $5, 1, 0, $6, $7, {postgres.lease_from_now(self.lease_seconds)})"
-            " ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
-            goal.goal_id,
-            request_key(goal),
-            goal.state,
-            goal.create_time.ToNanoseconds(),
-            owner,
-            goal.SerializeToString(),
-            tenant_of(goal),
-        )
-        if created is not None:
-            return goal, Fence(owner, 1)
-        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE request_id = $1", request_key(goal))
-        assert row is not None  # the conflicting row exists: goals are never deleted
+    async def create_goal(self, goal: Goal, owner: str, *, most: int = 0) -> tuple[Goal, Fence | None]:
+        async with self._db.acquire() as connection, connection.transaction(isolation="read_committed"):
+            # One count and insert at a time per tenant (the count read after the lock), or two could pass.
+            if most:
+                await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))", tenant_of(goal))
+            created = await connection.fetchval(
+                "INSERT INTO goals"
+                " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, tenant, lease_ns)"
+                f" SELECT $1, $2, $3, $4, $5, 1, 0, $6, $7, {postgres.lease_from_now(self.lease_seconds)}"
+                f" WHERE $8 = 0 OR (SELECT count(*) FROM goals WHERE tenant = $7 AND state IN {UNFINISHED}) < $8"
+                " ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
+                *new_row(goal, owner),
+                tenant_of(goal),
+                most,
+            )
+            if created is not None:
+                return goal, Fence(owner, 1)
+            row = await connection.fetchrow(f"SELECT {_COLUMNS} FROM goals WHERE request_id = $1", request_key(goal))
+        if row is None:  # no request id conflicts (goals are never deleted): the quota refused it
+            raise too_many_unfinished("goals", most)
         return stored_goal(tuple(row)), None
 
     async def claim(self, goal_id: str, owner: str) -> Fence:

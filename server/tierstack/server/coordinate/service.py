@@ -137,6 +137,7 @@ class CoordinateService:
             store=self._store,
             owner=settings.replica_id,
             max_output_bytes=settings.max_total_output_bytes,
+            tenant_goals=settings.tenant_concurrent_goals,
         )
 
     def fill_metrics(self, metrics: monitor_pb.TierMetrics, method_filter: str) -> None:

@@ -40,6 +40,7 @@ from tierstack.core.lifecycle import (
 )
 from tierstack.server import sqlite
 from tierstack.server.auth.principal import namespaced
+from tierstack.server.auth.quota import too_many_unfinished
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 Goal = pb.Goal
@@ -128,10 +129,18 @@ class GoalStore(abc.ABC):
         """Releases the store's resources."""
 
     @abc.abstractmethod
-    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+    async def create_goal(self, goal: Goal, owner: str, *, most: int = 0) -> tuple[Goal, Fence | None]:
         """Stores a new goal (pending, with no events) owned by ``owner`` at epoch 1, and returns it
         with its fence; when its ``request.request_id`` is already taken in its tenant, stores nothing
-        and returns the goal that holds it, without a fence."""
+        and returns the goal that holds it, without a fence.
+
+        Args:
+            most: The most unfinished goals the goal's tenant may have with this one, checked in the
+                same transaction as the insert; 0 for no limit.
+
+        Raises:
+            ResourceExhaustedError: The tenant has ``most`` unfinished goals already.
+        """
 
     @abc.abstractmethod
     async def claim(self, goal_id: str, owner: str) -> Fence:
@@ -258,6 +267,18 @@ class _Held:
     cancel: str | None = None
 
 
+def new_row(goal: Goal, owner: str) -> tuple[str, str | None, int, int, str, bytes]:
+    """Returns the first columns of a new goal's row: its id, request key, state, creation, owner and record."""
+    return (
+        goal.goal_id,
+        request_key(goal),
+        goal.state,
+        goal.create_time.ToNanoseconds(),
+        owner,
+        goal.SerializeToString(),
+    )
+
+
 class MemoryGoalStore(GoalStore):
     """Keeps goals in this process only; for tests and throwaway goals."""
 
@@ -274,10 +295,16 @@ class MemoryGoalStore(GoalStore):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+    async def create_goal(self, goal: Goal, owner: str, *, most: int = 0) -> tuple[Goal, Fence | None]:
         request_id = request_key(goal)
         if request_id and request_id in self._by_request:
             return _copy(self._goals[self._by_request[request_id]].goal), None
+        tenant = tenant_of(goal)
+        if (
+            most
+            and sum(tenant_of(h.goal) == tenant and h.goal.state in UNFINISHED for h in self._goals.values()) >= most
+        ):
+            raise too_many_unfinished("goals", most)
         fence = Fence(owner, 1)
         self._goals[goal.goal_id] = _Held(_copy(goal), fence, [], lease_end(self.lease_seconds))
         if request_id:
@@ -423,6 +450,10 @@ _MIGRATIONS = (
     ALTER TABLE goals ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
     CREATE INDEX IF NOT EXISTS goals_by_tenant ON goals (tenant, create_ns DESC, goal_id DESC);
     """,
+    # 4: each tenant's unfinished goals, counted against its quota.
+    """
+    CREATE INDEX IF NOT EXISTS goals_unfinished_by_tenant ON goals (tenant) WHERE state IN (1, 2);
+    """,
 )
 _COLUMNS = "goal, state, last_sequence"
 
@@ -478,28 +509,22 @@ class SqliteGoalStore(GoalStore):
             row = await rows.fetchone()
         return stored_goal(row) if row else None
 
-    async def create_goal(self, goal: Goal, owner: str) -> tuple[Goal, Fence | None]:
+    async def create_goal(self, goal: Goal, owner: str, *, most: int = 0) -> tuple[Goal, Fence | None]:
         async with self._lock:
             cursor = await self._conn.execute(
                 "INSERT INTO goals"
                 " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns, tenant)"
-                " VALUES (?, ?, ?, ?, ?, 1, 0, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-                (
-                    goal.goal_id,
-                    request_key(goal),
-                    goal.state,
-                    goal.create_time.ToNanoseconds(),
-                    owner,
-                    goal.SerializeToString(),
-                    lease_end(self.lease_seconds),
-                    tenant_of(goal),
-                ),
+                " SELECT ?, ?, ?, ?, ?, 1, 0, ?, ?, ?"
+                f" WHERE ? = 0 OR (SELECT count(*) FROM goals WHERE tenant = ? AND state IN {UNFINISHED}) < ?"
+                " ON CONFLICT (request_id) DO NOTHING",
+                (*new_row(goal, owner), lease_end(self.lease_seconds), tenant_of(goal), most, tenant_of(goal), most),
             )
             await self._conn.commit()
             if cursor.rowcount == 1:
                 return goal, Fence(owner, 1)
             held = await self._one("request_id = ?", (request_key(goal),))
-        assert held is not None  # the conflicting row exists: goals are never deleted
+        if held is None:  # no request id conflicts (goals are never deleted): the quota refused it
+            raise too_many_unfinished("goals", most)
         return held, None
 
     async def claim(self, goal_id: str, owner: str) -> Fence:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import ipaddress
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import jinja2
 import jmespath
@@ -85,46 +87,148 @@ def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
     return result
 
 
+#: Addresses that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible): each is as
+#: public as the address it carries.
+_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+#: The IETF's protocol assignments, which Python counts as public.
+_NOT_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"),)
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Says whether ``address`` is on the public internet, and so is any IPv4 address it carries."""
+    if isinstance(address, ipaddress.IPv6Address):
+        carried = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if any(address in network for network in _CARRIERS):
+            carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if address.is_site_local or any(inner is not None and not _public(inner) for inner in carried):
+            return False
+    return address.is_global and not any(address in network for network in _NOT_PUBLIC)
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Opens each connection to the address its host resolves to here, once ``check`` let it through."""
+
+    def __init__(self, check: Callable[[str, int, float | None], Awaitable[str]]) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._check = check
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        address = await self._check(host, port, timeout)
+        return await self._inner.connect_tcp(
+            address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise ToolError("INVALID_URL", "calls reach hosts over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 class HttpRequester:
-    """The ``http.request`` tool: one shared connection pool, a host allow-list, a size limit.
+    """The ``http.request`` tool: one shared connection pool, a host allow-list, an address check, a
+    size limit.
+
+    Each connection is opened to an address its host resolves to at that moment, once that address
+    is checked, so a name that resolves elsewhere a moment later cannot lead the call to a refused
+    address; the name stays the connection's (``Host``, TLS and its certificate check).
 
     Args:
         allowed_hosts: fnmatch patterns of the hosts calls may reach (``*`` allows every host).
+        allowed_networks: Networks beyond the public internet calls may reach; every other loopback,
+            private, link-local or reserved address is refused.
+        tier_ports: Ports refused on every address that is not public: the tiers' own.
         max_bytes: The default cap on a response body.
     """
 
-    def __init__(self, allowed_hosts: Sequence[str], *, max_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        allowed_hosts: Sequence[str],
+        *,
+        allowed_networks: Sequence[str] = (),
+        tier_ports: Collection[int] = (),
+        max_bytes: int = 1 << 20,
+    ) -> None:
         self._allowed = tuple(allowed_hosts)
+        self._networks = tuple(ipaddress.ip_network(network, strict=False) for network in allowed_networks)
+        self._tier_ports = frozenset(tier_ports)
         self._max_bytes = max_bytes
+        transport = httpx.AsyncHTTPTransport(trust_env=False)
+        # httpx takes no network backend of its own: its pool is replaced by one that checks addresses.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=_CheckedBackend(self._address)
+        )
         # Redirects are not followed: a redirect could lead off the allow-list.
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
 
     async def aclose(self) -> None:
         """Closes the connection pool."""
         await self._client.aclose()
 
     def _check_host(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            parsed = httpx.URL()
+        if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ToolError("INVALID_URL", f"{quoted(url)} is not an http(s) URL")
-        if not any(fnmatch.fnmatch(parts.hostname, pattern) for pattern in self._allowed):
+        if not any(fnmatch.fnmatch(parsed.host, pattern) for pattern in self._allowed):
             raise ToolError(
                 "HOST_NOT_ALLOWED",
-                f"host {quoted(parts.hostname)} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
+                f"host {quoted(parsed.host)} is not in the allow-list (TIERSTACK_HTTP_ALLOWED_HOSTS)",
             )
+
+    def _refusal(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str | None:
+        """Says why a connection to ``address`` and ``port`` is refused; None if it is not."""
+        if _public(address):
+            return None
+        if port in self._tier_ports:
+            return f"port {port} of a local address is a tier's own"
+        if not any(address in network for network in self._networks):
+            return "a loopback, private or reserved address, reached only in TIERSTACK_HTTP_ALLOWED_NETWORKS"
+        return None
+
+    async def _address(self, host: str, port: int, timeout: float | None) -> str:
+        """Returns the first address ``host`` resolves to that a connection may be opened to."""
+        try:
+            async with asyncio.timeout(timeout):
+                found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise ToolError("HTTP_TIMEOUT", f"host {quoted(host)} did not resolve in time") from None
+        except (OSError, UnicodeError):
+            raise ToolError("HOST_NOT_FOUND", f"host {quoted(host)} does not resolve") from None
+        addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in found]
+        refusals = [self._refusal(address, port) for address in addresses]
+        if None in refusals:
+            return str(addresses[refusals.index(None)])
+        raise ToolError("ADDRESS_NOT_ALLOWED", f"host {quoted(host)} is refused: {refusals[0]}")
 
     async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         url = arguments["url"]
         self._check_host(url)
         max_bytes = arguments.get("max_bytes", self._max_bytes)
-        request = self._client.build_request(
-            arguments.get("method", "GET"),
-            url,
-            headers=arguments.get("headers"),
-            content=arguments.get("body"),
-            json=arguments.get("json"),
-            timeout=arguments.get("timeout_seconds", 10.0),
-        )
+        try:
+            headers = httpx.Headers(arguments.get("headers"))
+            headers.pop("host", None)  # the URL names the host: another on its address is not on the allow-list
+            request = self._client.build_request(
+                arguments.get("method", "GET"),
+                url,
+                headers=headers,
+                content=arguments.get("body"),
+                json=arguments.get("json"),
+                timeout=arguments.get("timeout_seconds", 10.0),
+            )
+        except (UnicodeError, ValueError, TypeError) as exc:
+            raise ToolError("INVALID_REQUEST", f"the request cannot be sent: {brief(str(exc))}") from None
         try:
             response = await self._client.send(request, stream=True)
             try:

@@ -131,7 +131,9 @@ class ExecuteService:
     service_names: tuple[str, ...] = (executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,)
 
     def __init__(self, settings: Settings) -> None:
-        self._http = HttpRequester(settings.http_allowed_hosts)
+        self._http = HttpRequester(
+            settings.http_allowed_hosts, allowed_networks=settings.http_allowed_networks, tier_ports=settings.tier_ports
+        )
         self.ai = AIService.from_settings(settings)
         self.registry = ToolRegistry()
         register_builtin_tools(self.registry, self._http, self.ai)

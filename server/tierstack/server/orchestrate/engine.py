@@ -57,7 +57,7 @@ from tierstack.core.workflow import (
 )
 from tierstack.server import boundary
 from tierstack.server.auth.keys import Role
-from tierstack.server.auth.principal import Principal, act_as, tenant_scope
+from tierstack.server.auth.principal import Principal, act_as, current, tenant_scope
 from tierstack.server.bounded import ByteBudgetLRU
 from tierstack.server.budget import add_usage, left_of, spent_message
 from tierstack.server.config import Settings
@@ -191,6 +191,8 @@ class RunManager:
         owner: Names this manager as the owner of the runs it drives; unique per process by default.
         max_held_bytes: The most bytes of step outputs one run holds; a step that would pass it fails
             with ``OUTPUT_TOO_LARGE``.
+        tenant_runs: The most unfinished runs a tenant may start itself; more are refused with
+            ``TOO_MANY_RUNS``. 0 for no limit.
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
@@ -220,8 +222,10 @@ class RunManager:
         retention: float = 0.0,
         owner: str = "",
         max_held_bytes: int = MAX_RUN_OUTPUTS_HELD,
+        tenant_runs: int = 0,
     ) -> None:
         self._max_held_bytes = max_held_bytes
+        self._tenant_runs = tenant_runs
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._max_message_bytes = max_message_bytes
         self._store = store
@@ -451,7 +455,11 @@ class RunManager:
     async def _create(
         self, run: pb.Run, spec: WorkflowSpec, workflow: pb.Workflow, limits: common_pb2.ResourceLimits
     ) -> tuple[pb.Run, bool]:
-        stored, fence = await self._store.create_run(StoredRun(run, workflow, limits), self.owner)
+        # A goal's runs (started by Coordinate with its tier key) are bounded by the goal quota instead,
+        # so that a goal never fails for runs of its own it has to wait for.
+        caller = current()
+        most = 0 if caller is not None and caller.role is Role.TIER else self._tenant_runs
+        stored, fence = await self._store.create_run(StoredRun(run, workflow, limits), self.owner, most=most)
         if fence is None:
             return stored, False
         live = self._track(run, spec, limits, fence)

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from tierstack.core.errors import NotFoundError
 from tierstack.core.lifecycle import DEFAULT_LEASE_SECONDS, RUN_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.server import postgres
+from tierstack.server.auth.quota import too_many_unfinished
 from tierstack.server.orchestrate.store import (
     SOURCES,
     UNFINISHED,
@@ -49,29 +50,38 @@ class PostgresRunStore(postgres.Pooled, RunStore):
     async def wait_changed(self, run_id: str, timeout: float) -> None:
         await self._heard(run_id, timeout)
 
-    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+    async def create_run(self, stored: StoredRun, owner: str, *, most: int = 0) -> tuple[Run, Fence | None]:
         run = stored.run
         while True:
-            created = await self._db.fetchval(
-                "INSERT INTO runs"
-                " (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, tenant, lease_ns)"
-                f" VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $9, {postgres.lease_from_now(self.lease_seconds)})"
-                " ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
-                run.run_id,
-                request_key(run),
-                run.state,
-                run.create_time.ToNanoseconds(),
-                owner,
-                run.SerializeToString(),
-                stored.workflow.SerializeToString(),
-                stored.limits.SerializeToString(),
-                run.tenant_id,
-            )
-            if created is not None:
-                return run, Fence(owner, 1)
-            held = await self._db.fetchval("SELECT run FROM runs WHERE request_id = $1", request_key(run))
-            if held is not None:  # else the run holding the request id was deleted in between
+            async with self._db.acquire() as connection, connection.transaction(isolation="read_committed"):
+                # One count and insert at a time per tenant (the count read after the lock), or two could pass.
+                if most:
+                    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", run.tenant_id)
+                created = await connection.fetchval(
+                    "INSERT INTO runs"
+                    " (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, tenant, lease_ns)"
+                    f" SELECT $1, $2, $3, $4, $5, 1, $6, $7, $8, $9, {postgres.lease_from_now(self.lease_seconds)}"
+                    " WHERE $10 = 0 OR (SELECT count(*) FROM runs WHERE tenant = $9 AND end_ns IS NULL) < $10"
+                    " ON CONFLICT (request_id) DO NOTHING RETURNING run_id",
+                    run.run_id,
+                    request_key(run),
+                    run.state,
+                    run.create_time.ToNanoseconds(),
+                    owner,
+                    run.SerializeToString(),
+                    stored.workflow.SerializeToString(),
+                    stored.limits.SerializeToString(),
+                    run.tenant_id,
+                    most,
+                )
+                if created is not None:
+                    return run, Fence(owner, 1)
+                held = await connection.fetchval("SELECT run FROM runs WHERE request_id = $1", request_key(run))
+            if held is not None:
                 return Run.FromString(held), None
+            if most:
+                raise too_many_unfinished("runs", most)
+            # else the run holding the request id was deleted in between
 
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
         async with self._db.acquire() as connection, connection.transaction():

@@ -236,6 +236,7 @@ class OrchestrateService:
             max_message_bytes=settings.max_message_bytes,
             retention=settings.retention_seconds,
             owner=settings.replica_id,
+            tenant_runs=settings.tenant_concurrent_runs,
         )
 
     cross_tier = None

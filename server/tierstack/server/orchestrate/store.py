@@ -40,6 +40,7 @@ from tierstack.core.lifecycle import (
 )
 from tierstack.server import sqlite
 from tierstack.server.auth.principal import namespaced
+from tierstack.server.auth.quota import too_many_unfinished
 from tierstack.v1 import common_pb2, orchestrator_service_pb2
 
 Run = orchestrator_service_pb2.Run
@@ -76,10 +77,18 @@ class RunStore(abc.ABC):
         """Releases the store's resources."""
 
     @abc.abstractmethod
-    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+    async def create_run(self, stored: StoredRun, owner: str, *, most: int = 0) -> tuple[Run, Fence | None]:
         """Stores a new run owned by ``owner`` at epoch 1 and returns it with its fence; when its
         ``request_id`` is already taken in its tenant, stores nothing and returns the run that holds
-        it, without a fence."""
+        it, without a fence.
+
+        Args:
+            most: The most unfinished runs (not yet ended, paused ones too) the run's tenant may have
+                with this one, checked in the same transaction as the insert; 0 for no limit.
+
+        Raises:
+            ResourceExhaustedError: The tenant has ``most`` unfinished runs already.
+        """
 
     @abc.abstractmethod
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
@@ -221,10 +230,13 @@ class MemoryRunStore(RunStore):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+    async def create_run(self, stored: StoredRun, owner: str, *, most: int = 0) -> tuple[Run, Fence | None]:
         request_id = request_key(stored.run)
         if request_id and request_id in self._by_request:
             return Run.FromString(self._runs[self._by_request[request_id]].run.SerializeToString()), None
+        tenant = stored.run.tenant_id
+        if most and sum(k.run.tenant_id == tenant and ended_ns(k.run) is None for k in self._runs.values()) >= most:
+            raise too_many_unfinished("runs", most)
         self._runs[stored.run.run_id] = StoredRun(
             Run.FromString(stored.run.SerializeToString()), stored.workflow, stored.limits
         )
@@ -377,6 +389,10 @@ _MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
     CREATE INDEX IF NOT EXISTS runs_by_tenant ON runs (tenant, create_ns DESC, run_id DESC);
     """,
+    # 5: each tenant's unfinished runs, counted against its quota.
+    """
+    CREATE INDEX IF NOT EXISTS runs_unfinished_by_tenant ON runs (tenant) WHERE end_ns IS NULL;
+    """,
 )
 
 
@@ -466,13 +482,15 @@ class SqliteRunStore(RunStore):
             await self._db.close()
             self._db = None
 
-    async def create_run(self, stored: StoredRun, owner: str) -> tuple[Run, Fence | None]:
+    async def create_run(self, stored: StoredRun, owner: str, *, most: int = 0) -> tuple[Run, Fence | None]:
         run = stored.run
         async with self._turn:
             cursor = await self._conn.execute(
                 "INSERT INTO runs"
                 " (run_id, request_id, state, create_ns, run, workflow, limits, owner, epoch, lease_ns, tenant)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?"
+                " WHERE ? = 0 OR (SELECT count(*) FROM runs WHERE tenant = ? AND end_ns IS NULL) < ?"
+                " ON CONFLICT (request_id) DO NOTHING",
                 (
                     run.run_id,
                     request_key(run),
@@ -484,6 +502,9 @@ class SqliteRunStore(RunStore):
                     owner,
                     lease_end(self.lease_seconds),
                     run.tenant_id,
+                    most,
+                    run.tenant_id,
+                    most,
                 ),
             )
             await self._conn.commit()
@@ -491,9 +512,11 @@ class SqliteRunStore(RunStore):
                 return run, Fence(owner, 1)
             async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (request_key(run),)) as rows:
                 row = await rows.fetchone()
-        if row is None:  # the run holding the request id was deleted in between: try again
-            return await self.create_run(stored, owner)
-        return Run.FromString(row[0]), None
+        if row is not None:
+            return Run.FromString(row[0]), None
+        if most:
+            raise too_many_unfinished("runs", most)
+        return await self.create_run(stored, owner)  # the run holding the request id was deleted in between
 
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
         async with self._turn:

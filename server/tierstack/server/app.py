@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import grpc
@@ -50,10 +50,10 @@ class TierService(Protocol):
     def fill_metrics(self, metrics: monitor_service_pb2.TierMetrics, method_filter: str) -> None:
         """Adds the tier's own metrics (its domain, and its calls to the tier below) to ``metrics``."""
 
-    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
-        """Starts the tier's background work; called before the server accepts calls. The tier may
-        call ``health(False)`` while it cannot serve (its store fails, say) and ``health(True)`` once
-        it can again."""
+    async def start(self, health: Callable[[bool], Awaitable[None]], ports: Collection[int]) -> None:
+        """Starts the tier's background work; called before the server accepts calls, once it listens
+        on ``ports`` (its gRPC and metrics ports). The tier may call ``health(False)`` while it cannot
+        serve (its store fails, say) and ``health(True)`` once it can again."""
 
     def stopping(self) -> None:
         """Learns that the server is stopping, before its in-flight calls are cancelled."""
@@ -151,7 +151,7 @@ class TierServer:
         service = self.service
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
-        await service.start(self._report_health)
+        await service.start(self._report_health, {self.port, self.metrics_port} - {0})
         service.register(self._server)
         monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server

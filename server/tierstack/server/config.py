@@ -53,7 +53,7 @@ class Settings:
         tenant_requests_per_second: How many calls a second each tenant may make to this server when
             auth is on (``TIERSTACK_TENANT_REQUESTS_PER_SECOND``); 0 for no limit.
         tenant_concurrent_runs: How many unfinished runs (paused ones too) each tenant may have in
-            Orchestrate's store (``TIERSTACK_TENANT_CONCURRENT_RUNS``); 0 for no limit.
+            Orchestrate's store when auth is on (``TIERSTACK_TENANT_CONCURRENT_RUNS``); 0 for no limit.
         tenant_concurrent_goals: How many unfinished goals each tenant may have in Coordinate's store
             (``TIERSTACK_TENANT_CONCURRENT_GOALS``); 0 for no limit.
         max_concurrent_streams: How many calls one connection may have open at once.
@@ -216,12 +216,12 @@ class Settings:
 
     @property
     def tier_ports(self) -> frozenset[int]:
-        """The ports the tiers listen on here (the defaults, this server's and its targets'), which tools
-        never reach on a local address."""
+        """The ports tiers listen on (the defaults and this server's targets'), which tools never reach;
+        a server adds the ones it listens on once bound."""
         targets = (self.execute_target, self.orchestrate_target)
-        ports = {*DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values(), self.port, self.metrics_port or 0}
+        ports = {*DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values()}
         ports.update(int(port) for target in targets for port in target_ports(target))
-        return frozenset(ports - {0})
+        return frozenset(ports)
 
     @property
     def postgres_url(self) -> str | None:

@@ -127,7 +127,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if handler is None or (handler.stream_unary is not None and self._guard is not None):
                 return None  # nor a kind of call that no check here covers (UNIMPLEMENTED)
             wrapped = self._handlers[method] = self._wrap(method, handler)
+        if self._guard is not None:
+            try:  # before the request is read: a caller without a credential costs no parsing
+                await self._guard.authenticate(method, handler_call_details.invocation_metadata)
+            except TierstackError as refusal:
+                return self._refused(method, wrapped, refusal)
         return wrapped
+
+    def _refused(
+        self, method: str, wrapped: grpc.RpcMethodHandler[Any, Any], refusal: TierstackError
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Returns a handler of ``wrapped``'s kind that answers ``refusal``, its request left unread."""
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with self._observe(method, context) as observed:
+                observed.audit(request)
+                raise refusal
+
+        def unread(data: bytes) -> None:
+            return None
+
+        if wrapped.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=unread)
+        if wrapped.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(refuse, request_deserializer=unread)
+        return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=unread)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """Returns ``handler`` with its behaviour observed; built once per method."""
@@ -164,16 +188,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         becomes the mapped status."""
         return _Observed(self, method, context)
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Checks the caller's credential and role (when auth is on) and makes them current."""
+    def _admit(self, method: str) -> None:
+        """Checks the role of the caller (made current before the call was read) when auth is on."""
         if self._guard is not None:
-            await self._guard.check(method, tuple(context.invocation_metadata() or ()))
+            self._guard.authorize(method)
 
     def _wrap_unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._observe(method, context) as observed:
                 observed.audit(request)  # refused calls too
-                await self._admit(method, context)
+                self._admit(method)
                 await _checked(request)
                 stamp(request)
                 return await behavior(request, context)
@@ -183,7 +207,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_bidi(self, method: str, behavior: Any) -> Any:
         async def bidi(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with self._observe(method, context):
-                await self._admit(method, context)
+                self._admit(method)
                 async for response in behavior(requests, context):
                     yield response
 
@@ -195,7 +219,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with self._observe(method, context) as observed:
                 observed.audit(request)  # refused calls too
-                await self._admit(method, context)
+                self._admit(method)
                 await _checked(request)
                 stamp(request)
                 async for response in behavior(request, context):

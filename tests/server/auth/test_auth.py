@@ -282,7 +282,7 @@ async def test_state_changing_calls_are_audited_without_credentials(
     audited = [record for record in caplog.records if record.name == "tierstack.audit"]
     assert [(r.tenant, r.caller, r.method.rpartition("/")[2], r.resource, r.code) for r in audited] == [  # type: ignore[attr-defined]
         ("acme", run_key.split("_")[1], "CancelGoal", "g-1?forged?line", "NOT_FOUND"),
-        ("-", "-", "CancelGoal", "g-2", "UNAUTHENTICATED"),
+        ("-", "-", "CancelGoal", "-", "UNAUTHENTICATED"),  # refused before its request is read
         ("acme", secured.tokens["read"].split("_")[1], "CancelGoal", "g-3", "PERMISSION_DENIED"),
     ]
     logged = caplog.text

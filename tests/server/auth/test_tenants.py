@@ -248,6 +248,27 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
         assert events[-1] == "completed"
 
 
+async def test_what_a_step_learnt_for_one_tenant_never_steers_anothers(tenants: Tenants) -> None:
+    """A step's track record (which strategy earned it, which tool calls it replays) is its tenant's."""
+    request = executor_service_pb2.ExecuteRequest(
+        step_id="s", strategy=common_pb2.STRATEGY_CONVERSATIONAL, prompt="say hi", tools=["core.echo"]
+    )
+
+    async def chosen(client: ExecutorClient) -> common_pb2.Strategy.ValueType:
+        events = [event async for event in client.execute(request)]
+        return next(e.strategy_selected.chosen for e in events if e.HasField("strategy_selected"))
+
+    target = tenants.stack.execute.target
+    async with (
+        ExecutorClient(target, api_key=tenants.keys["acme run"]) as acme,
+        ExecutorClient(target, api_key=tenants.keys["globex run"]) as globex,
+    ):
+        for _ in range(10):
+            assert await chosen(acme) == common_pb2.STRATEGY_CONVERSATIONAL
+        assert await chosen(acme) == common_pb2.STRATEGY_REASONING  # graduated for acme
+        assert await chosen(globex) == common_pb2.STRATEGY_CONVERSATIONAL
+
+
 async def test_another_tenants_goal_answers_not_found(tenants: Tenants) -> None:
     target = tenants.stack.coordinate.target
     agents = [coordinator_pb.Agent(id="a", capabilities=["general", "analysis", "writing"], max_concurrent_tasks=4)]

@@ -211,3 +211,18 @@ async def test_each_tenant_recalls_only_the_goals_it_learnt() -> None:
     assert recalled is not None
     assert recalled[0] == "compare the Q2 sales of every region"  # the goal as written, not its key
     assert [s.id for s in recalled[1]] == ["s1"]
+
+
+async def test_other_tenants_goals_never_crowd_out_a_tenants_own() -> None:
+    """However many goals closer to the new one another tenant learnt, a tenant recalls its own."""
+    memory = GoalMemory()
+    subtasks = [pb.Subtask(id="s1", description="pull the sales", required_capabilities=["http"])]
+    act_as(Principal("acme", "ada", Role.RUN))
+    await memory.learn("compare the Q2 sales of the regions", subtasks)
+    act_as(Principal("globex", "bob", Role.RUN))
+    for number in range(40):
+        await memory.learn(f"compare the Q2 sales of every region {number}", subtasks)
+    act_as(Principal("acme", "ada", Role.RUN))
+    recalled = await memory.recall("compare the Q2 sales of every region", threshold=0.5, capabilities={"http"})
+    assert recalled is not None
+    assert recalled[0] == "compare the Q2 sales of the regions"

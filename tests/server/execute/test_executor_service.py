@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpServer, Stack, free_port, reply, start_tier
+from tests.helpers import HttpServer, Stack, reply, start_tier
 from tierstack.client import ExecutorClient, InvalidArgumentError, ResourceExhaustedError
 from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
@@ -90,11 +90,11 @@ async def test_http_request_reaches_no_local_address_unless_allowed(data_dir: Pa
         f"http://localhost:{port}/host",  # a name allowed, its address not
         f"http://2130706433:{port}/host",  # 127.0.0.1 written as a number
         f"http://[::ffff:127.0.0.1]:{port}/host",
+        f"http://[::ffff:0:7f00:1]:{port}/host",  # 127.0.0.1 as an IPv4-translated address
         f"http://0.0.0.0:{port}/host",
     ]
-    metrics_port = free_port()
     default = await start_tier("execute", Settings(data_dir=data_dir), loopback_tools=False)
-    allowed = await start_tier("execute", Settings(data_dir=data_dir, metrics_port=metrics_port))
+    allowed = await start_tier("execute", Settings(data_dir=data_dir, metrics_port=0))
     try:
         async with ExecutorClient(default.target) as first, ExecutorClient(allowed.target) as second:
             for url in refused:
@@ -109,13 +109,33 @@ async def test_http_request_reaches_no_local_address_unless_allowed(data_dir: Pa
                 tool_request("http.request", url=f"http://localhost:{port}/host", headers={"Host": "admin.internal"})
             )
             assert from_value(response.result.output)["body"] == f"localhost:{port}"  # type: ignore[index,call-overload]
-            for own in (f"http://127.0.0.1:{metrics_port}/metrics", "http://localhost:50053/"):
+            # The ports it was given as 0 are refused once bound, as are the tiers' defaults.
+            own_ports = (f"{allowed.metrics_port}/metrics", f"{allowed.port}/", "50053/")
+            for own in (f"http://127.0.0.1:{own}" for own in own_ports):
                 response = await second.execute_tool(tool_request("http.request", url=own))
                 assert response.result.error.reason == "ADDRESS_NOT_ALLOWED", own
     finally:
         await default.stop()
         await allowed.stop()
     assert http_server.hits == ["/host"]
+
+
+async def test_http_request_keeps_no_cookie_from_one_call_for_the_next(stack: Stack, http_server: HttpServer) -> None:
+    """The tool serves every tenant, so a session cookie one call was given never goes with another."""
+
+    def login(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Set-Cookie", "session=acme-secret; Path=/")
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    http_server.routes["/login"] = login
+    http_server.routes["/whoami"] = lambda request: reply((request.headers["Cookie"] or "none").encode(), "text/plain")(
+        request
+    )
+    await stack.executor.execute_tool(tool_request("http.request", url=f"{http_server.url}/login"))
+    response = await stack.executor.execute_tool(tool_request("http.request", url=f"{http_server.url}/whoami"))
+    assert from_value(response.result.output)["body"] == "none"  # type: ignore[index,call-overload]
 
 
 async def test_http_request_caps_the_response_size(stack: Stack, http_server: HttpServer) -> None:

@@ -10,7 +10,7 @@ import cachetools
 
 from tierstack.core.errors import PermissionDeniedError, UnauthenticatedError
 from tierstack.server.auth.keys import ApiKey, KeyStore, Role, matches, parse
-from tierstack.server.auth.principal import MAX_NAME, Principal, act_as
+from tierstack.server.auth.principal import MAX_NAME, Principal, act_as, current
 from tierstack.server.auth.quota import RateLimiter
 from tierstack.server.auth.tokens import TokenVerifier
 
@@ -44,17 +44,18 @@ REQUIRED: dict[str, Role] = {
         f"{_SERVICES}OrchestratorService/{name}": Role.RUN
         for name in ("Orchestrate", "StartRun", "CancelRun", "DeleteRun", "PauseRun", "ResumeRun")
     },
-    **{f"{_SERVICES}ExecutorService/{name}": Role.READ for name in ("GetToolStats", "ListTools")},
+    f"{_SERVICES}ExecutorService/ListTools": Role.READ,
     **{
         f"{_SERVICES}ExecutorService/{name}": Role.RUN
         for name in ("Execute", "CancelExecution", "ExecuteTool", "ExecuteTools", "ApproveToolCall", "RejectToolCall")
     },
     **dict.fromkeys(REFLECTION, Role.READ),
-    # Every tenant's figures: the monitor is for operators.
+    # Every tenant's figures (a tool's last error quotes a call's arguments): these are for operators.
     **{
         f"{_SERVICES}MonitorService/{name}": Role.ADMIN
         for name in ("GetMetrics", "WatchMetrics", "WatchAlerts", "GetRecommendations")
     },
+    f"{_SERVICES}ExecutorService/GetToolStats": Role.ADMIN,
 }
 #: Load balancers and orchestrators probe health without a credential.
 OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
@@ -116,13 +117,13 @@ class Guard:
             await self._tokens.close()
         await self._keys.close()
 
-    async def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> None:
+    async def authenticate(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> None:
         """Makes who calls ``method`` current for the call (see :func:`principal.current`), unless
-        the method is open to all.
+        the method is open to all; done before the request is read, so a caller without a credential
+        costs no parsing.
 
         Raises:
             UnauthenticatedError: No credential, or one that is not a live key or a valid token.
-            PermissionDeniedError: The credential's role may not call ``method``.
             ResourceExhaustedError: The tenant made more calls a second than it may.
         """
         if method in self._open:
@@ -137,18 +138,30 @@ class Guard:
         if principal is None:
             raise UnauthenticatedError("the credential is not a valid key or token", reason="BAD_CREDENTIAL")
         act_as(principal)  # a call refused from here on is still logged as its caller's
-        needed = REQUIRED.get(method, Role.ADMIN)
-        if principal.role < needed:
-            raise PermissionDeniedError(
-                f"the {principal.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
-                reason="ROLE_TOO_LOW",
-            )
         if principal.role is Role.TIER:
             tenant, caller = values.get(TENANT), values.get(CALLER, "")
             if isinstance(tenant, str) and isinstance(caller, str) and 0 < len(tenant) <= MAX_NAME >= len(caller):
                 act_as(Principal(tenant, caller, Role.TIER))
         elif self._limiter is not None:
             self._limiter.take(principal.tenant)
+
+    def authorize(self, method: str) -> None:
+        """Checks that the current caller (see :meth:`authenticate`) may call ``method``.
+
+        Raises:
+            PermissionDeniedError: The credential's role may not call ``method``.
+        """
+        if method in self._open:
+            return
+        principal = current()
+        if principal is None:  # not authenticated: fails closed
+            raise UnauthenticatedError("this call needs a credential", reason="NO_CREDENTIAL")
+        needed = REQUIRED.get(method, Role.ADMIN)
+        if principal.role < needed:
+            raise PermissionDeniedError(
+                f"the {principal.role.name.lower()} role may not call {method.rpartition('/')[2][:64]}",
+                reason="ROLE_TOO_LOW",
+            )
 
     async def _principal(self, credential: str) -> Principal | None:
         """Returns who a credential is: an API key's tenant and role, or a token's; None if neither."""

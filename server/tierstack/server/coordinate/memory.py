@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from tierstack.server.ai import ModelError
-from tierstack.server.auth.principal import in_scope, scoped, unnamespaced
+from tierstack.server.auth.principal import scoped, unnamespaced
 from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -20,7 +20,7 @@ DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 64 << 20
 # How many decompositions are read from the store at once.
 _PAGE = 500
-# How many of the most similar past goals (of every tenant) are looked at for the calling tenant's.
+# How many of the calling tenant's most similar past goals are looked at.
 _CANDIDATES = 32
 
 
@@ -84,7 +84,7 @@ class GoalMemory:
         if self._store.shared:
             await self._read_learnt()
         try:
-            similar = await self._index.similar(goal, limit=_CANDIDATES)
+            similar = await self._index.similar(goal, limit=_CANDIDATES, prefix=scoped(""))
         except ModelError as exc:  # decomposition goes on without past goals
             _log.warning("goal memory: no similarity search: %s", exc.message)
             return None
@@ -92,11 +92,7 @@ class GoalMemory:
             if score < threshold:
                 break
             subtasks = self._subtasks.get(past)  # None: forgotten while its indexing awaited the model
-            if (
-                subtasks is not None
-                and in_scope(past)
-                and all(set(s.required_capabilities) <= capabilities for s in subtasks)
-            ):
+            if subtasks is not None and all(set(s.required_capabilities) <= capabilities for s in subtasks):
                 return unnamespaced(past), [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
         return None
 

@@ -17,6 +17,7 @@ from tierstack.server import postgres
 from tierstack.server.auth.quota import too_many_unfinished
 from tierstack.server.coordinate.store import (
     UNFINISHED,
+    UNFINISHED_SQL,
     Goal,
     GoalEvent,
     GoalStore,
@@ -72,7 +73,7 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
                 "INSERT INTO goals"
                 " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, tenant, lease_ns)"
                 f" SELECT $1, $2, $3, $4, $5, 1, 0, $6, $7, {postgres.lease_from_now(self.lease_seconds)}"
-                f" WHERE $8 = 0 OR (SELECT count(*) FROM goals WHERE tenant = $7 AND state IN {UNFINISHED}) < $8"
+                f" WHERE $8 = 0 OR (SELECT count(*) FROM goals WHERE tenant = $7 AND state IN {UNFINISHED_SQL}) < $8"
                 " ON CONFLICT (request_id) DO NOTHING RETURNING goal_id",
                 *new_row(goal, owner),
                 tenant_of(goal),

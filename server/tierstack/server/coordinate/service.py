@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -159,7 +159,7 @@ class CoordinateService:
             CoordinatorServicer(self.coordinator), server
         )
 
-    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+    async def start(self, health: Callable[[bool], Awaitable[None]], ports: Collection[int]) -> None:
         """Loads the goal templates (the built-in ones, then the user's) and the learnt goals, then
         takes up the goals a previous process left unfinished."""
         folders = [BUILTIN_TEMPLATES, *([self._settings.templates_dir] if self._settings.templates_dir else [])]

@@ -25,8 +25,9 @@ class GoalIndex(Protocol):
     async def remove(self, keys: Collection[str]) -> None:
         """Forgets the given keys; keys not stored are ignored."""
 
-    async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
-        """Returns up to ``limit`` (key, similarity in [0, 1]) pairs, most similar first."""
+    async def similar(self, text: str, *, limit: int = 5, prefix: str = "") -> list[tuple[str, float]]:
+        """Returns up to ``limit`` (key, similarity in [0, 1]) pairs of the keys starting with
+        ``prefix``, most similar first."""
         ...
 
 
@@ -101,9 +102,12 @@ class _Rows:
         self._alive.extend(np.ones(len(self.keys), dtype=np.bool_))
 
 
-def _best(rows: _Rows, scores: np.ndarray, limit: int) -> list[tuple[str, float]]:
-    """Returns the ``limit`` live rows with the highest scores (ties in row order), with their keys."""
+def _best(rows: _Rows, scores: np.ndarray, limit: int, prefix: str) -> list[tuple[str, float]]:
+    """Returns the ``limit`` live rows whose keys start with ``prefix`` with the highest scores (ties in
+    row order), with their keys."""
     live = np.flatnonzero(rows.alive)
+    if prefix:
+        live = live[[rows.keys[row].startswith(prefix) for row in live.tolist()]]
     ranked = live[np.argsort(-scores[live], kind="stable")[:limit]]
     return [(rows.keys[row], float(scores[row])) for row in ranked.tolist()]
 
@@ -186,7 +190,7 @@ class NgramIndex:
         self._row_starts = _Growing(np.int64)
         self._row_starts.extend(np.concatenate([[0], np.cumsum(lengths[alive])]))
 
-    async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
+    async def similar(self, text: str, *, limit: int = 5, prefix: str = "") -> list[tuple[str, float]]:
         documents = len(self._rows.by_key)
         if not documents:
             return []
@@ -204,7 +208,7 @@ class NgramIndex:
         dots = counts @ query
         norms = np.sqrt(squares @ (idf * idf)) * math.sqrt(float(weights @ weights))
         scores = np.minimum(dots / np.where(norms == 0, 1.0, norms), 1.0)
-        return _best(self._rows, scores, limit)
+        return _best(self._rows, scores, limit, prefix)
 
 
 Embed = Callable[[Sequence[str]], Awaitable[list[list[float]]]]
@@ -245,11 +249,11 @@ class EmbeddingIndex:
             self._vectors = _Growing(np.float64, vectors.shape[1])
             self._vectors.extend(vectors)
 
-    async def similar(self, text: str, *, limit: int = 5) -> list[tuple[str, float]]:
+    async def similar(self, text: str, *, limit: int = 5, prefix: str = "") -> list[tuple[str, float]]:
         if self._vectors is None or not self._rows.by_key:
             return []
         query = _unit(np.asarray(await self._embed([text]), dtype=float))[0]
-        return _best(self._rows, np.clip(self._vectors.values @ query, 0.0, 1.0), limit)
+        return _best(self._rows, np.clip(self._vectors.values @ query, 0.0, 1.0), limit, prefix)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

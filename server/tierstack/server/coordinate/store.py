@@ -47,6 +47,8 @@ Goal = pb.Goal
 GoalEvent = pb.GoalEvent
 _log = logging.getLogger(__name__)
 UNFINISHED = (pb.GOAL_STATE_PENDING, pb.GOAL_STATE_RUNNING)
+#: The same, as an SQL list.
+UNFINISHED_SQL = f"({', '.join(str(state) for state in UNFINISHED)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,7 +517,7 @@ class SqliteGoalStore(GoalStore):
                 "INSERT INTO goals"
                 " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, lease_ns, tenant)"
                 " SELECT ?, ?, ?, ?, ?, 1, 0, ?, ?, ?"
-                f" WHERE ? = 0 OR (SELECT count(*) FROM goals WHERE tenant = ? AND state IN {UNFINISHED}) < ?"
+                f" WHERE ? = 0 OR (SELECT count(*) FROM goals WHERE tenant = ? AND state IN {UNFINISHED_SQL}) < ?"
                 " ON CONFLICT (request_id) DO NOTHING",
                 (*new_row(goal, owner), lease_end(self.lease_seconds), tenant_of(goal), most, tenant_of(goal), most),
             )

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from functools import lru_cache
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -87,22 +88,27 @@ def _query(arguments: dict[str, Any], context: ToolContext) -> JSON:
     return result
 
 
-#: Addresses that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible): each is as
-#: public as the address it carries.
-_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
-#: The IETF's protocol assignments, which Python counts as public.
-_NOT_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"),)
+#: IPv6 forms no public host answers on: IPv4-compatible, IPv4-translated, local-use NAT64 (whose
+#: IPv4 address is not in the last 32 bits) and Teredo tunnels.
+_NEVER_PUBLIC = tuple(
+    ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "2001::/32", "192.0.0.0/24")
+)
+#: NAT64's well-known prefix, which carries an IPv4 address in its last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Says whether ``address`` is on the public internet, and so is any IPv4 address it carries."""
+    """Says whether ``address`` is a unicast address on the public internet, and so is any IPv4
+    address it carries (IPv4-mapped, 6to4, NAT64)."""
+    if any(address.version == network.version and address in network for network in _NEVER_PUBLIC):
+        return False
     if isinstance(address, ipaddress.IPv6Address):
-        carried = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
-        if any(address in network for network in _CARRIERS):
+        carried = [address.ipv4_mapped, address.sixtofour]
+        if address in _NAT64:
             carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         if address.is_site_local or any(inner is not None and not _public(inner) for inner in carried):
             return False
-    return address.is_global and not any(address in network for network in _NOT_PUBLIC)
+    return address.is_global and not address.is_multicast
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
@@ -146,7 +152,7 @@ class HttpRequester:
         allowed_hosts: fnmatch patterns of the hosts calls may reach (``*`` allows every host).
         allowed_networks: Networks beyond the public internet calls may reach; every other loopback,
             private, link-local or reserved address is refused.
-        tier_ports: Ports refused on every address that is not public: the tiers' own.
+        tier_ports: Ports refused on every address: the tiers' own (see also :meth:`refuse_ports`).
         max_bytes: The default cap on a response body.
     """
 
@@ -160,15 +166,30 @@ class HttpRequester:
     ) -> None:
         self._allowed = tuple(allowed_hosts)
         self._networks = tuple(ipaddress.ip_network(network, strict=False) for network in allowed_networks)
-        self._tier_ports = frozenset(tier_ports)
+        self._tier_ports = set(tier_ports)
         self._max_bytes = max_bytes
         transport = httpx.AsyncHTTPTransport(trust_env=False)
-        # httpx takes no network backend of its own: its pool is replaced by one that checks addresses.
+        # httpx takes no network backend of its own: its pool is replaced by one that checks addresses,
+        # with httpx's own limits (httpcore's would hold 10 connections and keep idle ones forever).
         transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=_CheckedBackend(self._address)
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_CheckedBackend(self._address),
         )
-        # Redirects are not followed: a redirect could lead off the allow-list.
-        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
+        # Redirects are not followed: a redirect could lead off the allow-list. No cookie is kept: the
+        # client serves every tenant, so a cookie one call was given would go with another's.
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            follow_redirects=False,
+            trust_env=False,
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        )
+
+    def refuse_ports(self, ports: Collection[int]) -> None:
+        """Refuses ``ports`` too, on every address (the ones this server listens on, once bound)."""
+        self._tier_ports.update(ports)
 
     async def aclose(self) -> None:
         """Closes the connection pool."""
@@ -189,11 +210,9 @@ class HttpRequester:
 
     def _refusal(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str | None:
         """Says why a connection to ``address`` and ``port`` is refused; None if it is not."""
-        if _public(address):
-            return None
         if port in self._tier_ports:
-            return f"port {port} of a local address is a tier's own"
-        if not any(address in network for network in self._networks):
+            return f"port {port} is a tier's own"
+        if not _public(address) and not any(address in network for network in self._networks):
             return "a loopback, private or reserved address, reached only in TIERSTACK_HTTP_ALLOWED_NETWORKS"
         return None
 

@@ -401,7 +401,8 @@ class Executor:
         offered = self.toolkit(request, calls)
         limits = request.limits
         max_seconds = to_seconds(limits.max_duration)
-        step_key = f"{request.step_id}|{hashlib.sha256(request.prompt.encode()).hexdigest()[:16]}"
+        # Each tenant's track records are its own: another's must not replay its learnt tool calls.
+        step_key = scoped(f"{request.step_id}|{hashlib.sha256(request.prompt.encode()).hexdigest()[:16]}")
         selection = self.strategies.select(
             step_key=step_key,
             requested=request.strategy,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -192,9 +192,11 @@ class ExecuteService:
             ExecutorServicer(self.executor, slow_tool_seconds=self._slow_tool_seconds), server
         )
 
-    async def start(self, health: Callable[[bool], Awaitable[None]]) -> None:
+    async def start(self, health: Callable[[bool], Awaitable[None]], ports: Collection[int]) -> None:
         """Opens the execution store, starts the tool worker processes, mounts the configured MCP
-        servers' tools and starts removing workspaces once their retention has passed."""
+        servers' tools and starts removing workspaces once their retention has passed; tools never
+        reach ``ports``."""
+        self._http.refuse_ports(ports)
         await self._store.open()
         await self.workers.start()
         await self._mcp.start(self.registry)

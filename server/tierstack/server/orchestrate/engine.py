@@ -191,8 +191,8 @@ class RunManager:
         owner: Names this manager as the owner of the runs it drives; unique per process by default.
         max_held_bytes: The most bytes of step outputs one run holds; a step that would pass it fails
             with ``OUTPUT_TOO_LARGE``.
-        tenant_runs: The most unfinished runs a tenant may start itself; more are refused with
-            ``TOO_MANY_RUNS``. 0 for no limit.
+        tenant_runs: The most unfinished runs a tenant may start itself, with auth on; more are refused
+            with ``TOO_MANY_RUNS``. 0 for no limit.
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
@@ -456,9 +456,10 @@ class RunManager:
         self, run: pb.Run, spec: WorkflowSpec, workflow: pb.Workflow, limits: common_pb2.ResourceLimits
     ) -> tuple[pb.Run, bool]:
         # A goal's runs (started by Coordinate with its tier key) are bounded by the goal quota instead,
-        # so that a goal never fails for runs of its own it has to wait for.
+        # so that a goal never fails for runs of its own it has to wait for. Without auth nothing tells
+        # them apart (and the tenant is whatever the request names), so the quota needs auth on.
         caller = current()
-        most = 0 if caller is not None and caller.role is Role.TIER else self._tenant_runs
+        most = self._tenant_runs if caller is not None and caller.role is not Role.TIER else 0
         stored, fence = await self._store.create_run(StoredRun(run, workflow, limits), self.owner, most=most)
         if fence is None:
             return stored, False

@@ -77,11 +77,18 @@ class PostgresRunStore(postgres.Pooled, RunStore):
                 if created is not None:
                     return run, Fence(owner, 1)
                 held = await connection.fetchval("SELECT run FROM runs WHERE request_id = $1", request_key(run))
+                full = (
+                    held is None
+                    and most
+                    and await connection.fetchval(
+                        "SELECT count(*) >= $2 FROM runs WHERE tenant = $1 AND end_ns IS NULL", run.tenant_id, most
+                    )
+                )
             if held is not None:
                 return Run.FromString(held), None
-            if most:
+            if full:
                 raise too_many_unfinished("runs", most)
-            # else the run holding the request id was deleted in between
+            # else the run holding the request id was deleted in between: insert again
 
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
         async with self._db.acquire() as connection, connection.transaction():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any, TypeVar
 
 import grpc
@@ -269,7 +269,7 @@ class OrchestrateService:
             OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
         )
 
-    async def start(self, health: HealthReport) -> None:
+    async def start(self, health: HealthReport, ports: Collection[int]) -> None:
         """Opens the store and resumes the runs it holds; while writes to it fail, ``health`` is told."""
         self.manager.log.report_health(health)
         await self._store.open()

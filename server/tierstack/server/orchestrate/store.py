@@ -512,11 +512,9 @@ class SqliteRunStore(RunStore):
                 return run, Fence(owner, 1)
             async with self._conn.execute("SELECT run FROM runs WHERE request_id = ?", (request_key(run),)) as rows:
                 row = await rows.fetchone()
-        if row is not None:
-            return Run.FromString(row[0]), None
-        if most:
+        if row is None:  # deletes wait for the writer too, so no request id conflicted: the quota refused it
             raise too_many_unfinished("runs", most)
-        return await self.create_run(stored, owner)  # the run holding the request id was deleted in between
+        return Run.FromString(row[0]), None
 
     async def claim(self, run_id: str, owner: str, transition: str) -> tuple[StoredRun, Fence]:
         async with self._turn:

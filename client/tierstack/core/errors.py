@@ -219,6 +219,22 @@ BY_CODE: Mapping[Code, type[TierstackError]] = {
 }
 
 
+#: Failure reasons that another attempt, or another agent, would only repeat: nothing about the call
+#: changes between attempts.
+PERMANENT_FAILURES = frozenset(
+    {
+        "TEMPLATE_ERROR",
+        "INVALID_INPUTS",
+        "INVALID_ARGUMENT",
+        "INVALID_TOOL_ARGUMENTS",
+        "UNKNOWN_TOOL",
+        "CONDITION_ERROR",
+        "OUTPUT_TOO_LARGE",
+        "REQUEST_TOO_LARGE",
+    }
+)
+
+
 def error_detail(tier: common_pb2.Tier.ValueType, reason: str, message: str, **metadata: str) -> common_pb2.ErrorDetail:
     """Returns the wire description of a failure that happened in ``tier``."""
     return common_pb2.ErrorDetail(reason=reason, message=message, tier=tier, metadata=metadata)

@@ -40,6 +40,18 @@ class TemplateError(Exception):
         self.message = message
 
 
+def whole_reference(text: str) -> Path | None:
+    """Returns the path a string that is exactly one template names (``{{inputs.fetch.body}}``);
+    None for any other string, a malformed template too."""
+    whole = _TEMPLATE.fullmatch(text)
+    if whole is None:
+        return None
+    try:
+        return parse_path(whole.group(1), field="")
+    except TemplateError:
+        return None
+
+
 def parse_path(expression: str, *, field: str) -> Path:
     """Returns the segments of ``inputs.a.b[0]``, ``steps.fetch.output.body`` or ``vars.name``.
 

@@ -235,3 +235,44 @@ async def test_an_unexpected_failure_ends_the_goal_as_internal_and_cancels_its_r
     [run_id] = [e.subtask_started.run_id for e in events if e.HasField("subtask_started")]
     assert (await stack.orchestrator.get_run(run_id)).state == orchestrator_pb.RUN_STATE_CANCELLED
     assert (await coordinator.get_goal(events[-1].goal_id)).state == pb.GOAL_STATE_FAILED
+
+
+async def finished(stack: Stack, goal: str, agents: list[pb.Agent]) -> list[pb.GoalEvent]:
+    started = await stack.coordinator.start_goal(pb.StartGoalRequest(goal=goal, agents=agents))
+    return [event async for event in stack.coordinator.watch_goal(started.goal.goal_id)]
+
+
+async def test_what_a_goal_says_is_data_never_a_template(stack: Stack) -> None:
+    """Template braces in a goal reach the tools as written, in every subtask."""
+    goal = "what does {{inputs.city}} mean, then write up {{ steps.s1.output }} and {{inputs.s1}}"
+    events = await finished(
+        stack, goal, [pb.Agent(id="a", capabilities=["general", "writing"], max_concurrent_tasks=4)]
+    )
+    assert events[-1].HasField("goal_completed"), events[-1]
+    outputs = {key: from_value(value) for key, value in events[-1].goal_completed.outputs.items()}
+    assert str(outputs["s1"]).startswith("what does {{inputs.city}} mean")
+    assert str(outputs["s2"]).startswith("write up {{ steps.s1.output }} and {{inputs.s1}}")
+    assert "[s1] what does {{inputs.city}} mean" in str(outputs["s2"])  # its dependency's output, read
+
+
+async def test_a_failure_that_would_only_repeat_is_not_replanned(tmp_path: Path) -> None:
+    """A subtask whose call its own arguments make fail fails the goal at once: another agent would run
+    the same call."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "bad-nap.yaml").write_text(
+        "name: bad-nap\n"
+        "pattern: '^nap badly$'\n"
+        "subtasks:\n"
+        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
+        " parameters: {value: soon}}\n"
+        "  - {id: nap, description: nap for the word, dependencies: [word], required_capabilities: [general],"
+        " tool: core.sleep, parameters: {seconds: '{{inputs.word}}'}}\n"
+    )
+    agents = [pb.Agent(id=name, capabilities=["general"], max_concurrent_tasks=2) for name in ("a", "b", "c")]
+    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
+        events = await finished(stack, "nap badly", agents)
+    kinds = [event.WhichOneof("payload") for event in events]
+    assert "subtask_replanned" not in kinds, kinds
+    assert events[-1].goal_failed.error.reason == "INVALID_TOOL_ARGUMENTS", events[-1]
+    assert events[-1].goal_failed.error.metadata["subtask"] == "nap"

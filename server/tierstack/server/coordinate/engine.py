@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from tierstack.core.errors import (
+    PERMANENT_FAILURES,
     Code,
     NotFoundError,
     TierstackError,
@@ -28,8 +30,9 @@ from tierstack.core.errors import (
     output_too_large,
 )
 from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
+from tierstack.core.templates import whole_reference
 from tierstack.core.tracing import span
-from tierstack.core.values import now_timestamp, to_duration, to_seconds
+from tierstack.core.values import JSON, from_struct, now_timestamp, to_duration, to_seconds, to_struct
 from tierstack.server.ai import Scope
 from tierstack.server.auth.keys import Role
 from tierstack.server.auth.principal import Principal, act_as, tenant_scope
@@ -95,6 +98,30 @@ def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team
         ],
         [Need(id=subtask.id, required_capabilities=frozenset(subtask.required_capabilities)) for subtask in subtasks],
     )
+
+
+def _reads_dependency(text: str, dependencies: set[str]) -> bool:
+    """Says whether ``text`` is exactly one template reading a dependency's output."""
+    path = whole_reference(text)
+    return path is not None and len(path) > 1 and path[0] == "inputs" and path[1] in dependencies
+
+
+def _texts_apart(value: JSON, dependencies: set[str], texts: dict[str, JSON]) -> JSON:
+    """Returns a subtask's parameters with every string that holds ``{{`` (but is not exactly a
+    reference to a dependency's output) moved into ``texts`` and replaced by a reference to the run
+    input that holds it. A run input reaches the tool as it is, so nothing a goal, an agent or a
+    model wrote is evaluated as a template."""
+    if isinstance(value, str):
+        if "{{" not in value or _reads_dependency(value, dependencies):
+            return value
+        name = next(f"_text{n}" for n in itertools.count(len(texts)) if f"_text{n}" not in dependencies | texts.keys())
+        texts[name] = value
+        return f"{{{{inputs.{name}}}}}"
+    if isinstance(value, dict):
+        return {key: _texts_apart(item, dependencies, texts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_texts_apart(item, dependencies, texts) for item in value]
+    return value
 
 
 def team_message(team: Team) -> pb.TeamFormed:
@@ -714,7 +741,8 @@ class _Pursuit:
         yield self._goal.event(
             subtask_finished=pb.SubtaskFinished(subtask_id=subtask_id, success=False, error=ended.error)
         )
-        if self._replans >= self._max_replans:
+        # Another agent runs the same call: a failure the call itself determines would only repeat.
+        if self._replans >= self._max_replans or ended.error.reason in PERMANENT_FAILURES:
             error = common_pb2.ErrorDetail()
             error.CopyFrom(ended.error)
             error.metadata["subtask"] = subtask_id
@@ -781,12 +809,15 @@ class _Pursuit:
         """Returns the StartRun request of a subtask's current attempt; its request id names the goal,
         the subtask and the attempt, so asking again finds the run instead of starting another."""
         goal = self._goal
+        texts: dict[str, JSON] = {}
+        dependencies = set(subtask.dependencies)
+        parameters = {k: _texts_apart(v, dependencies, texts) for k, v in from_struct(subtask.parameters).items()}
         workflow = orchestrator_pb.Workflow(
             name=f"goal-{goal.id}-{subtask.id}",
-            inputs=[orchestrator_pb.WorkflowInput(name=dependency) for dependency in subtask.dependencies],
+            inputs=[orchestrator_pb.WorkflowInput(name=name) for name in (*subtask.dependencies, *texts)],
             steps=[
                 orchestrator_pb.WorkflowStep(
-                    id=subtask.id, name=subtask.description, tool=subtask.tool, parameters=subtask.parameters
+                    id=subtask.id, name=subtask.description, tool=subtask.tool, parameters=to_struct(parameters)
                 )
             ],
         )
@@ -795,6 +826,7 @@ class _Pursuit:
             context=goal.request.context,
             workflow=workflow,
             limits=limits,
+            inputs=to_struct(texts),
         )
         for dependency in subtask.dependencies:
             request.inputs.fields[dependency].CopyFrom(self._outputs[dependency])

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 
 from tierstack.core.errors import ResourceExhaustedError, UnavailableError, Violation
+from tierstack.core.values import JSON
 from tierstack.server.ai import AIService, CompletionRequest, Message, ModelError, Scope
 from tierstack.server.coordinate.decompose import SubtaskSpec
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -83,7 +84,9 @@ def _problems(content: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _spec(subtask: dict[str, Any]) -> SubtaskSpec:
     dependencies = tuple(subtask.get("dependencies", ()))
-    prompt = subtask["description"] + "".join(f"\n\n[{d}]\n{{{{inputs.{d}.text}}}}" for d in dependencies)
+    parameters: dict[str, JSON] = {"prompt": subtask["description"], "system": WORKER}
+    if dependencies:  # each a whole reference: the description is the model's text, never a template
+        parameters["context"] = {d: f"{{{{inputs.{d}.text}}}}" for d in dependencies}
     return SubtaskSpec(
         id=subtask["id"],
         description=subtask["description"],
@@ -92,7 +95,7 @@ def _spec(subtask: dict[str, Any]) -> SubtaskSpec:
         required_capabilities=tuple(subtask.get("required_capabilities", ())) or ("general",),
         priority=_PRIORITIES[subtask.get("priority", "medium")],
         tool="ai.complete",
-        parameters={"prompt": prompt, "system": WORKER},
+        parameters=parameters,
     )
 
 

@@ -352,7 +352,11 @@ class ModelCompleter:
         self._model = model
 
     async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
-        messages = [Message("user", arguments["prompt"])]
+        named = arguments.get("context", {}).items()
+        prompt = arguments["prompt"] + "".join(
+            f"\n\n[{name}]\n{value if isinstance(value, str) else json.dumps(value)}" for name, value in named
+        )
+        messages = [Message("user", prompt)]
         if "system" in arguments:
             messages.insert(0, Message("system", arguments["system"]))
         request = CompletionRequest(
@@ -401,12 +405,16 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
     registry.register(
         Tool(
             name="ai.complete",
-            description="Asks the configured model to complete a `prompt` (with an optional `system` message).",
+            description=(
+                "Asks the configured model to complete a `prompt` (with an optional `system` message), followed"
+                " by each named `context` text under its name in brackets."
+            ),
             parameters={
                 "type": "object",
                 "properties": {
                     "prompt": {"type": "string", "minLength": 1},
                     "system": {"type": "string"},
+                    "context": {"type": "object"},
                     "model": {"type": "string"},
                     "max_tokens": {"type": "integer", "minimum": 1},
                 },

@@ -23,6 +23,7 @@ from jmespath.exceptions import JMESPathError
 
 from tierstack.core.errors import (
     ERROR_DOMAIN,
+    PERMANENT_FAILURES,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -79,19 +80,6 @@ DEFAULT_PARALLELISM = 16
 TRANSPORT_BACKOFF = (0.05, 5.0)
 #: The duration the planner assumes for a tool it has not seen run yet.
 DEFAULT_STEP_ESTIMATE_SECONDS = 0.1
-# Failures that another attempt would only repeat.
-_NOT_RETRYABLE = frozenset(
-    {
-        "TEMPLATE_ERROR",
-        "INVALID_INPUTS",
-        "INVALID_ARGUMENT",
-        "INVALID_TOOL_ARGUMENTS",
-        "UNKNOWN_TOOL",
-        "CONDITION_ERROR",
-        "OUTPUT_TOO_LARGE",
-        "REQUEST_TOO_LARGE",
-    }
-)
 _TIER = common_pb2.TIER_ORCHESTRATE
 _error = functools.partial(error_detail, _TIER)
 _DEFAULTS = Settings()
@@ -905,7 +893,7 @@ class RunManager:
                 error = await self._attempt(live, step, context, prefix)
                 if error is None:
                     return None
-                if error.reason in _NOT_RETRYABLE or state.attempt >= step.retry.max_attempts:
+                if error.reason in PERMANENT_FAILURES or state.attempt >= step.retry.max_attempts:
                     return self._fail(live, path, error)
                 backoff = step.retry.backoff(state.attempt)
                 retried = pb.StepRetried(step_id=path, attempt=state.attempt, error=error, backoff=to_duration(backoff))

@@ -81,8 +81,14 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "R"
 
 
+async def idle_workers() -> None:
+    """Waits until the workers have started and none is busy (a worker starting up is busy importing,
+    and would pass for the one on a call)."""
+    await wait_for(lambda: bool(workers()) and not any(running(pid) for pid in workers()), attempts=3000)
+
+
 async def spinning_worker() -> int:
-    """Waits until a worker is busy on a call and returns its id."""
+    """Waits until a worker is busy on a call and returns its id (call :func:`idle_workers` first)."""
     await wait_for(lambda: any(running(pid) for pid in workers()))
     return next(pid for pid in workers() if running(pid))
 
@@ -117,6 +123,7 @@ async def test_a_spinning_template_is_stopped_at_its_deadline_while_other_calls_
         finished.append(name)
         return result
 
+    await idle_workers()
     spinning = asyncio.create_task(call("spin", request("text.template", timeout=2, template=SPIN)))
     pid = await spinning_worker()
     assert await serves(stack, health)
@@ -142,6 +149,7 @@ async def test_a_spinning_step_fails_at_its_timeout_and_the_next_run_succeeds(
         finished.append(wf.name)
         return events
 
+    await idle_workers()
     spun = asyncio.create_task(run(spinning))
     await spinning_worker()
     assert await serves(stack, health)
@@ -198,6 +206,7 @@ async def test_a_spinning_python_tool_is_stopped_and_its_worker_replaced(
     stack: Stack, health: health_pb2_grpc.HealthStub
 ) -> None:
     register(stack, spin, where)
+    await idle_workers()
     spinning = asyncio.create_task(stack.executor.execute_tool(request("test.spin")))
     pid = await spinning_worker()
     assert await serves(stack, health)

@@ -846,6 +846,7 @@ class StepRetried(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Names the step."""
     attempt: _builtins.int
@@ -858,6 +859,10 @@ class StepRetried(_message.Message):
     def backoff(self) -> _duration_pb2.Duration:
         """Gives the wait before the next attempt."""
 
+    @_builtins.property
+    def usage(self) -> _common_pb2.ResourceUsage:
+        """Reports the resources the failed attempt used, charged to the run."""
+
     def __init__(
         self,
         *,
@@ -865,10 +870,11 @@ class StepRetried(_message.Message):
         attempt: _builtins.int = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         backoff: _duration_pb2.Duration | None = ...,
+        usage: _common_pb2.ResourceUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "step_id", b"step_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1076,21 +1082,27 @@ class StepFailed(_message.Message):
 
     STEP_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Names the step."""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """Describes the failure."""
 
+    @_builtins.property
+    def usage(self) -> _common_pb2.ResourceUsage:
+        """Reports the resources its last attempt used, charged to the run."""
+
     def __init__(
         self,
         *,
         step_id: _builtins.str = ...,
         error: _common_pb2.ErrorDetail | None = ...,
+        usage: _common_pb2.ResourceUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "step_id", b"step_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1154,18 +1166,24 @@ class RunFailed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ERROR_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """Describes the failure."""
+
+    @_builtins.property
+    def usage(self) -> _common_pb2.ResourceUsage:
+        """Reports the resources the run used, its failed attempts' too."""
 
     def __init__(
         self,
         *,
         error: _common_pb2.ErrorDetail | None = ...,
+        usage: _common_pb2.ResourceUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -276,3 +276,25 @@ async def test_a_failure_that_would_only_repeat_is_not_replanned(tmp_path: Path)
     assert "subtask_replanned" not in kinds, kinds
     assert events[-1].goal_failed.error.reason == "INVALID_TOOL_ARGUMENTS", events[-1]
     assert events[-1].goal_failed.error.metadata["subtask"] == "nap"
+
+
+async def test_a_failed_goal_reports_what_its_failed_runs_used(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "bad-query.yaml").write_text(
+        "name: bad-query\n"
+        "pattern: '^query badly$'\n"
+        "subtasks:\n"
+        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
+        " parameters: {value: soon}}\n"
+        "  - {id: query, description: query the word, dependencies: [word], required_capabilities: [general],"
+        " tool: json.query, parameters: {data: '{{inputs.word}}', expression: '[?'}}\n"
+    )
+    agents = [pb.Agent(id="a", capabilities=["general"], max_concurrent_tasks=2)]
+    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
+        started = await stack.coordinator.start_goal(
+            pb.StartGoalRequest(goal="query badly", agents=agents, max_replans=1)
+        )
+        events = [event async for event in stack.coordinator.watch_goal(started.goal.goal_id)]
+    assert events[-1].goal_failed.error.reason == "INVALID_EXPRESSION", events[-1]
+    assert events[-1].goal_failed.usage.tool_calls == 3  # the word's call, and both attempts at the query

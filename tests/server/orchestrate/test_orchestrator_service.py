@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,6 +200,33 @@ async def test_cancel_run_stops_the_tool_in_flight(stack: Stack, http_server: Ht
     assert await_codes["CANCELLED"] == 1
     with pytest.raises(FailedPreconditionError):
         await stack.orchestrator.cancel_run(run.run_id)
+
+
+async def test_a_run_past_its_max_duration_fails_and_its_steps_are_stopped(stack: Stack) -> None:
+    wf = workflow(step("nap", "core.sleep", seconds=60), step("after", depends_on=("nap",)))
+    limits = common_pb2.ResourceLimits(max_duration=duration_pb2.Duration(nanos=300_000_000))
+    events = [e async for e in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf, limits=limits))]
+    assert events[-1].run_failed.error.reason == "DEADLINE_EXCEEDED", events[-1]
+    run = await stack.orchestrator.get_run(events[-1].run_id)
+    assert run.state == pb.RUN_STATE_FAILED
+    assert {s.step_id: s.state for s in run.steps} == {"nap": pb.STEP_STATE_CANCELLED, "after": pb.STEP_STATE_PENDING}
+    async with MonitorClient(stack.execute.target) as monitor:  # and stopped at Tier 3, not left to sleep
+        for _ in range(500):
+            metrics = await monitor.get_metrics("ExecutorService/CancelExecution")
+            if metrics.tiers[0].methods:
+                break
+            await asyncio.sleep(0.01)
+    assert metrics.tiers[0].methods[0].counts_by_code["OK"] == 1
+
+
+async def test_every_failed_attempt_is_charged_to_the_run(stack: Stack) -> None:
+    broken = step("broken", "json.query", data=[], expression="[?")
+    broken.retry.CopyFrom(pb.RetryPolicy(max_attempts=3, initial_backoff=duration_pb2.Duration(nanos=1_000_000)))
+    events = [e async for e in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=workflow(broken)))]
+    retried = [e.step_retried.usage.tool_calls for e in events if e.HasField("step_retried")]
+    failed = [e.step_failed.usage.tool_calls for e in events if e.HasField("step_failed")]
+    assert (retried, failed) == ([1, 1], [1])
+    assert events[-1].run_failed.usage.tool_calls == 3
 
 
 async def test_a_failed_step_fails_the_run_and_cancels_the_rest(stack: Stack, http_server: HttpServer) -> None:

@@ -190,6 +190,8 @@ class _Progress:
                 attached.after_sequence = run_event.sequence
                 if run_event.HasField("run_completed"):
                     self.usage[event.subtask_progress.subtask_id] = run_event.run_completed.usage
+                elif run_event.HasField("run_failed"):  # a failed run's attempts are charged too
+                    self.usage[event.subtask_progress.subtask_id] = run_event.run_failed.usage
         elif kind == "subtask_finished":
             finished = event.subtask_finished
             self.in_flight.pop(finished.subtask_id, None)
@@ -688,13 +690,15 @@ class _Pursuit:
                 async for event in self._ended(item):
                     yield event
                 failure = self._failure or self._start_ready()
-            if failure is not None:
-                await self.cancel_runs("the goal failed")
-                yield failure
-                return
             usage = common_pb2.ResourceUsage()
             usage.CopyFrom(self._spent)
             usage.duration.CopyFrom(to_duration(goal.elapsed()))
+            if failure is not None:
+                await self.cancel_runs("the goal failed")
+                if failure.HasField("goal_failed"):
+                    failure.goal_failed.usage.CopyFrom(usage)
+                yield failure
+                return
             completed = pb.GoalCompleted(outputs=self._outputs, usage=usage)
             if (size := completed.ByteSize()) > self._max_output_bytes:
                 # Failed rather than completed: the event would not fit the messages that carry it.
@@ -887,7 +891,7 @@ class _Pursuit:
                                 if output is None and subtask.id in run_event.run_completed.outputs:
                                     output = run_event.run_completed.outputs[subtask.id]
                             elif kind == "run_failed":
-                                error = run_event.run_failed.error
+                                usage, error = run_event.run_failed.usage, run_event.run_failed.error
                             elif kind == "run_cancelled":
                                 error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
                     except TierstackError as exc:

@@ -490,8 +490,9 @@ class RunManager:
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
                 _replay(live, event)
-            if event.HasField("step_completed"):
-                add_usage(live.usage, event.step_completed.usage)
+            kind = event.WhichOneof("payload")
+            if kind in ("step_completed", "step_retried", "step_failed"):  # every attempt is charged
+                add_usage(live.usage, getattr(event, kind).usage)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
         live.output_bytes = sum(state.output.ByteSize() for state in live.steps.values())
@@ -760,7 +761,7 @@ class RunManager:
             else:
                 done = sum(state.state == pb.STEP_STATE_COMPLETED for state in live.steps.values())
                 await self._transition(live, run_resumed=pb.RunResumed(reason=resumed, completed_steps=done))
-            error = await self._run_graph(live, live.spec, live.context, "")
+            error = await self._run_in_time(live)
             run.end_time.CopyFrom(now_timestamp())
             elapsed = (run.end_time.ToNanoseconds() - run.create_time.ToNanoseconds()) / 1e9
             live.usage.duration.CopyFrom(to_duration(elapsed))
@@ -781,7 +782,7 @@ class RunManager:
             if error is not None:
                 run.state = pb.RUN_STATE_FAILED
                 run.error.CopyFrom(error)
-                await self._transition(live, run_failed=pb.RunFailed(error=error))
+                await self._transition(live, run_failed=pb.RunFailed(error=error, usage=live.usage))
         except asyncio.CancelledError:
             if self._closing or live.stop == "lost":
                 raise  # the server is stopping, or another owner drives the run now: nothing more to write
@@ -802,6 +803,22 @@ class RunManager:
             self._forget(live)
             self.finished_runs[pb.RunState.Name(run.state)] += 1
             _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
+
+    async def _run_in_time(self, live: _LiveRun) -> common_pb2.ErrorDetail | None:
+        """Runs the run's graph; once the run's ``max_duration`` has passed since it was created (a
+        restart changes nothing), its steps are cancelled and it fails with DEADLINE_EXCEEDED."""
+        limit = to_seconds(live.limits.max_duration)
+        if limit is None:
+            return await self._run_graph(live, live.spec, live.context, "")
+        age = (time.time_ns() - live.run.create_time.ToNanoseconds()) / 1e9
+        within = asyncio.timeout(limit - age)
+        try:
+            async with within:
+                return await self._run_graph(live, live.spec, live.context, "")
+        except TimeoutError:
+            if not within.expired():
+                raise
+        return _error("DEADLINE_EXCEEDED", f"the run took longer than its limits.max_duration of {limit:g} s")
 
     async def _run_graph(
         self, live: _LiveRun, spec: WorkflowSpec, context: RunContext, prefix: str
@@ -890,31 +907,40 @@ class RunManager:
                 self._append(live, step_skipped=pb.StepSkipped(step_id=path, reason=skip))
                 return None
             while True:
-                error = await self._attempt(live, step, context, prefix)
+                error, usage = await self._attempt(live, step, context, prefix)
                 if error is None:
                     return None
                 if error.reason in PERMANENT_FAILURES or state.attempt >= step.retry.max_attempts:
-                    return self._fail(live, path, error)
+                    return self._fail(live, path, error, usage)
                 backoff = step.retry.backoff(state.attempt)
-                retried = pb.StepRetried(step_id=path, attempt=state.attempt, error=error, backoff=to_duration(backoff))
+                retried = pb.StepRetried(
+                    step_id=path, attempt=state.attempt, error=error, backoff=to_duration(backoff), usage=usage
+                )
                 self._append(live, step_retried=retried)
                 await asyncio.sleep(backoff)
         except asyncio.CancelledError:
             state.state = self._interrupted_state(live)
             raise
 
-    def _fail(self, live: _LiveRun, path: str, error: common_pb2.ErrorDetail) -> common_pb2.ErrorDetail:
+    def _fail(
+        self,
+        live: _LiveRun,
+        path: str,
+        error: common_pb2.ErrorDetail,
+        usage: common_pb2.ResourceUsage | None = None,
+    ) -> common_pb2.ErrorDetail:
         error.metadata["step_id"] = path
         state = live.steps[path]
         state.state = pb.STEP_STATE_FAILED
         state.error.CopyFrom(error)
-        self._append(live, urgent=True, step_failed=pb.StepFailed(step_id=path, error=error))
+        self._append(live, urgent=True, step_failed=pb.StepFailed(step_id=path, error=error, usage=usage))
         return error
 
     async def _attempt(
         self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str
-    ) -> common_pb2.ErrorDetail | None:
-        """Makes one attempt at a step; on success records its output and returns None."""
+    ) -> tuple[common_pb2.ErrorDetail | None, common_pb2.ResourceUsage]:
+        """Makes one attempt at a step, charging what it used to the run; on success records its output
+        and returns no error; on failure, returns the error and what the attempt used."""
         await self.log.room()  # while the store falls behind, no step adds to what waits for it
         path = prefix + step.id
         state = live.steps[path]
@@ -930,9 +956,9 @@ class RunManager:
             arguments = render(step.parameters, context.resolve, "parameters", budget)
             prompt = render(step.prompt, context.resolve, "prompt", budget)
         except TooLargeError as exc:
-            return _error("REQUEST_TOO_LARGE", exc.message, field=exc.field)
+            return _error("REQUEST_TOO_LARGE", exc.message, field=exc.field), common_pb2.ResourceUsage()
         except TemplateError as exc:
-            return _error("TEMPLATE_ERROR", exc.message, field=exc.field)
+            return _error("TEMPLATE_ERROR", exc.message, field=exc.field), common_pb2.ResourceUsage()
         assert isinstance(arguments, dict)
         if step.workflow is not None:
             output, usage, error = await self._run_nested(live, step.workflow, arguments, path)
@@ -952,19 +978,19 @@ class RunManager:
                     output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
             finally:
                 live.slots.release()
+        add_usage(live.usage, usage)
         if error is not None:
-            return error
+            return error, usage
         seconds = to_seconds(usage.duration) or 0.0
         self.step_latency.record(seconds)
         if step.workflow is None:
             previous = self._tool_seconds.get(step.tool)
             self._tool_seconds[step.tool] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        add_usage(live.usage, usage)
         if (size := output.ByteSize()) > self._max_output_bytes:
-            return output_too_large(_TIER, "a step's output", size, self._max_output_bytes)
+            return output_too_large(_TIER, "a step's output", size, self._max_output_bytes), usage
         if live.output_bytes + size > self._max_held_bytes:
             held = live.output_bytes + size
-            return output_too_large(_TIER, "a run's step outputs together", held, self._max_held_bytes)
+            return output_too_large(_TIER, "a run's step outputs together", held, self._max_held_bytes), usage
         live.output_bytes += size
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
@@ -972,7 +998,7 @@ class RunManager:
         # event before it is stored; a crash before then runs the step again, under the same
         # idempotency key, so Tier 3 replays the result instead of running the tool twice.
         self._append(live, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
-        return None
+        return None, usage
 
     async def _run_nested(
         self, live: _LiveRun, spec: WorkflowSpec, arguments: dict[str, JSON], path: str
@@ -1046,7 +1072,7 @@ class RunManager:
                     elif kind == "completed":
                         usage = event.completed.usage
                     elif kind == "failed":
-                        error = event.failed.error
+                        error, usage = event.failed.error, event.failed.usage
                     else:  # the output and the end travel in StepCompleted / StepFailed, not twice
                         forwarded = pb.RunEvent()
                         forwarded.step_execution.step_id = path

@@ -97,6 +97,14 @@ async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp
     assert '"shout": "Hi Grace"' in output
 
 
+async def test_a_malformed_agent_is_refused_before_anything_is_sent() -> None:
+    for malformed in ("bad", "=writing", "writer=", "writer=,"):
+        code, output = await run_cli("goal", "write a haiku", "--agent", malformed, "--target", "127.0.0.1:1")
+        assert code == 2, malformed
+        assert "is not NAME=CAPABILITY" in output, output
+        assert "UNAVAILABLE" not in output  # refused before any call
+
+
 async def test_run_reports_a_malformed_workflow_by_field(tiers: dict[str, Process], tmp_path: Path) -> None:
     workflow = tmp_path / "bad.yaml"
     workflow.write_text(

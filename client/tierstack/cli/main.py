@@ -246,14 +246,22 @@ async def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _agent(text: str) -> coordinator_pb.Agent:
-    name, _, capabilities = text.partition("=")
-    return coordinator_pb.Agent(
-        id=name, name=name, capabilities=[c for c in capabilities.split(",") if c], max_concurrent_tasks=4
-    )
+    """Reads ``--agent NAME=CAP,CAP``.
+
+    Raises:
+        argparse.ArgumentTypeError: It names no agent or no capability.
+    """
+    name, equals, listed = text.partition("=")
+    capabilities = [c.strip() for c in listed.split(",") if c.strip()]
+    if not equals or not name.strip() or not capabilities:
+        raise argparse.ArgumentTypeError(
+            f"{text[:64]!r} is not NAME=CAPABILITY[,CAPABILITY…], e.g. writer=writing,general"
+        )
+    return coordinator_pb.Agent(id=name.strip(), name=name.strip(), capabilities=capabilities, max_concurrent_tasks=4)
 
 
 async def _goal(args: argparse.Namespace, console: Console) -> int:
-    agents = [_agent(text) for text in (args.agent or _DEFAULT_AGENTS)]
+    agents = args.agent or [_agent(text) for text in _DEFAULT_AGENTS]
     context = common_pb2.RequestContext(correlation_id=args.correlation_id or "")
     async with CoordinatorClient(args.target, tls=args.tls, api_key=args.api_key) as client:
         if args.detach:
@@ -495,6 +503,7 @@ def _parser() -> argparse.ArgumentParser:
     goal.add_argument(
         "--agent",
         action="append",
+        type=_agent,
         metavar="NAME=CAP,CAP",
         help="an available agent (repeatable; three by default)",
     )

@@ -67,7 +67,10 @@ async def test_a_goal_without_capable_agents_fails_before_running(stack: Stack) 
     request = pb.CoordinateRequest(goal="write a poem", agents=[pb.Agent(id="fetcher", capabilities=["http"])])
     events = [event async for event in stack.coordinator.coordinate(request)]
     assert [e.WhichOneof("payload") for e in events] == ["goal_decomposed", "team_formed", "goal_failed"]
-    assert events[-1].goal_failed.error.reason == "NO_CAPABLE_AGENT"
+    error = events[-1].goal_failed.error
+    assert error.reason == "NO_CAPABLE_AGENT"
+    assert error.message == "subtask 's1' needs 'writing', which no agent has"
+    assert (error.metadata["subtask"], error.metadata["capability"]) == ("s1", "writing")
     assert list(events[1].team_formed.unassigned_subtask_ids) == ["s1"]
     assert list((await stack.orchestrator.list_runs()).runs) == []
 

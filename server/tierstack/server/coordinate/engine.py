@@ -28,6 +28,7 @@ from tierstack.core.errors import (
     error_detail_of_call,
     message_of,
     output_too_large,
+    quoted,
 )
 from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
 from tierstack.core.templates import whole_reference
@@ -122,6 +123,24 @@ def _texts_apart(value: JSON, dependencies: set[str], texts: dict[str, JSON]) ->
     if isinstance(value, list):
         return [_texts_apart(item, dependencies, texts) for item in value]
     return value
+
+
+def _no_capable_agent(goal: _Goal, unassigned: Sequence[pb.Subtask]) -> pb.GoalEvent:
+    """Returns the failure of a goal whose team leaves ``unassigned`` without an agent, naming each
+    subtask and the capabilities no agent offers (or, when some agent offers them all, its capacity)."""
+    offered = {capability for agent in goal.request.agents for capability in agent.capabilities}
+    missing = {s.id: sorted(set(s.required_capabilities) - offered) for s in unassigned}
+    reasons = [
+        f"subtask {quoted(s.id)} needs {', '.join(map(quoted, missing[s.id]))}, which no agent has"
+        if missing[s.id]
+        else f"subtask {quoted(s.id)}: every agent with {', '.join(map(quoted, s.required_capabilities))} is full"
+        for s in unassigned[:5]
+    ]
+    more = f" (and {len(unassigned) - 5} more)" if len(unassigned) > 5 else ""
+    first = unassigned[0]
+    return goal.failed(
+        "NO_CAPABLE_AGENT", "; ".join(reasons) + more, subtask=first.id, capability=",".join(missing[first.id])
+    )
 
 
 def team_message(team: Team) -> pb.TeamFormed:
@@ -541,11 +560,8 @@ class Coordinator:
             if progress.subtasks is None:
                 await self._decompose(goal, journal, progress, phases)
             if progress.unassigned:
-                unassigned = [s.id for s in progress.subtasks or () if s.id not in progress.agent_of]
-                failure = goal.failed(
-                    "NO_CAPABLE_AGENT", "no agent with free capacity has the capabilities of: " + ", ".join(unassigned)
-                )
-                await self._end(journal, failure)
+                unassigned = [s for s in progress.subtasks or () if s.id not in progress.agent_of]
+                await self._end(journal, _no_capable_agent(goal, unassigned))
                 return
             start = time.perf_counter()
             pursuit = _Pursuit(self._runner, goal, progress, self._backoff, self._max_output_bytes)

@@ -65,6 +65,7 @@ async def test_a_goal_runs_through_three_processes(tiers: dict[str, Process]) ->
     assert code == 0, output
     assert "goal completed" in output
     assert "write a summary" in output
+    assert "planned by the offline stand-in (rules, no model)" in output  # a newcomer learns why
     # The correlation id reaches every tier's log lines, and the servers stop cleanly.
     for name, process in tiers.items():
         assert await stop(process) == 0
@@ -95,6 +96,15 @@ async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp
     code, output = await run_cli("run", str(workflow), "--input", "who=Grace", "--target", tiers["orchestrate"].target)
     assert code == 0, output
     assert '"shout": "Hi Grace"' in output
+    assert "offline stand-in" not in output  # no model answered
+
+
+async def test_run_marks_the_answers_of_the_offline_model(tiers: dict[str, Process], tmp_path: Path) -> None:
+    workflow = tmp_path / "ask.yaml"
+    workflow.write_text("name: ask\nsteps:\n  - {id: ask, tool: ai.complete, parameters: {prompt: say hello}}\n")
+    code, output = await run_cli("run", str(workflow), "--target", tiers["orchestrate"].target)
+    assert code == 0, output
+    assert "model answers from the offline stand-in (model local)" in output
 
 
 async def test_a_malformed_agent_is_refused_before_anything_is_sent() -> None:

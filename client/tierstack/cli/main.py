@@ -240,6 +240,8 @@ async def _run(args: argparse.Namespace, console: Console) -> int:
     if final is not None and final.WhichOneof("payload") == "run_completed":
         outputs = {key: from_value(value) for key, value in final.run_completed.outputs.items()}
         console.print_json(data=outputs)
+        if _from_stand_in(outputs):
+            console.print(STAND_IN.format(what="model answers from", which="model local"))
         console.print(f"[green]run {final.run_id} completed")
         return 0
     return 1
@@ -283,6 +285,23 @@ async def _follow(events: AsyncIterator[coordinator_pb.GoalEvent], console: Cons
     return 0 if last is not None and last.HasField("goal_completed") else 1
 
 
+#: Said under outputs that the offline stand-in (the ``local`` model, or the rule-based decomposer)
+#: produced, which restate their input rather than think.
+STAND_IN = (
+    "[yellow]{what} the offline stand-in ({which}), which restates its input: point "
+    "TIERSTACK_MODEL_BASE_URL and TIERSTACK_MODEL at a model server for real answers (README: A real model)[/]"
+)
+
+
+def _from_stand_in(value: object) -> bool:
+    """Says whether an output holds an answer of the local model (``"model": "local"``)."""
+    if isinstance(value, dict):
+        return value.get("model") == "local" or any(_from_stand_in(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_from_stand_in(item) for item in value)
+    return False
+
+
 def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict[str, str]) -> None:
     kind = event.WhichOneof("payload")
     if kind == "goal_decomposed":
@@ -297,6 +316,8 @@ def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict
                 subtask.tool,
             )
         view.console.print(table)
+        if event.goal_decomposed.producer == "local":
+            view.log(STAND_IN.format(what="planned by", which="rules, no model"))
     elif kind == "team_formed":
         for assignment in event.team_formed.assignments:
             view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
@@ -314,6 +335,8 @@ def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict
     elif kind == "goal_completed":
         outputs = {k: from_value(v) for k, v in event.goal_completed.outputs.items()}
         view.console.print_json(data=outputs)
+        if _from_stand_in(outputs):
+            view.log(STAND_IN.format(what="model answers from", which="model local"))
         phases = ", ".join(
             f"{name} {duration.ToNanoseconds() / 1e6:.1f} ms"
             for name, duration in sorted(event.goal_completed.phase_durations.items())

@@ -268,7 +268,10 @@ class FakeOpenAI:
         self.status = 200
         self.failing: set[str] = set()  # user messages answered with 400
         self.delay = 0.0  # seconds before each answer
+        self.held: dict[str, threading.Event] = {}  # user messages answered once their event is set
+        self.answered: list[str] = []  # user messages, in the order they were answered
         self.embedded: list[str] = []
+        self.embed_calls = 0
         self.base_url = f"{server.url}/v1"
         server.routes["/v1/chat/completions"] = self._handle
         server.routes["/v1/embeddings"] = self._embed
@@ -278,6 +281,8 @@ class FakeOpenAI:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
         texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
         self.embedded += texts
+        self.embed_calls += 1
+        time.sleep(self.delay)
         data = []
         for index, text in enumerate(texts):
             vector = [0.0] * 64
@@ -293,10 +298,13 @@ class FakeOpenAI:
         self.requests.append(body)
         time.sleep(self.delay)
         last = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+        if last in self.held:
+            self.held[last].wait(timeout=10)
         status = 400 if last in self.failing else self.status
         if status != 200:
             reply(json.dumps({"error": {"message": "unavailable"}}).encode(), status=status)(request)
             return
+        self.answered.append(last)
         message = self.replies.pop(0) if self.replies else {"role": "assistant", "content": f"echo: {last}"}
         answer = {
             "id": f"chatcmpl-{len(self.requests)}",

@@ -91,8 +91,8 @@ class Settings:
         model_cache_entries: How many model answers the in-memory cache keeps.
         model_cache_ttl_seconds: How long a cached model answer is kept.
         redis_url: ``redis://host:port/db`` of the second-level model cache; empty keeps memory alone.
-        model_batch_size: The most model requests sent together.
-        model_batch_window_seconds: How long a model request may wait for its batch.
+        model_batch_size: The most embedding requests sent in one call.
+        model_batch_window_seconds: How long an embedding request may wait for its call.
         model_prices: Credits per thousand prompt and completion tokens by model, as
             ``{"model": [prompt, completion]}`` JSON.
         tenant_token_budgets: The model tokens each tenant may spend, as ``{"tenant": tokens}`` JSON.

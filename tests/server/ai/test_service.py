@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from tests.helpers import FakeOpenAI, HttpServer
+from tests.helpers import FakeOpenAI, HttpServer, wait_for
 from tierstack.server.ai import (
     AIService,
     CompletionRequest,
@@ -90,13 +91,40 @@ async def test_the_memory_cache_forgets_the_least_recently_used(build: Build, fa
 
 
 async def test_concurrent_requests_share_calls_and_each_gets_its_own_answer(build: Build, fake: FakeOpenAI) -> None:
-    service = build(batch_size=10, batch_window=0.05)
+    service = build()
     texts = [f"question {n % 10}" for n in range(100)]
     answers = await asyncio.gather(*(service.complete(ask(text)) for text in texts))
     assert [answer.content for answer in answers] == [f"echo: {text}" for text in texts]
     assert len(fake.requests) == 10
     assert service.ledger.total.tokens == 10 * 18  # only the calls made are paid for
-    assert service.batcher.stats.batches < 10  # requests that waited went out together
+    assert service.sharing.coalesced == 90
+
+
+async def test_a_quick_answer_never_waits_for_a_slow_one(build: Build, fake: FakeOpenAI) -> None:
+    """Different requests are different calls: each caller is answered when its own call ends."""
+    service = build()
+    released = threading.Event()
+    fake.held = {"first": released, "slow": released}
+    try:
+        first = asyncio.create_task(service.complete(ask("first")))
+        await wait_for(lambda: bool(fake.requests))  # a call is in flight: the next come while the model is busy
+        slow = asyncio.create_task(service.complete(ask("slow")))
+        quick = await service.complete(ask("quick"))
+        assert quick.content == "echo: quick" and fake.answered == ["quick"]  # the others still at the model
+    finally:
+        released.set()
+    assert [(await task).content for task in (first, slow)] == ["echo: first", "echo: slow"]
+
+
+async def test_embedding_requests_made_at_once_go_out_as_one_call(build: Build, fake: FakeOpenAI) -> None:
+    service = build(batch_size=10, batch_window=0.05)
+    fake.delay = 0.05  # the first call is in flight while the others arrive
+    texts = [f"text number {n}" for n in range(21)]
+    vectors = await asyncio.gather(*(service.embed([text], model="tiny-embed") for text in texts))
+    assert [len(found) for found in vectors] == [1] * 21
+    assert vectors[5] != vectors[6] and vectors[5] == await service.embed([texts[5]], model="tiny-embed")
+    assert service.sharing.embed_requests == 22
+    assert fake.embed_calls == service.sharing.embed_calls < 21  # the first alone, then batches of up to 10
 
 
 async def test_one_failing_request_of_a_batch_fails_alone(build: Build, fake: FakeOpenAI) -> None:

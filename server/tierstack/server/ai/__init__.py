@@ -1,5 +1,5 @@
 """Models behind one interface (the local deterministic model, OpenAI-compatible APIs) and the AI
-service in front of them: budgets, response cache, batching, retries, circuit breakers, fallbacks."""
+service in front of them: budgets, response cache, shared calls, retries, circuit breakers, fallbacks."""
 
 from tierstack.server.ai.accounting import Ledger, Price, Totals
 from tierstack.server.ai.cache import ResponseCache

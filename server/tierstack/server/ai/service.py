@@ -1,4 +1,4 @@
-"""The AI service both Tier 1 and Tier 3 ask: budget, cache, batcher, then the models with retries,
+"""The AI service both Tier 1 and Tier 3 ask: budget, cache, shared calls, then the models with retries,
 a circuit breaker per provider and model, and a fallback chain of models."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from cachetools import LRUCache
 
 from tierstack.server.ai.accounting import KEPT_NAMES, Ledger, Price
-from tierstack.server.ai.batcher import Batcher
 from tierstack.server.ai.breaker import CircuitBreaker
 from tierstack.server.ai.cache import ResponseCache, request_key
 from tierstack.server.ai.local import LocalModel
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError, ModelProvider
 from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
+from tierstack.server.ai.sharing import Coalescer, EmbeddingBatcher, SharingStats
 from tierstack.server.config import Settings
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -52,15 +52,16 @@ class AIService:
 
     In order: the caller's and its tenant's token budgets shrink the answer to fit (or refuse the
     call); a deterministic request (temperature 0) seen before is answered from the cache; the rest
-    go through the batcher to the models of the chain, the requested model first.
+    go to the models of the chain, the requested model first, identical ones sharing a call in
+    flight. Embedding requests made at once for a model go out as one list.
 
     Args:
         models: The fallback chain: model names, ``local`` for the local model.
         remote: The OpenAI-compatible API other names are sent to; None when there is none.
         cache: The response cache.
         ledger: Counts tokens and cost.
-        batch_size: The most requests of one batch.
-        batch_window: How long a request may wait for its batch, in seconds.
+        batch_size: The most embedding requests of one call.
+        batch_window: How long an embedding request may wait for its call, in seconds.
         resilience: Timeouts, retries and circuit breakers.
     """
 
@@ -82,7 +83,9 @@ class AIService:
         self._remote = remote
         self.cache = cache if cache is not None else ResponseCache()
         self.ledger = ledger if ledger is not None else Ledger()
-        self.batcher = Batcher(self._call, size=batch_size, window=batch_window)
+        self.sharing = SharingStats()
+        self._coalescer = Coalescer(self._call, self.sharing)
+        self._embeddings = EmbeddingBatcher(self._embed, self.sharing, size=batch_size, window=batch_window)
         self._resilience = resilience
         # Callers name models: a breaker and a histogram are kept for the most recently used only.
         self.breakers: LRUCache[str, CircuitBreaker] = LRUCache(KEPT_NAMES)
@@ -125,7 +128,7 @@ class AIService:
         answer = await self.cache.get(key) if deterministic else None
         if answer is None:
             # Identical deterministic requests share a call; a sampled one gets its own sample.
-            answer = await self.batcher.submit(key if deterministic else uuid.uuid4().hex, request)
+            answer = await self._coalescer.submit(key if deterministic else uuid.uuid4().hex, request)
             if deterministic and not answer.cached and not answer.fallback:  # the requested model's answers only
                 await self.cache.set(key, answer)
         return dataclasses.replace(answer, cost=self.ledger.charge(request, answer))
@@ -140,7 +143,7 @@ class AIService:
             requests=totals.calls,
             cache_hits=self.cache.stats.l1_hits + self.cache.stats.l2_hits,
             cache_hit_rate=self.cache.stats.hit_rate,
-            coalesced=self.batcher.stats.coalesced,
+            coalesced=self.sharing.coalesced,
             prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens,
             cost=totals.cost,
@@ -158,6 +161,10 @@ class AIService:
         """
         if self._remote is None:
             raise ModelError("MODEL_NOT_CONFIGURED", "embeddings need TIERSTACK_MODEL_BASE_URL", transient=False)
+        return await self._embeddings.submit(texts, model)
+
+    async def _embed(self, texts: Sequence[str], model: str) -> list[list[float]]:
+        assert self._remote is not None
         return await self._remote.embed(texts, model=model)
 
     def _provider(self, model: str) -> ModelProvider | None:
@@ -220,8 +227,9 @@ class AIService:
             attempt += 1
 
     async def close(self) -> None:
-        """Ends the batches in flight and closes the connections."""
-        await self.batcher.close()
+        """Ends the calls in flight and closes the connections."""
+        await self._coalescer.close()
+        await self._embeddings.close()
         await self.cache.close()
         if self._remote is not None:
             await self._remote.aclose()

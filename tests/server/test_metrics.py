@@ -13,7 +13,7 @@ from tierstack.server.metrics import LatencyHistogram, MethodMetrics
 durations = st.lists(st.floats(min_value=1e-6, max_value=100.0, allow_nan=False), min_size=1, max_size=300)
 
 
-@given(durations, st.sampled_from([0.5, 0.9, 0.95, 0.99, 1.0]))
+@given(durations, st.sampled_from([0.5, 0.9, 0.95, 0.99, 0.999, 1.0]))
 def test_percentiles_are_within_the_bucket_error(values: list[float], fraction: float) -> None:
     histogram = LatencyHistogram()
     for value in values:
@@ -27,6 +27,14 @@ def test_percentiles_are_within_the_bucket_error(values: list[float], fraction: 
 
 def test_an_empty_histogram_reports_zero() -> None:
     assert LatencyHistogram().percentile(0.99) == 0.0
+
+
+def test_the_summary_carries_the_99_9th_percentile() -> None:
+    histogram = LatencyHistogram()
+    for value in [0.001] * 998 + [0.5, 2.0]:  # the slowest two in a thousand
+        histogram.record(value)
+    stats = histogram.stats()
+    assert stats.p99.ToNanoseconds() < 2_000_000 < 500_000_000 <= stats.p999.ToNanoseconds() < stats.max.ToNanoseconds()
 
 
 def test_methods_merge_codes_and_keep_each_codes_latency() -> None:

@@ -38,7 +38,7 @@ def _tier_panel(current: pb.TierMetrics, previous: pb.TierMetrics | None) -> Pan
         previous = None
     seconds = seconds_between(current.process, previous.process if previous is not None else None)
     before = {m.method: m.latency for m in previous.methods} if previous is not None else {}
-    table = Table("method", "calls/s", "p50 ms", "p99 ms", "in flight", box=None, expand=True)
+    table = Table("method", "calls/s", "p50 ms", "p99 ms", "p99.9 ms", "in flight", box=None, expand=True)
     merged = LatencyHistogram()
     for method in current.methods:
         if not is_work(method.method):
@@ -50,6 +50,7 @@ def _tier_panel(current: pb.TierMetrics, previous: pb.TierMetrics | None) -> Pan
             f"{window.count / seconds:,.1f}",
             _ms(window.percentile(0.5)),
             _ms(window.percentile(0.99)),
+            _ms(window.percentile(0.999)),
             str(method.in_flight),
         )
     bars = Table(box=None, show_header=False, padding=(0, 1))

@@ -913,6 +913,7 @@ class ToolStats(_message.Message):
     P95_FIELD_NUMBER: _builtins.int
     P99_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    P999_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
     """Names the tool."""
     calls: _builtins.int
@@ -939,6 +940,10 @@ class ToolStats(_message.Message):
     def last_error(self) -> _common_pb2.ErrorDetail:
         """Describes the latest failure, if any."""
 
+    @_builtins.property
+    def p999(self) -> _duration_pb2.Duration:
+        """Gives the 99.9th percentile latency."""
+
     def __init__(
         self,
         *,
@@ -950,10 +955,11 @@ class ToolStats(_message.Message):
         p95: _duration_pb2.Duration | None = ...,
         p99: _duration_pb2.Duration | None = ...,
         last_error: _common_pb2.ErrorDetail | None = ...,
+        p999: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99", "p999", b"p999"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "calls", b"calls", "failures", b"failures", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "calls", b"calls", "failures", b"failures", "last_error", b"last_error", "p50", b"p50", "p95", b"p95", "p99", b"p99", "p999", b"p999", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

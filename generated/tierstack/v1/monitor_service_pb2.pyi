@@ -435,6 +435,7 @@ class LatencyStats(_message.Message):
     P99_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
     HISTOGRAM_FIELD_NUMBER: _builtins.int
+    P999_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Counts the operations."""
     @_builtins.property
@@ -461,6 +462,10 @@ class LatencyStats(_message.Message):
     def histogram(self) -> Global___Histogram:
         """Holds the histogram itself, so that windows can be told apart by subtracting snapshots."""
 
+    @_builtins.property
+    def p999(self) -> _duration_pb2.Duration:
+        """Gives the 99.9th percentile."""
+
     def __init__(
         self,
         *,
@@ -471,10 +476,11 @@ class LatencyStats(_message.Message):
         p99: _duration_pb2.Duration | None = ...,
         max: _duration_pb2.Duration | None = ...,
         histogram: Global___Histogram | None = ...,
+        p999: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99", "p999", b"p999"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "histogram", b"histogram", "max", b"max", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99", "p999", b"p999"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

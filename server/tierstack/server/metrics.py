@@ -73,6 +73,7 @@ class LatencyHistogram:
             p90=to_duration(self.percentile(0.90)),
             p95=to_duration(self.percentile(0.95)),
             p99=to_duration(self.percentile(0.99)),
+            p999=to_duration(self.percentile(0.999)),
             max=to_duration(self.max),
             histogram=monitor_pb.Histogram(buckets=dict(self._buckets), sum_seconds=self.total),
         )

@@ -138,6 +138,22 @@ async def test_http_request_keeps_no_cookie_from_one_call_for_the_next(stack: St
     assert from_value(response.result.output)["body"] == "none"  # type: ignore[index,call-overload]
 
 
+async def test_a_host_that_keeps_failing_is_given_a_rest(stack: Stack, http_server: HttpServer) -> None:
+    """After 5 failures (5xx answers) within a minute, calls to the host stop for a while: the sixth
+    is refused without reaching it, and another host is still called."""
+    http_server.routes["/down"] = reply(b"busy", "text/plain", status=503)
+    http_server.routes["/up"] = reply(b"fine", "text/plain")
+    for _ in range(5):
+        response = await stack.executor.execute_tool(tool_request("http.request", url=f"{http_server.url}/down"))
+        assert from_value(response.result.output)["status"] == 503  # type: ignore[index,call-overload]
+    response = await stack.executor.execute_tool(tool_request("http.request", url=f"{http_server.url}/up"))
+    assert response.result.error.reason == "CIRCUIT_OPEN"  # the host, not the path, is resting
+    assert http_server.hits == ["/down"] * 5
+    other = http_server.url.replace("127.0.0.1", "localhost")  # another host name, its own breaker
+    response = await stack.executor.execute_tool(tool_request("http.request", url=f"{other}/up"))
+    assert from_value(response.result.output)["body"] == "fine"  # type: ignore[index,call-overload]
+
+
 async def test_http_request_caps_the_response_size(stack: Stack, http_server: HttpServer) -> None:
     http_server.routes["/big"] = reply(b"x" * 5000, "text/plain")
     response = await stack.executor.execute_tool(

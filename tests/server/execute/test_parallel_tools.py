@@ -164,7 +164,7 @@ async def test_tool_stats_count_calls_failures_and_slow_tools(stack: Stack, prob
     by_tool = {tool.tool: tool for tool in stats.tools}
     query = by_tool["json.query"]
     assert (query.calls, query.failures, query.last_error.reason) == (3, 1, "INVALID_EXPRESSION")
-    assert 0 < query.p50.ToNanoseconds() <= query.p99.ToNanoseconds()
+    assert 0 < query.p50.ToNanoseconds() <= query.p99.ToNanoseconds() <= query.p999.ToNanoseconds()
     assert list(stats.slow_tools) == ["test.hold"]
     assert by_tool["test.hold"].average.ToNanoseconds() >= 50_000_000
     default = await stack.executor.get_tool_stats()

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from cachetools import LRUCache
 
 from tierstack.server.ai.accounting import KEPT_NAMES, Ledger, Price
-from tierstack.server.ai.breaker import CircuitBreaker
 from tierstack.server.ai.cache import ResponseCache, request_key
 from tierstack.server.ai.local import LocalModel
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError, ModelProvider
 from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
 from tierstack.server.ai.sharing import Coalescer, EmbeddingBatcher, SharingStats
+from tierstack.server.breaker import Breakers
 from tierstack.server.config import Settings
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -36,7 +36,7 @@ class Resilience:
         timeout: How long one call may take, in seconds.
         retries: How often a transient failure is retried on the same model.
         backoff: The base of the exponential backoff between retries, in seconds (full jitter).
-        breaker_threshold: How many failures in a row open a model's circuit breaker.
+        breaker_threshold: How many failures within a minute open a model's circuit breaker.
         breaker_reset: How long an open breaker refuses calls before it lets a probe through, in seconds.
     """
 
@@ -88,7 +88,9 @@ class AIService:
         self._embeddings = EmbeddingBatcher(self._embed, self.sharing, size=batch_size, window=batch_window)
         self._resilience = resilience
         # Callers name models: a breaker and a histogram are kept for the most recently used only.
-        self.breakers: LRUCache[str, CircuitBreaker] = LRUCache(KEPT_NAMES)
+        self.breakers = Breakers(
+            threshold=resilience.breaker_threshold, reset_seconds=resilience.breaker_reset, kept=KEPT_NAMES
+        )
         self.latency: LRUCache[str, LatencyHistogram] = LRUCache(KEPT_NAMES)
 
     @classmethod
@@ -148,7 +150,7 @@ class AIService:
             completion_tokens=totals.completion_tokens,
             cost=totals.cost,
             latency=latency.stats(),
-            breakers={route: breaker.state.value for route, breaker in self.breakers.items()},
+            breakers=self.breakers.states(),
             by_model={model: totals.message() for model, totals in self.ledger.by_model.items()},
             by_tenant={tenant: totals.message() for tenant, totals in self.ledger.by_tenant()},
         )
@@ -180,12 +182,7 @@ class AIService:
                 failures.append(f"{model}: no model API is configured (TIERSTACK_MODEL_BASE_URL)")
                 continue
             route = f"{provider.name}/{model}"
-            breaker = self.breakers.get(route)
-            if breaker is None:
-                settings = self._resilience
-                breaker = self.breakers[route] = CircuitBreaker(
-                    threshold=settings.breaker_threshold, reset_seconds=settings.breaker_reset
-                )
+            breaker = self.breakers.of(route)
             if not breaker.allow():
                 failures.append(f"{route}: circuit open after repeated failures")
                 continue
@@ -194,6 +191,8 @@ class AIService:
             except ModelError as exc:
                 if exc.transient:
                     breaker.failed()
+                else:  # the model answered, if only to refuse
+                    breaker.succeeded()
                 failures.append(f"{route}: {exc.message}")
                 last = exc
                 continue

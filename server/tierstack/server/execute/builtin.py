@@ -26,6 +26,8 @@ from jmespath.exceptions import JMESPathError
 from tierstack.core.errors import brief, quoted
 from tierstack.core.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
+from tierstack.server.auth.principal import namespaced
+from tierstack.server.breaker import Breakers
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.workers import output_limit, too_large
 
@@ -154,6 +156,8 @@ class HttpRequester:
             private, link-local or reserved address is refused.
         tier_ports: Ports refused on every address: the tiers' own (see also :meth:`refuse_ports`).
         max_bytes: The default cap on a response body.
+        breakers: A circuit breaker per tenant and host: a host that failed (no answer, or a 5xx
+            status) 5 times within a minute gets no call from that tenant until a probe works.
     """
 
     def __init__(
@@ -163,7 +167,9 @@ class HttpRequester:
         allowed_networks: Sequence[str] = (),
         tier_ports: Collection[int] = (),
         max_bytes: int = 1 << 20,
+        breakers: Breakers | None = None,
     ) -> None:
+        self.breakers = breakers if breakers is not None else Breakers()
         self._allowed = tuple(allowed_hosts)
         self._networks = tuple(ipaddress.ip_network(network, strict=False) for network in allowed_networks)
         self._tier_ports = set(tier_ports)
@@ -248,6 +254,12 @@ class HttpRequester:
             )
         except (UnicodeError, ValueError, TypeError) as exc:
             raise ToolError("INVALID_REQUEST", f"the request cannot be sent: {brief(str(exc))}") from None
+        # Each tenant's own breaker: another's failing calls to a host must not stop this one's.
+        breaker = self.breakers.of(namespaced(context.tenant, request.url.host))
+        if not breaker.allow():
+            raise ToolError(
+                "CIRCUIT_OPEN", f"host {quoted(request.url.host)} kept failing; calls to it wait for a probe to work"
+            )
         try:
             response = await self._client.send(request, stream=True)
             try:
@@ -259,9 +271,18 @@ class HttpRequester:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
+            breaker.failed()
             raise ToolError("HTTP_TIMEOUT", f"{request.method} {quoted(url)} timed out") from exc
         except httpx.HTTPError as exc:
+            breaker.failed()
             raise ToolError("HTTP_ERROR", f"{request.method} {quoted(url)} failed: {brief(str(exc))}") from exc
+        except ToolError:  # refused here (its address, its size): the host is not at fault
+            breaker.succeeded()
+            raise
+        if response.status_code >= 500:
+            breaker.failed()
+        else:
+            breaker.succeeded()
         text = body.decode(response.encoding or "utf-8", errors="replace")
         result: dict[str, JSON] = {
             "status": response.status_code,

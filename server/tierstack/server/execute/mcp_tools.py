@@ -15,7 +15,9 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+from tierstack.core.errors import brief
 from tierstack.core.values import JSON
+from tierstack.server.breaker import Breakers, CircuitBreaker
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry, ToolSource
 
 _log = logging.getLogger(__name__)
@@ -58,10 +60,13 @@ class McpMounts:
 
     Args:
         servers: The servers to mount.
+        breakers: A circuit breaker per server and tool: a tool whose calls failed (no answer from
+            its server) 5 times within a minute is not called until a probe works.
     """
 
-    def __init__(self, servers: Sequence[McpServer]) -> None:
+    def __init__(self, servers: Sequence[McpServer], breakers: Breakers | None = None) -> None:
         self._servers = tuple(servers)
+        self.breakers = breakers if breakers is not None else Breakers()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -86,7 +91,7 @@ class McpMounts:
                         name=f"{server.prefix}.{found.name}",
                         description=found.description or "",
                         parameters=found.input_schema,
-                        handler=_caller(session, found.name),
+                        handler=_caller(session, found.name, self.breakers.of(f"{server.prefix}.{found.name}")),
                         source=ToolSource.MCP,
                     )
                 )
@@ -119,9 +124,16 @@ class McpMounts:
         self._tasks.clear()
 
 
-def _caller(session: ClientSession, name: str) -> Any:
+def _caller(session: ClientSession, name: str, breaker: CircuitBreaker) -> Any:
     async def call(arguments: dict[str, Any], context: ToolContext) -> JSON:
-        result = await session.call_tool(name, arguments)
+        if not breaker.allow():
+            raise ToolError("CIRCUIT_OPEN", f"{name} kept failing; calls to it wait for a probe to work")
+        try:
+            result = await session.call_tool(name, arguments)
+        except Exception as exc:  # the server did not answer (an error the tool reports is an answer)
+            breaker.failed()
+            raise ToolError("MCP_UNAVAILABLE", f"the MCP server did not answer {name}: {brief(str(exc))}") from exc
+        breaker.succeeded()
         text = "\n".join(block.text for block in getattr(result, "content", ()) if hasattr(block, "text"))
         if getattr(result, "is_error", False):
             raise ToolError("MCP_TOOL_ERROR", text or f"{name} failed")

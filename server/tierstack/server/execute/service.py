@@ -82,6 +82,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     p50=to_duration(record.latency.percentile(0.50)),
                     p95=to_duration(record.latency.percentile(0.95)),
                     p99=to_duration(record.latency.percentile(0.99)),
+                    p999=to_duration(record.latency.percentile(0.999)),
                     last_error=record.last_error,
                 )
                 for tool, record in monitor.records().items()

@@ -294,9 +294,10 @@ STAND_IN = (
 
 
 def _from_stand_in(value: object) -> bool:
-    """Says whether an output holds an answer of the local model (``"model": "local"``)."""
+    """Says whether an output holds an answer of the local model (``ai.complete``'s ``text`` with
+    ``"model": "local"``)."""
     if isinstance(value, dict):
-        return value.get("model") == "local" or any(_from_stand_in(item) for item in value.values())
+        return (value.get("model") == "local" and "text" in value) or any(_from_stand_in(i) for i in value.values())
     if isinstance(value, list):
         return any(_from_stand_in(item) for item in value)
     return False

@@ -40,16 +40,13 @@ class TemplateError(Exception):
         self.message = message
 
 
-def whole_reference(text: str) -> Path | None:
-    """Returns the path a string that is exactly one template names (``{{inputs.fetch.body}}``);
-    None for any other string, a malformed template too."""
-    whole = _TEMPLATE.fullmatch(text)
-    if whole is None:
-        return None
-    try:
-        return parse_path(whole.group(1), field="")
-    except TemplateError:
-        return None
+def references(text: str) -> Iterator[tuple[int, int, Path]]:
+    """Yields where each well-formed template of ``text`` starts and ends, with the path it names."""
+    for match in _TEMPLATE.finditer(text):
+        try:
+            yield match.start(), match.end(), parse_path(match.group(1), field="")
+        except TemplateError:
+            continue
 
 
 def parse_path(expression: str, *, field: str) -> Path:

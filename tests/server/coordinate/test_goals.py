@@ -244,14 +244,14 @@ async def finished(stack: Stack, goal: str, agents: list[pb.Agent]) -> list[pb.G
 
 async def test_what_a_goal_says_is_data_never_a_template(stack: Stack) -> None:
     """Template braces in a goal reach the tools as written, in every subtask."""
-    goal = "what does {{inputs.city}} mean, then write up {{ steps.s1.output }} and {{inputs.s1}}"
+    goal = "what does {{inputs.city}} mean, then write up {{ steps.s1.output }} and {{inputs.s3}}"
     events = await finished(
         stack, goal, [pb.Agent(id="a", capabilities=["general", "writing"], max_concurrent_tasks=4)]
     )
     assert events[-1].HasField("goal_completed"), events[-1]
     outputs = {key: from_value(value) for key, value in events[-1].goal_completed.outputs.items()}
     assert str(outputs["s1"]).startswith("what does {{inputs.city}} mean")
-    assert str(outputs["s2"]).startswith("write up {{ steps.s1.output }} and {{inputs.s1}}")
+    assert str(outputs["s2"]).startswith("write up {{ steps.s1.output }} and {{inputs.s3}}")
     assert "[s1] what does {{inputs.city}} mean" in str(outputs["s2"])  # its dependency's output, read
 
 
@@ -276,6 +276,25 @@ async def test_a_failure_that_would_only_repeat_is_not_replanned(tmp_path: Path)
     assert "subtask_replanned" not in kinds, kinds
     assert events[-1].goal_failed.error.reason == "INVALID_TOOL_ARGUMENTS", events[-1]
     assert events[-1].goal_failed.error.metadata["subtask"] == "nap"
+
+
+async def test_a_template_reads_a_dependency_inside_longer_text_and_the_goals_words_as_data(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "greet.yaml").write_text(
+        "name: greet\n"
+        "pattern: '^greet (?P<who>.+)$'\n"
+        "subtasks:\n"
+        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
+        " parameters: {value: hello}}\n"
+        "  - {id: greet, description: greet, dependencies: [word], required_capabilities: [general],"
+        " tool: core.echo, parameters: {value: '{{inputs.word}}, $who!'}}\n"
+    )
+    agents = [pb.Agent(id="a", capabilities=["general"], max_concurrent_tasks=2)]
+    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
+        events = await finished(stack, "greet {{inputs.city}} and {{vars.x}}", agents)
+    assert events[-1].HasField("goal_completed"), events[-1]
+    assert from_value(events[-1].goal_completed.outputs["greet"]) == "hello, {{inputs.city}} and {{vars.x}}!"
 
 
 async def test_a_failed_goal_reports_what_its_failed_runs_used(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from tierstack.server.ai.models import Completion, CompletionRequest
+from tierstack.server.ai.models import Completion, CompletionRequest, ModelError
 
 T = TypeVar("T")
 
@@ -134,6 +134,8 @@ class EmbeddingBatcher:
         self._size = max(size, 1)
         self._window = window
         self._models: dict[str, _Queue] = {}
+        self._unsettled: set[asyncio.Future[list[list[float]]]] = set()  # every caller's, until answered
+        self._closed = False
         self._owned = _Owned()
 
     async def submit(self, texts: Sequence[str], model: str) -> list[list[float]]:
@@ -144,6 +146,8 @@ class EmbeddingBatcher:
         """
         self._stats.embed_requests += 1
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        self._unsettled.add(future)
+        future.add_done_callback(self._unsettled.discard)
         future.add_done_callback(_retrieved)
         queue = self._models.setdefault(model, _Queue())
         queue.waiting.append((texts, future))
@@ -169,7 +173,11 @@ class EmbeddingBatcher:
 
     async def _fly(self, model: str, batch: list[tuple[Sequence[str], asyncio.Future[list[list[float]]]]]) -> None:
         try:
-            vectors = await self._embed([text for texts, _ in batch for text in texts], model)
+            sent = [text for texts, _ in batch for text in texts]
+            vectors = await self._embed(sent, model)
+            if len(vectors) != len(sent):
+                message = f"{len(vectors)} vectors came back for {len(sent)} texts"
+                raise ModelError("MODEL_ANSWER_INVALID", message, transient=False)
             start = 0
             for texts, future in batch:
                 _settle(future, vectors[start : start + len(texts)])
@@ -177,23 +185,22 @@ class EmbeddingBatcher:
         except Exception as exc:  # every caller of the batch gets it
             for _, future in batch:
                 _settle(future, exc)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
         finally:
             queue = self._models[model]
             queue.in_flight -= 1
-            if queue.in_flight == 0 and queue.waiting:
+            if queue.in_flight == 0 and queue.waiting and not self._closed:
                 self._flush(model)
             elif queue.in_flight == 0 and queue.timer is None:
                 del self._models[model]  # callers name models: only those with requests in flight are kept
 
     async def close(self) -> None:
-        """Cancels the calls in flight and the requests waiting, and waits for them to end."""
+        """Cancels the calls in flight and the requests waiting (their callers' too), and waits for
+        the calls to end."""
+        self._closed = True
         for queue in self._models.values():
             if queue.timer is not None:
                 queue.timer.cancel()
-            for _, future in queue.waiting:
-                future.cancel()
+            queue.waiting.clear()
+        for future in list(self._unsettled):
+            future.cancel()
         await self._owned.close()

@@ -31,7 +31,7 @@ from tierstack.core.errors import (
     quoted,
 )
 from tierstack.core.lifecycle import GOAL_LIFECYCLE, Fence, StaleOwnerError
-from tierstack.core.templates import whole_reference
+from tierstack.core.templates import references
 from tierstack.core.tracing import span
 from tierstack.core.values import JSON, from_struct, now_timestamp, to_duration, to_seconds, to_struct
 from tierstack.server.ai import Scope
@@ -101,23 +101,44 @@ def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team
     )
 
 
-def _reads_dependency(text: str, dependencies: set[str]) -> bool:
-    """Says whether ``text`` is exactly one template reading a dependency's output."""
-    path = whole_reference(text)
-    return path is not None and len(path) > 1 and path[0] == "inputs" and path[1] in dependencies
+_RUN_ENDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
+
+
+def _run_end(event: orchestrator_pb.RunEvent) -> tuple[bool, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
+    """Returns what a run's end says of its subtask: whether it completed, what the run used, and
+    its failure."""
+    kind = event.WhichOneof("payload")
+    if kind == "run_completed":
+        return True, event.run_completed.usage, None
+    if kind == "run_failed":  # a failed run's attempts are charged too
+        return False, event.run_failed.usage, event.run_failed.error
+    return False, common_pb2.ResourceUsage(), _error("RUN_CANCELLED", event.run_cancelled.reason)
 
 
 def _texts_apart(value: JSON, dependencies: set[str], texts: dict[str, JSON]) -> JSON:
-    """Returns a subtask's parameters with every string that holds ``{{`` (but is not exactly a
-    reference to a dependency's output) moved into ``texts`` and replaced by a reference to the run
-    input that holds it. A run input reaches the tool as it is, so nothing a goal, an agent or a
-    model wrote is evaluated as a template."""
+    """Returns a subtask's parameters with the text around each reference to a dependency's output
+    (``{{inputs.<dependency>…}}``) moved into ``texts`` wherever it holds ``{{``, and replaced by a
+    reference to the run input that holds it. A run input reaches the tool as it is, and interpolated
+    text is never evaluated again, so nothing else a goal, an agent or a model wrote is evaluated as
+    a template."""
     if isinstance(value, str):
-        if "{{" not in value or _reads_dependency(value, dependencies):
+        if "{{" not in value:
             return value
-        name = next(f"_text{n}" for n in itertools.count(len(texts)) if f"_text{n}" not in dependencies | texts.keys())
-        texts[name] = value
-        return f"{{{{inputs.{name}}}}}"
+        kept = [
+            (start, end)
+            for start, end, path in references(value)
+            if len(path) > 1 and path[0] == "inputs" and path[1] in dependencies
+        ]
+        pieces, position = [], 0
+        for start, end in [*kept, (len(value), len(value))]:
+            text = value[position:start]
+            if "{{" in text:
+                name = next(f"_text{n}" for n in itertools.count() if f"_text{n}" not in dependencies | texts.keys())
+                texts[name] = text
+                text = f"{{{{inputs.{name}}}}}"
+            pieces.append(text + value[start:end])
+            position = end
+        return "".join(pieces)
     if isinstance(value, dict):
         return {key: _texts_apart(item, dependencies, texts) for key, item in value.items()}
     if isinstance(value, list):
@@ -127,20 +148,25 @@ def _texts_apart(value: JSON, dependencies: set[str], texts: dict[str, JSON]) ->
 
 def _no_capable_agent(goal: _Goal, unassigned: Sequence[pb.Subtask]) -> pb.GoalEvent:
     """Returns the failure of a goal whose team leaves ``unassigned`` without an agent, naming each
-    subtask and the capabilities no agent offers (or, when some agent offers them all, its capacity)."""
-    offered = {capability for agent in goal.request.agents for capability in agent.capabilities}
-    missing = {s.id: sorted(set(s.required_capabilities) - offered) for s in unassigned}
-    reasons = [
-        f"subtask {quoted(s.id)} needs {', '.join(map(quoted, missing[s.id]))}, which no agent has"
-        if missing[s.id]
-        else f"subtask {quoted(s.id)}: every agent with {', '.join(map(quoted, s.required_capabilities))} is full"
-        for s in unassigned[:5]
-    ]
+    subtask and what no agent offers: a capability nobody has, all of them in one agent, or room."""
+    agents = [set(agent.capabilities) for agent in goal.request.agents]
+    offered = set().union(*agents)
+
+    def why(subtask: pb.Subtask) -> tuple[str, list[str]]:
+        needed = list(subtask.required_capabilities)
+        missing = sorted(set(needed) - offered)
+        named = f"subtask {quoted(subtask.id)}"
+        if missing:
+            return f"{named} needs {', '.join(map(quoted, missing[:5]))}, which no agent has", missing[:5]
+        listed = ", ".join(map(quoted, needed[:5]))
+        if not any(set(needed) <= capabilities for capabilities in agents):
+            return f"{named} needs {listed} in one agent, and no agent has them all", []
+        return f"{named}: every agent with {listed} is full", []
+
+    reasons = [why(subtask)[0] for subtask in unassigned[:5]]
     more = f" (and {len(unassigned) - 5} more)" if len(unassigned) > 5 else ""
-    first = unassigned[0]
-    return goal.failed(
-        "NO_CAPABLE_AGENT", "; ".join(reasons) + more, subtask=first.id, capability=",".join(missing[first.id])
-    )
+    first, missing = unassigned[0], why(unassigned[0])[1]
+    return goal.failed("NO_CAPABLE_AGENT", "; ".join(reasons) + more, subtask=first.id, capability=",".join(missing))
 
 
 def team_message(team: Team) -> pb.TeamFormed:
@@ -168,6 +194,9 @@ class _Attached:
     run_id: str
     after_sequence: int
     limits: common_pb2.ResourceLimits
+    #: The run's end (completed, failed or cancelled), when the goal's history holds it already: a
+    #: watch from after it would see nothing more.
+    ended: orchestrator_pb.RunEvent | None = None
 
 
 @dataclass(slots=True)
@@ -180,7 +209,6 @@ class _Progress:
     outputs: dict[str, struct_pb2.Value] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     in_flight: dict[str, _Attached] = field(default_factory=dict)
-    usage: dict[str, common_pb2.ResourceUsage] = field(default_factory=dict)
     spent: common_pb2.ResourceUsage = field(default_factory=common_pb2.ResourceUsage)
     replans: int = 0
 
@@ -207,14 +235,13 @@ class _Progress:
             attached = self.in_flight.get(event.subtask_progress.subtask_id)
             if attached is not None and attached.run_id == run_event.run_id:
                 attached.after_sequence = run_event.sequence
-                if run_event.HasField("run_completed"):
-                    self.usage[event.subtask_progress.subtask_id] = run_event.run_completed.usage
-                elif run_event.HasField("run_failed"):  # a failed run's attempts are charged too
-                    self.usage[event.subtask_progress.subtask_id] = run_event.run_failed.usage
+                if run_event.WhichOneof("payload") in _RUN_ENDS:
+                    attached.ended = run_event
         elif kind == "subtask_finished":
             finished = event.subtask_finished
-            self.in_flight.pop(finished.subtask_id, None)
-            add_usage(self.spent, self.usage.pop(finished.subtask_id, common_pb2.ResourceUsage()))
+            ran = self.in_flight.pop(finished.subtask_id, None)
+            if ran is not None and ran.ended is not None:
+                add_usage(self.spent, _run_end(ran.ended)[1])
             if finished.success:
                 self.outputs[finished.subtask_id] = finished.output
         elif kind == "subtask_replanned":
@@ -719,7 +746,7 @@ class _Pursuit:
             if (size := completed.ByteSize()) > self._max_output_bytes:
                 # Failed rather than completed: the event would not fit the messages that carry it.
                 error = output_too_large(common_pb2.TIER_COORDINATE, "a goal's outputs", size, self._max_output_bytes)
-                yield goal.event(goal_failed=pb.GoalFailed(error=error))
+                yield goal.event(goal_failed=pb.GoalFailed(error=error, usage=usage))
                 return
             yield goal.event(goal_completed=completed)
         finally:
@@ -888,28 +915,27 @@ class _Pursuit:
                     run_id, after = run.run_id, 0
                 else:
                     run_id, after = attached.run_id, attached.after_sequence
+                    if attached.ended is not None:  # it ended before the last server took it in
+                        finished, usage, error = _run_end(attached.ended)
+                        if finished:
+                            output = attached.ended.run_completed.outputs.get(subtask.id)
                 pause = self._backoff
-                while True:
+                while not finished and error is None:
                     try:
                         async for run_event in self._runner.watch_run(run_id, after_sequence=after):
                             after = run_event.sequence
-                            kind = run_event.WhichOneof("payload")
                             self._events.put_nowait(
                                 goal.event(
                                     subtask_progress=pb.SubtaskProgress(subtask_id=subtask.id, run_event=run_event)
                                 )
                             )
-                            if kind == "step_completed":
+                            if run_event.HasField("step_completed"):
                                 output = run_event.step_completed.output
-                            elif kind == "run_completed":
-                                usage, finished = run_event.run_completed.usage, True
+                            elif run_event.WhichOneof("payload") in _RUN_ENDS:
+                                finished, usage, error = _run_end(run_event)
                                 # A watch taken up again after the step completed saw no step_completed.
-                                if output is None and subtask.id in run_event.run_completed.outputs:
-                                    output = run_event.run_completed.outputs[subtask.id]
-                            elif kind == "run_failed":
-                                usage, error = run_event.run_failed.usage, run_event.run_failed.error
-                            elif kind == "run_cancelled":
-                                error = _error("RUN_CANCELLED", run_event.run_cancelled.reason)
+                                if finished and output is None:
+                                    output = run_event.run_completed.outputs.get(subtask.id)
                     except TierstackError as exc:
                         if exc.code not in _TRANSIENT:
                             raise

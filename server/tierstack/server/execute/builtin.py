@@ -255,7 +255,7 @@ class HttpRequester:
         except (UnicodeError, ValueError, TypeError) as exc:
             raise ToolError("INVALID_REQUEST", f"the request cannot be sent: {brief(str(exc))}") from None
         # Each tenant's own breaker: another's failing calls to a host must not stop this one's.
-        breaker = self.breakers.of(namespaced(context.tenant, request.url.host))
+        breaker = self.breakers.of(namespaced(context.tenant, request.url.netloc.decode()))
         if not breaker.allow():
             raise ToolError(
                 "CIRCUIT_OPEN", f"host {quoted(request.url.host)} kept failing; calls to it wait for a probe to work"
@@ -276,8 +276,9 @@ class HttpRequester:
         except httpx.HTTPError as exc:
             breaker.failed()
             raise ToolError("HTTP_ERROR", f"{request.method} {quoted(url)} failed: {brief(str(exc))}") from exc
-        except ToolError:  # refused here (its address, its size): the host is not at fault
-            breaker.succeeded()
+        except ToolError as exc:  # refused here: the host answered (too much) or was never reached
+            if exc.reason == "RESPONSE_TOO_LARGE":
+                breaker.succeeded()
             raise
         if response.status_code >= 500:
             breaker.failed()

@@ -14,6 +14,8 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
 from tierstack.core.errors import brief
 from tierstack.core.values import JSON
@@ -130,6 +132,12 @@ def _caller(session: ClientSession, name: str, breaker: CircuitBreaker) -> Any:
             raise ToolError("CIRCUIT_OPEN", f"{name} kept failing; calls to it wait for a probe to work")
         try:
             result = await session.call_tool(name, arguments)
+        except MCPError as exc:
+            if exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT):  # the server answered with an error
+                breaker.succeeded()
+                raise ToolError("MCP_TOOL_ERROR", f"{name} was refused: {brief(exc.message)}") from exc
+            breaker.failed()
+            raise ToolError("MCP_UNAVAILABLE", f"the MCP server did not answer {name}: {brief(exc.message)}") from exc
         except Exception as exc:  # the server did not answer (an error the tool reports is an answer)
             breaker.failed()
             raise ToolError("MCP_UNAVAILABLE", f"the MCP server did not answer {name}: {brief(str(exc))}") from exc

@@ -797,7 +797,7 @@ class RunManager:
             _log.exception("run %s crashed", run.run_id)
             run.state = pb.RUN_STATE_FAILED
             run.error.CopyFrom(_error("INTERNAL", "the orchestrator failed while running the workflow"))
-            await self._transition(live, run_failed=pb.RunFailed(error=run.error))
+            await self._transition(live, run_failed=pb.RunFailed(error=run.error, usage=live.usage))
         finally:
             live.feed.end()
             self._forget(live)

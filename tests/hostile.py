@@ -201,7 +201,7 @@ def _example_arguments(url: str) -> dict[str, dict[str, JSON]]:
     return {
         "core.echo": {"value": {"text": "{{inputs.x}}", "items": [1, 2.5, True, None]}},
         "core.sleep": {"seconds": 0.01},
-        "ai.complete": {"prompt": "Say hello", "max_tokens": 8},
+        "ai.complete": {"prompt": "Say hello", "max_tokens": 8, "context": {"facts": "otters {{inputs.x}}"}},
         "files.write": {"path": "notes/a.txt", "content": "hello"},
         "files.read": {"path": "notes/a.txt", "max_bytes": 100},
         "text.template": {"template": "Hello {{ name }}", "variables": {"name": "fuzz"}},
@@ -219,7 +219,12 @@ def _hostile_arguments(url: str) -> dict[str, tuple[dict[str, JSON], ...]]:
     return {
         "core.echo": ({"value": "x" * 2_000_000}, {"value": deep}),
         "core.sleep": ({"seconds": 3600}, {"seconds": 5e-324}),
-        "ai.complete": ({"prompt": "x" * 200_000, "max_tokens": 2**31 - 1}, {"prompt": "hi", "model": "../../x"}),
+        "ai.complete": (
+            {"prompt": "x" * 200_000, "max_tokens": 2**31 - 1},
+            {"prompt": "hi", "model": "../../x"},
+            {"prompt": "hi", "context": {f"part {n}": "x" * 5_000 for n in range(200)}},
+            {"prompt": "hi", "context": {"x" * 128: "{{inputs.x}}" * 1_000}},
+        ),
         "files.write": (
             {"path": "../../../../tmp/tierstack-fuzz-escaped", "content": "x"},
             {"path": "big.txt", "content": "x" * 1_000_000, "append": True},

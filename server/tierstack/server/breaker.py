@@ -8,10 +8,10 @@ fails opens it again.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 from cachetools import LRUCache
@@ -25,32 +25,38 @@ class BreakerState(Enum):
     HALF_OPEN = "half_open"  # one probe at a time goes through; enough successes close the breaker
 
 
-class CircuitBreaker:
-    """Opens after ``threshold`` failures within ``window_seconds``; after ``reset_seconds`` lets one
-    probe through at a time, and closes after ``successes`` of them in a row work.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """When a breaker opens and closes.
 
-    Args:
+    Attributes:
         threshold: How many failures within the window open the breaker.
         window_seconds: How far back failures count.
         reset_seconds: How long it stays open before a probe (and how long a probe that never
             reports holds the next one back).
         successes: How many probes in a row must work to close it.
+    """
+
+    threshold: int = 5
+    window_seconds: float = 60.0
+    reset_seconds: float = 30.0
+    successes: int = 2
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` failures within ``window_seconds``; after ``reset_seconds`` lets one
+    probe through at a time, and closes after ``successes`` of them in a row work.
+
+    Args:
+        policy: The thresholds and pauses.
         clock: Returns the time in seconds (monotonic).
     """
 
-    def __init__(
-        self,
-        *,
-        threshold: int = 5,
-        window_seconds: float = 60.0,
-        reset_seconds: float = 30.0,
-        successes: int = 2,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._threshold = max(threshold, 1)
-        self._window = window_seconds
-        self._reset = reset_seconds
-        self._successes = max(successes, 1)
+    def __init__(self, policy: BreakerPolicy = BreakerPolicy(), *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = max(policy.threshold, 1)
+        self._window = policy.window_seconds
+        self._reset = policy.reset_seconds
+        self._successes = max(policy.successes, 1)
         self._clock = clock
         self._failures: deque[float] = deque()
         self._since = 0.0  # when it opened, or when the probe in flight went through
@@ -105,33 +111,19 @@ class Breakers:
     kept (callers name some of them: hosts, models).
 
     Args:
-        threshold, window_seconds, reset_seconds, successes: As for :class:`CircuitBreaker`.
+        policy: Every breaker's.
         kept: How many breakers are kept.
     """
 
-    def __init__(
-        self,
-        *,
-        threshold: int = 5,
-        window_seconds: float = 60.0,
-        reset_seconds: float = 30.0,
-        successes: int = 2,
-        kept: int = 1_000,
-    ) -> None:
-        self._make = functools.partial(
-            CircuitBreaker,
-            threshold=threshold,
-            window_seconds=window_seconds,
-            reset_seconds=reset_seconds,
-            successes=successes,
-        )
+    def __init__(self, policy: BreakerPolicy = BreakerPolicy(), *, kept: int = 1_000) -> None:
+        self._policy = policy
         self._breakers: LRUCache[str, CircuitBreaker] = LRUCache(kept)
 
     def of(self, name: str) -> CircuitBreaker:
         """Returns the breaker of ``name``."""
         breaker = self._breakers.get(name)
         if breaker is None:
-            breaker = self._breakers[name] = self._make()
+            breaker = self._breakers[name] = CircuitBreaker(self._policy)
         return breaker
 
     def states(self) -> dict[str, str]:

@@ -168,6 +168,13 @@ def lease_from_now(seconds: float) -> str:
     return f"({NOW_NS} + {int(seconds * 1e9)})"
 
 
+async def hold_tenant(connection: Connection, kind: str, tenant: str) -> None:
+    """Takes, until the transaction ends, the lock of ``tenant``'s ``kind`` of work (``runs``,
+    ``goals``), so that replicas count and add a tenant's work one at a time: two counts read
+    before either insert could both pass a quota."""
+    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{kind}:{tenant}")
+
+
 # Replicas starting together migrate one at a time: the others wait on this lock, then find
 # nothing left to do.
 _MIGRATION_LOCK = 0x7469657273  # "tiers"

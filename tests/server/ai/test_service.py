@@ -22,6 +22,7 @@ from tierstack.server.ai import (
     ResponseCache,
     Scope,
 )
+from tierstack.server.breaker import BreakerPolicy
 
 Build = Callable[..., AIService]
 
@@ -162,7 +163,9 @@ async def test_tokens_and_cost_are_counted_per_run_tenant_and_model(build: Build
 
 
 async def test_transient_failures_are_retried_then_the_next_model_answers(build: Build, fake: FakeOpenAI) -> None:
-    service = build("tiny", "local", resilience=Resilience(retries=2, backoff=0.001, breaker_threshold=2))
+    service = build(
+        "tiny", "local", resilience=Resilience(retries=2, backoff=0.001, breaker=BreakerPolicy(threshold=2))
+    )
     fake.status = 503
     answer = await service.complete(ask("hello"))
     assert (answer.model, answer.content) == ("local", "hello")

@@ -8,6 +8,7 @@ import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,23 +256,30 @@ async def test_what_a_goal_says_is_data_never_a_template(stack: Stack) -> None:
     assert "[s1] what does {{inputs.city}} mean" in str(outputs["s2"])  # its dependency's output, read
 
 
+async def by_template(
+    tmp_path: Path, goal: str, pattern: str, then: str, *, word: str = "soon", agents: int = 1, **request: Any
+) -> list[pb.GoalEvent]:
+    """Pursues ``goal`` through a stack whose goal template (matching ``pattern``) says ``word`` with
+    core.echo, then carries out ``then`` (a YAML subtask that depends on the word)."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "two-steps.yaml").write_text(
+        f"name: two-steps\npattern: '{pattern}'\nsubtasks:\n"
+        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
+        f" parameters: {{value: {word}}}}}\n"
+        f"  - {{dependencies: [word], required_capabilities: [general], {then}}}\n"
+    )
+    team = [pb.Agent(id=f"a{n}", capabilities=["general"], max_concurrent_tasks=2) for n in range(agents)]
+    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
+        started = await stack.coordinator.start_goal(pb.StartGoalRequest(goal=goal, agents=team, **request))
+        return [event async for event in stack.coordinator.watch_goal(started.goal.goal_id)]
+
+
 async def test_a_failure_that_would_only_repeat_is_not_replanned(tmp_path: Path) -> None:
     """A subtask whose call its own arguments make fail fails the goal at once: another agent would run
     the same call."""
-    templates = tmp_path / "templates"
-    templates.mkdir()
-    (templates / "bad-nap.yaml").write_text(
-        "name: bad-nap\n"
-        "pattern: '^nap badly$'\n"
-        "subtasks:\n"
-        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
-        " parameters: {value: soon}}\n"
-        "  - {id: nap, description: nap for the word, dependencies: [word], required_capabilities: [general],"
-        " tool: core.sleep, parameters: {seconds: '{{inputs.word}}'}}\n"
-    )
-    agents = [pb.Agent(id=name, capabilities=["general"], max_concurrent_tasks=2) for name in ("a", "b", "c")]
-    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
-        events = await finished(stack, "nap badly", agents)
+    nap = "id: nap, description: nap for the word, tool: core.sleep, parameters: {seconds: '{{inputs.word}}'}"
+    events = await by_template(tmp_path, "nap badly", "^nap badly$", nap, agents=3)
     kinds = [event.WhichOneof("payload") for event in events]
     assert "subtask_replanned" not in kinds, kinds
     assert events[-1].goal_failed.error.reason == "INVALID_TOOL_ARGUMENTS", events[-1]
@@ -279,41 +287,15 @@ async def test_a_failure_that_would_only_repeat_is_not_replanned(tmp_path: Path)
 
 
 async def test_a_template_reads_a_dependency_inside_longer_text_and_the_goals_words_as_data(tmp_path: Path) -> None:
-    templates = tmp_path / "templates"
-    templates.mkdir()
-    (templates / "greet.yaml").write_text(
-        "name: greet\n"
-        "pattern: '^greet (?P<who>.+)$'\n"
-        "subtasks:\n"
-        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
-        " parameters: {value: hello}}\n"
-        "  - {id: greet, description: greet, dependencies: [word], required_capabilities: [general],"
-        " tool: core.echo, parameters: {value: '{{inputs.word}}, $who!'}}\n"
-    )
-    agents = [pb.Agent(id="a", capabilities=["general"], max_concurrent_tasks=2)]
-    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
-        events = await finished(stack, "greet {{inputs.city}} and {{vars.x}}", agents)
+    greet = "id: greet, description: greet, tool: core.echo, parameters: {value: '{{inputs.word}}, $who!'}"
+    goal = "greet {{inputs.city}} and {{vars.x}}"
+    events = await by_template(tmp_path, goal, "^greet (?P<who>.+)$", greet, word="hello")
     assert events[-1].HasField("goal_completed"), events[-1]
     assert from_value(events[-1].goal_completed.outputs["greet"]) == "hello, {{inputs.city}} and {{vars.x}}!"
 
 
 async def test_a_failed_goal_reports_what_its_failed_runs_used(tmp_path: Path) -> None:
-    templates = tmp_path / "templates"
-    templates.mkdir()
-    (templates / "bad-query.yaml").write_text(
-        "name: bad-query\n"
-        "pattern: '^query badly$'\n"
-        "subtasks:\n"
-        "  - {id: word, description: say a word, required_capabilities: [general], tool: core.echo,"
-        " parameters: {value: soon}}\n"
-        "  - {id: query, description: query the word, dependencies: [word], required_capabilities: [general],"
-        " tool: json.query, parameters: {data: '{{inputs.word}}', expression: '[?'}}\n"
-    )
-    agents = [pb.Agent(id="a", capabilities=["general"], max_concurrent_tasks=2)]
-    async with open_stack(Settings(data_dir=tmp_path, templates_dir=templates)) as stack:
-        started = await stack.coordinator.start_goal(
-            pb.StartGoalRequest(goal="query badly", agents=agents, max_replans=1)
-        )
-        events = [event async for event in stack.coordinator.watch_goal(started.goal.goal_id)]
+    query = "id: query, description: query, tool: json.query, parameters: {data: '{{inputs.word}}', expression: '[?'}"
+    events = await by_template(tmp_path, "query badly", "^query badly$", query, max_replans=1)
     assert events[-1].goal_failed.error.reason == "INVALID_EXPRESSION", events[-1]
     assert events[-1].goal_failed.usage.tool_calls == 3  # the word's call, and both attempts at the query

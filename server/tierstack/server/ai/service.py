@@ -19,7 +19,7 @@ from tierstack.server.ai.local import LocalModel
 from tierstack.server.ai.models import Completion, CompletionRequest, ModelError, ModelProvider
 from tierstack.server.ai.openai_compatible import OpenAICompatibleModel
 from tierstack.server.ai.sharing import Coalescer, EmbeddingBatcher, SharingStats
-from tierstack.server.breaker import Breakers
+from tierstack.server.breaker import BreakerPolicy, Breakers
 from tierstack.server.config import Settings
 from tierstack.server.metrics import LatencyHistogram
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -36,15 +36,13 @@ class Resilience:
         timeout: How long one call may take, in seconds.
         retries: How often a transient failure is retried on the same model.
         backoff: The base of the exponential backoff between retries, in seconds (full jitter).
-        breaker_threshold: How many failures within a minute open a model's circuit breaker.
-        breaker_reset: How long an open breaker refuses calls before it lets a probe through, in seconds.
+        breaker: When a model's circuit breaker opens and closes.
     """
 
     timeout: float = 60.0
     retries: int = 2
     backoff: float = 0.2
-    breaker_threshold: int = 5
-    breaker_reset: float = 30.0
+    breaker: BreakerPolicy = dataclasses.field(default_factory=BreakerPolicy)
 
 
 class AIService:
@@ -88,9 +86,7 @@ class AIService:
         self._embeddings = EmbeddingBatcher(self._embed, self.sharing, size=batch_size, window=batch_window)
         self._resilience = resilience
         # Callers name models: a breaker and a histogram are kept for the most recently used only.
-        self.breakers = Breakers(
-            threshold=resilience.breaker_threshold, reset_seconds=resilience.breaker_reset, kept=KEPT_NAMES
-        )
+        self.breakers = Breakers(resilience.breaker, kept=KEPT_NAMES)
         self.latency: LRUCache[str, LatencyHistogram] = LRUCache(KEPT_NAMES)
 
     @classmethod

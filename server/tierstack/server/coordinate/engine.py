@@ -163,10 +163,10 @@ def _no_capable_agent(goal: _Goal, unassigned: Sequence[pb.Subtask]) -> pb.GoalE
             return f"{named} needs {listed} in one agent, and no agent has them all", []
         return f"{named}: every agent with {listed} is full", []
 
-    reasons = [why(subtask)[0] for subtask in unassigned[:5]]
+    explained = [why(subtask) for subtask in unassigned[:5]]
     more = f" (and {len(unassigned) - 5} more)" if len(unassigned) > 5 else ""
-    first, missing = unassigned[0], why(unassigned[0])[1]
-    return goal.failed("NO_CAPABLE_AGENT", "; ".join(reasons) + more, subtask=first.id, capability=",".join(missing))
+    message = "; ".join(reason for reason, _ in explained) + more
+    return goal.failed("NO_CAPABLE_AGENT", message, subtask=unassigned[0].id, capability=",".join(explained[0][1]))
 
 
 def team_message(team: Team) -> pb.TeamFormed:

@@ -66,9 +66,8 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
 
     async def create_goal(self, goal: Goal, owner: str, *, most: int = 0) -> tuple[Goal, Fence | None]:
         async with self._db.acquire() as connection, connection.transaction(isolation="read_committed"):
-            # One count and insert at a time per tenant (the count read after the lock), or two could pass.
             if most:
-                await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))", tenant_of(goal))
+                await postgres.hold_tenant(connection, "goals", tenant_of(goal))
             created = await connection.fetchval(
                 "INSERT INTO goals"
                 " (goal_id, request_id, state, create_ns, owner, epoch, last_sequence, goal, tenant, lease_ns)"

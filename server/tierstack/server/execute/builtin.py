@@ -27,6 +27,7 @@ from tierstack.core.errors import brief, quoted
 from tierstack.core.values import JSON
 from tierstack.server.ai import CompletionRequest, Message, ModelError, ModelProvider, Scope
 from tierstack.server.auth.principal import namespaced
+from tierstack.server.boundary import MAX_TEAM
 from tierstack.server.breaker import Breakers
 from tierstack.server.execute.registry import Tool, ToolContext, ToolError, ToolRegistry
 from tierstack.server.execute.workers import output_limit, too_large
@@ -375,9 +376,7 @@ class ModelCompleter:
 
     async def __call__(self, arguments: dict[str, Any], context: ToolContext) -> JSON:
         named = arguments.get("context", {}).items()
-        prompt = arguments["prompt"] + "".join(
-            f"\n\n[{name}]\n{value if isinstance(value, str) else json.dumps(value)}" for name, value in named
-        )
+        prompt = arguments["prompt"] + "".join(f"\n\n[{name}]\n{text}" for name, text in named)
         messages = [Message("user", prompt)]
         if "system" in arguments:
             messages.insert(0, Message("system", arguments["system"]))
@@ -436,7 +435,12 @@ def register_builtin_tools(registry: ToolRegistry, http: HttpRequester, model: M
                 "properties": {
                     "prompt": {"type": "string", "minLength": 1},
                     "system": {"type": "string"},
-                    "context": {"type": "object"},
+                    "context": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "propertyNames": {"maxLength": 128},
+                        "maxProperties": MAX_TEAM,
+                    },
                     "model": {"type": "string"},
                     "max_tokens": {"type": "integer", "minimum": 1},
                 },

@@ -54,9 +54,8 @@ class PostgresRunStore(postgres.Pooled, RunStore):
         run = stored.run
         while True:
             async with self._db.acquire() as connection, connection.transaction(isolation="read_committed"):
-                # One count and insert at a time per tenant (the count read after the lock), or two could pass.
                 if most:
-                    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", run.tenant_id)
+                    await postgres.hold_tenant(connection, "runs", run.tenant_id)
                 created = await connection.fetchval(
                     "INSERT INTO runs"
                     " (run_id, request_id, state, create_ns, owner, epoch, run, workflow, limits, tenant, lease_ns)"

@@ -23,14 +23,16 @@ from tests.helpers import (
     Process,
     Stack,
     free_port,
+    open_stack,
     reply,
     spawn_tier,
     spawned_stack,
     start_tier,
     stop,
 )
-from tierstack.client import CoordinatorClient, ExecutorClient
+from tierstack.client import CoordinatorClient, ExecutorClient, MonitorClient
 from tierstack.server import Settings
+from tierstack.server.crosstier import Thresholds
 from tierstack.v1 import coordinator_service_pb2 as pb
 from tools.postgres import LocalPostgres
 
@@ -279,6 +281,19 @@ async def test_top_shows_every_tier_live(stack: Stack, http_server: HttpServer) 
     }
     assert rows["Coordinate"] > 0 and rows["StartRun"] > 0 and rows["Execute"] > 0  # p50 in ms, by method
     assert "active runs 0" in output and "RSS" in output
+
+
+async def test_top_shows_what_to_do_about_each_alert(data_dir: Path) -> None:
+    thresholds = Thresholds(memory_bytes=1)  # every server is above it
+    settings = Settings(data_dir=data_dir, monitor_interval_seconds=0.1, alert_thresholds=thresholds)
+    async with open_stack(settings) as stack, MonitorClient(stack.coordinate.target) as monitor:
+        async for _ in monitor.watch_alerts():  # the first is raised
+            break
+        code, output = await run_cli("top", "--target", stack.coordinate.target, "--frames", "1")
+    assert code == 0, output
+    assert "HIGH_MEMORY_USAGE" in output
+    advice = re.search(r"→ coordinate uses too much memory \(about [\d,]+ MiB less memory, [^;]+; effort low\)", output)
+    assert advice is not None, output
 
 
 async def test_goals_detach_and_are_listed_watched_shown_and_cancelled(

@@ -19,8 +19,10 @@ def test_alert_thresholds_and_ports_come_from_the_environment() -> None:
         "TIERSTACK_MODEL_FALLBACKS": "small, local",
         "TIERSTACK_WORKER_PROCESSES": "3",
         "TIERSTACK_WORKER_MEMORY_MB": "256",
+        "TIERSTACK_ADVICE_WINDOW_SECONDS": "60",
     }
     settings = Settings.from_env("execute", env)
+    assert settings.advice_window_seconds == 60.0 and Settings().advice_window_seconds == 300.0
     assert settings.alert_thresholds == Thresholds(response_time_seconds=0.5, memory_bytes=1000, min_calls=3)
     assert settings.metrics_port is None
     assert settings.model_fallbacks == ("small", "local")

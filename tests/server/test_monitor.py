@@ -82,7 +82,9 @@ async def test_an_unreachable_tier_is_reported_not_fatal(data_dir: Path) -> None
 
 async def test_alerts_are_raised_streamed_and_resolved(data_dir: Path, http_server: HttpServer) -> None:
     thresholds = Thresholds(response_time_seconds=0.05, error_rate=0.2, min_calls=3)
-    settings = Settings(data_dir=data_dir, monitor_interval_seconds=0.2, alert_thresholds=thresholds)
+    settings = Settings(
+        data_dir=data_dir, monitor_interval_seconds=0.2, alert_thresholds=thresholds, slow_tool_seconds=0.05
+    )
 
     def slow(request: BaseHTTPRequestHandler) -> None:
         time.sleep(0.1)
@@ -122,19 +124,54 @@ async def test_alerts_are_raised_streamed_and_resolved(data_dir: Path, http_serv
     assert raised.kind == pb.ALERT_KIND_HIGH_RESPONSE_TIME and raised.tier == EXECUTE
     assert raised.value > 0.05 and raised.threshold == 0.05
     assert not any(a.kind == pb.ALERT_KIND_HIGH_ERROR_RATE for a in seen)
+    # It says what to do: the tool its calls wait for is slow.
+    advice = raised.recommendation
+    assert advice.title == "Tool http.request is slow" and advice.tier == EXECUTE
+    assert advice.effort == pb.RECOMMENDATION_EFFORT_MEDIUM
+    assert advice.estimated_impact.unit == pb.IMPACT_UNIT_SECONDS and advice.estimated_impact.value > 0
 
 
-async def test_recommendations_name_their_evidence(data_dir: Path, http_server: HttpServer) -> None:
-    http_server.routes["/pause"] = reply(b"{}")
+def sleep_call(seconds: float) -> executor_service_pb2.ExecuteToolRequest:
+    return executor_service_pb2.ExecuteToolRequest(
+        call=common_pb2.ToolCall(tool="core.sleep", arguments=to_struct({"seconds": seconds}))
+    )
+
+
+async def test_recommendations_name_their_evidence_impact_and_effort(data_dir: Path) -> None:
     settings = Settings(data_dir=data_dir, slow_tool_seconds=0.01)
     async with open_stack(settings) as stack, MonitorClient(stack.coordinate.target) as monitor:
         assert await monitor.get_recommendations() == []
-        sleep = executor_service_pb2.ExecuteToolRequest(
-            call=common_pb2.ToolCall(tool="core.sleep", arguments=to_struct({"seconds": 0.05}))
-        )
-        await stack.executor.execute_tool(sleep)
+        await stack.executor.execute_tool(sleep_call(0.05))
         [advice] = await monitor.get_recommendations()
     assert advice.priority == pb.RECOMMENDATION_PRIORITY_MEDIUM and advice.tier == EXECUTE
     assert advice.title == "Tool core.sleep is slow"
     assert advice.metric == "execute.tools.core.sleep.latency.p95"
     assert advice.value >= 0.05 and advice.threshold == 0.01
+    assert advice.effort == pb.RECOMMENDATION_EFFORT_MEDIUM
+    impact = advice.estimated_impact
+    assert impact.unit == pb.IMPACT_UNIT_SECONDS and impact.value == pytest.approx(advice.value - 0.01)
+    assert "s off the p95 of 1 calls" in impact.summary
+    assert 0 < advice.window.ToNanoseconds() <= 300 * 10**9
+
+
+async def test_recommendations_forget_what_happened_before_the_window(data_dir: Path) -> None:
+    settings = Settings(
+        data_dir=data_dir, slow_tool_seconds=0.01, monitor_interval_seconds=0.05, advice_window_seconds=1.0
+    )
+    async with open_stack(settings) as stack, MonitorClient(stack.coordinate.target) as monitor:
+        await asyncio.sleep(0.3)  # the monitor's first snapshots
+        await stack.executor.execute_tool(sleep_call(0.05))
+        [advice] = await monitor.get_recommendations()
+        assert advice.title == "Tool core.sleep is slow" and advice.window.ToNanoseconds() <= 10**9
+        for _ in range(200):  # a second later, the window no longer holds the slow call
+            if not await monitor.get_recommendations():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the slow call is advised on forever")
+        # The metrics since the start still count it; a new slow call calls for advice again.
+        [execute] = (await monitor.get_metrics(tiers=[EXECUTE])).tiers
+        assert next(t for t in execute.execute.tools if t.name == "core.sleep").latency.count == 1
+        await stack.executor.execute_tool(sleep_call(0.05))
+        [again] = await monitor.get_recommendations()
+    assert again.title == "Tool core.sleep is slow"

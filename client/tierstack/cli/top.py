@@ -78,6 +78,13 @@ def _tier_panel(current: pb.TierMetrics, previous: pb.TierMetrics | None) -> Pan
     return Panel(Group(Text("  ".join(facts), style="bold"), table, bars), title=name)
 
 
+def _advice(recommendation: pb.Recommendation) -> str:
+    """Says what to do about an alert, what it would gain and the work it asks for."""
+    effort = pb.RecommendationEffort.Name(recommendation.effort).removeprefix("RECOMMENDATION_EFFORT_").lower()
+    impact = recommendation.estimated_impact.summary
+    return f"→ {recommendation.title} ({impact}; effort {effort}): {recommendation.action}"
+
+
 def _alerts(alerts: Sequence[pb.Alert]) -> Panel:
     if not alerts:
         return Panel(Text("none", style="green"), title="Active alerts")
@@ -89,6 +96,8 @@ def _alerts(alerts: Sequence[pb.Alert]) -> Panel:
             alert.message,
             style="red",
         )
+        if alert.HasField("recommendation"):
+            table.add_row("", "", _advice(alert.recommendation))
     return Panel(table, title="Active alerts")
 
 

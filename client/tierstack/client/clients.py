@@ -422,13 +422,15 @@ class MonitorClient(_Client):
             yield response
 
     async def watch_alerts(self) -> AsyncIterator[monitor_pb2.Alert]:
-        """Yields the active alerts, then each alert raised or resolved (Coordinate only)."""
+        """Yields the active alerts, then each alert raised or resolved, each with the recommendation that
+        answers it (Coordinate only)."""
         call = self._stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(), metadata=self.metadata)
         async for response in self._responses(call):
             yield response.alert
 
     async def get_recommendations(self, *, timeout: float | None = None) -> list[monitor_pb2.Recommendation]:
-        """Returns advice on what to improve, the most impactful first (Coordinate only)."""
+        """Returns advice on what to improve, judged on the recent window, with its estimated impact and
+        effort: the highest priority first, then the largest impact (Coordinate only)."""
         with translate_errors():
             response = await self._stub.GetRecommendations(
                 monitor_pb2.GetRecommendationsRequest(), **self._options(timeout, self.timeout)

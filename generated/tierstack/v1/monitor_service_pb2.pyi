@@ -94,6 +94,66 @@ RECOMMENDATION_PRIORITY_LOW: RecommendationPriority.ValueType  # 3
 """Means acting on it may help a little."""
 Global___RecommendationPriority: _TypeAlias = RecommendationPriority  # noqa: Y015
 
+class _RecommendationEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecommendationEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecommendationEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECOMMENDATION_EFFORT_UNSPECIFIED: _RecommendationEffort.ValueType  # 0
+    """Means the effort was not set."""
+    RECOMMENDATION_EFFORT_LOW: _RecommendationEffort.ValueType  # 1
+    """Means changing a setting."""
+    RECOMMENDATION_EFFORT_MEDIUM: _RecommendationEffort.ValueType  # 2
+    """Means changing what the stack is given: templates, tools, workflows, or looking into a cause."""
+    RECOMMENDATION_EFFORT_HIGH: _RecommendationEffort.ValueType  # 3
+    """Means changing what the stack runs on: a faster model or a faster disk."""
+
+class RecommendationEffort(_RecommendationEffort, metaclass=_RecommendationEffortEnumTypeWrapper):
+    """Rates the work a recommendation asks for."""
+
+RECOMMENDATION_EFFORT_UNSPECIFIED: RecommendationEffort.ValueType  # 0
+"""Means the effort was not set."""
+RECOMMENDATION_EFFORT_LOW: RecommendationEffort.ValueType  # 1
+"""Means changing a setting."""
+RECOMMENDATION_EFFORT_MEDIUM: RecommendationEffort.ValueType  # 2
+"""Means changing what the stack is given: templates, tools, workflows, or looking into a cause."""
+RECOMMENDATION_EFFORT_HIGH: RecommendationEffort.ValueType  # 3
+"""Means changing what the stack runs on: a faster model or a faster disk."""
+Global___RecommendationEffort: _TypeAlias = RecommendationEffort  # noqa: Y015
+
+class _ImpactUnit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImpactUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImpactUnit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMPACT_UNIT_UNSPECIFIED: _ImpactUnit.ValueType  # 0
+    """Means the unit was not set."""
+    IMPACT_UNIT_SECONDS: _ImpactUnit.ValueType  # 1
+    """Means seconds, such as those taken off a latency percentile."""
+    IMPACT_UNIT_SHARE: _ImpactUnit.ValueType  # 2
+    """Means a share from 0 to 1, such as the share of calls that a model no longer answers."""
+    IMPACT_UNIT_BYTES: _ImpactUnit.ValueType  # 3
+    """Means bytes of memory."""
+    IMPACT_UNIT_CALLS_PER_SECOND: _ImpactUnit.ValueType  # 4
+    """Means calls per second."""
+
+class ImpactUnit(_ImpactUnit, metaclass=_ImpactUnitEnumTypeWrapper):
+    """Names the unit of an estimated impact."""
+
+IMPACT_UNIT_UNSPECIFIED: ImpactUnit.ValueType  # 0
+"""Means the unit was not set."""
+IMPACT_UNIT_SECONDS: ImpactUnit.ValueType  # 1
+"""Means seconds, such as those taken off a latency percentile."""
+IMPACT_UNIT_SHARE: ImpactUnit.ValueType  # 2
+"""Means a share from 0 to 1, such as the share of calls that a model no longer answers."""
+IMPACT_UNIT_BYTES: ImpactUnit.ValueType  # 3
+"""Means bytes of memory."""
+IMPACT_UNIT_CALLS_PER_SECOND: ImpactUnit.ValueType  # 4
+"""Means calls per second."""
+Global___ImpactUnit: _TypeAlias = ImpactUnit  # noqa: Y015
+
 @_typing.final
 class GetMetricsRequest(_message.Message):
     """Asks for metrics."""
@@ -287,7 +347,10 @@ class GetRecommendationsResponse(_message.Message):
     RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def recommendations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recommendation]:
-        """Lists the recommendations, the highest expected impact first."""
+        """Lists the recommendations, the highest priority first, then the largest estimated impact relative
+        to what it improves (the share of a latency it takes off, or the share of calls it saves).
+        Empty when nothing in the recent window calls for advice.
+        """
 
     def __init__(
         self,
@@ -688,6 +751,7 @@ class ModelMetrics(_message.Message):
     BREAKERS_FIELD_NUMBER: _builtins.int
     BY_MODEL_FIELD_NUMBER: _builtins.int
     BY_TENANT_FIELD_NUMBER: _builtins.int
+    CACHE_LOOKUPS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """Counts the requests made to the service."""
     cache_hits: _builtins.int
@@ -702,6 +766,8 @@ class ModelMetrics(_message.Message):
     """Counts the completion tokens paid for."""
     cost: _builtins.float
     """Sums the cost of the calls, in credits."""
+    cache_lookups: _builtins.int
+    """Counts the requests looked up in the cache (those at temperature 0), hit or missed."""
     @_builtins.property
     def latency(self) -> Global___LatencyStats:
         """Summarises the latency of the calls made to models."""
@@ -732,10 +798,11 @@ class ModelMetrics(_message.Message):
         breakers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         by_model: _abc.Mapping[_builtins.str, Global___ModelUsage] | None = ...,
         by_tenant: _abc.Mapping[_builtins.str, Global___ModelUsage] | None = ...,
+        cache_lookups: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "by_model", b"by_model", "by_tenant", b"by_tenant", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "coalesced", b"coalesced", "completion_tokens", b"completion_tokens", "cost", b"cost", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "by_model", b"by_model", "by_tenant", b"by_tenant", "cache_hit_rate", b"cache_hit_rate", "cache_hits", b"cache_hits", "cache_lookups", b"cache_lookups", "coalesced", b"coalesced", "completion_tokens", b"completion_tokens", "cost", b"cost", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1045,6 +1112,7 @@ class Alert(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     RAISE_TIME_FIELD_NUMBER: _builtins.int
     RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifies the alert: its kind, tier and method; the same condition keeps the same id."""
     kind: Global___AlertKind.ValueType
@@ -1067,6 +1135,12 @@ class Alert(_message.Message):
     def resolve_time(self) -> _timestamp_pb2.Timestamp:
         """Records when it was resolved; unset while it is active."""
 
+    @_builtins.property
+    def recommendation(self) -> Global___Recommendation:
+        """Says what to do about it: the advice of the recent window that explains it (for a slow method,
+        the slowest part of its tier or of the tiers below), else the advice for its kind.
+        """
+
     def __init__(
         self,
         *,
@@ -1079,14 +1153,45 @@ class Alert(_message.Message):
         threshold: _builtins.float = ...,
         raise_time: _timestamp_pb2.Timestamp | None = ...,
         resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        recommendation: Global___Recommendation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["raise_time", b"raise_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["raise_time", b"raise_time", "recommendation", b"recommendation", "resolve_time", b"resolve_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "message", b"message", "method", b"method", "raise_time", b"raise_time", "resolve_time", b"resolve_time", "threshold", b"threshold", "tier", b"tier", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "message", b"message", "method", b"method", "raise_time", b"raise_time", "recommendation", b"recommendation", "resolve_time", b"resolve_time", "threshold", b"threshold", "tier", b"tier", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class Impact(_message.Message):
+    """Estimates what acting on a recommendation would gain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    value: _builtins.float
+    """Gives the estimated gain, in `unit`."""
+    unit: Global___ImpactUnit.ValueType
+    """Names the unit of `value`."""
+    summary: _builtins.str
+    """States the gain to a person, such as "about 2.1 s off the p95 of 40 model calls"."""
+    def __init__(
+        self,
+        *,
+        value: _builtins.float = ...,
+        unit: Global___ImpactUnit.ValueType = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Impact: _TypeAlias = Impact  # noqa: Y015
 
 @_typing.final
 class Recommendation(_message.Message):
@@ -1101,6 +1206,9 @@ class Recommendation(_message.Message):
     METRIC_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_IMPACT_FIELD_NUMBER: _builtins.int
+    EFFORT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     priority: Global___RecommendationPriority.ValueType
     """Ranks it."""
     tier: _common_pb2.Tier.ValueType
@@ -1112,9 +1220,19 @@ class Recommendation(_message.Message):
     metric: _builtins.str
     """Names the metric that triggered it, such as `coordinate.model.latency.p95`."""
     value: _builtins.float
-    """Gives the metric's value."""
+    """Gives the metric's value over `window`."""
     threshold: _builtins.float
     """Gives the threshold the value crossed."""
+    effort: Global___RecommendationEffort.ValueType
+    """Rates the work acting on it asks for."""
+    @_builtins.property
+    def estimated_impact(self) -> Global___Impact:
+        """Estimates what acting on it would gain, in the window it was judged on."""
+
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """Gives the span of the recent metrics it was judged on, ending when it was given."""
+
     def __init__(
         self,
         *,
@@ -1125,10 +1243,13 @@ class Recommendation(_message.Message):
         metric: _builtins.str = ...,
         value: _builtins.float = ...,
         threshold: _builtins.float = ...,
+        estimated_impact: Global___Impact | None = ...,
+        effort: Global___RecommendationEffort.ValueType = ...,
+        window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_impact", b"estimated_impact", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "metric", b"metric", "priority", b"priority", "threshold", b"threshold", "tier", b"tier", "title", b"title", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "effort", b"effort", "estimated_impact", b"estimated_impact", "metric", b"metric", "priority", b"priority", "threshold", b"threshold", "tier", b"tier", "title", b"title", "value", b"value", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,7 +85,8 @@ class MonitorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRecommendations(self, request, context):
-        """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate).
+        """Returns advice on what to improve, the most impactful first, each with its evidence, its
+        estimated impact and effort, judged on the recent window (Coordinate).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

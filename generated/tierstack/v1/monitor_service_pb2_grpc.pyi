@@ -42,7 +42,9 @@ class MonitorServiceStub:
     WatchAlerts: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]
     """Streams alerts as they are raised and resolved, starting with those active now (Coordinate)."""
     GetRecommendations: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetRecommendationsRequest, _monitor_service_pb2.GetRecommendationsResponse]
-    """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
+    """Returns advice on what to improve, the most impactful first, each with its evidence, its
+    estimated impact and effort, judged on the recent window (Coordinate).
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -58,7 +60,9 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     WatchAlerts: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]  # type: ignore[assignment]
     """Streams alerts as they are raised and resolved, starting with those active now (Coordinate)."""
     GetRecommendations: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetRecommendationsRequest, _monitor_service_pb2.GetRecommendationsResponse]  # type: ignore[assignment]
-    """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
+    """Returns advice on what to improve, the most impactful first, each with its evidence, its
+    estimated impact and effort, judged on the recent window (Coordinate).
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reports the metrics of the tiers. Every tierstack server serves its own; Coordinate also gathers
@@ -95,6 +99,8 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_service_pb2.GetRecommendationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_service_pb2.GetRecommendationsResponse, _abc.Awaitable[_monitor_service_pb2.GetRecommendationsResponse]]:
-        """Returns advice on what to improve, the most impactful first, each with its evidence (Coordinate)."""
+        """Returns advice on what to improve, the most impactful first, each with its evidence, its
+        estimated impact and effort, judged on the recent window (Coordinate).
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -102,6 +102,8 @@ class Settings:
         similarity_threshold: How similar (0..1) a past goal must be for its decomposition to be reused.
         monitor_interval_seconds: How often Coordinate evaluates alerts across the tiers.
         alert_thresholds: When alerts are raised (``TIERSTACK_ALERT_*``).
+        advice_window_seconds: How far back Coordinate's recommendations look (and so the advice each
+            alert carries): what the tiers did before is forgotten (``TIERSTACK_ADVICE_WINDOW_SECONDS``).
         embedding_model: Judge goal similarity by this model's embeddings (through the model API)
             instead of character n-grams.
         goal_memory_entries: How many learnt goals Coordinate keeps (those learnt longest ago are
@@ -170,6 +172,7 @@ class Settings:
     goal_memory_entries: int = 10_000
     monitor_interval_seconds: float = 5.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
+    advice_window_seconds: float = 300.0
     max_output_bytes: int = 1 << 20
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_run_output_bytes: int = 3 << 20
@@ -188,6 +191,8 @@ class Settings:
             raise ValueError("TIERSTACK_REPLICA_ID may have at most 128 characters")
         if min(self.tenant_requests_per_second, self.tenant_concurrent_runs, self.tenant_concurrent_goals) < 0:
             raise ValueError("TIERSTACK_TENANT_* quotas are 0 (no limit) or more")
+        if self.advice_window_seconds <= 0:
+            raise ValueError("TIERSTACK_ADVICE_WINDOW_SECONDS must be above 0")
         if self.max_concurrent_streams < 1:
             raise ValueError("TIERSTACK_MAX_CONCURRENT_STREAMS is 1 or more")
         for network in self.http_allowed_networks:
@@ -311,6 +316,7 @@ class Settings:
                     for name, default in dataclasses.asdict(defaults.alert_thresholds).items()
                 }
             ),
+            advice_window_seconds=float(env.get("TIERSTACK_ADVICE_WINDOW_SECONDS", defaults.advice_window_seconds)),
             max_output_bytes=int(env.get("TIERSTACK_MAX_OUTPUT_BYTES", defaults.max_output_bytes)),
             max_message_bytes=int(env.get("TIERSTACK_MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
             max_run_output_bytes=int(env.get("TIERSTACK_MAX_RUN_OUTPUT_BYTES", defaults.max_run_output_bytes)),

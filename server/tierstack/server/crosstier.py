@@ -1,5 +1,5 @@
 """The cross-tier monitor (Coordinate): gathers the three tiers' metrics, raises and resolves alerts
-on an interval, and gives recommendations with their evidence."""
+on an interval, each with what to do about it, and gives recommendations judged on a recent window."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from tierstack.client import MonitorClient, TierstackError, Tls
 from tierstack.client.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from tierstack.core.errors import ResourceExhaustedError, Violation, error_detail_of_call
 from tierstack.core.values import now_timestamp, to_seconds
-from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, recommend
+from tierstack.server.advice import DEFAULT_ADVICE, AdviceThresholds, answer, recommend
 from tierstack.server.metrics import LatencyHistogram, is_work, latency_since, seconds_between
+from tierstack.server.window import History, Recent
 from tierstack.v1 import common_pb2
 from tierstack.v1 import monitor_service_pb2 as pb
 
@@ -104,7 +105,7 @@ class CrossTierMonitor:
         peers: The other tiers' targets.
         interval: How often alerts are evaluated, in seconds.
         thresholds: When alerts are raised.
-        advice: When recommendations are given.
+        advice: When recommendations are given, and the window they are judged on.
         max_message_bytes: The largest message the peers' metrics may come in.
         tls: The TLS of the calls to the peers; plaintext when None.
         metadata: Sent with every call to the peers (the tier's key).
@@ -132,6 +133,7 @@ class CrossTierMonitor:
         self._interval = interval
         self._thresholds = thresholds
         self._previous: dict[common_pb2.Tier.ValueType, pb.TierMetrics] = {}
+        self._histories = {tier: History(advice.window_seconds) for tier in self.tiers}
         self._latency_baselines: dict[str, deque[float]] = {}
         self._rate_baselines: dict[common_pb2.Tier.ValueType, deque[float]] = {}
         self._active: dict[str, pb.Alert] = {}
@@ -178,8 +180,11 @@ class CrossTierMonitor:
         return list(await asyncio.gather(*(self.metrics(t, method_filter) for t in (tuple(tiers) or self.tiers))))
 
     async def recommendations(self) -> list[pb.Recommendation]:
-        """Returns the advice the tiers' current metrics call for, the most impactful first."""
-        return recommend(await self.all_metrics(), self._advice)
+        """Returns the advice the tiers' metrics of the recent window call for, the most impactful first."""
+        return recommend(self._recent(await self.all_metrics()), self._advice)
+
+    def _recent(self, tiers: Iterable[pb.TierMetrics]) -> list[Recent]:
+        return [self._histories[t.tier].recent(t) for t in tiers if not t.HasField("error")]
 
     def active_alerts(self) -> list[pb.Alert]:
         """Returns the active alerts, oldest first."""
@@ -209,19 +214,23 @@ class CrossTierMonitor:
                 _log.exception("evaluating alerts failed; trying again next interval")
 
     async def check(self) -> None:
-        """Takes a snapshot of every tier and raises or resolves alerts against the previous one."""
+        """Takes a snapshot of every tier, raises or resolves alerts against the previous one, and gives
+        each alert what to do about it from the advice of the recent window."""
+        snapshots = [current for current in await self.all_metrics() if not current.HasField("error")]
+        advice = recommend(self._recent(snapshots), self._advice)
         raised: dict[str, pb.Alert] = {}
-        for current in await self.all_metrics():
-            if current.HasField("error"):
-                continue
+        for current in snapshots:
             for alert in self._conditions(current):
+                alert.recommendation.CopyFrom(answer(alert, advice, self._interval))
                 raised[alert.id] = alert
             self._previous[current.tier] = current
+            self._histories[current.tier].add(current)
         now = now_timestamp()
         for alert_id, alert in raised.items():
             known = self._active.get(alert_id)
             if known is not None:
                 known.value, known.message = alert.value, alert.message
+                known.recommendation.CopyFrom(alert.recommendation)
                 continue
             alert.raise_time.CopyFrom(now)
             self._active[alert_id] = alert

@@ -96,10 +96,14 @@ class CacheStats:
     l2_errors: int = 0
 
     @property
+    def lookups(self) -> int:
+        """Returns how many answers were looked up, found or not."""
+        return self.l1_hits + self.l2_hits + self.misses
+
+    @property
     def hit_rate(self) -> float:
         """Returns the share of lookups answered from either level."""
-        lookups = self.l1_hits + self.l2_hits + self.misses
-        return (self.l1_hits + self.l2_hits) / lookups if lookups else 0.0
+        return (self.l1_hits + self.l2_hits) / self.lookups if self.lookups else 0.0
 
 
 class ResponseCache:

@@ -141,6 +141,7 @@ class AIService:
             requests=totals.calls,
             cache_hits=self.cache.stats.l1_hits + self.cache.stats.l2_hits,
             cache_hit_rate=self.cache.stats.hit_rate,
+            cache_lookups=self.cache.stats.lookups,
             coalesced=self.sharing.coalesced,
             prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens,

@@ -8,6 +8,7 @@ from typing import Self
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
+from tierstack.core.budgets import describe_warning
 from tierstack.v1 import orchestrator_service_pb2 as orchestrator_pb
 
 
@@ -72,6 +73,8 @@ class RunProgress:
             failed = event.step_failed
             self._progress.update(self._bars[failed.step_id], status="[red]failed")
             self.log(f"[red]step {failed.step_id} failed:[/] {failed.error.reason}: {failed.error.message}")
+        elif kind == "budget_warning":
+            self.log(f"[yellow]run {event.run_id} budget:[/] {describe_warning(event.budget_warning)}")
         elif kind == "run_failed":
             self.log(f"[red]run failed:[/] {event.run_failed.error.reason}: {event.run_failed.error.message}")
         elif kind == "run_cancelled":

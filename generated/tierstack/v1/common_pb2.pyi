@@ -212,6 +212,42 @@ class ResourceUsage(_message.Message):
 Global___ResourceUsage: _TypeAlias = ResourceUsage  # noqa: Y015
 
 @_typing.final
+class BudgetWarning(_message.Message):
+    """Warns that a piece of work has used a given share of one of its budgets: each budget warns once at
+    80 % and once at 95 % of its limit, and a warning given is never repeated, not even after a restart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    budget: _builtins.str
+    """Names the budget: `credits`, `tokens`, `tool_calls` or `duration`."""
+    used: _builtins.float
+    """Gives what had been used of the budget when the warning was given (seconds for the duration)."""
+    limit: _builtins.float
+    """Gives the budget's limit (seconds for the duration)."""
+    percent: _builtins.int
+    """Gives the share of the limit the warning is about, in percent: 80 or 95."""
+    def __init__(
+        self,
+        *,
+        budget: _builtins.str = ...,
+        used: _builtins.float = ...,
+        limit: _builtins.float = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "limit", b"limit", "percent", b"percent", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetWarning: _TypeAlias = BudgetWarning  # noqa: Y015
+
+@_typing.final
 class ErrorDetail(_message.Message):
     """Describes why a piece of work failed, in a form that survives crossing tiers."""
 

@@ -715,6 +715,7 @@ class RunEvent(_message.Message):
     VARIABLE_SET_FIELD_NUMBER: _builtins.int
     RUN_PAUSED_FIELD_NUMBER: _builtins.int
     RUN_RESUMED_FIELD_NUMBER: _builtins.int
+    BUDGET_WARNING_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one run, starting at 1."""
     run_id: _builtins.str
@@ -779,6 +780,10 @@ class RunEvent(_message.Message):
     def run_resumed(self) -> Global___RunResumed:
         """Reports that the run resumed."""
 
+    @_builtins.property
+    def budget_warning(self) -> _common_pb2.BudgetWarning:
+        """Warns that the run has used 80 % or 95 % of one of its budgets."""
+
     def __init__(
         self,
         *,
@@ -799,12 +804,13 @@ class RunEvent(_message.Message):
         variable_set: Global___VariableSet | None = ...,
         run_paused: Global___RunPaused | None = ...,
         run_resumed: Global___RunResumed | None = ...,
+        budget_warning: _common_pb2.BudgetWarning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_warning", b"budget_warning", "payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_warning", b"budget_warning", "correlation_id", b"correlation_id", "payload", b"payload", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_paused", b"run_paused", "run_resumed", b"run_resumed", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_execution", b"step_execution", "step_failed", b"step_failed", "step_retried", b"step_retried", "step_skipped", b"step_skipped", "step_started", b"step_started", "time", b"time", "variable_set", b"variable_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "step_started", "step_execution", "step_completed", "step_failed", "run_completed", "run_failed", "run_cancelled", "step_skipped", "step_retried", "variable_set", "run_paused", "run_resumed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "step_started", "step_execution", "step_completed", "step_failed", "run_completed", "run_failed", "run_cancelled", "step_skipped", "step_retried", "variable_set", "run_paused", "run_resumed", "budget_warning"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -991,22 +997,31 @@ class StepStarted(_message.Message):
     STEP_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Names the step."""
     attempt: _builtins.int
     """Counts the attempt, from 1."""
     tool: _builtins.str
     """Names the tool the step calls."""
+    @_builtins.property
+    def limits(self) -> _common_pb2.ResourceLimits:
+        """Gives the step's share of the credits, tokens and tool calls the run has left (after the shares
+        of the steps in flight): the limits Tier 3 runs it with. Unset for a nested workflow, whose steps
+        take shares of their own.
+        """
+
     def __init__(
         self,
         *,
         step_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         tool: _builtins.str = ...,
+        limits: _common_pb2.ResourceLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "step_id", b"step_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "limits", b"limits", "step_id", b"step_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import HttpServer, Stack, reply, start_tier
+from tests.server.spender import Spender
 from tierstack.client import ExecutorClient, InvalidArgumentError, ResourceExhaustedError
 from tierstack.core.values import from_value, to_struct
 from tierstack.server import Settings
-from tierstack.server.execute import Tool, ToolContext
+from tierstack.server.execute import Tool, ToolContext, ToolError
 from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2, executor_service_pb2
 
@@ -291,3 +292,54 @@ async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) ->
 
 async def _free(arguments: dict[str, object], context: ToolContext) -> None:
     return None
+
+
+async def _broken(arguments: dict[str, object], context: ToolContext) -> None:
+    raise ToolError("BROKEN", "always")
+
+
+async def test_a_critical_tool_is_tried_again_only_within_the_steps_tool_calls(stack: Stack) -> None:
+    service = stack.execute.service
+    assert isinstance(service, ExecuteService)
+    service.registry.register(
+        Tool(name="test.broken", description="fails", parameters={"type": "object"}, handler=_broken, critical=True)
+    )
+    call = common_pb2.ToolCall(tool="test.broken", arguments=to_struct({}))
+    request = executor_service_pb2.ExecuteRequest(
+        step_id="a", tool_calls=[call], limits=common_pb2.ResourceLimits(max_tool_calls=2)
+    )
+    events = [event async for event in stack.executor.execute(request)]
+    assert events[-1].failed.error.reason == "BROKEN"
+    assert events[-1].failed.usage.tool_calls == 2
+
+
+async def test_a_model_driven_step_stays_within_its_credits_and_tokens(stack: Stack) -> None:
+    service = stack.execute.service
+    assert isinstance(service, ExecuteService)
+    service.registry.register(
+        Tool(name="test.paid", description="costs 0.4", parameters={"type": "object"}, handler=_free, credits=0.4)
+    )
+    spender = Spender(stack.execute)
+
+    def asking(tool: str, limits: common_pb2.ResourceLimits) -> executor_service_pb2.ExecuteRequest:
+        return executor_service_pb2.ExecuteRequest(
+            step_id="a", strategy=common_pb2.STRATEGY_CONVERSATIONAL, prompt=f"use {tool}", tools=[tool], limits=limits
+        )
+
+    # The local model calls the tool the prompt names; a call the step cannot pay for is not made.
+    unpaid = [e async for e in stack.executor.execute(asking("test.paid", common_pb2.ResourceLimits(max_credits=0.3)))]
+    assert events_of(unpaid, "tool_call_started") == []
+    assert unpaid[-1].failed.error.reason == "CREDIT_BUDGET_EXHAUSTED"
+    assert unpaid[-1].failed.usage.credits == 0
+    # The tools the model calls may use what its own answers left of the step's tokens, no more.
+    spent = [e async for e in stack.executor.execute(asking("test.spend", common_pb2.ResourceLimits(max_tokens=200)))]
+    [replied] = events_of(spent, "model_replied")
+    assert spender.allowed == [200 - replied.model_replied.tokens]
+    assert spent[-1].failed.error.reason == "TOKEN_BUDGET_EXHAUSTED"
+    assert spent[-1].failed.usage.tokens == 200
+
+
+def events_of(
+    events: list[executor_service_pb2.ExecutionEvent], kind: str
+) -> list[executor_service_pb2.ExecutionEvent]:
+    return [event for event in events if event.WhichOneof("payload") == kind]

@@ -577,10 +577,25 @@ class _Step:
                 self.usage.tokens += self.result.tokens
                 if not self.result.HasField("error") or attempt == CRITICAL_ATTEMPTS or not tool.critical:
                     break
+                if self._over(tool) is not None:  # a retry would pass the step's limits
+                    break
                 await asyncio.sleep(CRITICAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
             if tool.pure and not self.result.HasField("error"):
                 self.executor.memoise(tool, arguments, self.result)
         yield self.event(tool_call_finished=executor_service_pb2.ToolCallFinished(index=index, result=self.result))
+
+    def _over(self, tool: Tool) -> common_pb2.ErrorDetail | None:
+        """Returns why one more call of ``tool`` would pass the step's tool calls or credits, if it would."""
+        limits = self.request.limits
+        if limits.max_tool_calls and self.usage.tool_calls >= limits.max_tool_calls:
+            return _error("TOOL_CALL_LIMIT", f"the step has made its {limits.max_tool_calls} tool calls")
+        if limits.max_credits and self.usage.credits + tool.credits > limits.max_credits:
+            left = limits.max_credits - self.usage.credits
+            return _error(
+                "CREDIT_BUDGET_EXHAUSTED",
+                f"a call of {tool.name} costs {tool.credits:g} credits; the step has {left:g} of its credits left",
+            )
+        return None
 
     async def deterministic(self, calls: list[tuple[Tool, dict[str, Any]]]) -> Events:
         """Runs the step's tool calls as given; the first failure ends the step."""
@@ -599,6 +614,10 @@ class _Step:
         if limit and self.usage.tokens >= limit:
             self.error = _error("TOKEN_BUDGET_EXHAUSTED", f"the step has used its {limit} tokens")
             return
+        credits = self.request.limits.max_credits
+        if credits and self.usage.credits >= credits:
+            self.error = _error("CREDIT_BUDGET_EXHAUSTED", f"the step has spent its {credits:g} credits")
+            return
         request = CompletionRequest(
             messages=tuple(messages),
             tools=kit.model_tools,
@@ -615,6 +634,7 @@ class _Step:
             return
         self.usage.tokens += answer.spent
         self.usage.credits += answer.cost
+        self.context.meter.tokens += answer.spent  # what the tools the model calls may use shrinks with it
         self.answer = answer
         yield self.event(
             model_replied=executor_service_pb2.ModelReplied(
@@ -633,6 +653,9 @@ class _Step:
                 self.error = _error("TOOL_CALL_LIMIT", f"the model asked for more than {limit} tool calls")
                 return
             tool = kit.tools.get(call.name)
+            if tool is not None and (over := self._over(tool)) is not None:
+                self.error = over
+                return
             problems = ["not offered to this step"] if tool is None else tool.violations(call.arguments, prefix="")
             if tool is None or problems:
                 reply = f"error: {call.name} cannot run: " + "; ".join(str(p) for p in problems)

@@ -5,6 +5,7 @@ pause, resume and cancel runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from jmespath.exceptions import JMESPathError
 
+from tierstack.core.budgets import describe_warning
 from tierstack.core.errors import (
     ERROR_DOMAIN,
     PERMANENT_FAILURES,
@@ -60,7 +62,7 @@ from tierstack.server import boundary
 from tierstack.server.auth.keys import Role
 from tierstack.server.auth.principal import Principal, act_as, current, tenant_scope
 from tierstack.server.bounded import ByteBudgetLRU
-from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.budget import BudgetWarnings, add_usage, share_of, spent_message, unreserved
 from tierstack.server.config import Settings
 from tierstack.server.feed import Feed
 from tierstack.server.metrics import LatencyHistogram, RateMeter
@@ -155,8 +157,15 @@ class _LiveRun:
         self.task: asyncio.Task[None] | None = None
         self.steps = {step.step_id: step for step in run.steps}
         self.rerun: set[str] = set()  # in flight when the last process stopped: same attempt again
-        self.slots = asyncio.Semaphore(limits.max_parallelism or parallelism)
+        self.parallelism = limits.max_parallelism or parallelism
+        self.slots = asyncio.Semaphore(self.parallelism)
         self.usage = common_pb2.ResourceUsage()
+        # The shares of the run's budget that its steps in flight at Tier 3 hold, by step path: with
+        # what the run has used, never more than its limits.
+        self.reserved: dict[str, common_pb2.ResourceLimits] = {}
+        self.ready: set[str] = set()  # tool steps started that hold no share yet: each will ask for one
+        self.freed = asyncio.Event()  # set (and replaced) whenever a step gives its share back
+        self.warnings = BudgetWarnings(limits)
         self.output_bytes = sum(step.output.ByteSize() for step in run.steps)  # held by its completed steps
         self.context: RunContext
 
@@ -487,12 +496,19 @@ class RunManager:
         spec = await self.spec(stored.workflow, _max_depth(stored.limits))
         live = self._track(run, spec, stored.limits, fence)
         live.feed.extend(history)
+        shares: dict[str, common_pb2.ResourceLimits] = {}
+        given: list[common_pb2.BudgetWarning] = []
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
                 _replay(live, event)
             kind = event.WhichOneof("payload")
             if kind in ("step_completed", "step_retried", "step_failed"):  # every attempt is charged
                 add_usage(live.usage, getattr(event, kind).usage)
+            elif kind == "step_started" and event.step_started.HasField("limits"):
+                shares[event.step_started.step_id] = event.step_started.limits
+            elif kind == "budget_warning":
+                given.append(event.budget_warning)
+        live.warnings = BudgetWarnings(stored.limits, given)
         if history:
             run.last_sequence = max(run.last_sequence, history[-1].sequence)
         live.output_bytes = sum(state.output.ByteSize() for state in live.steps.values())
@@ -500,6 +516,8 @@ class RunManager:
             if state.state == pb.STEP_STATE_RUNNING:
                 state.state = pb.STEP_STATE_PENDING
                 live.rerun.add(path)
+                if path in shares:  # Tier 3 joins it under the same limits: its share stays taken
+                    live.reserved[path] = shares[path]
         run.state = pb.RUN_STATE_RUNNING
         live.task = asyncio.create_task(self._drive(live, resumed=reason), name=f"run-{run.run_id}")
         _log.info("run %s resumed (%s)", run.run_id, reason)
@@ -761,6 +779,7 @@ class RunManager:
             else:
                 done = sum(state.state == pb.STEP_STATE_COMPLETED for state in live.steps.values())
                 await self._transition(live, run_resumed=pb.RunResumed(reason=resumed, completed_steps=done))
+                self._warn(live)  # what the run crossed while no server drove it
             error = await self._run_in_time(live)
             run.end_time.CopyFrom(now_timestamp())
             elapsed = (run.end_time.ToNanoseconds() - run.create_time.ToNanoseconds()) / 1e9
@@ -810,7 +829,10 @@ class RunManager:
         limit = to_seconds(live.limits.max_duration)
         if limit is None:
             return await self._run_graph(live, live.spec, live.context, "")
-        age = (time.time_ns() - live.run.create_time.ToNanoseconds()) / 1e9
+        age = _age(live)
+        loop = asyncio.get_running_loop()
+        # The duration warnings, each at its share of the limit: timers owned by the run's task.
+        timers = [loop.call_later(max(at - age, 0.0), self._warn, live, at) for at in live.warnings.times()]
         within = asyncio.timeout(limit - age)
         try:
             async with within:
@@ -818,6 +840,9 @@ class RunManager:
         except TimeoutError:
             if not within.expired():
                 raise
+        finally:
+            for timer in timers:
+                timer.cancel()
         return _error("DEADLINE_EXCEEDED", f"the run took longer than its limits.max_duration of {limit:g} s")
 
     async def _run_graph(
@@ -843,6 +868,8 @@ class RunManager:
         # Steps are started from their dependencies' done callbacks: no task waits on the whole
         # running set, so a wide DAG costs no more per step than a chain.
         def start(step_id: str) -> None:
+            if spec.by_id[step_id].workflow is None and step_id not in blocked_by:
+                live.ready.add(prefix + step_id)  # counted from now on when the other steps take their shares
             task = asyncio.create_task(
                 self._run_step(live, spec.by_id[step_id], context, prefix, blocked_by.get(step_id))
             )
@@ -852,6 +879,7 @@ class RunManager:
         def settle(task: asyncio.Task[common_pb2.ErrorDetail | None]) -> None:
             nonlocal unsettled
             step_id = running.pop(task)
+            live.ready.discard(prefix + step_id)
             if outcome.done() or task.cancelled():
                 return
             if task.exception() is not None:
@@ -948,37 +976,27 @@ class RunManager:
             live.rerun.discard(path)
         else:
             state.attempt += 1
-        state.state = pb.STEP_STATE_RUNNING
-        tool = step.tool or "workflow"
-        self._append(live, step_started=pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool))
-        try:
-            budget = Budget(self._max_message_bytes)  # what one request to Tier 3 can carry
-            arguments = render(step.parameters, context.resolve, "parameters", budget)
-            prompt = render(step.prompt, context.resolve, "prompt", budget)
-        except TooLargeError as exc:
-            return _error("REQUEST_TOO_LARGE", exc.message, field=exc.field), common_pb2.ResourceUsage()
-        except TemplateError as exc:
-            return _error("TEMPLATE_ERROR", exc.message, field=exc.field), common_pb2.ResourceUsage()
-        assert isinstance(arguments, dict)
+        rendered = self._render(step, context)
         if step.workflow is not None:
-            output, usage, error = await self._run_nested(live, step.workflow, arguments, path)
+            self._started(live, path, "workflow", None)
+            if isinstance(rendered, common_pb2.ErrorDetail):
+                return rendered, common_pb2.ResourceUsage()
+            output, usage, error = await self._run_nested(live, step.workflow, rendered[0], path)
         else:
-            self.queued_steps += 1
-            try:
-                await live.slots.acquire()
-            finally:
-                self.queued_steps -= 1
-            try:
+            async with self._slot_and_share(live, path) as (share, spent):
+                self._started(live, path, step.tool, None if spent else share)
+                if isinstance(rendered, common_pb2.ErrorDetail):
+                    return rendered, common_pb2.ResourceUsage()
+                if spent:
+                    return _error("BUDGET_EXHAUSTED", f"the run's {spent}"), common_pb2.ResourceUsage()
                 attributes: dict[str, str | int] = {
                     "tierstack.run_id": live.run.run_id,
                     "tierstack.tool": step.tool,
                     "tierstack.attempt": state.attempt,
                 }
                 with span(f"step {path}", attributes):
-                    output, usage, error = await self._execute(live, step, path, arguments, str(prompt), state.attempt)
-            finally:
-                live.slots.release()
-        add_usage(live.usage, usage)
+                    output, usage, error = await self._execute(live, step, path, *rendered, state.attempt, share)
+                self._charge(live, usage)  # before its share goes back: the two never miss each other
         if error is not None:
             return error, usage
         seconds = to_seconds(usage.duration) or 0.0
@@ -999,6 +1017,88 @@ class RunManager:
         # idempotency key, so Tier 3 replays the result instead of running the tool twice.
         self._append(live, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
         return None, usage
+
+    def _render(self, step: StepSpec, context: RunContext) -> tuple[dict[str, JSON], str] | common_pb2.ErrorDetail:
+        """Returns a step's arguments and prompt, its templates rendered, or why they cannot be."""
+        try:
+            budget = Budget(self._max_message_bytes)  # what one request to Tier 3 can carry
+            arguments = render(step.parameters, context.resolve, "parameters", budget)
+            prompt = render(step.prompt, context.resolve, "prompt", budget)
+        except TooLargeError as exc:
+            return _error("REQUEST_TOO_LARGE", exc.message, field=exc.field)
+        except TemplateError as exc:
+            return _error("TEMPLATE_ERROR", exc.message, field=exc.field)
+        assert isinstance(arguments, dict)
+        return arguments, str(prompt)
+
+    def _started(self, live: _LiveRun, path: str, tool: str, share: common_pb2.ResourceLimits | None) -> None:
+        """Records that an attempt at a step starts, within ``share`` of the run's budget (a tool step's)."""
+        state = live.steps[path]
+        state.state = pb.STEP_STATE_RUNNING
+        started = pb.StepStarted(step_id=path, attempt=state.attempt, tool=tool, limits=share)
+        self._append(live, step_started=started)
+
+    @contextlib.asynccontextmanager
+    async def _slot_and_share(self, live: _LiveRun, path: str) -> AsyncIterator[tuple[common_pb2.ResourceLimits, str]]:
+        """Holds one of the run's slots and a tool step's share of the run's budget while the step
+        runs at Tier 3; yields the share, or (with no share) what is spent.
+
+        The share is what the run has left once the shares of its steps in flight are taken off, split
+        evenly between this step and the others started that hold no share yet, as many of them as
+        the run's parallelism lets run beside it (see :meth:`_take_share`). So the steps in flight
+        together never hold more than the run has left, and each ends within its own share, which
+        Tier 3 holds it to. A step that finds nothing left while other steps hold shares waits, its
+        slot given up, until one of them gives its share back (what that step did not use is left
+        again); with no share held, nothing left means the run's budget is spent."""
+        while True:
+            self.queued_steps += 1
+            try:
+                await live.slots.acquire()
+            finally:
+                self.queued_steps -= 1
+            taken = self._take_share(live, path)
+            if taken is not None:
+                break
+            live.slots.release()
+            await live.freed.wait()
+        try:
+            yield taken
+        finally:
+            if live.reserved.pop(path, None) is not None:
+                live.freed.set()
+                live.freed = asyncio.Event()
+            live.slots.release()
+
+    @staticmethod
+    def _take_share(live: _LiveRun, path: str) -> tuple[common_pb2.ResourceLimits, str] | None:
+        """Reserves a step's share of what the run has left (see :meth:`_slot_and_share`) and returns
+        it; or, when nothing is left, returns what is spent if no step holds a share, else None (the
+        step waits for one to come back)."""
+        share = live.reserved.get(path)  # a step in flight when the run was last driven keeps its share
+        if share is None:
+            left = unreserved(live.limits, live.usage, live.reserved.values())
+            if any(value <= 0 for value in left.values()):
+                if live.reserved:
+                    return None
+                live.ready.discard(path)
+                return common_pb2.ResourceLimits(), spent_message(live.limits, left)
+            others = len(live.ready) - (path in live.ready)
+            beside = min(others, max(live.parallelism - len(live.reserved) - 1, 0))
+            share = live.reserved[path] = share_of(left, 1 / (1 + beside))
+        live.ready.discard(path)
+        return share, ""
+
+    def _charge(self, live: _LiveRun, usage: common_pb2.ResourceUsage) -> None:
+        """Charges what a step used to the run, and gives the budget warnings that earns."""
+        add_usage(live.usage, usage)
+        self._warn(live)
+
+    def _warn(self, live: _LiveRun, at: float = 0.0) -> None:
+        """Records the budget warnings the run has earned and not had; ``at`` is the age (in seconds)
+        a duration warning's timer was set for, counted as reached when the timer fires."""
+        for warning in live.warnings.due(live.usage, max(_age(live), at)):
+            _log.info("run %s: %s", live.run.run_id, describe_warning(warning))
+            self._append(live, budget_warning=warning)
 
     async def _run_nested(
         self, live: _LiveRun, spec: WorkflowSpec, arguments: dict[str, JSON], path: str
@@ -1027,9 +1127,17 @@ class RunManager:
         return to_value(declared), usage, None
 
     async def _execute(
-        self, live: _LiveRun, step: StepSpec, path: str, arguments: dict[str, JSON], prompt: str, attempt: int
+        self,
+        live: _LiveRun,
+        step: StepSpec,
+        path: str,
+        arguments: dict[str, JSON],
+        prompt: str,
+        attempt: int,
+        share: common_pb2.ResourceLimits,
     ) -> tuple[struct_pb2.Value, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
-        """Runs one tool step in Tier 3, forwarding its events; the execution id is the idempotency key."""
+        """Runs one tool step in Tier 3 within its ``share`` of the run's budget, forwarding its events;
+        the execution id is the idempotency key."""
         request = executor_service_pb2.ExecuteRequest(
             context=common_pb2.RequestContext(
                 correlation_id=live.run.correlation_id,
@@ -1042,13 +1150,8 @@ class RunManager:
             tool_calls=[common_pb2.ToolCall(tool=step.tool, arguments=to_struct(arguments))],
             strategy=step.strategy,
             prompt=prompt,
+            limits=share,
         )
-        left = left_of(live.limits, live.usage)  # the step may use what the run has left
-        spent = spent_message(live.limits, left)
-        if spent:
-            return to_value(None), common_pb2.ResourceUsage(), _error("BUDGET_EXHAUSTED", f"the run's {spent}")
-        for name, value in left.items():
-            setattr(request.limits, name, value)
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))
         if (size := request.ByteSize()) > self._max_message_bytes:
@@ -1124,6 +1227,11 @@ def _lost_call(error: TierstackError) -> bool:
     """Says whether a call to Execute was lost on the way rather than answered: Execute could not be
     reached, or the call ended without an answer from a tierstack server."""
     return error.code.name == "UNAVAILABLE" or (error.code.name == "CANCELLED" and error.domain != ERROR_DOMAIN)
+
+
+def _age(live: _LiveRun) -> float:
+    """Returns the seconds since a run was created (a restart changes nothing)."""
+    return (time.time_ns() - live.run.create_time.ToNanoseconds()) / 1e9
 
 
 def _replay(live: _LiveRun, event: pb.RunEvent) -> None:

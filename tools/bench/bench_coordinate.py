@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import statistics
 import tempfile
@@ -41,6 +42,7 @@ from tierstack.server.coordinate import (
     Need,
     SqliteGoalStore,
     SubtaskSpec,
+    Team,
     form_team,
 )
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -166,32 +168,49 @@ def team_formation(repeat: int, results: Results) -> None:
         for i in range(200)
     ]
     needs = [Need(id=f"s{i}", required_capabilities=frozenset({generator.choice(CAPABILITIES)})) for i in range(200)]
+    # The same subtasks as 20 stages of 10, each stage after the whole stage before: an agent may take
+    # more than its capacity, as long as it runs no more at once.
+    staged = [
+        Need(id=need.id, required_capabilities=need.required_capabilities, dependencies=frozenset(_stage(i - 10)))
+        for i, need in enumerate(needs)
+    ]
     slots = sum(max(a.max_concurrent_tasks - a.current_load, 0) for a in agents)
     matrix = np.random.default_rng(7).random((200, slots))
-    ours, bare = [], []
+    samples: dict[str, list[float]] = {"form_team": [], "form_team, 20 stages of 10": []}
+    samples["scipy linear_sum_assignment alone, 200 x slots"] = []
+    teams: dict[str, object] = {}
     for _ in range(repeat):
-        start = time.perf_counter()
-        team = form_team(agents, needs)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        linear_sum_assignment(matrix)
-        bare.append(time.perf_counter() - start)
+        for name, run in (
+            ("form_team", functools.partial(form_team, agents, needs)),
+            ("form_team, 20 stages of 10", functools.partial(form_team, agents, staged)),
+            ("scipy linear_sum_assignment alone, 200 x slots", functools.partial(linear_sum_assignment, matrix)),
+        ):
+            start = time.perf_counter()
+            teams[name] = run()
+            samples[name].append(time.perf_counter() - start)
     rows = []
-    for name, samples in (("scipy linear_sum_assignment alone, 200 x slots", bare), ("form_team", ours)):
-        p95 = statistics.quantiles(samples, n=20)[-1] * 1000
-        rows.append((name, f"{statistics.median(samples) * 1000:.2f}", f"{p95:.2f}"))
+    for name, taken in samples.items():
+        p95 = statistics.quantiles(taken, n=20)[-1] * 1000
+        team = teams[name]
+        assigned = str(len(team.assignments)) if isinstance(team, Team) else ""
+        rows.append((name, f"{statistics.median(taken) * 1000:.2f}", f"{p95:.2f}", assigned))
     results.compare(
         "Team formation 200 x 200: ms (vs scipy alone)",
-        statistics.median(ours) * 1000,
-        statistics.median(bare) * 1000,
+        statistics.median(samples["form_team"]) * 1000,
+        statistics.median(samples["scipy linear_sum_assignment alone, 200 x slots"]) * 1000,
         "ms",
     )
     results.table(
         f"Team formation: 200 agents ({slots} free slots) x 200 subtasks, {repeat} rounds",
-        ("solver", "median ms", "p95 ms"),
+        ("solver", "median ms", "p95 ms", "subtasks assigned"),
         rows,
-        f"{len(team.assignments)} subtasks assigned, {len(team.unassigned)} reported unassigned (goal: under 50 ms).",
+        "Staged, an agent may take more subtasks than its capacity, but never run more at once (goal: under 50 ms).",
     )
+
+
+def _stage(first: int) -> list[str]:
+    """Returns the ids of the stage of ten subtasks that starts at ``first`` (none before the first)."""
+    return [f"s{i}" for i in range(max(first // 10 * 10, 0), first // 10 * 10 + 10)] if first >= 0 else []
 
 
 async def calls_saved(results: Results) -> None:

@@ -26,6 +26,7 @@ from rich.table import Table
 from tierstack.cli.progress import RunProgress
 from tierstack.client import CoordinatorClient, InvalidArgumentError, OrchestratorClient, TierstackError, Tls
 from tierstack.client.defaults import TIERS, default_target
+from tierstack.core.budgets import describe_warning
 from tierstack.core.values import from_value
 from tierstack.v1 import common_pb2
 from tierstack.v1 import coordinator_service_pb2 as coordinator_pb
@@ -317,8 +318,14 @@ def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict
                 subtask.tool,
             )
         view.console.print(table)
-        if event.goal_decomposed.producer == "local":
+        decomposed = event.goal_decomposed
+        if decomposed.producer == "local":
             view.log(STAND_IN.format(what="planned by", which="rules, no model"))
+        if decomposed.similar_goal:
+            rebound = ", ".join(f"{old} → {new}" for old, new in sorted(decomposed.rebound_particulars.items()))
+            view.log(
+                f"reused the plan of a similar goal: {decomposed.similar_goal}" + (f" ({rebound})" if rebound else "")
+            )
     elif kind == "team_formed":
         for assignment in event.team_formed.assignments:
             view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")
@@ -333,6 +340,8 @@ def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict
         view.update(progress.run_event, labels.get(progress.subtask_id, ""))
     elif kind == "goal_resumed":
         view.log(f"[yellow]goal resumed[/] ({event.goal_resumed.reason})")
+    elif kind == "budget_warning":
+        view.log(f"[yellow]goal budget:[/] {describe_warning(event.budget_warning)}")
     elif kind == "goal_completed":
         outputs = {k: from_value(v) for k, v in event.goal_completed.outputs.items()}
         view.console.print_json(data=outputs)

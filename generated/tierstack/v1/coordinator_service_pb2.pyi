@@ -369,6 +369,7 @@ class GoalEvent(_message.Message):
     SUBTASK_REPLANNED_FIELD_NUMBER: _builtins.int
     GOAL_CANCELLED_FIELD_NUMBER: _builtins.int
     GOAL_RESUMED_FIELD_NUMBER: _builtins.int
+    BUDGET_WARNING_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Orders the events of one goal, starting at 1."""
     goal_id: _builtins.str
@@ -419,6 +420,10 @@ class GoalEvent(_message.Message):
     def goal_resumed(self) -> Global___GoalResumed:
         """Reports that a new server took the goal up where it stood, after the last one stopped."""
 
+    @_builtins.property
+    def budget_warning(self) -> _common_pb2.BudgetWarning:
+        """Warns that the goal has used 80 % or 95 % of one of its budgets."""
+
     def __init__(
         self,
         *,
@@ -436,12 +441,13 @@ class GoalEvent(_message.Message):
         subtask_replanned: Global___SubtaskReplanned | None = ...,
         goal_cancelled: Global___GoalCancelled | None = ...,
         goal_resumed: Global___GoalResumed | None = ...,
+        budget_warning: _common_pb2.BudgetWarning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_resumed", b"goal_resumed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_warning", b"budget_warning", "goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_resumed", b"goal_resumed", "payload", b"payload", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "goal_resumed", b"goal_resumed", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_warning", b"budget_warning", "correlation_id", b"correlation_id", "goal_cancelled", b"goal_cancelled", "goal_completed", b"goal_completed", "goal_decomposed", b"goal_decomposed", "goal_failed", b"goal_failed", "goal_id", b"goal_id", "goal_resumed", b"goal_resumed", "payload", b"payload", "sequence", b"sequence", "subtask_finished", b"subtask_finished", "subtask_progress", b"subtask_progress", "subtask_replanned", b"subtask_replanned", "subtask_started", b"subtask_started", "team_formed", b"team_formed", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed", "subtask_replanned", "goal_cancelled", "goal_resumed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["goal_decomposed", "team_formed", "subtask_started", "subtask_progress", "subtask_finished", "goal_completed", "goal_failed", "subtask_replanned", "goal_cancelled", "goal_resumed", "budget_warning"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -453,16 +459,46 @@ class GoalDecomposed(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReboundParticularsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SUBTASKS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    SIMILAR_GOAL_FIELD_NUMBER: _builtins.int
+    REBOUND_PARTICULARS_FIELD_NUMBER: _builtins.int
     source: Global___DecompositionSource.ValueType
     """Says how the decomposition was produced."""
     producer: _builtins.str
     """Names the provider or template that produced it."""
+    similar_goal: _builtins.str
+    """Names the past goal whose decomposition was re-bound to this goal, when the source is a similar goal."""
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
         """Lists the subtasks."""
+
+    @_builtins.property
+    def rebound_particulars(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Maps each particular of the similar goal that differs from this goal's (a name, number, id, date,
+        URL, language or quoted text) to the particular that replaced it in the subtasks.
+        """
 
     def __init__(
         self,
@@ -470,10 +506,12 @@ class GoalDecomposed(_message.Message):
         subtasks: _abc.Iterable[Global___Subtask] | None = ...,
         source: Global___DecompositionSource.ValueType = ...,
         producer: _builtins.str = ...,
+        similar_goal: _builtins.str = ...,
+        rebound_particulars: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer", "source", b"source", "subtasks", b"subtasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer", "rebound_particulars", b"rebound_particulars", "similar_goal", b"similar_goal", "source", b"source", "subtasks", b"subtasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1247,16 +1285,46 @@ class DecomposeGoalResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReboundParticularsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SUBTASKS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    SIMILAR_GOAL_FIELD_NUMBER: _builtins.int
+    REBOUND_PARTICULARS_FIELD_NUMBER: _builtins.int
     source: Global___DecompositionSource.ValueType
     """Says how the decomposition was produced."""
     producer: _builtins.str
     """Names the provider or template that produced it."""
+    similar_goal: _builtins.str
+    """Names the past goal whose decomposition was re-bound to this goal, when the source is a similar goal."""
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
         """Lists the subtasks."""
+
+    @_builtins.property
+    def rebound_particulars(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Maps each particular of the similar goal that differs from this goal's (a name, number, id, date,
+        URL, language or quoted text) to the particular that replaced it in the subtasks.
+        """
 
     def __init__(
         self,
@@ -1264,10 +1332,12 @@ class DecomposeGoalResponse(_message.Message):
         subtasks: _abc.Iterable[Global___Subtask] | None = ...,
         source: Global___DecompositionSource.ValueType = ...,
         producer: _builtins.str = ...,
+        similar_goal: _builtins.str = ...,
+        rebound_particulars: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer", "source", b"source", "subtasks", b"subtasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer", b"producer", "rebound_particulars", b"rebound_particulars", "similar_goal", b"similar_goal", "source", b"source", "subtasks", b"subtasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1281,6 +1351,11 @@ class FormTeamRequest(_message.Message):
 
     AGENTS_FIELD_NUMBER: _builtins.int
     SUBTASKS_FIELD_NUMBER: _builtins.int
+    MAX_PARALLELISM_FIELD_NUMBER: _builtins.int
+    max_parallelism: _builtins.int
+    """Says how many of the subtasks run at the same time at most; 0 means no bound.
+    Bounds: from 0 to 10,000.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
         """Lists the agents available.
@@ -1289,7 +1364,8 @@ class FormTeamRequest(_message.Message):
 
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
-        """Lists the subtasks to assign.
+        """Lists the subtasks to assign; an agent may take more of them than its free capacity when they
+        cannot all run at the same time (their dependencies form no cycle).
         Bounds: at most 200 items.
         """
 
@@ -1298,10 +1374,11 @@ class FormTeamRequest(_message.Message):
         *,
         agents: _abc.Iterable[Global___Agent] | None = ...,
         subtasks: _abc.Iterable[Global___Subtask] | None = ...,
+        max_parallelism: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "subtasks", b"subtasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "max_parallelism", b"max_parallelism", "subtasks", b"subtasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -389,7 +389,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "tierstack.v1.CancelGoalRequest": {"goal_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.DecomposeGoalRequest": {"goal": GOAL, "agents": _AGENTS},
-    "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(MAX_TEAM)},
+    "tierstack.v1.FormTeamRequest": {"agents": _AGENTS, "subtasks": Items(MAX_TEAM), "max_parallelism": Whole(10_000)},
     # Every tier
     "tierstack.v1.GetMetricsRequest": {"method_filter": NAME, "tiers": Items(3, each=_TIER)},
     "tierstack.v1.WatchMetricsRequest": {

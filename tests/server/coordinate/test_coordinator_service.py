@@ -165,6 +165,34 @@ async def test_decompose_and_form_team_without_running(stack: Stack) -> None:
     assert list(team.unassigned_subtask_ids) == []
 
 
+async def test_an_agent_takes_a_whole_chain_of_stages_one_after_another(stack: Stack) -> None:
+    """The goal of the issue: five stages, each an analysis, for one analyst of capacity 4."""
+    goal = (
+        "analyze the revenue, then analyze the costs, then analyze the margins, then analyze the churn, "
+        "then analyze the forecast"
+    )
+    analyst = [pb.Agent(id="analyst", capabilities=["analysis"], max_concurrent_tasks=4)]
+    events = [e async for e in stack.coordinator.coordinate(pb.CoordinateRequest(goal=goal, agents=analyst))]
+    assert events[-1].HasField("goal_completed"), events[-1]
+    assert {a.agent_id for a in events[1].team_formed.assignments} == {"analyst"}
+    assert len(events[1].team_formed.assignments) == 5
+
+
+async def test_form_team_counts_what_runs_at_once_and_refuses_a_cycle(stack: Stack) -> None:
+    analyst = [pb.Agent(id="analyst", capabilities=["analysis"], max_concurrent_tasks=2)]
+    side_by_side = [pb.Subtask(id=f"s{i}", required_capabilities=["analysis"]) for i in range(3)]
+    team = await stack.coordinator.form_team(pb.FormTeamRequest(agents=analyst, subtasks=side_by_side))
+    assert len(team.unassigned_subtask_ids) == 1  # three could run at once
+    team = await stack.coordinator.form_team(
+        pb.FormTeamRequest(agents=analyst, subtasks=side_by_side, max_parallelism=2)
+    )
+    assert not team.unassigned_subtask_ids  # the goal runs two at a time
+    cycle = [pb.Subtask(id="a", dependencies=["b"]), pb.Subtask(id="b", dependencies=["a"])]
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.coordinator.form_team(pb.FormTeamRequest(agents=analyst, subtasks=cycle))
+    assert [v.field for v in caught.value.violations] == ["subtasks"]
+
+
 async def test_a_goal_out_of_time_fails_and_its_runs_are_cancelled(stack: Stack, http_server: HttpServer) -> None:
     release = threading.Event()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import graphlib
 import itertools
 import tracemalloc
 
@@ -85,6 +86,27 @@ def test_work_goes_to_the_least_loaded_capable_agent() -> None:
     assert team.assignments[0][1] == "idle"
 
 
+def test_an_agent_takes_a_chain_longer_than_its_capacity_but_not_as_much_parallel_work() -> None:
+    analyst = [AgentSpec(id="analyst", capabilities=frozenset({"analysis"}), max_concurrent_tasks=4)]
+    one_after_another = [
+        Need(id=f"s{i}", required_capabilities=frozenset({"analysis"}), dependencies=frozenset({f"s{i - 1}"}))
+        for i in range(1, 6)
+    ]
+    assert not form_team(analyst, one_after_another).unassigned  # one of them runs at a time
+    side_by_side = [Need(id=f"s{i}", required_capabilities=frozenset({"analysis"})) for i in range(1, 6)]
+    assert form_team(analyst, side_by_side).unassigned == ("s5",)  # all five could run at once
+    assert not form_team(analyst, side_by_side, max_parallelism=4).unassigned  # the goal runs four at once
+
+
+def test_a_cycle_of_dependencies_is_refused() -> None:
+    needs = [
+        Need(id="a", required_capabilities=frozenset(), dependencies=frozenset({"b"})),
+        Need(id="b", required_capabilities=frozenset(), dependencies=frozenset({"a"})),
+    ]
+    with pytest.raises(graphlib.CycleError):
+        form_team([AgentSpec(id="x", capabilities=frozenset())], needs)
+
+
 capabilities = st.frozensets(st.sampled_from("abc"), max_size=2)
 agents = st.lists(
     st.builds(
@@ -98,7 +120,13 @@ agents = st.lists(
     min_size=1,
     max_size=3,
 )
-needs = st.lists(st.builds(Need, id=st.just(""), required_capabilities=capabilities), min_size=1, max_size=4)
+# Each subtask may depend on any before it: every DAG of up to five subtasks.
+needs = st.lists(st.tuples(capabilities, st.frozensets(st.integers(0, 4), max_size=3)), min_size=1, max_size=5).map(
+    lambda drawn: [
+        Need(id=f"s{i}", required_capabilities=c, dependencies=frozenset(f"s{d}" for d in deps if d < i))
+        for i, (c, deps) in enumerate(drawn)
+    ]
+)
 
 
 def _score(agent: AgentSpec, taken: int) -> float:
@@ -106,34 +134,47 @@ def _score(agent: AgentSpec, taken: int) -> float:
     return 1.0 - 0.5 * (max(agent.current_load, 0) + taken + 1) / capacity
 
 
-def _brute_force(agent_list: list[AgentSpec], need_list: list[Need]) -> tuple[int, float]:
+def _most_at_once(rows: list[Need], need_list: list[Need], parallelism: int) -> int:
+    """Returns how many of ``rows`` can run at the same time, by trying every subset."""
+    before: dict[str, set[str]] = {}
+    for need in need_list:  # dependencies come first, and are followed through every subtask
+        before[need.id] = set(need.dependencies).union(*(before[d] for d in need.dependencies))
+    for size in range(len(rows), 0, -1):
+        for subset in itertools.combinations(rows, size):
+            if all(a.id not in before[b.id] and b.id not in before[a.id] for a, b in itertools.combinations(subset, 2)):
+                return min(size, parallelism or size)
+    return 0
+
+
+def _brute_force(agent_list: list[AgentSpec], need_list: list[Need], parallelism: int) -> tuple[int, float]:
     """Returns the most subtasks any feasible assignment covers, and the best total score with that many."""
     best = (0, 0.0)
-    options = [None, *range(len(agent_list))]
-    for choice in itertools.product(options, repeat=len(need_list)):
-        taken = [0] * len(agent_list)
-        total = 0.0
-        feasible = True
+    for choice in itertools.product([None, *range(len(agent_list))], repeat=len(need_list)):
+        taken: list[list[Need]] = [[] for _ in agent_list]
+        if any(
+            a is not None and not n.required_capabilities <= agent_list[a].capabilities
+            for n, a in zip(need_list, choice, strict=True)
+        ):
+            continue
         for need, agent_index in zip(need_list, choice, strict=True):
-            if agent_index is None:
-                continue
-            agent = agent_list[agent_index]
-            if not need.required_capabilities <= agent.capabilities:
-                feasible = False
-                break
-            if max(agent.current_load, 0) + taken[agent_index] >= max(agent.max_concurrent_tasks, 1):
-                feasible = False
-                break
-            total += _score(agent, taken[agent_index])
-            taken[agent_index] += 1
-        if feasible:
-            count = sum(c is not None for c in choice)
-            best = max(best, (count, total))
+            if agent_index is not None:
+                taken[agent_index].append(need)
+        if any(
+            rows
+            and _most_at_once(rows, need_list, parallelism)
+            > max(agent.max_concurrent_tasks, 1) - max(agent.current_load, 0)
+            for agent, rows in zip(agent_list, taken, strict=True)
+        ):
+            continue
+        total = sum(_score(agent, k) for agent, rows in zip(agent_list, taken, strict=True) for k in range(len(rows)))
+        best = max(best, (sum(c is not None for c in choice), total))
     return best
 
 
-@given(agents, needs)
-def test_team_formation_is_feasible_and_optimal(agent_list: list[AgentSpec], need_list: list[Need]) -> None:
+@given(agents, needs, st.integers(0, 3))
+def test_team_formation_is_feasible_and_optimal(
+    agent_list: list[AgentSpec], need_list: list[Need], parallelism: int
+) -> None:
     agent_list = [
         AgentSpec(
             id=f"a{i}",
@@ -143,20 +184,20 @@ def test_team_formation_is_feasible_and_optimal(agent_list: list[AgentSpec], nee
         )
         for i, a in enumerate(agent_list)
     ]
-    need_list = [Need(id=f"s{i}", required_capabilities=n.required_capabilities) for i, n in enumerate(need_list)]
-    team = form_team(agent_list, need_list)
+    team = form_team(agent_list, need_list, max_parallelism=parallelism)
     by_id = {a.id: a for a in agent_list}
     needs_by_id = {n.id: n for n in need_list}
-    load = {a.id: 0 for a in agent_list}
+    taken: dict[str, list[Need]] = {a.id: [] for a in agent_list}
     for subtask_id, agent_id, _ in team.assignments:
         assert needs_by_id[subtask_id].required_capabilities <= by_id[agent_id].capabilities
-        load[agent_id] += 1
-    for agent_id, count in load.items():
+        taken[agent_id].append(needs_by_id[subtask_id])
+    for agent_id, rows in taken.items():
         agent = by_id[agent_id]
-        assert max(agent.current_load, 0) + count <= max(agent.max_concurrent_tasks, 1) or count == 0
+        free = max(agent.max_concurrent_tasks, 1) - max(agent.current_load, 0)
+        assert not rows or _most_at_once(rows, need_list, parallelism) <= free  # never more at once than it may run
     assert sorted([s for s, _, _ in team.assignments] + list(team.unassigned)) == sorted(needs_by_id)
-    count, total = _brute_force(agent_list, need_list)
-    # The Hungarian solution covers as many subtasks as any assignment can, at the best total score.
+    count, total = _brute_force(agent_list, need_list, parallelism)
+    # As many subtasks as any assignment can cover, at the best total score.
     assert len(team.assignments) == count
     assert sum(score for _, _, score in team.assignments) == pytest.approx(total)
 

@@ -1,4 +1,5 @@
-"""Decomposition in order — similar past goal, template, model — and learning across restarts."""
+"""Decomposition in order — similar past goal, template, model — and learning from goals that
+succeed, across restarts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import start_tier
+from tests.helpers import open_stack, start_tier
 from tierstack.client import CoordinatorClient
 from tierstack.core.values import from_struct
 from tierstack.server import Settings
@@ -16,9 +17,9 @@ from tierstack.server.coordinate.store import Learnt, SqliteGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 AGENTS = [
-    pb.Agent(id="researcher", capabilities=["http", "general"]),
-    pb.Agent(id="analyst", capabilities=["analysis"]),
-    pb.Agent(id="writer", capabilities=["writing"]),
+    pb.Agent(id="researcher", capabilities=["http", "general"], max_concurrent_tasks=2),
+    pb.Agent(id="analyst", capabilities=["analysis"], max_concurrent_tasks=2),
+    pb.Agent(id="writer", capabilities=["writing"], max_concurrent_tasks=2),
 ]
 
 
@@ -45,8 +46,8 @@ async def test_memory_survives_a_restart_and_respects_capabilities(tmp_path: Pat
     await second.load()
     await store.close()
     recalled = await second.recall("write the weekly report!", threshold=0.85, capabilities={"writing"})
-    assert recalled is not None and recalled[0] == "write the weekly report"
-    assert [s.id for s in recalled[1]] == ["s1"]
+    assert recalled is not None and recalled.goal == "write the weekly report"
+    assert [s.id for s in recalled.subtasks] == ["s1"]
     assert await second.recall("write the weekly report", threshold=0.85, capabilities={"http"}) is None
     assert await second.recall("something else entirely", threshold=0.85, capabilities={"writing"}) is None
 
@@ -57,7 +58,7 @@ def test_a_malformed_template_is_named(tmp_path: Path) -> None:
         load_templates([tmp_path])
 
 
-async def test_sources_come_in_order_and_every_decomposition_is_learnt(tmp_path: Path) -> None:
+async def test_sources_come_in_order_and_a_similar_goal_is_one_that_succeeded(tmp_path: Path) -> None:
     templates = tmp_path / "templates"
     templates.mkdir()
     (templates / "translate.yaml").write_text(
@@ -87,7 +88,10 @@ async def test_sources_come_in_order_and_every_decomposition_is_learnt(tmp_path:
     goal = "analyze the quarterly numbers and compare teams, then write a memo"
     fresh = await decompose(goal)
     assert (fresh.source, fresh.producer) == (pb.DECOMPOSITION_SOURCE_MODEL, "local")
-    again = await decompose("analyze the quarterly numbers and compare the teams, then write a memo")
+    async with open_stack(settings) as stack:  # a goal that succeeds is learnt
+        started = await stack.coordinator.start_goal(pb.StartGoalRequest(goal=goal, agents=AGENTS))
+        assert [e async for e in stack.coordinator.watch_goal(started.goal.goal_id)][-1].HasField("goal_completed")
+    again = await decompose("Analyze the quarterly numbers and compare the teams, then write a memo!")
     assert again.source == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL and again.producer == f"similar goal: {goal}"
     assert list(again.subtasks) == list(fresh.subtasks)
     writers_only = [pb.Agent(id="writer", capabilities=["writing"])]
@@ -111,22 +115,22 @@ async def _learnt(settings: Settings) -> list[Learnt]:
 
 async def test_goal_memory_keeps_one_entry_per_goal_and_forgets_the_oldest(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", goal_memory_entries=2)
-    server = await start_tier("coordinate", settings)
-    try:
-        async with CoordinatorClient(server.target) as client:
+    async with open_stack(settings) as stack:
 
-            async def source(goal: str) -> int:
-                return (await client.decompose_goal(pb.DecomposeGoalRequest(goal=goal, agents=AGENTS))).source
+        async def source(goal: str) -> int:
+            started = await stack.coordinator.start_goal(pb.StartGoalRequest(goal=goal, agents=AGENTS))
+            events = [e async for e in stack.coordinator.watch_goal(started.goal.goal_id)]
+            assert events[-1].HasField("goal_completed"), events[-1]
+            return events[0].goal_decomposed.source
 
-            assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_MODEL
-            assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
-            assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
-            assert [entry.goal for entry in await _learnt(settings)] == [GOAL]  # recalled twice, learnt once
-            assert await source("collect the sales data, then draw a chart") == pb.DECOMPOSITION_SOURCE_MODEL
-            assert await source("research the market and write a brief") == pb.DECOMPOSITION_SOURCE_MODEL
-            assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_MODEL  # forgotten: two newer goals
-    finally:
-        await server.stop()
+        assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_MODEL
+        assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
+        assert await source(GOAL) == pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL
+        learnt = [entry.goal for entry in await _learnt(settings)]
+        assert learnt == [LIKE_GOAL, GOAL]  # each learnt once, the newest last
+        assert await source("collect the sales data, then draw a chart") == pb.DECOMPOSITION_SOURCE_MODEL
+        assert await source("research the market and write a brief") == pb.DECOMPOSITION_SOURCE_MODEL
+        assert await source(LIKE_GOAL) == pb.DECOMPOSITION_SOURCE_MODEL  # forgotten: two newer goals
 
 
 async def test_unreadable_goal_memory_does_not_stop_coordinate(tmp_path: Path) -> None:

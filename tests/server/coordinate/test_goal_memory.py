@@ -105,7 +105,7 @@ def plan(description: str) -> list[pb.Subtask]:
 
 async def recalled(memory: GoalMemory, goal: str) -> str | None:
     found = await memory.recall(goal, threshold=0.99, capabilities={"writing"})
-    return None if found is None else found[1][0].description
+    return None if found is None else found.subtasks[0].description
 
 
 async def _sqlite(path: Path) -> SqliteGoalStore:
@@ -117,20 +117,21 @@ async def _sqlite(path: Path) -> SqliteGoalStore:
 async def test_the_goals_learnt_longest_ago_are_forgotten(tmp_path: Path) -> None:
     store = await _sqlite(tmp_path / "goals.sqlite3")
     memory = GoalMemory(store, max_entries=3)
-    for number in range(5):
-        await memory.learn(f"write the report on topic {number}", plan(f"report {number}"))
-    await memory.learn("write the report on topic 2", plan("report 2, again"))  # now the newest
-    await memory.learn("write the report on topic 5", plan("report 5"))
-    expected = [None, None, "report 2, again", None, "report 4", "report 5"]
+    topics = ["sales", "costs", "margins", "churn", "hiring", "forecast"]
+    for topic in topics[:5]:
+        await memory.learn(f"write the report on {topic}", plan(f"report on {topic}"))
+    await memory.learn("write the report on margins", plan("report on margins, again"))  # now the newest
+    await memory.learn("write the report on forecast", plan("report on forecast"))
+    expected = [None, None, "report on margins, again", None, "report on hiring", "report on forecast"]
     assert len(memory) == 3
-    assert [await recalled(memory, f"write the report on topic {n}") for n in range(6)] == expected
+    assert [await recalled(memory, f"write the report on {topic}") for topic in topics] == expected
     await store.close()
     reopened = await _sqlite(tmp_path / "goals.sqlite3")
     try:
         reloaded = GoalMemory(reopened, max_entries=3)
         await reloaded.load()
         assert len(reloaded) == 3
-        assert [await recalled(reloaded, f"write the report on topic {n}") for n in range(6)] == expected
+        assert [await recalled(reloaded, f"write the report on {topic}") for topic in topics] == expected
     finally:
         await reopened.close()
 
@@ -207,22 +208,26 @@ async def test_each_tenant_recalls_only_the_goals_it_learnt() -> None:
     act_as(Principal("globex", "bob", Role.RUN))
     assert await memory.recall("compare the Q2 sales of every region", threshold=0.5, capabilities={"http"}) is None
     act_as(Principal("acme", "eve", Role.RUN))
-    recalled = await memory.recall("compare the Q2 sales of each region", threshold=0.5, capabilities={"http"})
+    recalled = await memory.recall("compare the Q3 sales of every region", threshold=0.5, capabilities={"http"})
     assert recalled is not None
-    assert recalled[0] == "compare the Q2 sales of every region"  # the goal as written, not its key
-    assert [s.id for s in recalled[1]] == ["s1"]
+    assert recalled.goal == "compare the Q2 sales of every region"  # the goal as written, not its key
+    assert [s.description for s in recalled.subtasks] == ["pull the Q3 sales"]  # re-bound to the new goal
 
 
 async def test_other_tenants_goals_never_crowd_out_a_tenants_own() -> None:
     """However many goals closer to the new one another tenant learnt, a tenant recalls its own."""
     memory = GoalMemory()
-    subtasks = [pb.Subtask(id="s1", description="pull the sales", required_capabilities=["http"])]
+
+    def pull(quarter: str) -> list[pb.Subtask]:
+        return [pb.Subtask(id="s1", description=f"pull the {quarter} sales", required_capabilities=["http"])]
+
     act_as(Principal("acme", "ada", Role.RUN))
-    await memory.learn("compare the Q2 sales of the regions", subtasks)
+    await memory.learn("compare the Q1 sales of every region", pull("Q1"))
     act_as(Principal("globex", "bob", Role.RUN))
-    for number in range(40):
-        await memory.learn(f"compare the Q2 sales of every region {number}", subtasks)
+    for number in range(3, 43):  # as like the new goal as acme's own: the same words, other particulars
+        await memory.learn(f"compare the Q{number} sales of every region", pull(f"Q{number}"))
     act_as(Principal("acme", "ada", Role.RUN))
     recalled = await memory.recall("compare the Q2 sales of every region", threshold=0.5, capabilities={"http"})
     assert recalled is not None
-    assert recalled[0] == "compare the Q2 sales of the regions"
+    assert recalled.goal == "compare the Q1 sales of every region"
+    assert recalled.subtasks[0].description == "pull the Q2 sales"

@@ -28,7 +28,8 @@ _ACTIONS = (
     r"find|collect|render|format|compute|calculate|report|review|translate|send|read|search|classify|rank"
 )
 _PARALLEL_BREAK = re.compile(rf"\s*(?:,\s*and|\band|,)\s+(?=(?:also\s+)?(?:{_ACTIONS})\b)", re.IGNORECASE)
-_URL = re.compile(r"https?://[^\s,;]+[^\s,;.)]")
+#: A URL in a goal.
+URL = re.compile(r"https?://[^\s,;]+[^\s,;.)]")
 _NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*")
 _CAPABILITY_WORDS = (
     (
@@ -71,7 +72,7 @@ def _stages(goal: str) -> list[list[str]]:
 
 
 def _subtask(subtask_id: str, text: str, dependencies: tuple[str, ...], has_dependents: bool) -> SubtaskSpec:
-    url = _URL.search(text)
+    url = URL.search(text)
     words = len(text.split())
     priority = pb.PRIORITY_HIGH if has_dependents or _URGENT.search(text) else pb.PRIORITY_MEDIUM
     if url is not None:

@@ -1,5 +1,6 @@
-"""Goal decomposition in the seed's order: a similar past goal, else a template, else the model;
-every new decomposition is learnt for later goals."""
+"""Goal decomposition in the seed's order: a similar past goal (re-bound to the new goal's
+particulars), else a template, else the model; a decomposition whose goal succeeded is learnt for
+later goals, and one reused from a past goal that then failed is demoted."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ class Decomposer:
     async def decompose(self, goal: str, agents: Sequence[pb.Agent], scope: Scope) -> pb.DecomposeGoalResponse:
         """Returns the goal's subtasks and says where they came from.
 
-        A past goal is reused only when the agents at hand have every capability its subtasks need.
+        A past goal is reused only when it differs from ``goal`` in particulars alone (then its
+        subtasks are re-bound to the new particulars) and the agents at hand have every capability
+        its subtasks need. Nothing is learnt here: see :meth:`learn`.
 
         Raises:
             InvalidArgumentError: The goal or the agents are malformed.
@@ -79,18 +82,27 @@ class Decomposer:
         capabilities = {capability for agent in agents for capability in agent.capabilities}
         recalled = await self._memory.recall(goal, threshold=self._threshold, capabilities=capabilities)
         if recalled is not None:
-            past, subtasks = recalled
-            # Already learnt, under the past goal: learning it again would only fill the memory.
             return pb.DecomposeGoalResponse(
-                subtasks=subtasks, source=pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL, producer=f"similar goal: {past}"
+                subtasks=recalled.subtasks,
+                source=pb.DECOMPOSITION_SOURCE_SIMILAR_GOAL,
+                producer=f"similar goal: {recalled.goal}",
+                similar_goal=recalled.goal,
+                rebound_particulars=recalled.rebound,
             )
-        response = self._from_template(goal) or pb.DecomposeGoalResponse(
+        return self._from_template(goal) or pb.DecomposeGoalResponse(
             subtasks=[subtask_message(spec) for spec in await self._provider.decompose(goal, agents, scope)],
             source=pb.DECOMPOSITION_SOURCE_MODEL,
             producer=self._provider.name,
         )
-        await self._memory.learn(goal, response.subtasks)
-        return response
+
+    async def learn(self, goal: str, decomposed: pb.GoalDecomposed, *, succeeded: bool) -> None:
+        """Learns from a goal's outcome: the decomposition of a goal that succeeded is kept for later
+        goals; a past goal's that was reused and failed is demoted (reused no more until a
+        decomposition of that goal succeeds again)."""
+        if succeeded:
+            await self._memory.learn(goal, decomposed.subtasks)
+        elif decomposed.similar_goal:
+            await self._memory.demote(decomposed.similar_goal)
 
     def _from_template(self, goal: str) -> pb.DecomposeGoalResponse | None:
         for template in self.templates:

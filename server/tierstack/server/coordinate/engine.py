@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import graphlib
 import itertools
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -18,12 +18,15 @@ from typing import Any, Protocol, TypeVar
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
+from tierstack.core.budgets import describe_warning
 from tierstack.core.errors import (
     PERMANENT_FAILURES,
     Code,
+    InvalidArgumentError,
     NotFoundError,
     TierstackError,
     UnavailableError,
+    Violation,
     error_detail,
     error_detail_of_call,
     message_of,
@@ -37,7 +40,7 @@ from tierstack.core.values import JSON, from_struct, now_timestamp, to_duration,
 from tierstack.server.ai import Scope
 from tierstack.server.auth.keys import Role
 from tierstack.server.auth.principal import Principal, act_as, tenant_scope
-from tierstack.server.budget import add_usage, left_of, spent_message
+from tierstack.server.budget import BudgetWarnings, add_usage, left_of, share_of, spent_message, unreserved
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import check_goal
 from tierstack.server.coordinate.decomposer import Decomposer
@@ -85,23 +88,43 @@ class WorkflowRunner(Protocol):
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
 
 
-def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask]) -> Team:
-    """Forms the best team of ``agents`` for ``subtasks`` (see :func:`form_team`)."""
-    return form_team(
-        [
-            AgentSpec(
-                id=agent.id,
-                capabilities=frozenset(agent.capabilities),
-                current_load=agent.current_load,
-                max_concurrent_tasks=agent.max_concurrent_tasks,
-            )
-            for agent in agents
-        ],
-        [Need(id=subtask.id, required_capabilities=frozenset(subtask.required_capabilities)) for subtask in subtasks],
-    )
+def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask], *, max_parallelism: int = 0) -> Team:
+    """Forms the best team of ``agents`` for ``subtasks``, of which at most ``max_parallelism`` run at
+    once (see :func:`form_team`).
+
+    Raises:
+        InvalidArgumentError: The subtasks' dependencies form a cycle.
+    """
+    try:
+        return form_team(
+            [
+                AgentSpec(
+                    id=agent.id,
+                    capabilities=frozenset(agent.capabilities),
+                    current_load=agent.current_load,
+                    max_concurrent_tasks=agent.max_concurrent_tasks,
+                )
+                for agent in agents
+            ],
+            [
+                Need(
+                    id=subtask.id,
+                    required_capabilities=frozenset(subtask.required_capabilities),
+                    dependencies=frozenset(subtask.dependencies),
+                )
+                for subtask in subtasks
+            ],
+            max_parallelism=max_parallelism,
+        )
+    except graphlib.CycleError as exc:
+        cycle = " -> ".join(quoted(str(subtask), 40) for subtask in exc.args[1][:5])
+        raise InvalidArgumentError([Violation("subtasks", f"the dependencies form a cycle: {cycle}")]) from None
 
 
 _RUN_ENDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
+# Failures that say nothing of a goal's decomposition: the caller's limits ran out, or a server or
+# host was out of reach or broke.
+_NOT_THE_PLANS_FAULT = frozenset({"BUDGET_EXHAUSTED", "DEADLINE_EXCEEDED", "INTERNAL", "UNAVAILABLE", "CIRCUIT_OPEN"})
 
 
 def _run_end(event: orchestrator_pb.RunEvent) -> tuple[bool, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
@@ -203,6 +226,7 @@ class _Attached:
 class _Progress:
     """Where a goal stood, read back from its stored events."""
 
+    decomposed: pb.GoalDecomposed | None = None
     subtasks: list[pb.Subtask] | None = None
     agent_of: dict[str, str] = field(default_factory=dict)
     unassigned: bool = False
@@ -211,6 +235,7 @@ class _Progress:
     in_flight: dict[str, _Attached] = field(default_factory=dict)
     spent: common_pb2.ResourceUsage = field(default_factory=common_pb2.ResourceUsage)
     replans: int = 0
+    warned: list[common_pb2.BudgetWarning] = field(default_factory=list)
 
     @classmethod
     def of(cls, history: Sequence[pb.GoalEvent]) -> _Progress:
@@ -222,6 +247,7 @@ class _Progress:
     def _take(self, event: pb.GoalEvent) -> None:
         kind = event.WhichOneof("payload")
         if kind == "goal_decomposed":
+            self.decomposed = event.goal_decomposed
             self.subtasks = list(event.goal_decomposed.subtasks)
         elif kind == "team_formed":
             self.agent_of = {a.subtask_id: a.agent_id for a in event.team_formed.assignments}
@@ -247,6 +273,8 @@ class _Progress:
         elif kind == "subtask_replanned":
             self.agent_of[event.subtask_replanned.subtask_id] = event.subtask_replanned.agent_id
             self.replans = max(self.replans, event.subtask_replanned.replan)
+        elif kind == "budget_warning":
+            self.warned.append(event.budget_warning)
 
 
 class _Goal:
@@ -599,6 +627,7 @@ class Coordinator:
                             phases["execution"] = time.perf_counter() - start
                             for name, seconds in phases.items():
                                 event.goal_completed.phase_durations[name].CopyFrom(to_duration(seconds))
+                        await self._learn(goal, progress.decomposed, event)
                         await self._end(journal, event)
                         break
                     journal.record(event)
@@ -636,20 +665,41 @@ class Coordinator:
         _log.info("goal %s decomposed into %d subtasks", goal.id, len(decomposition.subtasks))
         decomposed = goal.event(
             goal_decomposed=pb.GoalDecomposed(
-                subtasks=decomposition.subtasks, source=decomposition.source, producer=decomposition.producer
+                subtasks=decomposition.subtasks,
+                source=decomposition.source,
+                producer=decomposition.producer,
+                similar_goal=decomposition.similar_goal,
+                rebound_particulars=decomposition.rebound_particulars,
             )
         )
         start = time.perf_counter()
         with span("form team", {"tierstack.goal_id": goal.id}):
-            team = await asyncio.to_thread(team_for, request.agents, decomposition.subtasks)  # off the loop
+            team = await asyncio.to_thread(  # off the loop
+                team_for,
+                request.agents,
+                decomposition.subtasks,
+                max_parallelism=request.limits.max_parallelism or DEFAULT_PARALLELISM,
+            )
         phases["team_formation"] = time.perf_counter() - start
         self.team_formation_latency.record(phases["team_formation"])
         journal.record(decomposed)
         journal.record(goal.event(team_formed=team_message(team)))
         await journal.flush()  # the plan is stored before any of its runs starts, so a resume follows it
+        progress.decomposed = decomposed.goal_decomposed
         progress.subtasks = list(decomposition.subtasks)
         progress.agent_of = {s: a for s, a, _ in team.assignments}
         progress.unassigned = bool(team.unassigned)
+
+    async def _learn(self, goal: _Goal, decomposed: pb.GoalDecomposed | None, event: pb.GoalEvent) -> None:
+        """Learns from the goal's outcome before it is stored (so a goal resumed after a crash
+        learns it again): a failure of the caller's limits says nothing of the decomposition, and a
+        memory out of reach only costs later goals a reuse."""
+        if decomposed is None or event.goal_failed.error.reason in _NOT_THE_PLANS_FAULT:
+            return
+        try:
+            await self.decomposer.learn(goal.request.goal, decomposed, succeeded=event.HasField("goal_completed"))
+        except Exception:
+            _log.exception("goal %s: the goal memory could not learn from it", goal.id)
 
     async def _end(self, journal: GoalJournal, event: pb.GoalEvent) -> None:
         """Ends the goal with ``event`` (its completion, failure or cancellation), in one write."""
@@ -699,6 +749,7 @@ class _Pursuit:
         self._attempts = dict(progress.attempts)
         self._spent = common_pb2.ResourceUsage()
         self._spent.CopyFrom(progress.spent)
+        self._warnings = BudgetWarnings(request.limits, progress.warned)
         self._reserved: dict[str, common_pb2.ResourceLimits] = {}
         self._parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
         self._max_replans = request.max_replans if request.HasField("max_replans") else DEFAULT_MAX_REPLANS
@@ -711,6 +762,8 @@ class _Pursuit:
     async def run(self) -> AsyncGenerator[pb.GoalEvent]:
         goal = self._goal
         try:
+            for event in self._warned():  # what the goal crossed while no server pursued it
+                yield event
             for subtask_id, attached in self._attached.items():
                 self._reserved[subtask_id] = attached.limits
                 self._runs[subtask_id] = attached.run_id
@@ -720,17 +773,25 @@ class _Pursuit:
             failure = self._start_ready()
             while failure is None and self._tasks:
                 left = goal.time_left()
+                # Woken for the next duration warning too, given here rather than from a timer.
+                wake = min((t for t in (left, self._next_warning()) if t is not None), default=None)
                 try:
-                    item = await asyncio.wait_for(self._events.get(), None if left is None else max(left, 0.0))
+                    item = await asyncio.wait_for(self._events.get(), None if wake is None else max(wake, 0.0))
                 except TimeoutError:
-                    failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
-                    break
+                    for event in self._warned():
+                        yield event
+                    if wake == left:
+                        failure = goal.failed("DEADLINE_EXCEEDED", "the goal ran out of time (limits.max_duration)")
+                        break
+                    continue
                 if isinstance(item, Exception):
                     raise item  # a subtask's driver broke: the goal fails as INTERNAL
                 if isinstance(item, pb.GoalEvent):
                     yield item
                     continue
                 async for event in self._ended(item):
+                    yield event
+                for event in self._warned():
                     yield event
                 failure = self._failure or self._start_ready()
             usage = common_pb2.ResourceUsage()
@@ -833,24 +894,25 @@ class _Pursuit:
         """Returns a subtask's share of what the goal has left (by complexity among the subtasks not
         yet started), or what is spent."""
         goal_limits = self._goal.request.limits
-        committed = common_pb2.ResourceUsage()
-        committed.CopyFrom(self._spent)
-        for reserved in self._reserved.values():
-            add_usage(
-                committed,
-                common_pb2.ResourceUsage(
-                    credits=reserved.max_credits, tokens=reserved.max_tokens, tool_calls=reserved.max_tool_calls
-                ),
-            )
-        left = left_of(goal_limits, committed)
-        limits = common_pb2.ResourceLimits(max_depth=goal_limits.max_depth)
+        left = unreserved(goal_limits, self._spent, self._reserved.values())
         spent = spent_message(goal_limits, left)
         if spent:
-            return limits, spent
+            return common_pb2.ResourceLimits(max_depth=goal_limits.max_depth), spent
         weight = max(subtask.complexity, 1) / sum(max(s.complexity, 1) for s in self._pending.values())
-        for name, value in left.items():
-            setattr(limits, name, value * weight if name == "max_credits" else max(math.floor(value * weight), 1))
+        limits = share_of(left, weight)
+        limits.max_depth = goal_limits.max_depth
         return limits, ""
+
+    def _warned(self) -> list[pb.GoalEvent]:
+        """Returns the budget warnings the goal has earned and not had, as its events."""
+        warnings = self._warnings.due(self._spent, self._goal.elapsed())
+        for warning in warnings:
+            _log.info("goal %s: %s", self._goal.id, describe_warning(warning))
+        return [self._goal.event(budget_warning=warning) for warning in warnings]
+
+    def _next_warning(self) -> float | None:
+        """Returns the seconds until the goal's next duration warning; None when none is to come."""
+        return min((at - self._goal.elapsed() for at in self._warnings.times()), default=None)
 
     def _start_request(self, subtask: pb.Subtask, limits: common_pb2.ResourceLimits) -> orchestrator_pb.StartRunRequest:
         """Returns the StartRun request of a subtask's current attempt; its request id names the goal,

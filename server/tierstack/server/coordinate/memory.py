@@ -1,13 +1,17 @@
-"""Learnt decompositions: each goal's subtasks, kept in the goal store and indexed for similarity."""
+"""Learnt decompositions: each goal's subtasks, kept in the goal store and indexed for similarity,
+and re-bound to the particulars of a new goal when recalled."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from tierstack.core.values import from_struct, to_struct
 from tierstack.server.ai import ModelError
 from tierstack.server.auth.principal import scoped, unnamespaced
+from tierstack.server.coordinate.particulars import Rebinder, rebinding, shape, tokens
 from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -24,9 +28,26 @@ _PAGE = 500
 _CANDIDATES = 32
 
 
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """A past goal's decomposition, re-bound to a new goal.
+
+    Attributes:
+        goal: The past goal.
+        subtasks: Its subtasks, each particular of the past goal replaced by the new goal's.
+        rebound: Each particular of the past goal that differs, with what replaced it.
+    """
+
+    goal: str
+    subtasks: list[pb.Subtask]
+    rebound: dict[str, str]
+
+
 class GoalMemory:
     """Remembers decompositions, one per goal, and finds the one of the most similar past goal.
 
+    Goals are indexed by their shape (their words, each particular replaced by its kind), so that a
+    goal that differs from a past one in particulars alone finds it whatever the particulars are.
     Each tenant learns and recalls its own goals only: a goal is kept under a key namespaced by the
     tenant of the call (see :func:`~tierstack.server.auth.principal.scoped`) and indexed by its text.
     The decompositions are kept in the goal store, which keeps the newest ``max_entries`` (a goal
@@ -72,49 +93,67 @@ class GoalMemory:
         kept = [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
         key = scoped(goal)
         await self._store.learn(key, kept, keep=self._max_entries)
+        if not kept:
+            self._forget(key)
+            await self._index.remove([key])
+            return
         self._hold(key, kept)
         await self._index.remove(self._trim(keep=key))
         await self._add_to_index([key])
 
-    async def recall(
-        self, goal: str, *, threshold: float, capabilities: set[str]
-    ) -> tuple[str, list[pb.Subtask]] | None:
-        """Returns the calling tenant's most similar past goal (at least ``threshold``) whose subtasks
-        need only the given capabilities, with copies of its subtasks; None when there is none."""
+    async def demote(self, goal: str) -> None:
+        """Stops reusing a goal's decomposition (one that failed): it is stored as learnt with no
+        subtasks, so that every replica forgets it, until a decomposition of the goal succeeds."""
+        await self.learn(goal, [])
+
+    async def recall(self, goal: str, *, threshold: float, capabilities: set[str]) -> Recalled | None:
+        """Returns the decomposition of the calling tenant's most similar past goal (at least
+        ``threshold``) that differs from ``goal`` in particulars alone and needs only the given
+        capabilities, re-bound to ``goal``; None when there is none."""
         if self._store.shared:
             await self._read_learnt()
         try:
-            similar = await self._index.similar(goal, limit=_CANDIDATES, prefix=scoped(""))
+            similar = await self._index.similar(
+                await asyncio.to_thread(shape, goal), limit=_CANDIDATES, prefix=scoped("")
+            )
         except ModelError as exc:  # decomposition goes on without past goals
             _log.warning("goal memory: no similarity search: %s", exc.message)
             return None
+        candidates = []
         for past, score in similar:
             if score < threshold:
                 break
             subtasks = self._subtasks.get(past)  # None: forgotten while its indexing awaited the model
             if subtasks is not None and all(set(s.required_capabilities) <= capabilities for s in subtasks):
-                return unnamespaced(past), [pb.Subtask.FromString(s.SerializeToString()) for s in subtasks]
-        return None
+                candidates.append((unnamespaced(past), subtasks))
+        return await asyncio.to_thread(_adapted, goal, candidates) if candidates else None  # text work, off the loop
 
     async def _read_learnt(self) -> None:
         """Holds and indexes the decompositions stored since the last read (by this replica or
         another); one this process holds already, unchanged, is not indexed again."""
         async with self._reading:
             fresh: dict[str, None] = {}
+            demoted: list[str] = []
             while batch := await self._store.learnt(after=self._read, limit=_PAGE):
                 for learnt in batch:
+                    if not learnt.subtasks:
+                        self._forget(learnt.goal)
+                        demoted.append(learnt.goal)
+                        fresh.pop(learnt.goal, None)
+                        continue
                     if self._subtasks.get(learnt.goal) != learnt.subtasks:
                         fresh[learnt.goal] = None
                     self._hold(learnt.goal, learnt.subtasks)
                 self._read = batch[-1].position
-            await self._index.remove(self._trim())
+            await self._index.remove([*demoted, *self._trim()])
             await self._add_to_index([goal for goal in fresh if goal in self._subtasks])
 
     async def _add_to_index(self, keys: list[str]) -> None:
         if not keys:
             return
+        shapes = await asyncio.to_thread(lambda: [(key, shape(unnamespaced(key))) for key in keys])
         try:
-            await self._index.add([(key, unnamespaced(key)) for key in keys])
+            await self._index.add(shapes)
         except ModelError as exc:  # the goals are kept, and indexed again at the next start
             _log.warning("goal memory: could not index %d goals: %s", len(keys), exc.message)
 
@@ -140,6 +179,34 @@ class GoalMemory:
             forgotten.append(oldest)
             self._forget(oldest)
         return forgotten
+
+
+def _adapted(goal: str, candidates: list[tuple[str, list[pb.Subtask]]]) -> Recalled | None:
+    """Returns the decomposition of the candidate that can be re-bound to ``goal`` with the fewest
+    particulars changed: its goal differs in particulars alone, and each particular that differs is
+    found in its subtasks, as a whole token, and nowhere else in another form."""
+    new = tokens(goal)
+    mappings = [
+        (mapping, past, subtasks)
+        for past, subtasks in candidates
+        if (mapping := rebinding(tokens(past), new)) is not None
+    ]
+    for mapping, past, subtasks in sorted(mappings, key=lambda found: len(found[0])):
+        rebinder = Rebinder(mapping)
+        rebound = []
+        for subtask in subtasks:
+            copy = pb.Subtask.FromString(subtask.SerializeToString())
+            copy.description = rebinder.text(copy.description)
+            parameters = {name: rebinder.value(value) for name, value in from_struct(copy.parameters).items()}
+            if mapping:
+                copy.parameters.CopyFrom(to_struct(parameters))
+            rebound.append(copy)
+            if rebinder.stale([copy.description, parameters]):
+                break  # the past goal's particular is still there in a form not re-bound
+        else:
+            if not rebinder.unused:  # a particular that no subtask names may have shaped them unseen
+                return Recalled(past, rebound, {old.text: fresh for old, fresh in mapping.items()})
+    return None
 
 
 def _size(goal: str, subtasks: Sequence[pb.Subtask]) -> int:

@@ -78,7 +78,10 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
         return await self._coordinator.decomposer.decompose(request.goal, request.agents, scope)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
-        formed = team_message(await asyncio.to_thread(team_for, request.agents, request.subtasks))
+        team = await asyncio.to_thread(
+            team_for, request.agents, request.subtasks, max_parallelism=request.max_parallelism
+        )
+        formed = team_message(team)
         return pb.FormTeamResponse(assignments=formed.assignments, unassigned_subtask_ids=formed.unassigned_subtask_ids)
 
 
@@ -109,7 +112,9 @@ class CoordinateService:
             },
             interval=settings.monitor_interval_seconds,
             thresholds=settings.alert_thresholds,
-            advice=AdviceThresholds(tool_seconds=settings.slow_tool_seconds),
+            advice=AdviceThresholds(
+                tool_seconds=settings.slow_tool_seconds, window_seconds=settings.advice_window_seconds
+            ),
             max_message_bytes=settings.max_message_bytes,
             tls=settings.tls_below,
             metadata=on_behalf(None, settings.tier_key) if settings.tier_key else (),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import graphlib
 import itertools
+import random
 import tracemalloc
 
 import pytest
@@ -98,6 +99,31 @@ def test_an_agent_takes_a_chain_longer_than_its_capacity_but_not_as_much_paralle
     assert not form_team(analyst, side_by_side, max_parallelism=4).unassigned  # the goal runs four at once
 
 
+def test_agents_that_run_one_subtask_at_a_time_take_the_longest_chains_of_a_wide_forest() -> None:
+    """Twenty levels of ten subtasks, each after one of the level before, three chains running
+    through all of them: three agents of capacity 1 can take at most one subtask a level each, and
+    the chains let them take all sixty (a search too wide to finish still finds them)."""
+    generator = random.Random(2)
+    needs = [
+        Need(
+            id=f"t{level}_{place}",
+            required_capabilities=frozenset({"x"}),
+            dependencies=frozenset({f"t{level - 1}_{place if place < 3 else generator.randrange(10)}"})
+            if level
+            else frozenset(),
+        )
+        for level in range(20)
+        for place in range(10)
+    ]
+    team = form_team([AgentSpec(id=f"a{i}", capabilities=frozenset({"x"})) for i in range(3)], needs)
+    assert len(team.assignments) == 60
+    for agent in ("a0", "a1", "a2"):
+        taken = [
+            needs_by_id for needs_by_id in needs if (needs_by_id.id, agent) in {(s, a) for s, a, _ in team.assignments}
+        ]
+        assert _most_at_once(taken, needs, 0) == 1  # one at a time
+
+
 def test_a_cycle_of_dependencies_is_refused() -> None:
     needs = [
         Need(id="a", required_capabilities=frozenset(), dependencies=frozenset({"b"})),
@@ -134,11 +160,17 @@ def _score(agent: AgentSpec, taken: int) -> float:
     return 1.0 - 0.5 * (max(agent.current_load, 0) + taken + 1) / capacity
 
 
+def _before(need_list: list[Need]) -> dict[str, set[str]]:
+    """Returns the subtasks that end before each starts (dependencies come first in ``need_list``)."""
+    before: dict[str, set[str]] = {}
+    for need in need_list:
+        before[need.id] = set(need.dependencies).union(*(before[d] for d in need.dependencies))
+    return before
+
+
 def _most_at_once(rows: list[Need], need_list: list[Need], parallelism: int) -> int:
     """Returns how many of ``rows`` can run at the same time, by trying every subset."""
-    before: dict[str, set[str]] = {}
-    for need in need_list:  # dependencies come first, and are followed through every subtask
-        before[need.id] = set(need.dependencies).union(*(before[d] for d in need.dependencies))
+    before = _before(need_list)
     for size in range(len(rows), 0, -1):
         for subset in itertools.combinations(rows, size):
             if all(a.id not in before[b.id] and b.id not in before[a.id] for a, b in itertools.combinations(subset, 2)):

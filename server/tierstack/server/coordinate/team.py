@@ -161,8 +161,10 @@ class _Search:
                 self.best_value, self.best_choice = value, choice
                 continue
             if self.best_value[0] < 0:  # a team to fall back on, should the search stop early
-                self.best_choice = self._repaired(choice)
-                self.best_value = self._value(self.best_choice)
+                fallbacks = (self._repaired(choice), self._chains())
+                self.best_value, self.best_choice = max(
+                    ((self._value(team), team) for team in fallbacks), key=lambda found: found[0]
+                )
             agent, widest = crowded
             # Some of these cannot all stay with the agent: in each branch one of them leaves it.
             for row in reversed(widest[: self.free[agent] + 1]):
@@ -206,6 +208,45 @@ class _Search:
                     repaired[row] = int(agent)
                     break
         return repaired
+
+    def _chains(self) -> dict[int, int]:
+        """Returns a team made greedily: each agent that could run too many at once takes, for each
+        subtask it may run at a time, the longest chain of subtasks (each after the one before) still
+        free that it fits; the other agents share what is left."""
+        chosen: dict[int, int] = {}
+        topological = np.argsort(self.order.level, kind="stable")
+        for agent in sorted(np.flatnonzero(self.bounded), key=lambda a: -self.free[a]):
+            for _ in range(self.free[agent]):
+                free = [row for row in topological if self.fits[row, agent] and row not in chosen]
+                if not free:
+                    break
+                for row in self._longest_chain(free):
+                    chosen[row] = int(agent)
+        taken = np.bincount(np.fromiter(chosen.values(), dtype=np.int64), minlength=len(self.free))
+        for row in range(len(self.fits)):
+            candidates = np.flatnonzero(self.fits[row] & (self.free > 0) & ~self.bounded)
+            if row not in chosen and len(candidates):
+                agent = candidates[np.argmin((self.load[candidates] + taken[candidates]) / self.capacity[candidates])]
+                chosen[row] = int(agent)
+                taken[agent] += 1
+        return chosen
+
+    def _longest_chain(self, rows: list[int]) -> list[int]:
+        """Returns the longest chain among ``rows`` (given in a topological order)."""
+        chosen = np.asarray(rows)
+        before = self.order.before[np.ix_(chosen, chosen)]
+        length = np.ones(len(chosen), dtype=np.int64)
+        previous = np.full(len(chosen), -1)
+        for at in range(len(chosen)):
+            earlier = np.flatnonzero(before[:at, at])
+            if len(earlier):
+                best = earlier[np.argmax(length[earlier])]
+                length[at], previous[at] = length[best] + 1, best
+        chain, at = [], int(np.argmax(length))
+        while at >= 0:
+            chain.append(int(chosen[at]))
+            at = int(previous[at])
+        return chain[::-1]
 
     def _crowded(self, choice: dict[int, int]) -> tuple[int, list[int]] | None:
         """Returns an agent that would run more subtasks at once than it may, with the most of its

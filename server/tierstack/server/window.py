@@ -113,4 +113,7 @@ class History:
         known += [(uptime, snapshot) for uptime, snapshot in self._snapshots if uptime <= now]
         within = [moment for moment in known if now - moment[0] <= self._window]
         start, earlier = within[0] if within else known[-1]
-        return Recent(metrics=difference(current, earlier), seconds=now - start)
+        seconds = now - start
+        if earlier is None:  # since the tier's start, which may be later than its process's
+            seconds = min(seconds, self._window)
+        return Recent(metrics=difference(current, earlier), seconds=seconds)

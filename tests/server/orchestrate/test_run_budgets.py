@@ -5,6 +5,7 @@ budget once, across a restart too."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from tests.helpers import Stack, start_tier, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tests.server.spender import Spender, warnings
 from tierstack.client import OrchestratorClient
-from tierstack.server import Settings
+from tierstack.core.values import JSON, to_duration
+from tierstack.server import Settings, TierServer
+from tierstack.server.execute import Tool, ToolContext, ToolError, ToolRegistry
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -122,3 +126,97 @@ async def test_a_resumed_run_keeps_its_warnings_and_its_steps_shares(data_dir: P
     # b ran on at Tier 3 across the restart, and its share stayed taken: it started twice with the same one.
     shares = [e.step_started.limits.max_tokens for e in history if e.step_started.step_id == "b"]
     assert shares == [15, 15]
+
+
+def _registry(execute: TierServer) -> ToolRegistry:
+    assert isinstance(execute.service, ExecuteService)
+    return execute.service.registry
+
+
+def _costing(execute: TierServer, **credits: float) -> None:
+    """Registers at Tier 3 a tool of each name whose call costs the credits given."""
+
+    async def answer(arguments: dict[str, JSON], context: ToolContext) -> JSON:
+        return 1
+
+    for name, cost in credits.items():
+        _registry(execute).register(
+            Tool(name=f"test.{name}", description="costs", parameters={"type": "object"}, handler=answer, credits=cost)
+        )
+
+
+async def test_a_run_that_fits_its_budget_completes_whatever_its_steps_cost_at_once(stack: Stack) -> None:
+    """Two steps at once cost 6 and 2 of 10 credits: an even split (5 each) would refuse the first; it
+    waits for the other's share to come back and asks again."""
+    _costing(stack.execute, six=6, two=2)
+    events = await run_to_end(
+        stack, workflow(step("a", "test.six"), step("b", "test.two")), common_pb2.ResourceLimits(max_credits=10)
+    )
+    assert events[-1].HasField("run_completed"), events[-1]
+    assert events[-1].run_completed.usage.credits == 8
+
+
+async def test_a_step_whose_condition_is_false_takes_no_share(stack: Stack) -> None:
+    _costing(stack.execute, six=6, two=2)
+    skipped = step("b", "test.two")
+    skipped.when = "`false`"
+    events = await run_to_end(
+        stack, workflow(step("a", "test.six"), skipped), common_pb2.ResourceLimits(max_credits=10)
+    )
+    assert events[-1].HasField("run_completed"), events[-1]
+    [share] = [e.step_started.limits.max_credits for e in events if e.HasField("step_started")]
+    assert share == 10  # all that was left: nothing else would run beside it
+
+
+async def test_a_restart_while_a_step_waits_to_be_tried_again_tries_the_next_attempt(data_dir: Path) -> None:
+    """The attempt that failed was charged once: after the restart the next attempt runs, and the run
+    is charged what the tool really used."""
+    calls: list[int | None] = []
+
+    async def flaky(arguments: dict[str, JSON], context: ToolContext) -> JSON:
+        calls.append(context.tokens_left)
+        context.meter.tokens += 30
+        if len(calls) == 1:
+            raise ToolError("FLAKY", "once")
+        return "ok"
+
+    settings = Settings(data_dir=data_dir)
+    execute = await start_tier("execute", settings)
+    _registry(execute).register(
+        Tool(name="test.flaky", description="fails once", parameters={"type": "object"}, handler=flaky)
+    )
+    settings = dataclasses.replace(settings, execute_target=execute.target)
+    flaky_step = step("a", "test.flaky")
+    flaky_step.retry.max_attempts = 3
+    flaky_step.retry.initial_backoff.CopyFrom(to_duration(60))  # the restart comes first
+    try:
+        first = await start_tier("orchestrate", settings)
+        try:
+            async with OrchestratorClient(first.target) as client:
+                started = await client.start_run(
+                    pb.StartRunRequest(workflow=workflow(flaky_step), limits=common_pb2.ResourceLimits(max_tokens=100))
+                )
+                run_id = started.run.run_id
+                seen: list[pb.RunEvent] = []
+
+                async def retried() -> None:
+                    async for event in client.watch_run(run_id):
+                        seen.append(event)
+                        if event.HasField("step_retried"):
+                            return
+
+                await asyncio.wait_for(retried(), 30)  # stored: the run waits out its backoff
+        finally:
+            await first.stop()
+        second = await start_tier("orchestrate", settings)
+        try:
+            async with OrchestratorClient(second.target) as client:
+                history = [e async for e in client.watch_run(run_id)]
+        finally:
+            await second.stop()
+    finally:
+        await execute.stop()
+    assert history[-1].HasField("run_completed"), history[-1]
+    assert [e.step_retried.attempt for e in history if e.HasField("step_retried")] == [1]
+    assert history[-1].run_completed.usage.tokens == 60 == 30 * len(calls)
+    assert calls == [100, 70]  # the second attempt was given what the first left

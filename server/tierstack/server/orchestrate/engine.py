@@ -497,6 +497,7 @@ class RunManager:
         live = self._track(run, spec, stored.limits, fence)
         live.feed.extend(history)
         shares: dict[str, common_pb2.ResourceLimits] = {}
+        retried: dict[str, int] = {}  # by step: the attempt that failed last and waited to be tried again
         given: list[common_pb2.BudgetWarning] = []
         for event in history:
             if event.sequence > run.last_sequence:  # newer than the stored record: replay it
@@ -504,8 +505,15 @@ class RunManager:
             kind = event.WhichOneof("payload")
             if kind in ("step_completed", "step_retried", "step_failed"):  # every attempt is charged
                 add_usage(live.usage, getattr(event, kind).usage)
-            elif kind == "step_started" and event.step_started.HasField("limits"):
-                shares[event.step_started.step_id] = event.step_started.limits
+            if kind == "step_retried":
+                retried[event.step_retried.step_id] = event.step_retried.attempt
+            elif kind == "step_started":
+                started = event.step_started
+                retried.pop(started.step_id, None)
+                if started.HasField("limits"):
+                    shares[started.step_id] = started.limits
+                else:  # an attempt with no share: an earlier attempt's is not held any more
+                    shares.pop(started.step_id, None)
             elif kind == "budget_warning":
                 given.append(event.budget_warning)
         live.warnings = BudgetWarnings(stored.limits, given)
@@ -515,6 +523,8 @@ class RunManager:
         for path, state in live.steps.items():
             if state.state == pb.STEP_STATE_RUNNING:
                 state.state = pb.STEP_STATE_PENDING
+                if retried.get(path) == state.attempt:
+                    continue  # its attempt failed and was charged: the next one runs, not that one again
                 live.rerun.add(path)
                 if path in shares:  # Tier 3 joins it under the same limits: its share stays taken
                     live.reserved[path] = shares[path]
@@ -868,11 +878,11 @@ class RunManager:
         # Steps are started from their dependencies' done callbacks: no task waits on the whole
         # running set, so a wide DAG costs no more per step than a chain.
         def start(step_id: str) -> None:
-            if spec.by_id[step_id].workflow is None and step_id not in blocked_by:
+            step = spec.by_id[step_id]
+            gate = _gate(step, context, blocked_by.get(step_id))
+            if step.workflow is None and not gate:
                 live.ready.add(prefix + step_id)  # counted from now on when the other steps take their shares
-            task = asyncio.create_task(
-                self._run_step(live, spec.by_id[step_id], context, prefix, blocked_by.get(step_id))
-            )
+            task = asyncio.create_task(self._run_step(live, step, context, prefix, gate))
             running[task] = step_id
             task.add_done_callback(settle)
 
@@ -916,23 +926,19 @@ class RunManager:
         return pb.STEP_STATE_PENDING if live.stop == "pause" else pb.STEP_STATE_CANCELLED
 
     async def _run_step(
-        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str, blocked: str | None
+        self, live: _LiveRun, step: StepSpec, context: RunContext, prefix: str, gate: str | common_pb2.ErrorDetail
     ) -> common_pb2.ErrorDetail | None:
-        """Settles one step: skips it (``blocked`` names a dependency that did not complete), or runs
-        it, retrying per its policy; returns its failure."""
+        """Settles one step: skips it (``gate`` says why), fails it (``gate`` is its condition's
+        failure), or runs it, retrying per its policy; returns its failure."""
         path = prefix + step.id
         state = live.steps[path]
         try:
-            skip = f"dependency {blocked!r} did not complete" if blocked is not None else ""
-            if not skip and step.when is not None:
-                try:
-                    skip = "" if context.holds(step.when) else "its `when` condition is false"
-                except JMESPathError as exc:
-                    return self._fail(live, path, _error("CONDITION_ERROR", f"`when` failed: {exc}"))
-            if skip:
+            if isinstance(gate, common_pb2.ErrorDetail):
+                return self._fail(live, path, gate)
+            if gate:
                 state.state = pb.STEP_STATE_SKIPPED
-                state.skip_reason = skip
-                self._append(live, step_skipped=pb.StepSkipped(step_id=path, reason=skip))
+                state.skip_reason = gate
+                self._append(live, step_skipped=pb.StepSkipped(step_id=path, reason=gate))
                 return None
             while True:
                 error, usage = await self._attempt(live, step, context, prefix)
@@ -983,20 +989,29 @@ class RunManager:
                 return rendered, common_pb2.ResourceUsage()
             output, usage, error = await self._run_nested(live, step.workflow, rendered[0], path)
         else:
-            async with self._slot_and_share(live, path) as (share, spent):
-                self._started(live, path, step.tool, None if spent else share)
-                if isinstance(rendered, common_pb2.ErrorDetail):
-                    return rendered, common_pb2.ResourceUsage()
-                if spent:
-                    return _error("BUDGET_EXHAUSTED", f"the run's {spent}"), common_pb2.ResourceUsage()
-                attributes: dict[str, str | int] = {
-                    "tierstack.run_id": live.run.run_id,
-                    "tierstack.tool": step.tool,
-                    "tierstack.attempt": state.attempt,
-                }
-                with span(f"step {path}", attributes):
-                    output, usage, error = await self._execute(live, step, path, *rendered, state.attempt, share)
-                self._charge(live, usage)  # before its share goes back: the two never miss each other
+            for asked in itertools.count():
+                async with self._slot_and_share(live, path) as (share, spent):
+                    if not asked:
+                        self._started(live, path, step.tool, None if spent else share)
+                    if isinstance(rendered, common_pb2.ErrorDetail):
+                        return rendered, common_pb2.ResourceUsage()
+                    if spent:
+                        return _error("BUDGET_EXHAUSTED", f"the run's {spent}"), common_pb2.ResourceUsage()
+                    attributes: dict[str, str | int] = {
+                        "tierstack.run_id": live.run.run_id,
+                        "tierstack.tool": step.tool,
+                        "tierstack.attempt": state.attempt,
+                    }
+                    execution_id = f"{live.run.run_id}/{path}/{state.attempt}" + (f"~{asked}" if asked else "")
+                    with span(f"step {path}", attributes):
+                        output, usage, error = await self._execute(live, step, path, *rendered, execution_id, share)
+                    self._charge(live, usage)  # before its share goes back: the two never miss each other
+                    others_hold_shares = len(live.reserved) > 1
+                # Tier 3 refused, before running anything, calls that cost more than the share: while
+                # other steps hold shares, the step waits for one to come back and asks for a larger one.
+                if error is None or error.reason != "STEP_BUDGET_EXCEEDED" or not others_hold_shares:
+                    break
+                await live.freed.wait()
         if error is not None:
             return error, usage
         seconds = to_seconds(usage.duration) or 0.0
@@ -1133,7 +1148,7 @@ class RunManager:
         path: str,
         arguments: dict[str, JSON],
         prompt: str,
-        attempt: int,
+        execution_id: str,
         share: common_pb2.ResourceLimits,
     ) -> tuple[struct_pb2.Value, common_pb2.ResourceUsage, common_pb2.ErrorDetail | None]:
         """Runs one tool step in Tier 3 within its ``share`` of the run's budget, forwarding its events;
@@ -1145,7 +1160,7 @@ class RunManager:
                 user_id=live.run.user_id,
                 parent_execution_id=live.run.run_id,
             ),
-            execution_id=f"{live.run.run_id}/{path}/{attempt}",
+            execution_id=execution_id,
             step_id=path,
             tool_calls=[common_pb2.ToolCall(tool=step.tool, arguments=to_struct(arguments))],
             strategy=step.strategy,
@@ -1232,6 +1247,19 @@ def _lost_call(error: TierstackError) -> bool:
 def _age(live: _LiveRun) -> float:
     """Returns the seconds since a run was created (a restart changes nothing)."""
     return (time.time_ns() - live.run.create_time.ToNanoseconds()) / 1e9
+
+
+def _gate(step: StepSpec, context: RunContext, blocked: str | None) -> str | common_pb2.ErrorDetail:
+    """Returns why a step whose dependencies settled is skipped (``blocked`` names one that did not
+    complete, or its `when` condition is false), its condition's failure, or "" when it runs."""
+    if blocked is not None:
+        return f"dependency {blocked!r} did not complete"
+    if step.when is None:
+        return ""
+    try:
+        return "" if context.holds(step.when) else "its `when` condition is false"
+    except JMESPathError as exc:
+        return _error("CONDITION_ERROR", f"`when` failed: {exc}")
 
 
 def _replay(live: _LiveRun, event: pb.RunEvent) -> None:

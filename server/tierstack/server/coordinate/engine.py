@@ -57,6 +57,8 @@ _DEFAULTS = Settings()
 
 #: How many subtasks of one goal run at once unless its limits say otherwise.
 DEFAULT_PARALLELISM = 8
+# How many teams are formed at once, each in a worker thread.
+_TEAMS_AT_ONCE = 2
 #: How often failed subtasks of one goal are re-planned unless the request says otherwise.
 DEFAULT_MAX_REPLANS = 2
 #: The longest pause between attempts to reach Tier 2 again, in seconds.
@@ -373,6 +375,15 @@ class Coordinator:
         self._keeper: asyncio.Task[None] | None = None
         self.decomposition_latency: dict[str, LatencyHistogram] = {}
         self.team_formation_latency = LatencyHistogram()
+        self._forming = asyncio.Semaphore(_TEAMS_AT_ONCE)
+
+    async def form_team(
+        self, agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask], *, max_parallelism: int
+    ) -> Team:
+        """Forms the best team (see :func:`team_for`) in a worker thread, a few teams at a time: one
+        can take seconds of CPU, and the threads are shared with other work off the loop."""
+        async with self._forming:
+            return await asyncio.to_thread(team_for, agents, subtasks, max_parallelism=max_parallelism)
 
     @property
     def active_goals(self) -> int:
@@ -674,12 +685,8 @@ class Coordinator:
         )
         start = time.perf_counter()
         with span("form team", {"tierstack.goal_id": goal.id}):
-            team = await asyncio.to_thread(  # off the loop
-                team_for,
-                request.agents,
-                decomposition.subtasks,
-                max_parallelism=request.limits.max_parallelism or DEFAULT_PARALLELISM,
-            )
+            parallelism = request.limits.max_parallelism or DEFAULT_PARALLELISM
+            team = await self.form_team(request.agents, decomposition.subtasks, max_parallelism=parallelism)
         phases["team_formation"] = time.perf_counter() - start
         self.team_formation_latency.record(phases["team_formation"])
         journal.record(decomposed)

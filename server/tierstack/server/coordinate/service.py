@@ -18,7 +18,7 @@ from tierstack.server.auth.guard import on_behalf
 from tierstack.server.config import Settings
 from tierstack.server.coordinate.decompose import LocalProvider
 from tierstack.server.coordinate.decomposer import Decomposer
-from tierstack.server.coordinate.engine import Coordinator, team_for, team_message
+from tierstack.server.coordinate.engine import Coordinator, team_message
 from tierstack.server.coordinate.memory import GoalMemory
 from tierstack.server.coordinate.model_decomposer import ModelDecomposer
 from tierstack.server.coordinate.postgres_store import PostgresGoalStore
@@ -78,8 +78,8 @@ class CoordinatorServicer(coordinator_service_pb2_grpc.CoordinatorServiceService
         return await self._coordinator.decomposer.decompose(request.goal, request.agents, scope)
 
     async def FormTeam(self, request: pb.FormTeamRequest, context: Context) -> pb.FormTeamResponse:
-        team = await asyncio.to_thread(
-            team_for, request.agents, request.subtasks, max_parallelism=request.max_parallelism
+        team = await self._coordinator.form_team(
+            request.agents, request.subtasks, max_parallelism=request.max_parallelism
         )
         formed = team_message(team)
         return pb.FormTeamResponse(assignments=formed.assignments, unassigned_subtask_ids=formed.unassigned_subtask_ids)

@@ -95,7 +95,9 @@ async def test_run_shows_a_workflow_to_completion(tiers: dict[str, Process], tmp
             """
         )
     )
-    code, output = await run_cli("run", str(workflow), "--input", "who=Grace", "--target", tiers["orchestrate"].target)
+    code, output = await run_cli(
+        "run", str(workflow), "--input", "who=Grace", "--durability", "sync", "--target", tiers["orchestrate"].target
+    )
     assert code == 0, output
     assert '"shout": "Hi Grace"' in output
     assert "offline stand-in" not in output  # no model answered

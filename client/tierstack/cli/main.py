@@ -230,7 +230,8 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, console: Console) -> int:
-    request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow))
+    durability = orchestrator_pb.RunDurability.Value(f"RUN_DURABILITY_{args.durability.upper()}")
+    request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow), durability=durability)
     request.inputs.update(_parse_inputs(args.input))
     final: orchestrator_pb.RunEvent | None = None
     async with OrchestratorClient(args.target, tls=args.tls, api_key=args.api_key) as client:
@@ -530,6 +531,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("workflow", type=Path)
     run.add_argument("--input", "-i", action="append", default=[], metavar="KEY=VALUE", help="a workflow input")
     run.add_argument("--target", default=_default_target("orchestrate"), help="the Orchestrate server")
+    run.add_argument(
+        "--durability",
+        choices=["async", "sync"],
+        default="async",
+        help="sync: store each step's completion before its dependents start (default async)",
+    )
 
     goal = commands.add_parser("goal", help="pursue a goal through all three tiers and show its progress")
     goal.add_argument("goal")

@@ -172,6 +172,34 @@ INPUT_TYPE_ARRAY: InputType.ValueType  # 6
 """Accepts a JSON array."""
 Global___InputType: _TypeAlias = InputType  # noqa: Y015
 
+class _RunDurability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunDurabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunDurability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_DURABILITY_UNSPECIFIED: _RunDurability.ValueType  # 0
+    """Means RUN_DURABILITY_ASYNC."""
+    RUN_DURABILITY_ASYNC: _RunDurability.ValueType  # 1
+    """Stores a step's completion with the next commit while its dependents start: a crash before that
+    commit runs the step again under the same idempotency key, and Tier 3 answers with its result.
+    """
+    RUN_DURABILITY_SYNC: _RunDurability.ValueType  # 2
+    """Stores a step's completion before its dependents start."""
+
+class RunDurability(_RunDurability, metaclass=_RunDurabilityEnumTypeWrapper):
+    """Says when a step's completion is stored, against when its dependents start."""
+
+RUN_DURABILITY_UNSPECIFIED: RunDurability.ValueType  # 0
+"""Means RUN_DURABILITY_ASYNC."""
+RUN_DURABILITY_ASYNC: RunDurability.ValueType  # 1
+"""Stores a step's completion with the next commit while its dependents start: a crash before that
+commit runs the step again under the same idempotency key, and Tier 3 answers with its result.
+"""
+RUN_DURABILITY_SYNC: RunDurability.ValueType  # 2
+"""Stores a step's completion before its dependents start."""
+Global___RunDurability: _TypeAlias = RunDurability  # noqa: Y015
+
 @_typing.final
 class Workflow(_message.Message):
     """Describes a workflow: inputs, steps and the dependencies between them, and its outputs."""
@@ -508,6 +536,7 @@ class Run(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run."""
     workflow_name: _builtins.str
@@ -528,6 +557,8 @@ class Run(_message.Message):
     """Names the caller who started the run: the credential's subject (with auth off, the request
     context's user).
     """
+    durability: Global___RunDurability.ValueType
+    """Says whether a step's completion is stored before its dependents start."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRun]:
         """Lists the run's steps and their state."""
@@ -569,10 +600,11 @@ class Run(_message.Message):
         outputs: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
         tenant_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        durability: Global___RunDurability.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "tenant_id", b"tenant_id", "user_id", b"user_id", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "durability", b"durability", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "tenant_id", b"tenant_id", "user_id", b"user_id", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1236,6 +1268,11 @@ class OrchestrateRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
+    durability: Global___RunDurability.ValueType
+    """Says whether a step's completion is stored before its dependents start.
+    Bounds: one of the declared values.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
         """Ties the run to the request it serves."""
@@ -1263,10 +1300,11 @@ class OrchestrateRequest(_message.Message):
         workflow: Global___Workflow | None = ...,
         inputs: _struct_pb2.Struct | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
+        durability: Global___RunDurability.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1307,9 +1345,14 @@ class StartRunRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes the call idempotent: a `request_id` already seen returns the run it started.
     Bounds: at most 128 characters.
+    """
+    durability: Global___RunDurability.ValueType
+    """Says whether a step's completion is stored before its dependents start.
+    Bounds: one of the declared values.
     """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
@@ -1339,10 +1382,11 @@ class StartRunRequest(_message.Message):
         workflow: Global___Workflow | None = ...,
         inputs: _struct_pb2.Struct | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
+        durability: Global___RunDurability.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

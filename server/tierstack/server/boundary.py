@@ -274,6 +274,7 @@ _WORKFLOW_REQUEST: dict[str, Rule] = {"workflow": Wire(MAX_WORKFLOW_BYTES)}
 _RUN_REQUEST: dict[str, Rule] = {
     "workflow": Wire(MAX_WORKFLOW_BYTES),
     "inputs": Json(MAX_INPUT_BYTES),
+    "durability": Declared(orchestrator_service_pb2.RunDurability.DESCRIPTOR),
 }
 #: The most agents and subtasks one team is formed from: the assignment's memory grows with
 #: subtasks times agents times subtasks at worst.

@@ -318,3 +318,49 @@ async def test_a_run_holds_a_bounded_amount_of_step_outputs() -> None:
         await manager.close()
     assert events[-1].run_failed.error.reason == "OUTPUT_TOO_LARGE"
     assert sum(event.HasField("step_completed") for event in events) == 3  # about 500 bytes each, 2,000 in all
+
+
+class _GatedStore(MemoryRunStore):
+    """A store that holds every write of a step's completion until the test opens its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def write(self, runs: Any, events: Any, fences: Any) -> None:
+        if any(event.HasField("step_completed") for event in events):
+            await self.gate.wait()
+        await super().write(runs, events, fences)
+
+
+@pytest.mark.parametrize("durability", [pb.RUN_DURABILITY_ASYNC, pb.RUN_DURABILITY_SYNC])
+async def test_a_run_of_sync_durability_stores_a_step_before_its_dependents_start(
+    durability: pb.RunDurability.ValueType,
+) -> None:
+    tools, store = Tools(), _GatedStore()
+    manager = RunManager(store, Executor(registry(tools)))
+    await manager.open()
+    try:
+        wf = workflow(step("a", "test.track", id="a"), step("b", "test.track", depends_on=("a",), id="b"))
+        run, _ = await manager.start_run(
+            workflow=wf,
+            inputs=to_struct({}),
+            limits=common_pb2.ResourceLimits(),
+            context=common_pb2.RequestContext(),
+            durability=durability,
+        )
+        assert run.durability == durability
+        await wait_for(lambda: ("finish", "a") in tools.log)
+        if durability == pb.RUN_DURABILITY_ASYNC:
+            await wait_for(lambda: ("start", "b") in tools.log)  # while a's completion is not stored yet
+        else:
+            for _ in range(100):  # turns of the event loop: b would start within a few
+                await asyncio.sleep(0)
+            assert ("start", "b") not in tools.log
+        store.gate.set()
+        await wait_for(lambda: ("finish", "b") in tools.log)
+        events = [e async for e in manager.watch(run.run_id)]
+        assert events[-1].HasField("run_completed")
+    finally:
+        store.gate.set()
+        await manager.close()

@@ -133,3 +133,35 @@ async def test_close_gives_up_on_a_store_that_still_fails(flaky: FlakyStore, cap
     await log.close()  # ends, though nothing could be stored
     assert written.cancelled()
     assert any(r.levelname == "ERROR" and "could not be stored" in r.getMessage() for r in caplog.records)
+
+
+class _SlowStore(MemoryRunStore):
+    """A store whose writes wait until the test lets them go, counting the batches it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.batches: list[int] = []
+
+    async def write(self, runs: Any, events: Any, fences: Any) -> None:
+        self.batches.append(len(events))
+        await self.go.wait()
+        await super().write(runs, events, fences)
+
+
+async def test_by_default_a_batch_is_written_as_soon_as_the_writer_is_free_with_all_that_waits() -> None:
+    store = _SlowStore()
+    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
+    log = EventLog(store)
+    run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
+    try:
+        record(log, run, event("r1", 1), lambda events: None)
+        for _ in range(5):  # a few turns of the event loop, no timer
+            await asyncio.sleep(0)
+        assert store.batches == [1]  # the first event went at once
+        written = [record(log, run, event("r1", n), lambda events: None) for n in (2, 3, 4)]
+        store.go.set()
+        await asyncio.gather(*written)
+        assert store.batches == [1, 3]  # what gathered meanwhile went together, once the writer was free
+    finally:
+        await log.close()

@@ -193,7 +193,8 @@ class RunManager:
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
-        flush_interval: The longest an event waits before it is written, in seconds.
+        flush_interval: The longest an event waits before it is written, in seconds; 0 (the default):
+            it is written as soon as the writer is free, with all that waits (see :class:`EventLog`).
         max_output_bytes: The largest output of a step (in its wire form); a larger one fails the step
             with ``OUTPUT_TOO_LARGE``.
         max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
@@ -211,7 +212,7 @@ class RunManager:
         *,
         tools: ToolCatalog | None = None,
         parallelism: int = DEFAULT_PARALLELISM,
-        flush_interval: float = 0.01,
+        flush_interval: float = 0.0,
         max_output_bytes: int = _DEFAULTS.max_output_bytes,
         max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
         max_message_bytes: int = _DEFAULTS.max_message_bytes,
@@ -426,8 +427,10 @@ class RunManager:
         limits: common_pb2.ResourceLimits,
         context: common_pb2.RequestContext,
         request_id: str = "",
+        durability: pb.RunDurability.ValueType = pb.RUN_DURABILITY_ASYNC,
     ) -> tuple[pb.Run, bool]:
-        """Checks and starts a run; returns it and whether this call created it.
+        """Checks and starts a run; returns it and whether this call created it. With
+        ``RUN_DURABILITY_SYNC``, a step's completion is stored before its dependents start.
 
         Raises:
             InvalidArgumentError: The workflow or the inputs are malformed; every problem is named.
@@ -445,6 +448,7 @@ class RunManager:
             user_id=context.user_id,
             inputs=to_struct(bound),
             steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
+            durability=durability or pb.RUN_DURABILITY_ASYNC,
         )
         # Once stored, a run is driven even if this call is cancelled meanwhile (its caller went away).
         return await asyncio.shield(self._create(run, spec, workflow, limits))
@@ -1027,10 +1031,13 @@ class RunManager:
         live.output_bytes += size
         state.state = pb.STEP_STATE_COMPLETED
         state.output.CopyFrom(output)
-        # Written with the next batch, and not waited for: dependents start at once. Nobody sees the
-        # event before it is stored; a crash before then runs the step again, under the same
-        # idempotency key, so Tier 3 replays the result instead of running the tool twice.
-        self._append(live, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
+        # Written with the next commit. A run of async durability does not wait for it: dependents
+        # start at once; nobody sees the event before it is stored, and a crash before then runs the
+        # step again, under the same idempotency key, so Tier 3 replays the result instead of running
+        # the tool twice. A run of sync durability waits until it is stored.
+        written = self._append(live, step_completed=pb.StepCompleted(step_id=path, output=output, usage=usage))
+        if live.run.durability == pb.RUN_DURABILITY_SYNC:
+            await asyncio.shield(written)
         return None, usage
 
     def _render(self, step: StepSpec, context: RunContext) -> tuple[dict[str, JSON], str] | common_pb2.ErrorDetail:

@@ -1,8 +1,12 @@
 """Write-behind persistence of run events, with group commit.
 
-Events queue in memory and are written in batches, in one transaction each: a batch is written
-``interval`` after its first event, or at once when an event is urgent or the queue is long; while a
-batch is being written, the next one gathers. A run's state (its ``Run`` record) is written with
+Events queue in memory and are written in batches, in one transaction each. By default a batch is
+written as soon as the writer is free: an event recorded while the writer is idle is written at the
+next turn of the event loop with everything recorded in the same turn, and the events recorded while
+a batch is being written gather and go together once it is stored (group commit without a fixed
+window, so a watcher sees an event a commit after it happens). With an ``interval``, a batch is
+written that long after its first event instead, or at once when an event is urgent or the queue
+is long. A run's state (its ``Run`` record) is written with
 the batch when the caller asks for it, at the run's own transitions; step states are rebuilt from
 events on resume. Nobody sees an event before it is stored: the caller is told of events only after
 their batch is written, so a restart never renumbers an event anyone saw.
@@ -79,7 +83,8 @@ class EventLog:
 
     Args:
         store: Where batches go.
-        interval: The longest an event waits before its batch is written, in seconds.
+        interval: The longest an event waits before its batch is written, in seconds; 0: as soon as
+            the writer is free.
         max_batch: Writes at once when this many events wait.
         max_queued: :meth:`room` waits while this many events wait to be stored.
         retry: The first and the longest wait before a failed write is tried again, in seconds.
@@ -89,7 +94,7 @@ class EventLog:
         self,
         store: RunStore,
         *,
-        interval: float = 0.01,
+        interval: float = 0.0,
         max_batch: int = 512,
         max_queued: int = MAX_QUEUED,
         retry: tuple[float, float] = RETRY_SECONDS,
@@ -161,7 +166,7 @@ class EventLog:
             batch.written.append(asyncio.get_running_loop().create_future())
         if self.failing:
             pass  # the next retry takes it, not sooner: the backoff holds for urgent events too
-        elif urgent or len(batch.events) >= self._max_batch:
+        elif urgent or len(batch.events) >= self._max_batch or self._interval <= 0:
             self._write_soon()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)

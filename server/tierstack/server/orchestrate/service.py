@@ -76,7 +76,11 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
     ) -> AsyncIterator[pb.OrchestrateResponse]:
         correlation.bind(request.context)
         run, _ = await self._manager.start_run(
-            workflow=request.workflow, inputs=request.inputs, limits=request.limits, context=request.context
+            workflow=request.workflow,
+            inputs=request.inputs,
+            limits=request.limits,
+            context=request.context,
+            durability=request.durability,
         )
         ended = False
         try:
@@ -95,6 +99,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             limits=request.limits,
             context=request.context,
             request_id=request.request_id,
+            durability=request.durability,
         )
         return self._fitted(pb.StartRunResponse(run=run, created=created))
 

@@ -231,7 +231,11 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
 
 async def _run(args: argparse.Namespace, console: Console) -> int:
     durability = orchestrator_pb.RunDurability.Value(f"RUN_DURABILITY_{args.durability.upper()}")
-    request = orchestrator_pb.OrchestrateRequest(workflow=_load_workflow(args.workflow), durability=durability)
+    request = orchestrator_pb.OrchestrateRequest(
+        workflow=_load_workflow(args.workflow),
+        durability=durability,
+        verbosity=orchestrator_pb.RUN_VERBOSITY_PROGRESS,  # the progress bars show each tool call
+    )
     request.inputs.update(_parse_inputs(args.input))
     final: orchestrator_pb.RunEvent | None = None
     async with OrchestratorClient(args.target, tls=args.tls, api_key=args.api_key) as client:

@@ -67,6 +67,7 @@ class ExecuteRequest(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
     COMPLEXITY_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Identifies this execution; the orchestrator passes `run/step/attempt` so that retries are recognisable.
     Bounds: at most 1,024 characters.
@@ -88,6 +89,11 @@ class ExecuteRequest(_message.Message):
     complexity: _builtins.int
     """Rates the step's complexity from 1 to 10; zero means 5.
     Bounds: from 0 to 10.
+    """
+    progress: _builtins.bool
+    """Asks for every event of the execution (its start, the strategy chosen, each tool call and model
+    reply); without it, Execute sends only what a caller acts on: an approval asked for, the output
+    and the end.
     """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext:
@@ -122,10 +128,11 @@ class ExecuteRequest(_message.Message):
         tools: _abc.Iterable[_builtins.str] | None = ...,
         sensitive: _builtins.bool = ...,
         complexity: _builtins.int = ...,
+        progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complexity", b"complexity", "context", b"context", "execution_id", b"execution_id", "limits", b"limits", "prompt", b"prompt", "sensitive", b"sensitive", "step_id", b"step_id", "strategy", b"strategy", "tool_calls", b"tool_calls", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complexity", b"complexity", "context", b"context", "execution_id", b"execution_id", "limits", b"limits", "progress", b"progress", "prompt", b"prompt", "sensitive", b"sensitive", "step_id", b"step_id", "strategy", b"strategy", "tool_calls", b"tool_calls", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -200,6 +200,34 @@ RUN_DURABILITY_SYNC: RunDurability.ValueType  # 2
 """Stores a step's completion before its dependents start."""
 Global___RunDurability: _TypeAlias = RunDurability  # noqa: Y015
 
+class _RunVerbosity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunVerbosityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunVerbosity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_VERBOSITY_UNSPECIFIED: _RunVerbosity.ValueType  # 0
+    """Means RUN_VERBOSITY_STEPS."""
+    RUN_VERBOSITY_STEPS: _RunVerbosity.ValueType  # 1
+    """Records each step's start and end (its output, or its failure): two events a step."""
+    RUN_VERBOSITY_PROGRESS: _RunVerbosity.ValueType  # 2
+    """Records besides every event of a step's execution at Tier 3 (the strategy chosen, each tool call
+    and model reply), as StepExecution.
+    """
+
+class RunVerbosity(_RunVerbosity, metaclass=_RunVerbosityEnumTypeWrapper):
+    """Says which events of its steps a run records."""
+
+RUN_VERBOSITY_UNSPECIFIED: RunVerbosity.ValueType  # 0
+"""Means RUN_VERBOSITY_STEPS."""
+RUN_VERBOSITY_STEPS: RunVerbosity.ValueType  # 1
+"""Records each step's start and end (its output, or its failure): two events a step."""
+RUN_VERBOSITY_PROGRESS: RunVerbosity.ValueType  # 2
+"""Records besides every event of a step's execution at Tier 3 (the strategy chosen, each tool call
+and model reply), as StepExecution.
+"""
+Global___RunVerbosity: _TypeAlias = RunVerbosity  # noqa: Y015
+
 @_typing.final
 class Workflow(_message.Message):
     """Describes a workflow: inputs, steps and the dependencies between them, and its outputs."""
@@ -537,6 +565,7 @@ class Run(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     DURABILITY_FIELD_NUMBER: _builtins.int
+    VERBOSITY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run."""
     workflow_name: _builtins.str
@@ -559,6 +588,8 @@ class Run(_message.Message):
     """
     durability: Global___RunDurability.ValueType
     """Says whether a step's completion is stored before its dependents start."""
+    verbosity: Global___RunVerbosity.ValueType
+    """Says which events of its steps the run records."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRun]:
         """Lists the run's steps and their state."""
@@ -601,10 +632,11 @@ class Run(_message.Message):
         tenant_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         durability: Global___RunDurability.ValueType = ...,
+        verbosity: Global___RunVerbosity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "durability", b"durability", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "tenant_id", b"tenant_id", "user_id", b"user_id", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "durability", b"durability", "end_time", b"end_time", "error", b"error", "inputs", b"inputs", "last_sequence", b"last_sequence", "outputs", b"outputs", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "steps", b"steps", "tenant_id", b"tenant_id", "user_id", b"user_id", "verbosity", b"verbosity", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1269,8 +1301,13 @@ class OrchestrateRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     DURABILITY_FIELD_NUMBER: _builtins.int
+    VERBOSITY_FIELD_NUMBER: _builtins.int
     durability: Global___RunDurability.ValueType
     """Says whether a step's completion is stored before its dependents start.
+    Bounds: one of the declared values.
+    """
+    verbosity: Global___RunVerbosity.ValueType
+    """Says which events of its steps the run records.
     Bounds: one of the declared values.
     """
     @_builtins.property
@@ -1301,10 +1338,11 @@ class OrchestrateRequest(_message.Message):
         inputs: _struct_pb2.Struct | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
         durability: Global___RunDurability.ValueType = ...,
+        verbosity: Global___RunVerbosity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "verbosity", b"verbosity", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1346,12 +1384,17 @@ class StartRunRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     DURABILITY_FIELD_NUMBER: _builtins.int
+    VERBOSITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes the call idempotent: a `request_id` already seen returns the run it started.
     Bounds: at most 128 characters.
     """
     durability: Global___RunDurability.ValueType
     """Says whether a step's completion is stored before its dependents start.
+    Bounds: one of the declared values.
+    """
+    verbosity: Global___RunVerbosity.ValueType
+    """Says which events of its steps the run records.
     Bounds: one of the declared values.
     """
     @_builtins.property
@@ -1383,10 +1426,11 @@ class StartRunRequest(_message.Message):
         inputs: _struct_pb2.Struct | None = ...,
         limits: _common_pb2.ResourceLimits | None = ...,
         durability: Global___RunDurability.ValueType = ...,
+        verbosity: Global___RunVerbosity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "inputs", b"inputs", "limits", b"limits", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "durability", b"durability", "inputs", b"inputs", "limits", b"limits", "request_id", b"request_id", "verbosity", b"verbosity", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

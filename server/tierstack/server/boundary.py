@@ -275,6 +275,7 @@ _RUN_REQUEST: dict[str, Rule] = {
     "workflow": Wire(MAX_WORKFLOW_BYTES),
     "inputs": Json(MAX_INPUT_BYTES),
     "durability": Declared(orchestrator_service_pb2.RunDurability.DESCRIPTOR),
+    "verbosity": Declared(orchestrator_service_pb2.RunVerbosity.DESCRIPTOR),
 }
 #: The most agents and subtasks one team is formed from: the assignment's memory grows with
 #: subtasks times agents times subtasks at worst.

@@ -107,7 +107,10 @@ async def test_ai_complete_counts_its_tokens_in_the_step_and_a_repeat_costs_none
         async with ExecutorClient(server.target) as client:
             call = common_pb2.ToolCall(tool="ai.complete", arguments=to_struct({"prompt": "a haiku", "system": "poet"}))
             events = [
-                e async for e in client.execute(executor_service_pb2.ExecuteRequest(step_id="s", tool_calls=[call] * 2))
+                e
+                async for e in client.execute(
+                    executor_service_pb2.ExecuteRequest(progress=True, step_id="s", tool_calls=[call] * 2)
+                )
             ]
     finally:
         await server.stop()

@@ -205,6 +205,7 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
 
     def echo(text: str) -> executor_service_pb2.ExecuteRequest:
         return executor_service_pb2.ExecuteRequest(
+            progress=True,
             execution_id="step-1",
             tool_calls=[common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": text}))],
         )
@@ -224,6 +225,7 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
 
         # Another tenant cannot stop an execution in flight by naming its id.
         nap = executor_service_pb2.ExecuteRequest(
+            progress=True,
             execution_id="nap-1",
             tool_calls=[common_pb2.ToolCall(tool="core.sleep", arguments=to_struct({"seconds": 0.5}))],
         )
@@ -234,6 +236,7 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
 
         # A call waiting for approval can be answered by its own tenant only.
         pay = executor_service_pb2.ExecuteRequest(
+            progress=True,
             execution_id="pay-1",
             tool_calls=[common_pb2.ToolCall(tool="bank.transfer", arguments=to_struct({"amount": 5}))],
         )
@@ -251,7 +254,7 @@ async def test_execution_ids_and_approvals_are_each_tenants_own(tenants: Tenants
 async def test_what_a_step_learnt_for_one_tenant_never_steers_anothers(tenants: Tenants) -> None:
     """A step's track record (which strategy earned it, which tool calls it replays) is its tenant's."""
     request = executor_service_pb2.ExecuteRequest(
-        step_id="s", strategy=common_pb2.STRATEGY_CONVERSATIONAL, prompt="say hi", tools=["core.echo"]
+        progress=True, step_id="s", strategy=common_pb2.STRATEGY_CONVERSATIONAL, prompt="say hi", tools=["core.echo"]
     )
 
     async def chosen(client: ExecutorClient) -> common_pb2.Strategy.ValueType:

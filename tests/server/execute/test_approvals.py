@@ -34,7 +34,7 @@ async def executor() -> AsyncIterator[ExecutorClient]:
 
 def step(amount: float) -> executor_service_pb2.ExecuteRequest:
     call = common_pb2.ToolCall(tool="bank.transfer", arguments=to_struct({"amount": amount}))
-    return executor_service_pb2.ExecuteRequest(step_id="pay", tool_calls=[call])
+    return executor_service_pb2.ExecuteRequest(progress=True, step_id="pay", tool_calls=[call])
 
 
 async def test_an_approved_call_runs(executor: ExecutorClient) -> None:

@@ -35,7 +35,7 @@ async def _execute(data_dir: Path, store_url: str = "") -> TierServer:
 
 
 def _step(execution_id: str, call: common_pb2.ToolCall) -> executor_service_pb2.ExecuteRequest:
-    return executor_service_pb2.ExecuteRequest(execution_id=execution_id, step_id="a", tool_calls=[call])
+    return executor_service_pb2.ExecuteRequest(progress=True, execution_id=execution_id, step_id="a", tool_calls=[call])
 
 
 async def _events(client: ExecutorClient, request: executor_service_pb2.ExecuteRequest) -> list[str]:

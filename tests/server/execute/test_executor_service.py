@@ -181,6 +181,7 @@ async def test_http_request_times_out(stack: Stack, http_server: HttpServer) -> 
 
 async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
     request = executor_service_pb2.ExecuteRequest(
+        progress=True,
         execution_id="run-1/a/1",
         step_id="a",
         tool_calls=[
@@ -201,6 +202,10 @@ async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
     ]
     assert [e.sequence for e in events] == list(range(1, 9))
     assert {e.execution_id for e in events} == {"run-1/a/1"}
+    # Asked again without progress, the same execution (replayed) sends only its output and end.
+    request.progress = False
+    again = [event async for event in stack.executor.execute(request)]
+    assert [(e.WhichOneof("payload"), e.sequence) for e in again] == [("output", 7), ("completed", 8)]
     assert len({e.correlation_id for e in events}) == 1 and events[0].correlation_id
     assert from_value(events[-2].output.value) == 3
     assert events[-1].completed.usage.tool_calls == 2
@@ -208,6 +213,7 @@ async def test_execute_streams_the_step_events_in_order(stack: Stack) -> None:
 
 async def test_execute_stops_at_the_first_failing_call(stack: Stack) -> None:
     request = executor_service_pb2.ExecuteRequest(
+        progress=True,
         step_id="a",
         tool_calls=[
             common_pb2.ToolCall(tool="json.query", arguments=to_struct({"data": 1, "expression": "a[?"})),
@@ -222,6 +228,7 @@ async def test_execute_stops_at_the_first_failing_call(stack: Stack) -> None:
 
 async def test_execute_rejects_a_bad_call_before_running_any(stack: Stack) -> None:
     request = executor_service_pb2.ExecuteRequest(
+        progress=True,
         step_id="a",
         tool_calls=[
             common_pb2.ToolCall(tool="core.echo", arguments=to_struct({"value": 1})),
@@ -270,6 +277,7 @@ async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) ->
     )
     paid = common_pb2.ToolCall(tool="test.paid", arguments=to_struct({}))
     request = executor_service_pb2.ExecuteRequest(
+        progress=True,
         step_id="a",
         tool_calls=[paid, paid, paid],
         limits=common_pb2.ResourceLimits(max_tool_calls=2, max_credits=1.0),
@@ -282,7 +290,10 @@ async def test_a_step_over_its_budget_is_refused_before_it_runs(stack: Stack) ->
         ("max_credits", "the step's calls cost 1.2 credits; it may spend 1"),
     ]
     within = executor_service_pb2.ExecuteRequest(
-        step_id="a", tool_calls=[paid, paid], limits=common_pb2.ResourceLimits(max_tool_calls=2, max_credits=1.0)
+        progress=True,
+        step_id="a",
+        tool_calls=[paid, paid],
+        limits=common_pb2.ResourceLimits(max_tool_calls=2, max_credits=1.0),
     )
     events = [event async for event in stack.executor.execute(within)]
     usage = events[-1].completed.usage
@@ -306,7 +317,7 @@ async def test_a_critical_tool_is_tried_again_only_within_the_steps_tool_calls(s
     )
     call = common_pb2.ToolCall(tool="test.broken", arguments=to_struct({}))
     request = executor_service_pb2.ExecuteRequest(
-        step_id="a", tool_calls=[call], limits=common_pb2.ResourceLimits(max_tool_calls=2)
+        progress=True, step_id="a", tool_calls=[call], limits=common_pb2.ResourceLimits(max_tool_calls=2)
     )
     events = [event async for event in stack.executor.execute(request)]
     assert events[-1].failed.error.reason == "BROKEN"
@@ -323,7 +334,12 @@ async def test_a_model_driven_step_stays_within_its_credits_and_tokens(stack: St
 
     def asking(tool: str, limits: common_pb2.ResourceLimits) -> executor_service_pb2.ExecuteRequest:
         return executor_service_pb2.ExecuteRequest(
-            step_id="a", strategy=common_pb2.STRATEGY_CONVERSATIONAL, prompt=f"use {tool}", tools=[tool], limits=limits
+            progress=True,
+            step_id="a",
+            strategy=common_pb2.STRATEGY_CONVERSATIONAL,
+            prompt=f"use {tool}",
+            tools=[tool],
+            limits=limits,
         )
 
     # The local model calls the tool the prompt names; a call the step cannot pay for is not made.

@@ -96,7 +96,12 @@ def tool_call(name: str, arguments: dict[str, Any], call_id: str = "c1") -> dict
 
 def step(strategy: Any, prompt: str, *tools: str, **limits: Any) -> executor_service_pb2.ExecuteRequest:
     return executor_service_pb2.ExecuteRequest(
-        step_id="s", strategy=strategy, prompt=prompt, tools=tools, limits=common_pb2.ResourceLimits(**limits)
+        progress=True,
+        step_id="s",
+        strategy=strategy,
+        prompt=prompt,
+        tools=tools,
+        limits=common_pb2.ResourceLimits(**limits),
     )
 
 
@@ -222,7 +227,7 @@ async def test_deterministic_steps_remember_pure_results_and_retry_critical_tool
 
     def request(name: str, arguments: dict[str, JSON]) -> executor_service_pb2.ExecuteRequest:
         call = common_pb2.ToolCall(tool=name, arguments=to_struct(arguments))
-        return executor_service_pb2.ExecuteRequest(step_id="d", tool_calls=[call])
+        return executor_service_pb2.ExecuteRequest(progress=True, step_id="d", tool_calls=[call])
 
     try:
         async with ExecutorClient(server.target) as client:

@@ -78,6 +78,7 @@ class Engine:
             inputs=to_struct(inputs),
             limits=common_pb2.ResourceLimits(),
             context=common_pb2.RequestContext(),
+            verbosity=pb.RUN_VERBOSITY_PROGRESS,  # Tier 3's events too: the tests read their execution ids
         )
         return run
 

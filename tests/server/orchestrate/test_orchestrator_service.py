@@ -54,7 +54,9 @@ async def test_orchestrate_streams_a_run_to_completion(stack: Stack) -> None:
             expression="join(' x', [g, to_string(n)])",
         ),
     )
-    request = pb.OrchestrateRequest(workflow=wf, inputs=to_struct({"city": "Lisbon"}))
+    request = pb.OrchestrateRequest(
+        workflow=wf, inputs=to_struct({"city": "Lisbon"}), verbosity=pb.RUN_VERBOSITY_PROGRESS
+    )
     events = [event async for event in stack.orchestrator.orchestrate(request)]
     kinds = [event.WhichOneof("payload") for event in events]
     assert kinds[0] == "run_started" and kinds[-1] == "run_completed"
@@ -426,6 +428,25 @@ async def test_a_run_followed_through_orchestrate_survives_a_restart(data_dir: P
     assert "run_cancelled" not in kinds
 
 
+async def test_a_run_records_each_steps_start_and_end_unless_it_asks_for_progress(stack: Stack) -> None:
+    wf = workflow(step("a", "core.echo", value=1), step("b", "core.echo", depends_on=("a",), value=2))
+    events = [e async for e in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf))]
+    assert [e.WhichOneof("payload") for e in events] == [
+        "run_started",
+        *("step_started", "step_completed") * 2,
+        "run_completed",
+    ]
+    assert (await stack.orchestrator.get_run(events[0].run_id)).verbosity == pb.RUN_VERBOSITY_STEPS
+    verbose = [
+        e
+        async for e in stack.orchestrator.orchestrate(
+            pb.OrchestrateRequest(workflow=wf, verbosity=pb.RUN_VERBOSITY_PROGRESS)
+        )
+    ]
+    forwarded = {e.step_execution.event.WhichOneof("payload") for e in verbose if e.HasField("step_execution")}
+    assert forwarded == {"started", "strategy_selected", "tool_call_started", "tool_call_finished"}
+
+
 async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
     prompt_step = pb.WorkflowStep(
         id="ask",
@@ -436,7 +457,11 @@ async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
     events = [
         e
         async for e in stack.orchestrator.orchestrate(
-            pb.OrchestrateRequest(workflow=workflow(prompt_step), inputs=to_struct({"word": "hello"}))
+            pb.OrchestrateRequest(
+                workflow=workflow(prompt_step),
+                inputs=to_struct({"word": "hello"}),
+                verbosity=pb.RUN_VERBOSITY_PROGRESS,
+            )
         )
     ]
     assert from_value(events[-1].run_completed.outputs["ask"]) == 'use core.echo with {"value": "hello"}\n- "hello"'

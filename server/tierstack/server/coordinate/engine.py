@@ -943,6 +943,7 @@ class _Pursuit:
             workflow=workflow,
             limits=limits,
             inputs=to_struct(texts),
+            verbosity=orchestrator_pb.RUN_VERBOSITY_PROGRESS,  # the goal's caller sees its steps' progress
         )
         for dependency in subtask.dependencies:
             request.inputs.fields[dependency].CopyFrom(self._outputs[dependency])

@@ -76,6 +76,8 @@ PLAN = "Plan the task: call every tool the plan needs, with its arguments, in or
 REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
 #: How many executions may be in flight at once; more are refused until some end.
 MAX_FLIGHTS = 10_000
+#: The events of an execution sent whether or not its caller asks for progress: what a caller acts on.
+ALWAYS_SENT = frozenset({"approval_required", "output", "completed", "failed"})
 # How long a call for an execution another replica runs waits before it looks again, unless told
 # that it finished first.
 _ELSEWHERE_WAIT = 0.5
@@ -274,10 +276,19 @@ class Executor:
         died) does not stop it; :meth:`cancel_execution` does. The step's end is stored before it is
         sent. A step without an id belongs to its caller, who stops it by leaving.
 
+        Without ``request.progress``, only the events a caller acts on are yielded (see
+        :data:`ALWAYS_SENT`); every event is kept for a replay all the same.
+
         Raises:
             InvalidArgumentError: A call names an unknown tool or breaks its tool's schema.
             ResourceExhaustedError: ``MAX_FLIGHTS`` executions are in flight already.
         """
+        async for event in self._events(request):
+            if request.progress or event.WhichOneof("payload") in ALWAYS_SENT:
+                yield event
+
+    async def _events(self, request: executor_service_pb2.ExecuteRequest) -> Events:
+        """Yields every event of an execution (see :meth:`execute`)."""
         if not request.execution_id:
             async for event in self._run(request):
                 yield event

@@ -428,9 +428,11 @@ class RunManager:
         context: common_pb2.RequestContext,
         request_id: str = "",
         durability: pb.RunDurability.ValueType = pb.RUN_DURABILITY_ASYNC,
+        verbosity: pb.RunVerbosity.ValueType = pb.RUN_VERBOSITY_STEPS,
     ) -> tuple[pb.Run, bool]:
         """Checks and starts a run; returns it and whether this call created it. With
-        ``RUN_DURABILITY_SYNC``, a step's completion is stored before its dependents start.
+        ``RUN_DURABILITY_SYNC``, a step's completion is stored before its dependents start; with
+        ``RUN_VERBOSITY_PROGRESS``, every event of a step's execution at Tier 3 is recorded too.
 
         Raises:
             InvalidArgumentError: The workflow or the inputs are malformed; every problem is named.
@@ -449,6 +451,7 @@ class RunManager:
             inputs=to_struct(bound),
             steps=[pb.StepRun(step_id=path, state=pb.STEP_STATE_PENDING) for path in spec.paths()],
             durability=durability or pb.RUN_DURABILITY_ASYNC,
+            verbosity=verbosity or pb.RUN_VERBOSITY_STEPS,
         )
         # Once stored, a run is driven even if this call is cancelled meanwhile (its caller went away).
         return await asyncio.shield(self._create(run, spec, workflow, limits))
@@ -1173,6 +1176,7 @@ class RunManager:
             strategy=step.strategy,
             prompt=prompt,
             limits=share,
+            progress=live.run.verbosity == pb.RUN_VERBOSITY_PROGRESS,
         )
         if step.timeout_seconds is not None:
             request.limits.max_duration.CopyFrom(to_duration(step.timeout_seconds))

@@ -81,6 +81,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             limits=request.limits,
             context=request.context,
             durability=request.durability,
+            verbosity=request.verbosity,
         )
         ended = False
         try:
@@ -100,6 +101,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
             context=request.context,
             request_id=request.request_id,
             durability=request.durability,
+            verbosity=request.verbosity,
         )
         return self._fitted(pb.StartRunResponse(run=run, created=created))
 

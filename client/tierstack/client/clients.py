@@ -222,10 +222,11 @@ class OrchestratorClient(_Client):
             return await self._stub.StartRun(request, **self._options(timeout, self.timeout))
 
     def watch_run(
-        self, run_id: str, *, after_sequence: int = 0, timeout: float | None = None
+        self, run_id: str, *, after_sequence: int = 0, kinds: Sequence[str] = (), timeout: float | None = None
     ) -> AsyncIterator[orchestrator_pb2.RunEvent]:
-        """Yields a run's events after ``after_sequence``: history first, then live until the run ends."""
-        request = orchestrator_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence)
+        """Yields a run's events after ``after_sequence``: history first, then live until the run ends;
+        only those of ``kinds`` (RunEvent's payload names, such as ``"step_completed"``) when given."""
+        request = orchestrator_pb2.WatchRunRequest(run_id=run_id, after_sequence=after_sequence, kinds=kinds)
         return self._stream(self._stub.WatchRun(request, **self._options(timeout, None)))
 
     async def get_run(

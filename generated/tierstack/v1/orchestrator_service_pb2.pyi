@@ -1472,6 +1472,7 @@ class WatchRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Identifies the run.
     Bounds: 1 to 128 characters.
@@ -1480,15 +1481,23 @@ class WatchRunRequest(_message.Message):
     """Streams only events with a greater sequence number; zero streams them all.
     Bounds: from 0 to 1,000,000,000,000,000.
     """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Streams only events of these kinds, each named as its field in RunEvent's payload (such as
+        `step_completed`); empty streams every kind. The stream ends with the run whatever the kinds.
+        Bounds: at most 32 items, each at most 128 characters.
+        """
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "kinds", b"kinds", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

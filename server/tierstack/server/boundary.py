@@ -347,7 +347,11 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "tierstack.v1.OrchestrateRequest": _RUN_REQUEST,
     "tierstack.v1.StartRunRequest": {"request_id": ID, **_RUN_REQUEST},
-    "tierstack.v1.WatchRunRequest": {"run_id": REQUIRED_ID, "after_sequence": Whole(10**15)},
+    "tierstack.v1.WatchRunRequest": {
+        "run_id": REQUIRED_ID,
+        "after_sequence": Whole(10**15),
+        "kinds": Items(32, each=ID),
+    },
     "tierstack.v1.GetRunRequest": {"run_id": REQUIRED_ID, "view": _VIEW},
     "tierstack.v1.ListRunsRequest": {
         "page_size": Whole(1000),

@@ -447,6 +447,21 @@ async def test_a_run_records_each_steps_start_and_end_unless_it_asks_for_progres
     assert forwarded == {"started", "strategy_selected", "tool_call_started", "tool_call_finished"}
 
 
+async def test_a_watcher_sees_only_the_kinds_of_event_it_asks_for(stack: Stack) -> None:
+    wf = workflow(step("a", "core.echo", value=1), step("b", "core.echo", depends_on=("a",), value=2))
+    run = (await stack.orchestrator.start_run(pb.StartRunRequest(workflow=wf))).run
+    ends = [e async for e in stack.orchestrator.watch_run(run.run_id, kinds=["step_completed", "run_completed"])]
+    assert [(e.WhichOneof("payload"), e.step_completed.step_id) for e in ends] == [
+        ("step_completed", "a"),
+        ("step_completed", "b"),
+        ("run_completed", ""),
+    ]
+    with pytest.raises(InvalidArgumentError) as caught:
+        _ = [e async for e in stack.orchestrator.watch_run(run.run_id, kinds=["step_completed", "x" * 100])]
+    assert [v.field for v in caught.value.violations] == ["kinds[1]"]
+    assert "x" * 41 not in caught.value.violations[0].description  # the name is quoted short
+
+
 async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:
     prompt_step = pb.WorkflowStep(
         id="ask",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from tierstack.client import ExecutorClient
-from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError
+from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError, Violation, quoted
 from tierstack.core.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
@@ -74,15 +74,7 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
     async def Orchestrate(
         self, request: pb.OrchestrateRequest, context: Context
     ) -> AsyncIterator[pb.OrchestrateResponse]:
-        correlation.bind(request.context)
-        run, _ = await self._manager.start_run(
-            workflow=request.workflow,
-            inputs=request.inputs,
-            limits=request.limits,
-            context=request.context,
-            durability=request.durability,
-            verbosity=request.verbosity,
-        )
+        run, _ = await self._start(request)
         ended = False
         try:
             async for event in self._manager.watch(run.run_id):
@@ -93,21 +85,28 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
                 self._manager.request_cancel(run.run_id, "the caller of Orchestrate went away")
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
+        run, created = await self._start(request, request.request_id)
+        return self._fitted(pb.StartRunResponse(run=run, created=created))
+
+    async def _start(
+        self, request: pb.OrchestrateRequest | pb.StartRunRequest, request_id: str = ""
+    ) -> tuple[pb.Run, bool]:
         correlation.bind(request.context)
-        run, created = await self._manager.start_run(
+        return await self._manager.start_run(
             workflow=request.workflow,
             inputs=request.inputs,
             limits=request.limits,
             context=request.context,
-            request_id=request.request_id,
+            request_id=request_id,
             durability=request.durability,
             verbosity=request.verbosity,
         )
-        return self._fitted(pb.StartRunResponse(run=run, created=created))
 
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
+        kinds = _kinds(request.kinds)
         async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
-            yield pb.WatchRunResponse(event=event)
+            if not kinds or event.WhichOneof("payload") in kinds:
+                yield pb.WatchRunResponse(event=event)
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         run = await self._manager.get_run(request.run_id)
@@ -289,3 +288,22 @@ class OrchestrateService:
         await self.manager.close()
         await self._channel.close()
         await self._store.close()
+
+
+_EVENT_KINDS = frozenset(field.name for field in pb.RunEvent.DESCRIPTOR.oneofs_by_name["payload"].fields)
+
+
+def _kinds(names: Sequence[str]) -> frozenset[str]:
+    """Returns the kinds of run event a watcher asks for.
+
+    Raises:
+        InvalidArgumentError: A name is no kind of run event.
+    """
+    unknown = [
+        Violation(f"kinds[{i}]", f"{quoted(name, 40)} is no kind of run event")
+        for i, name in enumerate(names)
+        if name not in _EVENT_KINDS
+    ]
+    if unknown:
+        raise InvalidArgumentError(unknown)
+    return frozenset(names)

@@ -143,7 +143,7 @@ def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
 
 
 async def in_process(repeat: int, results: Results) -> None:
-    manager = RunManager(MemoryRunStore(), NoOpSteps(), flush_interval=0.001)
+    manager = RunManager(MemoryRunStore(), NoOpSteps())
     await manager.open()
     rows: list[tuple[object, ...]] = []
     notes = []

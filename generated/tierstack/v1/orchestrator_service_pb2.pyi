@@ -1484,7 +1484,8 @@ class WatchRunRequest(_message.Message):
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Streams only events of these kinds, each named as its field in RunEvent's payload (such as
-        `step_completed`); empty streams every kind. The stream ends with the run whatever the kinds.
+        `step_completed`); empty streams every kind. The stream ends when the run ends or pauses,
+        whatever the kinds.
         Bounds: at most 32 items, each at most 128 characters.
         """
 

@@ -70,7 +70,7 @@ class Engine:
     def __init__(self, tools: Tools) -> None:
         self.tools = tools
         self.store = MemoryRunStore()
-        self.manager = RunManager(self.store, Executor(registry(tools)), flush_interval=0.001)
+        self.manager = RunManager(self.store, Executor(registry(tools)))
 
     async def start(self, wf: pb.Workflow, **inputs: Any) -> pb.Run:
         run, _ = await self.manager.start_run(
@@ -302,7 +302,7 @@ async def test_a_paused_run_can_be_cancelled(engine: Engine) -> None:
 
 
 async def test_a_run_holds_a_bounded_amount_of_step_outputs() -> None:
-    manager = RunManager(MemoryRunStore(), Executor(registry(Tools())), flush_interval=0.001, max_held_bytes=2000)
+    manager = RunManager(MemoryRunStore(), Executor(registry(Tools())), max_held_bytes=2000)
     await manager.open()
     try:
         steps = [
@@ -362,6 +362,36 @@ async def test_a_run_of_sync_durability_stores_a_step_before_its_dependents_star
         await wait_for(lambda: ("finish", "b") in tools.log)
         events = [e async for e in manager.watch(run.run_id)]
         assert events[-1].HasField("run_completed")
+    finally:
+        store.gate.set()
+        await manager.close()
+
+
+async def test_a_step_that_completed_while_its_run_paused_is_not_run_again() -> None:
+    """A run of sync durability paused while its step's completion waits to be stored: the step stays
+    completed, and the resumed run goes on from it."""
+    tools, store = Tools(), _GatedStore()
+    manager = RunManager(store, Executor(registry(tools)))
+    await manager.open()
+    try:
+        wf = workflow(step("a", "test.track", id="a"), step("b", "test.track", depends_on=("a",), id="b"))
+        run, _ = await manager.start_run(
+            workflow=wf,
+            inputs=to_struct({}),
+            limits=common_pb2.ResourceLimits(),
+            context=common_pb2.RequestContext(),
+            durability=pb.RUN_DURABILITY_SYNC,
+        )
+        await wait_for(lambda: ("finish", "a") in tools.log)
+        pausing = asyncio.create_task(manager.pause_run(run.run_id, "a look"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        store.gate.set()
+        assert (await pausing).state == pb.RUN_STATE_PAUSED
+        await manager.resume_run(run.run_id)
+        events = [e async for e in manager.watch(run.run_id)]
+        assert events[-1].HasField("run_completed"), events[-1]
+        assert tools.log.count(("start", "a")) == 1
     finally:
         store.gate.set()
         await manager.close()

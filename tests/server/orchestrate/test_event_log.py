@@ -1,4 +1,5 @@
-"""The write-behind event log: batches, urgent writes, and nothing seen before it is stored."""
+"""The write-behind event log: a batch as soon as the writer is free, with all that waits; nothing
+seen before it is stored; a failing store retried with backoff; room for new work."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from tests.helpers import FlakyStore, wait_for
 from tierstack.core.lifecycle import Fence
 from tierstack.server.conformance.runs import event, new_run
-from tierstack.server.orchestrate import EventLog, MemoryRunStore, SqliteRunStore
+from tierstack.server.orchestrate import EventLog, SqliteRunStore
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
 OWNER = "test"
@@ -23,42 +24,6 @@ FENCE = Fence(OWNER, 1)
 def record(log: EventLog, run: pb.Run, event: pb.RunEvent, on_written: Any, **options: Any) -> asyncio.Future[None]:
     """Records an event of a run the test created (and so owns, at epoch 1)."""
     return log.record(run, event, on_written, fence=FENCE, **options)
-
-
-async def test_events_are_batched_and_announced_only_once_stored() -> None:
-    store = MemoryRunStore()
-    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
-    log = EventLog(store, interval=3600)  # only a critical record or close() writes here
-    seen: list[int] = []
-    run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
-    try:
-        for sequence in (1, 2, 3):
-            record(
-                log, run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events), urgent=False
-            )
-        await asyncio.sleep(0.01)
-        assert seen == [] and await store.events("r1", after_sequence=0) == []
-        run.state = pb.RUN_STATE_COMPLETED
-        written = record(
-            log, run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), urgent=True, with_run=True
-        )
-        await written
-        assert seen == [1, 2, 3, 4]
-        assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1, 2, 3, 4]
-        stored = await store.get_run("r1")
-        assert stored is not None and stored.state == pb.RUN_STATE_COMPLETED
-        assert (log.stats.latency.count, log.stats.events, log.stats.largest_batch) == (1, 4, 4)
-    finally:
-        await log.close()
-
-
-async def test_close_writes_what_is_queued() -> None:
-    store = MemoryRunStore()
-    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
-    log = EventLog(store, interval=3600)
-    record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=False)
-    await log.close()
-    assert [e.sequence for e in await store.events("r1", after_sequence=0)] == [1]
 
 
 @pytest.fixture
@@ -78,7 +43,7 @@ async def test_a_failing_store_is_retried_with_backoff_then_gets_every_event_onc
     async def report(serving: bool) -> None:
         reports.append(serving)
 
-    log = EventLog(flaky, interval=0.001, retry=(0.001, 0.004))
+    log = EventLog(flaky, retry=(0.001, 0.004))
     log.report_health(report)
     seen: list[int] = []
     run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
@@ -86,7 +51,7 @@ async def test_a_failing_store_is_retried_with_backoff_then_gets_every_event_onc
     try:
         with caplog.at_level(logging.DEBUG, logger="tierstack.server.orchestrate.persistence"):
             written = [
-                record(log, run, event("r1", n), lambda events: seen.extend(e.sequence for e in events), urgent=n == 2)
+                record(log, run, event("r1", n), lambda events: seen.extend(e.sequence for e in events))
                 for n in (1, 2, 3)
             ]
             await wait_for(lambda: flaky.failures >= 20)
@@ -107,7 +72,7 @@ async def test_a_failing_store_is_retried_with_backoff_then_gets_every_event_onc
 
 
 async def test_new_work_waits_for_room_while_the_store_falls_behind(flaky: FlakyStore) -> None:
-    log = EventLog(flaky, interval=0.001, max_queued=2)
+    log = EventLog(flaky, max_queued=2)
     run = pb.Run(run_id="r1")
     flaky.held.clear()
     try:
@@ -126,42 +91,49 @@ async def test_new_work_waits_for_room_while_the_store_falls_behind(flaky: Flaky
 
 
 async def test_close_gives_up_on_a_store_that_still_fails(flaky: FlakyStore, caplog: pytest.LogCaptureFixture) -> None:
-    log = EventLog(flaky, interval=0.001, retry=(0.001, 0.004))
+    log = EventLog(flaky, retry=(0.001, 0.004))
     flaky.failing = True
-    written = record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None, urgent=True)
+    written = record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None)
     await wait_for(lambda: flaky.failures >= 1)
     await log.close()  # ends, though nothing could be stored
     assert written.cancelled()
     assert any(r.levelname == "ERROR" and "could not be stored" in r.getMessage() for r in caplog.records)
 
 
-class _SlowStore(MemoryRunStore):
-    """A store whose writes wait until the test lets them go, counting the batches it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.go = asyncio.Event()
-        self.batches: list[int] = []
-
-    async def write(self, runs: Any, events: Any, fences: Any) -> None:
-        self.batches.append(len(events))
-        await self.go.wait()
-        await super().write(runs, events, fences)
-
-
-async def test_by_default_a_batch_is_written_as_soon_as_the_writer_is_free_with_all_that_waits() -> None:
-    store = _SlowStore()
-    await store.create_run(new_run("r1", state=pb.RUN_STATE_RUNNING), OWNER)
-    log = EventLog(store)
+async def test_a_batch_goes_as_soon_as_the_writer_is_free_with_all_that_waits_and_is_seen_once_stored(
+    flaky: FlakyStore,
+) -> None:
+    log = EventLog(flaky)
+    seen: list[int] = []
     run = pb.Run(run_id="r1", state=pb.RUN_STATE_RUNNING)
+    flaky.held.clear()  # the store takes its time with the first write
     try:
-        record(log, run, event("r1", 1), lambda events: None)
-        for _ in range(5):  # a few turns of the event loop, no timer
+        for sequence in (1, 2, 3):
+            record(log, run, event("r1", sequence), lambda events: seen.extend(e.sequence for e in events))
+        for _ in range(20):  # turns of the event loop, no timer
             await asyncio.sleep(0)
-        assert store.batches == [1]  # the first event went at once
-        written = [record(log, run, event("r1", n), lambda events: None) for n in (2, 3, 4)]
-        store.go.set()
-        await asyncio.gather(*written)
-        assert store.batches == [1, 3]  # what gathered meanwhile went together, once the writer was free
+        assert seen == [] and await flaky.events("r1", after_sequence=0) == []  # nothing seen before it is stored
+        run.state = pb.RUN_STATE_COMPLETED
+        written = record(
+            log, run, event("r1", 4), lambda events: seen.extend(e.sequence for e in events), with_run=True
+        )
+        flaky.held.set()
+        await written
+        assert seen == [1, 2, 3, 4]
+        assert [e.sequence for e in await flaky.events("r1", after_sequence=0)] == [1, 2, 3, 4]
+        stored = await flaky.get_run("r1")
+        assert stored is not None and stored.state == pb.RUN_STATE_COMPLETED
+        # The first event went at once, alone; the three recorded meanwhile went together after it.
+        assert (log.stats.latency.count, log.stats.events, log.stats.largest_batch) == (2, 4, 3)
     finally:
         await log.close()
+
+
+async def test_close_writes_what_is_queued(flaky: FlakyStore) -> None:
+    log = EventLog(flaky)
+    flaky.held.clear()
+    record(log, pb.Run(run_id="r1"), event("r1", 1), lambda events: None)
+    record(log, pb.Run(run_id="r1"), event("r1", 2), lambda events: None)  # waits behind the first
+    asyncio.get_running_loop().call_soon(flaky.held.set)
+    await log.close()
+    assert [e.sequence for e in await flaky.events("r1", after_sequence=0)] == [1, 2]

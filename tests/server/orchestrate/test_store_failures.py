@@ -117,7 +117,7 @@ async def test_new_steps_wait_while_the_store_falls_behind_and_nothing_is_droppe
     store = FlakyStore(SqliteRunStore(tmp_path / "runs.sqlite3"))
     await store.open()
     tools = Tools()
-    manager = RunManager(store, Executor(registry(tools)), flush_interval=0.001, max_queued_events=4)
+    manager = RunManager(store, Executor(registry(tools)), max_queued_events=4)
     await manager.open()
     try:
         steps = [step(f"s{index}", depends_on=("gate",), value=index) for index in range(10)]

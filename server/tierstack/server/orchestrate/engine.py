@@ -193,8 +193,6 @@ class RunManager:
         runner: Executes steps (Tier 3).
         tools: Returns the names of the tools Tier 3 offers, for checking workflows; None skips it.
         parallelism: The default cap on steps of one run executing at once.
-        flush_interval: The longest an event waits before it is written, in seconds; 0 (the default):
-            it is written as soon as the writer is free, with all that waits (see :class:`EventLog`).
         max_output_bytes: The largest output of a step (in its wire form); a larger one fails the step
             with ``OUTPUT_TOO_LARGE``.
         max_total_output_bytes: The largest outputs of a run, together; larger ones fail the run with
@@ -212,7 +210,6 @@ class RunManager:
         *,
         tools: ToolCatalog | None = None,
         parallelism: int = DEFAULT_PARALLELISM,
-        flush_interval: float = 0.0,
         max_output_bytes: int = _DEFAULTS.max_output_bytes,
         max_total_output_bytes: int = _DEFAULTS.max_total_output_bytes,
         max_message_bytes: int = _DEFAULTS.max_message_bytes,
@@ -237,7 +234,7 @@ class RunManager:
         self._tool_seconds: LRUCache[str, float] = LRUCache(KEPT_TOOL_ESTIMATES)
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
-        self.log = EventLog(store, interval=flush_interval, max_queued=max_queued_events)
+        self.log = EventLog(store, max_queued=max_queued_events)
         self._retention = Sweeper("runs", retention, self._delete_finished)
         self.planner = Planner(self._estimate)
         self.step_latency = LatencyHistogram()
@@ -759,15 +756,11 @@ class RunManager:
                 return
             await self._store.wait_changed(run_id, _WATCH_WAIT)
 
-    def _append(
-        self, live: _LiveRun, *, urgent: bool = False, with_run: bool = False, **payload: Any
-    ) -> asyncio.Future[None]:
-        """Records one event through the write-behind log; an urgent one is written at once."""
-        return self._record(live, pb.RunEvent(**payload), urgent=urgent, with_run=with_run)
+    def _append(self, live: _LiveRun, *, with_run: bool = False, **payload: Any) -> asyncio.Future[None]:
+        """Records one event through the write-behind log."""
+        return self._record(live, pb.RunEvent(**payload), with_run=with_run)
 
-    def _record(
-        self, live: _LiveRun, event: pb.RunEvent, *, urgent: bool = False, with_run: bool = False
-    ) -> asyncio.Future[None]:
+    def _record(self, live: _LiveRun, event: pb.RunEvent, *, with_run: bool = False) -> asyncio.Future[None]:
         """Numbers, stamps and records an event whose payload is already set."""
         run = live.run
         run.last_sequence += 1
@@ -776,13 +769,11 @@ class RunManager:
         event.correlation_id = run.correlation_id
         event.time.FromNanoseconds(time.time_ns())
         assert live.fence is not None, "only a run this manager owns is written"
-        return self.log.record(
-            run, event, live.feed.extend, fence=live.fence, on_lost=live.lost, urgent=urgent, with_run=with_run
-        )
+        return self.log.record(run, event, live.feed.extend, fence=live.fence, on_lost=live.lost, with_run=with_run)
 
     async def _transition(self, live: _LiveRun, **payload: Any) -> None:
         """Records a transition of the run itself, with its record, and waits until both are stored."""
-        await asyncio.shield(self._append(live, urgent=True, with_run=True, **payload))
+        await asyncio.shield(self._append(live, with_run=True, **payload))
 
     async def _drive(self, live: _LiveRun, *, resumed: str | None) -> None:
         run = live.run
@@ -822,6 +813,8 @@ class RunManager:
         except asyncio.CancelledError:
             if self._closing or live.stop == "lost":
                 raise  # the server is stopping, or another owner drives the run now: nothing more to write
+            if run.state in (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED):
+                return  # its end is recorded already (and stored, shielded): a stop asked too late changes nothing
             if live.stop == "pause":
                 run.state = pb.RUN_STATE_PAUSED
                 await self._transition(live, run_paused=pb.RunPaused(reason=live.stop_reason))
@@ -960,7 +953,8 @@ class RunManager:
                 self._append(live, step_retried=retried)
                 await asyncio.sleep(backoff)
         except asyncio.CancelledError:
-            state.state = self._interrupted_state(live)
+            if state.state != pb.STEP_STATE_COMPLETED:  # stored already (the log writes in order) or about to be
+                state.state = self._interrupted_state(live)
             raise
 
     def _fail(
@@ -974,7 +968,7 @@ class RunManager:
         state = live.steps[path]
         state.state = pb.STEP_STATE_FAILED
         state.error.CopyFrom(error)
-        self._append(live, urgent=True, step_failed=pb.StepFailed(step_id=path, error=error, usage=usage))
+        self._append(live, step_failed=pb.StepFailed(step_id=path, error=error, usage=usage))
         return error
 
     async def _attempt(

@@ -1,23 +1,22 @@
 """Write-behind persistence of run events, with group commit.
 
-Events queue in memory and are written in batches, in one transaction each. By default a batch is
-written as soon as the writer is free: an event recorded while the writer is idle is written at the
-next turn of the event loop with everything recorded in the same turn, and the events recorded while
-a batch is being written gather and go together once it is stored (group commit without a fixed
-window, so a watcher sees an event a commit after it happens). With an ``interval``, a batch is
-written that long after its first event instead, or at once when an event is urgent or the queue
-is long. A run's state (its ``Run`` record) is written with
-the batch when the caller asks for it, at the run's own transitions; step states are rebuilt from
-events on resume. Nobody sees an event before it is stored: the caller is told of events only after
-their batch is written, so a restart never renumbers an event anyone saw.
+Events queue in memory and are written in batches, in one transaction each, as soon as the writer is
+free: an event recorded while the writer is idle is written at the next turn of the event loop with
+everything recorded in the same turn, and the events recorded while a batch is being written gather
+and go together once it is stored (group commit without a fixed window, so a watcher sees an event a
+commit after it happens, and under load many runs' events share a transaction). A run's state (its
+``Run`` record) is written with the batch when the caller asks for it, at the run's own transitions;
+step states are rebuilt from events on resume. Nobody sees an event before it is stored: the caller
+is told of events only after their batch is written, so a restart never renumbers an event anyone
+saw.
 
 Each run's writes carry its owner's fence; when the store refuses a run's writes (another owner
 claimed the run, or the writer believes a state the run has left), that run's events are taken out
 of the batch, its ``on_lost`` is called and the rest of the batch is written.
 
 When the store fails, nothing accepted is dropped: the batch waits and is tried again after a
-capped, jittered exponential backoff, while the log reports itself unhealthy; callers that would
-add work wait (:meth:`EventLog.room`) while more than ``max_queued`` events are waiting.
+capped, jittered exponential backoff, while the log reports itself unhealthy; callers that would add
+work wait (:meth:`EventLog.room`) while more than ``max_queued`` events are waiting.
 """
 
 from __future__ import annotations
@@ -83,9 +82,6 @@ class EventLog:
 
     Args:
         store: Where batches go.
-        interval: The longest an event waits before its batch is written, in seconds; 0: as soon as
-            the writer is free.
-        max_batch: Writes at once when this many events wait.
         max_queued: :meth:`room` waits while this many events wait to be stored.
         retry: The first and the longest wait before a failed write is tried again, in seconds.
     """
@@ -94,14 +90,10 @@ class EventLog:
         self,
         store: RunStore,
         *,
-        interval: float = 0.0,
-        max_batch: int = 512,
         max_queued: int = MAX_QUEUED,
         retry: tuple[float, float] = RETRY_SECONDS,
     ) -> None:
         self._store = store
-        self._interval = interval
-        self._max_batch = max_batch
         self._max_queued = max_queued
         self._retry = retry
         self._batch = _Batch()
@@ -145,7 +137,6 @@ class EventLog:
         *,
         fence: Fence,
         on_lost: Callable[[], None] = lambda: None,
-        urgent: bool = False,
         with_run: bool = False,
     ) -> asyncio.Future[None]:
         """Queues ``event`` (and, with ``with_run``, the run record as it is when written), written
@@ -164,15 +155,13 @@ class EventLog:
             self._room.clear()
         if not batch.written:
             batch.written.append(asyncio.get_running_loop().create_future())
-        if self.failing:
-            pass  # the next retry takes it, not sooner: the backoff holds for urgent events too
-        elif urgent or len(batch.events) >= self._max_batch or self._interval <= 0:
+        if not self.failing:  # else the next retry takes it, not sooner: the backoff holds
             self._write_soon()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
         return batch.written[0]
 
     def _write_soon(self) -> None:
+        if self._closed:
+            return  # close() writes what is left itself, with no other writer
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -194,7 +183,7 @@ class EventLog:
 
     def _next_wait(self) -> float:
         if not self.failing:
-            return self._interval
+            return 0.0
         first, longest = self._retry
         return random.uniform(0, min(longest, first * 2 ** min(self._failures_in_row - 1, 32)))
 

@@ -24,8 +24,10 @@ from tierstack.client import (
     OrchestratorClient,
     UnavailableError,
 )
-from tierstack.core.values import from_value, to_struct
+from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server import Settings
+from tierstack.server.execute import tool
+from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -460,6 +462,25 @@ async def test_a_watcher_sees_only_the_kinds_of_event_it_asks_for(stack: Stack) 
         _ = [e async for e in stack.orchestrator.watch_run(run.run_id, kinds=["step_completed", "x" * 100])]
     assert [v.field for v in caught.value.violations] == ["kinds[1]"]
     assert "x" * 41 not in caught.value.violations[0].description  # the name is quoted short
+
+
+async def test_a_step_waiting_for_approval_is_shown_to_the_runs_watcher_whatever_its_verbosity(stack: Stack) -> None:
+    @tool("bank.transfer", needs_approval=True)
+    async def transfer(amount: float) -> JSON:
+        return {"sent": amount}
+
+    assert isinstance(stack.execute.service, ExecuteService)
+    stack.execute.service.registry.register(transfer)
+    wf = workflow(step("pay", "bank.transfer", amount=5))
+    events = []
+    async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf)):  # RUN_VERBOSITY_STEPS
+        events.append(event)
+        if event.step_execution.event.HasField("approval_required"):
+            await stack.executor.approve_tool_call(event.step_execution.event.approval_required.approval_id)
+    assert [e.step_execution.event.WhichOneof("payload") for e in events if e.HasField("step_execution")] == [
+        "approval_required"
+    ]
+    assert from_value(events[-1].run_completed.outputs["pay"]) == {"sent": 5}
 
 
 async def test_a_workflow_step_can_run_a_model_strategy(stack: Stack) -> None:

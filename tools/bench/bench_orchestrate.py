@@ -80,8 +80,9 @@ class NoOpSteps:
             if self._waiting == self._hold_until:
                 self.all_waiting.set()
             await self.gate.wait()
-        yield executor_service_pb2.ExecutionEvent(output=executor_service_pb2.ExecutionOutput(value=to_value(None)))
-        yield executor_service_pb2.ExecutionEvent(completed=executor_service_pb2.ExecutionCompleted())
+        output = executor_service_pb2.ExecutionOutput(value=to_value(None))
+        yield executor_service_pb2.ExecutionEvent(sequence=1, output=output)  # numbered, as Execute's are
+        yield executor_service_pb2.ExecutionEvent(sequence=2, completed=executor_service_pb2.ExecutionCompleted())
 
 
 async def run_tierstack(manager: RunManager, wf: pb.Workflow) -> None:

@@ -118,3 +118,20 @@ def test_the_history_keeps_a_few_snapshots_however_long_the_tier_runs() -> None:
         tier.calls(1, 0.01)
         history.add(tier.snapshot(second))
         assert len(history._snapshots) <= SLOTS + 2  # the window's slots and the one before it
+
+
+def test_a_restart_seen_only_after_longer_than_its_old_uptime_is_told_by_its_counters() -> None:
+    """The monitor lost sight of the tier for a while: it came back restarted, with an uptime past the
+    old process's, and counts from nothing again."""
+    tier, history = Coordinate(), History(WINDOW)
+    tier.calls(50, 0.1)
+    run(tier, history, 0, 600)
+    restarted = Coordinate()
+    restarted.calls(30, 8.0)  # the new process's calls, all slow
+    recent = history.recent(restarted.snapshot(650))
+    assert recent.metrics.coordinate.model.requests == 30  # not 30 - 50
+    assert titles(recent) == ["Model calls are slow"]
+    history.add(restarted.snapshot(650))  # the old process's snapshots are forgotten
+    restarted.calls(5, 8.0)
+    later = history.recent(restarted.snapshot(700))
+    assert (later.metrics.coordinate.model.requests, later.seconds) == (5, 50)

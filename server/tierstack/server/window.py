@@ -76,6 +76,26 @@ def _model(current: pb.ModelMetrics, earlier: pb.ModelMetrics) -> pb.ModelMetric
     )
 
 
+def _counts(metrics: pb.TierMetrics) -> dict[str, int]:
+    """Returns the counters advice reads, by name: each only grows while the tier's process lives."""
+    model = metrics.coordinate.model if metrics.HasField("coordinate") else metrics.execute.model
+    counts = {"model.requests": model.requests, "model.cache_lookups": model.cache_lookups}
+    for source, stats in metrics.coordinate.decomposition_latency.items():
+        counts[f"decompositions.{source}"] = stats.count
+    for tool in metrics.execute.tools:
+        counts[f"tools.{tool.name}"] = tool.latency.count
+    orchestrate = metrics.orchestrate
+    counts["flushes"] = orchestrate.flush_latency.count
+    counts["plans"] = orchestrate.plan_cache_hits + orchestrate.plan_cache_misses
+    return counts
+
+
+def _behind(current: pb.TierMetrics, earlier: pb.TierMetrics) -> bool:
+    """Tells whether ``current`` counted less than ``earlier`` did: the tier restarted between them."""
+    now = _counts(current)
+    return any(now.get(name, 0) < count for name, count in _counts(earlier).items())
+
+
 def _uptime(metrics: pb.TierMetrics) -> float:
     return to_seconds(metrics.process.uptime) or 0.0
 
@@ -95,7 +115,7 @@ class History:
         """Keeps ``snapshot`` when the newest one kept is a slot older, and forgets those that no window
         reaches any more."""
         uptime = _uptime(snapshot)
-        if self._snapshots and uptime < self._snapshots[-1][0]:
+        if self._snapshots and (uptime < self._snapshots[-1][0] or _behind(snapshot, self._snapshots[-1][1])):
             self._snapshots.clear()  # the tier restarted: its counters began again
         if self._snapshots and uptime - self._snapshots[-1][0] < self._window / SLOTS:
             return
@@ -110,7 +130,9 @@ class History:
         snapshot), else since the newest snapshot before the window."""
         now = _uptime(current)
         known: list[tuple[float, pb.TierMetrics | None]] = [(0.0, None)]
-        known += [(uptime, snapshot) for uptime, snapshot in self._snapshots if uptime <= now]
+        # A snapshot later than now, or one that counted more than the tier has now, is of a process
+        # that has since restarted: its counters began again.
+        known += [(uptime, kept) for uptime, kept in self._snapshots if uptime <= now and not _behind(current, kept)]
         within = [moment for moment in known if now - moment[0] <= self._window]
         start, earlier = within[0] if within else known[-1]
         seconds = now - start

@@ -26,6 +26,8 @@ from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClie
 from tierstack.core.lifecycle import Fence
 from tierstack.server import Settings, TierServer, service_for
 from tierstack.server.auth import guard_for
+from tierstack.server.execute import ToolRegistry
+from tierstack.server.execute.service import ExecuteService
 from tierstack.server.orchestrate.store import Run, RunEvent, RunStore, StoredRun
 
 
@@ -121,6 +123,13 @@ class HttpServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def registry_of(execute: TierServer) -> ToolRegistry:
+    """Returns the tool registry of an Execute server the test started."""
+    service = execute.service
+    assert isinstance(service, ExecuteService)
+    return service.registry
 
 
 def reply(body: bytes, content_type: str = "application/json", status: int = 200) -> Handler:

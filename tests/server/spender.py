@@ -7,10 +7,10 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from tests.helpers import registry_of
 from tierstack.core.values import JSON
 from tierstack.server import TierServer
 from tierstack.server.execute import Tool, ToolContext
-from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import coordinator_service_pb2, orchestrator_service_pb2
 
 
@@ -20,8 +20,6 @@ class Spender:
     :attr:`released` is set, and one with ``together`` at :attr:`together` until all of them are in flight."""
 
     def __init__(self, execute: TierServer) -> None:
-        service = execute.service
-        assert isinstance(service, ExecuteService)
         #: The tokens each call was allowed (None: no limit), in the order the calls came.
         self.allowed: list[int | None] = []
         self.released = asyncio.Event()
@@ -35,7 +33,7 @@ class Spender:
             },
             "additionalProperties": False,
         }
-        service.registry.register(
+        registry_of(execute).register(
             Tool(name="test.spend", description="Uses model tokens.", parameters=parameters, handler=self._spend)
         )
 

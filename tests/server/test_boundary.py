@@ -196,6 +196,30 @@ async def test_unknown_enum_values_are_refused_everywhere(stack: Stack) -> None:
     await _serving(stack.execute.target)
 
 
+async def test_run_durability_verbosity_team_parallelism_and_watch_kinds_are_bounded(stack: Stack) -> None:
+    """Durability and verbosity of a run, the parallelism of a team, the kinds a run's watcher asks for."""
+    start = orchestrator_service_pb2.StartRunRequest(
+        workflow=_one_step(),
+        durability=7,  # type: ignore[arg-type]
+        verbosity=9,  # type: ignore[arg-type]
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.orchestrator.start_run(start)
+    assert _fields(caught) == {"durability", "verbosity"}
+    assert not (await stack.orchestrator.list_runs(orchestrator_service_pb2.ListRunsRequest())).runs  # none stored
+    team = coordinator_service_pb2.FormTeamRequest(max_parallelism=10_001)
+    with pytest.raises(InvalidArgumentError) as caught:
+        await stack.coordinator.form_team(team)
+    assert _fields(caught) == {"max_parallelism"}
+    run = (await stack.orchestrator.start_run(orchestrator_service_pb2.StartRunRequest(workflow=_one_step()))).run
+    for kinds, field in ((["step_completed"] * 33, "kinds"), (["x" * 129], "kinds[0]")):
+        with pytest.raises(InvalidArgumentError) as caught:
+            _ = [e async for e in stack.orchestrator.watch_run(run.run_id, kinds=kinds)]
+        assert _fields(caught) == {field}
+    await _serving(stack.orchestrate.target)
+    await _serving(stack.coordinate.target)
+
+
 async def test_agents_with_absurd_capacities_are_refused(stack: Stack) -> None:
     agents = [
         coordinator_service_pb2.Agent(id="a", capabilities=["x"], max_concurrent_tasks=2147483647),

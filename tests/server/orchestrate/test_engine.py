@@ -67,17 +67,20 @@ async def _echo(arguments: dict[str, Any], context: ToolContext) -> JSON:
 class Engine:
     """A run manager wired to an in-process executor, with helpers to run and inspect workflows."""
 
-    def __init__(self, tools: Tools) -> None:
+    def __init__(self, tools: Tools, store: MemoryRunStore | None = None) -> None:
         self.tools = tools
-        self.store = MemoryRunStore()
+        self.store = store if store is not None else MemoryRunStore()
         self.manager = RunManager(self.store, Executor(registry(tools)))
 
-    async def start(self, wf: pb.Workflow, **inputs: Any) -> pb.Run:
+    async def start(
+        self, wf: pb.Workflow, *, durability: pb.RunDurability.ValueType = pb.RUN_DURABILITY_ASYNC, **inputs: Any
+    ) -> pb.Run:
         run, _ = await self.manager.start_run(
             workflow=wf,
             inputs=to_struct(inputs),
             limits=common_pb2.ResourceLimits(),
             context=common_pb2.RequestContext(),
+            durability=durability,
             verbosity=pb.RUN_VERBOSITY_PROGRESS,  # Tier 3's events too: the tests read their execution ids
         )
         return run
@@ -334,22 +337,20 @@ class _GatedStore(MemoryRunStore):
         await super().write(runs, events, fences)
 
 
+# Two steps, b after a.
+_A_THEN_B = workflow(step("a", "test.track", id="a"), step("b", "test.track", depends_on=("a",), id="b"))
+
+
 @pytest.mark.parametrize("durability", [pb.RUN_DURABILITY_ASYNC, pb.RUN_DURABILITY_SYNC])
 async def test_a_run_of_sync_durability_stores_a_step_before_its_dependents_start(
     durability: pb.RunDurability.ValueType,
 ) -> None:
-    tools, store = Tools(), _GatedStore()
-    manager = RunManager(store, Executor(registry(tools)))
-    await manager.open()
+    store = _GatedStore()
+    built = Engine(Tools(), store)
+    tools = built.tools
+    await built.manager.open()
     try:
-        wf = workflow(step("a", "test.track", id="a"), step("b", "test.track", depends_on=("a",), id="b"))
-        run, _ = await manager.start_run(
-            workflow=wf,
-            inputs=to_struct({}),
-            limits=common_pb2.ResourceLimits(),
-            context=common_pb2.RequestContext(),
-            durability=durability,
-        )
+        run = await built.start(_A_THEN_B, durability=durability)
         assert run.durability == durability
         await wait_for(lambda: ("finish", "a") in tools.log)
         if durability == pb.RUN_DURABILITY_ASYNC:
@@ -360,28 +361,22 @@ async def test_a_run_of_sync_durability_stores_a_step_before_its_dependents_star
             assert ("start", "b") not in tools.log
         store.gate.set()
         await wait_for(lambda: ("finish", "b") in tools.log)
-        events = [e async for e in manager.watch(run.run_id)]
+        events = [e async for e in built.manager.watch(run.run_id)]
         assert events[-1].HasField("run_completed")
     finally:
         store.gate.set()
-        await manager.close()
+        await built.manager.close()
 
 
 async def test_a_step_that_completed_while_its_run_paused_is_not_run_again() -> None:
     """A run of sync durability paused while its step's completion waits to be stored: the step stays
     completed, and the resumed run goes on from it."""
-    tools, store = Tools(), _GatedStore()
-    manager = RunManager(store, Executor(registry(tools)))
+    store = _GatedStore()
+    built = Engine(Tools(), store)
+    tools, manager = built.tools, built.manager
     await manager.open()
     try:
-        wf = workflow(step("a", "test.track", id="a"), step("b", "test.track", depends_on=("a",), id="b"))
-        run, _ = await manager.start_run(
-            workflow=wf,
-            inputs=to_struct({}),
-            limits=common_pb2.ResourceLimits(),
-            context=common_pb2.RequestContext(),
-            durability=pb.RUN_DURABILITY_SYNC,
-        )
+        run = await built.start(_A_THEN_B, durability=pb.RUN_DURABILITY_SYNC)
         await wait_for(lambda: ("finish", "a") in tools.log)
         pausing = asyncio.create_task(manager.pause_run(run.run_id, "a look"))
         for _ in range(20):

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import HttpServer, Stack, reply, start_tier, wait_for
+from tests.helpers import HttpServer, Stack, registry_of, reply, start_tier, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tierstack.client import (
     FailedPreconditionError,
@@ -27,7 +27,6 @@ from tierstack.client import (
 from tierstack.core.values import JSON, from_value, to_struct
 from tierstack.server import Settings
 from tierstack.server.execute import tool
-from tierstack.server.execute.service import ExecuteService
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -469,8 +468,7 @@ async def test_a_step_waiting_for_approval_is_shown_to_the_runs_watcher_whatever
     async def transfer(amount: float) -> JSON:
         return {"sent": amount}
 
-    assert isinstance(stack.execute.service, ExecuteService)
-    stack.execute.service.registry.register(transfer)
+    registry_of(stack.execute).register(transfer)
     wf = workflow(step("pay", "bank.transfer", amount=5))
     events = []
     async for event in stack.orchestrator.orchestrate(pb.OrchestrateRequest(workflow=wf)):  # RUN_VERBOSITY_STEPS

@@ -11,14 +11,13 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2
 
-from tests.helpers import Stack, start_tier, wait_for
+from tests.helpers import Stack, registry_of, start_tier, wait_for
 from tests.server.orchestrate.workflows import step, workflow
 from tests.server.spender import Spender, warnings
 from tierstack.client import OrchestratorClient
 from tierstack.core.values import JSON, to_duration
 from tierstack.server import Settings, TierServer
-from tierstack.server.execute import Tool, ToolContext, ToolError, ToolRegistry
-from tierstack.server.execute.service import ExecuteService
+from tierstack.server.execute import Tool, ToolContext, ToolError
 from tierstack.v1 import common_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
 
@@ -128,11 +127,6 @@ async def test_a_resumed_run_keeps_its_warnings_and_its_steps_shares(data_dir: P
     assert shares == [15, 15]
 
 
-def _registry(execute: TierServer) -> ToolRegistry:
-    assert isinstance(execute.service, ExecuteService)
-    return execute.service.registry
-
-
 def _costing(execute: TierServer, **credits: float) -> None:
     """Registers at Tier 3 a tool of each name whose call costs the credits given."""
 
@@ -140,7 +134,7 @@ def _costing(execute: TierServer, **credits: float) -> None:
         return 1
 
     for name, cost in credits.items():
-        _registry(execute).register(
+        registry_of(execute).register(
             Tool(name=f"test.{name}", description="costs", parameters={"type": "object"}, handler=answer, credits=cost)
         )
 
@@ -182,7 +176,7 @@ async def test_a_restart_while_a_step_waits_to_be_tried_again_tries_the_next_att
 
     settings = Settings(data_dir=data_dir)
     execute = await start_tier("execute", settings)
-    _registry(execute).register(
+    registry_of(execute).register(
         Tool(name="test.flaky", description="fails once", parameters={"type": "object"}, handler=flaky)
     )
     settings = dataclasses.replace(settings, execute_target=execute.target)

@@ -327,10 +327,12 @@ def _show_event(view: RunProgress, event: coordinator_pb.GoalEvent, labels: dict
         if decomposed.producer == "local":
             view.log(STAND_IN.format(what="planned by", which="rules, no model"))
         if decomposed.similar_goal:
+            # The goals' own words: printed as written, never read as markup.
             rebound = ", ".join(f"{old} → {new}" for old, new in sorted(decomposed.rebound_particulars.items()))
-            view.log(
-                f"reused the plan of a similar goal: {decomposed.similar_goal}" + (f" ({rebound})" if rebound else "")
+            reused = f"reused the plan of a similar goal: {decomposed.similar_goal}" + (
+                f" ({rebound})" if rebound else ""
             )
+            view.log(escape(reused))
     elif kind == "team_formed":
         for assignment in event.team_formed.assignments:
             view.log(f"{assignment.subtask_id} → {assignment.agent_id} (score {assignment.score:.2f})")

@@ -15,7 +15,7 @@ def adapt(past: str, new: str, *texts: str, **parameters: object) -> list[str] |
     subtasks = [pb.Subtask(id=f"s{n}", description=text) for n, text in enumerate(texts)]
     if parameters:
         subtasks[0].parameters.CopyFrom(to_struct(parameters))
-    found = _adapted(new, [(past, subtasks)])
+    found = _adapted(tokens(new), [(past, subtasks)])
     return None if found is None else [s.description for s in found.subtasks]
 
 
@@ -24,7 +24,7 @@ def test_particulars_are_told_by_kind() -> None:
     assert kinds["https://x.org/a"] is Kind.URL and kinds["Alice"] is Kind.NAME and kinds["French"] is Kind.LANGUAGE
     assert kinds["March 3, 2024"] is Kind.DATE and kinds["'draft'"] is Kind.QUOTED and kinds["Q2"] is Kind.NUMBER
     assert kinds["Fetch"] is Kind.WORD  # a capital that begins a sentence names nothing
-    assert shape("Fetch the https://x.org/a for Alice!") == "fetch <url> for <name>"
+    assert shape(tokens("Fetch the https://x.org/a for Alice!")) == "fetch <url> for <name>"
 
 
 def test_goals_apart_in_more_than_particulars_have_no_rebinding() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tierstack.core.values import from_struct, to_struct
 from tierstack.server.ai import ModelError
 from tierstack.server.auth.principal import scoped, unnamespaced
-from tierstack.server.coordinate.particulars import Rebinder, rebinding, shape, tokens
+from tierstack.server.coordinate.particulars import Rebinder, Token, rebinding, shape, tokens
 from tierstack.server.coordinate.similarity import GoalIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, MemoryGoalStore
 from tierstack.v1 import coordinator_service_pb2 as pb
@@ -112,10 +112,9 @@ class GoalMemory:
         capabilities, re-bound to ``goal``; None when there is none."""
         if self._store.shared:
             await self._read_learnt()
+        new = await asyncio.to_thread(tokens, goal)  # text work, off the loop, once
         try:
-            similar = await self._index.similar(
-                await asyncio.to_thread(shape, goal), limit=_CANDIDATES, prefix=scoped("")
-            )
+            similar = await self._index.similar(shape(new), limit=_CANDIDATES, prefix=scoped(""))
         except ModelError as exc:  # decomposition goes on without past goals
             _log.warning("goal memory: no similarity search: %s", exc.message)
             return None
@@ -126,7 +125,7 @@ class GoalMemory:
             subtasks = self._subtasks.get(past)  # None: forgotten while its indexing awaited the model
             if subtasks is not None and all(set(s.required_capabilities) <= capabilities for s in subtasks):
                 candidates.append((unnamespaced(past), subtasks))
-        return await asyncio.to_thread(_adapted, goal, candidates) if candidates else None  # text work, off the loop
+        return await asyncio.to_thread(_adapted, new, candidates) if candidates else None
 
     async def _read_learnt(self) -> None:
         """Holds and indexes the decompositions stored since the last read (by this replica or
@@ -151,7 +150,7 @@ class GoalMemory:
     async def _add_to_index(self, keys: list[str]) -> None:
         if not keys:
             return
-        shapes = await asyncio.to_thread(lambda: [(key, shape(unnamespaced(key))) for key in keys])
+        shapes = await asyncio.to_thread(lambda: [(key, shape(tokens(unnamespaced(key)))) for key in keys])
         try:
             await self._index.add(shapes)
         except ModelError as exc:  # the goals are kept, and indexed again at the next start
@@ -181,11 +180,10 @@ class GoalMemory:
         return forgotten
 
 
-def _adapted(goal: str, candidates: list[tuple[str, list[pb.Subtask]]]) -> Recalled | None:
-    """Returns the decomposition of the candidate that can be re-bound to ``goal`` with the fewest
-    particulars changed: its goal differs in particulars alone, and each particular that differs is
-    found in its subtasks, as a whole token, and nowhere else in another form."""
-    new = tokens(goal)
+def _adapted(new: Sequence[Token], candidates: list[tuple[str, list[pb.Subtask]]]) -> Recalled | None:
+    """Returns the decomposition of the candidate that can be re-bound to the goal of tokens ``new``
+    with the fewest particulars changed: its goal differs in particulars alone, and each particular
+    that differs is found in its subtasks, as a whole token, and nowhere else in another form."""
     mappings = [
         (mapping, past, subtasks)
         for past, subtasks in candidates

@@ -165,10 +165,10 @@ def _read(text: str) -> Iterator[tuple[Token, re.Match[str]]]:
         yield Token(kind, value), match
 
 
-def shape(text: str) -> str:
-    """Returns what two goals that differ in particulars alone have in common: the words of ``text``
-    (in lower case, fillers left out) with each particular replaced by its kind."""
-    return " ".join(token.key[1] if token.kind is Kind.WORD else f"<{token.kind.value}>" for token in tokens(text))
+def shape(found: Sequence[Token]) -> str:
+    """Returns what two goals that differ in particulars alone have in common: the words of a goal's
+    ``found`` tokens (in lower case) with each particular replaced by its kind."""
+    return " ".join(token.key[1] if token.kind is Kind.WORD else f"<{token.kind.value}>" for token in found)
 
 
 def rebinding(past: Sequence[Token], new: Sequence[Token]) -> dict[Token, str] | None:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import HttpServer, Process, reply, spawned_stack
 from tests.hostile import METHODS, Case, Known, Shapes, generate
 from tierstack.client import CoordinatorClient, ExecutorClient, OrchestratorClient
+from tierstack.core.errors import Code
 from tierstack.core.values import JSON, from_struct, from_value, to_struct
 from tierstack.v1 import common_pb2, coordinator_service_pb2, executor_service_pb2, orchestrator_service_pb2
 
@@ -138,7 +139,20 @@ async def replay(target: str, path: str, payload: bytes, *, timeout: float = 5.0
 async def _send(channel: grpc.aio.Channel, path: str, payload: bytes, timeout: float) -> tuple[str, str]:
     received = 0
     try:
-        if _BY_PATH[path].streaming:
+        if _BY_PATH[path].bidirectional:  # one message on a stream of its own, then the stream's end
+            both = cast("grpc.aio.StreamStreamMultiCallable[bytes, bytes]", channel.stream_stream(path))
+            duplex = both(timeout=timeout)
+            await duplex.write(payload)
+            await duplex.done_writing()
+            ended = []  # each call it carried ends with a status of its own
+            async for answer in duplex:
+                received += 1
+                answered = executor_service_pb2.ExecuteStreamResponse.FromString(answer)
+                if answered.HasField("ended") and answered.ended.code:
+                    ended.append((Code(answered.ended.code).name, answered.ended.message))
+            if ended:
+                return ended[0]
+        elif _BY_PATH[path].streaming:
             stream = cast("grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(path))
             call = stream(payload, timeout=timeout)
             async for _ in call:

@@ -138,12 +138,14 @@ class Method:
         input: The descriptor of its request message.
         streaming: Whether it streams its responses.
         tiers: The tiers that serve it.
+        bidirectional: Whether it streams its requests too (each case is then one message on it).
     """
 
     path: str
     input: Descriptor
     streaming: bool
     tiers: tuple[str, ...]
+    bidirectional: bool = False
 
     @property
     def name(self) -> str:
@@ -161,8 +163,9 @@ def _methods() -> Iterator[Method]:
     )
     for service, tiers in served:
         for method in service.methods:
-            assert not method.client_streaming, "tierstack serves no client-streaming RPCs"
-            yield Method(f"/{service.full_name}/{method.name}", method.input_type, method.server_streaming, tiers)
+            assert method.server_streaming or not method.client_streaming, "tierstack serves no client-streaming RPCs"
+            path = f"/{service.full_name}/{method.name}"
+            yield Method(path, method.input_type, method.server_streaming, tiers, method.client_streaming)
 
 
 #: Every RPC of the contract, Monitor's on every tier, and the standard health service.
@@ -508,16 +511,22 @@ class Shapes:
             "/tierstack.v1.OrchestratorService/",
             "/tierstack.v1.CoordinatorService/",
         )
+        execute = st.builds(
+            executor.ExecuteRequest,
+            context=context,
+            execution_id=st.sampled_from(("run-1/s0/1", "x")),
+            step_id=st.just("s0"),
+            tool_calls=st.lists(self.tool_calls, min_size=1, max_size=3),
+            strategy=st.sampled_from(list(common_pb2.Strategy.values())),
+            limits=st.just(common_pb2.ResourceLimits(max_tool_calls=5, max_parallelism=2)),
+            complexity=st.integers(0, 10),
+        )
+        cancel = st.builds(executor.CancelExecutionRequest, execution_id=st.sampled_from(("run-1/s0/1", "x")))
         return {
-            ex + "Execute": st.builds(
-                executor.ExecuteRequest,
-                context=context,
-                execution_id=st.sampled_from(("run-1/s0/1", "x")),
-                step_id=st.just("s0"),
-                tool_calls=st.lists(self.tool_calls, min_size=1, max_size=3),
-                strategy=st.sampled_from(list(common_pb2.Strategy.values())),
-                limits=st.just(common_pb2.ResourceLimits(max_tool_calls=5, max_parallelism=2)),
-                complexity=st.integers(0, 10),
+            ex + "Execute": execute,
+            ex + "ExecuteStream": st.one_of(
+                st.builds(executor.ExecuteStreamRequest, call=st.integers(1, 3), execute=execute),
+                st.builds(executor.ExecuteStreamRequest, call=st.integers(1, 3), cancel=cancel),
             ),
             ex + "ExecuteTool": st.builds(
                 executor.ExecuteToolRequest, context=context, call=self.tool_calls, timeout=seconds
@@ -530,9 +539,7 @@ class Shapes:
             ),
             ex + "GetToolStats": st.builds(executor.GetToolStatsRequest, slow_threshold=seconds),
             ex + "ListTools": st.builds(executor.ListToolsRequest, page_size=st.integers(0, 100)),
-            ex + "CancelExecution": st.builds(
-                executor.CancelExecutionRequest, execution_id=st.sampled_from(("run-1/s0/1", "x"))
-            ),
+            ex + "CancelExecution": cancel,
             orch + "Orchestrate": st.builds(orchestrator.OrchestrateRequest, context=context, workflow=self.workflows),
             orch + "StartRun": st.builds(
                 orchestrator.StartRunRequest,

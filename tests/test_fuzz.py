@@ -70,7 +70,7 @@ def test_the_same_seed_draws_the_same_requests() -> None:
 
 
 def test_the_requests_carry_every_class_of_hostile_input() -> None:
-    drawn = generate(Shapes(KNOWN).cases, 600, seed=1)
+    drawn = generate(Shapes(KNOWN).cases, 600, seed=3)
     decode_errors = set()
     values: list[tuple[FieldDescriptor, Any]] = []
     for case in drawn:

@@ -54,11 +54,11 @@ def _request_types() -> Iterator[Descriptor]:
 
 
 def _bounded(field: FieldDescriptor) -> bool:
-    """Says whether a field needs a rule: all but flags and single tierstack messages (whose own
-    fields carry the rules; they may have a size bound of their own)."""
-    if field.type == FieldDescriptor.TYPE_BOOL:
-        return False
+    """Says whether a field needs a rule: all but flags, empty messages and single tierstack messages
+    (whose own fields carry the rules; they may have a size bound of their own)."""
     message = field.message_type
+    if field.type == FieldDescriptor.TYPE_BOOL or (message and message.full_name == "google.protobuf.Empty"):
+        return False
     return message is None or field.is_repeated or not message.full_name.startswith("tierstack.")
 
 

@@ -19,3 +19,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 def default_target(tier: str) -> str:
     """Returns the loopback address a tier listens on by default."""
     return f"127.0.0.1:{DEFAULT_PORTS[tier]}"
+
+
+#: The most calls one ExecuteStream holds in flight (Execute refuses more, RESOURCE_EXHAUSTED).
+MAX_STREAM_CALLS = 16_384

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -23,17 +24,26 @@ from tierstack.core.errors import (
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
     """Returns the tierstack error for a failed call, with the status details parsed."""
-    code = Code(error.code().value[0])
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        status = None
+    return from_status(error.code().value[0], error.details() or "", status.details if status is not None else ())
+
+
+def from_status(number: int, message: str, details: Iterable[any_pb2.Any]) -> TierstackError:
+    """Returns the tierstack error for a status: its code, its message and its packed details
+    (those of a ``google.rpc.Status``)."""
+    try:
+        code = Code(number)
+    except ValueError:
+        code = Code.UNKNOWN
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[Violation] = []
     resource = error_details_pb2.ResourceInfo()
     retry = error_details_pb2.RetryInfo()
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:
-        status = None
-    for detail in status.details if status is not None else ():
+    for detail in details:
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
         quota_failure = error_details_pb2.QuotaFailure()
@@ -47,7 +57,6 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TierstackError:
             pass
         else:
             detail.Unpack(resource)
-    message = error.details() or ""
     error_type = BY_CODE.get(code, InternalError)
     if error_type is ResourceExhaustedError:
         retry_after = retry.retry_delay.ToTimedelta().total_seconds() if retry.HasField("retry_delay") else None

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 _tracer: trace.Tracer | None = None
 _NO_SPAN = contextlib.nullcontext()
@@ -26,6 +26,25 @@ def span(name: str, attributes: Mapping[str, str | int] | None = None) -> Abstra
     if _tracer is None:
         return _NO_SPAN
     return _tracer.start_as_current_span(name, attributes=attributes)
+
+
+def carry(name: str, carrier: MutableMapping[str, str]) -> trace.Span | None:
+    """Starts the caller's span of a call carried on a long-lived stream, a child of the current span,
+    and writes its trace context into ``carrier`` (for :func:`carried`); returns the span, to be ended
+    with the call, or None when tracing is off."""
+    if _tracer is None:
+        return None
+    started = _tracer.start_span(name, kind=trace.SpanKind.CLIENT)
+    propagate.inject(carrier, context=trace.set_span_in_context(started))
+    return started
+
+
+def carried(name: str, carrier: Mapping[str, str]) -> AbstractContextManager[object]:
+    """Returns a block that is the server's span of a carried call, a child of the caller's span whose
+    context ``carrier`` holds, when tracing is on, and nothing otherwise."""
+    if _tracer is None:
+        return _NO_SPAN
+    return _tracer.start_as_current_span(name, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER)
 
 
 class TraceIdFilter(logging.Filter):

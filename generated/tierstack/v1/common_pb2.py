@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tierstack/v1/common.proto\x12\x0ctierstack.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"i\n\x0eRequestContext\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1b\n\x13parent_execution_id\x18\x04 \x01(\t\"\xae\x01\n\x0eResourceLimits\x12\x13\n\x0bmax_credits\x18\x01 \x01(\x01\x12/\n\x0cmax_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_tool_calls\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fmax_parallelism\x18\x05 \x01(\x05\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\"q\n\rResourceUsage\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x05\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\rBudgetWarning\x12\x0e\n\x06\x62udget\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x01\x12\x0f\n\x07percent\x18\x04 \x01(\r\"\xbc\x01\n\x0b\x45rrorDetail\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12 \n\x04tier\x18\x03 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.tierstack.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x08ToolCall\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xa9\x01\n\nToolResult\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*Y\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fTIER_COORDINATE\x10\x01\x12\x14\n\x10TIER_ORCHESTRATE\x10\x02\x12\x10\n\x0cTIER_EXECUTE\x10\x03*u\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRATEGY_DETERMINISTIC\x10\x01\x12\x1b\n\x17STRATEGY_CONVERSATIONAL\x10\x02\x12\x16\n\x12STRATEGY_REASONING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tierstack/v1/common.proto\x12\x0ctierstack.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"i\n\x0eRequestContext\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1b\n\x13parent_execution_id\x18\x04 \x01(\t\"\xae\x01\n\x0eResourceLimits\x12\x13\n\x0bmax_credits\x18\x01 \x01(\x01\x12/\n\x0cmax_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_tool_calls\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fmax_parallelism\x18\x05 \x01(\x05\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\"q\n\rResourceUsage\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x05\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\rBudgetWarning\x12\x0e\n\x06\x62udget\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x01\x12\x0f\n\x07percent\x18\x04 \x01(\r\"\xbc\x01\n\x0b\x45rrorDetail\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12 \n\x04tier\x18\x03 \x01(\x0e\x32\x12.tierstack.v1.Tier\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.tierstack.v1.ErrorDetail.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x08ToolCall\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xa9\x01\n\nToolResult\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.tierstack.v1.ErrorDetail\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"R\n\nCallStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any*Y\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x13\n\x0fTIER_COORDINATE\x10\x01\x12\x14\n\x10TIER_ORCHESTRATE\x10\x02\x12\x10\n\x0cTIER_EXECUTE\x10\x03*u\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRATEGY_DETERMINISTIC\x10\x01\x12\x1b\n\x17STRATEGY_CONVERSATIONAL\x10\x02\x12\x16\n\x12STRATEGY_REASONING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORDETAIL_METADATAENTRY']._loaded_options = None
   _globals['_ERRORDETAIL_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=1070
-  _globals['_TIER']._serialized_end=1159
-  _globals['_STRATEGY']._serialized_start=1161
-  _globals['_STRATEGY']._serialized_end=1278
-  _globals['_REQUESTCONTEXT']._serialized_start=105
-  _globals['_REQUESTCONTEXT']._serialized_end=210
-  _globals['_RESOURCELIMITS']._serialized_start=213
-  _globals['_RESOURCELIMITS']._serialized_end=387
-  _globals['_RESOURCEUSAGE']._serialized_start=389
-  _globals['_RESOURCEUSAGE']._serialized_end=502
-  _globals['_BUDGETWARNING']._serialized_start=504
-  _globals['_BUDGETWARNING']._serialized_end=581
-  _globals['_ERRORDETAIL']._serialized_start=584
-  _globals['_ERRORDETAIL']._serialized_end=772
-  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_start=725
-  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_end=772
-  _globals['_TOOLCALL']._serialized_start=774
-  _globals['_TOOLCALL']._serialized_end=842
-  _globals['_TOOLRESULT']._serialized_start=845
-  _globals['_TOOLRESULT']._serialized_end=1014
-  _globals['_FIELDVIOLATION']._serialized_start=1016
-  _globals['_FIELDVIOLATION']._serialized_end=1068
+  _globals['_TIER']._serialized_start=1181
+  _globals['_TIER']._serialized_end=1270
+  _globals['_STRATEGY']._serialized_start=1272
+  _globals['_STRATEGY']._serialized_end=1389
+  _globals['_REQUESTCONTEXT']._serialized_start=132
+  _globals['_REQUESTCONTEXT']._serialized_end=237
+  _globals['_RESOURCELIMITS']._serialized_start=240
+  _globals['_RESOURCELIMITS']._serialized_end=414
+  _globals['_RESOURCEUSAGE']._serialized_start=416
+  _globals['_RESOURCEUSAGE']._serialized_end=529
+  _globals['_BUDGETWARNING']._serialized_start=531
+  _globals['_BUDGETWARNING']._serialized_end=608
+  _globals['_ERRORDETAIL']._serialized_start=611
+  _globals['_ERRORDETAIL']._serialized_end=799
+  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_start=752
+  _globals['_ERRORDETAIL_METADATAENTRY']._serialized_end=799
+  _globals['_TOOLCALL']._serialized_start=801
+  _globals['_TOOLCALL']._serialized_end=869
+  _globals['_TOOLRESULT']._serialized_start=872
+  _globals['_TOOLRESULT']._serialized_end=1041
+  _globals['_FIELDVIOLATION']._serialized_start=1043
+  _globals['_FIELDVIOLATION']._serialized_end=1095
+  _globals['_CALLSTATUS']._serialized_start=1097
+  _globals['_CALLSTATUS']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

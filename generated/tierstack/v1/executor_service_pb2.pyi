@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -1065,3 +1066,120 @@ class ToolDescriptor(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolDescriptor: _TypeAlias = ToolDescriptor  # noqa: Y015
+
+@_typing.final
+class ExecuteStreamRequest(_message.Message):
+    """One message of a client on an ExecuteStream: a call begun, or one in flight let go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CALL_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    EXECUTE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    call: _builtins.int
+    """Numbers the call this message belongs to; the client's choice, unique among its calls in flight
+    on the stream.
+    Bounds: from 1 to 9,007,199,254,740,991.
+    """
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Carries the caller's trace context (W3C `traceparent`, `tracestate`) for the call's spans.
+        Bounds: at most 4 entries, keys at most 64 characters, values at most 512 characters.
+        """
+
+    @_builtins.property
+    def execute(self) -> Global___ExecuteRequest:
+        """Begins an Execute call."""
+
+    @_builtins.property
+    def cancel(self) -> Global___CancelExecutionRequest:
+        """Begins a CancelExecution call."""
+
+    @_builtins.property
+    def release(self) -> _empty_pb2.Empty:
+        """Lets an Execute call in flight go: no more of its events are sent, and, as when the caller of
+        Execute leaves, its step runs on (CancelExecution stops it).
+        """
+
+    def __init__(
+        self,
+        *,
+        call: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        execute: Global___ExecuteRequest | None = ...,
+        cancel: Global___CancelExecutionRequest | None = ...,
+        release: _empty_pb2.Empty | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "execute", b"execute", "release", b"release"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call", b"call", "cancel", b"cancel", "execute", b"execute", "release", b"release", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["execute", "cancel", "release"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___ExecuteStreamRequest: _TypeAlias = ExecuteStreamRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteStreamResponse(_message.Message):
+    """One message of Execute on an ExecuteStream: part of a call's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    call: _builtins.int
+    """Names the call this message answers."""
+    @_builtins.property
+    def event(self) -> Global___ExecutionEvent:
+        """Carries one event of an Execute call, as Execute streams it."""
+
+    @_builtins.property
+    def cancelled(self) -> Global___CancelExecutionResponse:
+        """Answers a CancelExecution call, and ends it."""
+
+    @_builtins.property
+    def ended(self) -> _common_pb2.CallStatus:
+        """Ends a call: OK after an Execute call's last event, or the status the call failed with."""
+
+    def __init__(
+        self,
+        *,
+        call: _builtins.int = ...,
+        event: Global___ExecutionEvent | None = ...,
+        cancelled: Global___CancelExecutionResponse | None = ...,
+        ended: _common_pb2.CallStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "ended", b"ended", "event", b"event", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancelled", b"cancelled", "ended", b"ended", "event", b"event", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["event", "cancelled", "ended"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ExecuteStreamResponse: _TypeAlias = ExecuteStreamResponse  # noqa: Y015

@@ -75,6 +75,11 @@ class ExecutorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/tierstack.v1.ExecutorService/ExecuteStream',
+                request_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -142,6 +147,19 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request_iterator, context):
+        """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
+        above reaches Execute, without setting up a call per step. The client numbers each call; every
+        answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
+        checked, authorised, timed and traced per call, with the same events, errors and idempotency.
+        A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
+        When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
+        ends the stream; the client opens another. It needs the TIER role when authentication is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +202,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +426,33 @@ class ExecutorService:
             '/tierstack.v1.ExecutorService/ListTools',
             tierstack_dot_v1_dot_executor__service__pb2.ListToolsRequest.SerializeToString,
             tierstack_dot_v1_dot_executor__service__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tierstack.v1.ExecutorService/ExecuteStream',
+            tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamRequest.SerializeToString,
+            tierstack_dot_v1_dot_executor__service__pb2.ExecuteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,15 @@ class ExecutorServiceStub:
     """Rejects a tool call that waits for approval; its step fails."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]
     """Describes the registered tools and their parameter schemas."""
+    ExecuteStream: _grpc.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]
+    """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
+    above reaches Execute, without setting up a call per step. The client numbers each call; every
+    answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
+    checked, authorised, timed and traced per call, with the same events, errors and idempotency.
+    A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
+    When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
+    ends the stream; the client opens another. It needs the TIER role when authentication is on.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -87,6 +96,15 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """Rejects a tool call that waits for approval; its step fails."""
     ListTools: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ListToolsRequest, _executor_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """Describes the registered tools and their parameter schemas."""
+    ExecuteStream: _aio.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]  # type: ignore[assignment]
+    """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
+    above reaches Execute, without setting up a call per step. The client numbers each call; every
+    answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
+    checked, authorised, timed and traced per call, with the same events, errors and idempotency.
+    A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
+    When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
+    ends the stream; the client opens another. It needs the TIER role when authentication is on.
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs steps and tool calls (Tier 3, execution intelligence)."""
@@ -162,5 +180,20 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.ListToolsResponse, _abc.Awaitable[_executor_service_pb2.ListToolsResponse]]:
         """Describes the registered tools and their parameter schemas."""
+
+    @_abc_1.abstractmethod
+    def ExecuteStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_executor_service_pb2.ExecuteStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteStreamResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteStreamResponse]]:
+        """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
+        above reaches Execute, without setting up a call per step. The client numbers each call; every
+        answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
+        checked, authorised, timed and traced per call, with the same events, errors and idempotency.
+        A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
+        When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
+        ends the stream; the client opens another. It needs the TIER role when authentication is on.
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

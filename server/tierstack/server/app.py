@@ -17,7 +17,7 @@ from tierstack.core.values import now_timestamp
 from tierstack.server.auth import Guard, guard_for
 from tierstack.server.config import TIERS, Settings
 from tierstack.server.crosstier import CrossTierMonitor
-from tierstack.server.interceptor import ServerInterceptor
+from tierstack.server.interceptor import CarriedCalls, ServerInterceptor
 from tierstack.server.metrics import MethodMetrics, process_metrics
 from tierstack.server.monitor import MonitorServicer
 from tierstack.server.prometheus import MetricsEndpoint
@@ -44,8 +44,9 @@ class TierService(Protocol):
     def cross_tier(self) -> CrossTierMonitor | None:
         """Watches all the tiers (Coordinate's); None elsewhere."""
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Adds the tier's servicers to ``server``."""
+    def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
+        """Adds the tier's servicers to ``server``; ``carried`` serves the calls a stream carries as the
+        server's interceptor serves calls of their own."""
 
     def fill_metrics(self, metrics: monitor_service_pb2.TierMetrics, method_filter: str) -> None:
         """Adds the tier's own metrics (its domain, and its calls to the tier below) to ``metrics``."""
@@ -152,7 +153,7 @@ class TierServer:
         if service.cross_tier is not None:
             service.cross_tier.attach(self.snapshot)
         await service.start(self._report_health, {self.port, self.metrics_port} - {0})
-        service.register(self._server)
+        service.register(self._server, CarriedCalls(self.metrics, self._guard))
         monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(service.tier, self.snapshot, service.cross_tier), self._server
         )

@@ -313,6 +313,10 @@ RULES: dict[str, dict[str, Rule]] = {
     "tierstack.v1.RejectToolCallRequest": {"approval_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.GetToolStatsRequest": {"slow_threshold": Span(_DAY)},
     "tierstack.v1.ListToolsRequest": {"page_size": Whole(1000), "page_token": TOKEN},
+    "tierstack.v1.ExecuteStreamRequest": {
+        "call": Whole(2**53 - 1, least=1),
+        "trace_context": Entries(4, key=Text(64), value=Text(512)),
+    },
     # Tier 2
     "tierstack.v1.Workflow": {
         "name": NAME,
@@ -408,8 +412,9 @@ RULES: dict[str, dict[str, Rule]] = {
 _WELL_KNOWN = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.Duration", "google.protobuf.Timestamp"}
 )
-_REQUIRED: dict[str, tuple[tuple[str, Text], ...]] = {
-    name: tuple((field, text) for field, text in rules.items() if isinstance(text, Text) and text.least)
+#: The fields that must be set (a text or a number with a least value above zero), by message.
+_REQUIRED: dict[str, tuple[tuple[str, Text | Whole], ...]] = {
+    name: tuple((field, rule) for field, rule in rules.items() if isinstance(rule, Text | Whole) and rule.least)
     for name, rules in RULES.items()
 }
 
@@ -446,9 +451,9 @@ async def check_off_loop(message: Message) -> list[Violation]:
 def _check(message: Message, prefix: str, found: list[Violation]) -> None:
     name = message.DESCRIPTOR.full_name
     rules = RULES.get(name, {})
-    for field, text in _REQUIRED.get(name, ()):
-        if not getattr(message, field):
-            text.check("", f"{prefix}{field}", found)
+    for field, required in _REQUIRED.get(name, ()):
+        if not (value := getattr(message, field)):
+            required.check(value, f"{prefix}{field}", found)
     for descriptor, value in message.ListFields():
         path = f"{prefix}{descriptor.name}"
         rule = rules.get(descriptor.name)

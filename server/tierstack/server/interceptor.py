@@ -17,18 +17,21 @@ from typing import Any, cast
 import asyncpg
 import grpc
 from google.protobuf.message import Message
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from tierstack.client.clients import open_channel
 from tierstack.client.tls import Tls
-from tierstack.core.errors import InvalidArgumentError, TierstackError, Violation
+from tierstack.core.errors import Code, InvalidArgumentError, TierstackError, Violation
 from tierstack.server import boundary
 from tierstack.server.auth import audit
 from tierstack.server.auth.guard import Guard, on_behalf
 from tierstack.server.auth.principal import current as current_principal
 from tierstack.server.auth.principal import stamp
 from tierstack.server.metrics import MethodMetrics
-from tierstack.server.status import to_grpc_status
+from tierstack.server.status import status_of
 from tierstack.server.tracing import client_interceptors
+from tierstack.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +50,9 @@ OUT_OF_REACH = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 UNAVAILABLE_MESSAGE = "the server cannot reach its store just now; try again"
+_OWN = "/tierstack."
+_OK = status_pb2.Status()
+_INTERNAL = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_MESSAGE)
 
 
 def _unwritten(error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
@@ -77,6 +83,14 @@ def _tolerant(deserialize: Deserializer | None) -> Deserializer | None:
     return parse
 
 
+def malformed() -> InvalidArgumentError:
+    """Returns the error that answers a request whose bytes are not a message of its type."""
+    return InvalidArgumentError(
+        [Violation("request", "cannot be parsed: malformed bytes, invalid UTF-8 or nesting too deep")],
+        reason="MALFORMED_REQUEST",
+    )
+
+
 async def _checked(request: Any) -> None:
     """Holds a request to the bounds of :mod:`tierstack.server.boundary`.
 
@@ -84,15 +98,25 @@ async def _checked(request: Any) -> None:
         InvalidArgumentError: The request cannot be parsed or breaks a bound; every violation named.
     """
     if request is _MALFORMED:
-        raise InvalidArgumentError(
-            [Violation("request", "cannot be parsed: malformed bytes, invalid UTF-8 or nesting too deep")],
-            reason="MALFORMED_REQUEST",
-        )
+        raise malformed()
     if not isinstance(request, Message) or not request.DESCRIPTOR.full_name.startswith("tierstack."):
         return  # gRPC's own services (health) bound their requests themselves
     violations = await boundary.check_off_loop(request)
     if violations:
         raise InvalidArgumentError(violations, reason="OUT_OF_BOUNDS")
+
+
+def answer_of(error: BaseException | None) -> status_pb2.Status | None:
+    """Returns the status a call that raised ``error`` answers: a domain error's own, UNAVAILABLE when
+    the store is out of reach, INTERNAL (without its text) for any other exception; None when there is
+    nothing to answer (no error, a cancelled call, or one the handler aborted itself)."""
+    if isinstance(error, TierstackError):
+        return status_of(error)
+    if isinstance(error, OUT_OF_REACH):
+        return status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message=UNAVAILABLE_MESSAGE)
+    if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+        return _INTERNAL
+    return None
 
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
@@ -175,10 +199,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_stream is not None and self._guard is not None:  # reflection
+        own = method.startswith(_OWN)
+        if handler.stream_stream is not None and (own or self._guard is not None):  # ExecuteStream, reflection
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_bidi(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                # A stream's calls are checked one by one by whoever serves them (CarriedCalls).
+                request_deserializer=_tolerant(handler.request_deserializer) if own else handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # tierstack serves no client-streaming RPCs; pass others through untimed
@@ -228,30 +254,32 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _finish(
-        self,
-        method: str,
-        context: grpc.aio.ServicerContext[Any, Any],
-        error: BaseException | None,
-        start: float,
-        audited: tuple[str, str] | None,
-    ) -> None:
-        elapsed = time.perf_counter() - start
-        if isinstance(error, TierstackError):
-            _log.info("%s failed: %s (%s)", method, error.message, error.reason)
-        elif isinstance(error, OUT_OF_REACH):
-            _log.warning("%s failed: the store is out of reach (%s)", method, type(error).__name__)
-        elif (
-            error is not None
-            and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError)
-            and not _unwritten(error, context)
-        ):
-            _log.exception("%s raised an unexpected error", method, exc_info=error)
-        self._metrics.in_flight[method] -= 1
-        code = _code_name(context, error)
-        self._metrics.record(method, code, elapsed)
-        if audited is not None:
-            audit.record(method, *audited, code)
+
+def _finish(
+    metrics: MethodMetrics,
+    method: str,
+    code: str,
+    error: BaseException | None,
+    start: float,
+    audited: tuple[str, str] | None,
+) -> None:
+    """Logs how a call failed (unexpected failures with their traceback), records its latency under
+    its method and status code, and audits it when ``audited`` names what it acted on and its peer."""
+    elapsed = time.perf_counter() - start
+    if isinstance(error, TierstackError):
+        _log.info("%s failed: %s (%s)", method, error.message, error.reason)
+    elif isinstance(error, OUT_OF_REACH):
+        _log.warning("%s failed: the store is out of reach (%s)", method, type(error).__name__)
+    elif (
+        error is not None
+        and not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError)
+        and code != "UNIMPLEMENTED"
+    ):
+        _log.exception("%s raised an unexpected error", method, exc_info=error)
+    metrics.in_flight[method] -= 1
+    metrics.record(method, code, elapsed)
+    if audited is not None:
+        audit.record(method, *audited, code)
 
 
 class _Observed:
@@ -281,17 +309,63 @@ class _Observed:
         self, exc_type: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> bool:
         try:
-            if isinstance(error, TierstackError):
-                await self._context.abort_with_status(to_grpc_status(error))
-            elif _unwritten(error, self._context):
+            if _unwritten(error, self._context):
                 await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "the server does not offer this method")
-            elif isinstance(error, OUT_OF_REACH):
-                await self._context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
-            elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
-                await self._context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            elif (status := answer_of(error)) is not None:
+                await self._context.abort_with_status(rpc_status.to_status(status))
         finally:
-            self._interceptor._finish(self._method, self._context, error, self._start, self._audited)
+            code = _code_name(self._context, error)
+            _finish(self._interceptor._metrics, self._method, code, error, self._start, self._audited)
         return False
+
+
+class CarriedCalls:
+    """Serves the calls a stream carries (ExecuteStream) as the interceptor serves calls of their own:
+    each one checked against the boundary's bounds, authorised for the caller it names, stamped with
+    it, timed per method and status code and audited, its failure turned into the status it would
+    have answered.
+
+    Args:
+        metrics: The server's method metrics, which the carried calls join under their own methods.
+        guard: Checks each call's caller when auth is on (the stream's credential was checked when
+            it opened).
+    """
+
+    def __init__(self, metrics: MethodMetrics, guard: Guard | None) -> None:
+        self.metrics = metrics
+        self._guard = guard
+
+    async def serve(
+        self, method: str, envelope: Message, request: Message, peer: str, behavior: Callable[[], Awaitable[None]]
+    ) -> status_pb2.Status:
+        """Serves one carried call of ``method`` (``request``, which came in ``envelope``) by awaiting
+        ``behavior`` once the call is admitted, and returns the status the call ended with (OK when
+        nothing failed); raises only the call's cancellation (when its caller let it go)."""
+        metrics = self.metrics
+        metrics.in_flight[method] += 1
+        start = time.perf_counter()
+        status = _OK
+        error: BaseException | None = None
+        try:
+            if self._guard is not None:
+                context = getattr(request, "context", None)
+                if isinstance(context, common_pb2.RequestContext):
+                    self._guard.act_for(context.tenant_id, context.user_id)
+                self._guard.authorize(method)
+            await _checked(envelope)
+            stamp(request)
+            await behavior()
+        except asyncio.CancelledError as exc:
+            error = exc
+            raise
+        except Exception as exc:
+            error = exc
+            status = answer_of(exc) or _INTERNAL
+        finally:
+            code = "CANCELLED" if isinstance(error, asyncio.CancelledError) else Code(status.code).name
+            audited = (audit.resource_of(request), peer) if method in audit.AUDITED else None
+            _finish(metrics, method, code, error, start, audited)
+        return status
 
 
 class _ClientMeasures:
@@ -374,6 +448,13 @@ class _StreamOnBehalf(_OnBehalf, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
+class _StreamStreamOnBehalf(_OnBehalf, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
 def tier_channel(
     target: str, metrics: MethodMetrics, *, max_message_bytes: int, tls: Tls | None, tier_key: str = ""
 ) -> grpc.aio.Channel:
@@ -386,5 +467,5 @@ def tier_channel(
         StreamClientInterceptor(metrics),
     ]
     if tier_key:
-        interceptors[:0] = [_UnaryOnBehalf(tier_key), _StreamOnBehalf(tier_key)]
+        interceptors[:0] = [_UnaryOnBehalf(tier_key), _StreamOnBehalf(tier_key), _StreamStreamOnBehalf(tier_key)]
     return open_channel(target, max_message_bytes=max_message_bytes, tls=tls, interceptors=interceptors)

@@ -150,10 +150,11 @@ class MethodMetrics:
 
 def is_work(method: str) -> bool:
     """Says whether a method's calls are the tier's work, worth rates and alerts: not gRPC's own
-    services, not monitoring, and not subscriptions (``Watch…``), which last as long as their callers want."""
-    return (
-        "/grpc." not in method and "MonitorService" not in method and not method.rsplit("/", 1)[-1].startswith("Watch")
-    )
+    services, not monitoring, and not subscriptions (``Watch…``) or streams that carry other calls
+    (``…Stream``, whose calls are counted as their own), which last as long as their callers want."""
+    name = method.rsplit("/", 1)[-1]
+    long_lived = name.startswith("Watch") or name.endswith("Stream")
+    return "/grpc." not in method and "MonitorService" not in method and not long_lived
 
 
 def latency_since(current: monitor_pb.LatencyStats, previous: monitor_pb.LatencyStats | None) -> LatencyHistogram:

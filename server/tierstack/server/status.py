@@ -23,7 +23,7 @@ from tierstack.core.errors import (
 )
 from tierstack.server.boundary import MAX_VIOLATIONS
 
-__all__ = ["ERROR_DOMAIN", "to_grpc_status"]
+__all__ = ["ERROR_DOMAIN", "status_of", "to_grpc_status"]
 
 #: The longest message, violation field and violation description an answer carries: a status must
 #: fit in the trailers whatever the request held.
@@ -58,7 +58,13 @@ def _quota_failure(violations: Iterable[Violation]) -> error_details_pb2.QuotaFa
 
 
 def to_grpc_status(error: TierstackError) -> grpc.Status:
-    """Returns the status a servicer aborts with for ``error``, carrying ErrorInfo and, where they
+    """Returns the status a servicer aborts with for ``error`` (see :func:`status_of`)."""
+    status: grpc.Status = rpc_status.to_status(status_of(error))
+    return status
+
+
+def status_of(error: TierstackError) -> status_pb2.Status:
+    """Returns the status of a call that failed with ``error``, carrying ErrorInfo and, where they
     fit, BadRequest field violations, QuotaFailure, RetryInfo or ResourceInfo. A failed call to the tier below
     keeps its code, reason, metadata and violations, not the texts gRPC wrote for it."""
     details: list[Any] = [
@@ -78,13 +84,10 @@ def to_grpc_status(error: TierstackError) -> grpc.Status:
     return _status(int(error.code), message_of(error), details)
 
 
-def _status(code: int, message: str, details: list[Any]) -> grpc.Status:
+def _status(code: int, message: str, details: list[Any]) -> status_pb2.Status:
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE), details=packed)
-    )
-    return status
+    return status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE), details=packed)

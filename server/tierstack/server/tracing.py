@@ -24,8 +24,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tierstack.core import tracing as spans
 
-# gRPC's own services (health, reflection) are not traced: they are not the work.
-_TRACED = filters.negate(filters.service_prefix("grpc."))
+# gRPC's own services (health, reflection) are not traced: they are not the work. Nor is a stream
+# that carries calls (ExecuteStream): it lasts as long as the server, and each call it carries has
+# spans of its own, in its caller's trace.
+_TRACED = filters.negate(filters.any_of(filters.service_prefix("grpc."), filters.method_name("ExecuteStream")))
 
 
 class Tracing:
@@ -67,4 +69,4 @@ def client_interceptors() -> list[Any]:
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         return []
-    return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
+    return list(aio_client_interceptors(tracer_provider=provider, filter_=_TRACED))  # type: ignore[no-untyped-call]

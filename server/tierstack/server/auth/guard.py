@@ -49,6 +49,8 @@ REQUIRED: dict[str, Role] = {
         f"{_SERVICES}ExecutorService/{name}": Role.RUN
         for name in ("Execute", "CancelExecution", "ExecuteTool", "ExecuteTools", "ApproveToolCall", "RejectToolCall")
     },
+    # It carries many callers' calls, each naming its own: the tiers' path only.
+    f"{_SERVICES}ExecutorService/ExecuteStream": Role.TIER,
     **dict.fromkeys(REFLECTION, Role.READ),
     # Every tenant's figures (a tool's last error quotes a call's arguments): these are for operators.
     **{
@@ -139,11 +141,18 @@ class Guard:
             raise UnauthenticatedError("the credential is not a valid key or token", reason="BAD_CREDENTIAL")
         act_as(principal)  # a call refused from here on is still logged as its caller's
         if principal.role is Role.TIER:
-            tenant, caller = values.get(TENANT), values.get(CALLER, "")
-            if isinstance(tenant, str) and isinstance(caller, str) and 0 < len(tenant) <= MAX_NAME >= len(caller):
-                act_as(Principal(tenant, caller, Role.TIER))
+            self.act_for(values.get(TENANT), values.get(CALLER, ""))
         elif self._limiter is not None:
             self._limiter.take(principal.tenant)
+
+    def act_for(self, tenant: object, caller: object) -> None:
+        """Makes the tenant and caller a tier names (in a call's metadata, or in each call a stream
+        carries) current for the call, when the current caller is a tier; anyone else calls for itself."""
+        principal = current()
+        if principal is None or principal.role is not Role.TIER:
+            return
+        if isinstance(tenant, str) and isinstance(caller, str) and 0 < len(tenant) <= MAX_NAME >= len(caller):
+            act_as(Principal(tenant, caller, Role.TIER))
 
     def authorize(self, method: str) -> None:
         """Checks that the current caller (see :meth:`authenticate`) may call ``method``.

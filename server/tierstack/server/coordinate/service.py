@@ -26,7 +26,7 @@ from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, SqliteGoalStore
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
 from tierstack.server.crosstier import CrossTierMonitor
-from tierstack.server.interceptor import tier_channel
+from tierstack.server.interceptor import CarriedCalls, tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.pagination import decode_time_cursor, encode_time_cursor
 from tierstack.v1 import common_pb2, coordinator_service_pb2_grpc
@@ -159,7 +159,7 @@ class CoordinateService:
             )
         )
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
         coordinator_service_pb2_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(self.coordinator), server
         )

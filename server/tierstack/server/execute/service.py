@@ -11,6 +11,7 @@ import grpc
 from tierstack.core.values import to_duration, to_struct
 from tierstack.server import correlation
 from tierstack.server.ai import AIService
+from tierstack.server.auth import audit
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
@@ -19,8 +20,10 @@ from tierstack.server.execute.postgres_store import PostgresExecutionStore
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.execute.store import ExecutionStore, SqliteExecutionStore
+from tierstack.server.execute.stream import StreamedCalls
 from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.execute.workspaces import remove_stale
+from tierstack.server.interceptor import CarriedCalls
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.server.retention import Sweeper
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
@@ -36,8 +39,9 @@ _SOURCES = {
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     """Translates ExecutorService calls into executor calls."""
 
-    def __init__(self, executor: Executor, *, slow_tool_seconds: float) -> None:
+    def __init__(self, executor: Executor, streams: StreamedCalls, *, slow_tool_seconds: float) -> None:
         self._executor = executor
+        self._streams = streams
         self._slow_tool_seconds = slow_tool_seconds
 
     async def Execute(
@@ -103,6 +107,14 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         tool = await self._executor.approvals.reject(request.approval_id, request.reason)
         return executor_service_pb2.RejectToolCallResponse(tool=tool)
 
+    async def ExecuteStream(
+        self,
+        request_iterator: AsyncIterator[executor_service_pb2.ExecuteStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[executor_service_pb2.ExecuteStreamResponse]:
+        async for answer in self._streams.serve(request_iterator, audit.peer_of(context)):
+            yield answer
+
     async def ListTools(
         self, request: executor_service_pb2.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> executor_service_pb2.ListToolsResponse:
@@ -163,6 +175,7 @@ class ExecuteService:
             owner=settings.replica_id,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
+        self._streams: StreamedCalls | None = None
         self._retention = Sweeper("workspaces and executions", settings.retention_seconds, self._forget)
 
     async def _forget(self, before: float) -> None:
@@ -188,9 +201,10 @@ class ExecuteService:
             )
         )
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
+        self._streams = StreamedCalls(self.executor, carried)
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
-            ExecutorServicer(self.executor, slow_tool_seconds=self._slow_tool_seconds), server
+            ExecutorServicer(self.executor, self._streams, slow_tool_seconds=self._slow_tool_seconds), server
         )
 
     async def start(self, health: Callable[[bool], Awaitable[None]], ports: Collection[int]) -> None:
@@ -204,7 +218,10 @@ class ExecuteService:
         self._retention.start()
 
     def stopping(self) -> None:
-        """Nothing to prepare: calls in flight finish or are cancelled with the server."""
+        """Ends each ExecuteStream once its calls in flight have ended, refusing new steps meanwhile;
+        other calls in flight finish or are cancelled with the server."""
+        if self._streams is not None:
+            self._streams.stop()
 
     async def close(self) -> None:
         await self._retention.close()

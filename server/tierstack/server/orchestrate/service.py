@@ -13,12 +13,13 @@ from tierstack.core.errors import FailedPreconditionError, InvalidArgumentError,
 from tierstack.core.values import to_duration, to_value
 from tierstack.server import correlation
 from tierstack.server.config import Settings
-from tierstack.server.interceptor import tier_channel
+from tierstack.server.interceptor import CarriedCalls, tier_channel
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.persistence import HealthReport
 from tierstack.server.orchestrate.postgres_store import PostgresRunStore
 from tierstack.server.orchestrate.store import RunStore, SqliteRunStore
+from tierstack.server.orchestrate.tier3 import ExecuteStreams
 from tierstack.server.pagination import decode_time_cursor, encode_time_cursor
 from tierstack.v1 import common_pb2, orchestrator_service_pb2_grpc
 from tierstack.v1 import monitor_service_pb2 as monitor_pb
@@ -232,11 +233,11 @@ class OrchestrateService:
             tls=settings.tls_below,
             tier_key=settings.tier_key,
         )
-        self._executor = ExecutorClient(channel=self._channel)
+        self._streams = ExecuteStreams(self._channel, self.client_metrics)
         self.manager = RunManager(
             self._store,
-            self._executor,
-            tools=ToolNames(self._executor),
+            self._streams,
+            tools=ToolNames(ExecutorClient(channel=self._channel)),
             max_output_bytes=settings.max_output_bytes,
             max_total_output_bytes=settings.max_total_output_bytes,
             max_message_bytes=settings.max_message_bytes,
@@ -270,7 +271,7 @@ class OrchestrateService:
             )
         )
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
         )
@@ -286,6 +287,7 @@ class OrchestrateService:
 
     async def close(self) -> None:
         await self.manager.close()
+        await self._streams.close()
         await self._channel.close()
         await self._store.close()
 

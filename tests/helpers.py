@@ -368,9 +368,9 @@ class FlakyStore(RunStore):
         return await self.real.list_runs(limit=limit, after=after, state=state, tenant=tenant)
 
     async def take_over(
-        self, owner: str, *, limit: int | None, at_start: bool = False
+        self, owner: str, *, limit: int | None, at_start: bool = False, driven: Collection[str] = ()
     ) -> list[tuple[StoredRun, Fence]]:
-        return await self.real.take_over(owner, limit=limit, at_start=at_start)
+        return await self.real.take_over(owner, limit=limit, at_start=at_start, driven=driven)
 
     async def renew(self, owner: str, run_ids: Collection[str]) -> set[str]:
         return await self.real.renew(owner, run_ids)

@@ -22,6 +22,7 @@ __all__ = [
     "test_a_tenant_has_at_most_its_quota_of_unfinished_goals",
     "test_a_transition_stores_the_record_and_follows_the_table",
     "test_a_writer_that_believes_another_state_is_refused",
+    "test_an_owner_takes_back_its_own_goals_it_no_longer_drives",
     "test_concurrent_take_overs_share_the_goals_out",
     "test_concurrent_writes_of_one_owner_get_distinct_numbers",
     "test_each_tenant_sees_its_own_goals_and_request_ids",
@@ -183,6 +184,8 @@ async def test_a_goal_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(
     assert await store.renew("first", ["g1", "g2", "unknown"]) == {"g1", "g2"}
     assert await store.take_over("survivor", limit=None) == []
     await asyncio.sleep(0.7)
+    # Its owner, late to renew, drives them still: it never takes the goals it drives from itself.
+    assert await store.take_over("first", limit=None, driven=["g1", "g2"]) == []
     taken = await store.take_over("survivor", limit=None)
     assert [(g.goal_id, f) for g, f in taken] == [("g1", Fence("survivor", 2)), ("g2", Fence("survivor", 2))]
     assert await store.renew("first", ["g1", "g2"]) == set()
@@ -191,6 +194,15 @@ async def test_a_goal_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(
     assert await store.take_over("starter", limit=None, at_start=True) == (
         [] if store.shared else [(g, Fence("starter", 3)) for g, _ in taken]
     )
+
+
+async def test_an_owner_takes_back_its_own_goals_it_no_longer_drives(store: GoalStore) -> None:
+    store.lease_seconds = 0.1
+    await store.create_goal(new_goal("g1"), "first")
+    await asyncio.sleep(0.3)
+    # Its lease passed and its owner does not drive it (its driver failed, say): it takes it back.
+    [(goal, fence)] = await store.take_over("first", limit=None)
+    assert (goal.goal_id, fence) == ("g1", Fence("first", 2))
 
 
 async def test_concurrent_take_overs_share_the_goals_out(store: GoalStore) -> None:

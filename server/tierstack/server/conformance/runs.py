@@ -23,6 +23,7 @@ __all__ = [
     "test_a_stale_write_leaves_the_whole_batch_unwritten",
     "test_a_starting_owner_takes_over_the_runs_no_live_owner_holds",
     "test_a_tenant_has_at_most_its_quota_of_unfinished_runs",
+    "test_an_owner_takes_back_its_own_runs_it_no_longer_drives",
     "test_concurrent_claims_of_a_paused_run_have_one_winner",
     "test_concurrent_take_overs_share_the_runs_out",
     "test_each_tenant_sees_its_own_runs_and_request_ids",
@@ -157,6 +158,8 @@ async def test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(s
     assert await store.renew(OWNER, ["r1", "r2", "unknown"]) == {"r1", "r2"}
     assert await store.take_over("survivor", limit=None) == []
     await asyncio.sleep(0.7)
+    # Its owner, late to renew, drives them still: it never takes the runs it drives from itself.
+    assert await store.take_over(OWNER, limit=None, driven=["r1", "r2"]) == []
     assert len(await store.take_over("survivor", limit=1)) == 1  # oldest first, at most the limit
     [(stored, fence)] = await store.take_over("survivor", limit=10)
     assert (stored.run.run_id, fence) == ("r2", Fence("survivor", 2))
@@ -169,6 +172,15 @@ async def test_a_run_whose_lease_passed_is_taken_over_and_its_owner_fenced_out(s
     assert [stored.run.run_id for stored, _ in taken] == ["r2"]
     with pytest.raises(StaleOwnerError):
         await store.write([], [event("r1", 1)], {"r1": first})
+
+
+async def test_an_owner_takes_back_its_own_runs_it_no_longer_drives(store: RunStore) -> None:
+    store.lease_seconds = 0.1
+    await created(store, new_run("r1", state=pb.RUN_STATE_RUNNING))
+    await asyncio.sleep(0.3)
+    # Its lease passed and its owner does not drive it (its driver failed, say): it takes it back.
+    [(stored, fence)] = await store.take_over(OWNER, limit=None)
+    assert (stored.run.run_id, fence) == ("r1", Fence(OWNER, 2))
 
 
 async def test_concurrent_take_overs_share_the_runs_out(store: RunStore) -> None:

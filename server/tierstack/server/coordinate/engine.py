@@ -441,7 +441,9 @@ class Coordinator:
                 for goal_id, reason in await self._store.take_cancels(self._owner):
                     if (target := self._live.get(goal_id)) is not None:
                         self._request_cancel(target, reason)
-                for goal, fence in await self._store.take_over(self._owner, limit=_TAKE_OVER_BATCH):
+                for goal, fence in await self._store.take_over(
+                    self._owner, limit=_TAKE_OVER_BATCH, driven=self._live.keys()
+                ):
                     _log.info("goal %s taken over: its owner's lease had passed", goal.goal_id)
                     try:
                         await self._adopt(goal, fence)

@@ -152,15 +152,19 @@ class PostgresGoalStore(postgres.Pooled, GoalStore):
         )
         return [stored_goal(tuple(row)) for row in rows]
 
-    async def take_over(self, owner: str, *, limit: int | None, at_start: bool = False) -> list[tuple[Goal, Fence]]:
+    async def take_over(
+        self, owner: str, *, limit: int | None, at_start: bool = False, driven: Collection[str] = ()
+    ) -> list[tuple[Goal, Fence]]:
         async with self._db.acquire() as connection, connection.transaction():
             # Rows another replica is taking over at this moment are skipped, not waited for.
             rows = await connection.fetch(
                 f"SELECT goal_id, epoch, {_COLUMNS} FROM goals WHERE state = ANY($1::int[])"
-                f" AND (lease_ns < {postgres.NOW_NS} OR owner = $2) ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
+                f" AND ((lease_ns < {postgres.NOW_NS} AND NOT goal_id = ANY($4::text[])) OR owner = $2)"
+                " ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
                 list(UNFINISHED),
                 owner if at_start else None,
                 limit,
+                list(driven),
             )
             taken, unreadable = [], []
             for goal_id, epoch, *row in rows:

@@ -330,7 +330,9 @@ class RunManager:
                     elif until > time.monotonic():
                         still.append((run_id, kind, reason, until))
                 waiting = still
-                for stored, fence in await self._store.take_over(self.owner, limit=_TAKE_OVER_BATCH):
+                for stored, fence in await self._store.take_over(
+                    self.owner, limit=_TAKE_OVER_BATCH, driven=self._live.keys()
+                ):
                     _log.info("run %s taken over: its owner's lease had passed", stored.run.run_id)
                     await self._adopt(stored, fence)
             except Exception as exc:
@@ -830,8 +832,9 @@ class RunManager:
         finally:
             live.feed.end()
             self._forget(live)
-            self.finished_runs[pb.RunState.Name(run.state)] += 1
-            _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
+            if live.stop != "lost":  # else it goes on under its new owner, which counts its end
+                self.finished_runs[pb.RunState.Name(run.state)] += 1
+                _log.info("run %s is %s", run.run_id, pb.RunState.Name(run.state))
 
     async def _run_in_time(self, live: _LiveRun) -> common_pb2.ErrorDetail | None:
         """Runs the run's graph; once the run's ``max_duration`` has passed since it was created (a

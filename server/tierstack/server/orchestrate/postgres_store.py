@@ -207,16 +207,18 @@ class PostgresRunStore(postgres.Pooled, RunStore):
         return [Run.FromString(row["run"]) for row in rows]
 
     async def take_over(
-        self, owner: str, *, limit: int | None, at_start: bool = False
+        self, owner: str, *, limit: int | None, at_start: bool = False, driven: Collection[str] = ()
     ) -> list[tuple[StoredRun, Fence]]:
         async with self._db.acquire() as connection, connection.transaction():
             # Rows another replica is taking over at this moment are skipped, not waited for.
             rows = await connection.fetch(
                 "SELECT run_id, run, workflow, limits, epoch FROM runs WHERE state = ANY($1::int[])"
-                f" AND (lease_ns < {postgres.NOW_NS} OR owner = $2) ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
+                f" AND ((lease_ns < {postgres.NOW_NS} AND NOT run_id = ANY($4::text[])) OR owner = $2)"
+                " ORDER BY create_ns LIMIT $3 FOR UPDATE SKIP LOCKED",
                 list(UNFINISHED),
                 owner if at_start else None,
                 limit,
+                list(driven),
             )
             taken, unreadable = [], []
             for row in rows:

@@ -106,7 +106,7 @@ async def coordinate_overhead(repeat: int, results: Results) -> None:
     tier2 = InstantTier2()
     # A threshold above 1 never reuses a past goal: every goal takes the provider's path.
     decomposer = Decomposer(memory=GoalMemory(), provider=InstantProvider(), threshold=1.1)
-    coordinator = Coordinator(tier2, decomposer, flush_interval=0.0)  # a goal here lasts under 10 ms
+    coordinator = Coordinator(tier2, decomposer)
     folder = tempfile.TemporaryDirectory()
     store = SqliteGoalStore(Path(folder.name) / "goals.sqlite3")
     await store.open()

@@ -341,7 +341,6 @@ class Coordinator:
         decomposer: Splits goals into subtasks.
         store: Where goals and their events are kept; opened and closed by the caller.
         owner: This server's name as the owner of the goals it pursues; unique by default.
-        flush_interval: The longest a goal event waits before it is written, in seconds.
         reconnect_backoff: The first pause before watching a run again after Tier 2 could not be
             reached, in seconds; it doubles up to 2 s.
         max_output_bytes: The largest outputs of a goal together (in their wire form); larger ones fail
@@ -357,7 +356,6 @@ class Coordinator:
         *,
         store: GoalStore | None = None,
         owner: str = "",
-        flush_interval: float = 0.01,
         reconnect_backoff: float = 0.05,
         max_output_bytes: int = _DEFAULTS.max_total_output_bytes,
         tenant_goals: int = 0,
@@ -368,7 +366,6 @@ class Coordinator:
         self.decomposer = decomposer
         self._store = store if store is not None else MemoryGoalStore()
         self._owner = owner or f"coordinator-{uuid.uuid4().hex}"
-        self._flush_interval = flush_interval
         self._backoff = reconnect_backoff
         self._live: dict[str, _Live] = {}
         self._closing = False
@@ -496,9 +493,7 @@ class Coordinator:
         return live.journal.goal if live is not None else goal
 
     def _pursue(self, goal: pb.Goal, fence: Fence, history: list[pb.GoalEvent], *, resumed: bool) -> None:
-        journal = GoalJournal(
-            self._store, goal, fence, history, interval=self._flush_interval, on_lost=lambda _: self._lost(live)
-        )
+        journal = GoalJournal(self._store, goal, fence, history, on_lost=lambda _: self._lost(live))
         live = self._live[goal.goal_id] = _Live(journal)
         live.task = asyncio.create_task(self._drive(live, resumed=resumed), name=f"goal-{goal.goal_id}")
 

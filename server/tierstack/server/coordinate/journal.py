@@ -1,7 +1,9 @@
 """One goal's events, written behind in batches under its owner's fence.
 
-Events wait in memory and are written together ``interval`` after the first of them; a transition of
-the goal itself is written at once, with whatever waits before it, in the same write. Watchers see
+Events are written behind, with no fixed window: the writer writes as soon as it is free, taking every
+event that waits (alone, an event is stored one write after it happens; while a write is under way,
+the events that come meanwhile share the next). A transition of the goal itself is written at once,
+with whatever waits before it, in the same write. Watchers see
 an event only once it is stored, numbered by the store, so a restart never renumbers an event anyone
 saw. A write refused because another owner took the goal ends the journal: it is never retried.
 
@@ -22,8 +24,8 @@ from tierstack.server.feed import Feed
 from tierstack.v1 import coordinator_service_pb2 as pb
 
 _log = logging.getLogger(__name__)
-#: The longest wait before a failed write is tried again, in seconds.
-RETRY_MAX_SECONDS = 5.0
+#: The first and the longest wait before a failed write is tried again, in seconds.
+RETRY_SECONDS = (0.01, 5.0)
 
 
 class GoalJournal:
@@ -34,7 +36,6 @@ class GoalJournal:
         goal: The goal as its owner holds it.
         fence: The owner's fence.
         history: The events already stored.
-        interval: The longest an event waits before it is written, in seconds.
         on_lost: Called once when a write is refused because another owner holds the goal.
     """
 
@@ -45,7 +46,6 @@ class GoalJournal:
         fence: Fence,
         history: list[pb.GoalEvent],
         *,
-        interval: float,
         on_lost: Callable[[StaleOwnerError], None],
     ) -> None:
         self._store = store
@@ -53,7 +53,6 @@ class GoalJournal:
         self.fence = fence
         #: The stored events, for watchers; it ends when the journal does, or is lost.
         self.feed: Feed[pb.GoalEvent] = Feed(history)
-        self._interval = interval
         self._on_lost = on_lost
         self._pending: list[pb.GoalEvent] = []
         self._failures = 0  # failed writes in a row
@@ -61,14 +60,15 @@ class GoalJournal:
         self._timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self.lost: StaleOwnerError | None = None
+        self._closed = False
 
     def record(self, event: pb.GoalEvent) -> None:
         """Queues an event; it is written with the next batch."""
         if self.lost is not None:
             return  # the goal is another owner's: its driver is being stopped
         self._pending.append(event)
-        if self._timer is None and self._writer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._write_soon)
+        if self._timer is None and self._writer is None and not self._closed:
+            self._write_soon()
 
     def _write_soon(self) -> None:
         self._timer = None
@@ -91,9 +91,12 @@ class GoalJournal:
             self._failures = 0
         finally:
             self._writer = None
-            if self._pending and self._timer is None and self.lost is None:
-                wait = min(RETRY_MAX_SECONDS, self._interval * 2 ** min(self._failures, 16))
-                self._timer = asyncio.get_running_loop().call_later(wait, self._write_soon)
+            if self._pending and self._timer is None and self.lost is None and not self._closed:
+                if self._failures:
+                    wait = min(RETRY_SECONDS[1], RETRY_SECONDS[0] * 2 ** min(self._failures, 16))
+                    self._timer = asyncio.get_running_loop().call_later(wait, self._write_soon)
+                else:
+                    self._write_soon()  # what came while it wrote
 
     async def flush(self, event: pb.GoalEvent | None = None, *, transition: str | None = None) -> None:
         """Writes what waits, then ``event``, in one write; with ``transition``, the goal's record
@@ -137,10 +140,11 @@ class GoalJournal:
 
     async def close(self) -> None:
         """Writes what waits (unless the goal is another owner's) and waits for the writer."""
+        self._closed = True  # no writer is started from now on but the last flush below
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._writer is not None:
+        while self._writer is not None:
             await asyncio.shield(self._writer)
         async with self._lock:
             pass  # a write in flight (a shielded transition) is done

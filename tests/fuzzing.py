@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import message_factory, text_format
@@ -139,7 +139,9 @@ async def replay(target: str, path: str, payload: bytes, *, timeout: float = 5.0
 async def _send(channel: grpc.aio.Channel, path: str, payload: bytes, timeout: float) -> tuple[str, str]:
     received = 0
     try:
-        if _BY_PATH[path].bidirectional:  # one message on a stream of its own, then the stream's end
+        method = _BY_PATH[path]
+        if method.bidirectional:  # one message on a stream of its own, then the stream's end
+            answers = message_factory.GetMessageClass(method.output)
             both = cast("grpc.aio.StreamStreamMultiCallable[bytes, bytes]", channel.stream_stream(path))
             duplex = both(timeout=timeout)
             await duplex.write(payload)
@@ -147,12 +149,12 @@ async def _send(channel: grpc.aio.Channel, path: str, payload: bytes, timeout: f
             ended = []  # each call it carried ends with a status of its own
             async for answer in duplex:
                 received += 1
-                answered = executor_service_pb2.ExecuteStreamResponse.FromString(answer)
+                answered: Any = answers.FromString(answer)
                 if answered.HasField("ended") and answered.ended.code:
                     ended.append((Code(answered.ended.code).name, answered.ended.message))
             if ended:
                 return ended[0]
-        elif _BY_PATH[path].streaming:
+        elif method.streaming:
             stream = cast("grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(path))
             call = stream(payload, timeout=timeout)
             async for _ in call:

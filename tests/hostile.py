@@ -138,6 +138,7 @@ class Method:
         input: The descriptor of its request message.
         streaming: Whether it streams its responses.
         tiers: The tiers that serve it.
+        output: The descriptor of its response message.
         bidirectional: Whether it streams its requests too (each case is then one message on it).
     """
 
@@ -145,6 +146,7 @@ class Method:
     input: Descriptor
     streaming: bool
     tiers: tuple[str, ...]
+    output: Descriptor
     bidirectional: bool = False
 
     @property
@@ -165,7 +167,9 @@ def _methods() -> Iterator[Method]:
         for method in service.methods:
             assert method.server_streaming or not method.client_streaming, "tierstack serves no client-streaming RPCs"
             path = f"/{service.full_name}/{method.name}"
-            yield Method(path, method.input_type, method.server_streaming, tiers, method.client_streaming)
+            yield Method(
+                path, method.input_type, method.server_streaming, tiers, method.output_type, method.client_streaming
+            )
 
 
 #: Every RPC of the contract, Monitor's on every tier, and the standard health service.
@@ -522,6 +526,7 @@ class Shapes:
             complexity=st.integers(0, 10),
         )
         cancel = st.builds(executor.CancelExecutionRequest, execution_id=st.sampled_from(("run-1/s0/1", "x")))
+        watch = st.builds(orchestrator.WatchRunRequest, run_id=runs, after_sequence=st.integers(0, 5))
         return {
             ex + "Execute": execute,
             ex + "ExecuteStream": st.one_of(
@@ -546,7 +551,10 @@ class Shapes:
                 request_id=st.sampled_from(("", "req-1", "req-2")),
                 workflow=self.workflows,
             ),
-            orch + "WatchRun": st.builds(orchestrator.WatchRunRequest, run_id=runs, after_sequence=st.integers(0, 5)),
+            orch + "WatchRun": watch,
+            orch + "WatchRuns": st.builds(
+                orchestrator.WatchRunsRequest, call=st.integers(1, 3), tenant=st.sampled_from(("", "acme")), watch=watch
+            ),
             orch + "GetRun": st.builds(orchestrator.GetRunRequest, run_id=runs, view=views),
             orch + "ListRuns": st.builds(
                 orchestrator.ListRunsRequest,

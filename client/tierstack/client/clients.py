@@ -47,6 +47,11 @@ def open_channel(
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # While calls are open (long-lived streams too), the server is pinged each minute, so that a
+        # connection that died without a word is found within 80 s.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),  # a stream quiet for long is pinged all the same
     ]
     if several or target.startswith("dns:"):
         options.append(("grpc.service_config", _BALANCED))

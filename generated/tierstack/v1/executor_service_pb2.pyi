@@ -1095,13 +1095,23 @@ class ExecuteStreamRequest(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     EXECUTE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     call: _builtins.int
     """Numbers the call this message belongs to; the client's choice, unique among its calls in flight
-    on the stream.
+    on the stream (a number in flight used again is refused, in an answer under that number).
     Bounds: from 1 to 9,007,199,254,740,991.
+    """
+    tenant: _builtins.str
+    """Names the tenant the call is for, as a call of its own names it in `x-tierstack-tenant`.
+    Bounds: at most 128 characters.
+    """
+    caller: _builtins.str
+    """Names the caller within the tenant, as a call of its own names it in `x-tierstack-caller`.
+    Bounds: at most 128 characters.
     """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1120,7 +1130,7 @@ class ExecuteStreamRequest(_message.Message):
     @_builtins.property
     def release(self) -> _empty_pb2.Empty:
         """Lets an Execute call in flight go: no more of its events are sent, and, as when the caller of
-        Execute leaves, its step runs on (CancelExecution stops it).
+        Execute leaves, a step with an execution id runs on (CancelExecution stops it).
         """
 
     def __init__(
@@ -1128,13 +1138,15 @@ class ExecuteStreamRequest(_message.Message):
         *,
         call: _builtins.int = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
+        caller: _builtins.str = ...,
         execute: Global___ExecuteRequest | None = ...,
         cancel: Global___CancelExecutionRequest | None = ...,
         release: _empty_pb2.Empty | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "execute", b"execute", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call", b"call", "cancel", b"cancel", "execute", b"execute", "release", b"release", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call", b"call", "caller", b"caller", "cancel", b"cancel", "execute", b"execute", "release", b"release", "tenant", b"tenant", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["execute", "cancel", "release"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
@@ -1160,11 +1172,11 @@ class ExecuteStreamResponse(_message.Message):
 
     @_builtins.property
     def cancelled(self) -> Global___CancelExecutionResponse:
-        """Answers a CancelExecution call, and ends it."""
+        """Answers a CancelExecution call."""
 
     @_builtins.property
     def ended(self) -> _common_pb2.CallStatus:
-        """Ends a call: OK after an Execute call's last event, or the status the call failed with."""
+        """Ends a call: OK after its last answer, or the status it failed with."""
 
     def __init__(
         self,

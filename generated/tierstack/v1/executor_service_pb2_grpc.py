@@ -150,11 +150,12 @@ class ExecutorServiceServicer:
     def ExecuteStream(self, request_iterator, context):
         """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
         above reaches Execute, without setting up a call per step. The client numbers each call; every
-        answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
-        checked, authorised, timed and traced per call, with the same events, errors and idempotency.
-        A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
-        When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
-        ends the stream; the client opens another. It needs the TIER role when authentication is on.
+        answer names the call it belongs to, and each call's last answer is its end (`ended`). Each call
+        is served exactly as the RPC of the same name: checked, authorised, timed and traced per call,
+        with the same events, errors and idempotency. A stream holds at most 16,384 calls in flight; a
+        call past that is refused RESOURCE_EXHAUSTED. When Execute stops, it refuses new steps
+        UNAVAILABLE, lets the calls in flight end and then ends the stream; the client opens another.
+        It needs the TIER role when authentication is on: each call names the tenant and caller it is for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -60,11 +60,12 @@ class ExecutorServiceStub:
     ExecuteStream: _grpc.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]
     """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
     above reaches Execute, without setting up a call per step. The client numbers each call; every
-    answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
-    checked, authorised, timed and traced per call, with the same events, errors and idempotency.
-    A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
-    When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
-    ends the stream; the client opens another. It needs the TIER role when authentication is on.
+    answer names the call it belongs to, and each call's last answer is its end (`ended`). Each call
+    is served exactly as the RPC of the same name: checked, authorised, timed and traced per call,
+    with the same events, errors and idempotency. A stream holds at most 16,384 calls in flight; a
+    call past that is refused RESOURCE_EXHAUSTED. When Execute stops, it refuses new steps
+    UNAVAILABLE, lets the calls in flight end and then ends the stream; the client opens another.
+    It needs the TIER role when authentication is on: each call names the tenant and caller it is for.
     """
 
 @_typing.type_check_only
@@ -99,11 +100,12 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     ExecuteStream: _aio.StreamStreamMultiCallable[_executor_service_pb2.ExecuteStreamRequest, _executor_service_pb2.ExecuteStreamResponse]  # type: ignore[assignment]
     """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
     above reaches Execute, without setting up a call per step. The client numbers each call; every
-    answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
-    checked, authorised, timed and traced per call, with the same events, errors and idempotency.
-    A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
-    When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
-    ends the stream; the client opens another. It needs the TIER role when authentication is on.
+    answer names the call it belongs to, and each call's last answer is its end (`ended`). Each call
+    is served exactly as the RPC of the same name: checked, authorised, timed and traced per call,
+    with the same events, errors and idempotency. A stream holds at most 16,384 calls in flight; a
+    call past that is refused RESOURCE_EXHAUSTED. When Execute stops, it refuses new steps
+    UNAVAILABLE, lets the calls in flight end and then ends the stream; the client opens another.
+    It needs the TIER role when authentication is on: each call names the tenant and caller it is for.
     """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -189,11 +191,12 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteStreamResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteStreamResponse]]:
         """Carries many Execute and CancelExecution calls at once over one long-lived stream: the way a tier
         above reaches Execute, without setting up a call per step. The client numbers each call; every
-        answer names the call it belongs to. Each call is served exactly as the RPC of the same name:
-        checked, authorised, timed and traced per call, with the same events, errors and idempotency.
-        A stream holds at most 16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED.
-        When Execute stops, it refuses new calls UNAVAILABLE, lets the calls in flight end and then
-        ends the stream; the client opens another. It needs the TIER role when authentication is on.
+        answer names the call it belongs to, and each call's last answer is its end (`ended`). Each call
+        is served exactly as the RPC of the same name: checked, authorised, timed and traced per call,
+        with the same events, errors and idempotency. A stream holds at most 16,384 calls in flight; a
+        call past that is refused RESOURCE_EXHAUSTED. When Execute stops, it refuses new steps
+        UNAVAILABLE, lets the calls in flight end and then ends the stream; the client opens another.
+        It needs the TIER role when authentication is on: each call names the tenant and caller it is for.
         """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -1503,6 +1504,121 @@ class WatchRunRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRunRequest: _TypeAlias = WatchRunRequest  # noqa: Y015
+
+@_typing.final
+class WatchRunsRequest(_message.Message):
+    """One message of a client on a WatchRuns stream: a watch begun, or one let go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CALL_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    WATCH_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    call: _builtins.int
+    """Numbers the call this message belongs to; the client's choice, unique among its calls in flight
+    on the stream (a number in flight used again is refused, in an answer under that number).
+    Bounds: from 1 to 9,007,199,254,740,991.
+    """
+    tenant: _builtins.str
+    """Names the tenant the call is for, as a call of its own names it in `x-tierstack-tenant`.
+    Bounds: at most 128 characters.
+    """
+    caller: _builtins.str
+    """Names the caller within the tenant, as a call of its own names it in `x-tierstack-caller`.
+    Bounds: at most 128 characters.
+    """
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Carries the caller's trace context (W3C `traceparent`, `tracestate`) for the call's spans.
+        Bounds: at most 4 entries, keys at most 64 characters, values at most 512 characters.
+        """
+
+    @_builtins.property
+    def watch(self) -> Global___WatchRunRequest:
+        """Begins a WatchRun call."""
+
+    @_builtins.property
+    def release(self) -> _empty_pb2.Empty:
+        """Lets a WatchRun call in flight go: no more of its events are sent."""
+
+    def __init__(
+        self,
+        *,
+        call: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        watch: Global___WatchRunRequest | None = ...,
+        release: _empty_pb2.Empty | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "release", b"release", "watch", b"watch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call", b"call", "caller", b"caller", "release", b"release", "tenant", b"tenant", "trace_context", b"trace_context", "watch", b"watch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["watch", "release"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___WatchRunsRequest: _TypeAlias = WatchRunsRequest  # noqa: Y015
+
+@_typing.final
+class WatchRunsResponse(_message.Message):
+    """One message of Orchestrate on a WatchRuns stream: part of a call's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    call: _builtins.int
+    """Names the call this message answers."""
+    @_builtins.property
+    def event(self) -> Global___RunEvent:
+        """Carries one event of a watched run, as WatchRun streams it."""
+
+    @_builtins.property
+    def ended(self) -> _common_pb2.CallStatus:
+        """Ends a call: OK after its last event, or the status it failed with."""
+
+    def __init__(
+        self,
+        *,
+        call: _builtins.int = ...,
+        event: Global___RunEvent | None = ...,
+        ended: _common_pb2.CallStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "event", b"event", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "ended", b"ended", "event", b"event", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["event", "ended"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___WatchRunsResponse: _TypeAlias = WatchRunsResponse  # noqa: Y015
 
 @_typing.final
 class WatchRunResponse(_message.Message):

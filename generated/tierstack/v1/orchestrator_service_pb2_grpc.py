@@ -50,6 +50,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunResponse.FromString,
                 _registered_method=True)
+        self.WatchRuns = channel.stream_stream(
+                '/tierstack.v1.OrchestratorService/WatchRuns',
+                request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsRequest.SerializeToString,
+                response_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsResponse.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/tierstack.v1.OrchestratorService/GetRun',
                 request_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.GetRunRequest.SerializeToString,
@@ -118,6 +123,19 @@ class OrchestratorServiceServicer:
     def WatchRun(self, request, context):
         """Streams a run's events after a given sequence number: stored history first, then live events
         until the run ends or pauses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRuns(self, request_iterator, context):
+        """Carries many WatchRun calls at once over one long-lived stream: the way Coordinate follows its
+        subtasks' runs, without setting up a call per run. The client numbers each call; every answer
+        names the call it belongs to, and each call's last answer is its end (`ended`). Each call is
+        served exactly as WatchRun: checked, authorised and timed per call. A stream holds at most
+        16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED. When Orchestrate
+        stops, it ends the stream once the calls in flight end. It needs the TIER role when
+        authentication is on: each call names the tenant and caller it is for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +223,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunRequest.FromString,
                     response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunResponse.SerializeToString,
+            ),
+            'WatchRuns': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchRuns,
+                    request_deserializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsRequest.FromString,
+                    response_serializer=tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsResponse.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
@@ -334,6 +357,33 @@ class OrchestratorService:
             '/tierstack.v1.OrchestratorService/WatchRun',
             tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunRequest.SerializeToString,
             tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRuns(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tierstack.v1.OrchestratorService/WatchRuns',
+            tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsRequest.SerializeToString,
+            tierstack_dot_v1_dot_orchestrator__service__pb2.WatchRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

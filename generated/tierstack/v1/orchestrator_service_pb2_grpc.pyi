@@ -41,6 +41,15 @@ class OrchestratorServiceStub:
     """Streams a run's events after a given sequence number: stored history first, then live events
     until the run ends or pauses.
     """
+    WatchRuns: _grpc.StreamStreamMultiCallable[_orchestrator_service_pb2.WatchRunsRequest, _orchestrator_service_pb2.WatchRunsResponse]
+    """Carries many WatchRun calls at once over one long-lived stream: the way Coordinate follows its
+    subtasks' runs, without setting up a call per run. The client numbers each call; every answer
+    names the call it belongs to, and each call's last answer is its end (`ended`). Each call is
+    served exactly as WatchRun: checked, authorised and timed per call. A stream holds at most
+    16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED. When Orchestrate
+    stops, it ends the stream once the calls in flight end. It needs the TIER role when
+    authentication is on: each call names the tenant and caller it is for.
+    """
     GetRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]
     """Returns one run, in full unless the basic view is asked for; a run too large in full for one
     message is refused with FAILED_PRECONDITION, reason RUN_TOO_LARGE.
@@ -76,6 +85,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchRun: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchRunRequest, _orchestrator_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's events after a given sequence number: stored history first, then live events
     until the run ends or pauses.
+    """
+    WatchRuns: _aio.StreamStreamMultiCallable[_orchestrator_service_pb2.WatchRunsRequest, _orchestrator_service_pb2.WatchRunsResponse]  # type: ignore[assignment]
+    """Carries many WatchRun calls at once over one long-lived stream: the way Coordinate follows its
+    subtasks' runs, without setting up a call per run. The client numbers each call; every answer
+    names the call it belongs to, and each call's last answer is its end (`ended`). Each call is
+    served exactly as WatchRun: checked, authorised and timed per call. A stream holds at most
+    16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED. When Orchestrate
+    stops, it ends the stream once the calls in flight end. It needs the TIER role when
+    authentication is on: each call names the tenant and caller it is for.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns one run, in full unless the basic view is asked for; a run too large in full for one
@@ -127,6 +145,21 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.WatchRunResponse], _abc.AsyncIterator[_orchestrator_service_pb2.WatchRunResponse]]:
         """Streams a run's events after a given sequence number: stored history first, then live events
         until the run ends or pauses.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRuns(
+        self,
+        request_iterator: _MaybeAsyncIterator[_orchestrator_service_pb2.WatchRunsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.WatchRunsResponse], _abc.AsyncIterator[_orchestrator_service_pb2.WatchRunsResponse]]:
+        """Carries many WatchRun calls at once over one long-lived stream: the way Coordinate follows its
+        subtasks' runs, without setting up a call per run. The client numbers each call; every answer
+        names the call it belongs to, and each call's last answer is its end (`ended`). Each call is
+        served exactly as WatchRun: checked, authorised and timed per call. A stream holds at most
+        16,384 calls in flight; a call past that is refused RESOURCE_EXHAUSTED. When Orchestrate
+        stops, it ends the stream once the calls in flight end. It needs the TIER role when
+        authentication is on: each call names the tenant and caller it is for.
         """
 
     @_abc_1.abstractmethod

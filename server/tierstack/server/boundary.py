@@ -284,6 +284,13 @@ _AGENTS = Items(MAX_TEAM)
 _TIER = Declared(common_pb2.Tier.DESCRIPTOR)
 _VIEW = Declared(orchestrator_service_pb2.RunView.DESCRIPTOR)
 _RUN_CONTROL: dict[str, Rule] = {"run_id": REQUIRED_ID, "reason": REASON}
+# The envelope of a call a stream carries (ExecuteStream, WatchRuns).
+_CARRIER: dict[str, Rule] = {
+    "call": Whole(2**53 - 1, least=1),
+    "trace_context": Entries(4, key=Text(64), value=Text(512)),
+    "tenant": ID,
+    "caller": ID,
+}
 _GOAL_REQUEST: dict[str, Rule] = {"goal": GOAL, "agents": _AGENTS, "max_replans": Whole(100)}
 
 #: The bounds of every request field, by message and field name.
@@ -313,10 +320,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "tierstack.v1.RejectToolCallRequest": {"approval_id": REQUIRED_ID, "reason": REASON},
     "tierstack.v1.GetToolStatsRequest": {"slow_threshold": Span(_DAY)},
     "tierstack.v1.ListToolsRequest": {"page_size": Whole(1000), "page_token": TOKEN},
-    "tierstack.v1.ExecuteStreamRequest": {
-        "call": Whole(2**53 - 1, least=1),
-        "trace_context": Entries(4, key=Text(64), value=Text(512)),
-    },
+    "tierstack.v1.ExecuteStreamRequest": _CARRIER,
     # Tier 2
     "tierstack.v1.Workflow": {
         "name": NAME,
@@ -356,6 +360,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "after_sequence": Whole(10**15),
         "kinds": Items(32, each=ID),
     },
+    "tierstack.v1.WatchRunsRequest": _CARRIER,
     "tierstack.v1.GetRunRequest": {"run_id": REQUIRED_ID, "view": _VIEW},
     "tierstack.v1.ListRunsRequest": {
         "page_size": Whole(1000),

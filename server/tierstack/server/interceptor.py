@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, cast
 
@@ -31,7 +31,6 @@ from tierstack.server.auth.principal import stamp
 from tierstack.server.metrics import MethodMetrics
 from tierstack.server.status import status_of
 from tierstack.server.tracing import client_interceptors
-from tierstack.v1 import common_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -320,15 +319,14 @@ class _Observed:
 
 
 class CarriedCalls:
-    """Serves the calls a stream carries (ExecuteStream) as the interceptor serves calls of their own:
-    each one checked against the boundary's bounds, authorised for the caller it names, stamped with
-    it, timed per method and status code and audited, its failure turned into the status it would
-    have answered.
+    """Serves the calls a stream carries (ExecuteStream, WatchRuns) as the interceptor serves calls of
+    their own: each one authenticated (the stream's credential, again), authorised for the caller it
+    names, checked against the boundary's bounds, stamped with its caller, timed per method and status
+    code and audited, its failure turned into the status it would have answered.
 
     Args:
         metrics: The server's method metrics, which the carried calls join under their own methods.
-        guard: Checks each call's caller when auth is on (the stream's credential was checked when
-            it opened).
+        guard: Checks each call's credential and caller when auth is on.
     """
 
     def __init__(self, metrics: MethodMetrics, guard: Guard | None) -> None:
@@ -336,11 +334,23 @@ class CarriedCalls:
         self._guard = guard
 
     async def serve(
-        self, method: str, envelope: Message, request: Message, peer: str, behavior: Callable[[], Awaitable[None]]
+        self,
+        method: str,
+        envelope: Message,
+        request: Message,
+        peer: str,
+        behavior: Callable[[], Awaitable[None]],
+        *,
+        credentials: Sequence[tuple[str, Any]],
+        tenant: str,
+        caller: str,
     ) -> status_pb2.Status:
-        """Serves one carried call of ``method`` (``request``, which came in ``envelope``) by awaiting
+        """Serves one carried call of ``method`` (``request``, which came in ``envelope``, for the
+        ``tenant`` and ``caller`` it names, on a stream opened with ``credentials``) by awaiting
         ``behavior`` once the call is admitted, and returns the status the call ended with (OK when
-        nothing failed); raises only the call's cancellation (when its caller let it go)."""
+        nothing failed); raises only the call's cancellation (when its caller let it go). The
+        stream's credential is checked again for each call: a key revoked since it opened, or a token
+        since expired, carries nothing more."""
         metrics = self.metrics
         metrics.in_flight[method] += 1
         start = time.perf_counter()
@@ -348,9 +358,8 @@ class CarriedCalls:
         error: BaseException | None = None
         try:
             if self._guard is not None:
-                context = getattr(request, "context", None)
-                if isinstance(context, common_pb2.RequestContext):
-                    self._guard.act_for(context.tenant_id, context.user_id)
+                await self._guard.authenticate(method, credentials)
+                self._guard.act_for(tenant, caller)
                 self._guard.authorize(method)
             await _checked(envelope)
             stamp(request)

@@ -148,12 +148,17 @@ class MethodMetrics:
         ]
 
 
+#: The RPCs that carry other calls over a long-lived stream; each call they carry is counted as a
+#: call of the RPC it stands for.
+CARRIERS = frozenset({"ExecuteStream", "WatchRuns"})
+
+
 def is_work(method: str) -> bool:
     """Says whether a method's calls are the tier's work, worth rates and alerts: not gRPC's own
-    services, not monitoring, and not subscriptions (``Watch…``) or streams that carry other calls
-    (``…Stream``, whose calls are counted as their own), which last as long as their callers want."""
+    services, not monitoring, and not subscriptions (``Watch…``) or :data:`CARRIERS`, which last as
+    long as their callers want."""
     name = method.rsplit("/", 1)[-1]
-    long_lived = name.startswith("Watch") or name.endswith("Stream")
+    long_lived = name.startswith("Watch") or name in CARRIERS
     return "/grpc." not in method and "MonitorService" not in method and not long_lived
 
 

@@ -23,11 +23,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tierstack.core import tracing as spans
+from tierstack.server.metrics import CARRIERS
 
-# gRPC's own services (health, reflection) are not traced: they are not the work. Nor is a stream
-# that carries calls (ExecuteStream): it lasts as long as the server, and each call it carries has
-# spans of its own, in its caller's trace.
-_TRACED = filters.negate(filters.any_of(filters.service_prefix("grpc."), filters.method_name("ExecuteStream")))
+# gRPC's own services (health, reflection) are not traced: they are not the work. Nor are the streams
+# that carry calls (ExecuteStream, WatchRuns): they last as long as the server, and each call they
+# carry has spans of its own, in its caller's trace.
+_TRACED = filters.negate(
+    filters.any_of(filters.service_prefix("grpc."), *(filters.method_name(name) for name in sorted(CARRIERS)))
+)
 
 
 class Tracing:

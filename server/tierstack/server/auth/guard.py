@@ -49,8 +49,9 @@ REQUIRED: dict[str, Role] = {
         f"{_SERVICES}ExecutorService/{name}": Role.RUN
         for name in ("Execute", "CancelExecution", "ExecuteTool", "ExecuteTools", "ApproveToolCall", "RejectToolCall")
     },
-    # It carries many callers' calls, each naming its own: the tiers' path only.
+    # They carry many callers' calls, each naming its own: the tiers' path only.
     f"{_SERVICES}ExecutorService/ExecuteStream": Role.TIER,
+    f"{_SERVICES}OrchestratorService/WatchRuns": Role.TIER,
     **dict.fromkeys(REFLECTION, Role.READ),
     # Every tenant's figures (a tool's last error quotes a call's arguments): these are for operators.
     **{

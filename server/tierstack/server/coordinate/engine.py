@@ -63,8 +63,6 @@ _TEAMS_AT_ONCE = 2
 DEFAULT_MAX_REPLANS = 2
 #: The longest pause between attempts to reach Tier 2 again, in seconds.
 _MAX_BACKOFF = 2.0
-#: The failures of a call to Tier 2 that say it could not be reached, not that the call was wrong.
-_TRANSIENT = frozenset({Code.UNAVAILABLE})
 # How long a watcher of a goal another replica pursues waits before it reads the store again, unless
 # told of a change first.
 _WATCH_WAIT = 0.5
@@ -88,6 +86,12 @@ class WorkflowRunner(Protocol):
 
 
 _error = functools.partial(error_detail, common_pb2.TIER_COORDINATE)
+
+
+def _transient(error: TierstackError) -> bool:
+    """Says whether a call to Tier 2 failed for now, not because it was wrong: Tier 2 could not be
+    reached, or had no room for another carried call just then."""
+    return error.code is Code.UNAVAILABLE or error.reason == "TOO_MANY_CALLS"
 
 
 def team_for(agents: Sequence[pb.Agent], subtasks: Sequence[pb.Subtask], *, max_parallelism: int = 0) -> Team:
@@ -953,7 +957,7 @@ class _Pursuit:
             try:
                 return await call()
             except TierstackError as exc:
-                if exc.code not in _TRANSIENT:
+                if not _transient(exc):
                     raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, _MAX_BACKOFF)
@@ -1004,7 +1008,7 @@ class _Pursuit:
                                 if finished and output is None:
                                     output = run_event.run_completed.outputs.get(subtask.id)
                     except TierstackError as exc:
-                        if exc.code not in _TRANSIENT:
+                        if not _transient(exc):
                             raise
                     else:
                         if finished or error is not None:

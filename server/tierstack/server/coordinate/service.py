@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 
-from tierstack.client import OrchestratorClient
 from tierstack.server import correlation
 from tierstack.server.advice import AdviceThresholds
 from tierstack.server.ai import AIService, Scope
@@ -25,6 +24,7 @@ from tierstack.server.coordinate.postgres_store import PostgresGoalStore
 from tierstack.server.coordinate.similarity import EmbeddingIndex, NgramIndex
 from tierstack.server.coordinate.store import GoalStore, SqliteGoalStore
 from tierstack.server.coordinate.templates import BUILTIN_TEMPLATES, load_templates
+from tierstack.server.coordinate.tier2 import Orchestrator
 from tierstack.server.crosstier import CrossTierMonitor
 from tierstack.server.interceptor import CarriedCalls, tier_channel
 from tierstack.server.metrics import MethodMetrics
@@ -103,7 +103,9 @@ class CoordinateService:
             tls=settings.tls_below,
             tier_key=settings.tier_key,
         )
-        self._orchestrator = OrchestratorClient(channel=self._channel)
+        self._orchestrator = Orchestrator(
+            self._channel, self.client_metrics, max_message_bytes=settings.max_message_bytes
+        )
         self.cross_tier = CrossTierMonitor(
             self.tier,
             {
@@ -182,6 +184,7 @@ class CoordinateService:
     async def close(self) -> None:
         await self.coordinator.close()
         await self.cross_tier.close()
+        await self._orchestrator.close()
         await self._channel.close()
         await self._store.close()
         await self.ai.close()

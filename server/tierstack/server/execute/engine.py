@@ -74,8 +74,9 @@ CONVERSE = "You carry out one task. Call the tools you are offered when they hel
 ANALYSE = "Analyse the task: what is asked, what information is needed, and which tools could provide it."
 PLAN = "Plan the task: call every tool the plan needs, with its arguments, in order."
 REFINE = "Answer the task from the analysis and the tool results, plainly and briefly."
-#: How many executions may be in flight at once; more are refused until some end.
-MAX_FLIGHTS = 10_000
+#: How many executions may be in flight at once (as many as the streams of a tier above carry); more
+#: are refused RESOURCE_EXHAUSTED until some end, and Orchestrate asks for them again.
+MAX_FLIGHTS = 65_536
 #: The events of an execution sent whether or not its caller asks for progress: what a caller acts on.
 ALWAYS_SENT = frozenset({"approval_required", "output", "completed", "failed"})
 # How long a call for an execution another replica runs waits before it looks again, unless told

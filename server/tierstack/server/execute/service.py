@@ -11,7 +11,6 @@ import grpc
 from tierstack.core.values import to_duration, to_struct
 from tierstack.server import correlation
 from tierstack.server.ai import AIService
-from tierstack.server.auth import audit
 from tierstack.server.config import Settings
 from tierstack.server.execute.builtin import HttpRequester, register_builtin_tools
 from tierstack.server.execute.engine import Executor
@@ -20,10 +19,11 @@ from tierstack.server.execute.postgres_store import PostgresExecutionStore
 from tierstack.server.execute.python_tools import register_entry_point_tools
 from tierstack.server.execute.registry import ToolRegistry, ToolSource
 from tierstack.server.execute.store import ExecutionStore, SqliteExecutionStore
-from tierstack.server.execute.stream import StreamedCalls
+from tierstack.server.execute.stream import execute_streams
 from tierstack.server.execute.workers import WorkerPool
 from tierstack.server.execute.workspaces import remove_stale
 from tierstack.server.interceptor import CarriedCalls
+from tierstack.server.multiplex import Multiplexer
 from tierstack.server.pagination import decode_token, encode_token
 from tierstack.server.retention import Sweeper
 from tierstack.v1 import common_pb2, executor_service_pb2, executor_service_pb2_grpc
@@ -39,7 +39,7 @@ _SOURCES = {
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     """Translates ExecutorService calls into executor calls."""
 
-    def __init__(self, executor: Executor, streams: StreamedCalls, *, slow_tool_seconds: float) -> None:
+    def __init__(self, executor: Executor, streams: Multiplexer, *, slow_tool_seconds: float) -> None:
         self._executor = executor
         self._streams = streams
         self._slow_tool_seconds = slow_tool_seconds
@@ -112,7 +112,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         request_iterator: AsyncIterator[executor_service_pb2.ExecuteStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[executor_service_pb2.ExecuteStreamResponse]:
-        async for answer in self._streams.serve(request_iterator, audit.peer_of(context)):
+        async for answer in self._streams.serve(request_iterator, context):
             yield answer
 
     async def ListTools(
@@ -175,7 +175,8 @@ class ExecuteService:
             owner=settings.replica_id,
         )
         self._slow_tool_seconds = settings.slow_tool_seconds
-        self._streams: StreamedCalls | None = None
+        self._streams: Multiplexer | None = None
+        self._max_message_bytes = settings.max_message_bytes
         self._retention = Sweeper("workspaces and executions", settings.retention_seconds, self._forget)
 
     async def _forget(self, before: float) -> None:
@@ -202,7 +203,7 @@ class ExecuteService:
         )
 
     def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
-        self._streams = StreamedCalls(self.executor, carried)
+        self._streams = execute_streams(self.executor, carried, max_message_bytes=self._max_message_bytes)
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(self.executor, self._streams, slow_tool_seconds=self._slow_tool_seconds), server
         )

@@ -1247,9 +1247,18 @@ class RunManager:
 
 
 def _lost_call(error: TierstackError) -> bool:
-    """Says whether a call to Execute was lost on the way rather than answered: Execute could not be
-    reached, or the call ended without an answer from a tierstack server."""
-    return error.code.name == "UNAVAILABLE" or (error.code.name == "CANCELLED" and error.domain != ERROR_DOMAIN)
+    """Says whether a call to Execute was lost on the way, or turned away for now, rather than answered:
+    Execute could not be reached, the call ended without an answer from a tierstack server, or Execute
+    had no room for another execution just then."""
+    return (
+        error.code.name == "UNAVAILABLE"
+        or (error.code.name == "CANCELLED" and error.domain != ERROR_DOMAIN)
+        or error.reason in _BUSY
+    )
+
+
+#: The reasons Execute gives when it has no room for another execution or call until some end.
+_BUSY = frozenset({"TOO_MANY_EXECUTIONS", "TOO_MANY_CALLS"})
 
 
 def _age(live: _LiveRun) -> float:

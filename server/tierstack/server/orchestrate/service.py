@@ -15,6 +15,7 @@ from tierstack.server import correlation
 from tierstack.server.config import Settings
 from tierstack.server.interceptor import CarriedCalls, tier_channel
 from tierstack.server.metrics import MethodMetrics
+from tierstack.server.multiplex import WATCH_RUN, Kind, Multiplexer
 from tierstack.server.orchestrate.engine import RunManager
 from tierstack.server.orchestrate.persistence import HealthReport
 from tierstack.server.orchestrate.postgres_store import PostgresRunStore
@@ -45,8 +46,9 @@ def _basic(run: pb.Run) -> pb.Run:
 class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
     """Translates OrchestratorService calls into run manager calls."""
 
-    def __init__(self, manager: RunManager, *, max_message_bytes: int) -> None:
+    def __init__(self, manager: RunManager, streams: Multiplexer, *, max_message_bytes: int) -> None:
         self._manager = manager
+        self._streams = streams
         self._max_message_bytes = max_message_bytes
 
     def _fitted(self, response: ActedOn) -> ActedOn:
@@ -104,10 +106,14 @@ class OrchestratorServicer(orchestrator_service_pb2_grpc.OrchestratorServiceServ
         )
 
     async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.WatchRunResponse]:
-        kinds = _kinds(request.kinds)
-        async for event in self._manager.watch(request.run_id, after_sequence=request.after_sequence):
-            if not kinds or event.WhichOneof("payload") in kinds:
-                yield pb.WatchRunResponse(event=event)
+        async for event in _watched(self._manager, request):
+            yield pb.WatchRunResponse(event=event)
+
+    async def WatchRuns(
+        self, request_iterator: AsyncIterator[pb.WatchRunsRequest], context: Context
+    ) -> AsyncIterator[pb.WatchRunsResponse]:
+        async for answer in self._streams.serve(request_iterator, context):
+            yield answer
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         run = await self._manager.get_run(request.run_id)
@@ -233,7 +239,8 @@ class OrchestrateService:
             tls=settings.tls_below,
             tier_key=settings.tier_key,
         )
-        self._streams = ExecuteStreams(self._channel, self.client_metrics)
+        self._streams = ExecuteStreams(self._channel, self.client_metrics, max_message_bytes=settings.max_message_bytes)
+        self._watches: Multiplexer | None = None
         self.manager = RunManager(
             self._store,
             self._streams,
@@ -272,8 +279,18 @@ class OrchestrateService:
         )
 
     def register(self, server: grpc.aio.Server, carried: CarriedCalls) -> None:
+        manager = self.manager
+
+        async def watch(number: int, request: pb.WatchRunRequest) -> AsyncIterator[pb.WatchRunsResponse]:
+            async for event in _watched(manager, request):
+                yield pb.WatchRunsResponse(call=number, event=event)
+
+        kinds = {"watch": Kind(WATCH_RUN, watch, refused_when_stopping=True)}
+        self._watches = Multiplexer(
+            pb.WatchRunsRequest, pb.WatchRunsResponse, kinds, carried, max_message_bytes=self._max_message_bytes
+        )
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.manager, max_message_bytes=self._max_message_bytes), server
+            OrchestratorServicer(manager, self._watches, max_message_bytes=self._max_message_bytes), server
         )
 
     async def start(self, health: HealthReport, ports: Collection[int]) -> None:
@@ -284,12 +301,22 @@ class OrchestrateService:
 
     def stopping(self) -> None:
         self.manager.stopping()
+        if self._watches is not None:
+            self._watches.stop()
 
     async def close(self) -> None:
         await self.manager.close()
         await self._streams.close()
         await self._channel.close()
         await self._store.close()
+
+
+async def _watched(manager: RunManager, request: pb.WatchRunRequest) -> AsyncIterator[pb.RunEvent]:
+    """Yields the events a WatchRun call asks for."""
+    kinds = _kinds(request.kinds)
+    async for event in manager.watch(request.run_id, after_sequence=request.after_sequence):
+        if not kinds or event.WhichOneof("payload") in kinds:
+            yield event
 
 
 _EVENT_KINDS = frozenset(field.name for field in pb.RunEvent.DESCRIPTOR.oneofs_by_name["payload"].fields)

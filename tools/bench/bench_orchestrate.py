@@ -3,11 +3,13 @@
 1. In process, no-op steps: a 100-step chain and a 10x10 layered DAG (each step of a layer depends
    on every step of the layer before), through the run manager (in-memory store, events recorded),
    a bare asyncio ready-set runner, and LangGraph (installed with `pip install -e .[bench]`).
-2. Durable runs through gRPC: Orchestrate (SQLite) and Execute as separate processes; a client
-   streams every event of 100-step `core.echo` chains, one at a time and 8 at once, of async and of
-   sync durability; and the time from StartRun to a watcher seeing a run's first step.
-3. Many live runs: 10,000 runs held at once by one run manager over SQLite, each waiting in its
-   step; the memory per live run is the growth of RSS divided by the runs.
+2. Durable runs side by side: tierstack through its servers (Orchestrate on SQLite, Execute, each a
+   process of its own; a client streams every event) and LangGraph in process with its SQLite
+   checkpointer, each in sync and async durability: a 100-step chain and a 10x10 layered DAG one run
+   at a time, 10-step chains 8 and 64 at once; and the time from StartRun to a watcher seeing a run's
+   first step.
+3. Memory per live run: ``--live-runs`` runs held at once, each waiting in its first step, by the run
+   manager in process, by the servers through gRPC, and by LangGraph with its SQLite checkpointer.
 
 Usage: ``python -m tools.bench.bench_orchestrate [--repeat N] [--live-runs N] [--json FILE]``.
 """
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import operator
 import statistics
-import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -32,9 +36,10 @@ from tierstack.core.values import to_struct, to_value
 from tierstack.server.orchestrate import MemoryRunStore, RunManager, RunStore, SqliteRunStore
 from tierstack.v1 import common_pb2, executor_service_pb2
 from tierstack.v1 import orchestrator_service_pb2 as pb
-from tools.bench.processes import serving
+from tools.bench.processes import tiers_2_and_3
 from tools.bench.results import Results
 from tools.bench.timing import interleaved, timed
+from tools.live_runs import live_runs
 
 Graph = dict[str, tuple[str, ...]]
 
@@ -114,21 +119,20 @@ async def run_bare(graph: Graph) -> None:
                     running[asyncio.create_task(step())] = dependent
 
 
-def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
-    try:
-        from langgraph.graph import END, START, StateGraph
-    except ImportError:
-        return None
+def langgraph_graph(graph: Graph, node: Callable[..., Awaitable[dict[str, int]]] | None = None) -> Any:
+    """Returns a LangGraph ``StateGraph`` of ``graph`` whose nodes are ``node`` (by default one that
+    does nothing); raises ImportError without LangGraph."""
+    from langgraph.graph import END, START, StateGraph
 
     class State(TypedDict):
         done: Annotated[int, operator.add]
 
-    async def node(state: State) -> dict[str, int]:
+    async def nothing(state: State) -> dict[str, int]:
         return {"done": 1}
 
     builder = StateGraph(State)
     for sid in graph:
-        builder.add_node(sid, node)
+        builder.add_node(sid, node or nothing)
     for sid, deps in graph.items():
         if not deps:
             builder.add_edge(START, sid)
@@ -139,7 +143,15 @@ def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
     leaves = set(graph) - {dep for deps in graph.values() for dep in deps}
     for leaf in leaves:
         builder.add_edge(leaf, END)
-    compiled = builder.compile()
+    return builder
+
+
+def langgraph_runner(graph: Graph) -> Callable[[], Awaitable[Any]] | None:
+    """Returns a runner of ``graph`` in LangGraph without a checkpointer; None without LangGraph."""
+    try:
+        compiled = langgraph_graph(graph).compile()
+    except ImportError:
+        return None
     return lambda: compiled.ainvoke({"done": 0})
 
 
@@ -191,27 +203,27 @@ async def in_process(repeat: int, results: Results) -> None:
     )
 
 
-async def durable_over_grpc(repeat: int, results: Results) -> None:
+#: The durable workloads side by side: (name, graph, runs at once).
+DURABLE = (
+    ("100-step chain, one run", chain(100), 1),
+    ("10x10 layered DAG, one run", layered(10, 10), 1),
+    ("10-step chain, 8 runs at once", chain(10), 8),
+    ("10-step chain, 64 runs at once", chain(10), 64),
+)
+Runner = Callable[[Graph], Awaitable[None]]
+
+
+async def durable_side_by_side(repeat: int, results: Results) -> None:
+    """Durable runs of no-op steps: tierstack through its servers (Orchestrate on SQLite, each step a
+    `core.echo` in Execute) against LangGraph in process with its SQLite checkpointer, each in both
+    durabilities, interleaved round by round."""
     with tempfile.TemporaryDirectory() as data:
         async with (
-            serving(sys.executable, "-m", "tierstack.cli", "serve", "execute", "--port", "0") as (execute_target, _),
-            serving(
-                sys.executable,
-                "-m",
-                "tierstack.cli",
-                "serve",
-                "orchestrate",
-                "--port",
-                "0",
-                "--execute-target",
-                execute_target,
-                "--data-dir",
-                data,
-            ) as (orchestrate_target, _),
-            OrchestratorClient(orchestrate_target) as client,
-            ExecutorClient(execute_target) as executor,
+            tiers_2_and_3(Path(data)) as tiers,
+            OrchestratorClient(tiers.orchestrate_target) as client,
+            ExecutorClient(tiers.execute_target) as executor,
+            langgraph_durable(Path(data) / "langgraph.sqlite3") as langgraph,
         ):
-            wf = workflow(chain(100))
             hop = executor_service_pb2.ExecuteRequest(
                 step_id="s", tool_calls=[common_pb2.ToolCall(tool="core.echo", arguments=to_struct({}))]
             )
@@ -221,53 +233,90 @@ async def durable_over_grpc(repeat: int, results: Results) -> None:
                     pass
 
             hop_seconds = await timed(one_hop, 200)
-
-            async def one_run(durability: pb.RunDurability.ValueType) -> int:
-                events = 0
-                async for _ in client.orchestrate(pb.OrchestrateRequest(workflow=wf, durability=durability)):
-                    events += 1
-                return events
-
-            await one_run(pb.RUN_DURABILITY_ASYNC)
-            rows = []
+            engines: dict[str, Runner] = {}
             for durability in (pb.RUN_DURABILITY_ASYNC, pb.RUN_DURABILITY_SYNC):
                 mode = pb.RunDurability.Name(durability).removeprefix("RUN_DURABILITY_").lower()
-                for concurrency in (1, 8):
-                    samples = []
-                    events = 0
-                    for _ in range(repeat):
-                        start = time.perf_counter()
-                        counts = await asyncio.gather(*(one_run(durability) for _ in range(concurrency)))
-                        samples.append(time.perf_counter() - start)
-                        events = counts[0]
-                    seconds = statistics.median(samples)
-                    per_step = seconds / 100 / concurrency
+                engines[f"tierstack, {mode}"] = functools.partial(_tierstack_run, client, durability)
+            for mode, run in (langgraph or {}).items():
+                engines[f"LangGraph + SqliteSaver, {mode}"] = run
+            rows = []
+            for name, graph, concurrency in DURABLE:
+                runners: dict[str, Callable[[], Awaitable[Any]]] = {
+                    engine: functools.partial(_at_once, run, graph, concurrency) for engine, run in engines.items()
+                }
+                samples = await interleaved(runners, repeat)
+                for engine, seconds in samples.items():
+                    median = statistics.median(seconds)
+                    per_step = median / len(graph) / concurrency
                     rows.append(
-                        (
-                            mode,
-                            concurrency,
-                            f"{concurrency / seconds:,.1f}",
-                            f"{per_step * 1e3:.3f}",
-                            f"{per_step / hop_seconds:.2f}x",
-                            events,
-                        )
+                        (name, engine, f"{per_step * 1e3:.3f}", f"{concurrency / median:,.1f}", _vs(samples, engine))
                     )
-                    if concurrency == 1 and durability == pb.RUN_DURABILITY_ASYNC:
-                        results.samples("orchestrate: one step of a durable run", [s / 100 for s in samples])
+                    if engine == "tierstack, async" and concurrency == 1 and len(graph) == 100:
+                        results.samples("orchestrate: one step of a durable run", [s / 100 for s in seconds])
+                if "LangGraph + SqliteSaver, async" in samples:
                     results.compare(
-                        f"Orchestrate durable step ({mode}), {concurrency} runs at once (vs the bare hop)",
-                        per_step * 1e3,
-                        hop_seconds * 1e3,
+                        f"Orchestrate durable {name}, async: ms per step (vs LangGraph + SqliteSaver)",
+                        statistics.median(samples["tierstack, async"]) / len(graph) / concurrency * 1e3,
+                        statistics.median(samples["LangGraph + SqliteSaver, async"]) / len(graph) / concurrency * 1e3,
                         "ms",
                     )
+            missing = "" if langgraph else " LangGraph is not installed (`pip install -e .[bench]`)."
             results.table(
-                "Orchestrate durable runs through gRPC: 100-step chains of `core.echo`, SQLite, every event streamed",
-                ("durability", "concurrent runs", "runs/s", "ms per step", "vs the bare hop", "events per run"),
+                "Durable runs side by side: tierstack through its servers (SQLite) and LangGraph in process "
+                "(SQLite checkpointer), no-op steps",
+                ("workload", "engine", "ms per step", "runs/s", "speed vs LangGraph, same durability"),
                 rows,
-                f"The floor: one bare Execute stream call (one step's hop to Tier 3) takes {hop_seconds * 1e3:.3f} ms. "
-                "Sync: a step's completion is stored before the next step starts.",
+                "Medians of interleaved rounds. tierstack: each step a `core.echo` call in Execute (a process of its "
+                f"own; the bare hop takes {hop_seconds * 1e3:.3f} ms), every event streamed to the caller; sync "
+                "stores a step's completion before its dependents start, async with the next commit. LangGraph: "
+                "a node that does nothing, in the benchmark's own process, checkpointed by AsyncSqliteSaver (its "
+                "durability `sync` or `async`)." + missing,
             )
             await first_step_seen(client, hop_seconds, repeat * 40, results)
+
+
+def _vs(samples: dict[str, list[float]], engine: str) -> str:
+    """Returns an engine's speed against LangGraph's in the same durability: LangGraph's time over its
+    own, the median of the rounds (above 1: faster than LangGraph)."""
+    mode = engine.rpartition(", ")[2]
+    peer = samples.get(f"LangGraph + SqliteSaver, {mode}")
+    if peer is None or engine.startswith("LangGraph"):
+        return ""
+    return f"{statistics.median(p / s for p, s in zip(peer, samples[engine], strict=True)):.2f}x"
+
+
+async def _at_once(run: Runner, graph: Graph, concurrency: int) -> None:
+    await asyncio.gather(*(run(graph) for _ in range(concurrency)))
+
+
+async def _tierstack_run(client: OrchestratorClient, durability: pb.RunDurability.ValueType, graph: Graph) -> None:
+    async for _ in client.orchestrate(pb.OrchestrateRequest(workflow=workflow(graph), durability=durability)):
+        pass
+
+
+@contextlib.asynccontextmanager
+async def langgraph_durable(path: Path) -> AsyncIterator[dict[str, Runner] | None]:
+    """Yields LangGraph runners of a graph, checkpointed in SQLite at ``path``, by durability; None
+    when LangGraph or its SQLite checkpointer is not installed."""
+    try:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    except ImportError:
+        yield None
+        return
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+        compiled: dict[int, Any] = {}
+
+        def runner(durability: str) -> Runner:
+            async def run(graph: Graph) -> None:
+                key = id(graph)
+                if key not in compiled:
+                    compiled[key] = langgraph_graph(graph).compile(checkpointer=saver)
+                config = {"configurable": {"thread_id": uuid.uuid4().hex}}
+                await compiled[key].ainvoke({"done": 0}, config, durability=durability)
+
+            return run
+
+        yield {"async": runner("async"), "sync": runner("sync")}
 
 
 async def first_step_seen(client: OrchestratorClient, hop_seconds: float, rounds: int, results: Results) -> None:
@@ -309,6 +358,33 @@ def rss_bytes() -> int:
 
 
 async def many_live_runs(count: int, results: Results) -> None:
+    """Memory per live run: ``count`` runs of two steps held at once, each waiting in its first step,
+    by tierstack's run manager in process, by tierstack's servers (through gRPC, see
+    :mod:`tools.live_runs`) and by LangGraph in process with its SQLite checkpointer."""
+    rows = [await _in_process_live_runs(count)]
+    with tempfile.TemporaryDirectory() as data:
+        report = await live_runs(count, Path(data))
+    per_run = report.rss_per_live_run_kib
+    rows.append(
+        (
+            "tierstack through gRPC (Orchestrate on SQLite, and Execute)",
+            f"{report.most_live:,}",
+            f"{sum(per_run.values()):,.1f} KiB ({per_run['orchestrate']:,.1f} + {per_run['execute']:,.1f})",
+            f"{report.failures:,}",
+        )
+    )
+    langgraph = await _langgraph_live_runs(count)
+    if langgraph is not None:
+        rows.append(langgraph)
+    results.table(
+        "Memory per live run: runs held at once, each waiting in the first of its two steps",
+        ("engine", "live runs", "RSS per live run", "runs not completed"),
+        rows,
+        "RSS growth of the processes that hold the runs, divided by the runs; every run then completes.",
+    )
+
+
+async def _in_process_live_runs(count: int) -> tuple[str, str, str, str]:
     with tempfile.TemporaryDirectory() as data:
         store: RunStore = SqliteRunStore(Path(data) / "runs.sqlite3")
         await store.open()
@@ -318,7 +394,6 @@ async def many_live_runs(count: int, results: Results) -> None:
         try:
             wf = workflow(chain(2))
             before = rss_bytes()
-            start = time.perf_counter()
             for _ in range(count):
                 await manager.start_run(
                     workflow=wf,
@@ -326,36 +401,66 @@ async def many_live_runs(count: int, results: Results) -> None:
                     limits=common_pb2.ResourceLimits(),
                     context=common_pb2.RequestContext(),
                 )
-            started = time.perf_counter() - start
             await steps.all_waiting.wait()
             held = rss_bytes() - before
             steps.gate.set()
-            start = time.perf_counter()
             while manager.live_runs:  # noqa: ASYNC110 - the manager has no "all runs ended" event to wait on
                 await asyncio.sleep(0.01)
-            finished = time.perf_counter() - start
+            failed = sum(n for state, n in manager.runs_by_state().items() if state != "RUN_STATE_COMPLETED")
         finally:
             await manager.close()
             await store.close()
-    results.table(
-        "Orchestrate: live runs held by one process (SQLite store)",
-        ("live runs", "started in", "RSS growth", "per live run", "all finished in"),
-        [
-            (
-                f"{count:,}",
-                f"{started:.1f} s",
-                f"{held / 2**20:,.1f} MiB",
-                f"{held / count / 1024:,.1f} KiB",
-                f"{finished:.1f} s",
-            )
-        ],
+    return (
+        "tierstack's run manager in process (SQLite)",
+        f"{count:,}",
+        f"{held / count / 1024:,.1f} KiB",
+        f"{failed:,}",
     )
 
 
-async def main(repeat: int, live_runs: int, results: Results) -> None:
+async def _langgraph_live_runs(count: int) -> tuple[str, str, str, str] | None:
+    gate, waiting, all_waiting = asyncio.Event(), 0, asyncio.Event()
+
+    async def wait(state: Any) -> dict[str, int]:
+        nonlocal waiting
+        waiting += 1
+        if waiting == count:
+            all_waiting.set()
+        await gate.wait()
+        return {"done": 1}
+
+    try:
+        builder = langgraph_graph(chain(2), node=wait)
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as data:
+        async with AsyncSqliteSaver.from_conn_string(str(Path(data) / "langgraph.sqlite3")) as saver:
+            compiled = builder.compile(checkpointer=saver)
+            before = rss_bytes()
+            runs = [
+                asyncio.create_task(
+                    compiled.ainvoke({"done": 0}, {"configurable": {"thread_id": str(n)}}, durability="async")
+                )
+                for n in range(count)
+            ]
+            await all_waiting.wait()
+            held = rss_bytes() - before
+            gate.set()
+            ended = await asyncio.gather(*runs, return_exceptions=True)
+    failed = sum(isinstance(outcome, BaseException) for outcome in ended)
+    return (
+        "LangGraph + SqliteSaver in process (async)",
+        f"{count:,}",
+        f"{held / count / 1024:,.1f} KiB",
+        f"{failed:,}",
+    )
+
+
+async def main(repeat: int, live: int, results: Results) -> None:
     await in_process(repeat, results)
-    await durable_over_grpc(repeat, results)
-    await many_live_runs(live_runs, results)
+    await durable_side_by_side(repeat, results)
+    await many_live_runs(live, results)
 
 
 if __name__ == "__main__":

@@ -201,9 +201,13 @@ async def batches(
 
 
 class _Context:
-    """The little of a servicer context the server interceptor reads on a call that succeeds."""
+    """The little of a servicer context the server interceptor reads on a call that succeeds (and
+    audits: a call that acts on something names its peer)."""
 
     def code(self) -> None:
+        return None
+
+    def peer_identities(self) -> None:
         return None
 
 

@@ -199,7 +199,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         own = method.startswith(_OWN)
-        if handler.stream_stream is not None and (own or self._guard is not None):  # ExecuteStream, reflection
+        if handler.stream_stream is not None and (own or self._guard is not None):  # carriers, reflection
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_bidi(method, handler.stream_stream),
                 # A stream's calls are checked one by one by whoever serves them (CarriedCalls).

@@ -24,7 +24,9 @@ class Feed(Generic[E]):
         self.events: list[E] = list(events)
         self.ended = False
         self._error: Exception | None = None
-        self._changed = asyncio.Event()
+        # Resolved at the next change; made only while someone waits (a feed is held by every live run
+        # and execution: an idle one should cost no more than its events).
+        self._changed: asyncio.Future[None] | None = None
 
     def extend(self, events: Iterable[E]) -> None:
         """Adds events, and wakes every watcher."""
@@ -47,7 +49,6 @@ class Feed(Generic[E]):
         events = self.events
         index = next((i for i, event in enumerate(events) if event.sequence > after_sequence), len(events))
         while True:
-            changed = self._changed
             while index < len(events):
                 yield events[index]
                 index += 1
@@ -55,8 +56,11 @@ class Feed(Generic[E]):
                 if self._error is not None:
                     raise self._error
                 return
-            await changed.wait()
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)  # one watcher leaving cancels nothing for the others
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)

@@ -119,9 +119,12 @@ async def test_a_wrong_call_is_refused_alone_and_the_stream_serves_on(raw: RawSt
     assert refused.code is Code.INVALID_ARGUMENT and [v.field for v in refused.violations] == ["call"]
     large = step("core.echo")
     large.tool_calls.extend([large.tool_calls[0]] * 100)
-    await raw.send(pb.ExecuteStreamRequest(call=2, trace_context={f"k{i}": "v" for i in range(5)}, execute=large))
+    envelope = pb.ExecuteStreamRequest(
+        call=2, trace_context={f"k{i}": "v" for i in range(5)}, tenant="t" * 129, caller="c" * 129, execute=large
+    )
+    await raw.send(envelope)
     refused = failure(await raw.answers(2))
-    assert {v.field for v in refused.violations} == {"trace_context", "execute.tool_calls"}
+    assert {v.field for v in refused.violations} == {"trace_context", "tenant", "caller", "execute.tool_calls"}
     await raw.send(pb.ExecuteStreamRequest(call=3))
     assert [v.field for v in failure(await raw.answers(3)).violations] == ["action"]
 
